@@ -1,0 +1,42 @@
+# README's two commands: `make demo` and `make test`. Everything installs from requirements.txt.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# pip prints a warning per package for this machine's extra local indexes; keep the log readable.
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: install demo test test-fast bench lint clean compile-requirements
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -m pip install -q -r requirements.txt 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -m pip install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "import synthfactory, airflow.sdk, sdv, great_expectations, torch; assert torch.__version__.startswith('2.13.0')"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+bench: install
+	$(BIN)/python bench/run.py --smoke
+
+# Re-pin requirements.txt from requirements.in (needs uv; torch stays the local CPU build 2.13.0).
+compile-requirements:
+	$(BIN)/python -m pip install -q uv
+	$(BIN)/uv pip compile requirements.in --python-version 3.11 --find-links /opt/wheels --no-header -o requirements.txt
+	sed -i 's/^torch==2.13.0+cpu/torch==2.13.0/' requirements.txt
+
+clean:
+	rm -rf .airflow .staging .demo released data/sample_extract

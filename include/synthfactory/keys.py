@@ -1,0 +1,54 @@
+"""Stable pseudonymous keys: salted HMAC-SHA256 of source ids.
+
+Real resource ids never reach the modelling tables; every key is ``hmac(salt, "<Type>/<id>")`` cut to
+32 hex characters (128 bits). The same salt gives the same keys across runs, so tables join and
+incremental runs line up; without the salt the keys cannot be reversed or recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+KEY_HEX_CHARS = 32
+SALT_FILE = ".hmac_salt"
+MIN_SALT_BYTES = 16
+
+
+class Keyer:
+    """Maps (resource type, source id) to a salted HMAC key."""
+
+    def __init__(self, salt: bytes):
+        if len(salt) < MIN_SALT_BYTES:
+            raise ValueError(f"HMAC salt must be at least {MIN_SALT_BYTES} bytes, got {len(salt)}")
+        self._mac = hmac.new(salt, digestmod=hashlib.sha256)
+
+    def key(self, resource_type: str, source_id: str) -> str:
+        m = self._mac.copy()
+        m.update(f"{resource_type}/{source_id}".encode())
+        return m.hexdigest()[:KEY_HEX_CHARS]
+
+
+def resolve_salt(explicit: str | bytes | None, staging_root: str) -> bytes:
+    """The salt to key with: an explicit one (e.g. from an Airflow connection) or a salt file that is
+    created once inside the local staging root (the secure PHI area) and reused by later runs."""
+    if explicit:
+        return explicit.encode() if isinstance(explicit, str) else explicit
+    env = os.environ.get("SYNTHFACTORY_HMAC_SALT")
+    if env:
+        return env.encode()
+    if str(staging_root).startswith("s3://"):
+        raise ValueError(
+            "no HMAC salt: set source.salt_connection_id (Airflow) or SYNTHFACTORY_HMAC_SALT for s3:// staging"
+        )
+    root = Path(staging_root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / SALT_FILE
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
