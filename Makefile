@@ -35,8 +35,11 @@ bench: install
 # Re-pin requirements.txt from requirements.in (needs uv; torch stays the local CPU build 2.13.0).
 compile-requirements:
 	$(BIN)/python -m pip install -q uv
-	$(BIN)/uv pip compile requirements.in --python-version 3.11 --find-links /opt/wheels --no-header -o requirements.txt
+	echo "torch==2.13.0+cpu" > /tmp/sf-torch-override.txt
+	$(BIN)/uv pip compile requirements.in --python-version 3.11 --find-links /opt/wheels \
+	  --override /tmp/sf-torch-override.txt --no-header -o requirements.txt
 	sed -i 's/^torch==2.13.0+cpu/torch==2.13.0/' requirements.txt
+	! grep -nE '^(nvidia-|triton|cuda-)' requirements.txt  # a CUDA wheel in the lock would pull GBs
 
 clean:
 	rm -rf .airflow .staging .demo released data/sample_extract

@@ -1,7 +1,13 @@
-"""One Airflow DAG per dataset spec in include/datasets/*.yaml. No logic here: see synthfactory.airflow."""
+"""One Airflow DAG per dataset spec in include/datasets/*.yaml (or $SYNTHFACTORY_SPECS_DIR).
 
+No logic here: see synthfactory.airflow.dag_factory.
+"""
+
+import os
 from pathlib import Path
 
 from synthfactory.airflow.dag_factory import build_dags
 
-globals().update(build_dags(Path(__file__).resolve().parent.parent / "include" / "datasets"))
+_SPECS = os.environ.get("SYNTHFACTORY_SPECS_DIR") or Path(__file__).resolve().parent.parent / "include" / "datasets"
+
+globals().update(build_dags(_SPECS))

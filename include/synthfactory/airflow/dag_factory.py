@@ -8,6 +8,7 @@ inside task execution, so parsing the DAG folder stays cheap.
 from __future__ import annotations
 
 import functools
+import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -22,8 +23,9 @@ DEFAULT_SPECS = Path(__file__).resolve().parents[2] / "datasets"  # include/data
 
 
 def _project_root(spec_path: Path) -> str:
-    # include/datasets/<name>.yaml -> project root; relative URIs in a spec resolve there.
-    return str(spec_path.resolve().parents[2])
+    """Relative URIs in a spec resolve against $SYNTHFACTORY_HOME, else the project holding
+    include/datasets/<name>.yaml."""
+    return os.environ.get("SYNTHFACTORY_HOME") or str(spec_path.resolve().parents[2])
 
 
 def run_context(spec_path: str) -> Any:

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from synthfactory.release.gate import decide
+from synthfactory.release.publish import LocalWriter, PublishRefused, publish
+from synthfactory.spec import PrivacyThresholds, QualityThresholds
+from synthfactory.storage import Store
+
+GOOD_Q = {"quality_score": 0.86, "expectation_success_ratio": 1.0}
+GOOD_P = {"exact_match_rate": 0.0, "dcr_share": 0.52, "dcr_ratio": 0.97, "leak_clean": True}
+
+
+def test_gate_approves_good_figures():
+    d = decide(GOOD_Q, GOOD_P, QualityThresholds(), PrivacyThresholds(), {"a": "x"})
+    assert d["approved"] and d["failed"] == [] and d["message"] == "all gates passed"
+    assert len(d["checks"]) == 6
+
+
+def test_gate_names_each_failed_gate_and_margin():
+    p = {**GOOD_P, "dcr_share": 0.91, "exact_match_rate": 0.25, "leak_clean": False}
+    q = {**GOOD_Q, "quality_score": 0.5}
+    d = decide(q, p, QualityThresholds(min_quality_score=0.75), PrivacyThresholds(max_dcr_share=0.6), {})
+    assert not d["approved"]
+    msg = d["message"]
+    assert "privacy gate failed: dcr_share 0.91 > max 0.6 (by 0.31)" in msg
+    assert "privacy gate failed: exact_match_rate 0.25 > max 0 (by 0.25)" in msg
+    assert "quality gate failed: quality_score 0.5 < min 0.75 (by 0.25)" in msg
+    assert "leak_scan_clean is False" in msg
+    assert len(d["failed"]) == 4
+
+
+def test_gate_treats_missing_figure_as_failure():
+    d = decide({}, GOOD_P, QualityThresholds(), PrivacyThresholds(), {})
+    assert not d["approved"] and "quality_score could not be measured" in d["message"]
+
+
+class RecordingWriter(LocalWriter):
+    def __init__(self, root):
+        super().__init__(root)
+        self.order: list[str] = []
+
+    def put(self, key, data):
+        self.order.append(key)
+        super().put(key, data)
+
+
+def _files(tmp_path):
+    store = Store()
+    a, b = tmp_path / "stage/a.json", tmp_path / "stage/b.parquet"
+    store.write_json(str(a), {"x": 1})
+    import pandas as pd
+
+    store.write_df(str(b), pd.DataFrame({"v": [1, 2, 3]}))
+    files = {"reports/a.json": str(a), "data/b.parquet": str(b)}
+    hashes = {rel: hashlib.sha256(store.read_bytes(u)).hexdigest() for rel, u in files.items()}
+    return store, files, hashes
+
+
+def test_publish_writes_files_then_manifest_last(tmp_path):
+    store, files, hashes = _files(tmp_path)
+    decision = {"approved": True, "audited_files": hashes, "checks": [], "profile": "default"}
+    w = RecordingWriter(tmp_path / "sandbox")
+    out = publish(files, decision=decision, store=store, writer=w, key_prefix="rel/ds/v1", manifest_extra={"x": 1})
+    assert w.order[-1] == "rel/ds/v1/manifest.json" and len(w.order) == 3
+    manifest = json.loads((tmp_path / "sandbox/rel/ds/v1/manifest.json").read_text())
+    for entry in manifest["files"]:
+        data = (tmp_path / "sandbox/rel/ds/v1" / entry["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+    assert {e["path"]: e.get("rows") for e in manifest["files"]}["data/b.parquet"] == 3
+    assert manifest["x"] == 1 and manifest["code_version"]["sdv"]
+    assert out["files"] == 2
+
+
+def test_publisher_refuses_unapproved_and_tampered(tmp_path):
+    store, files, hashes = _files(tmp_path)
+    w = RecordingWriter(tmp_path / "sandbox")
+    with pytest.raises(PublishRefused, match="did not approve"):
+        publish(files, decision={"approved": False, "message": "x", "audited_files": hashes}, store=store,
+                writer=w, key_prefix="p", manifest_extra={})
+    (tmp_path / "stage/a.json").write_text('{"x": 2}')  # changed after the audit
+    with pytest.raises(PublishRefused, match="reports/a.json: its sha256 does not match"):
+        publish(files, decision={"approved": True, "audited_files": hashes}, store=store, writer=w,
+                key_prefix="p", manifest_extra={})
+    with pytest.raises(PublishRefused, match="does not match"):  # never audited at all
+        publish(files, decision={"approved": True, "audited_files": {}}, store=store, writer=w,
+                key_prefix="p", manifest_extra={})
+    assert w.order == []  # nothing was uploaded
