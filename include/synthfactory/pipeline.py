@@ -221,7 +221,10 @@ def privacy(ctx: RunContext, prepared: dict, sampled: dict, ingested: dict, qual
         m.update({
             "report_uri": report_uri,
             "exact_match_rate": round(float(metrics["exact_match"]["exact_match_rate"]), 6),
-            "dcr_share": round(float(metrics["dcr"]["dcr_share"]), 4),
+            # size-adjusted share (0.5 ideal, 1.0 memorised at any holdout fraction); the plain
+            # subsample share stays in the report: at a 20 % holdout a pure copier scores only ~0.63 on it.
+            "dcr_share": round(float(metrics["dcr"]["dcr_share_adjusted"]), 4),
+            "dcr_share_subsample": round(float(metrics["dcr"]["dcr_share"]), 4),
             "dcr_ratio": round(float(metrics["dcr"]["dcr_ratio"]), 4),
             "leak_clean": bool(scan["clean"]),
             "leak_hits": sum(h["count"] for h in scan["hits"]),

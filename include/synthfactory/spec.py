@@ -112,7 +112,8 @@ class PrivacyThresholds(_Model):
     max_exact_match_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     max_dcr_share: float = Field(
         default=0.6, ge=0.0, le=1.0,
-        description="Share of synthetic rows closer to train than to an equal-size holdout (0.5 is ideal)",
+        description="Share of synthetic rows closer to train than to holdout, adjusted for their sizes "
+                    "(0.5 is ideal, 1.0 means the rows were memorised)",
     )
     min_dcr_ratio: float = Field(
         default=0.5, ge=0.0,

@@ -1,0 +1,331 @@
+"""Leak scan: prove that no real identifier string appears in any output file.
+
+Identifiers (resource ids, MRNs, names, family names, address lines, phones, salted HMAC keys) are
+written by ingest to ``identifiers.parquet`` (columns ``value``, ``kind``). Every output file is read
+through :class:`~synthfactory.storage.Store`:
+
+* Parquet files (recognised by their ``PAR1`` magic bytes) are read with pyarrow: the values of every
+  string / large_string / string_view / binary / dictionary column (also inside lists, structs and
+  maps), every column and field name, and the schema's key/value metadata are scanned.
+* Any other file (JSON, NDJSON, CSV, HTML, text; gzip is decompressed) is scanned as its raw bytes,
+  decoded as UTF-8 (undecodable bytes replaced).
+
+Matching is case-insensitive and token based: text is lower-cased and split into alphanumeric tokens
+(anything else, ``_`` included, separates); an identifier becomes a token tuple and matches where that
+tuple occurs as a contiguous n-gram of the file's token stream. So ``"Emet Dummett"`` is found inside
+``"note: patient EMET  dummett, seen"`` and a UUID inside ``"Patient/<uuid>"``, but a name is not found
+as part of a longer word. Phone-like identifiers (digits only, at least 7 of them) also match with
+their digits run together. Parquet cells are separated so an n-gram never spans two cells. Only
+n-grams that start with the first token of some identifier are built, so the scan is linear in the
+file's tokens whatever the number of identifiers.
+
+Identifiers shorter than ``min_len`` characters (after stripping) are skipped as too generic.
+
+The result and the log carry counts, file URIs and identifier *kinds* only, never identifier values.
+(``fingerprints=True`` adds a 12-hex sha256 prefix per matched identifier, to let an operator with
+access to the identifier list find the culprit; off by default since a hash of a low-entropy value
+such as a phone number can be confirmed by guessing.)
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+if TYPE_CHECKING:  # storage imports pyarrow; keep this module importable without it
+    from synthfactory.storage import Store
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Identifier", "load_identifiers", "leak_scan", "tokenize", "infer_kind"]
+
+_TOKEN = re.compile(r"[^\W_]+")
+_TOKEN_OR_SEP = re.compile(r"[^\W_]+|\x1f")
+_SEP = "\x1f"  # cell separator token for Parquet values: never part of an identifier
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
+_HEX32 = re.compile(r"^[0-9a-f]{32}$", re.I)
+_PHONE = re.compile(r"^[\d\s()+.\-]+$")
+_PARQUET_MAGIC = b"PAR1"
+
+
+class Identifier(str):
+    """A ``str`` (the identifier value) that also carries its ``kind`` from identifiers.parquet."""
+
+    kind: str
+
+    def __new__(cls, value: str, kind: str | None = None) -> "Identifier":
+        obj = super().__new__(cls, value)
+        obj.kind = kind or infer_kind(value)
+        return obj
+
+    def __reduce__(self) -> Any:
+        return (Identifier, (str(self), self.kind))
+
+
+def infer_kind(value: str) -> str:
+    """A coarse kind from the shape of a value, for identifiers passed without one."""
+    v = value.strip()
+    if _UUID.match(v):
+        return "uuid"
+    if _HEX32.match(v):
+        return "hmac_key"
+    if _PHONE.match(v) and sum(ch.isdigit() for ch in v) >= 7:
+        return "phone_or_number"
+    if v.isdigit():
+        return "number"
+    return "text"
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-case alphanumeric tokens of ``text``."""
+    return _TOKEN.findall(text.lower())
+
+
+def load_identifiers(uri: str, store: "Store") -> list[str]:
+    """Identifier values from ingest's ``identifiers.parquet`` (columns ``value``, ``kind``).
+
+    Each element is an :class:`Identifier` (a ``str``) whose ``.kind`` comes from the ``kind`` column
+    (inferred from its shape where that column is absent or null). Nulls and duplicates are dropped.
+    """
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(store.read_bytes(uri)))
+    if "value" not in table.column_names:
+        raise ValueError(f"{uri}: identifiers file has no 'value' column")
+    values = table.column("value").to_pylist()
+    kinds = table.column("kind").to_pylist() if "kind" in table.column_names else [None] * len(values)
+    seen: set[tuple[str, str | None]] = set()
+    out: list[str] = []
+    for v, k in zip(values, kinds):
+        if v is None:
+            continue
+        v = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+        if (v, k) in seen:
+            continue
+        seen.add((v, k))
+        out.append(Identifier(v, None if k is None else str(k)))
+    log.info("loaded %d identifiers from %s", len(out), uri)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# identifier index
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Index:
+    #: token tuple -> set of kinds of the identifiers that normalise to it
+    kinds: dict[tuple[str, ...], set[str]]
+    #: first token -> the n-gram lengths of the identifiers starting with it
+    starts: dict[str, tuple[int, ...]]
+    #: token tuple -> the canonical tuple it reports as (variants such as joined phone digits)
+    canonical: dict[tuple[str, ...], tuple[str, ...]]
+    checked: int
+    skipped: int
+
+
+def _build_index(identifiers: Iterable[str], min_len: int) -> _Index:
+    kinds: dict[tuple[str, ...], set[str]] = defaultdict(set)
+    canonical: dict[tuple[str, ...], tuple[str, ...]] = {}
+    skipped = 0
+    for ident in identifiers:
+        if ident is None:
+            continue
+        value = str(ident)
+        if len(value.strip()) < min_len:
+            skipped += 1
+            continue
+        toks = tuple(tokenize(value))
+        if not toks:
+            skipped += 1
+            continue
+        kind = getattr(ident, "kind", None) or infer_kind(value)
+        kinds[toks].add(kind)
+        canonical.setdefault(toks, toks)
+        if len(toks) > 1 and all(t.isdigit() for t in toks) and sum(map(len, toks)) >= 7:
+            joined = ("".join(toks),)
+            canonical.setdefault(joined, toks)
+    starts: dict[str, set[int]] = defaultdict(set)
+    for toks in canonical:
+        starts[toks[0]].add(len(toks))
+    return _Index(
+        kinds=dict(kinds),
+        starts={t: tuple(sorted(ns)) for t, ns in starts.items()},
+        canonical=canonical,
+        checked=len(kinds),
+        skipped=skipped,
+    )
+
+
+def _match(tokens: list[str], index: _Index, found: Counter) -> None:
+    """Count occurrences of identifier n-grams in ``tokens`` into ``found`` (canonical tuples)."""
+    starts = index.starts
+    canonical = index.canonical
+    n_tok = len(tokens)
+    for i, t in enumerate(tokens):
+        ns = starts.get(t)
+        if ns is None:
+            continue
+        for n in ns:
+            if i + n > n_tok:
+                break
+            gram = (t,) if n == 1 else tuple(tokens[i:i + n])
+            hit = canonical.get(gram)
+            if hit is not None:
+                found[hit] += 1
+
+
+# ------------------------------------------------------------------------------------------------
+# file readers
+# ------------------------------------------------------------------------------------------------
+def _strings_of(arr: Any) -> Iterator[list[str]]:
+    """Lists of the string values inside a pyarrow Array, recursing into nested types."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        yield from _strings_of(arr.dictionary)
+    elif (pa.types.is_string(t) or pa.types.is_large_string(t)
+          or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t))):
+        vals = pc.unique(arr.drop_null()) if len(arr) else arr
+        yield [v for v in vals.to_pylist() if v]
+    elif (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+          or (hasattr(pa.types, "is_binary_view") and pa.types.is_binary_view(t))):
+        yield [v.decode("utf-8", "replace") for v in arr.drop_null().to_pylist() if v]
+    elif pa.types.is_map(t):
+        yield from _strings_of(arr.keys)
+        yield from _strings_of(arr.items)
+    elif (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+          or (hasattr(pa.types, "is_list_view") and pa.types.is_list_view(t))):
+        yield from _strings_of(arr.flatten())
+    elif pa.types.is_struct(t):
+        for i in range(t.num_fields):
+            yield from _strings_of(arr.field(i))
+    elif pa.types.is_union(t):
+        for i in range(t.num_fields):
+            yield from _strings_of(arr.field(i))
+
+
+def _field_names(t: Any, prefix: str = "") -> Iterator[str]:
+    import pyarrow as pa
+
+    if pa.types.is_struct(t) or pa.types.is_union(t):
+        for i in range(t.num_fields):
+            f = t.field(i)
+            yield f.name
+            yield from _field_names(f.type)
+    elif pa.types.is_map(t):
+        yield from _field_names(t.key_type)
+        yield from _field_names(t.item_type)
+    elif hasattr(t, "value_type") and not pa.types.is_dictionary(t):
+        yield from _field_names(t.value_type)
+
+
+def _parquet_tokens(data: bytes) -> list[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(data))
+    tokens: list[str] = []
+
+    def add(values: list[str]) -> None:
+        if values:
+            tokens.extend(_TOKEN_OR_SEP.findall(_SEP.join(values).lower()))
+            tokens.append(_SEP)
+
+    schema = table.schema
+    names: list[str] = []
+    for f in schema:
+        names.append(f.name)
+        names.extend(_field_names(f.type))
+    add(names)
+    for k, v in (schema.metadata or {}).items():
+        add([k.decode("utf-8", "replace"), v.decode("utf-8", "replace")])
+    for col in table.columns:
+        for chunk in col.chunks:
+            for values in _strings_of(chunk):
+                add(values)
+    return tokens
+
+
+def _raw_tokens(data: bytes) -> list[str]:
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError):
+            pass  # not really gzip: scan the bytes as they are
+    return tokenize(data.decode("utf-8", "replace"))
+
+
+def _is_parquet(data: bytes) -> bool:
+    return len(data) >= 12 and data[:4] == _PARQUET_MAGIC and data[-4:] == _PARQUET_MAGIC
+
+
+def _fingerprint(toks: tuple[str, ...]) -> str:
+    return hashlib.sha256(" ".join(toks).encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------------
+# scan
+# ------------------------------------------------------------------------------------------------
+def leak_scan(
+    file_uris: list[str],
+    identifiers: Iterable[str],
+    store: "Store",
+    *,
+    min_len: int = 4,
+    fingerprints: bool = False,
+) -> dict:
+    """Scan ``file_uris`` for any of ``identifiers``.
+
+    Returns ``{"clean", "files_scanned", "identifiers", "identifiers_skipped", "hits"}`` where
+    ``identifiers`` is the number of distinct (normalised) identifiers checked and each hit is
+    ``{"file", "count" (distinct identifiers found), "occurrences", "kinds"}`` (plus
+    ``"fingerprints"`` when asked). Identifier values never appear in the result or the log. A file
+    that cannot be read raises (the scan fails closed).
+    """
+    index = _build_index(identifiers, min_len)
+    hits: list[dict[str, Any]] = []
+    scanned = 0
+    for uri in file_uris:
+        data = store.read_bytes(uri)
+        tokens: list[str] | None = None
+        if _is_parquet(data):
+            try:
+                tokens = _parquet_tokens(data)
+            except Exception as exc:  # corrupt / unreadable parquet: fall back to the raw bytes
+                log.warning("leak scan: %s not readable as Parquet (%s); scanning raw bytes",
+                            uri, type(exc).__name__)
+        if tokens is None:
+            tokens = _raw_tokens(data)
+        scanned += 1
+        found: Counter = Counter()
+        _match(tokens, index, found)
+        if found:
+            kinds = sorted({k for toks in found for k in index.kinds.get(toks, {"unknown"})})
+            hit: dict[str, Any] = {
+                "file": uri,
+                "count": len(found),
+                "occurrences": int(sum(found.values())),
+                "kinds": kinds,
+            }
+            if fingerprints:
+                hit["fingerprints"] = sorted(_fingerprint(t) for t in found)
+            hits.append(hit)
+            log.warning("leak scan: %s contains %d real identifier(s) of kind(s) %s",
+                        uri, len(found), ", ".join(kinds))
+    result = {
+        "clean": not hits,
+        "files_scanned": scanned,
+        "identifiers": index.checked,
+        "identifiers_skipped": index.skipped,
+        "hits": hits,
+    }
+    log.info("leak scan: %d files, %d identifiers checked (%d skipped), %d file(s) with hits",
+             scanned, index.checked, index.skipped, len(hits))
+    return result

@@ -1,0 +1,382 @@
+"""Great Expectations (GX 1.x) checks derived from the real modelling table.
+
+``derive_suite`` profiles a real table into a plain, JSON-able GX ``ExpectationSuite`` dict
+(the caller stores it in staging); ``run_suite`` validates any DataFrame against such a dict
+in a throw-away ephemeral GX context and returns a small JSON-able summary.
+
+GX is imported lazily inside the functions (it is heavy); this module never imports Airflow.
+Only counts and scores are logged, never table values.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from copy import deepcopy
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["derive_suite", "run_suite", "to_jsonable"]
+
+log = logging.getLogger(__name__)
+
+#: Non-numeric columns with at most this many distinct real values get a value-set check.
+DEFAULT_MAX_CATEGORIES = 50
+#: How many unexpected values a failure summary keeps.
+PARTIAL_UNEXPECTED = 5
+
+# Type names that GX 1.24's pandas type check resolves (np.dtype(name), pandas extension dtype
+# classes such as ``Int64Dtype``, or native python names such as ``str``).  See
+# great_expectations/expectations/core/expect_column_values_to_be_in_type_list.py.
+_INT_TYPES = [
+    "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8",
+    "Int64Dtype", "Int32Dtype", "Int16Dtype", "Int8Dtype",
+    "UInt64Dtype", "UInt32Dtype", "UInt16Dtype", "UInt8Dtype",
+]  # fmt: skip
+_FLOAT_TYPES = ["float64", "float32", "float16", "Float64Dtype", "Float32Dtype"]
+_BOOL_TYPES = ["bool", "BooleanDtype"]
+_DATETIME_TYPES = ["datetime64[ns]", "datetime64[us]", "datetime64[ms]", "datetime64[s]"]
+_TIMEDELTA_TYPES = ["timedelta64[ns]", "timedelta64[us]", "timedelta64[ms]", "timedelta64[s]"]
+# python value types GX can check inside object columns (native_type_type_map)
+_NATIVE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", bytes: "bytes",
+                 list: "list", dict: "dict"}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def to_jsonable(value: Any) -> Any:
+    """Recursively convert numpy / pandas / datetime values into plain JSON-able python."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, np.bool_):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, (float, np.floating)):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset, np.ndarray, pd.Index, pd.Series)):
+        return [to_jsonable(v) for v in list(value)]
+    if value is pd.NaT or value is pd.NA:
+        return None
+    if isinstance(value, (pd.Timestamp, _dt.datetime, _dt.date, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, (pd.Timedelta, _dt.timedelta, np.timedelta64)):
+        return str(pd.Timedelta(value))
+    if isinstance(value, np.datetime64):
+        return pd.Timestamp(value).isoformat()
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return str(value)
+
+
+def _normalise_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Make string storage uniform: pandas ``string``/``str`` and ``category`` columns become
+    ``object`` columns (GX cannot name those extension dtypes in a type list; the values are
+    then checked one by one as python ``str``).  Returns ``df`` itself when nothing changes."""
+    to_convert = [
+        c for c in df.columns
+        if isinstance(df[c].dtype, (pd.StringDtype, pd.CategoricalDtype))
+    ]  # fmt: skip
+    if not to_convert:
+        return df
+    out = df.copy()
+    for c in to_convert:
+        out[c] = out[c].astype(object).where(out[c].notna(), None)
+    return out
+
+
+def _is_bool(s: pd.Series) -> bool:
+    return pd.api.types.is_bool_dtype(s.dtype)
+
+
+def _is_numeric(s: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(s.dtype) and not _is_bool(s)
+
+
+def _is_datetime(s: pd.Series) -> bool:
+    return pd.api.types.is_datetime64_any_dtype(s.dtype)
+
+
+def _object_type_list(values: pd.Series) -> list[str] | None:
+    """Type list for an object column from the python types of its non-null values, or None
+    when some value type cannot be named in a GX type list (then no type check is made)."""
+    names: set[str] = set()
+    for t in {type(v) for v in values}:
+        name = next((n for base, n in _NATIVE_NAMES.items() if issubclass(t, base)), None)
+        if name is None:
+            return None
+        names.add(name)
+    if "str" in names:
+        names.add("string")  # readable alias; harmless for GX
+    return ["object", *sorted(names)]
+
+
+def _type_list(s: pd.Series, non_null: pd.Series) -> list[str] | None:
+    dtype = s.dtype
+    if _is_bool(s):
+        return list(_BOOL_TYPES)
+    if pd.api.types.is_integer_dtype(dtype):
+        return list(_INT_TYPES)
+    if pd.api.types.is_float_dtype(dtype):
+        return list(_FLOAT_TYPES)
+    if isinstance(dtype, pd.DatetimeTZDtype):
+        return None  # GX 1.24 cannot express tz-aware dtypes in a type list
+    if _is_datetime(s):
+        return list(_DATETIME_TYPES)
+    if pd.api.types.is_timedelta64_dtype(dtype):
+        return list(_TIMEDELTA_TYPES)
+    if dtype == object:
+        return _object_type_list(non_null)
+    return None
+
+
+def _bounds(non_null: pd.Series, tolerance: float) -> tuple[Any, Any] | None:
+    lo, hi = non_null.min(), non_null.max()
+    if _is_datetime(non_null):
+        lo, hi = pd.Timestamp(lo), pd.Timestamp(hi)
+        pad = (hi - lo) * float(tolerance)
+        return (lo - pad).to_pydatetime(), (hi + pad).to_pydatetime()
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    pad = (hi - lo) * float(tolerance)
+    lo, hi = lo - pad, hi + pad
+    if pd.api.types.is_integer_dtype(non_null.dtype):
+        return int(math.floor(lo)), int(math.ceil(hi))
+    return lo, hi
+
+
+def _value_set(non_null: pd.Series) -> list[Any]:
+    values = [to_jsonable(v) for v in pd.unique(non_null)]
+    return sorted(values, key=lambda v: (type(v).__name__, str(v)))
+
+
+# --------------------------------------------------------------------------- derive
+
+
+def derive_suite(
+    real: pd.DataFrame,
+    *,
+    name: str,
+    exclude: Sequence[str] = (),
+    range_tolerance: float = 0.0,
+    null_tolerance: float = 0.05,
+    max_categories: int = DEFAULT_MAX_CATEGORIES,
+) -> dict:
+    """Profile ``real`` into a GX 1.x ExpectationSuite and return ``suite.to_json_dict()``.
+
+    Expectations: the exact column set; per column a dtype check, a min/max range (numeric and
+    datetime, widened by ``range_tolerance`` x range), a value set (bool columns and non-numeric
+    columns with at most ``max_categories`` distinct values) and a not-null check with
+    ``mostly = max(0, 1 - real_null_rate - null_tolerance)`` (skipped for all-null columns).
+    """
+    _quiet_gx_env()
+    import great_expectations as gx
+    from great_expectations.core import ExpectationSuite
+
+    if not name:
+        raise ValueError("derive_suite needs a non-empty suite name")
+    if range_tolerance < 0 or null_tolerance < 0:
+        raise ValueError("range_tolerance and null_tolerance must be >= 0")
+    excluded = set(exclude)
+    df = _normalise_frame(real[[c for c in real.columns if c not in excluded]])
+    columns = [str(c) for c in df.columns]
+    if len(set(columns)) != len(columns):
+        raise ValueError("derive_suite needs unique column names")
+
+    E = gx.expectations
+    exps: list[Any] = [E.ExpectTableColumnsToMatchSet(column_set=columns, exact_match=True)]
+    skipped_types = 0
+    for col in columns:
+        s = df[col]
+        non_null = s.dropna()
+        type_list = _type_list(s, non_null)
+        if type_list is not None:
+            exps.append(E.ExpectColumnValuesToBeInTypeList(column=col, type_list=type_list))
+        else:
+            skipped_types += 1
+        if non_null.empty:
+            continue  # all null: nothing to learn about range, set or null rate
+        if _is_numeric(s) or _is_datetime(s):
+            bounds = _bounds(non_null, range_tolerance)
+            if bounds is not None:
+                exps.append(
+                    E.ExpectColumnValuesToBeBetween(
+                        column=col, min_value=bounds[0], max_value=bounds[1]
+                    )
+                )
+        elif _is_bool(s) or non_null.nunique() <= max_categories:
+            exps.append(E.ExpectColumnValuesToBeInSet(column=col, value_set=_value_set(non_null)))
+        null_rate = 1.0 - len(non_null) / len(s)
+        mostly = max(0.0, 1.0 - null_rate - float(null_tolerance))
+        mostly = math.floor(mostly * 1e6) / 1e6  # avoid float noise just above the real rate
+        exps.append(E.ExpectColumnValuesToNotBeNull(column=col, mostly=mostly))
+
+    suite = ExpectationSuite(
+        name=name,
+        expectations=exps,
+        meta={
+            "synthfactory": {
+                "n_rows": int(len(df)),
+                "excluded": sorted(str(c) for c in excluded),
+                "range_tolerance": float(range_tolerance),
+                "null_tolerance": float(null_tolerance),
+            }
+        },
+    )
+    log.info(
+        "derived suite %r: %d expectations over %d columns (%d without a type check)",
+        name, len(exps), len(columns), skipped_types,
+    )  # fmt: skip
+    return suite.to_json_dict()
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _quiet_gx_env() -> None:
+    """No analytics, and no INFO chatter from GX internals (docs-decorator registration,
+    ephemeral context set-up) unless the host application configured the GX logger itself."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    gx_logger = logging.getLogger("great_expectations")
+    if gx_logger.level == logging.NOTSET:
+        gx_logger.setLevel(logging.WARNING)
+
+
+def _ephemeral_context():
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    # The legacy Validator used by GX 1.x ValidationDefinition.run decides whether tqdm runs
+    # from context.progress_bars (validator.Validator._determine_progress_bars).
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    try:
+        context.enable_analytics(False)
+    except Exception:  # pragma: no cover - older/newer GX without the switch
+        pass
+    return context
+
+
+def _strip_ids(suite: Mapping[str, Any]) -> dict:
+    out = deepcopy(dict(suite))
+    out.pop("id", None)
+    exps = []
+    for exp in out.get("expectations") or []:
+        exp = dict(exp)
+        exp.pop("id", None)
+        exp.pop("rendered_content", None)
+        exps.append(exp)
+    out["expectations"] = exps
+    out["name"] = out.get("name") or "synthfactory_suite"
+    return out
+
+
+def _exception_messages(exception_info: Any) -> list[str]:
+    """GX puts either one {'raised_exception', 'exception_message'} dict or a dict of them keyed
+    by metric id into ``exception_info``."""
+    if not isinstance(exception_info, Mapping):
+        return []
+    if "raised_exception" in exception_info:
+        infos: Iterable[Any] = [exception_info]
+    else:
+        infos = exception_info.values()
+    msgs = []
+    for info in infos:
+        if isinstance(info, Mapping) and info.get("raised_exception"):
+            msg = str(info.get("exception_message") or "error")
+            if msg not in msgs:
+                msgs.append(msg[:300])
+    return msgs
+
+
+def _observed(result: Mapping[str, Any], exception_info: Any) -> dict:
+    obs: dict[str, Any] = {}
+    for key in ("observed_value", "element_count", "unexpected_count", "unexpected_percent",
+                "missing_count", "missing_percent"):  # fmt: skip
+        if key in result and result[key] is not None:
+            obs[key] = result[key]
+    if "observed_value" in obs and isinstance(obs["observed_value"], (list, tuple)):
+        obs["observed_value"] = list(obs["observed_value"])[:50]
+    partial = result.get("partial_unexpected_list")
+    if partial:
+        obs["partial_unexpected_list"] = list(partial)[:PARTIAL_UNEXPECTED]
+    mismatched = (result.get("details") or {}).get("mismatched")
+    if mismatched:
+        obs["mismatched"] = mismatched
+    errors = _exception_messages(exception_info)
+    if errors:
+        obs["errors"] = errors
+    return to_jsonable(obs)
+
+
+def run_suite(suite: Mapping[str, Any], df: pd.DataFrame) -> dict:
+    """Validate ``df`` against a suite dict (from :func:`derive_suite`) with GX 1.x.
+
+    Returns ``{"success", "evaluated", "successful", "success_ratio", "failed": [...]}``
+    where each failure is ``{"expectation", "column", "observed"}``; all plain JSON values.
+    Expectations that raise (e.g. a missing column) count as failed with ``observed.errors``.
+    """
+    _quiet_gx_env()
+    import great_expectations as gx
+    from great_expectations.core import ExpectationSuite
+
+    suite_dict = _strip_ids(suite)
+    data = _normalise_frame(df)
+    context = _ephemeral_context()
+    datasource = context.data_sources.add_pandas(name="synthfactory_pandas")
+    asset = datasource.add_dataframe_asset(name="table")
+    batch_definition = asset.add_batch_definition_whole_dataframe("whole_table")
+    gx_suite = context.suites.add(ExpectationSuite(**suite_dict))
+    validation = context.validation_definitions.add(
+        gx.ValidationDefinition(name="synthfactory_validation", data=batch_definition, suite=gx_suite)
+    )
+    result = validation.run(
+        batch_parameters={"dataframe": data},
+        result_format={
+            "result_format": "SUMMARY",
+            "partial_unexpected_count": PARTIAL_UNEXPECTED,
+            "include_unexpected_rows": False,
+        },
+    )
+
+    failed = []
+    for r in result.results:
+        if r.success:
+            continue
+        cfg = r.expectation_config
+        kwargs = dict(cfg.kwargs or {})
+        failed.append(
+            {
+                "expectation": str(cfg.type),
+                "column": kwargs.get("column"),
+                "observed": _observed(dict(r.result or {}), r.exception_info),
+            }
+        )
+    failed.sort(key=lambda f: (f["column"] is not None, str(f["column"]), f["expectation"]))
+    evaluated = len(result.results)
+    successful = sum(1 for r in result.results if r.success)
+    out = {
+        "success": bool(result.success),
+        "evaluated": int(evaluated),
+        "successful": int(successful),
+        "success_ratio": float(successful / evaluated) if evaluated else 1.0,
+        "failed": failed,
+    }
+    log.info(
+        "suite %r on %d rows x %d columns: %d/%d expectations passed",
+        suite_dict["name"], len(df), df.shape[1], successful, evaluated,
+    )  # fmt: skip
+    return out
