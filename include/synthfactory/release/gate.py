@@ -40,29 +40,47 @@ class Check:
                 f"(by {by:.4g})")
 
 
-def _ge(gate: str, name: str, value: float | None, threshold: float) -> Check:
+def ge(gate: str, name: str, value: float | None, threshold: float) -> Check:
+    """A check that passes when ``value >= threshold`` (a missing figure fails)."""
     return Check(gate, name, value, ">=", threshold, value is not None and value >= threshold)
 
 
-def _le(gate: str, name: str, value: float | None, threshold: float) -> Check:
+def le(gate: str, name: str, value: float | None, threshold: float) -> Check:
+    """A check that passes when ``value <= threshold`` (a missing figure fails)."""
     return Check(gate, name, value, "<=", threshold, value is not None and value <= threshold)
+
+
+def is_true(gate: str, name: str, value: bool | None) -> Check:
+    return Check(gate, name, value, "==", True, value is True)
+
+
+def quality_checks(quality: dict, qt: QualityThresholds) -> list[Check]:
+    return [
+        ge("quality", "quality_score", quality.get("quality_score"), qt.min_quality_score),
+        ge("quality", "expectation_success_ratio", quality.get("expectation_success_ratio"),
+           qt.min_expectation_success),
+    ]
+
+
+def privacy_checks(privacy: dict, pt: PrivacyThresholds) -> list[Check]:
+    checks = [
+        le("privacy", "exact_match_rate", privacy.get("exact_match_rate"), pt.max_exact_match_rate),
+        le("privacy", "dcr_share", privacy.get("dcr_share"), pt.max_dcr_share),
+        ge("privacy", "dcr_ratio", privacy.get("dcr_ratio"), pt.min_dcr_ratio),
+    ]
+    if pt.leak_scan:
+        checks.append(is_true("privacy", "leak_scan_clean", privacy.get("leak_clean")))
+    return checks
 
 
 def decide(quality: dict, privacy: dict, qt: QualityThresholds, pt: PrivacyThresholds,
            audited_files: dict[str, str], profile: str = "default") -> dict:
-    """Evaluate all checks. ``quality``/``privacy`` are the stage summaries; ``audited_files`` maps the
-    release-relative path of each file to its sha256."""
-    checks = [
-        _ge("quality", "quality_score", quality.get("quality_score"), qt.min_quality_score),
-        _ge("quality", "expectation_success_ratio", quality.get("expectation_success_ratio"),
-            qt.min_expectation_success),
-        _le("privacy", "exact_match_rate", privacy.get("exact_match_rate"), pt.max_exact_match_rate),
-        _le("privacy", "dcr_share", privacy.get("dcr_share"), pt.max_dcr_share),
-        _ge("privacy", "dcr_ratio", privacy.get("dcr_ratio"), pt.min_dcr_ratio),
-    ]
-    if pt.leak_scan:
-        clean = privacy.get("leak_clean")
-        checks.append(Check("privacy", "leak_scan_clean", clean, "==", True, clean is True))
+    """Evaluate every check of every gate. ``quality``/``privacy`` are the stage summaries; ``audited_files``
+    maps the release-relative path of each file to its sha256. Stages may add checks of their own: a
+    summary's ``extra_checks`` (list of Check dicts) is evaluated as recorded."""
+    checks = [*quality_checks(quality, qt), *privacy_checks(privacy, pt)]
+    for summary in (quality, privacy):
+        checks += [Check(**c) for c in summary.get("extra_checks", [])]
     failed = [c for c in checks if not c.passed]
     return {
         "approved": not failed,
