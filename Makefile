@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip prints a warning per package for this machine's extra local indexes; keep the log readable.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: install demo test test-fast bench lint clean compile-requirements
+.PHONY: install demo test test-fast bench bench-smoke lint clean compile-requirements
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,11 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not e2e"
 
+# Benchmarks (bench/README.md): every figure next to its anchor, measured in one run.
 bench: install
+	$(BIN)/python bench/run.py
+
+bench-smoke: install
 	$(BIN)/python bench/run.py --smoke
 
 # Re-pin requirements.txt from requirements.in (needs uv; torch stays the local CPU build 2.13.0).

@@ -53,7 +53,7 @@ def main() -> int:
             print(f"\nDAG run failed (exit {proc.returncode}); nothing was released. "
                   f"{reasons[-1].strip() if reasons else ''}", file=sys.stderr)
             return 1
-        version = versions[-1]
+        version = dev.latest_version(client, spec.release.bucket, dataset_prefix)  # what latest.json names
         key_prefix = f"{dataset_prefix}/{version}"
         manifest = json.loads(client.get_object(Bucket=spec.release.bucket,
                                                 Key=f"{key_prefix}/manifest.json")["Body"].read())
@@ -68,6 +68,14 @@ def main() -> int:
     print(f"      gates: quality score {f['quality_score']}, expectations passed {f['expectation_success_ratio']:.0%}, "
           f"exact matches {f['exact_match_rate']}, DCR share {f['dcr_share']} (0.5 ideal), "
           f"DCR ratio {f['dcr_ratio']}, leak scan {'clean' if f['leak_clean'] else 'HITS'}")
+    if f.get("mia_auc") is not None:
+        risks = ", ".join(f"{k} {v['risk']} [{v['ci_low']}, {v['ci_high']}] n={v['n']}"
+                          for k, v in (f.get("anonymeter_risks") or {}).items())
+        note = "" if f.get("anonymeter_certified") else " (not all certified: holdout too small, see privacy.json)"
+        print(f"      re-identification: membership-inference AUC {f['mia_auc']} (0.5 ideal), rare QI combinations "
+              f"{f.get('rare_combination_excess')} above chance; anonymeter {risks or 'not run'}{note}")
+    print(f"      latest: s3://{spec.release.bucket}/{dataset_prefix}/latest.json -> {version} "
+          f"(SSE {manifest.get('encryption') or 'n/a'}, tags dataset/version/synthetic=true)")
     print(f"      mirrored {len(files)} files to {local}")
     return 0
 

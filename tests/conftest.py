@@ -52,3 +52,55 @@ def write_spec(folder: Path, name: str, extract: Path, staging: Path, **override
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def open_gates() -> dict:
+    """write_spec overrides that let any data through every numeric gate (min_* at its lowest allowed value,
+    max_* at its highest), with the slow optional audits off and the leak scan on: for tests about
+    orchestration (routing, releases listing), whatever thresholds the spec model has grown."""
+    from annotated_types import Ge, Gt, Le
+
+    from synthfactory.spec import PrivacyThresholds, QualityThresholds
+
+    out: dict = {}
+    for section, model in (("quality", QualityThresholds), ("privacy", PrivacyThresholds)):
+        fields = model.model_fields
+        for name, info in fields.items():
+            lo = next((m.ge for m in info.metadata if isinstance(m, Ge)), None)
+            if lo is None:
+                lo = next((m.gt + 1e-6 for m in info.metadata if isinstance(m, Gt)), 0.0)
+            hi = next((m.le for m in info.metadata if isinstance(m, Le)), 1e9)
+            if name.startswith("min_"):
+                out[f"{section}__{name}"] = lo
+            elif name.startswith("max_"):
+                out[f"{section}__{name}"] = hi
+        for name, value in (("relationships", []), ("utility", None), ("quasi_identifiers", []),
+                            ("sensitive_attributes", []), ("anonymeter_attacks", 0)):
+            if name in fields:
+                out[f"{section}__{name}"] = value
+    return out
+
+
+@pytest.fixture(scope="session")
+def released_sandbox(tmp_path_factory: pytest.TempPathFactory, small_extract: Path):
+    """One real release into the S3 emulator's sandbox bucket, made by `synthfactory run` through boto3's
+    default chain (AWS_ENDPOINT_URL), with open gates. For the release listings (CLI, UI page)."""
+    from unittest import mock
+
+    from synthfactory import dev
+    from synthfactory.cli import main
+    from synthfactory.spec import load_spec
+
+    base = tmp_path_factory.mktemp("sandbox")
+    spec_path = write_spec(base / "specs", "ops_listing", small_extract, base / "staging", **open_gates())
+    spec = load_spec(spec_path)
+    with dev.S3Emulator() as s3:
+        client = s3.client()
+        client.create_bucket(Bucket=spec.release.bucket)
+        env = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": dev.REGION}
+        with mock.patch.dict(os.environ, env):
+            code = main(["run", str(spec_path), "--rows", "120", "--run-id", "ops1", "-q"])
+        assert code == 0, "the release for the listing tests failed"
+        yield {"endpoint": s3.endpoint, "client": client, "spec_path": spec_path, "spec": spec, "env": env,
+               "base": base}

@@ -30,9 +30,25 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--rows", type=int, help="synthetic rows to sample")
     r.add_argument("--profile", default="default", help="threshold profile from the spec")
     r.add_argument("--synthesizer", help="synthesizer kind, overriding the spec")
+    r.add_argument("--epochs", type=int, help="training epochs of a neural synthesizer (ctgan, tvae, copulagan)")
+    r.add_argument("--force-ingest", action="store_true",
+                   help="ingest again even when a previous run ingested the same extract (operations.reuse_ingest)")
     r.add_argument("--run-id", help="run id (default: a UTC timestamp)")
     r.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
     r.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result line")
+    ls = sub.add_parser("releases", help="list a dataset's releases: version, rows, gate figures, data card")
+    ls.add_argument("spec")
+    ls.add_argument("--out", help="the local folder a `run --out` released into, instead of the spec's bucket "
+                                  "(boto3's default credential chain; AWS_ENDPOINT_URL is honoured)")
+    ls.add_argument("--limit", type=int, default=20, help="newest N versions (default 20; 0 = all)")
+    ls.add_argument("--json", action="store_true", help="print the releases as JSON")
+    f = sub.add_parser("freeze-suite", help="freeze a run's derived GX expectation suite into "
+                                            "include/expectations/<dataset>.json (a frozen suite wins)")
+    f.add_argument("spec")
+    f.add_argument("--run-dir", required=True,
+                   help="the run's staging folder (<staging>/<dataset>/runs/<run_id>, local or s3://) or a suite .json")
+    f.add_argument("--out", help="destination file (default: include/expectations/<dataset>.json in the project)")
+    f.add_argument("--force", action="store_true", help="overwrite an existing frozen suite")
     return p
 
 
@@ -48,16 +64,92 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "validate":
         print(f"ok: {spec.name} ({args.spec}) spec_sha256={spec.spec_hash()[:12]}")
         return EXIT_OK
+    if args.cmd == "freeze-suite":
+        return _freeze_suite(spec, args)
+    if args.cmd == "releases":
+        return _releases(spec, args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     return _run(spec, args)
+
+
+def _releases(spec, args) -> int:  # noqa: ANN001
+    """Print the dataset's released versions (newest first) with their row counts and gate figures."""
+    from synthfactory import releases
+
+    limit = args.limit or None
+    try:
+        if args.out:
+            rows = releases.local_releases(args.out, spec, limit=limit)
+            where = str(releases.local_root(args.out) / releases.dataset_prefix(spec)) + "/"
+        else:
+            import boto3  # default credential chain; AWS_ENDPOINT_URL points it at a non-AWS endpoint
+
+            rows = releases.s3_releases(boto3.client("s3"), spec, limit=limit)
+            where = f"s3://{spec.release.bucket}/{releases.dataset_prefix(spec)}/"
+    except Exception as err:  # noqa: BLE001 - unreachable endpoint, missing bucket, no credentials
+        print(f"error: cannot list releases of {spec.name}: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps({"dataset": spec.name, "location": where, "releases": rows}, indent=2, default=str))
+        return EXIT_OK
+    print(f"{spec.name}: {len(rows)} release(s) in {where}")
+    if rows:
+        print(releases.format_table(rows))
+    return EXIT_OK
+
+
+def _freeze_suite(spec, args) -> int:  # noqa: ANN001
+    """Copy a run's derived suite (``quality/suite.json``) to the frozen-suite location, for users to edit."""
+    import os
+
+    from synthfactory.pipeline import FROZEN_SUITES_DIR
+    from synthfactory.storage import Store, join
+
+    store = Store()
+    src = args.run_dir if args.run_dir.endswith(".json") else join(args.run_dir, "quality", "suite.json")
+    if not store.exists(src):
+        print(f"error: no derived suite at {src} (run the pipeline first; --run-dir is "
+              f"<staging>/{spec.name}/runs/<run_id>)", file=sys.stderr)
+        return EXIT_INPUT
+    suite = store.read_json(src)
+    if not isinstance(suite, dict) or not isinstance(suite.get("expectations"), list):
+        print(f"error: {src} is not a GX expectation suite", file=sys.stderr)
+        return EXIT_INPUT
+    if args.out:
+        dest = Path(args.out)
+    else:
+        spec_path = Path(args.spec).resolve()
+        if os.environ.get("SYNTHFACTORY_HOME"):
+            root = Path(os.environ["SYNTHFACTORY_HOME"])
+        elif spec_path.parent.name == "datasets" and spec_path.parent.parent.name == "include":
+            root = spec_path.parents[2]
+        else:
+            root = Path.cwd()
+        dest = root / FROZEN_SUITES_DIR / f"{spec.name}.json"
+    if dest.exists() and not args.force:
+        print(f"error: {dest} exists; pass --force to overwrite it", file=sys.stderr)
+        return EXIT_SPEC
+    suite.pop("id", None)
+    for exp in suite["expectations"]:
+        exp.pop("id", None)
+        exp.pop("rendered_content", None)
+    suite["name"] = f"{spec.name}_frozen"
+    meta = suite.setdefault("meta", {})
+    meta.setdefault("synthfactory", {})["frozen_from"] = src
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(suite, indent=2) + "\n", encoding="utf-8")
+    used = "" if args.out else "; the quality stage now uses it instead of deriving one"
+    print(f"froze {len(suite['expectations'])} expectations to {dest}{used}. It holds aggregates of the real data "
+          f"(ranges, quantiles, category sets): review it before committing it.")
+    return EXIT_OK
 
 
 def _run(spec, args) -> int:  # noqa: ANN001
     from synthfactory import pipeline
     from synthfactory.ingest.fhir_ndjson import ExtractError
     from synthfactory.release.gate import GateRefused
-    from synthfactory.release.publish import Boto3Writer, LocalWriter, PublishRefused
+    from synthfactory.release.publish import Boto3Writer, LocalWriter, PublishError, PublishRefused
     from synthfactory.spec import SpecError
     from synthfactory.storage import Store
     from synthfactory.synthesize.modelling import ModellingError
@@ -69,7 +161,8 @@ def _run(spec, args) -> int:  # noqa: ANN001
             spec=spec, run_id=args.run_id or "cli_" + now.strftime("%Y%m%dT%H%M%SZ"),
             version=pipeline.version_for(now), store=store, source_uri=args.extract,
             staging_root=str(Path(args.out, "staging").resolve()) if args.out else None,
-            profile=args.profile, rows=args.rows, synthesizer=args.synthesizer)
+            profile=args.profile, rows=args.rows, synthesizer=args.synthesizer, epochs=args.epochs,
+            force_ingest=args.force_ingest)
     except SpecError as err:
         print(f"invalid spec: {err}", file=sys.stderr)
         return EXIT_SPEC
@@ -78,7 +171,10 @@ def _run(spec, args) -> int:  # noqa: ANN001
     else:
         import boto3  # default credential chain; AWS_ENDPOINT_URL points it at a non-AWS endpoint
 
-        writer = Boto3Writer(boto3.client("s3"), spec.release.bucket)
+        from synthfactory.release.publish import client_config
+
+        client = boto3.client("s3", config=client_config(spec.release.max_attempts))
+        writer = Boto3Writer.from_spec(client, spec.release)
     try:
         summary = pipeline.run_all(ctx, writer)
     except GateRefused as err:
@@ -90,6 +186,9 @@ def _run(spec, args) -> int:  # noqa: ANN001
     except PublishRefused as err:
         print(f"publish refused: {err}", file=sys.stderr)
         return EXIT_PUBLISH
+    except PublishError as err:  # nothing partial is visible; running the same command again resumes
+        print(f"publish failed (retry it): {err}", file=sys.stderr)
+        return EXIT_ERROR
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_SPEC if "synthesizer." in str(err) else EXIT_ERROR

@@ -56,6 +56,14 @@ class S3Emulator:
                             aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
+def worker_hostname() -> str:
+    """``[core] hostname_callable`` for several Airflow workers on one machine (the Celery integration test):
+    ``$SYNTHFACTORY_WORKER_NAME`` when set, else the FQDN. Task instances record it as their hostname."""
+    import socket
+
+    return os.environ.get("SYNTHFACTORY_WORKER_NAME") or socket.getfqdn()
+
+
 def aws_conn_uri_json(endpoint: str) -> str:
     """An Airflow AWS connection (JSON form for AIRFLOW_CONN_*) pointing boto3 at ``endpoint``."""
     return json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
@@ -121,11 +129,23 @@ def generate_sample_extract(dest: Path, patients: int = 500, seed: int = 42) -> 
 
 
 def list_versions(client: Any, bucket: str, dataset_prefix: str) -> list[str]:
-    """Released versions = folders under the dataset prefix that hold a manifest (written last)."""
-    resp = client.list_objects_v2(Bucket=bucket, Prefix=dataset_prefix.rstrip("/") + "/")
-    versions = {obj["Key"][len(dataset_prefix.rstrip("/")) + 1:].split("/")[0]
-                for obj in resp.get("Contents", []) if obj["Key"].endswith("/manifest.json")}
-    return sorted(versions)
+    """Released versions, oldest first: the version folders under the dataset prefix that hold a manifest
+    (written last; the run-scoped ``_staging/`` prefix and half-published versions do not count)."""
+    from synthfactory.release.publish import Boto3Writer
+    from synthfactory.release.sandbox import SandboxLayout, released_versions
+
+    return released_versions(Boto3Writer(client, bucket), SandboxLayout(dataset_prefix.strip("/")))
+
+
+def latest_version(client: Any, bucket: str, dataset_prefix: str) -> str | None:
+    """The version ``<dataset_prefix>/latest.json`` names, else the newest released one (None: nothing)."""
+    from synthfactory.release.publish import Boto3Writer
+    from synthfactory.release.sandbox import SandboxLayout, pointer_version
+
+    store = Boto3Writer(client, bucket)
+    versions = list_versions(client, bucket, dataset_prefix)
+    pointed = pointer_version(store, SandboxLayout(dataset_prefix.strip("/")))
+    return pointed if pointed in versions else (versions[-1] if versions else None)
 
 
 def mirror(client: Any, bucket: str, key_prefix: str, dest: Path) -> list[Path]:

@@ -7,9 +7,12 @@ small JSON-able summary (URIs, counts, figures): never data, never identifiers.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import re
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ log = logging.getLogger("synthfactory.pipeline")
 RELEASE_DATA = "data/patients.parquet"
 RELEASE_QUALITY = "reports/quality.json"
 RELEASE_PRIVACY = "reports/privacy.json"
+RELEASE_DATACARD = "reports/datacard.html"
 
 
 def project_root() -> Path:
@@ -34,7 +38,7 @@ def project_root() -> Path:
 
 
 def resolve(uri: str, base: Path | None = None) -> str:
-    if is_s3(uri) or os.path.isabs(uri):
+    if is_s3(uri) or os.path.isabs(uri) or re.match(r"^[a-z][a-z0-9+.-]*://", uri):  # s3://, https:// (FHIR servers)
         return uri
     return str((base or project_root()) / uri)
 
@@ -62,6 +66,10 @@ class RunContext:
     rows: int | None = None
     synthesizer: str | None = None
     base_dir: str | None = None                           # relative spec paths resolve here
+    epochs: int | None = None                             # neural synthesizers: overrides params.epochs
+    force_ingest: bool = False                            # ignore a reusable previous ingest output
+    fhir_auth: Any = None                                 # ingest.smart.AuthConfig of a FHIR server (fhir_bulk/search)
+    fhir_base_url: str | None = None                      # the FHIR server, when it comes from a connection
 
     def __post_init__(self) -> None:
         base = Path(self.base_dir) if self.base_dir else None
@@ -86,40 +94,140 @@ class RunContext:
         return self.synthesizer or self.spec.synthesizer.kind
 
 
+def _log_fields(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Scalars (and one level of dicts of scalars, e.g. rows per table) for the ``k=v`` log line."""
+    shown: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if k.endswith("_uri") or k == "message":
+            continue
+        if isinstance(v, (int, float, bool, str)):
+            shown[k] = v
+        elif isinstance(v, dict) and k != "tables":
+            shown.update({f"{k}.{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float, bool))})
+    return shown
+
+
+def progress_interval() -> float:
+    """Seconds between ``running elapsed=...`` lines of a long stage ($SYNTHFACTORY_PROGRESS_SECONDS, 0 = off)."""
+    try:
+        return float(os.environ.get("SYNTHFACTORY_PROGRESS_SECONDS", "60"))
+    except ValueError:
+        return 60.0
+
+
 @contextmanager
 def _stage(name: str, ctx: RunContext) -> Iterator[dict]:
+    """Structured stage log: ``stage=<name> ... start``, a ``running elapsed=<s>`` line every
+    :func:`progress_interval` seconds, then ``done k=v ...`` (timings, row counts, figures) or
+    ``failed seconds=... error=<type>`` (the exception's type only: messages stay in the task's traceback)."""
     metrics: dict[str, Any] = {}
     t0 = time.perf_counter()
     log.info("stage=%s dataset=%s run=%s start", name, ctx.spec.name, ctx.run_id)
-    yield metrics
+    stop = threading.Event()
+    interval = progress_interval()
+
+    def heartbeat() -> None:
+        while not stop.wait(interval):
+            log.info("stage=%s dataset=%s run=%s running elapsed=%.0fs", name, ctx.spec.name, ctx.run_id,
+                     time.perf_counter() - t0)
+
+    if interval > 0:
+        threading.Thread(target=heartbeat, name=f"synthfactory-progress-{name}", daemon=True).start()
+    try:
+        yield metrics
+    except BaseException as err:
+        log.error("stage=%s dataset=%s run=%s failed seconds=%.3f error=%s", name, ctx.spec.name, ctx.run_id,
+                  time.perf_counter() - t0, type(err).__name__)
+        raise
+    finally:
+        stop.set()
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
-    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str)) and not k.endswith("_uri")}
     log.info("stage=%s dataset=%s run=%s done %s", name, ctx.spec.name, ctx.run_id,
-             " ".join(f"{k}={v}" for k, v in sorted(shown.items())))
+             " ".join(f"{k}={v}" for k, v in sorted(_log_fields(metrics).items())))
 
 
 # -- 1. ingest ------------------------------------------------------------------------------------
+INGEST_REUSED_KEYS = ("tables", "rows", "quarantined_total", "quarantine_uri", "identifiers_uri", "extract_sha256",
+                      "report_uri")
+
+
+def extract_digest(source_uri: str, store: Store) -> str:
+    """sha256 over every file under the extract (relative name, size, bytes), streamed in sorted order."""
+    h = hashlib.sha256()
+    base = source_uri.rstrip("/")
+    for uri in store.listdir(source_uri):
+        h.update(uri[len(base):].lstrip("/").encode() + b"\0")
+        with store.open_read(uri) as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def ingest_cache_key(extract_sha256: str, spec: DatasetSpec, salt: bytes) -> str:
+    """Reuse key of an ingest output: extract content, spec, salt (as an HMAC, never the salt) and code version."""
+    salt_id = hmac.new(salt, b"synthfactory-ingest-reuse", hashlib.sha256).hexdigest()
+    parts = [extract_sha256, spec.spec_hash(), salt_id, __version__]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def _reusable_ingest(ctx: RunContext, index_uri: str) -> dict | None:
+    if ctx.force_ingest:
+        log.info("stage=ingest force_ingest=True: ignoring any previous ingest output of this extract")
+        return None
+    if not ctx.store.exists(index_uri):
+        return None
+    cached = ctx.store.read_json(index_uri)
+    uris = [*cached.get("tables", {}).values(), cached.get("identifiers_uri"), cached.get("quarantine_uri")]
+    if not all(u and ctx.store.exists(u) for u in uris):
+        log.info("stage=ingest previous output of run %s is gone; ingesting again", cached.get("run_id"))
+        return None
+    return cached
+
+
 def ingest(ctx: RunContext) -> dict:
-    from synthfactory.ingest.fhir_ndjson import ingest_extract
-    from synthfactory.keys import Keyer, resolve_salt
+    """Ingest the extract, or reuse the output of a previous run of the same extract content, spec, salt and
+    code version (``operations.reuse_ingest``; ``ctx.force_ingest`` ingests again)."""
+    from synthfactory.keys import resolve_salt
 
     with _stage("ingest", ctx) as m:
-        keyer = Keyer(resolve_salt(ctx.salt, ctx.staging_root))
-        report = ingest_extract(ctx.source_uri, ctx.uri("ingest"), keyer=keyer, store=ctx.store,
-                                resources=list(ctx.spec.source.resources))
-        m.update({
-            "tables": report["tables"],
-            "rows": report["rows"],
-            "quarantined_total": report["quarantined_total"],
-            "quarantine_uri": report["quarantine_uri"],
-            "identifiers_uri": report["identifiers_uri"],
-            "extract_sha256": report["extract_sha256"],
-            "report_uri": ctx.uri("ingest", "ingest_report.json"),
-        })
-        if report["quarantined_total"]:
-            log.warning("ingest quarantined %d resource(s); see %s", report["quarantined_total"],
-                        report["quarantine_uri"])
+        salt = resolve_salt(ctx.salt, ctx.staging_root)
+        index_uri = None
+        cached = None
+        if ctx.spec.operations.reuse_ingest and ctx.spec.source.kind not in ("fhir_bulk", "fhir_search"):
+            digest = extract_digest(ctx.source_uri, ctx.store)
+            index_uri = join(ctx.staging_root, ctx.spec.name, "ingest_index",
+                             ingest_cache_key(digest, ctx.spec, salt) + ".json")
+            cached = _reusable_ingest(ctx, index_uri)
+        if cached is not None:
+            m.update({k: cached[k] for k in INGEST_REUSED_KEYS})
+            m["reused_from_run"] = cached["run_id"]
+            log.info("stage=ingest reusing the ingest output of run %s (same extract sha256, spec, salt, code)",
+                     cached["run_id"])
+        else:
+            _ingest_fresh(ctx, salt, m)
+            if index_uri:
+                ctx.store.write_json(index_uri, {**{k: m[k] for k in INGEST_REUSED_KEYS}, "run_id": ctx.run_id})
     return m
+
+
+def _ingest_fresh(ctx: RunContext, salt: bytes, m: dict) -> None:
+    from synthfactory.ingest.sources import ingest_for_run  # dispatches on source.kind
+    from synthfactory.keys import Keyer
+
+    report = ingest_for_run(ctx, Keyer(salt))
+    m.update({
+        "tables": report["tables"],
+        "rows": report["rows"],
+        "quarantined_total": report["quarantined_total"],
+        "quarantine_uri": report["quarantine_uri"],
+        "identifiers_uri": report["identifiers_uri"],
+        "extract_sha256": report["extract_sha256"],
+        "report_uri": ctx.uri("ingest", "ingest_report.json"),
+    })
+    if report["quarantined_total"]:
+        log.warning("ingest quarantined %d resource(s); see %s", report["quarantined_total"],
+                    report["quarantine_uri"])
 
 
 # -- 2. prepare: modelling table + train/holdout split ----------------------------------------------
@@ -135,64 +243,116 @@ def prepare(ctx: RunContext, ingested: dict) -> dict:
                 "metadata_uri": ctx.uri("model", "metadata.json")}
         ctx.store.write_df(uris["train_uri"], train)
         ctx.store.write_df(uris["holdout_uri"], holdout)
-        ctx.store.write_json(uris["metadata_uri"], metadata_dict(train, exclude=(KEY,)))
+        ctx.store.write_json(uris["metadata_uri"], metadata_dict(train, exclude=(KEY,),
+                                                                 overrides=ctx.spec.synthesizer.metadata))
         m.update(uris)
         m.update({"rows_train": len(train), "rows_holdout": len(holdout), "columns": info["columns"],
-                  "reference_date": info["reference_date"]})
+                  "reference_date": info["reference_date"], "condition_flags": info["condition_flags"]})
+        if ctx.spec.synthesizer.mode == "relational":  # the training patients' flattened tables, for the record
+            keep = set(train[KEY])
+            m["relational_uris"] = {}
+            for name, df in tables.items():
+                if KEY in df.columns:
+                    uri = ctx.uri("model", "relational", f"{name}.parquet")
+                    ctx.store.write_df(uri, df[df[KEY].isin(keep)].reset_index(drop=True))
+                    m["relational_uris"][name] = uri
     return m
 
 
 # -- 3. fit ---------------------------------------------------------------------------------------
 def fit(ctx: RunContext, prepared: dict) -> dict:
-    from synthfactory.synthesize import engine
-    from synthfactory.synthesize.modelling import KEY
+    from synthfactory.synthesize import stages
 
     with _stage("fit", ctx) as m:
-        train = ctx.store.read_df(prepared["train_uri"]).drop(columns=[KEY])
-        metadata = ctx.store.read_json(prepared["metadata_uri"])
-        params = ctx.spec.synthesizer.params if ctx.synthesizer_kind == ctx.spec.synthesizer.kind else {}
-        synth, seconds = engine.fit(train, ctx.synthesizer_kind, params, metadata)
-        model_uri = ctx.uri("model", "synthesizer.pkl")
-        size = engine.save(synth, model_uri, ctx.store)
-        m.update({"model_uri": model_uri, "synthesizer": ctx.synthesizer_kind, "fit_seconds": round(seconds, 3),
-                  "model_bytes": size, "rows_train": len(train)})
+        # epochs: the run's Param, else synthesizer.epochs, else params.epochs; device detected; neural kinds
+        # checkpoint to <run>/model/checkpoint and a retried fit resumes there (synthesize/stages.py)
+        stages.fit_model(ctx, prepared, m)
     return m
 
 
 # -- 4. sample ------------------------------------------------------------------------------------
 def sample(ctx: RunContext, fitted: dict, prepared: dict) -> dict:
-    from synthfactory.synthesize import engine
+    from synthfactory.synthesize import stages
 
     with _stage("sample", ctx) as m:
-        synth = engine.load(fitted["model_uri"], ctx.store)
-        rows = ctx.rows or ctx.spec.synthesizer.rows or prepared["rows_train"]
-        df = engine.sample(synth, int(rows))
-        uri = ctx.uri("synthetic", "patients.parquet")
-        ctx.store.write_df(uri, df)
-        m.update({"synthetic_uri": uri, "rows": len(df)})
+        # batches streamed into Parquet row groups (bounded memory); rebalance/oversample, constraints, and in
+        # relational mode synthetic/<table>.parquet + FHIR; reports/synthesis.json (synthesize/stages.py)
+        stages.sample_model(ctx, fitted, prepared, m)
     return m
 
 
 # -- 5. quality -----------------------------------------------------------------------------------
+FROZEN_SUITES_DIR = "include/expectations"
+
+
+def frozen_suite_path(ctx: RunContext) -> Path:
+    """``include/expectations/<dataset>.json`` under the project: a frozen (user-edited) suite, which wins
+    over the one derived from the real table (``synthfactory freeze-suite`` writes it)."""
+    base = Path(ctx.base_dir) if ctx.base_dir else project_root()
+    return base / FROZEN_SUITES_DIR / f"{ctx.spec.name}.json"
+
+
+def _r(x: Any, nd: int = 4) -> Any:
+    return None if x is None else round(float(x), nd)
+
+
 def quality(ctx: RunContext, prepared: dict, sampled: dict) -> dict:
+    """GX suite (frozen, else derived from the real train split) on the synthetic table with Data Docs,
+    SDMetrics fidelity, the spec's clinical relationships and TSTR/TRTR utility on the real holdout."""
+    import json
+    import tempfile
+
     from synthfactory.quality.expectations import derive_suite
     from synthfactory.quality.report import evaluate_quality
     from synthfactory.synthesize.engine import SYNTHETIC_ID
     from synthfactory.synthesize.modelling import KEY
 
     with _stage("quality", ctx) as m:
+        qt, _ = ctx.spec.thresholds(ctx.profile)
         real = ctx.store.read_df(prepared["train_uri"]).drop(columns=[KEY])
-        synthetic = ctx.store.read_df(sampled["synthetic_uri"]).drop(columns=[SYNTHETIC_ID])
-        suite = derive_suite(real, name=f"{ctx.spec.name}_derived")
+        holdout = ctx.store.read_df(prepared["holdout_uri"]).drop(columns=[KEY], errors="ignore")
+        synthetic = ctx.store.read_df(sampled["synthetic_uri"])
+        suite = derive_suite(real, name=f"{ctx.spec.name}_derived", key_columns=[SYNTHETIC_ID],
+                             range_tolerance=qt.range_tolerance, quantile_tolerance=qt.quantile_tolerance,
+                             null_tolerance=qt.null_tolerance)
         suite_uri = ctx.uri("quality", "suite.json")
         ctx.store.write_json(suite_uri, suite)
+        frozen = frozen_suite_path(ctx)
+        suite_source = "derived"
+        if frozen.is_file():
+            suite = json.loads(frozen.read_text(encoding="utf-8"))
+            suite_source = f"frozen:{FROZEN_SUITES_DIR}/{frozen.name}"
+            log.info("stage=quality using the frozen suite %s", frozen)
         metadata = ctx.store.read_json(prepared["metadata_uri"])
-        result = evaluate_quality(real, synthetic, suite=suite, metadata=metadata)
+        docs_uri = ctx.uri("reports", "data_docs")
+        with tempfile.TemporaryDirectory(prefix="sf-data-docs-") as docs:
+            result = evaluate_quality(real, synthetic, suite=suite, metadata=metadata, keys=[SYNTHETIC_ID],
+                                      holdout=holdout, relationships=qt.relationships, utility=qt.utility,
+                                      seed=ctx.spec.synthesizer.seed, data_docs_dir=docs)
+            index = result["expectations"].pop("data_docs_index", None)
+            if index:
+                for path in sorted(Path(docs).rglob("*")):
+                    if path.is_file():
+                        ctx.store.write_bytes(join(docs_uri, path.relative_to(docs).as_posix()), path.read_bytes())
         report_uri = ctx.uri("reports", "quality.json")
+        result["suite_source"] = suite_source
         ctx.store.write_json(report_uri, {"dataset": ctx.spec.name, "run_id": ctx.run_id, **result})
-        m.update({"report_uri": report_uri, "suite_uri": suite_uri,
+        fid, util = result["fidelity"], result.get("utility") or {}
+        m.update({"report_uri": report_uri, "suite_uri": suite_uri, "suite_source": suite_source,
+                  "data_docs_uri": join(docs_uri, "index.html") if index else None,
+                  "holdout_uri": prepared["holdout_uri"], "train_uri": prepared["train_uri"],
+                  "rows_real": len(real), "rows_holdout": len(holdout), "rows_synthetic": len(synthetic),
                   "quality_score": round(float(result["quality_score"]), 4),
-                  "expectation_success_ratio": round(float(result["expectation_success_ratio"]), 4)})
+                  "expectation_success_ratio": round(float(result["expectation_success_ratio"]), 4),
+                  "expectations_failed": len(result["expectations"]["failed"]),
+                  "column_shapes": _r(fid["column_shapes"]), "column_pair_trends": _r(fid["column_pair_trends"]),
+                  "min_column_score": _r(fid["min_column_score"]), "worst_column": fid["worst_column"],
+                  "relationships": {r["name"]: {"max_excess": _r(r["max_excess"]), "max_error": _r(r["max_error"]),
+                                                "tolerance": r["tolerance"], "status": r["status"]}
+                                    for r in result["relationships"]},
+                  "utility_status": util.get("status"), "utility_metric": util.get("metric"),
+                  "utility_tstr": _r(util.get("tstr")), "utility_trtr": _r(util.get("trtr")),
+                  "utility_ratio": _r(util.get("ratio"))})
     return m
 
 
@@ -207,14 +367,24 @@ def privacy(ctx: RunContext, prepared: dict, sampled: dict, ingested: dict, qual
         train = ctx.store.read_df(prepared["train_uri"])
         holdout = ctx.store.read_df(prepared["holdout_uri"])
         synthetic = ctx.store.read_df(sampled["synthetic_uri"])
-        metrics = privacy_metrics(train, holdout, synthetic, exclude=[KEY, SYNTHETIC_ID], seed=ctx.spec.synthesizer.seed)
+        _, pt = ctx.spec.thresholds(ctx.profile)
+        metrics = privacy_metrics(
+            train, holdout, synthetic, exclude=[KEY, SYNTHETIC_ID], seed=ctx.spec.synthesizer.seed,
+            quasi_identifiers=pt.quasi_identifiers, sensitive_attributes=pt.sensitive_attributes,
+            k_anonymity=pt.min_k_anonymity, anonymeter_attacks=pt.anonymeter_attacks,
+            metadata=ctx.store.read_json(prepared["metadata_uri"]))
         report_uri = ctx.uri("reports", "privacy.json")
-        report = {"dataset": ctx.spec.name, "run_id": ctx.run_id, **metrics}
+        audit = _privacy_audit_figures(metrics, pt)
+        report = {"dataset": ctx.spec.name, "run_id": ctx.run_id, "profile": ctx.profile,
+                  "thresholds": pt.model_dump(mode="json"), "gate_rules": audit.pop("gate_rules"), **metrics}
         ctx.store.write_json(report_uri, report)
         # Leak scan over every file that would be released, the privacy report itself included.
         identifiers = load_identifiers(ingested["identifiers_uri"], ctx.store)
         real_keys = list(train[KEY]) + list(holdout[KEY])
-        scan = leak_scan([sampled["synthetic_uri"], quality_summary["report_uri"], report_uri],
+        from synthfactory.synthesize.stages import extra_release_files
+
+        scan = leak_scan([sampled["synthetic_uri"], *extra_release_files(sampled).values(),
+                          quality_summary["report_uri"], report_uri],
                          [*identifiers, *real_keys], ctx.store)
         report["leak_scan"] = scan
         ctx.store.write_json(report_uri, report)
@@ -228,18 +398,136 @@ def privacy(ctx: RunContext, prepared: dict, sampled: dict, ingested: dict, qual
             "dcr_ratio": round(float(metrics["dcr"]["dcr_ratio"]), 4),
             "leak_clean": bool(scan["clean"]),
             "leak_hits": sum(h["count"] for h in scan["hits"]),
+            **audit,
         })
     return m
 
 
+def _privacy_audit_figures(metrics: dict, pt: Any) -> dict:
+    """Headline re-identification figures for the gate (XCom-sized; the report keeps the detail), and
+    the rule the gate applies to each anonymeter risk with a plain-language note (``gate_rules``)."""
+    from synthfactory.release.gate import anonymeter_rule, expected_anonymeter_risks
+
+    r4 = lambda v: None if v is None else round(float(v), 4)  # noqa: E731
+    mia = metrics["mia"]
+    out: dict[str, Any] = {
+        "mia_auc": r4(mia["auc"]),
+        "mia_auc_ci": [r4(v) for v in mia["auc_ci"]],
+        "nndr_synth_median": r4(metrics["dcr"]["nndr_synth_median"]),
+        "nndr_holdout_median": r4(metrics["dcr"]["nndr_holdout_median"]),
+    }
+    qi = metrics.get("quasi_identifiers") or {}
+    if "rare_combination_share" in qi:
+        out["rare_combination_share"] = r4(qi["rare_combination_share"])
+        out["holdout_rare_combination_share"] = r4(qi["holdout_rare_combination_share"])
+        out["rare_combination_excess"] = r4(qi["rare_combination_excess"])
+        out["k_anonymity"] = qi["synthetic_k_anonymity"]
+    sdm = metrics.get("sdmetrics_dcr_baseline_protection")
+    if sdm:
+        out["sdmetrics_dcr_baseline_protection"] = r4(sdm["score"])
+    risks = (metrics.get("anonymeter") or {}).get("risks") or {}
+    summary: dict[str, dict] = {}
+    rules: dict[str, dict] = {}
+    for name in expected_anonymeter_risks(pt):
+        r = risks.get(name)
+        if r is None or r.get("risk") is None:
+            summary[name] = {"risk": None, "ci_low": None, "ci_high": None, "error": None,
+                             "n": (r or {}).get("n_attacks", 0)}
+        else:
+            summary[name] = {"risk": r4(r["risk"]), "ci_low": r4(r["ci"][0]), "ci_high": r4(r["ci"][1]),
+                             "error": r4(r["error"]), "n": int(r["n_attacks"])}
+        rule = anonymeter_rule(summary[name], pt)
+        s = summary[name]
+        if s["risk"] is None:
+            note = "not measured"
+        elif rule["powered"]:
+            note = (f"{s['n']} attacks, 95 % CI [{s['ci_low']:.3f}, {s['ci_high']:.3f}]: upper end checked "
+                    f"against {pt.max_anonymeter_risk}; " + ("certified" if rule["certified"] else "not certified"))
+        else:
+            why = (f"fewer than {pt.anonymeter_min_attacks} attacks" if s["n"] < pt.anonymeter_min_attacks
+                   else f"half-width {s['error']:.3f} > {pt.max_anonymeter_risk / 2:.3f}")
+            note = (f"{s['n']} attacks, 95 % CI [{s['ci_low']:.3f}, {s['ci_high']:.3f}] ({why}): too few records "
+                    f"for the gate to rely on the upper end; only the lower end is checked against "
+                    f"{pt.max_anonymeter_risk} (refuses on significant evidence of risk); "
+                    + ("certified all the same (upper end within the threshold)" if rule["certified"]
+                       else "not certified"))
+        rules[name] = {**rule, "threshold": pt.max_anonymeter_risk, "note": note}
+    if summary:
+        out["anonymeter_risks"] = summary
+        out["anonymeter_certified"] = all(r["certified"] for r in rules.values())
+    out["gate_rules"] = {"anonymeter": rules}
+    return out
+
+
 # -- 7. gate --------------------------------------------------------------------------------------
-def release_files(sampled: dict, quality_summary: dict, privacy_summary: dict) -> dict[str, str]:
-    return {RELEASE_DATA: sampled["synthetic_uri"], RELEASE_QUALITY: quality_summary["report_uri"],
-            RELEASE_PRIVACY: privacy_summary["report_uri"]}
+def release_files(sampled: dict, quality_summary: dict, privacy_summary: dict,
+                  gated: dict | None = None) -> dict[str, str]:
+    """Release-relative path -> staging URI of every file a release publishes (the data card once the gate
+    has written it: pass the gate summary)."""
+    from synthfactory.synthesize.stages import extra_release_files
+
+    files = {RELEASE_DATA: sampled["synthetic_uri"], RELEASE_QUALITY: quality_summary["report_uri"],
+             RELEASE_PRIVACY: privacy_summary["report_uri"]}
+    files.update(extra_release_files(sampled))  # data/<table>.parquet, reports/synthesis.json, fhir/<Type>.ndjson
+    if gated and gated.get("datacard_uri"):
+        files[RELEASE_DATACARD] = gated["datacard_uri"]
+    return files
 
 
-def gate(ctx: RunContext, sampled: dict, quality_summary: dict, privacy_summary: dict) -> dict:
-    """Decide. On refusal, quarantine the run's outputs in staging with the reasons and raise GateRefused."""
+def _datacard(ctx: RunContext, decision: dict, sampled: dict, quality_summary: dict, privacy_summary: dict,
+              ingested: dict | None, frames: dict) -> str:
+    """Render the data card HTML for ``decision`` (pure renderer over the stage reports and tables)."""
+    from synthfactory.quality.datacard import render_datacard
+    from synthfactory.release.publish import code_version
+    from synthfactory.synthesize.engine import SYNTHETIC_ID
+    from synthfactory.synthesize.modelling import KEY
+
+    if "real" not in frames:
+        train_uri = quality_summary.get("train_uri") or ctx.uri("model", "train.parquet")
+        frames["real"] = ctx.store.read_df(train_uri).drop(columns=[KEY], errors="ignore")
+        frames["synthetic"] = ctx.store.read_df(sampled["synthetic_uri"]).drop(columns=[SYNTHETIC_ID],
+                                                                                 errors="ignore")
+        frames["quality_report"] = ctx.store.read_json(quality_summary["report_uri"])
+        frames["plot_cache"] = {}
+    kind = ctx.synthesizer_kind
+    params = ctx.spec.synthesizer.params if kind == ctx.spec.synthesizer.kind else {}
+    synthesizer = {"kind": kind, "params": params, "seed": ctx.spec.synthesizer.seed,
+                   "holdout_fraction": ctx.spec.synthesizer.holdout_fraction}
+    lineage = {"extract_sha256": (ingested or {}).get("extract_sha256"), "spec_sha256": ctx.spec.spec_hash(),
+               "code_versions": code_version(), "run_id": ctx.run_id}
+    if (ingested or {}).get("reused_from_run"):
+        lineage["ingest reused from run"] = ingested["reused_from_run"]
+    return render_datacard(
+        dataset=ctx.spec.name, version=ctx.version, run_id=ctx.run_id, decision=decision,
+        quality_report=frames["quality_report"], quality_summary=quality_summary, privacy_summary=privacy_summary,
+        real=frames["real"], synthetic=frames["synthetic"], synthesizer=synthesizer, lineage=lineage,
+        rows={"synthetic": sampled.get("rows"), "real": quality_summary.get("rows_real"),
+              "holdout": quality_summary.get("rows_holdout")},
+        description=ctx.spec.description, generated_at=decision.get("decided_at"), plot_cache=frames["plot_cache"])
+
+
+def _card_identifiers(ctx: RunContext, quality_summary: dict, ingested: dict | None) -> list | None:
+    """The identifiers the privacy stage scans for (ingest's identifier list and the real HMAC keys), or
+    None when the ingest summary is not available."""
+    from synthfactory.privacy.leak import load_identifiers
+    from synthfactory.synthesize.modelling import KEY
+
+    if not (ingested or {}).get("identifiers_uri"):
+        return None
+    keys: list = []
+    for uri in (quality_summary.get("train_uri"), quality_summary.get("holdout_uri")):
+        if uri:
+            keys += list(ctx.store.read_df(uri, columns=[KEY])[KEY])
+    return [*load_identifiers(ingested["identifiers_uri"], ctx.store), *keys]
+
+
+def gate(ctx: RunContext, sampled: dict, quality_summary: dict, privacy_summary: dict,
+         ingested: dict | None = None) -> dict:
+    """Decide, then render the data card showing the decision, leak-scan it (a dirty or unscannable card
+    refuses the run) and add it to the audited files. On refusal, quarantine the run's outputs (the card
+    included) in staging with the reasons and raise GateRefused. ``ingested`` (the ingest summary) gives the
+    card its extract sha256 and the leak scan its identifier list."""
+    from synthfactory.privacy.leak import leak_scan
     from synthfactory.release.gate import GateRefused, decide
     from synthfactory.release.publish import sha256_bytes
 
@@ -247,19 +535,83 @@ def gate(ctx: RunContext, sampled: dict, quality_summary: dict, privacy_summary:
         qt, pt = ctx.spec.thresholds(ctx.profile)
         files = release_files(sampled, quality_summary, privacy_summary)
         audited = {rel: sha256_bytes(ctx.store.read_bytes(uri)) for rel, uri in files.items()}
-        decision = decide(quality_summary, privacy_summary, qt, pt, audited, profile=ctx.profile)
-        decision.update({"dataset": ctx.spec.name, "run_id": ctx.run_id, "version": ctx.version,
-                         "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        stamp = {"dataset": ctx.spec.name, "run_id": ctx.run_id, "version": ctx.version,
+                 "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        decision = {**decide(quality_summary, privacy_summary, qt, pt, audited, profile=ctx.profile), **stamp}
+        # The card shows the decision, and the decision carries the card's leak scan: render, scan, decide again
+        # with the scan as a privacy check, render the final card and scan that too.
+        card_uri = ctx.uri("reports", "datacard.html")
+        identifiers = _card_identifiers(ctx, quality_summary, ingested)
+        frames: dict = {}
+        scan: dict = {"clean": None, "hits": []}
+        for _ in range(2):
+            html = _datacard(ctx, decision, sampled, quality_summary, privacy_summary, ingested, frames)
+            ctx.store.write_bytes(card_uri, html.encode("utf-8"))
+            if identifiers is not None:
+                scan = leak_scan([card_uri], identifiers, ctx.store)
+            card_check = {"gate": "privacy", "name": "datacard_leak_scan_clean", "value": scan["clean"], "op": "==",
+                          "threshold": True, "passed": scan["clean"] is True}
+            extra = [*privacy_summary.get("extra_checks", []), card_check]
+            decision = {**decide(quality_summary, {**privacy_summary, "extra_checks": extra}, qt, pt, audited,
+                                 profile=ctx.profile), **stamp}
+        if identifiers is None:
+            log.error("gate: no ingest summary, so the data card could not be leak-scanned; refusing")
+        decision["audited_files"] = dict(sorted({**audited, RELEASE_DATACARD: sha256_bytes(
+            ctx.store.read_bytes(card_uri))}.items()))
+        decision["datacard_leak_scan"] = {"clean": scan["clean"], "hits": scan.get("hits", [])}
+        files[RELEASE_DATACARD] = card_uri
         decision_uri = ctx.uri("gate", "decision.json")
         ctx.store.write_json(decision_uri, decision)
-        m.update({"approved": decision["approved"], "decision_uri": decision_uri, "message": decision["message"]})
+        m.update({"approved": decision["approved"], "decision_uri": decision_uri, "message": decision["message"],
+                  "datacard_uri": card_uri})
         if not decision["approved"]:
             for rel, uri in files.items():
                 ctx.store.write_bytes(join(ctx.quarantine_uri, rel), ctx.store.read_bytes(uri))
             ctx.store.write_json(join(ctx.quarantine_uri, "reasons.json"), decision)
+            m["quarantine_datacard_uri"] = join(ctx.quarantine_uri, RELEASE_DATACARD)
             log.error("dataset %s run %s quarantined at %s: %s", ctx.spec.name, ctx.run_id, ctx.quarantine_uri,
                       decision["message"])
             raise GateRefused(f"{ctx.spec.name}: {decision['message']}", decision)
+    return m
+
+
+# -- 7b. human approval (optional: release.require_approval) ----------------------------------------
+def approval_uri(ctx: RunContext) -> str:
+    return ctx.uri("gate", "approval.json")
+
+
+def quarantine(ctx: RunContext, files: dict[str, str], record: dict) -> str:
+    """Copy a run's would-be release files and ``reasons.json`` (``record``) to the staging quarantine area."""
+    for rel, uri in files.items():
+        ctx.store.write_bytes(join(ctx.quarantine_uri, rel), ctx.store.read_bytes(uri))
+    ctx.store.write_json(join(ctx.quarantine_uri, "reasons.json"), record)
+    return ctx.quarantine_uri
+
+
+def review(ctx: RunContext, gated: dict, sampled: dict, quality_summary: dict, privacy_summary: dict, *,
+           approved: bool, reviewer: str | None = None, reason: str = "", timed_out: bool = False) -> dict:
+    """Record a human reviewer's answer on a gate-approved run in ``gate/approval.json``. The approval is bound
+    to the audited file hashes (the publisher checks them). A rejection, or no answer before the timeout,
+    quarantines the run with the reasons, as a gate refusal does."""
+    with _stage("review", ctx) as m:
+        decision = ctx.store.read_json(gated["decision_uri"])
+        record = {"approved": bool(approved), "reviewer": reviewer, "reason": reason or "", "timed_out": timed_out,
+                  "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "dataset": ctx.spec.name, "run_id": ctx.run_id, "version": ctx.version,
+                  "audited_files": decision.get("audited_files")}
+        uri = approval_uri(ctx)
+        ctx.store.write_json(uri, record)
+        files = release_files(sampled, quality_summary, privacy_summary, gated)
+        m.update({"approved": bool(approved), "approval_uri": uri, "timed_out": timed_out})
+        if not approved:
+            why = ("no reviewer answered before the approval timeout (defaulted to Reject)" if timed_out
+                   else f"rejected by {reviewer or 'a reviewer'}: {reason or 'no reason given'}")
+            message = f"release review: {why}"
+            quarantine(ctx, files, {**decision, "approved": False, "message": message, "failed": [message],
+                                    "review": record})
+            m.update({"quarantine_uri": ctx.quarantine_uri, "message": message})
+            log.error("dataset %s run %s quarantined at %s: %s", ctx.spec.name, ctx.run_id, ctx.quarantine_uri,
+                      message)
     return m
 
 
@@ -275,7 +627,7 @@ def release(ctx: RunContext, gated: dict, sampled: dict, quality_summary: dict, 
 
     with _stage("release", ctx) as m:
         decision = ctx.store.read_json(gated["decision_uri"])
-        files = release_files(sampled, quality_summary, privacy_summary)
+        files = release_files(sampled, quality_summary, privacy_summary, gated)
         extra = {
             "dataset": ctx.spec.name,
             "version": ctx.version,
@@ -288,15 +640,28 @@ def release(ctx: RunContext, gated: dict, sampled: dict, quality_summary: dict, 
             "figures": {
                 "quality_score": quality_summary["quality_score"],
                 "expectation_success_ratio": quality_summary["expectation_success_ratio"],
+                "min_column_score": quality_summary.get("min_column_score"),
+                "column_pair_trends": quality_summary.get("column_pair_trends"),
+                "relationships": {k: v.get("max_excess") for k, v in (quality_summary.get("relationships") or {}).items()},
+                "utility_ratio": quality_summary.get("utility_ratio"),
                 "exact_match_rate": privacy_summary["exact_match_rate"],
                 "dcr_share": privacy_summary["dcr_share"],
                 "dcr_ratio": privacy_summary["dcr_ratio"],
                 "leak_clean": privacy_summary["leak_clean"],
+                "mia_auc": privacy_summary.get("mia_auc"),
+                "rare_combination_excess": privacy_summary.get("rare_combination_excess"),
+                "anonymeter_risks": privacy_summary.get("anonymeter_risks"),
+                "anonymeter_certified": privacy_summary.get("anonymeter_certified"),
             },
             "synthfactory_version": __version__,
         }
+        rs = ctx.spec.release
+        approval = None
+        if rs.require_approval and ctx.store.exists(approval_uri(ctx)):
+            approval = ctx.store.read_json(approval_uri(ctx))
         out = publish(files, decision=decision, store=ctx.store, writer=writer,
-                      key_prefix=release_key_prefix(ctx), manifest_extra=extra)
+                      key_prefix=release_key_prefix(ctx), manifest_extra=extra, run_id=ctx.run_id,
+                      keep_versions=rs.keep_versions, approval=approval, require_approval=rs.require_approval)
         m.update({**out, "version": ctx.version})
     return m
 
@@ -309,7 +674,7 @@ def run_all(ctx: RunContext, writer: Any) -> dict:
     sampled = sample(ctx, fitted, prepared)
     q = quality(ctx, prepared, sampled)
     p = privacy(ctx, prepared, sampled, ingested, q)
-    g = gate(ctx, sampled, q, p)
+    g = gate(ctx, sampled, q, p, ingested)
     r = release(ctx, g, sampled, q, p, ingested, writer)
     return {"ingest": ingested, "prepare": prepared, "fit": fitted, "sample": sampled, "quality": q,
             "privacy": p, "gate": g, "release": r}

@@ -15,7 +15,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from synthfactory.ingest.source_specs import BUILTIN_RESOURCES, BulkSpec, EhrSpec, SearchSpec
+
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
+NEURAL_KINDS = frozenset({"ctgan", "tvae", "copulagan"})
+STAGE_NAMES = ("ingest", "prepare", "fit", "sample", "quality", "privacy", "gate", "release")
 LOINC_RE = re.compile(r"^\d{1,7}-\d$")
 
 
@@ -28,10 +32,16 @@ class _Model(BaseModel):
 
 
 class SourceSpec(_Model):
-    """Where the FHIR extract comes from (the secure, PHI side)."""
+    """Where the extract comes from (the secure, PHI side), and how it is flattened.
 
-    kind: Literal["fhir_ndjson"] = "fhir_ndjson"
-    uri: str = Field(description="Local folder or s3://bucket/prefix holding <Type>.ndjson[.gz] files")
+    ``kind``: ``fhir_ndjson`` (folder/s3 of <Type>.ndjson[.gz], the default), ``fhir_bundle`` (Bundle JSON
+    files), ``fhir_bulk`` (a Bulk Data $export), ``fhir_search`` (REST search), ``ehr_csv``/``ehr_parquet``
+    (flat EHR tables with a column mapping). See :mod:`synthfactory.ingest.sources`."""
+
+    kind: Literal["fhir_ndjson", "fhir_bundle", "fhir_bulk", "fhir_search", "ehr_csv", "ehr_parquet"] = "fhir_ndjson"
+    uri: str | None = Field(
+        default=None, description="Local folder or s3://bucket/prefix of the extract files (file kinds); for "
+                                  "fhir_bulk/fhir_search it defaults to base_url")
     connection_id: str | None = Field(
         default=None, description="Airflow AWS connection for an s3:// extract (staging side, never the sandbox)"
     )
@@ -39,18 +49,104 @@ class SourceSpec(_Model):
         default=None,
         description="Airflow connection whose password is the HMAC salt for keys; unset = a salt file kept in staging",
     )
-    resources: list[Literal["Patient", "Encounter", "Condition", "Observation"]] = Field(
-        default_factory=lambda: ["Patient", "Encounter", "Condition", "Observation"]
-    )
+    resources: list[str] = Field(
+        default_factory=lambda: ["Patient", "Encounter", "Condition", "Observation"],
+        description="FHIR resource types to ingest; built-in tables exist for Patient, Encounter, Condition, "
+                    "Observation, MedicationRequest and Procedure, others need a view")
+    base_url: str | None = Field(default=None, description="FHIR server base URL (fhir_bulk, fhir_search); "
+                                                           "default: the fhir connection's host")
+    fhir_connection_id: str | None = Field(
+        default=None, description="Airflow connection (type fhir) with the server's credentials: SMART backend "
+                                  "services key (PEM/JWKS), bearer token or basic auth")
+    bulk: BulkSpec = Field(default_factory=BulkSpec, description="Bulk Data $export options (fhir_bulk)")
+    search: SearchSpec = Field(default_factory=SearchSpec, description="REST search options (fhir_search)")
+    ehr: EhrSpec | None = Field(default=None, description="Column mapping of a flat EHR extract (ehr_csv/ehr_parquet)")
+    views: list[dict[str, Any] | str] = Field(
+        default_factory=list, description="Extra SQL-on-FHIR ViewDefinitions (inline, or .json/.yaml paths), one "
+                                          "table each; a view named like a built-in table replaces it")
+    validate_sample_rate: float = Field(
+        default=0.01, ge=0.0, le=1.0, description="Share of resources validated with fhir.resources R4B (the "
+                                                  "first 20 per file always; 1.0 = all)")
+    engine: Literal["fast", "views"] = Field(
+        default="fast", description="fast: hand-written flatteners for the four built-in tables; views: every "
+                                    "table through its ViewDefinition (same rows, slower)")
+    on_dangling: Literal["quarantine", "keep"] = Field(
+        default="quarantine", description="A resource whose patient is not in the extract: quarantine it, or keep "
+                                          "it (counted either way)")
+    max_line_bytes: int = Field(default=16 << 20, ge=1024, description="Longer NDJSON lines are quarantined unread")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_uri(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") in ("fhir_bulk", "fhir_search") and not data.get("uri"):
+            data = dict(data)
+            data["uri"] = data.get("base_url") or (
+                f"fhir-connection://{data['fhir_connection_id']}" if data.get("fhir_connection_id") else None)
+        return data
 
     @field_validator("uri")
     @classmethod
-    def _uri(cls, v: str) -> str:
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         if not v.strip():
             raise ValueError("must not be empty")
         if v.startswith("s3://") and len(v) <= len("s3://"):
             raise ValueError("s3 URI needs a bucket")
         return v
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: list[str]) -> list[str]:
+        bad = [r for r in v if not re.match(r"^[A-Z][A-Za-z]{1,63}$", r)]
+        if bad:
+            raise ValueError(f"{bad} are not FHIR resource type names")
+        if not v:
+            raise ValueError("needs at least one resource type")
+        return list(dict.fromkeys(v))
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v.rstrip("/") if v else v
+
+    @field_validator("views")
+    @classmethod
+    def _views(cls, v: list[Any]) -> list[Any]:
+        from synthfactory.ingest.views import ViewError, compile_view
+
+        names: list[str] = []
+        for i, view in enumerate(v):
+            if isinstance(view, str):
+                if not view.endswith((".json", ".yaml", ".yml")):
+                    raise ValueError(f"[{i}]: {view!r} is not a .json/.yaml ViewDefinition file")
+                continue
+            try:
+                names.append(compile_view(view).name)
+            except ViewError as exc:
+                raise ValueError(f"[{i}]: {exc}") from None
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate view name(s) {dupes}")
+        return v
+
+    @model_validator(mode="after")
+    def _needs(self) -> "SourceSpec":
+        if self.kind in ("fhir_bulk", "fhir_search"):
+            if not (self.base_url or self.fhir_connection_id):
+                raise ValueError(f"base_url: {self.kind} needs base_url or fhir_connection_id")
+        elif not self.uri:
+            raise ValueError(f"uri: {self.kind} needs the extract's folder or s3:// URI")
+        if self.kind in ("ehr_csv", "ehr_parquet") and self.ehr is None:
+            raise ValueError(f"ehr: {self.kind} needs a column mapping (e.g. ehr: {{preset: clinosim}})")
+        covered = set(BUILTIN_RESOURCES) | {v.get("resource") for v in self.views if isinstance(v, dict)}
+        has_files = any(isinstance(v, str) for v in self.views)
+        missing = [r for r in self.resources if r not in covered]
+        if missing and not has_files and self.kind not in ("ehr_csv", "ehr_parquet"):
+            raise ValueError(f"resources: no table for {missing}: add a view with that resource to source.views")
+        return self
 
 
 class LabFeature(_Model):
@@ -93,12 +189,199 @@ class FeatureSpec(_Model):
         return self
 
 
+SYNTHESIZER_KINDS = ("gaussian_copula", "ctgan", "tvae", "copulagan", "dp_mst", "dp_aim")
+DP_KINDS = frozenset({"dp_mst", "dp_aim"})
+
+
+class ConstraintSpec(_Model):
+    """A constraint on synthetic rows. ``inequality`` (low <= high), ``range`` (low <= middle <= high) and
+    ``fixed_combinations`` (only combinations seen in the real data) are SDV 2.0 constraints built into the
+    model; ``bounds`` (min <= column <= max) is enforced on each sampled batch: ``reject`` redraws the rows,
+    ``clip`` moves values to the bound; either way the count lands in the synthesis report."""
+
+    type: Literal["inequality", "range", "fixed_combinations", "bounds"]
+    table: str = Field(default="patients", description="patients (the patient table), or a flattened table name "
+                                                       "in relational mode (patient, encounter, observation, ...)")
+    low: str | None = None
+    middle: str | None = None
+    high: str | None = None
+    strict: bool = False
+    columns: list[str] = Field(default_factory=list, description="fixed_combinations: the columns")
+    column: str | None = Field(default=None, description="bounds: the column")
+    min: float | None = None
+    max: float | None = None
+    action: Literal["reject", "clip"] = "reject"
+
+    @model_validator(mode="after")
+    def _needs(self) -> "ConstraintSpec":
+        need = {"inequality": ("low", "high"), "range": ("low", "middle", "high"), "bounds": ("column",)}
+        missing = [f for f in need.get(self.type, ()) if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"{self.type} needs {', '.join(missing)}")
+        if self.type == "fixed_combinations" and len(self.columns) < 2:
+            raise ValueError("fixed_combinations needs at least two columns")
+        if self.type == "bounds" and self.min is None and self.max is None:
+            raise ValueError("bounds needs min and/or max")
+        if self.min is not None and self.max is not None and self.max < self.min:
+            raise ValueError("max: must be >= min")
+        return self
+
+
+class RebalanceSpec(_Model):
+    column: str = Field(description="Categorical or boolean column, e.g. gender")
+    proportions: dict[str | bool | int, float] = Field(
+        description="Target share of synthetic rows per value, e.g. {female: 0.5, male: 0.5} (normalised)")
+
+    @field_validator("proportions")
+    @classmethod
+    def _props(cls, v: dict) -> dict:
+        if not v or any(p < 0 for p in v.values()) or sum(v.values()) <= 0:
+            raise ValueError("needs at least one value with a share > 0, and no negative shares")
+        return v
+
+
+class OversampleSpec(_Model):
+    column: str = Field(description="Categorical or boolean column, e.g. cond_e11_9")
+    value: str | bool | int = Field(description="The rare value, e.g. true")
+    factor: float = Field(gt=0, le=1000, description="Its share of synthetic rows = real share x factor (max 1)")
+
+
+class DPSpec(_Model):
+    """Differential privacy of dp_mst / dp_aim (smartnoise-synth). Recorded in reports/synthesis.json."""
+
+    epsilon: float = Field(default=3.0, gt=0, le=100, description="Total privacy budget")
+    delta: float | None = Field(default=None, gt=0, lt=1, description="null = 1/(n*sqrt(n)) for n training rows")
+    preprocessor_epsilon: float | None = Field(
+        default=None, gt=0, description="Part of epsilon spent estimating bin bounds of numeric columns without "
+                                        "public bounds; null = 10% of epsilon")
+    bins: int = Field(default=10, ge=2, le=1000, description="Bins per numeric column")
+    bounds: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="Public bounds per numeric column (spend no budget), e.g. hba1c: [3, 20]")
+
+
+class RelationalSpec(_Model):
+    """mode: relational. The whole patient record (patient + every flattened child table with a patient_key)."""
+
+    engine: Literal["patient_centred", "hma", "par"] = Field(
+        default="patient_centred",
+        description="patient_centred: patient model with children counts + one context-conditioned model per "
+                    "child table (no table limit); hma: SDV HMASynthesizer (<= 5 tables); par: PAR sequences "
+                    "per child table")
+    child_kind: Literal["gaussian_copula", "ctgan", "tvae", "copulagan"] = "gaussian_copula"
+    child_params: dict[str, Any] | None = Field(default=None, description="null = truncnorm GaussianCopula")
+    tables: list[str] = Field(default_factory=list, description="Child tables to synthesize; empty = all")
+    flags_top: int = Field(default=3, ge=0, le=20, description="Most frequent condition codes carried as patient "
+                                                               "flags (condition rows honour them; context of "
+                                                               "the other tables)")
+    age_band_years: int = Field(default=20, ge=1, le=100, description="Age band width of the children's context")
+    par_epochs: int = Field(default=64, ge=1, le=10_000)
+
+
 class SynthesizerSpec(_Model):
-    kind: Literal["gaussian_copula", "ctgan", "tvae", "copulagan"] = "gaussian_copula"
+    kind: Literal["gaussian_copula", "ctgan", "tvae", "copulagan", "dp_mst", "dp_aim"] = "gaussian_copula"
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the SDV synthesizer")
+    mode: Literal["patient_table", "relational"] = Field(
+        default="patient_table", description="patient_table: one row per patient (default); relational: the "
+                                             "patient record as several tables with keys (see relational)")
+    relational: RelationalSpec = Field(default_factory=RelationalSpec)
+    epochs: int | None = Field(default=None, ge=1, le=100_000, description="Neural kinds: training epochs "
+                                                                          "(the epochs Param overrides)")
+    batch_size: int | None = Field(default=None, ge=2, le=1_000_000,
+                                   description="Neural kinds: training batch size (CTGAN: a multiple of pac=10)")
+    time_budget_s: float | None = Field(default=None, gt=0, description="Neural kinds: stop training after this "
+                                                                        "many seconds, keeping the model so far")
+    checkpoint_every: int = Field(default=10, ge=0, le=100_000, description="Neural kinds: checkpoint to staging "
+                                                                           "every N epochs (0 = never)")
+    sample_batch_size: int = Field(default=100_000, ge=100, le=5_000_000,
+                                   description="Rows (relational: patients / 5) per sampling batch")
+    constraints: list[ConstraintSpec] = Field(default_factory=list)
+    rebalance: RebalanceSpec | None = None
+    oversample: OversampleSpec | None = None
+    dp: DPSpec = Field(default_factory=DPSpec)
+    metadata: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-column SDV metadata overrides, e.g. {state: {sdtype: categorical}}, "
+                                          "{phone: {sdtype: phone_number, pii: true}} (PII columns get fake values)")
     rows: int | None = Field(default=None, ge=1, le=10_000_000, description="Rows to sample; default = real rows")
     holdout_fraction: float = Field(default=0.2, gt=0.0, lt=0.9)
     seed: int = 42
+    queue: str | None = Field(
+        default=None, description="Airflow queue of the fit and sample tasks; default: 'gpu' for neural kinds "
+                                  "(ctgan, tvae, copulagan), else the CPU default queue")
+    pool: str | None = Field(
+        default=None, description="Airflow pool of the fit and sample tasks (slots = GPUs); default: 'gpu' for "
+                                  "neural kinds, else default_pool")
+    gpus: int = Field(default=1, ge=0, le=16, description="nvidia.com/gpu requested per GPU task (KubernetesExecutor)")
+
+    @property
+    def neural(self) -> bool:
+        return self.kind in NEURAL_KINDS
+
+    @model_validator(mode="after")
+    def _synth_checks(self) -> "SynthesizerSpec":
+        if self.rebalance and self.oversample:
+            raise ValueError("rebalance: set either rebalance or oversample, not both")
+        if self.kind in DP_KINDS and self.mode == "relational":
+            raise ValueError("kind: dp_mst/dp_aim cover one table; use mode: patient_table for differential privacy")
+        if self.kind in DP_KINDS and (self.constraints or self.metadata):
+            raise ValueError("kind: dp_mst/dp_aim take no SDV constraints or metadata overrides")
+        if self.kind == "ctgan" and self.batch_size and self.batch_size % 10:
+            raise ValueError("batch_size: CTGAN needs a multiple of 10 (pac)")
+        return self
+
+
+class Relationship(_Model):
+    """A clinical relationship the synthetic data must keep: a statistic of ``measure`` in each group of ``by``
+    (e.g. mean HbA1c by diabetes status), compared real (train split) vs synthetic."""
+
+    name: str = Field(description="Short lower_snake_case name, shown in the gate decision and the data card")
+    measure: str = Field(description="Column whose statistic is compared, e.g. hba1c")
+    by: str = Field(description="Grouping column, e.g. cond_e11_9, gender, age (numeric: give bins)")
+    stat: Literal["mean", "median", "rate"] = Field(
+        default="mean", description="mean/median of the measure, or rate = share of rows where it is true/non-zero")
+    bins: list[float] | None = Field(
+        default=None, description="Cut points for a numeric 'by' column, left-closed bands [a, b): "
+                                  "e.g. [0, 55, 200] for age <55 / 55+")
+    tolerance: float = Field(
+        gt=0.0, description="Largest allowed |synthetic - real| of the statistic in any group beyond sampling "
+                            "noise (noise_z standard errors of the difference), in the measure's units (rate: a "
+                            "proportion, 0.1 = 10 points)")
+    noise_z: float = Field(
+        default=2.0, ge=0.0, le=5.0, description="Sampling-noise allowance in standard errors of the group "
+                                                 "difference (0 = compare the raw difference with the tolerance)")
+    min_group_rows: int = Field(
+        default=20, ge=1, description="Groups with fewer real rows are not compared (and not reported: small cells)")
+
+    @field_validator("name")
+    @classmethod
+    def _rel_name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("must be lower_snake_case (letters, digits, _), 2-63 chars")
+        return v
+
+    @field_validator("bins")
+    @classmethod
+    def _bins(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) < 2 or any(b <= a for a, b in zip(v, v[1:]))):
+            raise ValueError("needs at least two strictly increasing cut points")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "Relationship":
+        if self.measure == self.by:
+            raise ValueError("by: must differ from measure")
+        return self
+
+
+class UtilitySpec(_Model):
+    """Machine-learning utility: train on synthetic, test on the real holdout (TSTR) vs train on real (TRTR)."""
+
+    target: str = Field(description="Column to predict, e.g. cond_e11_9 (binary: AUC) or hba1c (numeric: R²)")
+    features: list[str] = Field(default_factory=list, description="Predictor columns; empty = every other column")
+    max_train_rows: int = Field(default=25_000, ge=100, description="Rows each model trains on at most (seeded "
+                                                                    "subsample; keeps the stage fast)")
+    min_class_rows: int = Field(
+        default=10, ge=1, description="A binary target needs this many holdout rows of each class (numeric: 3x "
+                                      "this many rows) to be scored; otherwise utility is reported as skipped")
 
 
 class QualityThresholds(_Model):
@@ -106,6 +389,35 @@ class QualityThresholds(_Model):
     min_expectation_success: float = Field(
         default=0.9, ge=0.0, le=1.0, description="Share of the derived GX expectations that must pass"
     )
+    min_column_score: float = Field(
+        default=0.6, ge=0.0, le=1.0,
+        description="Lowest per-column similarity allowed (KS complement for numbers/dates, TV complement for "
+                    "categories); catches one broken distribution that the average hides")
+    min_pair_trends: float = Field(
+        default=0.6, ge=0.0, le=1.0,
+        description="SDMetrics Column Pair Trends (correlation and contingency similarity over column pairs)")
+    min_utility_ratio: float = Field(
+        default=0.8, ge=0.0,
+        description="TSTR / TRTR score ratio on the real holdout (AUC for a binary target, R² for a numeric one); "
+                    "checked only when 'utility' is set")
+    utility: UtilitySpec | None = Field(default=None, description="ML-utility target; null = not measured")
+    relationships: list[Relationship] = Field(
+        default_factory=list, description="Clinical relationships compared real vs synthetic, each with a tolerance")
+    range_tolerance: float = Field(
+        default=0.0, ge=0.0, description="Derived suite: min/max widened by this share of the real range")
+    quantile_tolerance: float = Field(
+        default=0.1, ge=0.0, description="Derived suite: quantiles (10/25/50/75/90 %) may move by this share of "
+                                         "the real 10-90 % spread (integer columns: at least 1)")
+    null_tolerance: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="Derived suite: null rate may exceed the real one by this much")
+
+    @model_validator(mode="after")
+    def _unique_relationships(self) -> "QualityThresholds":
+        names = [r.name for r in self.relationships]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"relationships: duplicate name(s) {dupes}")
+        return self
 
 
 class PrivacyThresholds(_Model):
@@ -120,6 +432,57 @@ class PrivacyThresholds(_Model):
         description="median DCR(synthetic->train) / median DCR(holdout->train); far below 1 means copying",
     )
     leak_scan: bool = True
+    # -- re-identification audit (privacy.metrics / privacy.attacks) --------------------------------
+    quasi_identifiers: list[str] = Field(
+        default_factory=list,
+        description="Modelling-table columns an attacker can know about a person (e.g. age, gender): "
+                    "k-anonymity / rare-combination check, singling out, linkability and inference use them")
+    sensitive_attributes: list[str] = Field(
+        default_factory=list,
+        description="Columns an attacker wants to learn (e.g. a condition flag, a lab): inference attacks "
+                    "guess each from the quasi-identifiers; linkability links them to the quasi-identifiers")
+    max_mia_auc: float = Field(
+        default=0.6, ge=0.5, le=1.0,
+        description="Membership-inference attack (distance to the closest synthetic record) ROC AUC, train "
+                    "members vs holdout non-members; 0.5 = no better than chance")
+    max_anonymeter_risk: float = Field(
+        default=0.10, gt=0.0, le=1.0,
+        description="Anonymeter risks (singling out, linkability, inference per sensitive attribute): the "
+                    "upper end of each 95 % interval must not exceed this where the interval is narrow "
+                    "enough to certify it (half-width <= half this value, at least anonymeter_min_attacks); "
+                    "otherwise the lower end must not (no significant evidence of risk) and the risk is "
+                    "reported as not certified")
+    anonymeter_attacks: int = Field(
+        default=5000, ge=0, le=1_000_000,
+        description="Attacks per anonymeter evaluator (capped by the holdout size for linkability and "
+                    "inference); 0 = do not run the anonymeter attacks")
+    anonymeter_min_attacks: int = Field(
+        default=100, ge=1,
+        description="Fewer attacks than this never certify a risk (the interval is not trusted)")
+    require_anonymeter_certification: bool = Field(
+        default=False,
+        description="Refuse unless every anonymeter risk is certified (upper 95 % bound <= "
+                    "max_anonymeter_risk with enough attacks); needs a large holdout")
+    min_k_anonymity: int = Field(
+        default=5, ge=2, le=1000,
+        description="k: a quasi-identifier combination shared by fewer than k real training records is rare")
+    max_rare_combination_excess: float = Field(
+        default=0.05, ge=0.0, le=1.0,
+        description="Share of synthetic rows whose quasi-identifier combination is rare among the real "
+                    "training records (present, fewer than min_k_anonymity), minus the same share for the "
+                    "real holdout rows (what chance gives); checked when quasi_identifiers are named")
+
+    @model_validator(mode="after")
+    def _attribute_lists(self) -> "PrivacyThresholds":
+        for label, names in (("quasi_identifiers", self.quasi_identifiers),
+                             ("sensitive_attributes", self.sensitive_attributes)):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{label}: duplicate column(s) {dupes}")
+        both = sorted(set(self.quasi_identifiers) & set(self.sensitive_attributes))
+        if both:
+            raise ValueError(f"sensitive_attributes: {both} also named in quasi_identifiers")
+        return self
 
 
 class Profile(_Model):
@@ -128,9 +491,45 @@ class Profile(_Model):
 
 
 class ReleaseSpec(_Model):
-    connection_id: str = Field(default="sandbox_s3", description="Airflow AWS connection of the sandbox writer")
-    bucket: str
-    prefix: str = "releases"
+    """Where approved releases go: ``s3://<bucket>/<prefix>/<dataset>/<version>/``, plus ``latest.json``."""
+
+    connection_id: str = Field(
+        default="sandbox_s3",
+        description="Airflow AWS connection of the sandbox writer; must differ from the PHI-side connections "
+                    "(source.connection_id, staging.connection_id)")
+    bucket: str = Field(description="The sandbox bucket researchers and partners read from")
+    prefix: str = Field(default="releases", description="Key prefix of all datasets in the sandbox bucket")
+    formats: list[Literal["parquet", "fhir_ndjson"]] = Field(
+        default_factory=lambda: ["parquet"], description="Release formats: parquet tables; fhir_ndjson adds "
+                                                         "fhir/<Type>.ndjson (synthesizer.mode: relational)")
+    encryption: Literal["AES256", "aws:kms"] = Field(
+        default="AES256", description="Server-side encryption of every released object: SSE-S3 (AES256) or SSE-KMS")
+    kms_key_id: str | None = Field(
+        default=None, description="KMS key id, ARN or alias for encryption aws:kms (required there, not allowed "
+                                  "with AES256)")
+    keep_versions: int = Field(
+        default=10, ge=1, le=10_000, description="Retention: released versions kept per dataset (the newest N; "
+                                                 "the one latest.json names is never deleted)")
+    require_approval: bool = Field(
+        default=False, description="Add a human approval step (Airflow HITL) between the gate and the release; "
+                                   "the publisher then refuses without a recorded approval")
+    approval_timeout_hours: float | None = Field(
+        default=72.0, gt=0, description="With require_approval: hours to wait for a reviewer, after which the "
+                                        "run is rejected (and quarantined); null = wait indefinitely")
+    multipart_threshold_mb: int = Field(
+        default=64, ge=5, le=5120, description="Files at least this large (MiB) are uploaded in parts")
+    multipart_chunksize_mb: int = Field(default=16, ge=5, le=5120, description="Part size (MiB) of multipart uploads")
+    max_attempts: int = Field(
+        default=8, ge=1, le=20, description="botocore attempts per S3 request (standard retry mode: exponential "
+                                            "backoff with jitter on throttling, 5xx and connection errors)")
+
+    @model_validator(mode="after")
+    def _kms(self) -> "ReleaseSpec":
+        if self.encryption == "aws:kms" and not self.kms_key_id:
+            raise ValueError("kms_key_id: required when encryption is aws:kms")
+        if self.encryption != "aws:kms" and self.kms_key_id:
+            raise ValueError("kms_key_id: only used with encryption aws:kms (set encryption: aws:kms or remove it)")
+        return self
 
     @field_validator("bucket")
     @classmethod
@@ -153,6 +552,111 @@ class StagingSpec(_Model):
     connection_id: str | None = None
 
 
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_MINUTES = {"s": 1 / 60, "m": 1.0, "": 1.0, "h": 60.0, "d": 1440.0}
+
+
+def parse_minutes(value: Any) -> float:
+    """A duration as minutes: a number (minutes) or a string like ``90s``, ``30m``, ``2h``, ``1d``."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration (minutes, or e.g. '30m', '2h')")
+    if isinstance(value, (int, float)):
+        minutes = float(value)
+    else:
+        m = _DURATION_RE.match(str(value))
+        if not m:
+            raise ValueError(f"{value!r} is not a duration (minutes, or e.g. '90s', '30m', '2h', '1d')")
+        minutes = float(m.group(1)) * _UNIT_MINUTES[m.group(2)]
+    if not 0 < minutes <= 7 * 1440:
+        raise ValueError(f"{value!r} must be more than 0 and at most 7 days")
+    return minutes
+
+
+class TriggerSpec(_Model):
+    """Start runs when a new extract lands, instead of (or before) the cron schedule."""
+
+    asset: str | None = Field(
+        default=None, description="Schedule the DAG on this Airflow Asset URI (e.g. s3://phi-extracts/cohort/); "
+                                  "the extract producer, or a POST to /api/v2/assets/events, updates it")
+    wait_for_key: str | None = Field(
+        default=None, description="s3://bucket/key (wildcards allowed): a deferrable S3KeySensor waits for it "
+                                  "as the first task")
+    connection_id: str | None = Field(
+        default=None, description="AWS connection for wait_for_key; default: source.connection_id")
+    wait_timeout: float = Field(default=360.0, description="How long the sensor waits (minutes, or '6h')")
+    poke_interval_seconds: int = Field(default=60, ge=5, le=3600)
+
+    @field_validator("asset")
+    @classmethod
+    def _asset(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[a-z][a-z0-9+.-]*://\S+$", v):
+            raise ValueError(f"{v!r} is not an asset URI (scheme://...)")
+        return v
+
+    @field_validator("wait_for_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/\S+$", v):
+            raise ValueError(f"{v!r} is not an s3://bucket/key URI")
+        return v
+
+    @field_validator("wait_timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> float:
+        return parse_minutes(v)
+
+
+class NotifySpec(_Model):
+    """Failure notifications through an Airflow notifier on a named connection."""
+
+    kind: Literal["smtp", "http"] = Field(
+        default="smtp", description="smtp: SmtpNotifier (needs 'to'); http: HttpNotifier (POSTs JSON to endpoint)")
+    connection_id: str = Field(description="Airflow connection of the SMTP server or the webhook")
+    to: list[str] = Field(default_factory=list, description="Recipients (smtp)")
+    endpoint: str | None = Field(default=None, description="Path below the connection's host (http)")
+
+    @model_validator(mode="after")
+    def _needs(self) -> "NotifySpec":
+        if self.kind == "smtp" and not self.to:
+            raise ValueError("to: smtp notifications need at least one recipient")
+        return self
+
+
+class OperationsSpec(_Model):
+    """How the DAG runs: retries, per-stage timeouts, failure notifications, ingest reuse."""
+
+    retries: int = Field(default=2, ge=0, le=10, description="Retries per task (exponential backoff)")
+    retry_delay_seconds: int = Field(default=30, ge=1, le=3600)
+    max_retry_delay_minutes: float = Field(default=30.0, gt=0)
+    timeouts: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-stage execution timeout (minutes, or '30m', '2h'); stages not named use the defaults")
+    notify: NotifySpec | None = Field(default=None, description="null = no failure notifications")
+    reuse_ingest: bool = Field(
+        default=True, description="Reuse a previous run's ingest output when the extract's content sha256, the "
+                                  "spec hash, the salt and the code version all match (the force_ingest Param "
+                                  "overrides)")
+
+    @field_validator("timeouts", mode="before")
+    @classmethod
+    def _timeouts(cls, v: Any) -> dict[str, float]:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise ValueError("must be a mapping of stage -> duration")
+        unknown = sorted(set(v) - set(STAGE_NAMES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages: {list(STAGE_NAMES)}")
+        return {k: parse_minutes(d) for k, d in v.items()}
+
+    def timeout_minutes(self, stage: str) -> float:
+        return self.timeouts.get(stage, DEFAULT_TIMEOUT_MINUTES.get(stage, 60.0))
+
+
+DEFAULT_TIMEOUT_MINUTES = {"ingest": 60.0, "prepare": 30.0, "fit": 240.0, "sample": 60.0, "quality": 60.0,
+                           "privacy": 60.0, "gate": 10.0, "release": 30.0}
+
+
 class DatasetSpec(_Model):
     name: str
     description: str = ""
@@ -167,6 +671,31 @@ class DatasetSpec(_Model):
     profiles: dict[str, Profile] = Field(default_factory=dict, description="Named threshold overrides")
     release: ReleaseSpec
     staging: StagingSpec = Field(default_factory=StagingSpec)
+    trigger: TriggerSpec = Field(default_factory=TriggerSpec)
+    operations: OperationsSpec = Field(default_factory=OperationsSpec)
+
+    @model_validator(mode="after")
+    def _sandbox_writer_is_not_phi_side(self) -> "DatasetSpec":
+        phi = {"source.connection_id": self.source.connection_id, "staging.connection_id": self.staging.connection_id}
+        clash = [name for name, conn in phi.items() if conn and conn == self.release.connection_id]
+        if clash:
+            raise ValueError(f"release.connection_id: {self.release.connection_id!r} is also {' and '.join(clash)}; "
+                             f"the sandbox writer must use its own connection, never the PHI-side one")
+        return self
+
+    @model_validator(mode="after")
+    def _fhir_needs_relational(self) -> "DatasetSpec":
+        if "fhir_ndjson" in self.release.formats and self.synthesizer.mode != "relational":
+            raise ValueError("release.formats: fhir_ndjson needs synthesizer.mode: relational (FHIR resources are "
+                             "written from the synthetic patient, encounter, condition, ... tables)")
+        return self
+
+    @model_validator(mode="after")
+    def _trigger_vs_schedule(self) -> "DatasetSpec":
+        if self.trigger.asset and self.schedule:
+            raise ValueError("trigger.asset: set either schedule (cron) or trigger.asset (run when the extract "
+                             "asset is updated), not both")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -207,11 +736,19 @@ class DatasetSpec(_Model):
         if profile not in self.profiles:
             raise SpecError(f"profile: unknown profile {profile!r}; known: {self.profile_names}")
         p = self.profiles[profile]
-        return p.quality or self.quality, p.privacy or self.privacy
+        # A profile overrides only the fields it sets; the rest (relationships, utility target, ...) are the
+        # spec's own.
+        return _override(self.quality, p.quality), _override(self.privacy, p.privacy)
 
     def spec_hash(self) -> str:
         """sha256 of the canonical JSON of the validated spec (recorded in the release manifest)."""
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+def _override(base: _Model, profile: _Model | None) -> Any:
+    if profile is None:
+        return base
+    return base.model_copy(update={k: getattr(profile, k) for k in profile.model_fields_set})
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -54,17 +54,26 @@ def test_dag_releases_to_s3_with_matching_manifest(stack, small_extract):
     proc = dev.dags_test("synthfactory_e2e_cohort", stack["env"], conf={"rows": 200}, log_path=log)
     assert proc.returncode == 0, log.read_text()[-4000:]
     client = stack["client"]
-    keys = _keys(client, "releases/e2e_cohort/")
-    (version,) = {k.split("/")[2] for k in keys}
-    assert version.startswith("v") and len(keys) == 4
+    # layout: one version folder and the latest pointer; the run-scoped staging prefix is gone
+    latest = json.loads(client.get_object(Bucket=BUCKET, Key="releases/e2e_cohort/latest.json")["Body"].read())
+    version = latest["version"]
+    assert version.startswith("v") and latest["manifest"] == f"{version}/manifest.json"
     prefix = f"releases/e2e_cohort/{version}"
     manifest = json.loads(client.get_object(Bucket=BUCKET, Key=f"{prefix}/manifest.json")["Body"].read())
-    assert {f["path"] for f in manifest["files"]} == {"data/patients.parquet", "reports/quality.json",
-                                                       "reports/privacy.json"}
+    released = {f["path"] for f in manifest["files"]}
+    assert released >= {"data/patients.parquet", "reports/quality.json", "reports/privacy.json"}
+    keys = _keys(client, f"{prefix}/")
+    assert keys == sorted(f"{prefix}/{p}" for p in [*released, "manifest.json"])
+    assert _keys(client, "releases/e2e_cohort/") == sorted([*keys, "releases/e2e_cohort/latest.json"])
     for entry in manifest["files"]:
-        obj = client.get_object(Bucket=BUCKET, Key=f"{prefix}/{entry['path']}")
+        key = f"{prefix}/{entry['path']}"
+        obj = client.get_object(Bucket=BUCKET, Key=key)
         assert hashlib.sha256(obj["Body"].read()).hexdigest() == entry["sha256"]
         assert obj.get("ServerSideEncryption") == "AES256"
+        tags = {t["Key"]: t["Value"] for t in client.get_object_tagging(Bucket=BUCKET, Key=key)["TagSet"]}
+        assert tags == {"dataset": "e2e_cohort", "version": version, "synthetic": "true"}
+        grants = client.get_object_acl(Bucket=BUCKET, Key=key)["Grants"]  # private: the owner only, no groups
+        assert [g["Permission"] for g in grants] == ["FULL_CONTROL"] and not any("URI" in g["Grantee"] for g in grants)
     assert manifest["rows"] == 200 and manifest["synthetic"] is True
     assert manifest["gate"]["approved"] is True and manifest["dataset"] == "e2e_cohort"
     assert manifest["code_version"]["synthfactory"] and len(manifest["source_extract_sha256"]) == 64
@@ -76,6 +85,11 @@ def test_dag_releases_to_s3_with_matching_manifest(stack, small_extract):
     # XCom carries URIs and figures only; no identifier of a real patient in XCom or in the task log
     real = _real_identifiers(small_extract)
     db = sqlite3.connect(Path(stack["env"]["AIRFLOW_HOME"]) / "airflow.db")
+    # consumers scheduled on the dataset's Asset get the version and manifest with the event
+    (event_extra,) = [json.loads(e) for (e,) in db.execute(
+        "select e.extra from asset_event e join asset a on a.id = e.asset_id where a.uri = ?",
+        (f"s3://{BUCKET}/releases/e2e_cohort",))]
+    assert event_extra["version"] == version and event_extra["manifest_uri"].endswith(f"{prefix}/manifest.json")
     values = [str(v) for (v,) in db.execute("select value from xcom")]
     assert values and max(len(v) for v in values) < 4000
     blob = "\n".join(values) + log.read_text()

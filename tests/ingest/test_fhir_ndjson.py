@@ -39,11 +39,6 @@ US_CORE = "http://hl7.org/fhir/us/core/StructureDefinition/"
 # ------------------------------------------------------------------------------------------------
 # helpers and fixtures
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def keyer() -> Keyer:
-    return Keyer(SALT)
-
-
 def write_ndjson(folder: Path, name: str, items: list, gz: bool = False) -> Path:
     """Write NDJSON: dict items are serialised, str/bytes items are written verbatim (malformed lines)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,20 +77,6 @@ def quarantine_records(out: Path | str) -> list[dict]:
 
 def patient(pid: str, **extra) -> dict:
     return {"resourceType": "Patient", "id": pid, "gender": "female", "birthDate": "1970-01-01", **extra}
-
-
-@pytest.fixture(scope="session")
-def carebundle_extract(tmp_path_factory) -> Path:
-    exe = Path(sys.executable).with_name("carebundle")
-    if not exe.exists():
-        found = shutil.which("carebundle")
-        if not found:
-            pytest.skip("carebundle is not installed")
-        exe = Path(found)
-    out = tmp_path_factory.mktemp("carebundle") / "extract"
-    subprocess.run([str(exe), "generate", "--profile", "mixed", "--count", "40", "--seed", "7", "--sex", "mixed",
-                    "--format", "ndjson", "--out", str(out)], check=True, capture_output=True, timeout=120)
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -321,7 +302,9 @@ def test_carebundle_sha256_over_sorted_files(carebundle_extract, carebundle_inge
     _, report = carebundle_ingested
     h = hashlib.sha256()
     for name in sorted(report["files"]):
-        h.update((carebundle_extract / name).read_bytes())
+        file_sha = hashlib.sha256((carebundle_extract / name).read_bytes()).hexdigest()
+        assert report["file_sha256"][name] == file_sha
+        h.update(f"{name}\0{file_sha}\n".encode())
     assert report["extract_sha256"] == h.hexdigest()
 
 
@@ -359,9 +342,9 @@ def test_edge_files_matched_and_skipped(edge_extract, edge_ingested):
     assert report["quarantined_total"] == 0
     assert report["resources_read"] == {"Patient": 3, "Encounter": 2, "Condition": 2, "Observation": 8}
     assert report["validated"] == 15  # rate 1.0: everything
-    h = hashlib.sha256()  # over the stored bytes (gzip files compressed), in sorted name order
+    h = hashlib.sha256()  # over each file's stored bytes (gzip files compressed), in sorted name order
     for name in report["files"]:
-        h.update((edge_extract / name).read_bytes())
+        h.update(f"{name}\0{hashlib.sha256((edge_extract / name).read_bytes()).hexdigest()}\n".encode())
     assert report["extract_sha256"] == h.hexdigest()
 
 
@@ -500,6 +483,7 @@ def test_quarantine_records_lines_and_reasons(tmp_path, keyer):
     recs = quarantine_records(out)
     assert all(set(r) == {"file", "line", "resource_type", "reason"} for r in recs)
     # validation reasons name the location and the error type; the type wording comes from pydantic
+    recs.sort(key=lambda r: (r["file"], r["line"]))  # patients are ingested first: sort for the check
     got = [(r["file"], r["line"], r["reason"].split(" (")[0]) for r in recs]
     assert recs[0]["reason"].startswith("validation failed at effectiveDateTime (")
     assert got[:9] == [
@@ -552,7 +536,7 @@ def test_unvalidated_bad_dates_quarantined_by_flattener(tmp_path, keyer):
     out = tmp_path / "out"
     report = ingest_extract(str(src), str(out), keyer=keyer, validate_sample_rate=0.0)
     assert report["validated"] == 40
-    got = [(r["file"], r["line"], r["reason"]) for r in quarantine_records(out)]
+    got = sorted((r["file"], r["line"], r["reason"]) for r in quarantine_records(out))
     assert got == [
         ("Encounter.ndjson", 21, "invalid date in period.start"),
         ("Encounter.ndjson", 22, "invalid date in period.end"),
@@ -624,7 +608,7 @@ def test_empty_folder_and_folder_without_requested_types(tmp_path, keyer):
 def test_unsupported_resource_type(tmp_path, keyer):
     write_ndjson(tmp_path / "x", "Patient.ndjson", [patient("a")])
     with pytest.raises(ExtractError, match="unsupported resource type"):
-        ingest_extract(str(tmp_path / "x"), str(tmp_path / "out"), keyer=keyer, resources=["MedicationRequest"])
+        ingest_extract(str(tmp_path / "x"), str(tmp_path / "out"), keyer=keyer, resources=["Practitioner"])
 
 
 def test_subset_of_resources(tmp_path, keyer, edge_extract):

@@ -10,14 +10,16 @@ from synthfactory.release.publish import LocalWriter, PublishRefused, publish
 from synthfactory.spec import PrivacyThresholds, QualityThresholds
 from synthfactory.storage import Store
 
-GOOD_Q = {"quality_score": 0.86, "expectation_success_ratio": 1.0}
-GOOD_P = {"exact_match_rate": 0.0, "dcr_share": 0.52, "dcr_ratio": 0.97, "leak_clean": True}
+GOOD_Q = {"quality_score": 0.86, "expectation_success_ratio": 1.0, "min_column_score": 0.8,
+          "column_pair_trends": 0.82}
+GOOD_P = {"exact_match_rate": 0.0, "dcr_share": 0.52, "dcr_ratio": 0.97, "leak_clean": True, "mia_auc": 0.51}
 
 
 def test_gate_approves_good_figures():
     d = decide(GOOD_Q, GOOD_P, QualityThresholds(), PrivacyThresholds(), {"a": "x"})
     assert d["approved"] and d["failed"] == [] and d["message"] == "all gates passed"
-    assert len(d["checks"]) == 6
+    # 4 quality checks (score, expectations, worst column, pair trends) + the privacy checks
+    assert len(d["checks"]) == 4 + sum(1 for c in d["checks"] if c["gate"] == "privacy")
 
 
 def test_gate_names_each_failed_gate_and_margin():
@@ -39,13 +41,25 @@ def test_gate_treats_missing_figure_as_failure():
 
 
 class RecordingWriter(LocalWriter):
+    """Records every write (put, copy, delete) in order."""
+
     def __init__(self, root):
         super().__init__(root)
         self.order: list[str] = []
+        self.ops: list[tuple[str, str]] = []
 
-    def put(self, key, data):
+    def put(self, key, data, **kw):
         self.order.append(key)
-        super().put(key, data)
+        self.ops.append(("put", key))
+        return super().put(key, data, **kw)
+
+    def copy(self, src, dst, **kw):
+        self.ops.append(("copy", dst))
+        return super().copy(src, dst, **kw)
+
+    def delete(self, keys):
+        self.ops += [("delete", k) for k in keys]
+        return super().delete(keys)
 
 
 def _files(tmp_path):
@@ -64,15 +78,24 @@ def test_publish_writes_files_then_manifest_last(tmp_path):
     store, files, hashes = _files(tmp_path)
     decision = {"approved": True, "audited_files": hashes, "checks": [], "profile": "default"}
     w = RecordingWriter(tmp_path / "sandbox")
-    out = publish(files, decision=decision, store=store, writer=w, key_prefix="rel/ds/v1", manifest_extra={"x": 1})
-    assert w.order[-1] == "rel/ds/v1/manifest.json" and len(w.order) == 3
+    out = publish(files, decision=decision, store=store, writer=w, key_prefix="rel/ds/v1", manifest_extra={"x": 1},
+                  run_id="run1")
+    # staged under the run, copied into the version, then the manifest, then the latest pointer, then cleanup
+    writes = [op for op in w.ops if op[0] != "delete"]
+    assert writes[:2] == [("put", "rel/ds/_staging/run1/data/b.parquet"), ("put", "rel/ds/_staging/run1/reports/a.json")]
+    assert {k for op, k in writes[2:4]} == {"rel/ds/v1/data/b.parquet", "rel/ds/v1/reports/a.json"}
+    assert writes[4:] == [("put", "rel/ds/v1/manifest.json"), ("put", "rel/ds/latest.json")]
+    assert {k for op, k in w.ops if op == "delete"} == {"rel/ds/_staging/run1/data/b.parquet",
+                                                        "rel/ds/_staging/run1/reports/a.json"}
+    assert not (tmp_path / "sandbox/rel/ds/_staging").exists()
     manifest = json.loads((tmp_path / "sandbox/rel/ds/v1/manifest.json").read_text())
     for entry in manifest["files"]:
         data = (tmp_path / "sandbox/rel/ds/v1" / entry["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]
     assert {e["path"]: e.get("rows") for e in manifest["files"]}["data/b.parquet"] == 3
-    assert manifest["x"] == 1 and manifest["code_version"]["sdv"]
-    assert out["files"] == 2
+    assert manifest["x"] == 1 and manifest["code_version"]["sdv"] and manifest["version"] == "v1"
+    assert json.loads((tmp_path / "sandbox/rel/ds/latest.json").read_text())["version"] == "v1"
+    assert out["files"] == 2 and out["noop"] is False and out["latest"] == "v1"
 
 
 def test_publisher_refuses_unapproved_and_tampered(tmp_path):

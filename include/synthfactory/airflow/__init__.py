@@ -19,7 +19,11 @@ def get_provider_info() -> dict:
             {
                 "hook-class-name": "synthfactory.airflow.hooks.HmacSaltHook",
                 "connection-type": "synthfactory_salt",
-            }
+            },
+            {
+                "hook-class-name": "synthfactory.airflow.fhir.FhirHook",
+                "connection-type": "fhir",
+            },
         ],
-        "hook-class-names": ["synthfactory.airflow.hooks.HmacSaltHook"],
+        "hook-class-names": ["synthfactory.airflow.hooks.HmacSaltHook", "synthfactory.airflow.fhir.FhirHook"],
     }

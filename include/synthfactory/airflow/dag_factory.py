@@ -16,9 +16,10 @@ from typing import Any, Callable
 from airflow.sdk import DAG, Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from synthfactory.spec import DatasetSpec, discover_specs, load_spec
+from synthfactory.airflow import routing
+from synthfactory.spec import SYNTHESIZER_KINDS, DatasetSpec, discover_specs, load_spec
 
-SYNTHESIZERS = ["gaussian_copula", "ctgan", "tvae", "copulagan"]
+SYNTHESIZERS = list(SYNTHESIZER_KINDS)  # the spec's kinds (incl. dp_mst, dp_aim), so any spec's default is valid
 DEFAULT_SPECS = Path(__file__).resolve().parents[2] / "datasets"  # include/datasets
 
 
@@ -38,11 +39,39 @@ def run_context(spec_path: str) -> Any:
     params = ctx["params"]
     dag_run = ctx["dag_run"]
     when = getattr(dag_run, "logical_date", None) or getattr(dag_run, "run_after", None)
+    routing.check_runtime_synthesizer(spec, params.get("synthesizer") or None)  # fail fast, in the first task
     salt = HmacSaltHook(spec.source.salt_connection_id).get_salt() if spec.source.salt_connection_id else None
+    from synthfactory.airflow.fhir import fhir_credentials  # FHIR server auth (fhir_bulk/fhir_search sources)
+
+    fhir_auth, fhir_base_url = fhir_credentials(spec)
     return RunContext(
+        fhir_auth=fhir_auth, fhir_base_url=fhir_base_url,
         spec=spec, run_id=ctx["run_id"], version=version_for(when), store=phi_store(spec), salt=salt,
         profile=params.get("profile") or "default", rows=int(params.get("rows") or 0) or None,
-        synthesizer=params.get("synthesizer") or None, base_dir=_project_root(Path(spec_path)))
+        synthesizer=params.get("synthesizer") or None, base_dir=_project_root(Path(spec_path)),
+        epochs=int(params.get("epochs") or 0) or None, force_ingest=bool(params.get("force_ingest")))
+
+
+def task_kwargs(spec: DatasetSpec, stage: str) -> dict[str, Any]:
+    """Per-stage task arguments: the spec's timeout, and for fit/sample the queue/pool (GPU routing)."""
+    kw: dict[str, Any] = {"execution_timeout": timedelta(minutes=spec.operations.timeout_minutes(stage))}
+    if stage in routing.GPU_STAGES:
+        kw.update(routing.training_route(spec).task_kwargs())
+    return kw
+
+
+def _extract_sensor(spec: DatasetSpec) -> Any:
+    """A deferrable S3KeySensor waiting for the spec's ``trigger.wait_for_key`` (a new extract landing)."""
+    from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
+
+    tr = spec.trigger
+    key = tr.wait_for_key or ""
+    return S3KeySensor(
+        task_id="wait_for_extract", bucket_key=key, wildcard_match=any(c in key for c in "*?["),
+        aws_conn_id=tr.connection_id or spec.source.connection_id or "aws_default", deferrable=True,
+        poke_interval=tr.poke_interval_seconds, timeout=tr.wait_timeout * 60,
+        execution_timeout=timedelta(minutes=tr.wait_timeout + 5), retries=0,
+        doc_md=f"Waits (deferred, on the triggerer) for `{key}` before ingesting.")
 
 
 def _no_retry_on_user_errors(fn: Callable[..., dict]) -> Callable[..., dict]:
@@ -58,24 +87,38 @@ def _no_retry_on_user_errors(fn: Callable[..., dict]) -> Callable[..., dict]:
 
         try:
             return fn(*args, **kwargs)
-        except (ExtractError, ModellingError, GateRefused, PublishRefused, SpecError) as err:
+        except (ExtractError, ModellingError, GateRefused, PublishRefused, SpecError,
+                routing.RoutingError) as err:
             raise AirflowFailException(f"{type(err).__name__}: {err}") from err
 
     return wrapper
 
 
+def _synth_description(spec: DatasetSpec) -> str:
+    route = routing.training_route(spec)
+    where = (f"fit/sample run on queue '{route.queue}' (pool '{route.pool}')" if route.gpu else
+             f"fit/sample run on the CPU queue '{route.queue}': choosing ctgan, tvae or copulagan here fails the "
+             "run at once (route training to GPU workers with synthesizer.queue in the spec)")
+    return f"SDV synthesizer. Neural ones (ctgan, tvae, copulagan) belong on GPU workers; in this DAG {where}."
+
+
 def _doc(spec: DatasetSpec, spec_path: Path) -> str:
     qt, pt = spec.quality, spec.privacy
+    approve = " approve (a human, in Required Actions) →" if spec.release.require_approval else ""
     return f"""### Synthetic dataset `{spec.name}`
 {spec.description}
 
 Built from `{spec_path.name}`. Stages: ingest (FHIR R4 NDJSON → Parquet, HMAC keys, quarantine) →
 prepare (patient-level table, train/holdout split) → fit (`{spec.synthesizer.kind}`) → sample →
-quality (GX suite + SDMetrics) → privacy (exact match, DCR, leak scan) → gate → release to
-`s3://{spec.release.bucket}/{spec.release.prefix}/{spec.name}/<version>/` on connection `{spec.release.connection_id}`.
+quality (GX suite + SDMetrics) → privacy (exact match, DCR, membership inference, k-anonymity,
+anonymeter attacks, leak scan) → gate →{approve} release to
+`s3://{spec.release.bucket}/{spec.release.prefix}/{spec.name}/<version>/` on connection `{spec.release.connection_id}`
+(atomic: manifest last, then `latest.json`; SSE {spec.release.encryption}; the newest {spec.release.keep_versions} versions kept).
 
 Default thresholds: quality score ≥ {qt.min_quality_score}, expectations ≥ {qt.min_expectation_success},
 exact matches ≤ {pt.max_exact_match_rate}, DCR share ≤ {pt.max_dcr_share}, DCR ratio ≥ {pt.min_dcr_ratio},
+membership-inference AUC ≤ {pt.max_mia_auc}, anonymeter risks ≤ {pt.max_anonymeter_risk} (quasi-identifiers:
+{', '.join(pt.quasi_identifiers) or 'none'}; sensitive: {', '.join(pt.sensitive_attributes) or 'none'}),
 leak scan {'on' if pt.leak_scan else 'off'}. Profiles: {', '.join(spec.profile_names)}.
 """
 
@@ -90,78 +133,111 @@ def build_dag(spec_path: str | Path) -> DAG:
         "rows": Param(spec.synthesizer.rows or 0, type="integer", minimum=0, title="Synthetic rows",
                       description="Rows to sample; 0 = as many as the real training rows."),
         "synthesizer": Param(spec.synthesizer.kind, type="string", enum=SYNTHESIZERS, title="Synthesizer",
-                             description="SDV synthesizer. Neural ones (ctgan, tvae, copulagan) belong on GPU workers."),
+                             description=_synth_description(spec)),
+        "epochs": Param(0, type="integer", minimum=0, maximum=100_000, title="Training epochs",
+                        description="Neural synthesizers only (ctgan, tvae, copulagan): training epochs; "
+                                    "0 = the spec's synthesizer.params.epochs, else SDV's default (300)."),
+        "force_ingest": Param(False, type="boolean", title="Force re-ingest",
+                              description="Ingest the extract again even when a previous run already ingested "
+                                          "the same extract (same sha256, spec, salt and code version)."),
         "profile": Param("default", type="string", enum=spec.profile_names, title="Threshold profile",
                          description="Which quality/privacy thresholds from the spec the gate applies."),
     }
 
+    ops = spec.operations
+    default_args: dict[str, Any] = {
+        "owner": spec.owner, "retries": ops.retries, "retry_delay": timedelta(seconds=ops.retry_delay_seconds),
+        "retry_exponential_backoff": 2.0,  # a multiplier in Airflow 3 (True would mean 1.0: no backoff)
+        "max_retry_delay": timedelta(minutes=ops.max_retry_delay_minutes),
+        "execution_timeout": timedelta(hours=2)}
+    if ops.notify is not None:
+        from synthfactory.airflow.notify import build_notifier
+
+        default_args["on_failure_callback"] = [build_notifier(ops.notify)]
+
     @dag(
         dag_id=f"synthfactory_{spec.name}",
         description=spec.description or f"Synthetic dataset {spec.name}",
-        schedule=spec.schedule,
+        schedule=[Asset(spec.trigger.asset)] if spec.trigger.asset else spec.schedule,
         start_date=datetime(2024, 1, 1, tzinfo=timezone.utc),
         catchup=False,
         max_active_runs=1,
         tags=["synthfactory", *spec.tags],
         params=params,
         doc_md=_doc(spec, spec_path),
-        default_args={"owner": spec.owner, "retries": 2, "retry_delay": timedelta(seconds=30),
-                      "retry_exponential_backoff": True, "execution_timeout": timedelta(hours=2)},
+        default_args=default_args,
     )
     def factory() -> None:
         from synthfactory import pipeline as p
+        from synthfactory.airflow.links import DataCardLink
 
-        @task
+        @task(**task_kwargs(spec, "ingest"))
         @_no_retry_on_user_errors
         def ingest() -> dict:
             return p.ingest(run_context(sp))
 
-        @task
+        @task(**task_kwargs(spec, "prepare"))
         @_no_retry_on_user_errors
         def prepare(ingested: dict) -> dict:
             return p.prepare(run_context(sp), ingested)
 
-        @task
+        @task(**task_kwargs(spec, "fit"))
         @_no_retry_on_user_errors
         def fit(prepared: dict) -> dict:
             return p.fit(run_context(sp), prepared)
 
-        @task
+        @task(**task_kwargs(spec, "sample"))
         @_no_retry_on_user_errors
         def sample(fitted: dict, prepared: dict) -> dict:
             return p.sample(run_context(sp), fitted, prepared)
 
-        @task
+        @task(**task_kwargs(spec, "quality"))
         @_no_retry_on_user_errors
         def quality(prepared: dict, sampled: dict) -> dict:
             return p.quality(run_context(sp), prepared, sampled)
 
-        @task
+        @task(**task_kwargs(spec, "privacy"))
         @_no_retry_on_user_errors
         def privacy(prepared: dict, sampled: dict, ingested: dict, quality_summary: dict) -> dict:
             return p.privacy(run_context(sp), prepared, sampled, ingested, quality_summary)
 
-        @task
+        @task(**task_kwargs(spec, "gate"))
         @_no_retry_on_user_errors
-        def gate(sampled: dict, quality_summary: dict, privacy_summary: dict) -> dict:
-            return p.gate(run_context(sp), sampled, quality_summary, privacy_summary)
+        def gate(sampled: dict, quality_summary: dict, privacy_summary: dict, ingested: dict) -> dict:
+            return p.gate(run_context(sp), sampled, quality_summary, privacy_summary, ingested)
 
-        @task(outlets=[release_asset])
+        @task(outlets=[release_asset], **task_kwargs(spec, "release"))
         @_no_retry_on_user_errors
         def release(gated: dict, sampled: dict, quality_summary: dict, privacy_summary: dict,
                     ingested: dict) -> dict:
             from synthfactory.airflow.hooks import SandboxWriter
+            from synthfactory.airflow.release import announce_release
 
             ctx = run_context(sp)
-            writer = SandboxWriter(spec.release.connection_id, spec.release.bucket)
-            return p.release(ctx, gated, sampled, quality_summary, privacy_summary, ingested, writer)
+            writer = SandboxWriter.for_spec(spec)
+            out = p.release(ctx, gated, sampled, quality_summary, privacy_summary, ingested, writer)
+            announce_release(spec, ctx, writer, out, release_asset)
+            return out
 
         ingested = ingest()
         prepared = prepare(ingested)
         sampled = sample(fit(prepared), prepared)
         q = quality(prepared, sampled)
         pr = privacy(prepared, sampled, ingested, q)
-        release(gate(sampled, q, pr), sampled, q, pr, ingested)
+        gated = gate(sampled, q, pr, ingested)
+        released = release(gated, sampled, q, pr, ingested)
+        if spec.release.require_approval:  # human-in-the-loop between the gate and the release
+            from synthfactory.airflow.release import approval_task
+
+            gated >> approval_task(spec, sp) >> released
+        for arg in (gated, released):
+            arg.operator.operator_extra_links = [DataCardLink()]
+        if spec.trigger.wait_for_key:
+            _extract_sensor(spec) >> ingested
+        if spec.source.kind == "fhir_bulk" and spec.source.bulk.deferrable:  # export waits on the triggerer
+            from synthfactory.airflow.fhir import FhirBulkExportOperator
+
+            FhirBulkExportOperator(task_id="bulk_export", spec_path=sp, **task_kwargs(spec, "ingest")) >> ingested
 
     return factory()
 

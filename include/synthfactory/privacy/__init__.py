@@ -1,15 +1,29 @@
-"""Privacy gate: exact-match rate, distance to closest record (DCR) and the identifier leak scan."""
+"""Privacy gate: exact matches, distance to closest record (DCR, NNDR), membership inference, k-anonymity /
+rare combinations, anonymeter's singling-out / linkability / inference risks, SDMetrics'
+DCRBaselineProtection on a fast exact search, and the identifier leak scan."""
 
 from synthfactory.privacy.leak import Identifier, leak_scan, load_identifiers
-from synthfactory.privacy.metrics import dcr, encode, exact_match_rate, nearest_distances, privacy_metrics
+from synthfactory.privacy.metrics import (
+    dcr,
+    dcr_baseline_protection,
+    encode,
+    exact_match_rate,
+    membership_inference,
+    nearest_distances,
+    privacy_metrics,
+    quasi_identifier_risk,
+)
 
 __all__ = [
     "Identifier",
     "dcr",
+    "dcr_baseline_protection",
     "encode",
     "exact_match_rate",
     "leak_scan",
     "load_identifiers",
+    "membership_inference",
     "nearest_distances",
     "privacy_metrics",
+    "quasi_identifier_risk",
 ]

@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["derive_suite", "run_suite", "to_jsonable"]
+__all__ = [
+    "add_expectations",
+    "date_order_expectation",
+    "derive_suite",
+    "key_expectations",
+    "referential_integrity_expectation",
+    "run_suite",
+    "to_jsonable",
+]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +37,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_CATEGORIES = 50
 #: How many unexpected values a failure summary keeps.
 PARTIAL_UNEXPECTED = 5
+#: Quantiles a derived suite checks on numeric columns (GX pandas computes them with "nearest").
+DEFAULT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 # Type names that GX 1.24's pandas type check resolves (np.dtype(name), pandas extension dtype
 # classes such as ``Int64Dtype``, or native python names such as ``str``).  See
@@ -158,6 +168,23 @@ def _bounds(non_null: pd.Series, tolerance: float) -> tuple[Any, Any] | None:
     return lo, hi
 
 
+def _quantile_ranges(non_null: pd.Series, quantiles: Sequence[float], tolerance: float) -> dict | None:
+    """Real quantiles (interpolation "nearest", as GX computes them on pandas) each widened by
+    ``tolerance`` x the real 10-90 % spread (the full range when that is 0); integer columns move by at
+    least 1, since their quantiles step by whole units."""
+    values = non_null.astype("float64")
+    if not len(values) or not np.isfinite(values).all():
+        return None
+    qs = [float(q) for q in quantiles]
+    real_q = values.quantile(qs, interpolation="nearest").to_numpy()
+    spread = float(values.quantile(0.9) - values.quantile(0.1)) or float(values.max() - values.min())
+    pad = float(tolerance) * spread
+    if pd.api.types.is_integer_dtype(non_null.dtype):
+        pad = max(pad, 1.0)
+    ranges = [[float(q - pad), float(q + pad)] for q in real_q]
+    return {"quantiles": qs, "value_ranges": ranges}
+
+
 def _value_set(non_null: pd.Series) -> list[Any]:
     values = [to_jsonable(v) for v in pd.unique(non_null)]
     return sorted(values, key=lambda v: (type(v).__name__, str(v)))
@@ -174,13 +201,21 @@ def derive_suite(
     range_tolerance: float = 0.0,
     null_tolerance: float = 0.05,
     max_categories: int = DEFAULT_MAX_CATEGORIES,
+    quantile_tolerance: float | None = 0.1,
+    quantiles: Sequence[float] = DEFAULT_QUANTILES,
+    key_columns: Sequence[str] = (),
 ) -> dict:
     """Profile ``real`` into a GX 1.x ExpectationSuite and return ``suite.to_json_dict()``.
 
     Expectations: the exact column set; per column a dtype check, a min/max range (numeric and
-    datetime, widened by ``range_tolerance`` x range), a value set (bool columns and non-numeric
-    columns with at most ``max_categories`` distinct values) and a not-null check with
+    datetime, widened by ``range_tolerance`` x range), quantiles of numeric columns (each within
+    ``quantile_tolerance`` x the real 10-90 % spread, integer columns at least +-1; ``None`` = no
+    quantile checks), a value set (bool columns and non-numeric columns with at most
+    ``max_categories`` distinct values) and a not-null check with
     ``mostly = max(0, 1 - real_null_rate - null_tolerance)`` (skipped for all-null columns).
+
+    ``key_columns`` are keys the validated (synthetic) table carries but the real one does not
+    (e.g. ``synthetic_id``): they join the column set and must be unique and never null.
     """
     _quiet_gx_env()
     import great_expectations as gx
@@ -188,16 +223,19 @@ def derive_suite(
 
     if not name:
         raise ValueError("derive_suite needs a non-empty suite name")
-    if range_tolerance < 0 or null_tolerance < 0:
-        raise ValueError("range_tolerance and null_tolerance must be >= 0")
+    if range_tolerance < 0 or null_tolerance < 0 or (quantile_tolerance or 0) < 0:
+        raise ValueError("range_tolerance, quantile_tolerance and null_tolerance must be >= 0")
     excluded = set(exclude)
-    df = _normalise_frame(real[[c for c in real.columns if c not in excluded]])
+    keys = [str(k) for k in key_columns]
+    df = _normalise_frame(real[[c for c in real.columns if c not in excluded and c not in keys]])
     columns = [str(c) for c in df.columns]
     if len(set(columns)) != len(columns):
         raise ValueError("derive_suite needs unique column names")
 
     E = gx.expectations
-    exps: list[Any] = [E.ExpectTableColumnsToMatchSet(column_set=columns, exact_match=True)]
+    exps: list[Any] = [E.ExpectTableColumnsToMatchSet(column_set=[*keys, *columns], exact_match=True)]
+    for key in keys:
+        exps += [E.ExpectColumnValuesToBeUnique(column=key), E.ExpectColumnValuesToNotBeNull(column=key)]
     skipped_types = 0
     for col in columns:
         s = df[col]
@@ -217,6 +255,10 @@ def derive_suite(
                         column=col, min_value=bounds[0], max_value=bounds[1]
                     )
                 )
+            if quantile_tolerance is not None and _is_numeric(s):
+                qr = _quantile_ranges(non_null, quantiles, quantile_tolerance)
+                if qr is not None:
+                    exps.append(E.ExpectColumnQuantileValuesToBeBetween(column=col, quantile_ranges=qr))
         elif _is_bool(s) or non_null.nunique() <= max_categories:
             exps.append(E.ExpectColumnValuesToBeInSet(column=col, value_set=_value_set(non_null)))
         null_rate = 1.0 - len(non_null) / len(s)
@@ -233,6 +275,8 @@ def derive_suite(
                 "excluded": sorted(str(c) for c in excluded),
                 "range_tolerance": float(range_tolerance),
                 "null_tolerance": float(null_tolerance),
+                "quantile_tolerance": None if quantile_tolerance is None else float(quantile_tolerance),
+                "key_columns": keys,
             }
         },
     )
@@ -241,6 +285,77 @@ def derive_suite(
         name, len(exps), len(columns), skipped_types,
     )  # fmt: skip
     return suite.to_json_dict()
+
+
+# --------------------------------------------------------------------------- builders
+#
+# Generic expectations for keys and for multi-table outputs (child rows must point at parent rows;
+# dates must be ordered). Each returns a plain JSON expectation config that ``add_expectations``
+# appends to a suite dict; ``run_suite`` then validates the table that carries the columns.
+
+
+def _config(expectation: Any) -> dict:
+    cfg = expectation.configuration.to_json_dict()
+    cfg.pop("id", None)
+    return to_jsonable(cfg)
+
+
+def key_expectations(column: str) -> list[dict]:
+    """A primary key: every value present and unique."""
+    _quiet_gx_env()
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [_config(E.ExpectColumnValuesToBeUnique(column=column)),
+            _config(E.ExpectColumnValuesToNotBeNull(column=column))]  # fmt: skip
+
+
+def referential_integrity_expectation(
+    column: str, parent_keys: Iterable[Any], *, mostly: float = 1.0
+) -> dict:
+    """Foreign key ``column`` of a child table takes only values of the parent's key (nulls are
+    ignored, as GX does for value sets; add a not-null check for a mandatory reference).  The parent
+    keys are embedded in the suite, so build it per run from the synthetic parent table."""
+    _quiet_gx_env()
+    import great_expectations as gx
+
+    keys = sorted({to_jsonable(k) for k in parent_keys if not _is_missing(k)}, key=lambda v: (type(v).__name__, str(v)))
+    return _config(gx.expectations.ExpectColumnValuesToBeInSet(column=column, value_set=keys, mostly=mostly))
+
+
+def date_order_expectation(
+    earlier: str, later: str, *, or_equal: bool = True, mostly: float = 1.0
+) -> dict:
+    """Within a row, ``later`` is not before ``earlier`` (e.g. encounter end >= start, death >=
+    birth); rows where either date is missing are ignored."""
+    _quiet_gx_env()
+    import great_expectations as gx
+
+    return _config(gx.expectations.ExpectColumnPairValuesAToBeGreaterThanB(
+        column_A=later, column_B=earlier, or_equal=or_equal, ignore_row_if="either_value_is_missing",
+        mostly=mostly))  # fmt: skip
+
+
+def add_expectations(suite: Mapping[str, Any], expectations: Iterable[Mapping[str, Any]]) -> dict:
+    """A copy of ``suite`` with ``expectations`` appended (one with the same type and kwargs as an
+    existing one is not added twice)."""
+    out = deepcopy(dict(suite))
+    exps = list(out.get("expectations") or [])
+    seen = {(e.get("type"), repr(sorted((e.get("kwargs") or {}).items()))) for e in exps}
+    for e in expectations:
+        key = (e.get("type"), repr(sorted((e.get("kwargs") or {}).items())))
+        if key not in seen:
+            exps.append(deepcopy(dict(e)))
+            seen.add(key)
+    out["expectations"] = exps
+    return out
+
+
+def _is_missing(value: Any) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
 
 
 # --------------------------------------------------------------------------- run
@@ -267,7 +382,25 @@ def _ephemeral_context():
         context.enable_analytics(False)
     except Exception:  # pragma: no cover - older/newer GX without the switch
         pass
+    _plain_bool_results(context.validation_results_store)
     return context
+
+
+def _plain_bool_results(store: Any) -> None:
+    """GX 1.24's ExpectColumnQuantileValuesToBeBetween reports ``success`` as ``numpy.bool_``, which
+    the validation-results store cannot JSON-serialise; make every ``success`` a plain bool before
+    this (private, ephemeral) context's store writes a result."""
+    original = store.serialize
+
+    def serialize(value: Any) -> Any:
+        for r in getattr(value, "results", None) or []:
+            if isinstance(getattr(r, "success", None), np.bool_):
+                r.success = bool(r.success)
+        if isinstance(getattr(value, "success", None), np.bool_):
+            value.success = bool(value.success)
+        return original(value)
+
+    store.serialize = serialize
 
 
 def _strip_ids(suite: Mapping[str, Any]) -> dict:
@@ -322,12 +455,34 @@ def _observed(result: Mapping[str, Any], exception_info: Any) -> dict:
     return to_jsonable(obs)
 
 
-def run_suite(suite: Mapping[str, Any], df: pd.DataFrame) -> dict:
+def _build_data_docs(context: Any, folder: str) -> str | None:
+    """Render GX Data Docs (index, suite and validation pages) for this context into ``folder``;
+    returns the index.html path, or None when GX could not build them (logged, never fatal)."""
+    from pathlib import Path
+
+    site = "synthfactory_docs"
+    try:
+        context.add_data_docs_site(site, {
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(folder)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        })  # fmt: skip
+        context.build_data_docs(site_names=[site])
+    except Exception as err:  # Data Docs are a report; their failure must not fail the validation
+        log.warning("GX Data Docs could not be built: %s", str(err)[:300])
+        return None
+    index = Path(folder) / "index.html"
+    return str(index) if index.is_file() else None
+
+
+def run_suite(suite: Mapping[str, Any], df: pd.DataFrame, *, data_docs_dir: str | None = None) -> dict:
     """Validate ``df`` against a suite dict (from :func:`derive_suite`) with GX 1.x.
 
     Returns ``{"success", "evaluated", "successful", "success_ratio", "failed": [...]}``
     where each failure is ``{"expectation", "column", "observed"}``; all plain JSON values.
     Expectations that raise (e.g. a missing column) count as failed with ``observed.errors``.
+    With ``data_docs_dir`` (a local folder), GX Data Docs HTML of this validation is written there
+    and ``data_docs_index`` gives its index.html (None when GX could not render them).
     """
     _quiet_gx_env()
     import great_expectations as gx
@@ -358,10 +513,13 @@ def run_suite(suite: Mapping[str, Any], df: pd.DataFrame) -> dict:
             continue
         cfg = r.expectation_config
         kwargs = dict(cfg.kwargs or {})
+        column = kwargs.get("column")
+        if column is None and "column_A" in kwargs:
+            column = f"{kwargs['column_A']},{kwargs.get('column_B')}"
         failed.append(
             {
                 "expectation": str(cfg.type),
-                "column": kwargs.get("column"),
+                "column": column,
                 "observed": _observed(dict(r.result or {}), r.exception_info),
             }
         )
@@ -375,6 +533,8 @@ def run_suite(suite: Mapping[str, Any], df: pd.DataFrame) -> dict:
         "success_ratio": float(successful / evaluated) if evaluated else 1.0,
         "failed": failed,
     }
+    if data_docs_dir:
+        out["data_docs_index"] = _build_data_docs(context, data_docs_dir)
     log.info(
         "suite %r on %d rows x %d columns: %d/%d expectations passed",
         suite_dict["name"], len(df), df.shape[1], successful, evaluated,

@@ -185,6 +185,8 @@ def sdmetrics_quality(
     # unscorable (None) first: they are the most suspicious
     rows.sort(key=lambda r: (r["score"] is not None, r["score"] if r["score"] is not None else 0.0))
     result["worst_columns"] = rows[:N_WORST]
+    result["columns"] = rows
+    result["pairs"] = _pair_rows(report.get_details("Column Pair Trends"))
     log.info(
         "sdmetrics quality: score=%s shapes=%s pairs=%s over %d columns (%d missing, %d errors)",
         result["score"], result["properties"]["Column Shapes"],
@@ -192,6 +194,26 @@ def sdmetrics_quality(
         len(result["column_errors"]),
     )  # fmt: skip
     return to_jsonable(result)
+
+
+def _pair_rows(details: pd.DataFrame) -> list[dict]:
+    """Column Pair Trends details as plain rows: per pair the metric (CorrelationSimilarity for two
+    continuous columns, ContingencySimilarity otherwise), its score and, for correlations, the real
+    and synthetic coefficients."""
+    out = []
+    for rec in details.to_dict("records"):
+        meets = rec.get("Meets Threshold?")
+        out.append({
+            "column_1": str(rec.get("Column 1")),
+            "column_2": str(rec.get("Column 2")),
+            "metric": str(rec.get("Metric")),
+            "score": _float_or_none(rec.get("Score")),
+            "real_correlation": _float_or_none(rec.get("Real Correlation")),
+            "synthetic_correlation": _float_or_none(rec.get("Synthetic Correlation")),
+            "real_association": _float_or_none(rec.get("Real Association")),
+            "meets_threshold": None if meets is None or meets is pd.NA else bool(meets),
+        })  # fmt: skip
+    return out
 
 
 # --------------------------------------------------------------------------- combined
@@ -204,30 +226,82 @@ def evaluate_quality(
     suite: Mapping[str, Any],
     metadata: Mapping[str, Any] | None = None,
     exclude: Sequence[str] = (),
+    keys: Sequence[str] = (),
+    holdout: pd.DataFrame | None = None,
+    relationships: Sequence[Any] = (),
+    utility: Any = None,
+    seed: int = 0,
+    data_docs_dir: str | None = None,
 ) -> dict:
-    """Run the GX suite on ``synthetic`` and the SDMetrics report of ``synthetic`` vs ``real``
-    (``exclude`` columns dropped from both first).
+    """Run the GX suite on ``synthetic`` and compare ``synthetic`` with ``real`` (``exclude`` columns
+    dropped from both first; ``keys`` columns of the synthetic table are validated by the suite, e.g.
+    key uniqueness, but take no part in the comparisons).
 
     Returns ``{"expectations": run_suite(...), "sdmetrics": sdmetrics_quality(...),
-    "quality_score": float, "expectation_success_ratio": float}``; ``quality_score`` is the
-    SDMetrics overall score (0.0 when it could not be computed).
+    "quality_score": float, "expectation_success_ratio": float, "fidelity": {...},
+    "relationships": [...], "utility": {...} | None}``.  ``quality_score`` is the SDMetrics overall
+    score (0.0 when it could not be computed); ``fidelity`` holds the Column Shapes / Column Pair
+    Trends property scores, the worst column and the correlation matrices; ``relationships`` the spec's
+    clinical relationships (:func:`synthfactory.quality.fidelity.compare_relationships`); ``utility``
+    TSTR vs TRTR on the real ``holdout`` (:func:`synthfactory.quality.utility.ml_utility`), when
+    ``utility`` (a spec ``UtilitySpec`` or a dict with ``target``) and ``holdout`` are given.
     """
-    excluded = set(exclude)
-    real_x = real[[c for c in real.columns if c not in excluded]]
-    synth_x = synthetic[[c for c in synthetic.columns if c not in excluded]]
+    from synthfactory.quality.fidelity import compare_relationships, correlation_matrices
 
-    expectations = run_suite(suite, synth_x)
-    md = metadata if metadata is not None else infer_sdtypes(real_x)
-    sdm = sdmetrics_quality(real_x, synth_x, md)
+    excluded = set(exclude)
+    key_cols = [k for k in keys if k in synthetic.columns]
+    real_x = real[[c for c in real.columns if c not in excluded and c not in key_cols]]
+    synth_suite = synthetic[[c for c in synthetic.columns if c not in excluded]]
+    synth_x = synth_suite[[c for c in synth_suite.columns if c not in key_cols]]
+
+    # The utility models (scikit-learn, GIL released in its loops) train in a worker thread while GX and
+    # SDMetrics (mostly Python) run here: the two overlap on a multi-core worker.
+    util_future = None
+    pool = None
+    if utility is not None and holdout is not None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from synthfactory.quality.utility import ml_utility
+
+        get = (lambda k, d=None: utility.get(k, d)) if isinstance(utility, Mapping) else \
+            (lambda k, d=None: getattr(utility, k, d))
+        hold_x = holdout[[c for c in holdout.columns if c in real_x.columns]]
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthfactory-utility")
+        util_future = pool.submit(ml_utility, real_x, hold_x, synth_x, target=get("target"),
+                                  features=list(get("features") or ()),
+                                  max_train_rows=int(get("max_train_rows", 25_000)),
+                                  min_class_rows=int(get("min_class_rows", 10)), seed=seed)
+    try:
+        expectations = run_suite(suite, synth_suite, data_docs_dir=data_docs_dir)
+        md = metadata if metadata is not None else infer_sdtypes(real_x)
+        sdm = sdmetrics_quality(real_x, synth_x, md)
+        scored = [c for c in sdm.get("columns", []) if c.get("score") is not None]
+        worst = min(scored, key=lambda c: c["score"]) if scored else None
+        fidelity = {
+            "column_shapes": sdm["properties"].get("Column Shapes"),
+            "column_pair_trends": sdm["properties"].get("Column Pair Trends"),
+            "min_column_score": worst["score"] if worst else None,
+            "worst_column": worst["column"] if worst else None,
+            "correlation": correlation_matrices(real_x, synth_x),
+        }
+        rels = compare_relationships(real_x, synth_x, relationships) if relationships else []
+        util = util_future.result() if util_future is not None else None
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     score = sdm.get("score")
     out = {
         "expectations": expectations,
         "sdmetrics": sdm,
         "quality_score": float(score) if score is not None else 0.0,
         "expectation_success_ratio": float(expectations["success_ratio"]),
+        "fidelity": fidelity,
+        "relationships": rels,
+        "utility": util,
     }
     log.info(
-        "quality: score=%.4f expectations %d/%d passed",
+        "quality: score=%.4f expectations %d/%d passed, worst column %s, relationships %d/%d passed",
         out["quality_score"], expectations["successful"], expectations["evaluated"],
+        fidelity["min_column_score"], sum(1 for r in rels if r["passed"]), len(rels),
     )  # fmt: skip
-    return out
+    return to_jsonable(out)

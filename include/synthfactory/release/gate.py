@@ -55,11 +55,25 @@ def is_true(gate: str, name: str, value: bool | None) -> Check:
 
 
 def quality_checks(quality: dict, qt: QualityThresholds) -> list[Check]:
-    return [
+    """Quality figures from the quality stage summary. A relationship or the ML utility that the data is
+    too small to measure (summary status ``skipped``: too few real rows per group, or a holdout without
+    enough rows of each class) gets no check; any other missing figure fails."""
+    checks = [
         ge("quality", "quality_score", quality.get("quality_score"), qt.min_quality_score),
         ge("quality", "expectation_success_ratio", quality.get("expectation_success_ratio"),
            qt.min_expectation_success),
+        ge("quality", "min_column_score", quality.get("min_column_score"), qt.min_column_score),
+        ge("quality", "column_pair_trends", quality.get("column_pair_trends"), qt.min_pair_trends),
     ]
+    measured = quality.get("relationships") or {}
+    for rel in qt.relationships:
+        got = measured.get(rel.name) or {}
+        if got.get("status") != "skipped":  # the group difference beyond sampling noise
+            checks.append(le("quality", f"relationship.{rel.name}", got.get("max_excess"), rel.tolerance))
+    if qt.utility is not None and quality.get("utility_status") != "skipped":
+        checks.append(ge("quality", f"utility_ratio.{qt.utility.target}", quality.get("utility_ratio"),
+                         qt.min_utility_ratio))
+    return checks
 
 
 def privacy_checks(privacy: dict, pt: PrivacyThresholds) -> list[Check]:
@@ -70,6 +84,52 @@ def privacy_checks(privacy: dict, pt: PrivacyThresholds) -> list[Check]:
     ]
     if pt.leak_scan:
         checks.append(is_true("privacy", "leak_scan_clean", privacy.get("leak_clean")))
+    checks.append(le("privacy", "mia_auc", privacy.get("mia_auc"), pt.max_mia_auc))
+    if pt.quasi_identifiers:
+        checks.append(le("privacy", "rare_combination_excess", privacy.get("rare_combination_excess"),
+                         pt.max_rare_combination_excess))
+    checks += anonymeter_checks(privacy, pt)
+    return checks
+
+
+def expected_anonymeter_risks(pt: PrivacyThresholds) -> list[str]:
+    """The anonymeter risks the privacy stage measures for these thresholds (see privacy.attacks)."""
+    qis, sens = pt.quasi_identifiers, pt.sensitive_attributes
+    if pt.anonymeter_attacks <= 0 or not (qis or sens):
+        return []
+    names = ["singling_out"]
+    if qis and sens:
+        names.append("linkability")
+    if qis:
+        names += [f"inference:{s}" for s in sens]
+    return names
+
+
+def anonymeter_rule(risk: dict | None, pt: PrivacyThresholds) -> dict:
+    """How one anonymeter risk is judged. The interval is *powered* when at least
+    ``anonymeter_min_attacks`` attacks ran and its half-width is at most half of ``max_anonymeter_risk``
+    (then a risk-free dataset certifies with >= 97.5 % probability): its upper end must not exceed the
+    threshold. Otherwise the data are too few to certify anything and only significant evidence of risk
+    refuses: the lower end must not exceed the threshold. ``certified`` = enough attacks and upper end
+    within the threshold."""
+    risk = risk or {}
+    n, err, hi = risk.get("n"), risk.get("error"), risk.get("ci_high")
+    enough = n is not None and n >= pt.anonymeter_min_attacks
+    powered = bool(enough and err is not None and err <= pt.max_anonymeter_risk / 2)
+    certified = bool(enough and hi is not None and hi <= pt.max_anonymeter_risk)
+    return {"powered": powered, "certified": certified, "bound": "ci_high" if powered else "ci_low"}
+
+
+def anonymeter_checks(privacy: dict, pt: PrivacyThresholds) -> list[Check]:
+    measured = privacy.get("anonymeter_risks") or {}
+    checks = []
+    for name in expected_anonymeter_risks(pt):
+        risk = measured.get(name)
+        rule = anonymeter_rule(risk, pt)
+        value = (risk or {}).get(rule["bound"])
+        checks.append(le("privacy", f"anonymeter.{name}.{rule['bound']}", value, pt.max_anonymeter_risk))
+        if pt.require_anonymeter_certification:
+            checks.append(is_true("privacy", f"anonymeter.{name}.certified", rule["certified"]))
     return checks
 
 

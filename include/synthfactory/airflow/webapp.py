@@ -1,0 +1,201 @@
+"""The "Synthetic datasets" page: a FastAPI app the synthfactory plugin mounts in Airflow's API server.
+
+Routes (below ``/synthfactory``):
+
+- ``GET /datasets``: an HTML page listing each spec's released versions, newest first, with rows,
+  synthesizer, gate profile and figures, and a link to each version's data card and manifest;
+- ``GET /api/releases``: the same as JSON;
+- ``GET /datasets/{dataset}/{version}/datacard``: the release's ``reports/datacard.html``;
+- ``GET /datasets/{dataset}/{version}/manifest.json``: the release's manifest.
+
+It reads the sandbox bucket through an ``S3Hook`` on each spec's ``release.connection_id`` (only released,
+gate-approved synthetic data: never the staging/PHI side). Inside Airflow, every route requires a
+signed-in Airflow user (the UI's JWT cookie, or a bearer token). The module imports only FastAPI and
+synthfactory's light modules; S3Hook and Airflow's security module load on the first request.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from synthfactory import releases as rel
+from synthfactory.spec import NAME_RE, DatasetSpec, SpecError, discover_specs, load_spec
+
+log = logging.getLogger(__name__)
+
+URL_PREFIX = "/synthfactory"
+DEFAULT_SPECS = Path(__file__).resolve().parents[2] / "datasets"  # include/datasets
+# A data card is a standalone, self-contained HTML report: let it show its own inline styles and images,
+# nothing else (no scripts, no fetches, no forms).
+DATACARD_CSP = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'; font-src data:"
+
+ClientFactory = Callable[[str], Any]
+
+
+def specs_dir() -> Path:
+    return Path(os.environ.get("SYNTHFACTORY_SPECS_DIR") or DEFAULT_SPECS)
+
+
+def s3hook_client(conn_id: str) -> Any:
+    """boto3 S3 client of an Airflow AWS connection (credentials and endpoint_url from the connection)."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    return S3Hook(aws_conn_id=conn_id).get_conn()
+
+
+async def airflow_user(request: Request) -> Any:
+    """Require a signed-in Airflow user (same check as Airflow's own ``requires_authenticated``)."""
+    from airflow.api_fastapi.core_api.security import bearer_scheme, get_user
+
+    return await get_user(request, None, await bearer_scheme(request))
+
+
+def _load_specs(folder: Path) -> tuple[dict[str, DatasetSpec], dict[str, str]]:
+    specs, errors = {}, {}
+    for path in discover_specs(folder):
+        try:
+            spec = load_spec(path)
+            specs[spec.name] = spec
+        except SpecError as err:
+            errors[path.name] = str(err)
+    return specs, errors
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Synthetic datasets</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5rem; color: #1b1f24; }}
+h1 {{ font-size: 1.4rem; }} h2 {{ font-size: 1.1rem; margin-top: 2rem; }}
+table {{ border-collapse: collapse; font-size: .9rem; }}
+th, td {{ border-bottom: 1px solid #d0d7de; padding: .3rem .6rem; text-align: left; }}
+th {{ background: #f6f8fa; }} td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.muted {{ color: #57606a; }} .err {{ color: #b42318; }}
+</style></head><body>
+<h1>Synthetic datasets</h1>
+<p class="muted">Approved synthetic releases in the sandbox, newest first. Every version passed the quality and
+privacy gates shown.</p>
+{body}
+</body></html>"""
+
+
+def _render(datasets: list[dict], root: str, spec_errors: dict[str, str]) -> str:
+    parts = []
+    heads = ["version", "rows", "synthesizer", "profile", "quality", "expectations", "exact match", "DCR share",
+             "DCR ratio", "leak scan clean", "published", ""]
+    for d in datasets:
+        e = html.escape
+        parts.append(f"<h2 id=\"{e(d['dataset'])}\">{e(d['dataset'])}</h2>"
+                     f"<p class=\"muted\">{e(d['description'])} · <code>{e(d['location'])}</code></p>")
+        if d.get("error"):
+            parts.append(f"<p class=\"err\">could not read the sandbox: {e(d['error'])}</p>")
+            continue
+        if not d["releases"]:
+            parts.append("<p class=\"muted\">no release yet</p>")
+            continue
+        rows = []
+        for r in d["releases"]:
+            f = r["figures"]
+            base = f"{root}/datasets/{e(d['dataset'])}/{e(r['version'])}"
+            links = [f"<a href=\"{base}/manifest.json\">manifest</a>"]
+            if r["datacard"]:
+                links.insert(0, f"<a href=\"{base}/datacard\">data card</a>")
+            cells = [e(str(r["version"])), _fmt(r["rows"]), e(_fmt(r["synthesizer"])), e(_fmt(r["profile"])),
+                     *(_fmt(f.get(k)) for k in rel.FIGURES), e(_fmt(r["published_at"])), " · ".join(links)]
+            rows.append("<tr>" + "".join(
+                f"<td class=\"num\">{c}</td>" if i in (1, 4, 5, 6, 7, 8) else f"<td>{c}</td>"
+                for i, c in enumerate(cells)) + "</tr>")
+        parts.append("<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in heads) + "</tr></thead><tbody>"
+                     + "".join(rows) + "</tbody></table>")
+    for name, err in sorted(spec_errors.items()):
+        parts.append(f"<p class=\"err\">{html.escape(name)}: {html.escape(err)}</p>")
+    if not datasets and not spec_errors:
+        parts.append("<p class=\"muted\">no dataset specs found</p>")
+    return PAGE.format(body="\n".join(parts))
+
+
+def create_app(*, specs_folder: str | Path | None = None, client_factory: ClientFactory | None = None,
+               require_auth: bool = True, limit: int = 25) -> FastAPI:
+    """The app. ``client_factory(conn_id)`` returns a boto3 S3 client (default: S3Hook on that connection);
+    ``require_auth=False`` is for tests and for running the app outside Airflow."""
+    factory = client_factory or s3hook_client
+    deps = [Depends(airflow_user)] if require_auth else []
+    app = FastAPI(title="synthfactory: synthetic datasets", dependencies=deps, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+
+    def folder() -> Path:
+        return Path(specs_folder) if specs_folder else specs_dir()
+
+    def spec_for(dataset: str, version: str) -> DatasetSpec:
+        if not NAME_RE.match(dataset) or not rel.VERSION_RE.match(version):
+            raise HTTPException(404, "no such release")
+        spec = _load_specs(folder())[0].get(dataset)
+        if spec is None:
+            raise HTTPException(404, f"no dataset spec named {dataset!r}")
+        return spec
+
+    def collect() -> tuple[list[dict], dict[str, str]]:
+        specs, errors = _load_specs(folder())
+        out = []
+        for name, spec in sorted(specs.items()):
+            d = {"dataset": name, "description": spec.description,
+                 "location": f"s3://{spec.release.bucket}/{rel.dataset_prefix(spec)}/",
+                 "connection_id": spec.release.connection_id, "releases": []}
+            try:
+                d["releases"] = rel.s3_releases(factory(spec.release.connection_id), spec, limit=limit)
+            except Exception as err:  # one unreadable bucket must not hide the others
+                code = getattr(err, "response", {}).get("Error", {}).get("Code")
+                d["error"] = f"{type(err).__name__}{f' {code}' if code else ''} (connection {spec.release.connection_id!r})"
+                log.warning("synthfactory page: %s: %s", name, err)
+            out.append(d)
+        return out, errors
+
+    @app.get("/datasets", response_class=HTMLResponse)
+    def datasets_page(request: Request) -> HTMLResponse:
+        data, errors = collect()
+        return HTMLResponse(_render(data, request.scope.get("root_path", ""), errors))
+
+    @app.get("/api/releases")
+    def releases_json() -> JSONResponse:
+        data, errors = collect()
+        return JSONResponse({"datasets": data, "spec_errors": errors})
+
+    @app.get("/datasets/{dataset}/{version}/manifest.json")
+    def manifest(dataset: str, version: str) -> Response:
+        spec = spec_for(dataset, version)
+        data = rel.s3_file(factory(spec.release.connection_id), spec, version, rel.MANIFEST)
+        if data is None:
+            raise HTTPException(404, f"{dataset} {version}: no such release")
+        return Response(data, media_type="application/json")
+
+    @app.get("/datasets/{dataset}/{version}/datacard", response_class=HTMLResponse)
+    def datacard(dataset: str, version: str) -> Response:
+        spec = spec_for(dataset, version)
+        data = rel.s3_file(factory(spec.release.connection_id), spec, version, rel.DATACARD)
+        if data is None:
+            return HTMLResponse(f"<!doctype html><p>{html.escape(dataset)} {html.escape(version)} has no data card "
+                                f"(<code>{rel.DATACARD}</code>) in the sandbox (not released, or released "
+                                f"before data cards existed).</p>", status_code=404)
+        return Response(data, media_type="text/html; charset=utf-8",
+                        headers={"Content-Security-Policy": DATACARD_CSP, "X-Content-Type-Options": "nosniff"})
+
+    return app
+
+
+app = create_app()

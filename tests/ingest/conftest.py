@@ -1,0 +1,71 @@
+"""Shared fixtures of the ingest tests: a keyer, small carebundle extracts (NDJSON and transaction
+Bundles of the same 40 patients), signing keys for SMART, and the local FHIR test server."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from synthfactory.keys import Keyer
+
+SALT = b"test-salt-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def keyer() -> Keyer:
+    return Keyer(SALT)
+
+
+def _carebundle() -> Path:
+    exe = Path(sys.executable).with_name("carebundle")
+    if exe.exists():
+        return exe
+    found = shutil.which("carebundle")
+    if not found:
+        pytest.skip("carebundle is not installed")
+    return Path(found)
+
+
+def _generate(tmp_path_factory: pytest.TempPathFactory, fmt: str, count: int = 40) -> Path:
+    out = tmp_path_factory.mktemp(f"carebundle_{fmt}") / "extract"
+    subprocess.run([str(_carebundle()), "generate", "--profile", "mixed", "--count", str(count), "--seed", "7",
+                    "--sex", "mixed", "--format", fmt, "--out", str(out)], check=True, capture_output=True,
+                   timeout=180)
+    return out
+
+
+@pytest.fixture(scope="session")
+def carebundle_extract(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """carebundle --format ndjson, 40 patients, seed 7."""
+    return _generate(tmp_path_factory, "ndjson")
+
+
+@pytest.fixture(scope="session")
+def carebundle_bundles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """carebundle --format bundle (one transaction Bundle per patient, urn:uuid references), same patients."""
+    return _generate(tmp_path_factory, "bundle")
+
+
+@pytest.fixture(scope="session")
+def rsa_key():
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="session")
+def ec_key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP384R1())
+
+
+def pem_of(key) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
