@@ -84,7 +84,7 @@ def test_epochs_reach_neural_synthesizers_only(tmp_path, extract, monkeypatch, c
 
     seen = {}
 
-    def fake_fit(train, kind, params, metadata):
+    def fake_fit(train, kind, params, metadata, **kwargs):
         seen[kind] = dict(params or {})
         return object(), 0.01
 
@@ -93,7 +93,7 @@ def test_epochs_reach_neural_synthesizers_only(tmp_path, extract, monkeypatch, c
     ctx, prepared = _prepared(tmp_path, extract, synthesizer="ctgan", epochs=3)
     fitted = pipeline.fit(ctx, prepared)
     assert seen["ctgan"]["epochs"] == 3 and fitted["epochs"] == 3
-    caplog.set_level(logging.INFO, "synthfactory.pipeline")
+    caplog.set_level(logging.INFO, "synthfactory")
     ctx2 = _ctx(tmp_path, extract, "r1", epochs=3)
     pipeline.fit(ctx2, prepared)
     assert "epochs" not in seen["gaussian_copula"]

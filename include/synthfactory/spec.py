@@ -314,7 +314,11 @@ class SynthesizerSpec(_Model):
 
     @property
     def neural(self) -> bool:
-        return self.kind in NEURAL_KINDS
+        """Neural training (GPU workers): a neural kind, or a relational model with PAR or neural child models."""
+        if self.kind in NEURAL_KINDS:
+            return True
+        rel = self.relational
+        return self.mode == "relational" and (rel.engine == "par" or rel.child_kind in NEURAL_KINDS)
 
     @model_validator(mode="after")
     def _synth_checks(self) -> "SynthesizerSpec":

@@ -41,6 +41,17 @@ def test_neural_spec_routes_fit_and_sample_to_the_gpu_queue_and_pool(tmp_path, k
         assert (dag.get_task(tid).queue, dag.get_task(tid).pool) == ("default", "default_pool")
 
 
+def test_relational_par_or_neural_children_train_on_gpu(tmp_path):
+    dag, _ = _dag(tmp_path, "rel_par", synthesizer__mode="relational", synthesizer__params={},
+                  synthesizer__relational={"engine": "par"})
+    assert dag.get_task("fit").queue == "gpu"
+    dag, _ = _dag(tmp_path, "rel_kids", synthesizer__mode="relational", synthesizer__params={},
+                  synthesizer__relational={"child_kind": "tvae"})
+    assert dag.get_task("fit").queue == "gpu"
+    dag, _ = _dag(tmp_path, "rel_cpu", synthesizer__mode="relational", synthesizer__params={})
+    assert dag.get_task("fit").queue == "default"
+
+
 def test_spec_can_name_its_own_queue_and_pool(tmp_path):
     dag, _ = _dag(tmp_path, synthesizer__kind="ctgan", synthesizer__params={},
                   synthesizer__queue="a100", synthesizer__pool="a100_gpus")

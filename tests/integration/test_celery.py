@@ -22,6 +22,9 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,7 +32,9 @@ import pytest
 from synthfactory import dev
 from tests.conftest import open_gates, write_spec
 
-pytestmark = [pytest.mark.celery, pytest.mark.timeout(600)]
+# ~6 minutes on 2 idle cores (stack start ~1.5, DAG run ~3.5); the bounded waits below fail with diagnostics
+# first, the timeout is a last resort for a loaded machine
+pytestmark = [pytest.mark.celery, pytest.mark.timeout(780)]
 
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "synthetic-sandbox"
@@ -182,6 +187,7 @@ def celery_stack(tmp_path_factory, small_extract):
     procs: list[_Proc] = []
     pg = _Postgres()
     redis = None
+    pools = None
     s3 = dev.S3Emulator()
     try:
         pg_addr = pg.start()
@@ -219,8 +225,9 @@ def celery_stack(tmp_path_factory, small_extract):
         env.pop("AIRFLOW__CORE__UNIT_TEST_MODE", None)
         t0 = time.monotonic()
         _airflow("db", "migrate", env=env, timeout=300)
-        _airflow("pools", "set", "gpu", "1", "GPUs on the gpu-queue workers", env=env)
         airflow = dev.venv_bin("airflow")
+        pools = subprocess.Popen([airflow, "pools", "set", "gpu", "1", "GPUs on the gpu-queue workers"], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
         api = _Proc("api-server", [airflow, "api-server", "--host", "127.0.0.1", "--port", str(api_port)], env, logs)
         procs.append(api)
         procs.append(_Proc("scheduler", [airflow, "scheduler"], env, logs))
@@ -231,9 +238,14 @@ def celery_stack(tmp_path_factory, small_extract):
                                       "--celery-hostname", f"{name}@%h", "--skip-serve-logs",
                                       "--without-gossip", "--without-mingle"], wenv, logs))
         _wait_port(api_port, api, 180)
+        out, _ = pools.communicate(timeout=120)
+        assert pools.returncode == 0, f"airflow pools set failed:\n{out[-3000:]}"
         yield {"env": env, "pg": pg, "s3": s3, "procs": {p.name: p for p in procs}, "base": base,
                "started_in": time.monotonic() - t0}
     finally:
+        if pools is not None and pools.poll() is None:
+            pools.kill()
+            pools.wait(10)
         for p in reversed(procs):
             p.stop()
         if redis is not None:
@@ -306,3 +318,26 @@ def test_ctgan_trains_on_the_gpu_queue_worker_and_releases(celery_stack):
     assert manifest["synthesizer"] == "ctgan" and manifest["rows"] == 150 and manifest["gate"]["approved"]
     fit_log = next(Path(stack["env"]["AIRFLOW_HOME"], "logs").rglob("task_id=fit/*.log")).read_text()
     assert "stage=fit" in fit_log and "epochs=2" in fit_log
+
+    # the UI side, served by this api-server: the plugin page (behind the login) lists the release, and the
+    # release task's "Data card" extra link points at the page's data card route for this version
+    version = manifest_key.split("/")[2]
+    base = stack["env"]["AIRFLOW__API__BASE_URL"]
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(f"{base}/synthfactory/datasets", timeout=30)
+    assert denied.value.code == 401
+    token = json.load(urllib.request.urlopen(f"{base}/auth/token", timeout=30))["access_token"]
+
+    def get(path: str) -> str:
+        req = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {token}"})
+        return urllib.request.urlopen(req, timeout=60).read().decode()
+
+    page = get("/synthfactory/datasets")
+    assert f"<td>{version}</td>" in page and '<td class="num">150</td>' in page and "ctgan" in page
+    (run_id,) = [r for (r,) in pg.query("SELECT run_id FROM dag_run WHERE dag_id = %s", DAG_ID)]
+    links = json.loads(get(f"/api/v2/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+                           f"/taskInstances/release/links"))
+    card_url = links["extra_links"]["Data card"]
+    assert card_url == f"{base}/synthfactory/datasets/{DATASET}/{version}/datacard"
+    if any(f["path"] == "reports/datacard.html" for f in manifest["files"]):
+        assert "<html" in get(card_url[len(base):]).lower()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import threading
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def _weights(synth, kind):
 @pytest.mark.parametrize("kind,params", [("ctgan", TINY_CTGAN), ("tvae", TINY_TVAE)])
 def test_killed_after_first_chunk_resumes_to_n_epochs_identical_to_uninterrupted(tmp_path, small_table, kind,
                                                                                   params):
-    store = Store()
+    store = Store(s3=threading.Lock())  # an unpicklable client (as boto3's): checkpoints must not pickle the store
     meta = engine.metadata_dict(small_table)
     ckpt = str(tmp_path / "ckpt")
     params = {**params, "epochs": 4}

@@ -120,7 +120,23 @@ exact matches ≤ {pt.max_exact_match_rate}, DCR share ≤ {pt.max_dcr_share}, D
 membership-inference AUC ≤ {pt.max_mia_auc}, anonymeter risks ≤ {pt.max_anonymeter_risk} (quasi-identifiers:
 {', '.join(pt.quasi_identifiers) or 'none'}; sensitive: {', '.join(pt.sensitive_attributes) or 'none'}),
 leak scan {'on' if pt.leak_scan else 'off'}. Profiles: {', '.join(spec.profile_names)}.
+
+{_ops_doc(spec)}
 """
+
+
+def _ops_doc(spec: DatasetSpec) -> str:
+    route, ops, tr = routing.training_route(spec), spec.operations, spec.trigger
+    start = (f"when asset `{tr.asset}` is updated" if tr.asset else f"on `{spec.schedule}`" if spec.schedule
+             else "manually")
+    if tr.wait_for_key:
+        start += f", after `{tr.wait_for_key}` exists (deferrable sensor, up to {tr.wait_timeout:g} min)"
+    timeouts = ", ".join(f"{s} {ops.timeout_minutes(s):g}" for s in ("ingest", "fit", "sample", "quality", "privacy"))
+    notify = (f"failures notify via {ops.notify.kind} connection `{ops.notify.connection_id}`" if ops.notify
+              else "no failure notifications")
+    return (f"Operations: runs {start}. fit/sample run on queue `{route.queue}`, pool `{route.pool}`; other stages "
+            f"on the default queue. Retries {ops.retries} (exponential backoff); timeouts (min): {timeouts}; "
+            f"{notify}. Ingest reuse {'on' if ops.reuse_ingest else 'off'} (Param `force_ingest`).")
 
 
 def build_dag(spec_path: str | Path) -> DAG:
@@ -136,7 +152,7 @@ def build_dag(spec_path: str | Path) -> DAG:
                              description=_synth_description(spec)),
         "epochs": Param(0, type="integer", minimum=0, maximum=100_000, title="Training epochs",
                         description="Neural synthesizers only (ctgan, tvae, copulagan): training epochs; "
-                                    "0 = the spec's synthesizer.params.epochs, else SDV's default (300)."),
+                                    "0 = the spec's (synthesizer.epochs, else params.epochs), else SDV's default."),
         "force_ingest": Param(False, type="boolean", title="Force re-ingest",
                               description="Ingest the extract again even when a previous run already ingested "
                                           "the same extract (same sha256, spec, salt and code version)."),

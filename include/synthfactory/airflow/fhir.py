@@ -110,7 +110,7 @@ class FhirHook(BaseHook):
 def fhir_credentials(spec: Any) -> tuple[Any, str | None]:
     """(AuthConfig or None, base URL or None) of a spec's FHIR server connection, if it names one."""
     conn_id = getattr(spec.source, "fhir_connection_id", None)
-    if not conn_id:
+    if not conn_id or spec.source.kind not in ("fhir_bulk", "fhir_search"):
         return None, None
     hook = FhirHook(conn_id)
     conn = hook.get_connection(conn_id)
@@ -130,12 +130,12 @@ class FhirBulkExportOperator(BaseOperator):
 
     def _export(self) -> tuple[Any, Any, Any]:
         from synthfactory.airflow.dag_factory import run_context
-        from synthfactory.ingest.sources import auth_from_env, bulk_export_for, bulk_state_dir, fhir_client_for
+        from synthfactory.ingest.sources import auth_from_env, bulk_export_for, fhir_client_for
 
         ctx = run_context(self.spec_path)
         source = ctx.spec.source
         client = fhir_client_for(source, ctx.fhir_auth or auth_from_env(), ctx.fhir_base_url or source.base_url)
-        return ctx, client, bulk_export_for(source, ctx.store, bulk_state_dir(ctx), client)
+        return ctx, client, bulk_export_for(ctx, client)
 
     def execute(self, context: Any) -> dict:
         from synthfactory.airflow.triggers import BulkExportTrigger

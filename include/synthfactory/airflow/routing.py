@@ -4,8 +4,8 @@ An Airflow task's ``queue``, ``pool`` and ``executor_config`` are fixed when the
 the ``synthesizer`` Param is only known when a run starts. So routing follows the *spec*:
 
 - ``fit`` and ``sample`` go to ``synthesizer.queue`` / ``synthesizer.pool``; unset, that is queue ``gpu``
-  and pool ``gpu`` (slots = GPUs) for the neural kinds (ctgan, tvae, copulagan), else the default queue
-  and ``default_pool``. ``sample`` follows ``fit`` because a model fitted on CUDA is loaded where CUDA is.
+  and pool ``gpu`` (slots = GPUs) for neural training (kinds ctgan, tvae, copulagan; relational mode with
+  the PAR engine or neural child models), else the default queue and ``default_pool``. ``sample`` follows ``fit`` because a model fitted on CUDA is loaded where CUDA is.
 - Every other stage stays on the default queue.
 - A run whose Param asks for a neural synthesizer on a DAG whose fit task was routed to the CPU queue
   (the spec chose a CPU kind and no queue) fails at once, in its first task, with a message saying
@@ -60,7 +60,7 @@ def training_route(spec: DatasetSpec, cpu_queue: str | None = None) -> Route:
     """The route of the fit and sample tasks for this spec (see the module docstring)."""
     cpu_queue = cpu_queue or default_queue()
     syn = spec.synthesizer
-    neural = syn.kind in NEURAL_KINDS
+    neural = syn.neural
     queue = syn.queue or (GPU_QUEUE if neural else cpu_queue)
     pool = syn.pool or (GPU_POOL if neural else DEFAULT_POOL)
     gpu = queue != cpu_queue

@@ -78,20 +78,26 @@ def fhir_client_for(source: Any, auth: Any, base_url: str | None = None) -> Any:
                                                    max_wait=bulk.max_retry_after_seconds))
 
 
-def bulk_export_for(source: Any, store: Store, state_dir: str, client: Any, *, since: str | None = None) -> Any:
-    """The :class:`~.bulk.BulkExport` of a spec's source (the request includes ``_since``: the spec's, or the
-    previous run's transactionTime when ``bulk.incremental``)."""
+def bulk_export_for(ctx: Any, client: Any, *, since: str | None = None) -> Any:
+    """The :class:`~.bulk.BulkExport` of a run (``ctx``: a pipeline RunContext). The request -- ``_type`` =
+    the spec's resources plus its views' resources, ``_since`` = the spec's, or the previous run's
+    transactionTime when ``bulk.incremental`` -- is computed the same way by the deferrable export task and
+    the ingest task, so the ingest task resumes the export the first one started."""
     from .bulk import BulkExport, ExportRequest, PollPolicy
 
+    source = ctx.spec.source
     b = source.bulk
-    probe = BulkExport(client=client, store=store, state_dir=state_dir, request=ExportRequest())
+    state_dir = bulk_state_dir(ctx)
+    probe = BulkExport(client=client, store=ctx.store, state_dir=state_dir, request=ExportRequest())
     if since is None:
         since = b.since or (probe.previous_since() if b.incremental else None)
-    request = ExportRequest(level=b.level, group_id=b.group_id, types=tuple(source.resources), since=since,
+    views = load_views(list(source.views), getattr(ctx, "base_dir", None))
+    types = tuple(dict.fromkeys([*source.resources, *(v["resource"] for v in views if isinstance(v.get("resource"), str))]))
+    request = ExportRequest(level=b.level, group_id=b.group_id, types=types, since=since,
                             type_filter=tuple(b.type_filter), elements=tuple(b.elements))
     policy = PollPolicy(min_wait=b.min_poll_seconds, max_retry_after=b.max_retry_after_seconds,
                         max_total=b.max_wait_minutes * 60)
-    return BulkExport(client=client, store=store, state_dir=state_dir, request=request, policy=policy,
+    return BulkExport(client=client, store=ctx.store, state_dir=state_dir, request=request, policy=policy,
                       download_retries=b.download_retries)
 
 
@@ -142,7 +148,7 @@ def _bulk(ctx: Any, source: Any, client: Any, out_uri: str, common: dict) -> dic
     from .fhir_ndjson import ingest_extract
     from .normalize import fast_key
 
-    export = bulk_export_for(source, ctx.store, bulk_state_dir(ctx), client)
+    export = bulk_export_for(ctx, client)
     state = export.start()
     state = export.wait(state)          # returns at once when the deferrable task already has the manifest
     if state.get("phase") == "downloading":

@@ -470,7 +470,8 @@ def _match_keys(df: pd.DataFrame, cols: list[str]) -> pd.Series:
 def _plain_draw(synth: Any, n: int) -> pd.DataFrame:
     from synthfactory.synthesize.engine import _sample_plain
 
-    return _sample_plain(synth, n, table="")
+    with contextlib.redirect_stderr(io.StringIO()):  # SDV's per-call tqdm bar: one per pool, noise in task logs
+        return _sample_plain(synth, n, table="")
 
 
 def _fill(synth: Any, needs: dict[tuple, int], cols: list[str], bucket: Any, stats: dict,
@@ -487,12 +488,13 @@ def _fill(synth: Any, needs: dict[tuple, int], cols: list[str], bucket: Any, sta
     out: dict[tuple, list[pd.DataFrame]] = {k: [] for k in needs}
     short = dict(needs)
     pool_rows = 0
-    size = int(min(max(pool_factor * sum(short.values()), 2000), 200_000))
+    total = sum(short.values())
+    size = int(max(min(pool_factor * total, 200_000), 1.5 * total, 2000))
     for _ in range(rounds):
         if not short:
             break
         pool = _draw(synth, size)
-        size = min(size * 2, 400_000)
+        size = int(max(min(size * 2, 400_000), 1.5 * sum(short.values())))
         pool_rows += len(pool)
         keys = _match_keys(bucket(pool), cols)
         groups = pool.groupby(keys.values, sort=False).indices if len(pool) else {}

@@ -172,8 +172,13 @@ class _ProgressMixin:
             import cloudpickle
 
             buf = io.BytesIO()
-            cloudpickle.dump({"fingerprint": plan.fingerprint, "synthesizer": owner,
-                              "train": self._sf_train_cpu()}, buf)
+            owner_plan = owner.__dict__.pop("_sf_plan", None)  # the plan holds the store (an S3 client) and hooks
+            try:
+                cloudpickle.dump({"fingerprint": plan.fingerprint, "synthesizer": owner,
+                                  "train": self._sf_train_cpu()}, buf)
+            finally:
+                if owner_plan is not None:
+                    owner._sf_plan = owner_plan
             plan.store.write_bytes(base_uri, buf.getvalue())
             self._sf_base_written = True
         buf = io.BytesIO()
@@ -194,8 +199,6 @@ class _ProgressMixin:
         import torch
 
         state["_device"] = torch.device("cpu")
-        if "random_states" in state and state["random_states"] is None:
-            pass
         return state
 
     def __setstate__(self, state: dict) -> None:
