@@ -127,6 +127,7 @@ def run_bench(name: str, script: Path, *, smoke: bool, sizes: list[int] | None, 
         data = _json_from_stdout(output)  # a bench that printed its JSON instead of writing --out
     if data is not None:
         write_json(raw_path, data)
+        write_json(raw_path.with_suffix(".run.json"), {k: rec.get(k) for k in _RUN_KEYS})
     if rc is None:
         rec.update(status="timeout", error=rec.get("error") or f"timed out after {timeout:.0f}s: {_tail(output)}")
     elif rc != 0:
@@ -140,6 +141,9 @@ def run_bench(name: str, script: Path, *, smoke: bool, sizes: list[int] | None, 
         if rec["status"] != "ok" and rec["payload"]["results"]:
             rec["status"] += " (partial results kept)"
     return rec
+
+
+_RUN_KEYS = ("command", "seconds", "sizes_form", "returncode")
 
 
 def _end_group(proc: subprocess.Popen) -> None:
@@ -168,10 +172,15 @@ def reuse_bench(name: str, out_dir: Path, script: Path) -> dict[str, Any]:
     payload = normalize(json.loads(raw_path.read_text()), name)
     when = (payload.get("machine") or {}).get("date", "an earlier run")
     rec.update(status="reused", payload=payload, note=f"reused from {when}")
-    try:  # keep the command that measured it
-        before = json.loads((out_dir / "latest.json").read_text())["benches"].get(name) or {}
-    except (OSError, ValueError, KeyError):
-        before = {}
+    before: dict = {}
+    for src in (raw_path.with_suffix(".run.json"), out_dir / "latest.json"):  # keep the command that measured it
+        try:
+            got = json.loads(src.read_text())
+            before = got["benches"].get(name) or {} if "benches" in got else got
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+        if before.get("command"):
+            break
     for key in ("command", "seconds", "sizes_form"):
         if before.get(key) is not None:
             rec[key] = before[key]

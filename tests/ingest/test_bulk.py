@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from synthfactory.ingest.bulk import (
-    BulkExport,
     BulkExportError,
     ExportRequest,
     PollPolicy,
@@ -29,7 +28,6 @@ from synthfactory.ingest.smart import AuthConfig, AuthError, SmartAuth
 from synthfactory.ingest.sources import ingest_for_run
 from synthfactory.pipeline import RunContext
 from synthfactory.spec import parse_spec
-from synthfactory.storage import Store
 
 from .conftest import pem_of
 from .fhir_server import FhirTestServer, Script, files_of

@@ -5,9 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import shutil
-import subprocess
-import sys
 from datetime import date, datetime, timezone
 from pathlib import Path
 

@@ -15,7 +15,7 @@ import pytest
 from synthfactory.ingest.fhir_ndjson import ingest_extract
 from synthfactory.ingest.fhirpath import Env, FhirPathError, compile_path
 from synthfactory.ingest.normalize import BadResource, timestamp_array
-from synthfactory.ingest.views import BUILTIN_VIEWS, ViewError, compile_view
+from synthfactory.ingest.views import ViewError, compile_view
 from synthfactory.spec import SpecError, parse_spec
 
 LOINC = "http://loinc.org"

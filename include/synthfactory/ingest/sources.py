@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from synthfactory.storage import Store, join
+from synthfactory.storage import join
 
 from .normalize import ExtractError
 

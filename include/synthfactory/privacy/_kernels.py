@@ -44,17 +44,32 @@ def _scan_group(acc, ft, g0, g1, q, lb):  # pragma: no cover - compiled
     return m
 
 
+@njit(inline="always", cache=True)
+def _mix(x):  # pragma: no cover - compiled
+    """splitmix64 finaliser: a well-mixed 64-bit hash of ``x``."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def nearest(qf, qb, qh, ft, sb, sh, starts, order, max_group, chunks):  # pragma: no cover - compiled
-    """For each query row: the smallest Gower sum-distance to a reference row and that row's index
-    (lowest index among ties). Reference rows are grouped by categorical signature (``sb``/``sh``,
-    group ``g`` = sorted rows ``starts[g]:starts[g+1]``, original indices ``order``); groups are visited
-    by increasing categorical distance, a lower bound, until it exceeds the best distance found."""
+def nearest(qf, qb, qh, ft, sb, sh, starts, order, max_group, chunks, tie_seed):  # pragma: no cover - compiled
+    """For each query row: the smallest Gower sum-distance to a reference row and that row's index.
+    Reference rows are grouped by categorical signature (``sb``/``sh``, group ``g`` = sorted rows
+    ``starts[g]:starts[g+1]``, original indices ``order``); groups are visited by increasing categorical
+    distance, a lower bound, until it exceeds the best distance found.
+
+    Ties: ``tie_seed < 0`` picks the lowest reference index (like ``numpy.argmin``); otherwise each
+    query picks among its tied rows by a hash of (seed, query, row): pseudo-random, deterministic, and
+    independent from one query to the next."""
     nq = qf.shape[0]
     n_groups = sb.shape[0]
     best = np.full(nq, BIG, dtype=np.float32)
     besti = np.full(nq, -1, dtype=np.int64)
     per = (nq + chunks - 1) // chunks
+    hashed = tie_seed >= 0
+    seed = np.uint64(tie_seed if hashed else 0)
+    golden = np.uint64(0x9E3779B97F4A7C15)
     for t in prange(chunks):
         acc = np.empty(max_group, dtype=np.float32)
         lb2 = np.empty(n_groups, dtype=np.int64)  # twice the categorical distance (an integer)
@@ -67,8 +82,10 @@ def nearest(qf, qb, qh, ft, sb, sh, starts, order, max_group, chunks):  # pragma
                 lb2[g] = v
                 if v > top:
                     top = v
+            qkey = _mix(seed * golden + np.uint64(qi))
             bv = BIG
             bi = -1
+            bkey = np.uint64(0)
             q = qf[qi]
             level = 0
             while level <= top and np.float32(0.5 * level) <= bv:
@@ -79,14 +96,25 @@ def nearest(qf, qb, qh, ft, sb, sh, starts, order, max_group, chunks):  # pragma
                     g0 = starts[g]
                     g1 = starts[g + 1]
                     m = _scan_group(acc, ft, g0, g1, q, lb)
-                    if m <= bv:
-                        for j in range(g1 - g0):
-                            if acc[j] == m:
-                                o = order[g0 + j]
-                                if m < bv or o < bi:
-                                    bv = m
-                                    bi = o
-                                break
+                    if m > bv:
+                        continue
+                    for j in range(g1 - g0):
+                        if acc[j] != m:
+                            continue
+                        o = order[g0 + j]
+                        if m < bv:
+                            bv = m
+                            bi = o
+                            bkey = _mix(qkey ^ np.uint64(o)) if hashed else np.uint64(0)
+                        elif hashed:
+                            key = _mix(qkey ^ np.uint64(o))
+                            if key < bkey:
+                                bi = o
+                                bkey = key
+                        elif o < bi:
+                            bi = o
+                        if not hashed:
+                            break  # rows of a group are in reference order: the first tie is the lowest
                 level += 1
             best[qi] = bv
             besti[qi] = bi

@@ -23,8 +23,11 @@ Differences from anonymeter 1.0.0, all deliberate and documented in the result:
 * everything is seeded (anonymeter draws from unseeded global generators);
 * missing values: anonymeter's Gower distance makes a pair with one missing number ``NaN`` and two
   missing values ``1``; here one missing value counts ``1`` and two count ``0`` (as SDMetrics);
-* nearest-neighbour ties are broken uniformly at random (anonymeter: whatever its sort returns); for
-  linkability each half gets its own random order, so tied halves do not "link" by construction;
+* nearest-neighbour ties are broken at random, independently for every attack (anonymeter: whatever
+  its sort returns, the same row for every target with the same auxiliary values, so on coarse
+  columns such as age and sex the attacks come in large identical clusters and its interval, which
+  assumes independent attacks, is far too narrow); for linkability each half draws its own, so tied
+  halves do not "link" by construction;
 * inference on a numeric secret: a guess is right when ``|guess - secret| <= 0.05 |guess|``
   (anonymeter divides by the signed guess, which accepts every guess below zero);
 * singling out with a control set of another size: anonymeter rescales the control count with a
@@ -132,16 +135,17 @@ def _sample(frame: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFra
 def _nearest_random_ties(queries: pd.DataFrame, candidates: pd.DataFrame, columns: Sequence[str],
                          rng: np.random.Generator) -> np.ndarray:
     """Index (into ``candidates``) of each query's nearest candidate, anonymeter's distance (numbers
-    scaled by their range over both frames), ties broken uniformly at random."""
+    scaled by their range over both frames). Ties are broken at random *independently for each query*:
+    with coarse auxiliary columns (age, sex) hundreds of targets share their nearest distance with the
+    same synthetic rows, and a tie-break shared by all of them (anonymeter's sort) would make all their
+    guesses one draw, so the attacks would not be independent and the Wilson interval far too narrow."""
     from synthfactory.privacy.gower import GowerIndex, encode_gower
 
-    perm = rng.permutation(len(candidates))
-    cand = candidates.iloc[perm].reset_index(drop=True)
     sdtypes = {c: _kind(candidates[c]) for c in columns}
-    ref, (q,), _ = encode_gower(cand[list(columns)], [queries[list(columns)]], list(columns), sdtypes,
+    ref, (q,), _ = encode_gower(candidates[list(columns)], [queries[list(columns)]], list(columns), sdtypes,
                                 numeric_range="union")
-    _, idx = GowerIndex(ref).search(q)
-    return perm[idx]
+    _, idx = GowerIndex(ref).search(q, tie_seed=int(rng.integers(0, 2**62)))
+    return idx
 
 
 def _risk_record(n: int, n_success: float, n_baseline: float, n_control: float, confidence: float,

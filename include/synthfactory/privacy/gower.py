@@ -198,9 +198,12 @@ class GowerIndex:
     def groups(self) -> int:
         return int(self.sig_bits.shape[0])
 
-    def search(self, query: Encoded) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query: Encoded, *, tie_seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Exact nearest reference row of every query row: ``(sum_distance float64, index int64)``
-        (the distance is the *sum* over columns; divide by the column count for the mean)."""
+        (the distance is the *sum* over columns; divide by the column count for the mean).
+
+        Among tied rows the lowest index wins, or with ``tie_seed`` a pseudo-random one drawn
+        independently for each query (deterministic for a seed)."""
         nq = len(query)
         if nq == 0:
             return np.zeros(0, np.float64), np.zeros(0, np.int64)
@@ -212,7 +215,7 @@ class GowerIndex:
         chunks = max(1, min(nq, 16 * numba.get_num_threads()))
         best, idx = k.nearest(np.ascontiguousarray(query.floats, dtype=np.float32), query.bits, query.onehot,
                               self.floats_t, self.sig_bits, self.sig_onehot, self.starts, self.order,
-                              self.max_group, chunks)
+                              self.max_group, chunks, -1 if tie_seed is None else int(tie_seed) & (2**62 - 1))
         return best.astype(np.float64), idx
 
     def search_squared(self, query: Encoded, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
