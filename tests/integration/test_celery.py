@@ -214,7 +214,9 @@ def celery_stack(tmp_path_factory, small_extract):
             "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{api_port}",
             "AIRFLOW__API__WORKERS": "1",
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            # a real login (not all-admins, which signs every request in): user ops, password below
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "ops:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(base / "passwords.json"),
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__CORE__HOSTNAME_CALLABLE": "synthfactory.dev.worker_hostname",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
@@ -223,6 +225,8 @@ def celery_stack(tmp_path_factory, small_extract):
             "SYNTHFACTORY_PROGRESS_SECONDS": "10",
         })
         env.pop("AIRFLOW__CORE__UNIT_TEST_MODE", None)
+        password = secrets.token_urlsafe(16)
+        (base / "passwords.json").write_text(json.dumps({"ops": password}))
         t0 = time.monotonic()
         _airflow("db", "migrate", env=env, timeout=300)
         airflow = dev.venv_bin("airflow")
@@ -241,7 +245,7 @@ def celery_stack(tmp_path_factory, small_extract):
         out, _ = pools.communicate(timeout=120)
         assert pools.returncode == 0, f"airflow pools set failed:\n{out[-3000:]}"
         yield {"env": env, "pg": pg, "s3": s3, "procs": {p.name: p for p in procs}, "base": base,
-               "started_in": time.monotonic() - t0}
+               "started_in": time.monotonic() - t0, "login": {"username": "ops", "password": password}}
     finally:
         if pools is not None and pools.poll() is None:
             pools.kill()
@@ -326,7 +330,9 @@ def test_ctgan_trains_on_the_gpu_queue_worker_and_releases(celery_stack):
     with pytest.raises(urllib.error.HTTPError) as denied:
         urllib.request.urlopen(f"{base}/synthfactory/datasets", timeout=30)
     assert denied.value.code == 401
-    token = json.load(urllib.request.urlopen(f"{base}/auth/token", timeout=30))["access_token"]
+    login = urllib.request.Request(f"{base}/auth/token", data=json.dumps(stack["login"]).encode(),
+                                   headers={"Content-Type": "application/json"}, method="POST")
+    token = json.load(urllib.request.urlopen(login, timeout=30))["access_token"]
 
     def get(path: str) -> str:
         req = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {token}"})

@@ -16,17 +16,17 @@ from synthfactory.spec import QualityThresholds, Relationship, SpecError, parse_
 
 @pytest.fixture(scope="module")
 def real() -> pd.DataFrame:
-    return cohort_table(2000, seed=11, key=None)
+    return cohort_table(1500, seed=11, key=None)
 
 
 @pytest.fixture(scope="module")
 def good() -> pd.DataFrame:
-    return cohort_table(2000, seed=12, key=None)
+    return cohort_table(1500, seed=12, key=None)
 
 
 @pytest.fixture(scope="module")
 def holdout() -> pd.DataFrame:
-    return cohort_table(600, seed=13, key=None)
+    return cohort_table(500, seed=13, key=None)
 
 
 def by_name(results: list[dict]) -> dict[str, dict]:
@@ -144,7 +144,7 @@ def test_utility_good_vs_broken_synthetic(real, good, holdout):
     u = ml_utility(real, holdout, good, target="cond_e11_9", seed=0)
     assert u["status"] == "measured" and u["task"] == "binary" and u["metric"] == "roc_auc"
     assert u["trtr"] > 0.85 and u["ratio"] > 0.9
-    assert u["rows"] == {"train_real": 2000, "train_synthetic": 2000, "holdout": 600}
+    assert u["rows"] == {"train_real": 1500, "train_synthetic": 1500, "holdout": 500}
     # labels no longer tied to the labs: a model trained on it has no skill on real patients
     noise = ml_utility(real, holdout, shuffle_column(good, "cond_e11_9", seed=3), target="cond_e11_9", seed=0)
     assert noise["ratio"] < 0.75 and noise["tstr"] < u["tstr"]

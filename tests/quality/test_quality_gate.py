@@ -19,7 +19,7 @@ from synthfactory.spec import parse_spec
 from synthfactory.synthesize.engine import SYNTHETIC_ID, metadata_dict
 from synthfactory.synthesize.modelling import KEY
 
-N_REAL, N_HOLDOUT = 1200, 400
+N_REAL, N_HOLDOUT = 1000, 350
 SECRET_NAME = "Zebulon Quixotewright"  # a "real" identifier for the leak scan
 
 

@@ -40,6 +40,7 @@ from typing import IO, Any, Callable, Iterable, Iterator
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from synthfactory.keys import Keyer
@@ -552,16 +553,24 @@ class _TableWriter:
 
 
 class _Identifiers:
-    """The direct identifiers seen, deduplicated per chunk in memory and across chunks in Arrow at the end
-    (first kind wins), so memory stays bounded on large extracts."""
+    """The direct identifiers seen, deduplicated per chunk in memory, spilled to ``PARTS`` files by a hash of
+    the value, and deduplicated across chunks one partition at a time at the end (first kind wins), so
+    memory stays bounded on large extracts (a value always lands in the same partition)."""
+
+    PARTS = 8
+    _SPILL_SCHEMA = pa.schema([pa.field("value", pa.string()), pa.field("kind", pa.string()),
+                               pa.field("_i", pa.int64())])
 
     def __init__(self, local_path: str):
         self.local_path = local_path
         self.chunk: dict[str, str] = {}
         self.add = self.chunk.setdefault
-        self._spill: pq.ParquetWriter | None = None
-        self._spill_path = local_path + ".spill"
+        self._spills: list[pq.ParquetWriter | None] = [None] * self.PARTS
+        self._seq = 0
         self.count = 0
+
+    def _spill_path(self, part: int) -> str:
+        return f"{self.local_path}.spill{part}"
 
     def maybe_spill(self) -> None:
         if len(self.chunk) >= IDENTIFIER_CHUNK_ROWS:
@@ -570,37 +579,60 @@ class _Identifiers:
     def _write_chunk(self) -> None:
         if not self.chunk:
             return
-        if self._spill is None:
-            self._spill = pq.ParquetWriter(self._spill_path, IDENTIFIERS_SCHEMA, compression="zstd")
-        self._spill.write_batch(pa.RecordBatch.from_arrays(
-            [pa.array(list(self.chunk), pa.string()), pa.array(list(self.chunk.values()), pa.string())],
-            schema=IDENTIFIERS_SCHEMA))
+        parts: list[tuple[list, list, list]] = [([], [], []) for _ in range(self.PARTS)]
+        seq = self._seq
+        for value, kind in self.chunk.items():
+            v, k, i = parts[hash(value) % self.PARTS]
+            v.append(value)
+            k.append(kind)
+            i.append(seq)
+            seq += 1
+        self._seq = seq
+        for p, (v, k, i) in enumerate(parts):
+            if not v:
+                continue
+            w = self._spills[p]
+            if w is None:
+                w = self._spills[p] = pq.ParquetWriter(self._spill_path(p), self._SPILL_SCHEMA, compression="zstd")
+            w.write_batch(pa.RecordBatch.from_arrays([pa.array(v, pa.string()), pa.array(k, pa.string()),
+                                                      pa.array(i, pa.int64())], schema=self._SPILL_SCHEMA))
         self.chunk.clear()
 
     def close(self) -> None:
-        if self._spill is None:  # everything fitted in one chunk: already unique
-            values, kinds = list(self.chunk), list(self.chunk.values())
-            table = pa.table([pa.array(values, pa.string()), pa.array(kinds, pa.string())], schema=IDENTIFIERS_SCHEMA)
-        else:
-            self._write_chunk()
-            self._spill.close()
-            whole = pq.read_table(self._spill_path)
-            whole = whole.append_column("_i", pa.array(range(whole.num_rows), pa.int64()))
-            first = whole.group_by("value", use_threads=False).aggregate([("_i", "min")])
-            idx = first.column("_i_min").combine_chunks().sort()
-            table = whole.take(idx).select(["value", "kind"]).cast(IDENTIFIERS_SCHEMA)
-            _unlink(self._spill_path)
-        self.chunk.clear()
-        self.count = table.num_rows
-        pq.write_table(table, self.local_path, compression="zstd")
+        writer = pq.ParquetWriter(self.local_path, IDENTIFIERS_SCHEMA, compression="zstd")
+        try:
+            if not any(self._spills):  # everything fitted in one chunk: already unique, in first-seen order
+                if self.chunk:
+                    writer.write_table(pa.table([pa.array(list(self.chunk), pa.string()),
+                                                 pa.array(list(self.chunk.values()), pa.string())],
+                                                schema=IDENTIFIERS_SCHEMA))
+                self.count = len(self.chunk)
+            else:
+                self._write_chunk()
+                for p, w in enumerate(self._spills):
+                    if w is None:
+                        continue
+                    w.close()
+                    part = pq.read_table(self._spill_path(p))
+                    first = part.group_by("value", use_threads=False).aggregate([("_i", "min")])
+                    keep = pc.is_in(part.column("_i"), value_set=first.column("_i_min").combine_chunks())
+                    part = part.filter(keep).select(["value", "kind"]).cast(IDENTIFIERS_SCHEMA)
+                    writer.write_table(part)
+                    self.count += part.num_rows
+                    del part, first, keep
+                    _unlink(self._spill_path(p))
+        finally:
+            writer.close()
+            self.chunk.clear()
 
     def abort(self) -> None:
-        if self._spill is not None:
-            try:
-                self._spill.close()
-            except Exception:  # noqa: BLE001
-                pass
-        _unlink(self._spill_path)
+        for p, w in enumerate(self._spills):
+            if w is not None:
+                try:
+                    w.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            _unlink(self._spill_path(p))
         _unlink(self.local_path)
 
 
