@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -234,22 +235,41 @@ def collect(records: list[dict]) -> list[dict]:
     return rows
 
 
+def plot_key(figure: str) -> str:
+    """A figure's name without a trailing parenthesis that holds numbers (e.g. "(250 attacks)"), so that
+    rows whose name mentions a size-dependent count share one panel."""
+    return re.sub(r"\s*\([^()]*\d[^()]*\)\s*$", "", figure) or figure
+
+
+def largest_size_rows(rows: list[dict]) -> list[dict]:
+    """For each (bench, figure, anchor), the row at the largest size (the README's short table)."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r.get("bench"), plot_key(str(r.get("figure"))), r.get("anchor_name"))
+        size = r.get("size") if isinstance(r.get("size"), (int, float)) else -1
+        cur = best.get(key)
+        if cur is None or size >= (cur.get("size") if isinstance(cur.get("size"), (int, float)) else -1):
+            best[key] = r
+    order = {id(r): i for i, r in enumerate(rows)}
+    return sorted(best.values(), key=lambda r: order[id(r)])
+
+
 def write_plot(rows: list[dict], path: Path) -> Path | None:
     """One panel per (bench, figure): ours and each anchor against input size."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         if isinstance(r.get("size"), (int, float)) and (r.get("ours") is not None or r.get("anchor") is not None):
-            groups.setdefault((r["bench"], r["figure"]), []).append(r)
+            groups.setdefault((r["bench"], plot_key(r["figure"])), []).append(r)
     if not groups:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
+    from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
     n = len(groups)
-    cols = min(3, n)
+    cols = min(4, n)
     nrows = (n + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.6 * nrows), squeeze=False)
     for ax, ((bench, figure), rs) in zip(axes.flat, groups.items()):
@@ -271,6 +291,8 @@ def write_plot(rows: list[dict], path: Path) -> Path | None:
         vals = [v for r in rs for v in (r.get("ours"), r.get("anchor")) if v is not None]
         if vals and min(vals) > 0 and max(vals) / min(vals) >= 20:
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
         size_unit = next((r.get("size_unit") for r in rs if r.get("size_unit")), "size")
         better = rs[0].get("better", "")
         ax.set_title(f"{bench}: {figure}"[:60], fontsize=9)
@@ -360,7 +382,15 @@ def update_readme(readme: Path, out_dir: Path, doc: dict) -> bool:
     body = [README_BEGIN, "",
             f"Machine: {machine_line(doc['machine'], with_date=False)}.", "",
             f"Measured: {_measured(doc)}. The commands of each bench are in `{rel}/latest.md`.", "",
-            markdown_table(doc["results"], with_bench=True) if doc["results"] else "_no figures measured_", ""]
+            "Each figure at the largest size measured; every size, with the notes, is in "
+            f"[`{rel}/latest.md`]({rel}/latest.md), and the plot shows how each cost grows with input size.", "",
+            markdown_table(largest_size_rows(doc["results"]), with_bench=True) if doc["results"]
+            else "_no figures measured_", ""]
+    refused = sorted({r["size"] for r in doc["results"] if r.get("outcome") == "gate refused"})
+    if refused:
+        body += [f"At {', '.join(map(str, refused))} patients the gate refused the dataset on both sides, so those "
+                 "e2e figures cover every stage up to and including the gate, but not the release. The reasons are "
+                 f"in the notes of `{rel}/latest.md`.", ""]
     missing = [f"`{b}` ({r['status']})" for b, r in doc["benches"].items() if not r["status"].startswith(("ok",
                                                                                                         "reused"))]
     if missing:
