@@ -128,7 +128,8 @@ def run_bench(name: str, script: Path, *, smoke: bool, sizes: list[int] | None, 
         data = _json_from_stdout(output)  # a bench that printed its JSON instead of writing --out
     if data is not None:
         write_json(raw_path, data)
-        write_json(raw_path.with_suffix(".run.json"), {k: rec.get(k) for k in _RUN_KEYS})
+        write_json(raw_path.with_suffix(".run.json"), {**{k: rec.get(k) for k in _RUN_KEYS},
+                                                       "measured": (normalize(data).get("machine") or {}).get("date")})
     if rc is None:
         rec.update(status="timeout", error=rec.get("error") or f"timed out after {timeout:.0f}s: {_tail(output)}")
     elif rc != 0:
@@ -182,11 +183,21 @@ def reuse_bench(name: str, out_dir: Path, script: Path) -> dict[str, Any]:
             continue
         if before.get("command"):
             break
+    if before.get("measured") and before["measured"] != when:
+        before = {}  # the raw file was rewritten outside the harness since: that command did not measure it
     for key in ("command", "seconds", "sizes_form"):
         if before.get(key) is not None:
             rec[key] = before[key]
+    if not rec.get("command"):  # a script that records its own command(s) in params
+        params = payload.get("params") or {}
+        cmds = [params.get("command")] + [r.get("command") for r in params.get("runs") or [] if isinstance(r, dict)]
+        cmds = [c for c in cmds if c]
+        if cmds:
+            rec["command"] = " ; ".join(cmds)
     if rec.get("command"):
-        rec["note"] += f": `{rec['command']}` ({rec.get('seconds')} s)"
+        rec["note"] += f": `{rec['command']}`" + (f" ({rec['seconds']} s)" if rec.get("seconds") is not None else "")
+    else:
+        rec["note"] += " (written outside the harness; its command is not recorded)"
     return rec
 
 

@@ -358,7 +358,7 @@ def quality(ctx: RunContext, prepared: dict, sampled: dict) -> dict:
 
 # -- 6. privacy -----------------------------------------------------------------------------------
 def privacy(ctx: RunContext, prepared: dict, sampled: dict, ingested: dict, quality_summary: dict) -> dict:
-    from synthfactory.privacy.leak import leak_scan, load_identifiers
+    from synthfactory.privacy.leak import leak_scan, load_identifiers, public_vocabulary
     from synthfactory.privacy.metrics import privacy_metrics
     from synthfactory.synthesize.engine import SYNTHETIC_ID
     from synthfactory.synthesize.modelling import KEY
@@ -385,7 +385,8 @@ def privacy(ctx: RunContext, prepared: dict, sampled: dict, ingested: dict, qual
 
         scan = leak_scan([sampled["synthetic_uri"], *extra_release_files(sampled).values(),
                           quality_summary["report_uri"], report_uri],
-                         [*identifiers, *real_keys], ctx.store)
+                         [*identifiers, *real_keys], ctx.store,
+                         vocabulary=public_vocabulary(train, min_count=pt.min_k_anonymity))
         report["leak_scan"] = scan
         ctx.store.write_json(report_uri, report)
         m.update({
@@ -506,19 +507,25 @@ def _datacard(ctx: RunContext, decision: dict, sampled: dict, quality_summary: d
         description=ctx.spec.description, generated_at=decision.get("decided_at"), plot_cache=frames["plot_cache"])
 
 
-def _card_identifiers(ctx: RunContext, quality_summary: dict, ingested: dict | None) -> list | None:
-    """The identifiers the privacy stage scans for (ingest's identifier list and the real HMAC keys), or
-    None when the ingest summary is not available."""
-    from synthfactory.privacy.leak import load_identifiers
+def _card_identifiers(ctx: RunContext, quality_summary: dict, ingested: dict | None,
+                      min_count: int) -> tuple[list, set] | None:
+    """The identifiers the privacy stage scans for (ingest's identifier list and the real HMAC keys) and the
+    real table's public vocabulary (see ``privacy.leak.public_vocabulary``), or None when the ingest summary
+    is not available."""
+    from synthfactory.privacy.leak import load_identifiers, public_vocabulary
     from synthfactory.synthesize.modelling import KEY
 
     if not (ingested or {}).get("identifiers_uri"):
         return None
     keys: list = []
-    for uri in (quality_summary.get("train_uri"), quality_summary.get("holdout_uri")):
+    vocabulary: set = set()
+    for i, uri in enumerate((quality_summary.get("train_uri"), quality_summary.get("holdout_uri"))):
         if uri:
-            keys += list(ctx.store.read_df(uri, columns=[KEY])[KEY])
-    return [*load_identifiers(ingested["identifiers_uri"], ctx.store), *keys]
+            frame = ctx.store.read_df(uri)
+            keys += list(frame[KEY])
+            if i == 0:
+                vocabulary = public_vocabulary(frame.drop(columns=[KEY]), min_count=min_count)
+    return [*load_identifiers(ingested["identifiers_uri"], ctx.store), *keys], vocabulary
 
 
 def gate(ctx: RunContext, sampled: dict, quality_summary: dict, privacy_summary: dict,
@@ -541,14 +548,15 @@ def gate(ctx: RunContext, sampled: dict, quality_summary: dict, privacy_summary:
         # The card shows the decision, and the decision carries the card's leak scan: render, scan, decide again
         # with the scan as a privacy check, render the final card and scan that too.
         card_uri = ctx.uri("reports", "datacard.html")
-        identifiers = _card_identifiers(ctx, quality_summary, ingested)
+        found = _card_identifiers(ctx, quality_summary, ingested, pt.min_k_anonymity)
+        identifiers, vocabulary = found if found is not None else (None, None)
         frames: dict = {}
         scan: dict = {"clean": None, "hits": []}
         for _ in range(2):
             html = _datacard(ctx, decision, sampled, quality_summary, privacy_summary, ingested, frames)
             ctx.store.write_bytes(card_uri, html.encode("utf-8"))
             if identifiers is not None:
-                scan = leak_scan([card_uri], identifiers, ctx.store)
+                scan = leak_scan([card_uri], identifiers, ctx.store, vocabulary=vocabulary)
             card_check = {"gate": "privacy", "name": "datacard_leak_scan_clean", "value": scan["clean"], "op": "==",
                           "threshold": True, "passed": scan["clean"] is True}
             extra = [*privacy_summary.get("extra_checks", []), card_check]

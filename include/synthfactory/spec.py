@@ -328,6 +328,9 @@ class SynthesizerSpec(_Model):
             raise ValueError("kind: dp_mst/dp_aim cover one table; use mode: patient_table for differential privacy")
         if self.kind in DP_KINDS and (self.constraints or self.metadata):
             raise ValueError("kind: dp_mst/dp_aim take no SDV constraints or metadata overrides")
+        if self.mode == "relational" and any(c.type == "bounds" for c in self.constraints):
+            raise ValueError("constraints: bounds apply in mode: patient_table; in relational mode use inequality/"
+                             "range/fixed_combinations on a table (per-code value ranges are kept automatically)")
         if self.kind == "ctgan" and self.batch_size and self.batch_size % 10:
             raise ValueError("batch_size: CTGAN needs a multiple of 10 (pac)")
         return self
@@ -427,7 +430,7 @@ class QualityThresholds(_Model):
 class PrivacyThresholds(_Model):
     max_exact_match_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     max_dcr_share: float = Field(
-        default=0.6, ge=0.0, le=1.0,
+        default=0.55, ge=0.0, le=1.0,
         description="Share of synthetic rows closer to train than to holdout, adjusted for their sizes "
                     "(0.5 is ideal, 1.0 means the rows were memorised)",
     )

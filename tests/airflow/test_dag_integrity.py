@@ -57,7 +57,7 @@ def test_bad_spec_surfaces_as_import_error(tmp_path, monkeypatch):
 
     (tmp_path / "broken.yaml").write_text((ROOT / "include/datasets/cohort_demo.yaml").read_text()
                                           .replace("name: cohort_demo", "name: broken")
-                                          .replace("max_dcr_share: 0.6", "max_dcr_share: 3"))
+                                          .replace("max_dcr_share: 0.55", "max_dcr_share: 3"))
     monkeypatch.setenv("SYNTHFACTORY_SPECS_DIR", str(tmp_path))
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     (err,) = bag.import_errors.values()

@@ -437,3 +437,31 @@ def test_leak_scan_speed_thousands_of_identifiers(tmp_path, store):
     r = leak_scan([str(f)], idents, store)
     assert time.perf_counter() - t0 < 5
     assert r["hits"][0]["count"] == 1 and r["hits"][0]["kinds"] == ["text"]
+
+
+def test_leak_scan_family_name_that_is_a_common_category_is_excused(tmp_path, store):
+    """clinosim's cohorts have patients whose family name is "White" or "Black": the race column's categories.
+    A one-word name shared as a category by >= k real records is not a leak; a rare one, a full name or an id is."""
+    import pandas as pd
+
+    from synthfactory.privacy.leak import Identifier, public_vocabulary
+
+    real = pd.DataFrame({"race": ["White"] * 6 + ["Black or African American"] * 5 + ["Zyxwv"] * 2, "age": range(13),
+                         "flag": [True, False] * 6 + [True]})
+    vocab = public_vocabulary(real, min_count=5)
+    assert {("white",), ("black",), ("african",), ("race",), ("true",), ("false",)} <= vocab
+    assert ("zyxwv",) not in vocab  # 2 < k records: a rare value could point at someone
+    uri = str(tmp_path / "syn.parquet")
+    store.write_df(uri, pd.DataFrame({"race": ["White", "Black or African American", "Zyxwv"], "age": [40, 41, 42]}))
+    idents = [Identifier("White", "family"), Identifier("Black", "name"), Identifier("Zyxwv", "family"),
+              Identifier("Tom White", "name"), Identifier("White", "identifier")]
+    r = leak_scan([uri], idents[:3], store, vocabulary=vocab)
+    assert r["identifiers_vocabulary"] == 2
+    hit, = r["hits"]  # only the rare one
+    assert hit["count"] == 1 and hit["kinds"] == ["family"]
+    assert leak_scan([uri], idents[:2], store)["clean"] is False  # without the vocabulary: both would hit
+    assert leak_scan([uri], idents[:2], store, vocabulary=vocab)["clean"] is True
+    # an identifier value (not a name) is never excused, nor is a full name
+    assert leak_scan([uri], [idents[4]], store, vocabulary=vocab)["clean"] is False
+    store.write_df(uri, pd.DataFrame({"note": ["seen: Tom White"]}))
+    assert leak_scan([uri], [idents[3]], store, vocabulary=vocab)["clean"] is False

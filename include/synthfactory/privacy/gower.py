@@ -19,7 +19,12 @@ Search
     the full distance of every row in the group, and the search stops as soon as the bound reaches the
     best distance found: the result is exact. Numeric columns of the visited groups are scanned with a
     vectorised loop (numba, parallel over query chunks). Ties go to the lowest reference index, like
-    ``numpy.argmin`` over the full distance matrix.
+    ``numpy.argmin`` over the full distance matrix, or (``tie_seed``) to a pseudo-random tied row drawn
+    independently for each query, as the attacks in :mod:`.attacks` need.
+
+The same index answers squared-Euclidean queries in synthfactory's ``encode`` space
+(:meth:`GowerIndex.search_squared`, used by :func:`synthfactory.privacy.metrics.nearest_encoded`): there a
+mismatched two-valued column costs exactly 1 and a one-hot bit 1/2, so the same lower bound applies.
 
 Memory is ``O((n_query + n_reference) x columns)``; no distance matrix is ever materialised.
 The kernels are compiled with numba on first use (cached on disk).

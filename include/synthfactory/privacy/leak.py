@@ -21,6 +21,12 @@ file's tokens whatever the number of identifiers.
 
 Identifiers shorter than ``min_len`` characters (after stripping) are skipped as too generic.
 
+A one-word name (a family name on its own, kind ``family`` or ``name``) that is also a word of a common
+category value of the real table (``vocabulary``, see :func:`public_vocabulary`: e.g. "White" or "Black" of
+the race categories, held by at least k real records) is not evidence of a leak: the model learnt that category from
+the table, and a value k or more people share identifies none of them. Such names are counted in
+``identifiers_vocabulary`` and not searched; full names, ids, MRNs, addresses, phones and keys always are.
+
 The result and the log carry counts, file URIs and identifier *kinds* only, never identifier values.
 (``fingerprints=True`` adds a 12-hex sha256 prefix per matched identifier, to let an operator with
 access to the identifier list find the culprit; off by default since a hash of a low-entropy value
@@ -43,7 +49,10 @@ if TYPE_CHECKING:  # storage imports pyarrow; keep this module importable withou
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Identifier", "load_identifiers", "leak_scan", "tokenize", "infer_kind"]
+__all__ = ["Identifier", "load_identifiers", "leak_scan", "tokenize", "infer_kind", "public_vocabulary"]
+
+#: identifier kinds that a one-word category value of the real table may excuse (see the module doc)
+_WORD_KINDS = frozenset({"family", "name"})
 
 _TOKEN = re.compile(r"[^\W_]+")
 _TOKEN_OR_SEP = re.compile(r"[^\W_]+|\x1f")
@@ -127,12 +136,37 @@ class _Index:
     canonical: dict[tuple[str, ...], tuple[str, ...]]
     checked: int
     skipped: int
+    vocabulary: int = 0
 
 
-def _build_index(identifiers: Iterable[str], min_len: int) -> _Index:
+def public_vocabulary(frame: Any, *, min_count: int = 5) -> set[tuple[str, ...]]:
+    """The words of ``frame``'s category values held by at least ``min_count`` rows (``frame`` is the real
+    training table; "Black or African American" gives "black", "or", "african", "american") and the words
+    of its column names, as 1-token tuples for :func:`leak_scan`'s ``vocabulary``. Only string,
+    categorical and boolean columns count; numbers never excuse a name."""
+    import pandas as pd
+
+    vocab: set[tuple[str, ...]] = set()
+    for name in frame.columns:
+        vocab.update((t,) for t in tokenize(str(name)))
+        s = frame[name]
+        if not (pd.api.types.is_object_dtype(s) or isinstance(s.dtype, pd.CategoricalDtype)
+                or pd.api.types.is_string_dtype(s) or pd.api.types.is_bool_dtype(s)):
+            continue
+        counts = s.dropna().astype(str).value_counts()
+        for value, n in counts.items():
+            if n < min_count:
+                break  # value_counts is sorted, most frequent first
+            vocab.update((t,) for t in tokenize(value))
+    return vocab
+
+
+def _build_index(identifiers: Iterable[str], min_len: int,
+                 vocabulary: set[tuple[str, ...]] | None = None) -> _Index:
     kinds: dict[tuple[str, ...], set[str]] = defaultdict(set)
     canonical: dict[tuple[str, ...], tuple[str, ...]] = {}
     skipped = 0
+    excused: set[tuple[str, ...]] = set()
     for ident in identifiers:
         if ident is None:
             continue
@@ -145,6 +179,9 @@ def _build_index(identifiers: Iterable[str], min_len: int) -> _Index:
             skipped += 1
             continue
         kind = getattr(ident, "kind", None) or infer_kind(value)
+        if vocabulary and len(toks) == 1 and kind in _WORD_KINDS and toks in vocabulary:
+            excused.add(toks)
+            continue
         kinds[toks].add(kind)
         canonical.setdefault(toks, toks)
         if len(toks) > 1 and all(t.isdigit() for t in toks) and sum(map(len, toks)) >= 7:
@@ -159,6 +196,7 @@ def _build_index(identifiers: Iterable[str], min_len: int) -> _Index:
         canonical=canonical,
         checked=len(kinds),
         skipped=skipped,
+        vocabulary=len(excused - set(kinds)),
     )
 
 
@@ -280,6 +318,7 @@ def leak_scan(
     *,
     min_len: int = 4,
     fingerprints: bool = False,
+    vocabulary: set[tuple[str, ...]] | None = None,
 ) -> dict:
     """Scan ``file_uris`` for any of ``identifiers``.
 
@@ -287,9 +326,10 @@ def leak_scan(
     ``identifiers`` is the number of distinct (normalised) identifiers checked and each hit is
     ``{"file", "count" (distinct identifiers found), "occurrences", "kinds"}`` (plus
     ``"fingerprints"`` when asked). Identifier values never appear in the result or the log. A file
-    that cannot be read raises (the scan fails closed).
+    that cannot be read raises (the scan fails closed). ``vocabulary`` (from :func:`public_vocabulary`)
+    excuses one-word names that are common category values; their number is ``identifiers_vocabulary``.
     """
-    index = _build_index(identifiers, min_len)
+    index = _build_index(identifiers, min_len, vocabulary)
     hits: list[dict[str, Any]] = []
     scanned = 0
     for uri in file_uris:
@@ -324,6 +364,7 @@ def leak_scan(
         "files_scanned": scanned,
         "identifiers": index.checked,
         "identifiers_skipped": index.skipped,
+        "identifiers_vocabulary": index.vocabulary,
         "hits": hits,
     }
     log.info("leak scan: %d files, %d identifiers checked (%d skipped), %d file(s) with hits",

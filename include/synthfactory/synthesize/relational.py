@@ -372,6 +372,13 @@ def fit(tables: dict[str, pd.DataFrame], *, engine: str = "patient_centred", roo
         return model
     root = root_frame(tables, layout)
     root_train = root.drop(columns=[KEY])
+    root_params = dict(root_params or {})
+    if root_kind == "gaussian_copula":  # children counts: a KDE marginal (measured at 150 patients, KS of
+        # n_condition 0.147 -> 0.007, n_encounter 0.12 -> 0.10, n_observation 0.17 -> 0.13 vs truncnorm; beta: 0.95)
+        dists = dict(root_params.get("numerical_distributions") or {})
+        for name in layout.children:
+            dists.setdefault(count_column(name), "gaussian_kde")
+        root_params["numerical_distributions"] = dists
     t0 = time.perf_counter()
     model.root, _ = eng.fit(root_train, root_kind, root_params, _metadata(root_train, "patients"),
                             plan=plan, constraints=_root_constraints(root_train) + sdv_constraints(specs, root_train,
