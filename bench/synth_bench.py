@@ -86,9 +86,14 @@ def bench_single(kind: str, df: Any, sample_rows: int, epochs: int, seed: int, s
     with warnings.catch_warnings():  # warm-up (imports, first-call caches) outside the timings, both sides
         warnings.simplefilter("ignore")
         warm = df.head(60)
-        engine.fit(warm, kind, {**params, "epochs": 1} if kind in engine.NEURAL else params, meta)
-        _sdv_class(kind)(Metadata.load_from_dict(meta), **({**params, "epochs": 1} if kind in engine.NEURAL
-                                                         else params)).fit({"patients": warm})
+        warm_ours, _ = engine.fit(warm, kind, {**params, "epochs": 1} if kind in engine.NEURAL else params, meta)
+        warm_sdv = _sdv_class(kind)(Metadata.load_from_dict(meta), **({**params, "epochs": 1}
+                                                                     if kind in engine.NEURAL else params))
+        warm_sdv.fit({"patients": warm})
+        # first sample + Parquet write of the process (codec and writer set-up), both sides
+        engine.sample_to_parquet(warm_ours, 50, os.path.join(tmp, "warm-ours.parquet"), Store())
+        out = warm_sdv.sample(num_rows=50)
+        (out["patients"] if isinstance(out, dict) else out).to_parquet(os.path.join(tmp, "warm-sdv.parquet"))
     for r in range(repeat):
         # ours
         np.random.seed(seed)
