@@ -99,6 +99,38 @@ def test_routing_errors_fail_without_retries(tmp_path):
         boom()
 
 
+@pytest.mark.parametrize("where, name", [
+    ("synthfactory.synthesize.relational", "RelationalError"),
+    ("synthfactory.synthesize.conditional", "ConditionalError"),
+    ("synthfactory.synthesize.constraints", "ConstraintError"),
+    ("synthfactory.synthesize.fhir_out", "FhirOutputError"),
+    ("synthfactory.ingest.views", "ViewError"),
+    ("synthfactory.ingest.fhirpath", "FhirPathError"),
+    ("synthfactory.spec", "SpecError"),
+])
+def test_user_errors_fail_at_once_and_other_errors_retry(where, name):
+    import importlib
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from synthfactory.airflow.dag_factory import _no_retry_on_user_errors
+
+    err = getattr(importlib.import_module(where), name)
+
+    @_no_retry_on_user_errors
+    def bad_input() -> dict:
+        raise err("a bad spec or table")
+
+    @_no_retry_on_user_errors
+    def flaky() -> dict:
+        raise ConnectionError("worker lost the S3 connection")
+
+    with pytest.raises(AirflowFailException, match=f"{name}: a bad spec or table"):
+        bad_input()
+    with pytest.raises(ConnectionError):  # transient: left to Airflow's retries
+        flaky()
+
+
 def test_per_stage_timeouts_and_retries_with_backoff(tmp_path):
     dag, _ = _dag(tmp_path, operations={"timeouts": {"ingest": "30m", "fit": "2h", "gate": 5},
                                         "retries": 3, "retry_delay_seconds": 20})

@@ -433,3 +433,57 @@ def test_dag_for_a_bulk_source_waits_on_the_triggerer(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(SpecError, match="base_url: fhir_bulk needs base_url or fhir_connection_id"):
         build_dag(path)
+
+
+def test_incremental_export_merges_the_delta_into_the_snapshot(tmp_path, server, carebundle_extract, keyer):
+    """Run 2 exports only what changed since run 1 (``_since``); the run must still see the whole cohort:
+    changed resources replace their earlier versions, deleted[] ones disappear, the rest carries over."""
+    files = files_of(carebundle_extract)
+    patients = [orjson.loads(line) for line in files["Patient.ndjson"].splitlines() if line.strip()]
+    script = Script(auth="none", requires_token=False)
+    srv = server(files, script)
+    ctx = make_ctx(tmp_path, srv.base, AuthConfig(), bulk=FAST)
+    first = ingest_for_run(ctx, keyer)
+    assert first["export"]["snapshot"]["incremental"] is False
+    assert first["rows"]["patient"] == len(patients) == 40
+
+    changed = dict(patients[0], gender="unknown" if patients[0].get("gender") != "unknown" else "other")
+    gone = patients[1]["id"]
+    new = dict(patients[2], id="brand-new-patient", gender="female")
+    new_enc = {"resourceType": "Encounter", "id": "brand-new-enc", "status": "finished",
+               "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+               "subject": {"reference": "Patient/brand-new-patient"},
+               "period": {"start": "2025-06-01T10:00:00Z", "end": "2025-06-01T11:00:00Z"}}
+    srv.files = {"Patient.ndjson": orjson.dumps(changed) + b"\n" + orjson.dumps(new) + b"\nnot json\n",
+                 "Encounter.ndjson": orjson.dumps(new_enc) + b"\n"}
+    script.deleted = [("Patient", gone)]
+    script.transaction_time = "2026-02-03T04:05:06Z"
+    ctx2 = make_ctx(tmp_path, srv.base, AuthConfig(), bulk=FAST)
+    ctx2.run_id = "run-2"
+    second = ingest_for_run(ctx2, keyer)
+
+    last = [r for r in srv.log if r["path"].endswith("/$export")][-1]
+    assert last["query"]["_since"] == ["2026-01-02T03:04:05Z"]  # run 1's transactionTime
+    snap = second["export"]["snapshot"]
+    assert snap["incremental"] is True and snap["base"] is not None
+    assert (snap["changed"], snap["replaced"], snap["deleted_applied"], snap["unmatched_lines"]) == (3, 1, 1, 1)
+    rows = {r["patient_key"]: r for r in pq.read_table(second["tables"]["patient"]).to_pylist()}
+    assert len(rows) == 40  # 40 - 1 deleted + 1 new; the changed one is not duplicated
+    assert rows[keyer.key("Patient", patients[0]["id"])]["gender"] == changed["gender"]
+    assert keyer.key("Patient", gone) not in rows
+    assert rows[keyer.key("Patient", "brand-new-patient")]["gender"] == "female"
+    assert second["quarantined_total"] >= 1  # the broken line: quarantined with its reason, not lost silently
+    assert "json" in json.dumps(second["quarantine_reasons"]).lower()
+    enc = pq.read_table(second["tables"]["encounter"]).to_pylist()
+    assert len(enc) == first["rows"]["encounter"] + 1 - sum(
+        1 for r in pq.read_table(first["tables"]["encounter"]).to_pylist()
+        if r["patient_key"] == keyer.key("Patient", gone))  # the deleted patient's encounters dangle: quarantined
+    # no patient values in the snapshot record
+    state_dir = tmp_path / "staging" / "bulk_test" / "bulk"
+    current = json.loads((state_dir / "snapshot" / "current.json").read_text())
+    assert current["transactionTime"] == "2026-02-03T04:05:06Z" and gone not in json.dumps(current)
+    assert len([p for p in (state_dir / "snapshot").iterdir() if p.is_dir()]) == 1  # the previous one is gone
+
+    # a retried ingest of the same export merges nothing twice
+    again = ingest_for_run(ctx2, keyer)
+    assert again["rows"] == second["rows"]

@@ -82,13 +82,20 @@ def _no_retry_on_user_errors(fn: Callable[..., dict]) -> Callable[..., dict]:
         from synthfactory.ingest.fhir_ndjson import ExtractError
         from synthfactory.release.gate import GateRefused
         from synthfactory.release.publish import PublishRefused
+        from synthfactory.ingest.fhirpath import FhirPathError
+        from synthfactory.ingest.views import ViewError
         from synthfactory.spec import SpecError
+        from synthfactory.synthesize.conditional import ConditionalError
+        from synthfactory.synthesize.constraints import ConstraintError
+        from synthfactory.synthesize.fhir_out import FhirOutputError
         from synthfactory.synthesize.modelling import ModellingError
+        from synthfactory.synthesize.relational import RelationalError
 
         try:
             return fn(*args, **kwargs)
-        except (ExtractError, ModellingError, GateRefused, PublishRefused, SpecError,
-                routing.RoutingError) as err:
+        except (ExtractError, ModellingError, GateRefused, PublishRefused, SpecError, routing.RoutingError,
+                ViewError, FhirPathError, RelationalError, ConditionalError, ConstraintError,
+                FhirOutputError) as err:
             raise AirflowFailException(f"{type(err).__name__}: {err}") from err
 
     return wrapper

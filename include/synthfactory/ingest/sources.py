@@ -90,7 +90,12 @@ def bulk_export_for(ctx: Any, client: Any, *, since: str | None = None) -> Any:
     state_dir = bulk_state_dir(ctx)
     probe = BulkExport(client=client, store=ctx.store, state_dir=state_dir, request=ExportRequest())
     if since is None:
-        since = b.since or (probe.previous_since() if b.incremental else None)
+        since = b.since
+        if since is None and b.incremental:
+            from .snapshot import current_snapshot
+
+            # _since only when there is a snapshot to merge the delta into; else a full export
+            since = probe.previous_since() if current_snapshot(ctx.store, state_dir) is not None else None
     views = load_views(list(source.views), getattr(ctx, "base_dir", None))
     types = tuple(dict.fromkeys([*source.resources, *(v["resource"] for v in views if isinstance(v.get("resource"), str))]))
     request = ExportRequest(level=b.level, group_id=b.group_id, types=types, since=since,
@@ -172,7 +177,19 @@ def _bulk(ctx: Any, source: Any, client: Any, out_uri: str, common: dict) -> dic
                         "outcomes": outcomes, "deleted": len(deletions),
                         "resumed_downloads": sum(f.get("resumed", 0) or 0 for f in state["files"].values()),
                         "http": dict(client.stats)}}
-    report = ingest_extract(export.files_uri(state), out_uri, max_line_bytes=source.max_line_bytes,
+    from .snapshot import merge_snapshot
+
+    root = export.files_uri(state)
+    snapshot = merge_snapshot(
+        ctx.store, bulk_state_dir(ctx),
+        [join(root, f["name"]) for f in state["files"].values() if f["kind"] == "output"], deletions,
+        export_id=state["export_id"], transaction_time=manifest.get("transactionTime"),
+        incremental=bool(export.request.since))
+    extra["export"]["snapshot"] = {k: snapshot.get(k) for k in (
+        "export_id", "base", "incremental", "resources", "counts", "changed", "replaced", "deleted_applied",
+        "carried_over", "unmatched_lines")}
+    # ingest the whole current extract (the previous snapshot with this export merged in), not just the delta
+    report = ingest_extract(snapshot["uri"], out_uri, max_line_bytes=source.max_line_bytes,
                             extra_report=extra, **common)
     if deletions:
         key = fast_key(common["keyer"])
