@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed
 # pip prints a warning per package for this machine's extra local indexes; keep the log readable.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: install demo test test-fast bench bench-smoke lint clean compile-requirements
+ARGN_VENV := .venv-argn
+ARGN_STAMP := $(ARGN_VENV)/.installed
+
+.PHONY: install argn-venv demo test test-fast bench bench-smoke lint clean compile-requirements
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,10 +23,20 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
+# The tabular_argn engine's own interpreter: mostlyai-engine cannot share .venv with Airflow 3.3 (psutil pins).
+$(ARGN_STAMP): requirements-argn.txt
+	test -x $(ARGN_VENV)/bin/python || $(PYTHON) -m venv $(ARGN_VENV)
+	$(ARGN_VENV)/bin/python -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
+	$(ARGN_VENV)/bin/python -m pip install -q --no-deps -r requirements-argn.txt 2>&1 | $(QUIET_PIP)
+	$(ARGN_VENV)/bin/python -c "import mostlyai.engine, torch; assert torch.__version__.startswith('2.13.0')"
+	touch $(ARGN_STAMP)
+
+argn-venv: $(ARGN_STAMP)
+
 demo: install
 	$(BIN)/python scripts/demo.py
 
-test: install
+test: install argn-venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: install

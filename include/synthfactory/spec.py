@@ -189,7 +189,7 @@ class FeatureSpec(_Model):
         return self
 
 
-SYNTHESIZER_KINDS = ("gaussian_copula", "ctgan", "tvae", "copulagan", "dp_mst", "dp_aim")
+SYNTHESIZER_KINDS = ("gaussian_copula", "ctgan", "tvae", "copulagan", "dp_mst", "dp_aim", "tabular_argn")
 DP_KINDS = frozenset({"dp_mst", "dp_aim"})
 
 
@@ -278,8 +278,11 @@ class RelationalSpec(_Model):
 
 
 class SynthesizerSpec(_Model):
-    kind: Literal["gaussian_copula", "ctgan", "tvae", "copulagan", "dp_mst", "dp_aim"] = "gaussian_copula"
-    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the SDV synthesizer")
+    kind: Literal["gaussian_copula", "ctgan", "tvae", "copulagan", "dp_mst", "dp_aim", "tabular_argn"] = Field(
+        default="gaussian_copula", description="SDV single-table synthesizers, smartnoise DP (dp_mst, dp_aim), or "
+                                              "tabular_argn: MOSTLY AI's TabularARGN in its own interpreter "
+                                              "(make argn-venv)")
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the synthesizer")
     mode: Literal["patient_table", "relational"] = Field(
         default="patient_table", description="patient_table: one row per patient (default); relational: the "
                                              "patient record as several tables with keys (see relational)")
@@ -331,6 +334,13 @@ class SynthesizerSpec(_Model):
         if self.mode == "relational" and any(c.type == "bounds" for c in self.constraints):
             raise ValueError("constraints: bounds apply in mode: patient_table; in relational mode use inequality/"
                              "range/fixed_combinations on a table (per-code value ranges are kept automatically)")
+        if self.kind == "tabular_argn":
+            unsupported = [name for name, v in (("mode: relational", self.mode == "relational"),
+                                                ("constraints", self.constraints), ("metadata", self.metadata),
+                                                ("rebalance", self.rebalance), ("oversample", self.oversample)) if v]
+            if unsupported:
+                raise ValueError(f"kind: tabular_argn does not take {', '.join(unsupported)} here yet "
+                                 "(it models one patient table; use an SDV kind for these)")
         if self.kind == "ctgan" and self.batch_size and self.batch_size % 10:
             raise ValueError("batch_size: CTGAN needs a multiple of 10 (pac)")
         return self

@@ -232,3 +232,19 @@ def test_images_build_from_this_repo_with_the_locked_versions(compose):
     for name in ("api-server", "worker", "gpu-worker"):
         build = compose["services"][name]["build"]
         assert (DOCKER / build["context"] / build["dockerfile"]).is_file()
+
+
+def test_worker_images_carry_the_isolated_argn_interpreter():
+    """kind: tabular_argn looks for /opt/argn/bin/python: both worker images build it from the same lock as
+    `make argn-venv`, without dependencies (the lock leaves out the CUDA-only torchvision/torchaudio)."""
+    from synthfactory.synthesize import argn
+
+    assert "/opt/argn/bin/python" in map(str, argn._DEFAULTS)
+    lock = (ROOT / "requirements-argn.txt").read_text()
+    assert re.search(r"^mostlyai-engine==\S+$", lock, re.M) and re.search(r"^torch==2\.13\.0$", lock, re.M)
+    assert not re.search(r"^(torchvision|torchaudio|triton|nvidia-\S+)==", lock, re.M)
+    assert not re.search(r"^psutil==(6|7)", lock, re.M)  # the clash that makes it a separate interpreter
+    for name in ("Dockerfile", "Dockerfile.gpu"):
+        text = (DOCKER / name).read_text()
+        assert "COPY" in text and "requirements-argn.txt" in text
+        assert "/opt/argn/bin/pip install --no-deps -r" in text and "import mostlyai.engine" in text

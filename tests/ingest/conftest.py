@@ -3,6 +3,7 @@ Bundles of the same 40 patients), signing keys for SMART, and the local FHIR tes
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -69,3 +70,20 @@ def pem_of(key) -> str:
 
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption()).decode()
+
+
+@pytest.fixture(scope="session")
+def clinosim_fhir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A clinosim US Core FHIR R4 cohort (26 resource types): $SYNTHFACTORY_CLINOSIM_FHIR when set (a larger
+    one), else 40 simulated people generated here (about 20 s, offline)."""
+    given = os.environ.get("SYNTHFACTORY_CLINOSIM_FHIR")
+    if given:
+        return Path(given)
+    exe = Path(sys.executable).with_name("clinosim")
+    out = tmp_path_factory.mktemp("clinosim") / "cohort"
+    subprocess.run([str(exe if exe.exists() else "clinosim"), "simulate", "--country", "US", "--population", "40",
+                    "--seed", "7", "--end", "2025-12-31", "--format", "fhir-r4", "--output", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    folder = next((p.parent for p in sorted(out.rglob("Patient*.ndjson*"))), None)
+    assert folder is not None, f"clinosim wrote no Patient NDJSON under {out}"
+    return folder

@@ -3,7 +3,6 @@ the view engine gives exactly the hand-written fast path's rows for the four bui
 
 from __future__ import annotations
 
-import os
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -333,11 +332,10 @@ def test_view_engine_equals_fast_path_on_edge_cases(tmp_path, keyer):
     assert enc3["patient_key"] == keyer.key("Patient", "Encounter/e3#c")  # a contained patient
 
 
-@pytest.mark.skipif(not os.environ.get("SYNTHFACTORY_CLINOSIM_FHIR"),
-                    reason="set SYNTHFACTORY_CLINOSIM_FHIR to a clinosim fhir_r4 folder (slow to generate; "
-                           "bench/ingest_bench.py --clinosim runs it)")
-def test_view_engine_equals_fast_path_on_clinosim(tmp_path, keyer):
-    assert_same_tables(Path(os.environ["SYNTHFACTORY_CLINOSIM_FHIR"]), tmp_path, keyer, on_dangling="keep")
+def test_view_engine_equals_fast_path_on_clinosim(tmp_path, keyer, clinosim_fhir):
+    """On realistic US Core data (26 resource types; SYNTHFACTORY_CLINOSIM_FHIR may name a larger cohort)."""
+    report = assert_same_tables(clinosim_fhir, tmp_path, keyer, on_dangling="keep")
+    assert report["rows"]["patient"] >= 10 and report["rows"]["observation"] > 0
 
 
 # ------------------------------------------------------------------------------------------------

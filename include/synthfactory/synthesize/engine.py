@@ -35,7 +35,8 @@ TABLE = "patients"
 SYNTHETIC_ID = "synthetic_id"
 NEURAL = {"ctgan", "tvae", "copulagan"}
 DP = {"dp_mst", "dp_aim"}
-SINGLE_TABLE = ("gaussian_copula", "ctgan", "tvae", "copulagan", "dp_mst", "dp_aim")
+ARGN = "tabular_argn"  # mostlyai-engine in its own interpreter (synthesize/argn.py)
+SINGLE_TABLE = ("gaussian_copula", "ctgan", "tvae", "copulagan", "dp_mst", "dp_aim", ARGN)
 KINDS = (*SINGLE_TABLE, "hma", "par")
 GPU_CAPABLE = NEURAL | {"par"}
 
@@ -118,6 +119,13 @@ def make_synthesizer(kind: str, metadata: dict, params: dict[str, Any] | None = 
         table = next(iter(metadata["tables"]))
         try:
             return DPSynthesizer(kind, table=table, **params)
+        except TypeError as err:
+            raise ValueError(f"synthesizer.params: {err}") from None
+    if kind == ARGN:
+        from synthfactory.synthesize.argn import ArgnSynthesizer
+
+        try:
+            return ArgnSynthesizer(table=next(iter(metadata["tables"])), **params)
         except TypeError as err:
             raise ValueError(f"synthesizer.params: {err}") from None
     if kind not in classes:

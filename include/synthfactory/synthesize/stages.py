@@ -49,6 +49,15 @@ def _params(ctx: Any, m: dict) -> dict:
         log.info("stage=fit epochs=%d ignored: %s is not trained in epochs", ctx.epochs, kind)
     if kind in engine.DP:
         params = {**spec.dp.model_dump(exclude_none=True), **params}
+    if kind == engine.ARGN:
+        epochs = ctx.epochs or spec.epochs
+        if epochs:
+            params["epochs"] = int(epochs)
+        if spec.batch_size:
+            params.setdefault("batch_size", int(spec.batch_size))
+        if spec.time_budget_s:
+            params.setdefault("max_minutes", spec.time_budget_s / 60.0)
+        params.setdefault("seed", spec.seed)
     if "epochs" in params:
         m["epochs"] = int(params["epochs"])
     return params
@@ -81,6 +90,13 @@ def fit_model(ctx: Any, prepared: dict, m: dict) -> None:
 
     spec = ctx.spec.synthesizer
     kind = ctx.synthesizer_kind
+    if kind == engine.ARGN and kind != spec.kind:  # chosen at trigger time: the spec's checks did not see it
+        from synthfactory.spec import SpecError, SynthesizerSpec
+
+        try:
+            SynthesizerSpec.model_validate({**spec.model_dump(), "kind": kind})
+        except ValueError as err:
+            raise SpecError(f"synthesizer {kind} chosen for this run: {err}") from None
     params = _params(ctx, m)
     model_uri = ctx.uri("model", "synthesizer.pkl")
     device = engine.detect_device(log_warning=False) if kind in engine.GPU_CAPABLE else "cpu"
@@ -106,7 +122,8 @@ def fit_model(ctx: Any, prepared: dict, m: dict) -> None:
     else:
         train = ctx.store.read_df(prepared["train_uri"]).drop(columns=[KEY])
         metadata = ctx.store.read_json(prepared["metadata_uri"])
-        constraints = [] if kind in engine.DP else sdv_constraints(spec.constraints, train, "patients")
+        constraints = [] if kind in engine.DP or kind == engine.ARGN else sdv_constraints(spec.constraints, train,
+                                                                                          "patients")
         plan = _plan(ctx, kind, params, _fingerprint(ctx, [prepared["train_uri"]], kind, params, metadata))
         synth, seconds = engine.fit(train, kind, params, metadata, plan=plan, constraints=constraints)
         size = engine.save(synth, model_uri, ctx.store)
@@ -114,6 +131,11 @@ def fit_model(ctx: Any, prepared: dict, m: dict) -> None:
         train_info = dict(plan.info) if plan is not None else {}
         if kind in engine.DP:
             m["dp"] = synth.privacy
+        if kind == engine.ARGN:
+            device = synth.fit_info.get("device", "cpu")
+            m["engine"] = "mostlyai-engine TabularARGN (isolated interpreter)"
+            if synth.fit_info.get("epochs") is not None:
+                m["epochs"] = synth.fit_info["epochs"]
     if plan is not None and plan.checkpointing:
         ctx.store.remove_tree(plan.checkpoint_uri)  # the model is saved: a retry of fit need not resume
     m.update({"model_uri": model_uri, "synthesizer": kind, "fit_seconds": round(seconds, 3), "model_bytes": size,
