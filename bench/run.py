@@ -46,6 +46,9 @@ BENCHES: dict[str, dict[str, str]] = {
                 "what": "DCR vs SDMetrics DCRBaselineProtection; anonymeter risk timing"},
     "quality": {"script": "quality_bench.py",
                 "what": "quality stage (GX suite + SDMetrics) vs SDMetrics QualityReport alone"},
+    "engines": {"script": "engines_bench.py",
+                "what": "synthesis engines on our patient table: TabularARGN (mostlyai-engine) vs GaussianCopula "
+                        "(quality, utility, privacy, fit time)"},
     "e2e": {"script": "e2e_bench.py",
             "what": "the DAG under `airflow dags test` vs `synthfactory run` (orchestration overhead)"},
 }
