@@ -69,6 +69,9 @@ def _sdv_class(kind: str) -> Any:
             "copulagan": CopulaGANSynthesizer}[kind]
 
 
+SAMPLE_DRAWS = 5
+
+
 def bench_single(kind: str, df: Any, sample_rows: int, epochs: int, seed: int, smoke: bool, repeat: int,
                  tmp: str) -> dict:
     import numpy as np
@@ -104,10 +107,6 @@ def bench_single(kind: str, df: Any, sample_rows: int, epochs: int, seed: int, s
         fit_ours, fit_ours_cpu = time.perf_counter() - t0, time.process_time() - c0
         if plan is not None:
             info = plan.info
-        t0, c0 = time.perf_counter(), time.process_time()
-        engine.sample_to_parquet(synth, sample_rows, os.path.join(tmp, f"ours-{kind}-{r}.parquet"), Store(),
-                                 batch_size=100_000)  # the stage's default batch (one batch up to 100k rows)
-        sample_ours, sample_ours_cpu = time.perf_counter() - t0, time.process_time() - c0
         # SDV directly
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -117,13 +116,23 @@ def bench_single(kind: str, df: Any, sample_rows: int, epochs: int, seed: int, s
             warnings.simplefilter("ignore")
             direct.fit({"patients": df})
         fit_sdv, fit_sdv_cpu = time.perf_counter() - t0, time.process_time() - c0
-        t0, c0 = time.perf_counter(), time.process_time()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = direct.sample(num_rows=sample_rows)
-        out = out["patients"] if isinstance(out, dict) else out
-        out.to_parquet(os.path.join(tmp, f"sdv-{kind}-{r}.parquet"))
-        sample_sdv, sample_sdv_cpu = time.perf_counter() - t0, time.process_time() - c0
+        # sampling takes a fraction of a second: the best of SAMPLE_DRAWS draws per side, interleaved, so that
+        # a noisy neighbour on the shared cores does not decide the ratio
+        sample_ours = sample_ours_cpu = sample_sdv = sample_sdv_cpu = float("inf")
+        for d in range(SAMPLE_DRAWS):
+            t0, c0 = time.perf_counter(), time.process_time()
+            engine.sample_to_parquet(synth, sample_rows, os.path.join(tmp, f"ours-{kind}-{r}-{d}.parquet"), Store(),
+                                     batch_size=100_000)  # the stage's default batch (one batch up to 100k rows)
+            sample_ours = min(sample_ours, time.perf_counter() - t0)
+            sample_ours_cpu = min(sample_ours_cpu, time.process_time() - c0)
+            t0, c0 = time.perf_counter(), time.process_time()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = direct.sample(num_rows=sample_rows)
+            out = out["patients"] if isinstance(out, dict) else out
+            out.to_parquet(os.path.join(tmp, f"sdv-{kind}-{r}-{d}.parquet"))
+            sample_sdv = min(sample_sdv, time.perf_counter() - t0)
+            sample_sdv_cpu = min(sample_sdv_cpu, time.process_time() - c0)
         for k, v in (("fit_ours", fit_ours), ("fit_sdv", fit_sdv), ("sample_ours", sample_ours),
                      ("sample_sdv", sample_sdv), ("fit_ours_cpu", fit_ours_cpu), ("fit_sdv_cpu", fit_sdv_cpu),
                      ("sample_ours_cpu", sample_ours_cpu), ("sample_sdv_cpu", sample_sdv_cpu)):
