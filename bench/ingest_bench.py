@@ -16,7 +16,8 @@ Every engine runs in its own subprocess (``--child``): wall seconds, CPU seconds
 (``ru_maxrss``, plus the parent's 0.2 s psutil sampling of the process tree) are its own.
 
 * ``synthfactory`` -- ``ingest_extract`` with the defaults the pipeline uses (hand-written fast path for the
-  four tables, 1 % R4B validation sample + the first 20 per file, HMAC keys, identifiers, quarantine,
+  four tables, the pipeline's R4B validation sample (1 % + the first 20 per file, at most 1,000 per type),
+  HMAC keys, identifiers, quarantine,
   sha256 of the extract);
 * ``synthfactory (views engine)`` -- the same through the compiled SQL-on-FHIR ViewDefinitions;
 * ``synthfactory (no sampled validation)`` -- the fast path with ``validate_sample_rate=0`` (first 20 per file);
@@ -254,12 +255,17 @@ def _before_module(work: Path) -> Any:
     return fhir_ndjson_before
 
 
-def engine_ours(src: Path, work: Path, engine: str = "fast", rate: float = 0.02) -> int:
+def engine_ours(src: Path, work: Path, engine: str = "fast", rate: float | None = None) -> int:
+    """Our ingest with the pipeline's defaults (the dataset spec's validate_sample_rate and
+    validate_max_per_type) unless ``rate`` is given."""
     from synthfactory.ingest.fhir_ndjson import ingest_extract
     from synthfactory.keys import Keyer
+    from synthfactory.spec import SourceSpec
 
+    defaults = SourceSpec.model_fields
     r = ingest_extract(str(src), str(work / "out"), keyer=Keyer(b"bench-salt-0123456789abcdef"),
-                       validate_sample_rate=rate, engine=engine)
+                       validate_sample_rate=defaults["validate_sample_rate"].default if rate is None else rate,
+                       validate_max_per_type=defaults["validate_max_per_type"].default, engine=engine)
     return sum(r["resources_read"].values())
 
 

@@ -67,6 +67,9 @@ class SourceSpec(_Model):
     validate_sample_rate: float = Field(
         default=0.01, ge=0.0, le=1.0, description="Share of resources validated with fhir.resources R4B (the "
                                                   "first 20 per file always; 1.0 = all)")
+    validate_max_per_type: int = Field(
+        default=1000, ge=0, description="The sampled validation stops after this many validated resources of a "
+                                        "type (bounds its cost on large extracts; 0 = no cap, e.g. with rate 1.0)")
     engine: Literal["fast", "views"] = Field(
         default="fast", description="fast: hand-written flatteners for the four built-in tables; views: every "
                                     "table through its ViewDefinition (same rows, slower)")

@@ -553,6 +553,21 @@ def test_validation_sample_is_deterministic(carebundle_extract, tmp_path, keyer)
     assert r0["validated"] + 0.15 * (total - r0["validated"]) < r1["validated"] < total
 
 
+@pytest.mark.parametrize("engine", ["fast", "views"])
+def test_validation_cap_bounds_the_sample_per_type(carebundle_extract, tmp_path, keyer, engine):
+    """validate_max_per_type: full validation stops at the cap for each type (the first N count toward it)."""
+    capped = ingest_extract(str(carebundle_extract), str(tmp_path / "a"), keyer=keyer, validate_sample_rate=1.0,
+                            validate_first=3, validate_max_per_type=7, engine=engine)
+    assert capped["validated_by_type"] == {t: min(7, n) for t, n in capped["resources_read"].items()}
+    full = ingest_extract(str(carebundle_extract), str(tmp_path / "b"), keyer=keyer, validate_sample_rate=1.0,
+                          validate_max_per_type=0, engine=engine)
+    assert full["validated_by_type"] == full["resources_read"]  # no cap: every resource
+    assert capped["rows"] == full["rows"]
+    from synthfactory.spec import SourceSpec
+
+    assert SourceSpec(uri="x").validate_max_per_type == 1000  # the pipeline's default
+
+
 def test_zero_valid_patients_is_an_error_and_leaves_no_tables(tmp_path, keyer):
     src = tmp_path / "extract"
     write_ndjson(src, "Patient.ndjson", ["{broken", {"resourceType": "Patient"}])

@@ -171,6 +171,7 @@ def ingest_bundles(
     on_dangling: str = "quarantine",
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
     extra_report: dict | None = None,
+    validate_max_per_type: int = 0,
 ) -> dict:
     """Flatten a folder of Bundle files into the same tables as :func:`ingest_extract`."""
     with gc_paused():
@@ -185,7 +186,8 @@ def ingest_bundles(
                                f"({len(skipped)} other file(s) ignored)")
         session = IngestSession(out_uri, keyer=keyer, store=store, resources=resources, views=views,
                                 validate_sample_rate=validate_sample_rate, batch_rows=batch_rows, engine=engine,
-                                max_line_bytes=DEFAULT_MAX_LINE_BYTES, on_dangling=on_dangling)
+                                max_line_bytes=DEFAULT_MAX_LINE_BYTES, on_dangling=on_dangling,
+                                validate_max_per_type=validate_max_per_type)
         totals = {"bundles": 0, "deleted": 0, "unresolved_references": 0, "entries_without_resource": 0}
         try:
             for pass_no in (1, 2):

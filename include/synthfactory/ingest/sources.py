@@ -113,7 +113,8 @@ def ingest_for_run(ctx: Any, keyer: Any) -> dict:
     out_uri = ctx.uri("ingest")
     views = load_views(list(source.views), getattr(ctx, "base_dir", None))
     common = dict(keyer=keyer, store=ctx.store, resources=list(source.resources), views=views,
-                  validate_sample_rate=source.validate_sample_rate, engine=source.engine,
+                  validate_sample_rate=source.validate_sample_rate,
+                  validate_max_per_type=source.validate_max_per_type, engine=source.engine,
                   on_dangling=source.on_dangling)
     if kind == "fhir_ndjson":
         from .fhir_ndjson import ingest_extract
