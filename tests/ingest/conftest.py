@@ -27,7 +27,7 @@ def _carebundle() -> Path:
         return exe
     found = shutil.which("carebundle")
     if not found:
-        pytest.skip("carebundle is not installed")
+        pytest.fail("carebundle is not installed: it is pinned in requirements.txt (make install)")
     return Path(found)
 
 
