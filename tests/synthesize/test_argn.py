@@ -96,3 +96,15 @@ def test_pipeline_fit_and_sample_stages_with_tabular_argn(tmp_path):
     assert len(syn) == 90 and list(syn.columns[1:]) == list(train.columns[1:])
     assert (syn.dtypes.iloc[1:] == train.dtypes.iloc[1:]).all()
     assert Path(fitted["model_uri"]).is_file() and fitted["model_bytes"] > 0
+
+
+def test_tabular_argn_chosen_at_trigger_time_is_checked_against_the_spec(tmp_path):
+    """The DAG's `synthesizer` Param can pick tabular_argn for a spec whose synthesizer has constraints: the fit
+    stage refuses at once (a SpecError: no retries) instead of silently dropping them."""
+    spec = load_spec(write_spec(tmp_path / "specs", "argn_rt", tmp_path / "x", tmp_path / "staging",
+                                synthesizer__constraints=[{"type": "inequality", "low": "age", "high": "age"}]))
+    ctx = p.RunContext(spec=spec, run_id="r1", version="v1", synthesizer=engine.ARGN)
+    with pytest.raises(SpecError, match="^synthesizer tabular_argn chosen for this run: kind: tabular_argn does "
+                                        "not take constraints here yet") as exc:
+        p.fit(ctx, {})
+    assert "input_value" not in str(exc.value)

@@ -95,8 +95,10 @@ def fit_model(ctx: Any, prepared: dict, m: dict) -> None:
 
         try:
             SynthesizerSpec.model_validate({**spec.model_dump(), "kind": kind})
-        except ValueError as err:
-            raise SpecError(f"synthesizer {kind} chosen for this run: {err}") from None
+        except ValueError as err:  # pydantic's ValidationError: keep its messages, not its input dump
+            errors = err.errors() if hasattr(err, "errors") else []
+            why = "; ".join(e["msg"].removeprefix("Value error, ") for e in errors) or str(err)
+            raise SpecError(f"synthesizer {kind} chosen for this run: {why}") from None
     params = _params(ctx, m)
     model_uri = ctx.uri("model", "synthesizer.pkl")
     device = engine.detect_device(log_warning=False) if kind in engine.GPU_CAPABLE else "cpu"
