@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from synthfactory import dev
 from synthfactory.release.publish import Boto3Writer
 from synthfactory.release.sandbox import SandboxLayout, list_releases, read_pointer
 from tests.release.helpers import (
@@ -29,7 +28,6 @@ from tests.release.helpers import (
     do_publish,
     keys,
     make_files,
-    reset_bucket,
     manifest_files,
     s3_client,
     writer,
@@ -37,20 +35,6 @@ from tests.release.helpers import (
 from tests.release.s3proxy import FaultProxy, Rule, copy_of, is_copy, is_upload_part, put_of
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with dev.S3Emulator() as emulator:
-        yield emulator
-
-
-@pytest.fixture
-def bucket(s3):
-    client = s3.client()
-    reset_bucket(client)
-    yield client
-    reset_bucket(client)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from synthfactory import dev
 from synthfactory.release.publish import (
     LocalWriter,
     PublishRefused,
@@ -29,27 +28,12 @@ from tests.release.helpers import (
     do_publish,
     keys,
     make_files,
-    reset_bucket,
     manifest_files,
     writer,
 )
 
 PUBLIC = {"http://acs.amazonaws.com/groups/global/AllUsers",
           "http://acs.amazonaws.com/groups/global/AuthenticatedUsers"}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with dev.S3Emulator() as emulator:
-        yield emulator
-
-
-@pytest.fixture
-def bucket(s3):
-    client = s3.client()
-    reset_bucket(client)
-    yield client
-    reset_bucket(client)
 
 
 class CountingWriter:
