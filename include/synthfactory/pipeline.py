@@ -507,25 +507,19 @@ def _datacard(ctx: RunContext, decision: dict, sampled: dict, quality_summary: d
         description=ctx.spec.description, generated_at=decision.get("decided_at"), plot_cache=frames["plot_cache"])
 
 
-def _card_identifiers(ctx: RunContext, quality_summary: dict, ingested: dict | None,
-                      min_count: int) -> tuple[list, set] | None:
-    """The identifiers the privacy stage scans for (ingest's identifier list and the real HMAC keys) and the
-    real table's public vocabulary (see ``privacy.leak.public_vocabulary``), or None when the ingest summary
-    is not available."""
-    from synthfactory.privacy.leak import load_identifiers, public_vocabulary
+def _card_identifiers(ctx: RunContext, quality_summary: dict, ingested: dict | None) -> list | None:
+    """The identifiers the privacy stage scans for (ingest's identifier list and the real HMAC keys), or
+    None when the ingest summary is not available."""
+    from synthfactory.privacy.leak import load_identifiers
     from synthfactory.synthesize.modelling import KEY
 
     if not (ingested or {}).get("identifiers_uri"):
         return None
     keys: list = []
-    vocabulary: set = set()
-    for i, uri in enumerate((quality_summary.get("train_uri"), quality_summary.get("holdout_uri"))):
+    for uri in (quality_summary.get("train_uri"), quality_summary.get("holdout_uri")):
         if uri:
-            frame = ctx.store.read_df(uri)
-            keys += list(frame[KEY])
-            if i == 0:
-                vocabulary = public_vocabulary(frame.drop(columns=[KEY]), min_count=min_count)
-    return [*load_identifiers(ingested["identifiers_uri"], ctx.store), *keys], vocabulary
+            keys += list(ctx.store.read_df(uri, columns=[KEY])[KEY])
+    return [*load_identifiers(ingested["identifiers_uri"], ctx.store), *keys]
 
 
 def gate(ctx: RunContext, sampled: dict, quality_summary: dict, privacy_summary: dict,
@@ -534,7 +528,7 @@ def gate(ctx: RunContext, sampled: dict, quality_summary: dict, privacy_summary:
     refuses the run) and add it to the audited files. On refusal, quarantine the run's outputs (the card
     included) in staging with the reasons and raise GateRefused. ``ingested`` (the ingest summary) gives the
     card its extract sha256 and the leak scan its identifier list."""
-    from synthfactory.privacy.leak import leak_scan
+    from synthfactory.privacy.leak import leak_scan, public_vocabulary
     from synthfactory.release.gate import GateRefused, decide
     from synthfactory.release.publish import sha256_bytes
 
@@ -548,15 +542,15 @@ def gate(ctx: RunContext, sampled: dict, quality_summary: dict, privacy_summary:
         # The card shows the decision, and the decision carries the card's leak scan: render, scan, decide again
         # with the scan as a privacy check, render the final card and scan that too.
         card_uri = ctx.uri("reports", "datacard.html")
-        found = _card_identifiers(ctx, quality_summary, ingested, pt.min_k_anonymity)
-        identifiers, vocabulary = found if found is not None else (None, None)
+        identifiers = _card_identifiers(ctx, quality_summary, ingested)
         frames: dict = {}
         scan: dict = {"clean": None, "hits": []}
         for _ in range(2):
             html = _datacard(ctx, decision, sampled, quality_summary, privacy_summary, ingested, frames)
             ctx.store.write_bytes(card_uri, html.encode("utf-8"))
-            if identifiers is not None:
-                scan = leak_scan([card_uri], identifiers, ctx.store, vocabulary=vocabulary)
+            if identifiers is not None:  # the real table the card was rendered from gives the vocabulary
+                scan = leak_scan([card_uri], identifiers, ctx.store,
+                                 vocabulary=public_vocabulary(frames["real"], min_count=pt.min_k_anonymity))
             card_check = {"gate": "privacy", "name": "datacard_leak_scan_clean", "value": scan["clean"], "op": "==",
                           "threshold": True, "passed": scan["clean"] is True}
             extra = [*privacy_summary.get("extra_checks", []), card_check]
