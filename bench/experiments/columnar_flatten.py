@@ -20,7 +20,11 @@ in tests/bench/test_columnar_experiment.py is refused. Arrow's JSON reader costs
 Observation (~925 bytes; orjson ~4 us) and the DuckDB query about 7 us, so the pipeline gives 69k-96k
 Observations/s wall and 41k-56k/CPU-s, *before* the Parquet write, identifiers, quarantine, duplicate
 checks and sampled validation that the product's 50.7k resources/s (46.8k/CPU-s) include. It buys the
-second core, not CPU efficiency, and would not reach 100k/s once complete; not adopted. Two divergences it
+second core, not CPU efficiency, and would not reach 100k/s once complete; not adopted. Wired into the
+ingest session once (parse one block ahead on a helper thread, every output and the report identical to
+the row-wise path's on the bench extract), it gave 57.3k resources/s against 46.9k row-wise at 500k
+(`ingest_bench.py --sizes 500000`, both engines in the same run), for more CPU (12.7 s vs 11.5 s) and more
+memory (peak RSS 492 vs 389 MiB); that change was reverted. Two divergences it
 found on the way, both guarded here: Arrow's reader accepts NaN/Infinity and does not check UTF-8, orjson
 refuses both.
 """
