@@ -36,36 +36,21 @@ import hashlib
 import io
 import itertools
 import json
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-import logging
-import re
 from typing import Any, Callable
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pj
 
 from synthfactory.ingest.normalize import SYSTEM_RANK, SYSTEM_SHORT
 from synthfactory.ingest.schemas import TABLES
-
-log = logging.getLogger(__name__)
-
-__all__ = ["Columnar", "COLUMNAR_TYPES", "PARSE_SCHEMAS", "columnar_available"]
-
-try:  # optional at import time: without DuckDB (or with an unusual Keyer) the row-wise path does all
-    import duckdb
-    import pyarrow.json as pj
-except ImportError:  # pragma: no cover - duckdb is a pinned requirement
-    duckdb = None  # type: ignore[assignment]
-    pj = None  # type: ignore[assignment]
-
-
-def columnar_available() -> bool:
-    return duckdb is not None and pj is not None
-
 
 # --------------------------------------------------------------------------------------------------
 # What Arrow parses: only the elements the flatteners read (everything else is skipped unparsed)
@@ -97,9 +82,10 @@ PARSE_SCHEMAS: dict[str, pa.Schema] = {
 }
 COLUMNAR_TYPES = tuple(PARSE_SCHEMAS)
 
+#: the bytes that may precede a NaN/Inf literal in a value position
+_BEFORE_VALUE = np.frombuffer(b":,[- \t\r", np.uint8)
 #: a reference the columnar path keys itself: ``Type/id`` of the expected type (no URL, version, contained or
 #: urn:uuid reference: those go the row-wise way)
-_BEFORE_VALUE = np.frombuffer(b":,[- \t\r", np.uint8)
 _REF_RE = {t: re.compile(re.escape(t) + r"/[^/#][^/]*") for t in ("Patient", "Encounter")}
 
 
@@ -127,10 +113,6 @@ def _macros(ipad: bytes, opad: bytes) -> list[str]:
         # the preferred coding (normalize.concept): the single one, else the first of the best rank
         "CREATE OR REPLACE MACRO sf_best(c) AS CASE WHEN len(c) = 1 THEN c[1] WHEN len(c) > 1 THEN "
         "c[list_position(list_transform(c, lambda x: sf_rank(x.system)), list_min(list_transform(c, lambda x: sf_rank(x.system))))] END",
-        "CREATE OR REPLACE MACRO sf_concept(cc) AS struct_pack("
-        " system := sf_short(sf_best(cc.coding).system), code := sf_best(cc.coding).code,"
-        " display := CASE WHEN sf_best(cc.coding).display IS NULL OR sf_best(cc.coding).display = '' THEN cc.text"
-        "                 ELSE sf_best(cc.coding).display END)",
         "CREATE OR REPLACE MACRO sf_concept_ok(cc) AS NOT sf_has_null(cc.coding)",
         # normalize.first_code
         "CREATE OR REPLACE MACRO sf_first(cc) AS CASE WHEN len(cc.coding) > 0 THEN cc.coding[1].code ELSE cc.text END",
@@ -244,8 +226,6 @@ class Columnar:
     docstring). One per ingest session; :meth:`parse` may run on a helper thread, :meth:`flatten` on one."""
 
     def __init__(self, salt: bytes, key: Callable[[str, str], str], threads: int = 1):
-        if not columnar_available():
-            raise RuntimeError("the columnar ingest needs duckdb and pyarrow.json")
         ipad, opad = hmac_pads(salt)
         self.key = key
         self.con = duckdb.connect(config={"threads": max(int(threads), 1)})
