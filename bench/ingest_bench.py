@@ -255,7 +255,7 @@ def _before_module(work: Path) -> Any:
     return fhir_ndjson_before
 
 
-def engine_ours(src: Path, work: Path, engine: str = "fast", rate: float | None = None) -> int:
+def engine_ours(src: Path, work: Path, engine: str = "fast", rate: float | None = None, native: bool = True) -> int:
     """Our ingest with the pipeline's defaults (the dataset spec's validate_sample_rate and
     validate_max_per_type) unless ``rate`` is given."""
     from synthfactory.ingest.fhir_ndjson import ingest_extract
@@ -265,7 +265,7 @@ def engine_ours(src: Path, work: Path, engine: str = "fast", rate: float | None 
     defaults = SourceSpec.model_fields
     r = ingest_extract(str(src), str(work / "out"), keyer=Keyer(b"bench-salt-0123456789abcdef"),
                        validate_sample_rate=defaults["validate_sample_rate"].default if rate is None else rate,
-                       validate_max_per_type=defaults["validate_max_per_type"].default, engine=engine)
+                       validate_max_per_type=defaults["validate_max_per_type"].default, engine=engine, native=native)
     return sum(r["resources_read"].values())
 
 
@@ -377,6 +377,7 @@ def engine_fhiry(src: Path, work: Path) -> int:
 
 ENGINES = {
     "synthfactory": lambda s, w: engine_ours(s, w),
+    "synthfactory (Python flatten)": lambda s, w: engine_ours(s, w, native=False),
     "synthfactory (views engine)": lambda s, w: engine_ours(s, w, engine="views"),
     "synthfactory (no sampled validation)": lambda s, w: engine_ours(s, w, rate=0.0),
     "synthfactory before": engine_before,

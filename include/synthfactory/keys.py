@@ -25,11 +25,18 @@ class Keyer:
         if len(salt) < MIN_SALT_BYTES:
             raise ValueError(f"HMAC salt must be at least {MIN_SALT_BYTES} bytes, got {len(salt)}")
         self._mac = hmac.new(salt, digestmod=hashlib.sha256)
+        k = (salt if len(salt) <= 64 else hashlib.sha256(salt).digest()).ljust(64, b"\0")
+        self._pads = (bytes(b ^ 0x36 for b in k), bytes(b ^ 0x5C for b in k))
 
     def key(self, resource_type: str, source_id: str) -> str:
         m = self._mac.copy()
         m.update(f"{resource_type}/{source_id}".encode())
         return m.hexdigest()[:KEY_HEX_CHARS]
+
+    def hmac_pads(self) -> tuple[bytes, bytes]:
+        """The inner and outer pads of the HMAC key (RFC 2104), for a compiled keyer in this process
+        (:mod:`synthfactory.ingest.native`), which checks its keys against :meth:`key` before use."""
+        return self._pads
 
 
 def resolve_salt(explicit: str | bytes | None, staging_root: str) -> bytes:

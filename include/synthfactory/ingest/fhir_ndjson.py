@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 from synthfactory.keys import Keyer
 from synthfactory.storage import Store, is_s3, join
 
+from . import native as _native
 from .fhirpath import Env
 from .normalize import (
     GENDERS,
@@ -701,7 +702,8 @@ class IngestSession:
                  resources: Iterable[str] = DEFAULT_RESOURCES, views: Iterable[dict] = (),
                  validate_sample_rate: float = 0.01, batch_rows: int = 50_000, engine: str = "fast",
                  max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, on_dangling: str = "quarantine",
-                 validate_first: int = ALWAYS_VALIDATE_FIRST, validate_max_per_type: int = 0):
+                 validate_first: int = ALWAYS_VALIDATE_FIRST, validate_max_per_type: int = 0,
+                 native: bool = True):
         self.t0 = time.perf_counter()
         self.validate_first = max(int(validate_first), 0)
         # the sampled validation stops at this many validated resources of a type (0: no cap), so its cost is
@@ -783,6 +785,17 @@ class IngestSession:
             self.abort()
             raise
 
+        # -- the compiled flatten (ingest.native) for the plain lines of the types it covers: only where the
+        # type's single table is the hand-written one, whose rows it reproduces
+        self.native: dict[str, Any] = {}
+        if native and engine == "fast":
+            for rtype, prods in self.producers.items():
+                if len(prods) == 1 and prods[0].fn is flatteners.get(rtype):
+                    nf = _native.flattener(rtype, keyer)
+                    if nf is not None:
+                        self.native[rtype] = nf
+        self.native_lines: Counter = Counter()
+
         # -- counters --------------------------------------------------------------------------------
         self.seen: dict[str, set[str]] = {r: set() for r in self.resources}
         self.patient_keys: set[str] | None = set() if "Patient" in self.producers else None
@@ -860,105 +873,129 @@ class IngestSession:
         n_cand = self.candidates[rtype]
         validated = 0
         lineno = 0
+        native = self.native.get(rtype) if single is not None else None
+        run = native.run if native is not None else None
+        n_native = 0
         for block in blocks:
             if len(ids_chunk) >= IDENTIFIER_CHUNK_ROWS:
                 self.identifiers.maybe_spill()
-            for raw in block:
-                lineno += 1
-                if not raw:
-                    if raw is _OVERSIZE:
-                        n_read += 1
-                        n_bad += 1
-                        quarantine(fname, lineno, rtype, f"line longer than {self.max_line_bytes} bytes")
-                    continue
-                try:
-                    o = loads(raw)
-                except decode_error:
-                    if not raw.strip():
-                        continue
-                    o = None
-                    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
-                        try:
-                            o = loads(raw[3:])
-                        except decode_error:
-                            o = None
-                    if o is None:
-                        n_read += 1
-                        n_bad += 1
-                        quarantine(fname, lineno, rtype, "invalid JSON")
-                        continue
-                n_read += 1
-                if type(o) is not dict:
-                    n_bad += 1
-                    quarantine(fname, lineno, rtype, "not a JSON object")
-                    continue
-                rt = o.get("resourceType")
-                if rt != rtype:
-                    n_bad += 1
-                    quarantine(fname, lineno, rtype, "missing resourceType" if rt is None else "resourceType mismatch")
-                    continue
-                rid = o.get("id")
-                if type(rid) is not str or not rid:
-                    n_bad += 1
-                    quarantine(fname, lineno, rtype, "missing id")
-                    continue
-                add_ident(rid, "id")
-                if is_patient or "identifier" in o:
-                    collect_identifiers(o, is_patient, add_ident)
-                if rid in seen_ids:
-                    n_bad += 1
-                    quarantine(fname, lineno, rtype, "duplicate id")
-                    continue
-                if b'"modifierExtension"' in raw and has_modifier_extension(o):
-                    n_bad += 1
-                    quarantine(fname, lineno, rtype, "unknown modifierExtension")
-                    continue
-                n_cand += 1
-                if n_cand <= validate_first or (
-                        threshold and (vcap is None or vdone < vcap)
-                        and ((lineno * 2654435761 + file_salt) & 0xFFFFFFFF) < threshold):
-                    validated += 1
-                    vdone += 1
-                    try:
-                        _validator(rtype).model_validate(o)
-                    except Exception as exc:  # noqa: BLE001 - any model failure quarantines
-                        n_bad += 1
-                        quarantine(fname, lineno, rtype, _validation_reason(exc))
-                        continue
-                if single is not None:
-                    try:
-                        rows = flat(o, rid)
-                    except _Bad as bad:
-                        n_bad += 1
-                        quarantine(fname, lineno, rtype, bad.reason)
-                        continue
-                    except (AttributeError, TypeError, KeyError, IndexError, ValueError, OverflowError):
-                        n_bad += 1
-                        quarantine(fname, lineno, rtype, "malformed resource structure")
-                        continue
-                    if pkeys is not None and rows:
-                        pk = rows[0][pidx]
-                        if pk is not None and pk not in pkeys:
-                            self.dangling[rtype] = self.dangling.get(rtype, 0) + 1
-                            if not keep_dangling:
-                                n_bad += 1
-                                quarantine(fname, lineno, rtype, "dangling reference to Patient")
-                                continue
-                    seen_ids.add(rid)
-                    if is_patient and patient_keys is not None:
-                        patient_keys.add(key("Patient", rid))
-                    buf.extend(rows)
-                    if len(buf) >= batch_rows:
+            pos, nblock = 0, len(block)
+            while pos < nblock:
+                if run is None:
+                    seg, pos = block, nblock
+                else:  # the compiled flatten takes the plain lines; the loop below gets the others, one by one
+                    nxt, took, why = run(block, pos, lineno, buf, seen_ids, pkeys, ids_chunk, n_cand, vdone,
+                                         -1 if vcap is None else vcap, validate_first, threshold, file_salt,
+                                         batch_rows)
+                    lineno += nxt - pos
+                    n_read += took
+                    n_cand += took
+                    n_native += took
+                    pos = nxt
+                    if why == 2:  # buffer full
                         writer.flush()
                         buf = writer.buf
-                else:
-                    reason = self._produce(o, rid, rtype, producers, pkeys, keep_dangling)
-                    if reason is not None:
-                        n_bad += 1
-                        quarantine(fname, lineno, rtype, reason)
                         continue
-                    seen_ids.add(rid)
+                    if why == 0:
+                        break
+                    seg, pos = block[pos:pos + 1], pos + 1
+                for raw in seg:
+                    lineno += 1
+                    if not raw:
+                        if raw is _OVERSIZE:
+                            n_read += 1
+                            n_bad += 1
+                            quarantine(fname, lineno, rtype, f"line longer than {self.max_line_bytes} bytes")
+                        continue
+                    try:
+                        o = loads(raw)
+                    except decode_error:
+                        if not raw.strip():
+                            continue
+                        o = None
+                        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
+                            try:
+                                o = loads(raw[3:])
+                            except decode_error:
+                                o = None
+                        if o is None:
+                            n_read += 1
+                            n_bad += 1
+                            quarantine(fname, lineno, rtype, "invalid JSON")
+                            continue
+                    n_read += 1
+                    if type(o) is not dict:
+                        n_bad += 1
+                        quarantine(fname, lineno, rtype, "not a JSON object")
+                        continue
+                    rt = o.get("resourceType")
+                    if rt != rtype:
+                        n_bad += 1
+                        quarantine(fname, lineno, rtype, "missing resourceType" if rt is None else "resourceType mismatch")
+                        continue
+                    rid = o.get("id")
+                    if type(rid) is not str or not rid:
+                        n_bad += 1
+                        quarantine(fname, lineno, rtype, "missing id")
+                        continue
+                    add_ident(rid, "id")
+                    if is_patient or "identifier" in o:
+                        collect_identifiers(o, is_patient, add_ident)
+                    if rid in seen_ids:
+                        n_bad += 1
+                        quarantine(fname, lineno, rtype, "duplicate id")
+                        continue
+                    if b'"modifierExtension"' in raw and has_modifier_extension(o):
+                        n_bad += 1
+                        quarantine(fname, lineno, rtype, "unknown modifierExtension")
+                        continue
+                    n_cand += 1
+                    if n_cand <= validate_first or (
+                            threshold and (vcap is None or vdone < vcap)
+                            and ((lineno * 2654435761 + file_salt) & 0xFFFFFFFF) < threshold):
+                        validated += 1
+                        vdone += 1
+                        try:
+                            _validator(rtype).model_validate(o)
+                        except Exception as exc:  # noqa: BLE001 - any model failure quarantines
+                            n_bad += 1
+                            quarantine(fname, lineno, rtype, _validation_reason(exc))
+                            continue
+                    if single is not None:
+                        try:
+                            rows = flat(o, rid)
+                        except _Bad as bad:
+                            n_bad += 1
+                            quarantine(fname, lineno, rtype, bad.reason)
+                            continue
+                        except (AttributeError, TypeError, KeyError, IndexError, ValueError, OverflowError):
+                            n_bad += 1
+                            quarantine(fname, lineno, rtype, "malformed resource structure")
+                            continue
+                        if pkeys is not None and rows:
+                            pk = rows[0][pidx]
+                            if pk is not None and pk not in pkeys:
+                                self.dangling[rtype] = self.dangling.get(rtype, 0) + 1
+                                if not keep_dangling:
+                                    n_bad += 1
+                                    quarantine(fname, lineno, rtype, "dangling reference to Patient")
+                                    continue
+                        seen_ids.add(rid)
+                        if is_patient and patient_keys is not None:
+                            patient_keys.add(key("Patient", rid))
+                        buf.extend(rows)
+                        if len(buf) >= batch_rows:
+                            writer.flush()
+                            buf = writer.buf
+                    else:
+                        reason = self._produce(o, rid, rtype, producers, pkeys, keep_dangling)
+                        if reason is not None:
+                            n_bad += 1
+                            quarantine(fname, lineno, rtype, reason)
+                            continue
+                        seen_ids.add(rid)
         self.candidates[rtype] = n_cand
+        self.native_lines[rtype] += n_native
         self.validated += validated
         self.validated_by_type[rtype] = vdone
         self.resources_read[rtype] += n_read
@@ -1111,6 +1148,7 @@ class IngestSession:
             "validated": self.validated,
             "validated_by_type": dict(sorted(self.validated_by_type.items())),
             "views": sorted(self.views),
+            "native_lines": dict(sorted(self.native_lines.items())),
             "seconds": round(seconds, 3),
             "resources_per_second": round(total_read / seconds, 1) if seconds > 0 else 0.0,
             **(extra or {}),
@@ -1217,6 +1255,7 @@ def ingest_extract(
     extra_report: dict | None = None,
     validate_first: int = ALWAYS_VALIDATE_FIRST,
     validate_max_per_type: int = 0,
+    native: bool = True,
 ) -> dict:
     """Flatten a FHIR R4 NDJSON extract into pseudonymised Parquet tables under ``out_uri``.
 
@@ -1241,7 +1280,7 @@ def ingest_extract(
         session = IngestSession(out_uri, keyer=keyer, store=store, resources=resources, views=views,
                                 validate_sample_rate=validate_sample_rate, batch_rows=batch_rows, engine=engine,
                                 max_line_bytes=max_line_bytes, on_dangling=on_dangling, validate_first=validate_first,
-                                validate_max_per_type=validate_max_per_type)
+                                validate_max_per_type=validate_max_per_type, native=native)
         try:
             for name, uri, rtype in found:
                 session.ingest_ndjson(name, uri, rtype)

@@ -1,0 +1,1385 @@
+/*
+ * synthfactory.ingest._flatc: the compiled flatten of the plain NDJSON lines of Observation, Encounter
+ * and Condition (the bulk of any extract) for the ingest session's hot loop.
+ *
+ * Contract: the rows this module writes for a line are exactly the rows the hand-written Python
+ * flatteners (fhir_ndjson._make_flatteners) write for it, with the same side effects (identifiers,
+ * seen ids, counters). It only ever *accepts* a line it can prove plain; anything else (invalid JSON,
+ * escapes in a value it reads, a shape or value it does not cover, a duplicate id, a line picked for
+ * validation, a dangling reference, a modifierExtension) is handed back to the Python loop untouched, so
+ * every quarantine decision and every reason stays the Python code's. The JSON grammar is checked in
+ * full (RFC 8259, UTF-8, orjson's limits) before anything is read: a line orjson would reject is never
+ * accepted here.
+ *
+ * Keys: HMAC-SHA256 of "Type/id" from the Keyer's inner and outer pads, cut to 32 hex characters;
+ * the Python side checks them against Keyer.key before using this module.
+ *
+ * No value from the data ever goes to an error message; errors here are only MemoryError/TypeError.
+ */
+#define _GNU_SOURCE /* memmem */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+/* ============================================================================================== */
+/* SHA-256 / HMAC                                                                                  */
+/* ============================================================================================== */
+static const uint32_t SHA_K[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+static const uint32_t SHA_IV[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+
+#define ROR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+static void sha_compress(uint32_t h[8], const uint8_t *p) {
+    uint32_t w[64], a, b, c, d, e, f, g, hh, t1, t2;
+    int i;
+    for (i = 0; i < 16; i++)
+        w[i] = ((uint32_t)p[4 * i] << 24) | ((uint32_t)p[4 * i + 1] << 16) | ((uint32_t)p[4 * i + 2] << 8) |
+               (uint32_t)p[4 * i + 3];
+    for (i = 16; i < 64; i++) {
+        uint32_t s0 = ROR(w[i - 15], 7) ^ ROR(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ROR(w[i - 2], 17) ^ ROR(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    a = h[0]; b = h[1]; c = h[2]; d = h[3]; e = h[4]; f = h[5]; g = h[6]; hh = h[7];
+    for (i = 0; i < 64; i++) {
+        t1 = hh + (ROR(e, 6) ^ ROR(e, 11) ^ ROR(e, 25)) + ((e & f) ^ (~e & g)) + SHA_K[i] + w[i];
+        t2 = (ROR(a, 2) ^ ROR(a, 13) ^ ROR(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+        hh = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+    }
+    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += hh;
+}
+
+/* hash the message m (after one 64-byte block already absorbed into state h) and write the digest */
+static void sha_finish(const uint32_t st[8], const uint8_t *m, size_t n, uint8_t out[32]) {
+    uint32_t h[8];
+    uint8_t blk[64];
+    uint64_t bits = (uint64_t)(64 + n) * 8;
+    size_t i;
+    memcpy(h, st, sizeof h);
+    while (n >= 64) {
+        sha_compress(h, m);
+        m += 64;
+        n -= 64;
+    }
+    memset(blk, 0, 64);
+    memcpy(blk, m, n);
+    blk[n] = 0x80;
+    if (n >= 56) {
+        sha_compress(h, blk);
+        memset(blk, 0, 64);
+    }
+    for (i = 0; i < 8; i++) blk[63 - i] = (uint8_t)(bits >> (8 * i));
+    sha_compress(h, blk);
+    for (i = 0; i < 8; i++) {
+        out[4 * i] = (uint8_t)(h[i] >> 24);
+        out[4 * i + 1] = (uint8_t)(h[i] >> 16);
+        out[4 * i + 2] = (uint8_t)(h[i] >> 8);
+        out[4 * i + 3] = (uint8_t)h[i];
+    }
+}
+
+/* ============================================================================================== */
+/* JSON: a strict, validating parse into a flat node array                                        */
+/* ============================================================================================== */
+enum { J_NULL, J_FALSE, J_TRUE, J_NUM, J_STR, J_ARR, J_OBJ };
+
+typedef struct {
+    uint8_t type;
+    uint8_t esc;    /* string has a backslash escape */
+    uint8_t isint;  /* number without fraction or exponent */
+    uint8_t kesc;   /* member key has an escape */
+    uint32_t off, len;   /* string content / number text */
+    uint32_t koff, klen; /* member key content (object children) */
+    int32_t next;        /* next sibling, -1 */
+    int32_t child;       /* first child, -1 */
+    uint32_t count;      /* children */
+} jnode;
+
+#define MAX_DEPTH 256 /* orjson allows 1024: deeper lines go to the Python path, never accepted here */
+
+typedef struct {
+    const uint8_t *s;
+    size_t n, pos;
+    jnode *nodes;
+    size_t nn, cap;
+    int odd; /* valid JSON, but a shape this module leaves to Python (surrogate escapes, key escapes) */
+    int dup; /* a key read from an object occurs twice in it */
+} parser;
+
+static int new_node(parser *P) {
+    if (P->nn == P->cap) {
+        size_t cap = P->cap ? P->cap * 2 : 256;
+        jnode *nn;
+        if (cap > (size_t)INT32_MAX) return -1;
+        nn = (jnode *)realloc(P->nodes, cap * sizeof(jnode));
+        if (!nn) return -1;
+        P->nodes = nn;
+        P->cap = cap;
+    }
+    memset(&P->nodes[P->nn], 0, sizeof(jnode));
+    P->nodes[P->nn].next = -1;
+    P->nodes[P->nn].child = -1;
+    return (int)P->nn++;
+}
+
+static inline void skip_ws(parser *P) {
+    while (P->pos < P->n) {
+        uint8_t c = P->s[P->pos];
+        if (c == ' ' || c == '\t' || c == '\n' || c == '\r') P->pos++;
+        else break;
+    }
+}
+
+static inline int hexval(uint8_t c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* a string at P->pos (the opening quote); returns 0 and the content span, -1 if invalid */
+static int parse_string(parser *P, uint32_t *off, uint32_t *len, uint8_t *esc) {
+    const uint8_t *s = P->s;
+    size_t i = P->pos + 1, n = P->n;
+    *esc = 0;
+    *off = (uint32_t)i;
+    while (i < n) {
+        uint8_t c;
+#if defined(__SSE2__)
+        /* 16 bytes at a time while none is a quote, a backslash, a control or a non-ASCII byte (the
+         * signed compare flags bytes >= 0x80 as below 0x20) */
+        while (i + 16 <= n) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(s + i));
+            __m128i bad = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('"')),
+                                                    _mm_cmpeq_epi8(v, _mm_set1_epi8('\\'))),
+                                       _mm_cmplt_epi8(v, _mm_set1_epi8(0x20)));
+            int mask = _mm_movemask_epi8(bad);
+            if (mask) {
+                i += (size_t)__builtin_ctz((unsigned)mask);
+                break;
+            }
+            i += 16;
+        }
+        if (i >= n) break;
+#endif
+        c = s[i];
+        if (c == '"') {
+            *len = (uint32_t)(i - *off);
+            P->pos = i + 1;
+            return 0;
+        }
+        if (c == '\\') {
+            uint8_t e;
+            if (i + 1 >= n) return -1;
+            e = s[i + 1];
+            *esc = 1;
+            if (e == 'u') {
+                int k, v = 0;
+                if (i + 5 >= n) return -1;
+                for (k = 2; k < 6; k++) {
+                    int hv = hexval(s[i + k]);
+                    if (hv < 0) return -1;
+                    v = v * 16 + hv;
+                }
+                if (v >= 0xD800 && v <= 0xDFFF) P->odd = 1; /* surrogates: left to orjson */
+                i += 6;
+                continue;
+            }
+            if (e == '"' || e == '\\' || e == '/' || e == 'b' || e == 'f' || e == 'n' || e == 'r' || e == 't') {
+                i += 2;
+                continue;
+            }
+            return -1;
+        }
+        if (c < 0x20) return -1;
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        /* UTF-8: no overlongs, no surrogates, nothing above U+10FFFF */
+        if (c >= 0xC2 && c <= 0xDF) {
+            if (i + 1 >= n || (s[i + 1] & 0xC0) != 0x80) return -1;
+            i += 2;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            uint8_t c1;
+            if (i + 2 >= n) return -1;
+            c1 = s[i + 1];
+            if ((c1 & 0xC0) != 0x80 || (s[i + 2] & 0xC0) != 0x80) return -1;
+            if (c == 0xE0 && c1 < 0xA0) return -1;
+            if (c == 0xED && c1 >= 0xA0) return -1;
+            i += 3;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            uint8_t c1;
+            if (i + 3 >= n) return -1;
+            c1 = s[i + 1];
+            if ((c1 & 0xC0) != 0x80 || (s[i + 2] & 0xC0) != 0x80 || (s[i + 3] & 0xC0) != 0x80) return -1;
+            if (c == 0xF0 && c1 < 0x90) return -1;
+            if (c == 0xF4 && c1 >= 0x90) return -1;
+            i += 4;
+        } else {
+            return -1;
+        }
+    }
+    return -1;
+}
+
+static int parse_number(parser *P, int idx) {
+    const uint8_t *s = P->s;
+    size_t i = P->pos, n = P->n, start = i, sig = 0;
+    long exp = 0;
+    int isint = 1, lead = 1;
+    if (i < n && s[i] == '-') i++;
+    if (i >= n) return -1;
+    if (s[i] == '0') {
+        i++;
+    } else if (s[i] >= '1' && s[i] <= '9') {
+        while (i < n && s[i] >= '0' && s[i] <= '9') {
+            i++;
+            sig++;
+        }
+    } else {
+        return -1;
+    }
+    if (i < n && s[i] == '.') {
+        size_t d = 0;
+        isint = 0;
+        i++;
+        while (i < n && s[i] >= '0' && s[i] <= '9') {
+            i++;
+            d++;
+        }
+        if (!d) return -1;
+    }
+    if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+        size_t d = 0;
+        int neg = 0;
+        isint = 0;
+        i++;
+        if (i < n && (s[i] == '+' || s[i] == '-')) {
+            neg = s[i] == '-';
+            i++;
+        }
+        while (i < n && s[i] >= '0' && s[i] <= '9') {
+            if (exp < 100000) exp = exp * 10 + (s[i] - '0');
+            i++;
+            d++;
+        }
+        if (!d) return -1;
+        if (neg) exp = -exp;
+    }
+    (void)lead;
+    /* orjson rejects a number that overflows a double: anything that might is left to it */
+    if ((long)sig + exp > 300 || exp > 300) P->odd = 1;
+    P->nodes[idx].type = J_NUM;
+    P->nodes[idx].isint = (uint8_t)isint;
+    P->nodes[idx].off = (uint32_t)start;
+    P->nodes[idx].len = (uint32_t)(i - start);
+    P->pos = i;
+    return 0;
+}
+
+static int parse_value(parser *P, int depth);
+
+static int parse_container(parser *P, int idx, int depth, int obj) {
+    int prev = -1;
+    uint32_t count = 0;
+    P->pos++; /* [ or { */
+    skip_ws(P);
+    if (P->pos < P->n && P->s[P->pos] == (obj ? '}' : ']')) {
+        P->pos++;
+        P->nodes[idx].count = 0;
+        return 0;
+    }
+    for (;;) {
+        uint32_t koff = 0, klen = 0;
+        uint8_t kesc = 0;
+        int c;
+        if (obj) {
+            skip_ws(P);
+            if (P->pos >= P->n || P->s[P->pos] != '"') return -1;
+            if (parse_string(P, &koff, &klen, &kesc) < 0) return -1;
+            if (kesc) P->odd = 1;
+            skip_ws(P);
+            if (P->pos >= P->n || P->s[P->pos] != ':') return -1;
+            P->pos++;
+        }
+        c = parse_value(P, depth + 1);
+        if (c < 0) return -1;
+        if (obj) {
+            P->nodes[c].koff = koff;
+            P->nodes[c].klen = klen;
+            P->nodes[c].kesc = kesc;
+        }
+        if (prev < 0) P->nodes[idx].child = c;
+        else P->nodes[prev].next = c;
+        prev = c;
+        count++;
+        skip_ws(P);
+        if (P->pos >= P->n) return -1;
+        if (P->s[P->pos] == ',') {
+            P->pos++;
+            continue;
+        }
+        if (P->s[P->pos] == (obj ? '}' : ']')) {
+            P->pos++;
+            break;
+        }
+        return -1;
+    }
+    P->nodes[idx].count = count;
+    return 0;
+}
+
+/* returns the node index, -1 on invalid JSON, -2 on out of memory */
+static int parse_value(parser *P, int depth) {
+    int idx;
+    uint8_t c;
+    if (depth > MAX_DEPTH) {
+        P->odd = 1;
+        return -1;
+    }
+    skip_ws(P);
+    if (P->pos >= P->n) return -1;
+    idx = new_node(P);
+    if (idx < 0) return -2;
+    c = P->s[P->pos];
+    switch (c) {
+    case '{':
+    case '[': {
+        int r;
+        P->nodes[idx].type = c == '{' ? J_OBJ : J_ARR;
+        r = parse_container(P, idx, depth, c == '{');
+        if (r < 0) return r;
+        return idx;
+    }
+    case '"': {
+        uint32_t off, len;
+        uint8_t esc;
+        if (parse_string(P, &off, &len, &esc) < 0) return -1;
+        P->nodes[idx].type = J_STR;
+        P->nodes[idx].off = off;
+        P->nodes[idx].len = len;
+        P->nodes[idx].esc = esc;
+        return idx;
+    }
+    case 't':
+        if (P->n - P->pos >= 4 && memcmp(P->s + P->pos, "true", 4) == 0) {
+            P->nodes[idx].type = J_TRUE;
+            P->pos += 4;
+            return idx;
+        }
+        return -1;
+    case 'f':
+        if (P->n - P->pos >= 5 && memcmp(P->s + P->pos, "false", 5) == 0) {
+            P->nodes[idx].type = J_FALSE;
+            P->pos += 5;
+            return idx;
+        }
+        return -1;
+    case 'n':
+        if (P->n - P->pos >= 4 && memcmp(P->s + P->pos, "null", 4) == 0) {
+            P->nodes[idx].type = J_NULL;
+            P->pos += 4;
+            return idx;
+        }
+        return -1;
+    default:
+        if (c == '-' || (c >= '0' && c <= '9')) {
+            if (parse_number(P, idx) < 0) return -1;
+            return idx;
+        }
+        return -1;
+    }
+}
+
+/* ============================================================================================== */
+/* Reading the parsed line                                                                        */
+/* ============================================================================================== */
+#define ABSENT (-1)
+#define FB (-3) /* hand the line to Python */
+
+/* the member `key` of object `obj`: its node or ABSENT. A key that occurs twice (orjson keeps the last
+ * one) marks the line as a duplicate-key line, which is handed to Python before anything is kept. */
+static int get(parser *P, int obj, const char *key) {
+    size_t kl = strlen(key);
+    int c, hit = ABSENT;
+    for (c = P->nodes[obj].child; c >= 0; c = P->nodes[c].next) {
+        const jnode *m = &P->nodes[c];
+        if (m->klen == kl && memcmp(P->s + m->koff, key, kl) == 0) {
+            if (hit != ABSENT) P->dup = 1;
+            hit = c;
+        }
+    }
+    return hit;
+}
+
+static inline int is_none(parser *P, int i) { return i == ABSENT || P->nodes[i].type == J_NULL; }
+static inline int is_type(parser *P, int i, int t) { return i >= 0 && P->nodes[i].type == t; }
+static inline int nth(parser *P, int arr, uint32_t k) {
+    int c = P->nodes[arr].child;
+    while (c >= 0 && k--) c = P->nodes[c].next;
+    return c;
+}
+
+/* A C-level cell value, made a Python object only once the whole line is accepted. */
+enum { V_NONE, V_SPAN, V_CONST, V_DBL, V_INT };
+typedef struct {
+    int kind;
+    uint32_t off, len; /* V_SPAN: string bytes in the line (validated UTF-8, no escapes) */
+    int cidx;          /* V_CONST: index into the module's interned strings */
+    double d;          /* V_DBL */
+    long long i;       /* V_INT */
+} cell;
+
+static const cell NONE_CELL = {V_NONE, 0, 0, 0, 0.0, 0};
+
+/* interned constants */
+enum { C_LOINC, C_SNOMED, C_ICD10CM, C_RXNORM, C_TRUE, C_FALSE, N_CONST };
+static const char *CONST_TEXT[N_CONST] = {"loinc", "snomed", "icd10cm", "rxnorm", "true", "false"};
+
+/* SYSTEM_RANK / SYSTEM_SHORT of normalize.py (rank = short index) */
+static const struct {
+    const char *uri;
+    int code;
+} SYSTEMS[] = {
+    {"http://loinc.org", C_LOINC},
+    {"urn:oid:2.16.840.1.113883.6.1", C_LOINC},
+    {"http://snomed.info/sct", C_SNOMED},
+    {"urn:oid:2.16.840.1.113883.6.96", C_SNOMED},
+    {"http://hl7.org/fhir/sid/icd-10-cm", C_ICD10CM},
+    {"urn:oid:2.16.840.1.113883.6.90", C_ICD10CM},
+    {"http://www.nlm.nih.gov/research/umls/rxnorm", C_RXNORM},
+    {"urn:oid:2.16.840.1.113883.6.88", C_RXNORM},
+};
+#define N_SYSTEMS (sizeof(SYSTEMS) / sizeof(SYSTEMS[0]))
+
+static int system_code(parser *P, int i) {
+    size_t k;
+    const jnode *n = &P->nodes[i];
+    for (k = 0; k < N_SYSTEMS; k++) {
+        size_t l = strlen(SYSTEMS[k].uri);
+        if (n->len == l && memcmp(P->s + n->off, SYSTEMS[k].uri, l) == 0) return SYSTEMS[k].code;
+    }
+    return -1;
+}
+
+/* a string member read as `_s(value)`: None (absent/null), a plain string, else FB */
+static int str_cell(parser *P, int i, cell *out) {
+    if (is_none(P, i)) {
+        *out = NONE_CELL;
+        return 0;
+    }
+    if (P->nodes[i].type != J_STR || P->nodes[i].esc) return FB;
+    out->kind = V_SPAN;
+    out->off = P->nodes[i].off;
+    out->len = P->nodes[i].len;
+    return 0;
+}
+
+static inline int span_empty(const cell *c) { return c->kind == V_SPAN && c->len == 0; }
+
+/* object member that must be None or an object: returns node, ABSENT (None) or FB */
+static int obj_or_none(parser *P, int i) {
+    if (is_none(P, i)) return ABSENT;
+    if (P->nodes[i].type != J_OBJ) return FB;
+    return i;
+}
+
+/* first_code(cc): code of the first coding, else the text */
+static int first_code(parser *P, int cc, cell *out) {
+    int codings;
+    cc = obj_or_none(P, cc);
+    if (cc == FB) return FB;
+    if (cc == ABSENT || P->nodes[cc].count == 0) { /* `if not cc` */
+        *out = NONE_CELL;
+        return 0;
+    }
+    codings = get(P, cc, "coding");
+    if (!is_none(P, codings)) {
+        int c0;
+        if (P->nodes[codings].type != J_ARR) return FB;
+        if (P->nodes[codings].count) {
+            c0 = P->nodes[codings].child;
+            if (P->nodes[c0].type != J_OBJ) return FB;
+            return str_cell(P, get(P, c0, "code"), out);
+        }
+    }
+    return str_cell(P, get(P, cc, "text"), out);
+}
+
+/* concept(cc): (short system, code, display) of the preferred coding, display falling back to text */
+static int concept(parser *P, int cc, cell *sys, cell *code, cell *disp) {
+    int codings, best = -1, c;
+    cc = obj_or_none(P, cc);
+    if (cc == FB) return FB;
+    *sys = *code = *disp = NONE_CELL;
+    if (cc == ABSENT || P->nodes[cc].count == 0) return 0;
+    codings = get(P, cc, "coding");
+    if (!is_none(P, codings)) {
+        if (P->nodes[codings].type != J_ARR) return FB;
+        if (P->nodes[codings].count == 1) {
+            best = P->nodes[codings].child;
+            if (P->nodes[best].type != J_OBJ) return FB;
+        } else if (P->nodes[codings].count > 1) {
+            int rank = 99;
+            for (c = P->nodes[codings].child; c >= 0; c = P->nodes[c].next) {
+                int s, r = 99;
+                if (P->nodes[c].type != J_OBJ) return FB;
+                s = get(P, c, "system");
+                if (!is_none(P, s)) {
+                    if (P->nodes[s].type != J_STR) return FB;
+                    if (P->nodes[s].esc) return FB;
+                    r = system_code(P, s);
+                    if (r < 0) r = 99;
+                }
+                if (r < rank) {
+                    best = c;
+                    rank = r;
+                }
+            }
+            if (best < 0) best = P->nodes[codings].child;
+        }
+    }
+    if (best < 0) return str_cell(P, get(P, cc, "text"), disp);
+    {
+        int s = get(P, best, "system");
+        if (str_cell(P, s, sys) == FB) return FB;
+        if (sys->kind == V_SPAN) {
+            int sc = system_code(P, s);
+            if (sc >= 0) {
+                sys->kind = V_CONST;
+                sys->cidx = sc;
+            }
+        }
+        if (str_cell(P, get(P, best, "code"), code) == FB) return FB;
+        if (str_cell(P, get(P, best, "display"), disp) == FB) return FB;
+        if (disp->kind == V_NONE || span_empty(disp)) /* `display or cc.get("text")` */
+            if (str_cell(P, get(P, cc, "text"), disp) == FB) return FB;
+    }
+    return 0;
+}
+
+static const uint8_t DIM[13] = {0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+
+static inline int dig(const uint8_t *s, int i) { return (s[i] >= '0' && s[i] <= '9') ? s[i] - '0' : -1000; }
+
+/* The canonical dateTimes that fhir_datetime_deferred returns as they are (YYYY-MM-DDThh:mm:ss with Z
+ * or +hh:mm, a valid calendar time). Anything else is left to Python. */
+static int canonical_dt(const uint8_t *s, uint32_t n) {
+    int y, mo, d, h, mi, se, dim;
+    if (n != 20 && n != 25) return 0;
+    if (s[4] != '-' || s[7] != '-' || s[10] != 'T' || s[13] != ':' || s[16] != ':') return 0;
+    y = dig(s, 0) * 1000 + dig(s, 1) * 100 + dig(s, 2) * 10 + dig(s, 3);
+    mo = dig(s, 5) * 10 + dig(s, 6);
+    d = dig(s, 8) * 10 + dig(s, 9);
+    h = dig(s, 11) * 10 + dig(s, 12);
+    mi = dig(s, 14) * 10 + dig(s, 15);
+    se = dig(s, 17) * 10 + dig(s, 18);
+    if (y < 1 || mo < 1 || mo > 12 || d < 1 || h < 0 || h > 23 || mi < 0 || mi > 59 || se < 0 || se > 59) return 0;
+    dim = DIM[mo];
+    if (mo == 2 && ((y % 4 == 0 && y % 100 != 0) || y % 400 == 0)) dim = 29;
+    if (d > dim) return 0;
+    if (n == 20) return s[19] == 'Z';
+    {
+        int oh, om;
+        if (s[19] != '+' && s[19] != '-') return 0;
+        if (s[22] != ':') return 0;
+        oh = dig(s, 20) * 10 + dig(s, 21);
+        om = dig(s, 23) * 10 + dig(s, 24);
+        if (oh < 0 || oh > 14 || om < 0 || om > 59) return 0;
+    }
+    return 1;
+}
+
+static int two(const uint8_t *s, uint32_t n, uint32_t *k) {
+    int v;
+    if (*k + 2 > n) return -1;
+    v = dig(s, (int)*k) * 10 + dig(s, (int)*k + 1);
+    *k += 2;
+    return v < 0 ? -1 : v;
+}
+
+/* normalize.datetime_parts(value)[0]: microseconds since the epoch, UTC, of any FHIR date/dateTime
+ * (YYYY[-MM[-DD[Thh:mm[:ss[.f+]][Z|+hh:mm|-hh:mm]]]]; a time without zone is UTC). 0, or -1 invalid. */
+static int dt_micros(const uint8_t *s, uint32_t n, long long *out) {
+    uint32_t k = 4;
+    int y, mo = 1, d = 1, h, mi, se = 0, dim;
+    long long days, secs, us = 0;
+    if (n < 4) return -1;
+    y = dig(s, 0) * 1000 + dig(s, 1) * 100 + dig(s, 2) * 10 + dig(s, 3);
+    if (y < 1) return -1;
+    if (k < n) {
+        if (s[k++] != '-' || (mo = two(s, n, &k)) < 0) return -1;
+        if (k < n) {
+            if (s[k++] != '-' || (d = two(s, n, &k)) < 0) return -1;
+        }
+    }
+    if (mo < 1 || mo > 12 || d < 1) return -1;
+    dim = DIM[mo];
+    if (mo == 2 && ((y % 4 == 0 && y % 100 != 0) || y % 400 == 0)) dim = 29;
+    if (d > dim) return -1;
+    {   /* days from civil (proleptic Gregorian) */
+        long long yy = y - (mo <= 2), era = yy / 400, yoe = yy - era * 400;
+        long long doy = (153 * (mo + (mo > 2 ? -3 : 9)) + 2) / 5 + d - 1, doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        days = era * 146097 + doe - 719468;
+    }
+    if (k == n) {
+        *out = days * 86400000000LL;
+        return 0;
+    }
+    if (n < 11 || k != 10 || s[k++] != 'T') return -1;
+    if ((h = two(s, n, &k)) < 0 || k >= n || s[k++] != ':' || (mi = two(s, n, &k)) < 0) return -1;
+    if (k < n && s[k] == ':') {
+        k++;
+        if ((se = two(s, n, &k)) < 0) return -1;
+        if (k < n && s[k] == '.') {
+            int nd = 0;
+            k++;
+            while (k < n && s[k] >= '0' && s[k] <= '9') {
+                if (nd < 6) us = us * 10 + (s[k] - '0');
+                nd++;
+                k++;
+            }
+            if (!nd) return -1;
+            for (; nd < 6; nd++) us *= 10;
+        }
+    }
+    if (h > 23 || mi > 59 || se > 60) return -1;
+    secs = days * 86400 + h * 3600 + mi * 60 + se;
+    if (k < n) {
+        if (s[k] == 'Z') {
+            k++;
+        } else if (s[k] == '+' || s[k] == '-') {
+            int sign = s[k] == '+' ? 1 : -1, oh, om;
+            k++;
+            if ((oh = two(s, n, &k)) < 0 || k >= n || s[k++] != ':' || (om = two(s, n, &k)) < 0) return -1;
+            if (oh > 14 || om > 59) return -1;
+            secs -= sign * (oh * 3600 + om * 60);
+        } else {
+            return -1;
+        }
+    }
+    if (k != n) return -1;
+    *out = secs * 1000000LL + us;
+    return 0;
+}
+
+/* `_ts(value)` of a value known to be not None (normalize.fhir_datetime_deferred): a canonical dateTime
+ * as its string, any other valid shape as microseconds; an invalid one, or a 20/25-character one that is
+ * not canonical, goes to Python */
+static int ts_cell(parser *P, int i, cell *out) {
+    const jnode *n;
+    if (i < 0) return FB;
+    n = &P->nodes[i];
+    if (n->type != J_STR || n->esc) return FB;
+    if (n->len == 20 || n->len == 25) {
+        if (!canonical_dt(P->s + n->off, n->len)) return FB;
+        out->kind = V_SPAN;
+        out->off = n->off;
+        out->len = n->len;
+        return 0;
+    }
+    if (dt_micros(P->s + n->off, n->len, &out->i) < 0) return FB;
+    out->kind = V_INT;
+    return 0;
+}
+
+/* a number node as Python's float(v) of orjson's value */
+static int num_value(parser *P, int i, double *out) {
+    const jnode *n = &P->nodes[i];
+    char buf[64];
+    char *end;
+    if (n->len >= sizeof buf) return FB;
+    memcpy(buf, P->s + n->off, n->len);
+    buf[n->len] = 0;
+    if (n->isint) {
+        long long v;
+        size_t digits = n->len - (buf[0] == '-');
+        if (digits > 18) return FB; /* a 64-bit or larger int: left to Python */
+        v = strtoll(buf, &end, 10);
+        *out = (double)v;
+        return 0;
+    }
+    *out = PyOS_string_to_double(buf, &end, NULL);
+    if (*out == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return FB;
+    }
+    if (!isfinite(*out) || end != buf + n->len) return FB;
+    return 0;
+}
+
+/* A reference to a key of `rtype`: kind 0 None, 1 "rtype/id" (key of the id), else FB */
+typedef struct {
+    int some;
+    uint32_t off, len;     /* the reference string */
+    uint32_t idoff, idlen; /* its id */
+} ref;
+
+/* ref_key(ref_obj, rtype): only `Type/id` references (one slash, both parts non-empty) are taken */
+static int ref_of(parser *P, int member, const char *rtype, ref *out) {
+    int obj = obj_or_none(P, member), r;
+    const jnode *n;
+    const uint8_t *s;
+    uint32_t k, slash = 0, slashes = 0;
+    size_t tl = strlen(rtype);
+    out->some = 0;
+    if (obj == FB) return FB;
+    if (obj == ABSENT || P->nodes[obj].count == 0) return 0; /* `if not ref_obj` */
+    r = get(P, obj, "reference");
+    if (is_none(P, r)) return 0;
+    n = &P->nodes[r];
+    if (n->type != J_STR || n->esc || n->len == 0) return FB;
+    s = P->s + n->off;
+    for (k = 0; k < n->len; k++)
+        if (s[k] == '/') {
+            slash = k;
+            slashes++;
+        }
+    if (slashes != 1 || slash == 0 || slash == n->len - 1 || s[0] == '#') return FB;
+    if (n->len >= 9 && memcmp(s, "urn:uuid:", 9) == 0) return FB;
+    if (slash != tl || memcmp(s, rtype, tl) != 0) return FB; /* another type: Python decides (None) */
+    out->some = 1;
+    out->off = n->off;
+    out->len = n->len;
+    out->idoff = n->off + slash + 1;
+    out->idlen = n->len - slash - 1;
+    return 0;
+}
+
+/* ============================================================================================== */
+/* The flattener object                                                                           */
+/* ============================================================================================== */
+enum { K_OBSERVATION, K_ENCOUNTER, K_CONDITION };
+static const char *KIND_TYPE[3] = {"Observation", "Encounter", "Condition"};
+
+typedef struct {
+    PyObject_HEAD
+    int kind;                /* K_OBSERVATION, K_ENCOUNTER, K_CONDITION */
+    uint32_t ist[8], ost[8]; /* HMAC midstates after the inner and outer pad */
+    parser P;
+    PyObject *pcache, *ecache; /* reference string -> key */
+    PyObject *consts[N_CONST];
+    PyObject *s_id, *s_identifier; /* identifier kinds */
+    uint8_t *msg;
+    size_t msgcap;
+} Flat;
+
+static PyObject *make_key(Flat *F, const char *type, const uint8_t *id, size_t idlen, long comp) {
+    size_t tl = strlen(type), n = tl + 1 + idlen + 24;
+    uint8_t d[32], d2[32];
+    char hex[32];
+    static const char HEX[] = "0123456789abcdef";
+    int i;
+    if (n > F->msgcap) {
+        uint8_t *m = (uint8_t *)realloc(F->msg, n * 2);
+        if (!m) return PyErr_NoMemory();
+        F->msg = m;
+        F->msgcap = n * 2;
+    }
+    memcpy(F->msg, type, tl);
+    F->msg[tl] = '/';
+    memcpy(F->msg + tl + 1, id, idlen);
+    n = tl + 1 + idlen;
+    if (comp >= 0) n += (size_t)sprintf((char *)F->msg + n, "#%ld", comp);
+    sha_finish(F->ist, F->msg, n, d);
+    sha_finish(F->ost, d, 32, d2);
+    for (i = 0; i < 16; i++) {
+        hex[2 * i] = HEX[d2[i] >> 4];
+        hex[2 * i + 1] = HEX[d2[i] & 15];
+    }
+    return PyUnicode_FromStringAndSize(hex, 32);
+}
+
+static PyObject *span_str(parser *P, uint32_t off, uint32_t len) {
+    return PyUnicode_DecodeUTF8((const char *)P->s + off, len, "strict");
+}
+
+static PyObject *cell_obj(Flat *F, const cell *c) {
+    switch (c->kind) {
+    case V_SPAN:
+        return span_str(&F->P, c->off, c->len);
+    case V_CONST:
+        Py_INCREF(F->consts[c->cidx]);
+        return F->consts[c->cidx];
+    case V_DBL:
+        return PyFloat_FromDouble(c->d);
+    case V_INT:
+        return PyLong_FromLongLong(c->i);
+    default:
+        Py_RETURN_NONE;
+    }
+}
+
+/* the key of a reference, through the cache (cleared when it reaches 2**18 entries, like Python's) */
+static PyObject *ref_obj(Flat *F, const ref *r, const char *rtype, PyObject *cache) {
+    PyObject *s, *k;
+    if (!r->some) Py_RETURN_NONE;
+    s = span_str(&F->P, r->off, r->len);
+    if (!s) return NULL;
+    k = PyDict_GetItemWithError(cache, s);
+    if (k) {
+        Py_DECREF(s);
+        Py_INCREF(k);
+        return k;
+    }
+    if (PyErr_Occurred()) {
+        Py_DECREF(s);
+        return NULL;
+    }
+    k = make_key(F, rtype, F->P.s + r->idoff, r->idlen, -1);
+    if (!k) {
+        Py_DECREF(s);
+        return NULL;
+    }
+    if (PyDict_GET_SIZE(cache) >= (1 << 18)) PyDict_Clear(cache);
+    if (PyDict_SetItem(cache, s, k) < 0) {
+        Py_DECREF(s);
+        Py_DECREF(k);
+        return NULL;
+    }
+    Py_DECREF(s);
+    return k;
+}
+
+/* obs_value(x): 0 no value (None), 1 a value in num/unit/vcode, FB */
+static int obs_value(parser *P, int x, cell *num, cell *unit, cell *vcode) {
+    int q, v;
+    *num = *unit = *vcode = NONE_CELL;
+    q = get(P, x, "valueQuantity");
+    if (!is_none(P, q)) {
+        int val, u;
+        if (P->nodes[q].type != J_OBJ) return FB;
+        val = get(P, q, "value");
+        if (is_none(P, val)) return 0;
+        if (P->nodes[val].type != J_NUM) return FB;
+        num->kind = V_DBL;
+        if (num_value(P, val, &num->d) == FB) return FB;
+        u = get(P, q, "unit");
+        if (str_cell(P, u, unit) == FB) return FB;
+        if (unit->kind == V_NONE || span_empty(unit)) /* `q.get("unit") or q.get("code")` */
+            if (str_cell(P, get(P, q, "code"), unit) == FB) return FB;
+        return 1;
+    }
+    v = get(P, x, "valueCodeableConcept");
+    if (!is_none(P, v)) {
+        if (first_code(P, v, vcode) == FB) return FB;
+        return vcode->kind == V_NONE ? 0 : 1;
+    }
+    v = get(P, x, "valueString");
+    if (!is_none(P, v)) return str_cell(P, v, vcode) == FB ? FB : 1;
+    v = get(P, x, "valueBoolean");
+    if (!is_none(P, v)) {
+        if (P->nodes[v].type == J_TRUE) vcode->cidx = C_TRUE;
+        else if (P->nodes[v].type == J_FALSE) vcode->cidx = C_FALSE;
+        else return FB;
+        vcode->kind = V_CONST;
+        return 1;
+    }
+    v = get(P, x, "valueInteger");
+    if (!is_none(P, v)) {
+        if (P->nodes[v].type != J_NUM || !P->nodes[v].isint) return FB;
+        num->kind = V_DBL;
+        return num_value(P, v, &num->d) == FB ? FB : 1;
+    }
+    return 0;
+}
+
+/* `o.get(a) or o.get(b)` for an encounter/period-like member: the node of a non-empty object, ABSENT or FB */
+static int first_object(parser *P, int root, const char *a, const char *b) {
+    int x = obj_or_none(P, get(P, root, a));
+    if (x == FB) return FB;
+    if (x >= 0) return P->nodes[x].count ? x : FB; /* an empty object is falsy: rare, left to Python */
+    x = obj_or_none(P, get(P, root, b));
+    if (x == FB) return FB;
+    if (x >= 0) return P->nodes[x].count ? x : FB;
+    return ABSENT;
+}
+
+#define MAX_ROWS 64
+#define MAX_COLS 11
+
+typedef struct {
+    int nrows, ncols;
+    int pk_col, ek_col; /* columns holding the patient/encounter reference */
+    ref pk, ek;
+    cell cells[MAX_ROWS][MAX_COLS];
+    long comp[MAX_ROWS]; /* component index of the row's key, -1 for the resource's own */
+} rows_t;
+
+/* Observation -> rows (components with a value first, then the resource's own row) */
+static int flat_observation(parser *P, int root, rows_t *R) {
+    int cats, comps, x, own;
+    cell category = NONE_CELL, effective = NONE_CELL, num, unit, vcode, sys, code, disp;
+    R->ncols = 11;
+    R->nrows = 0;
+    if (ref_of(P, get(P, root, "subject"), "Patient", &R->pk) == FB) return FB;
+    x = first_object(P, root, "encounter", "context");
+    if (x == FB) return FB;
+    if (ref_of(P, x, "Encounter", &R->ek) == FB) return FB;
+    cats = get(P, root, "category");
+    if (!is_none(P, cats)) {
+        if (P->nodes[cats].type != J_ARR) return FB;
+        if (P->nodes[cats].count) {
+            int c0 = P->nodes[cats].child, codings;
+            if (P->nodes[c0].type != J_OBJ) return FB;
+            codings = get(P, c0, "coding");
+            if (!is_none(P, codings) && (P->nodes[codings].type != J_ARR)) return FB;
+            if (!is_none(P, codings) && P->nodes[codings].count) {
+                int k0 = P->nodes[codings].child;
+                if (P->nodes[k0].type != J_OBJ) return FB;
+                if (str_cell(P, get(P, k0, "code"), &category) == FB) return FB;
+            } else if (str_cell(P, get(P, c0, "text"), &category) == FB) {
+                return FB;
+            }
+        }
+    }
+    x = get(P, root, "effectiveDateTime");
+    if (!is_none(P, x)) {
+        if (ts_cell(P, x, &effective) == FB) return FB;
+    } else {
+        x = get(P, root, "effectivePeriod");
+        if (!is_none(P, x)) return FB; /* periods and instants: Python */
+        x = get(P, root, "effectiveInstant");
+        if (!is_none(P, x)) return FB;
+    }
+    own = obs_value(P, root, &num, &unit, &vcode);
+    if (own == FB) return FB;
+    comps = get(P, root, "component");
+    if (!is_none(P, comps) && (P->nodes[comps].type != J_ARR)) return FB;
+    if (!is_none(P, comps) && P->nodes[comps].count) {
+        long i = 0;
+        for (x = P->nodes[comps].child; x >= 0; x = P->nodes[x].next, i++) {
+            cell cn, cu, cv, cs, cc, cd;
+            int r = P->nodes[x].type == J_OBJ ? obs_value(P, x, &cn, &cu, &cv) : FB;
+            if (r == FB) return FB;
+            if (r == 0) continue;
+            if (concept(P, get(P, x, "code"), &cs, &cc, &cd) == FB) return FB;
+            if (R->nrows >= MAX_ROWS - 1) return FB;
+            R->comp[R->nrows] = i;
+            R->cells[R->nrows][3] = category;
+            R->cells[R->nrows][4] = cs;
+            R->cells[R->nrows][5] = cc;
+            R->cells[R->nrows][6] = cd;
+            R->cells[R->nrows][7] = effective;
+            R->cells[R->nrows][8] = cn;
+            R->cells[R->nrows][9] = cu;
+            R->cells[R->nrows][10] = cv;
+            R->nrows++;
+        }
+        if (own == 0) return 0;
+    }
+    if (concept(P, get(P, root, "code"), &sys, &code, &disp) == FB) return FB;
+    R->comp[R->nrows] = -1;
+    R->cells[R->nrows][3] = category;
+    R->cells[R->nrows][4] = sys;
+    R->cells[R->nrows][5] = code;
+    R->cells[R->nrows][6] = disp;
+    R->cells[R->nrows][7] = effective;
+    R->cells[R->nrows][8] = num;
+    R->cells[R->nrows][9] = unit;
+    R->cells[R->nrows][10] = vcode;
+    R->nrows++;
+    return 0;
+}
+
+static int flat_encounter(parser *P, int root, rows_t *R) {
+    int cls, types, period, x;
+    cell *c = R->cells[0];
+    R->ncols = 8;
+    R->nrows = 1;
+    R->comp[0] = -1;
+    R->ek.some = 0;
+    if (ref_of(P, get(P, root, "subject"), "Patient", &R->pk) == FB) return FB;
+    if (str_cell(P, get(P, root, "status"), &c[2]) == FB) return FB;
+    cls = obj_or_none(P, get(P, root, "class")); /* a list is the R5 shape: Python */
+    if (cls == FB) return FB;
+    c[3] = NONE_CELL;
+    if (cls >= 0 && P->nodes[cls].count && str_cell(P, get(P, cls, "code"), &c[3]) == FB) return FB;
+    c[4] = c[5] = NONE_CELL;
+    types = get(P, root, "type");
+    if (!is_none(P, types)) {
+        if (P->nodes[types].type != J_ARR) return FB;
+        if (P->nodes[types].count) {
+            int t0 = P->nodes[types].child, codings;
+            if (P->nodes[t0].type != J_OBJ) return FB;
+            codings = get(P, t0, "coding");
+            if (!is_none(P, codings) && P->nodes[codings].type != J_ARR) return FB;
+            if (!is_none(P, codings) && P->nodes[codings].count) {
+                int k0 = P->nodes[codings].child;
+                if (P->nodes[k0].type != J_OBJ) return FB;
+                if (str_cell(P, get(P, k0, "code"), &c[4]) == FB) return FB;
+                if (str_cell(P, get(P, k0, "display"), &c[5]) == FB) return FB;
+            }
+            if (c[5].kind == V_NONE && str_cell(P, get(P, t0, "text"), &c[5]) == FB) return FB;
+        }
+    }
+    c[6] = c[7] = NONE_CELL;
+    period = first_object(P, root, "period", "actualPeriod");
+    if (period == FB) return FB;
+    if (period >= 0) {
+        x = get(P, period, "start");
+        if (!is_none(P, x) && ts_cell(P, x, &c[6]) == FB) return FB;
+        x = get(P, period, "end");
+        if (!is_none(P, x) && ts_cell(P, x, &c[7]) == FB) return FB;
+    }
+    return 0;
+}
+
+static int flat_condition(parser *P, int root, rows_t *R) {
+    int x;
+    cell *c = R->cells[0];
+    R->ncols = 8;
+    R->nrows = 1;
+    R->comp[0] = -1;
+    if (concept(P, get(P, root, "code"), &c[3], &c[4], &c[5]) == FB) return FB;
+    c[7] = NONE_CELL;
+    x = get(P, root, "onsetDateTime");
+    if (!is_none(P, x)) {
+        if (ts_cell(P, x, &c[7]) == FB) return FB;
+    } else {
+        x = get(P, root, "onsetPeriod");
+        if (!is_none(P, x)) return FB;
+    }
+    x = first_object(P, root, "encounter", "context");
+    if (x == FB) return FB;
+    if (ref_of(P, get(P, root, "subject"), "Patient", &R->pk) == FB) return FB;
+    if (ref_of(P, x, "Encounter", &R->ek) == FB) return FB;
+    if (first_code(P, get(P, root, "clinicalStatus"), &c[6]) == FB) return FB;
+    return 0;
+}
+
+/* identifier values of a non-Patient resource (collect_identifiers): 0 ok, FB */
+static int check_identifiers(parser *P, int root, int *ident) {
+    int c;
+    *ident = get(P, root, "identifier");
+    if (is_none(P, *ident)) {
+        *ident = ABSENT;
+        return 0;
+    }
+    if (P->nodes[*ident].type != J_ARR) return FB;
+    for (c = P->nodes[*ident].child; c >= 0; c = P->nodes[c].next) {
+        int v;
+        if (P->nodes[c].type != J_OBJ) return FB;
+        v = get(P, c, "value");
+        if (!is_none(P, v) && (P->nodes[v].type != J_STR || P->nodes[v].esc)) return FB;
+    }
+    return 0;
+}
+
+static int add_identifier(Flat *F, PyObject *chunk, PyObject *value, PyObject *kind) {
+    PyObject *r = PyDict_SetDefault(chunk, value, kind); /* borrowed */
+    return r ? 0 : -1;
+}
+
+/* one line: FB (untouched), 0 accepted, -1 Python error */
+typedef struct {
+    int kind;
+    PyObject *buf, *seen, *pkeys, *chunk;
+    Py_ssize_t n_cand, vdone, vcap, vfirst;
+    unsigned long long threshold, salt;
+} runctx;
+
+static int one_line(Flat *F, runctx *X, PyObject *raw, Py_ssize_t lineno) {
+    parser *P = &F->P;
+    const char *s;
+    Py_ssize_t n;
+    int root, x, ident, i, j;
+    rows_t R;
+    PyObject *rid = NULL, *pk = NULL, *ek = NULL, *row = NULL;
+    const char *rtype = KIND_TYPE[X->kind];
+    size_t tl = strlen(rtype);
+    int rc = -1;
+
+    if (!PyBytes_CheckExact(raw)) return FB; /* blank, oversize markers: Python */
+    s = PyBytes_AS_STRING(raw);
+    n = PyBytes_GET_SIZE(raw);
+    if (n == 0 || n >= (Py_ssize_t)INT32_MAX) return FB;
+    /* the Python loop's own pre-filter for modifierExtension: any mention goes to Python */
+    if (memmem(s, (size_t)n, "\"modifierExtension\"", 19)) return FB;
+    P->s = (const uint8_t *)s;
+    P->n = (size_t)n;
+    P->pos = 0;
+    P->nn = 0;
+    P->odd = 0;
+    P->dup = 0;
+    root = parse_value(P, 0);
+    if (root == -2) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (root < 0 || P->odd) return FB;
+    skip_ws(P);
+    if (P->pos != P->n || P->nodes[root].type != J_OBJ) return FB;
+
+    x = get(P, root, "resourceType");
+    if (x < 0 || P->nodes[x].type != J_STR || P->nodes[x].esc || P->nodes[x].len != tl ||
+        memcmp(P->s + P->nodes[x].off, rtype, tl) != 0)
+        return FB;
+    x = get(P, root, "id");
+    if (x < 0 || P->nodes[x].type != J_STR || P->nodes[x].esc || P->nodes[x].len == 0) return FB;
+    if (check_identifiers(P, root, &ident) == FB) return FB;
+    {
+        Py_ssize_t cand = X->n_cand + 1;
+        unsigned long long h = ((unsigned long long)lineno * 2654435761ULL + X->salt) & 0xFFFFFFFFULL;
+        if (cand <= X->vfirst || (X->threshold && (X->vcap < 0 || X->vdone < X->vcap) && h < X->threshold))
+            return FB; /* picked for validation: the Python path validates it */
+    }
+    switch (X->kind) {
+    case K_OBSERVATION:
+        R.pk_col = 1, R.ek_col = 2;
+        if (flat_observation(P, root, &R) == FB) return FB;
+        break;
+    case K_ENCOUNTER:
+        R.pk_col = 1, R.ek_col = -1;
+        if (flat_encounter(P, root, &R) == FB) return FB;
+        break;
+    default:
+        R.pk_col = 1, R.ek_col = 2;
+        if (flat_condition(P, root, &R) == FB) return FB;
+        break;
+    }
+    if (P->dup) return FB;
+    rid = span_str(P, P->nodes[x].off, P->nodes[x].len);
+    if (!rid) return -1;
+    i = PySet_Contains(X->seen, rid);
+    if (i != 0) {
+        Py_DECREF(rid);
+        return i < 0 ? -1 : FB; /* duplicate id: Python */
+    }
+    pk = ref_obj(F, &R.pk, "Patient", F->pcache);
+    if (!pk) goto done;
+    if (X->pkeys != Py_None && R.nrows && pk != Py_None) {
+        i = PySet_Contains(X->pkeys, pk);
+        if (i < 0) goto done;
+        if (i == 0) {
+            rc = FB; /* dangling: Python counts and decides */
+            goto done;
+        }
+    }
+    if (R.ek_col >= 0) {
+        ek = ref_obj(F, &R.ek, "Encounter", F->ecache);
+        if (!ek) goto done;
+    }
+    /* accepted: the side effects, in the Python loop's order */
+    if (add_identifier(F, X->chunk, rid, F->s_id) < 0) goto done;
+    if (ident >= 0) {
+        for (j = P->nodes[ident].child; j >= 0; j = P->nodes[j].next) {
+            int v = get(P, j, "value");
+            PyObject *vs;
+            if (is_none(P, v) || P->nodes[v].len == 0) continue;
+            vs = span_str(P, P->nodes[v].off, P->nodes[v].len);
+            if (!vs) goto done;
+            if (add_identifier(F, X->chunk, vs, F->s_identifier) < 0) {
+                Py_DECREF(vs);
+                goto done;
+            }
+            Py_DECREF(vs);
+        }
+    }
+    for (i = 0; i < R.nrows; i++) {
+        const uint8_t *id = P->s + P->nodes[x].off;
+        row = PyTuple_New(R.ncols);
+        if (!row) goto done;
+        {
+            PyObject *k = make_key(F, rtype, id, P->nodes[x].len, R.comp[i]);
+            if (!k) goto done;
+            PyTuple_SET_ITEM(row, 0, k);
+        }
+        Py_INCREF(pk);
+        PyTuple_SET_ITEM(row, R.pk_col, pk);
+        if (R.ek_col >= 0) {
+            Py_INCREF(ek);
+            PyTuple_SET_ITEM(row, R.ek_col, ek);
+        }
+        for (j = 1; j < R.ncols; j++) {
+            PyObject *v;
+            if (j == R.pk_col || j == R.ek_col) continue;
+            v = cell_obj(F, &R.cells[i][j]);
+            if (!v) goto done;
+            PyTuple_SET_ITEM(row, j, v);
+        }
+        if (PyList_Append(X->buf, row) < 0) goto done;
+        Py_CLEAR(row);
+    }
+    if (PySet_Add(X->seen, rid) < 0) goto done;
+    X->n_cand++;
+    rc = 0;
+done:
+    Py_XDECREF(row);
+    Py_XDECREF(rid);
+    Py_XDECREF(pk);
+    Py_XDECREF(ek);
+    return rc;
+}
+
+/* run(block, start, lineno, buf, seen, pkeys, chunk, n_cand, vdone, vcap, vfirst, threshold, salt,
+ *     batch_rows) -> (pos, accepted, why)
+ * Takes lines block[start:] while they are plain; `lineno` is the number of the line before
+ * block[start]. why: 0 the block is done, 1 block[pos] is for the Python path, 2 the buffer is full
+ * (flush, then call again from pos). Accepted lines count as read and as validation candidates. */
+static PyObject *Flat_run(Flat *F, PyObject *args) {
+    PyObject *block;
+    Py_ssize_t start, lineno, batch_rows, pos, nblock, accepted = 0;
+    runctx X;
+    int why = 0;
+    X.kind = 0;
+    if (!PyArg_ParseTuple(args, "O!nnO!O!OO!nnnnKKn", &PyList_Type, &block, &start, &lineno, &PyList_Type, &X.buf,
+                          &PySet_Type, &X.seen, &X.pkeys, &PyDict_Type, &X.chunk, &X.n_cand, &X.vdone, &X.vcap,
+                          &X.vfirst, &X.threshold, &X.salt, &batch_rows))
+        return NULL;
+    if (X.pkeys != Py_None && !PySet_Check(X.pkeys)) {
+        PyErr_SetString(PyExc_TypeError, "pkeys must be a set or None");
+        return NULL;
+    }
+    X.kind = F->kind;
+    nblock = PyList_GET_SIZE(block);
+    for (pos = start < 0 ? 0 : start; pos < nblock; pos++) {
+        int r;
+        if (PyList_GET_SIZE(X.buf) >= batch_rows) {
+            why = 2;
+            break;
+        }
+        r = one_line(F, &X, PyList_GET_ITEM(block, pos), lineno + (pos - start) + 1);
+        if (r == -1) return NULL;
+        if (r == FB) {
+            why = 1;
+            break;
+        }
+        accepted++;
+    }
+    if (pos >= nblock && why == 0 && PyList_GET_SIZE(X.buf) >= batch_rows) why = 2;
+    return Py_BuildValue("nni", pos, accepted, why);
+}
+
+/* key(type, id) -> the 32-hex HMAC (for the start-up check against Keyer.key) */
+static PyObject *Flat_key(Flat *F, PyObject *args) {
+    const char *type, *id;
+    Py_ssize_t idlen;
+    if (!PyArg_ParseTuple(args, "ss#", &type, &id, &idlen)) return NULL;
+    return make_key(F, type, (const uint8_t *)id, (size_t)idlen, -1);
+}
+
+static int Flat_init(Flat *F, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"kind", "ipad", "opad", NULL};
+    const char *kind;
+    Py_buffer ipad, opad;
+    int k, i;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sy*y*", kwlist, &kind, &ipad, &opad)) return -1;
+    if (ipad.len != 64 || opad.len != 64) {
+        PyBuffer_Release(&ipad);
+        PyBuffer_Release(&opad);
+        PyErr_SetString(PyExc_ValueError, "ipad and opad must be 64 bytes");
+        return -1;
+    }
+    memcpy(F->ist, SHA_IV, sizeof F->ist);
+    memcpy(F->ost, SHA_IV, sizeof F->ost);
+    sha_compress(F->ist, (const uint8_t *)ipad.buf);
+    sha_compress(F->ost, (const uint8_t *)opad.buf);
+    PyBuffer_Release(&ipad);
+    PyBuffer_Release(&opad);
+    for (k = 0; k < 3; k++)
+        if (strcmp(kind, KIND_TYPE[k]) == 0) break;
+    if (k == 3) {
+        PyErr_SetString(PyExc_ValueError, "kind must be Observation, Encounter or Condition");
+        return -1;
+    }
+    F->kind = k;
+    Py_CLEAR(F->pcache);
+    Py_CLEAR(F->ecache);
+    F->pcache = PyDict_New();
+    F->ecache = PyDict_New();
+    if (!F->pcache || !F->ecache) return -1;
+    for (i = 0; i < N_CONST; i++) {
+        Py_CLEAR(F->consts[i]);
+        F->consts[i] = PyUnicode_InternFromString(CONST_TEXT[i]);
+        if (!F->consts[i]) return -1;
+    }
+    Py_CLEAR(F->s_id);
+    Py_CLEAR(F->s_identifier);
+    F->s_id = PyUnicode_InternFromString("id");
+    F->s_identifier = PyUnicode_InternFromString("identifier");
+    if (!F->s_id || !F->s_identifier) return -1;
+    return 0;
+}
+
+static void Flat_dealloc(Flat *F) {
+    int i;
+    PyObject_GC_UnTrack(F);
+    Py_CLEAR(F->pcache);
+    Py_CLEAR(F->ecache);
+    for (i = 0; i < N_CONST; i++) Py_CLEAR(F->consts[i]);
+    Py_CLEAR(F->s_id);
+    Py_CLEAR(F->s_identifier);
+    free(F->P.nodes);
+    free(F->msg);
+    Py_TYPE(F)->tp_free((PyObject *)F);
+}
+
+static int Flat_clear(Flat *F) {
+    Py_CLEAR(F->pcache);
+    Py_CLEAR(F->ecache);
+    return 0;
+}
+
+static int Flat_traverse(Flat *F, visitproc visit, void *arg) {
+    Py_VISIT(F->pcache);
+    Py_VISIT(F->ecache);
+    return 0;
+}
+
+static PyMethodDef Flat_methods[] = {
+    {"run", (PyCFunction)Flat_run, METH_VARARGS, "Flatten the plain lines of a block (see the module source)."},
+    {"key", (PyCFunction)Flat_key, METH_VARARGS, "The HMAC key of (type, id)."},
+    {NULL, NULL, 0, NULL}};
+
+
+static PyTypeObject FlatType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "synthfactory.ingest._flatc.Flattener",
+    .tp_basicsize = sizeof(Flat),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Flattener(kind, ipad, opad): the compiled flatten of one resource type's plain lines.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Flat_init,
+    .tp_dealloc = (destructor)Flat_dealloc,
+    .tp_traverse = (traverseproc)Flat_traverse,
+    .tp_clear = (inquiry)Flat_clear,
+    .tp_methods = Flat_methods,
+};
+
+static struct PyModuleDef flatc_module = {PyModuleDef_HEAD_INIT, "_flatc",
+                                          "Compiled flatten of plain FHIR NDJSON lines (see the source).", -1,
+                                          NULL};
+
+PyMODINIT_FUNC PyInit__flatc(void) {
+    PyObject *m;
+    if (PyType_Ready(&FlatType) < 0) return NULL;
+    m = PyModule_Create(&flatc_module);
+    if (!m) return NULL;
+    Py_INCREF(&FlatType);
+    if (PyModule_AddObject(m, "Flattener", (PyObject *)&FlatType) < 0) {
+        Py_DECREF(&FlatType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "ABI", 1) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,49 @@
+"""The compiled flatten of plain NDJSON lines (``_flatc``, C), used by the ingest session's hot loop.
+
+It covers the three high-volume types, Observation, Encounter and Condition, and only the lines it can
+prove plain: strict JSON, the shapes the hand-written flatteners read, canonical dateTimes, ``Type/id``
+references, no escapes in a value it keeps. Every other line (invalid, unusual, a duplicate id, one picked
+for validation, a dangling reference, a modifierExtension) is handed to the Python loop untouched, so the
+rows, quarantine records and report are the Python path's (tests/ingest/test_native.py proves it,
+differentially, on generated, real-shaped and mutated lines).
+
+The module is optional: without a C compiler at install time the package has no ``_flatc`` and ingest
+runs the Python path. ``SYNTHFACTORY_INGEST_NATIVE=0`` turns it off at run time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+try:
+    from . import _flatc  # type: ignore[attr-defined]
+except ImportError:  # built without a C compiler: the Python path
+    _flatc = None
+
+#: resource types the compiled flatten covers (the others always take the Python path)
+TYPES = ("Observation", "Encounter", "Condition")
+_PROBES = (("Patient", "probe-1"), ("Encounter", "e/2"), ("Observation", "x#0"),
+           ("Observation", "\u00e9t\u00e9-\u4e2d"), ("Condition", "y" * 200))
+
+
+def available() -> bool:
+    """True when the compiled module is installed and not switched off."""
+    return _flatc is not None and os.environ.get("SYNTHFACTORY_INGEST_NATIVE", "1").strip().lower() not in (
+        "0", "false", "no", "off")
+
+
+def flattener(rtype: str, keyer: Any) -> Any | None:
+    """A compiled flattener for ``rtype`` keyed like ``keyer``, or None (type not covered, module not
+    available, or a keyer whose keys it cannot reproduce: it is checked against ``keyer.key``)."""
+    if rtype not in TYPES or not available() or not hasattr(keyer, "hmac_pads"):
+        return None
+    ipad, opad = keyer.hmac_pads()
+    flat = _flatc.Flattener(rtype, ipad, opad)
+    if any(flat.key(t, i) != keyer.key(t, i) for t, i in _PROBES):
+        log.warning("compiled flatten disabled: its keys differ from the keyer's")
+        return None
+    return flat
