@@ -13,7 +13,8 @@ ARGN_STAMP := $(ARGN_VENV)/.installed
 
 .PHONY: install argn-venv demo test test-fast bench bench-smoke lint clean compile-requirements
 
-$(STAMP): requirements.txt pyproject.toml
+# setup.py builds the one C module (include/synthfactory/ingest/_flatc.c) in place with `pip install -e .`
+$(STAMP): requirements.txt pyproject.toml setup.py include/synthfactory/ingest/_flatc.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -m pip install -q -r requirements.txt 2>&1 | $(QUIET_PIP)

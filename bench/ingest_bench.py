@@ -390,6 +390,7 @@ ENGINES = {
 def _preimport(engine: str) -> None:
     """Imports happen before the clock starts: a figure is the engine's work, not interpreter start-up."""
     if engine.startswith("synthfactory"):
+        import pandas  # noqa: F401 - pyarrow imports it at its first list conversion (~0.5 s, once per process)
         import pyarrow.parquet  # noqa: F401
         from fhir.resources.R4B import get_fhir_model_class
 

@@ -529,6 +529,9 @@ def test_unvalidated_bad_dates_quarantined_by_flattener(tmp_path, keyer):
          "period": {"start": "2020-01-01T25:00:00Z"}},  # 21
         {"resourceType": "Encounter", "id": "e-bad-tz", "status": "finished", "class": {"code": "AMB"},
          "period": {"start": "2020-01-01T10:00:00Z", "end": "2020-01-01T10:00:00+1:00"}},  # 22
+        # offset minutes 60: datetime.fromisoformat takes it, FHIR does not (it once crashed the flush)
+        {"resourceType": "Encounter", "id": "e-bad-min", "status": "finished", "class": {"code": "AMB"},
+         "period": {"start": "2020-01-01T10:00:00+01:60"}},  # 23
     ])
     out = tmp_path / "out"
     report = ingest_extract(str(src), str(out), keyer=keyer, validate_sample_rate=0.0)
@@ -537,6 +540,7 @@ def test_unvalidated_bad_dates_quarantined_by_flattener(tmp_path, keyer):
     assert got == [
         ("Encounter.ndjson", 21, "invalid date in period.start"),
         ("Encounter.ndjson", 22, "invalid date in period.end"),
+        ("Encounter.ndjson", 23, "invalid date in period.start"),
         ("Patient.ndjson", 21, "invalid date in birthDate"),
         ("Patient.ndjson", 22, "invalid date in deceasedDateTime"),
     ]
@@ -656,7 +660,7 @@ def test_parse_fhir_datetime():
     assert parse_fhir_datetime("2020-03") == us(datetime(2020, 3, 1, tzinfo=utc))
     assert parse_fhir_datetime("1969") == us(datetime(1969, 1, 1, tzinfo=utc))
     for bad in ("2020-01-02T24:00:00Z", "2020-01-02 03:04:05Z", "2020-01-02T03:04:05+15:00", "2020-13",
-                "2020-01-02T03:04:05+0100", "tomorrow", "", None):
+                "2020-01-02T03:04:05+0100", "2020-01-02T03:04:05+01:60", "tomorrow", "", None):
         with pytest.raises(ValueError):
             parse_fhir_datetime(bad)
 

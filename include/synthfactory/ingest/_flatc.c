@@ -16,7 +16,6 @@
  *
  * No value from the data ever goes to an error message; errors here are only MemoryError/TypeError.
  */
-#define _GNU_SOURCE /* memmem */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -64,6 +63,59 @@ static void sha_compress(uint32_t h[8], const uint8_t *p) {
     h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += hh;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define HAVE_SHA_NI 1
+/* the same compression with the x86 SHA extensions (used when the CPU has them, checked at import) */
+__attribute__((target("sha,sse4.1,ssse3"))) static void sha_compress_ni(uint32_t h[8], const uint8_t *p) {
+    const __m128i MASK = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+    __m128i st0, st1, tmp, msg, x[4], abef, cdgh;
+    int k;
+    tmp = _mm_loadu_si128((const __m128i *)&h[0]);
+    st1 = _mm_loadu_si128((const __m128i *)&h[4]);
+    tmp = _mm_shuffle_epi32(tmp, 0xB1);      /* CDAB */
+    st1 = _mm_shuffle_epi32(st1, 0x1B);      /* EFGH */
+    st0 = _mm_alignr_epi8(tmp, st1, 8);      /* ABEF */
+    st1 = _mm_blend_epi16(st1, tmp, 0xF0);   /* CDGH */
+    abef = st0;
+    cdgh = st1;
+    for (k = 0; k < 16; k++) {
+        __m128i w;
+        if (k < 4) {
+            w = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + 16 * k)), MASK);
+        } else {
+            w = _mm_sha256msg1_epu32(x[k & 3], x[(k + 1) & 3]);                   /* W[t-16] + s0(W[t-15]) */
+            w = _mm_add_epi32(w, _mm_alignr_epi8(x[(k + 3) & 3], x[(k + 2) & 3], 4)); /* + W[t-7] */
+            w = _mm_sha256msg2_epu32(w, x[(k + 3) & 3]);                          /* + s1(W[t-2]) */
+        }
+        x[k & 3] = w;
+        msg = _mm_add_epi32(w, _mm_loadu_si128((const __m128i *)&SHA_K[4 * k]));
+        st1 = _mm_sha256rnds2_epu32(st1, st0, msg);
+        msg = _mm_shuffle_epi32(msg, 0x0E);
+        st0 = _mm_sha256rnds2_epu32(st0, st1, msg);
+    }
+    st0 = _mm_add_epi32(st0, abef);
+    st1 = _mm_add_epi32(st1, cdgh);
+    tmp = _mm_shuffle_epi32(st0, 0x1B);      /* FEBA */
+    st1 = _mm_shuffle_epi32(st1, 0xB1);      /* DCHG */
+    st0 = _mm_blend_epi16(tmp, st1, 0xF0);   /* DCBA */
+    st1 = _mm_alignr_epi8(st1, tmp, 8);      /* HGFE */
+    _mm_storeu_si128((__m128i *)&h[0], st0);
+    _mm_storeu_si128((__m128i *)&h[4], st1);
+}
+
+static int cpu_has_sha(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!(b & (1u << 29))) return 0; /* SHA */
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    return (c & (1u << 19)) && (c & (1u << 9)); /* SSE4.1, SSSE3 */
+}
+#endif
+
+static void (*compress)(uint32_t h[8], const uint8_t *p) = sha_compress;
+
 /* hash the message m (after one 64-byte block already absorbed into state h) and write the digest */
 static void sha_finish(const uint32_t st[8], const uint8_t *m, size_t n, uint8_t out[32]) {
     uint32_t h[8];
@@ -72,7 +124,7 @@ static void sha_finish(const uint32_t st[8], const uint8_t *m, size_t n, uint8_t
     size_t i;
     memcpy(h, st, sizeof h);
     while (n >= 64) {
-        sha_compress(h, m);
+        compress(h, m);
         m += 64;
         n -= 64;
     }
@@ -80,11 +132,11 @@ static void sha_finish(const uint32_t st[8], const uint8_t *m, size_t n, uint8_t
     memcpy(blk, m, n);
     blk[n] = 0x80;
     if (n >= 56) {
-        sha_compress(h, blk);
+        compress(h, blk);
         memset(blk, 0, 64);
     }
     for (i = 0; i < 8; i++) blk[63 - i] = (uint8_t)(bits >> (8 * i));
-    sha_compress(h, blk);
+    compress(h, blk);
     for (i = 0; i < 8; i++) {
         out[4 * i] = (uint8_t)(h[i] >> 24);
         out[4 * i + 1] = (uint8_t)(h[i] >> 16);
@@ -314,6 +366,8 @@ static int parse_container(parser *P, int idx, int depth, int obj) {
             if (P->pos >= P->n || P->s[P->pos] != '"') return -1;
             if (parse_string(P, &koff, &klen, &kesc) < 0) return -1;
             if (kesc) P->odd = 1;
+            /* a modifierExtension anywhere: the Python path decides (it quarantines a non-empty one) */
+            if (klen == 17 && memcmp(P->s + koff, "modifierExtension", 17) == 0) P->odd = 1;
             skip_ws(P);
             if (P->pos >= P->n || P->s[P->pos] != ':') return -1;
             P->pos++;
@@ -415,7 +469,7 @@ static int parse_value(parser *P, int depth) {
 
 /* the member `key` of object `obj`: its node or ABSENT. A key that occurs twice (orjson keeps the last
  * one) marks the line as a duplicate-key line, which is handed to Python before anything is kept. */
-static int get(parser *P, int obj, const char *key) {
+static inline int get(parser *P, int obj, const char *key) {
     size_t kl = strlen(key);
     int c, hit = ABSENT;
     for (c = P->nodes[obj].child; c >= 0; c = P->nodes[c].next) {
@@ -450,8 +504,6 @@ static const cell NONE_CELL = {V_NONE, 0, 0, 0, 0.0, 0};
 
 /* interned constants */
 enum { C_LOINC, C_SNOMED, C_ICD10CM, C_RXNORM, C_TRUE, C_FALSE, N_CONST };
-static const char *CONST_TEXT[N_CONST] = {"loinc", "snomed", "icd10cm", "rxnorm", "true", "false"};
-
 /* SYSTEM_RANK / SYSTEM_SHORT of normalize.py (rank = short index) */
 static const struct {
     const char *uri;
@@ -765,6 +817,409 @@ static int ref_of(parser *P, int member, const char *rtype, ref *out) {
 /* ============================================================================================== */
 /* The flattener object                                                                           */
 /* ============================================================================================== */
+/* ============================================================================================== */
+/* Columns: Arrow buffers (validity bitmap, int32 offsets + UTF-8 data, float64, int64 timestamps)  */
+/* ============================================================================================== */
+typedef struct {
+    uint8_t *p;
+    size_t len, cap;
+} gbuf;
+
+static int gb_reserve(gbuf *b, size_t extra) {
+    if (b->len + extra > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        uint8_t *q;
+        while (cap < b->len + extra) cap *= 2;
+        q = (uint8_t *)realloc(b->p, cap);
+        if (!q) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        b->p = q;
+        b->cap = cap;
+    }
+    return 0;
+}
+
+static inline int gb_put(gbuf *b, const void *src, size_t n) {
+    if (n == 0) return 0;
+    if (gb_reserve(b, n) < 0) return -1;
+    memcpy(b->p + b->len, src, n);
+    b->len += n;
+    return 0;
+}
+
+enum { COL_STR = 's', COL_DBL = 'd', COL_TS = 't' };
+#define MAX_COLS 16
+
+typedef struct {
+    char kind;
+    gbuf data, offs, valid;
+    Py_ssize_t nulls;
+} column;
+
+typedef struct {
+    PyObject_HEAD
+    int ncols;
+    Py_ssize_t nrows;
+    column cols[MAX_COLS];
+} Columns;
+
+static PyTypeObject ColumnsType;
+
+typedef struct {
+    size_t data, offs, valid;
+    Py_ssize_t nulls;
+} colmark;
+
+static void cols_mark(Columns *C, colmark *m) {
+    int j;
+    for (j = 0; j < C->ncols; j++) {
+        m[j].data = C->cols[j].data.len;
+        m[j].offs = C->cols[j].offs.len;
+        m[j].valid = C->cols[j].valid.len;
+        m[j].nulls = C->cols[j].nulls;
+    }
+}
+
+/* undo a partly written row */
+static void cols_rollback(Columns *C, const colmark *m) {
+    int j;
+    for (j = 0; j < C->ncols; j++) {
+        column *c = &C->cols[j];
+        c->data.len = m[j].data;
+        c->offs.len = m[j].offs;
+        c->valid.len = m[j].valid;
+        c->nulls = m[j].nulls;
+        if (c->valid.len && (C->nrows & 7)) c->valid.p[C->nrows >> 3] &= (uint8_t)((1u << (C->nrows & 7)) - 1);
+    }
+}
+
+static int col_begin(column *c, Py_ssize_t r) {
+    if ((r & 7) == 0) {
+        uint8_t z = 0;
+        return gb_put(&c->valid, &z, 1);
+    }
+    return 0;
+}
+
+static int col_null(column *c, Py_ssize_t r) {
+    if (col_begin(c, r) < 0) return -1;
+    c->nulls++;
+    if (c->kind == COL_STR) {
+        int32_t o = (int32_t)c->data.len;
+        return gb_put(&c->offs, &o, 4);
+    } else {
+        int64_t z = 0;
+        return gb_put(&c->data, &z, 8);
+    }
+}
+
+static int col_str(column *c, Py_ssize_t r, const void *s, size_t n) {
+    int32_t o;
+    if (c->kind != COL_STR) {
+        PyErr_SetString(PyExc_TypeError, "a string for a non-string column");
+        return -1;
+    }
+    if (c->data.len + n > (size_t)INT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "string column over 2 GiB in one batch");
+        return -1;
+    }
+    if (col_begin(c, r) < 0 || gb_put(&c->data, s, n) < 0) return -1;
+    c->valid.p[r >> 3] |= (uint8_t)(1u << (r & 7));
+    o = (int32_t)c->data.len;
+    return gb_put(&c->offs, &o, 4);
+}
+
+static int col_f64(column *c, Py_ssize_t r, double v) {
+    if (c->kind != COL_DBL) {
+        PyErr_SetString(PyExc_TypeError, "a number for a non-float column");
+        return -1;
+    }
+    if (col_begin(c, r) < 0 || gb_put(&c->data, &v, 8) < 0) return -1;
+    c->valid.p[r >> 3] |= (uint8_t)(1u << (r & 7));
+    return 0;
+}
+
+static int col_i64(column *c, Py_ssize_t r, int64_t v) {
+    if (c->kind != COL_TS) {
+        PyErr_SetString(PyExc_TypeError, "a timestamp for a non-timestamp column");
+        return -1;
+    }
+    if (col_begin(c, r) < 0 || gb_put(&c->data, &v, 8) < 0) return -1;
+    c->valid.p[r >> 3] |= (uint8_t)(1u << (r & 7));
+    return 0;
+}
+
+static int dt_micros(const uint8_t *s, uint32_t n, long long *out);
+
+static void cols_reset(Columns *C) {
+    int j;
+    C->nrows = 0;
+    for (j = 0; j < C->ncols; j++) {
+        column *c = &C->cols[j];
+        int32_t z = 0;
+        c->data.len = c->offs.len = c->valid.len = 0;
+        c->nulls = 0;
+        if (c->kind == COL_STR) gb_put(&c->offs, &z, 4); /* capacity exists after the first batch */
+    }
+}
+
+/* one Python row tuple (the Python flatteners' rows) */
+static int cols_append_row(Columns *C, PyObject *row) {
+    colmark m[MAX_COLS];
+    Py_ssize_t r = C->nrows;
+    int j;
+    if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != C->ncols) {
+        PyErr_SetString(PyExc_TypeError, "a row must be a tuple with one value per column");
+        return -1;
+    }
+    cols_mark(C, m);
+    for (j = 0; j < C->ncols; j++) {
+        column *c = &C->cols[j];
+        PyObject *v = PyTuple_GET_ITEM(row, j);
+        int rc;
+        if (v == Py_None) {
+            rc = col_null(c, r);
+        } else if (c->kind == COL_STR) {
+            Py_ssize_t n;
+            const char *u = PyUnicode_Check(v) ? PyUnicode_AsUTF8AndSize(v, &n) : NULL;
+            if (!u && !PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a string column holds str or None");
+            rc = u ? col_str(c, r, u, (size_t)n) : -1;
+        } else if (c->kind == COL_DBL) {
+            double d = PyFloat_CheckExact(v) ? PyFloat_AS_DOUBLE(v) : (PyLong_CheckExact(v) ? PyLong_AsDouble(v) : -1.0);
+            if (!PyFloat_CheckExact(v) && !PyLong_CheckExact(v))
+                PyErr_SetString(PyExc_TypeError, "a float column holds float, int or None");
+            rc = PyErr_Occurred() ? -1 : col_f64(c, r, d);
+        } else { /* timestamp: microseconds, or a dateTime string as fhir_datetime_deferred returns it */
+            long long us = 0;
+            if (PyLong_CheckExact(v)) {
+                us = PyLong_AsLongLong(v);
+                rc = PyErr_Occurred() ? -1 : 0;
+            } else if (PyUnicode_Check(v)) {
+                Py_ssize_t n;
+                const char *u = PyUnicode_AsUTF8AndSize(v, &n);
+                rc = u ? dt_micros((const uint8_t *)u, (uint32_t)n, &us) : -1;
+                if (u && rc < 0) PyErr_SetString(PyExc_ValueError, "not a FHIR dateTime");
+            } else {
+                PyErr_SetString(PyExc_TypeError, "a timestamp column holds int, str or None");
+                rc = -1;
+            }
+            if (rc == 0) rc = col_i64(c, r, us);
+        }
+        if (rc < 0) {
+            cols_rollback(C, m);
+            return -1;
+        }
+    }
+    C->nrows++;
+    return 0;
+}
+
+static PyObject *Columns_append(Columns *C, PyObject *row) {
+    if (cols_append_row(C, row) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Columns_extend(Columns *C, PyObject *rows) {
+    PyObject *it = PyObject_GetIter(rows), *row;
+    if (!it) return NULL;
+    while ((row = PyIter_Next(it))) {
+        int rc = cols_append_row(C, row);
+        Py_DECREF(row);
+        if (rc < 0) {
+            Py_DECREF(it);
+            return NULL;
+        }
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* take() -> [(null_count, validity bytes | None, offsets bytes | None, data bytes), ...]; then empty */
+static PyObject *Columns_take(Columns *C, PyObject *unused) {
+    PyObject *out = PyList_New(C->ncols);
+    int j;
+    if (!out) return NULL;
+    for (j = 0; j < C->ncols; j++) {
+        column *c = &C->cols[j];
+        PyObject *valid, *offs, *data, *t;
+        if (c->nulls) {
+            valid = PyBytes_FromStringAndSize((const char *)c->valid.p, (Py_ssize_t)c->valid.len);
+        } else {
+            valid = Py_None;
+            Py_INCREF(valid);
+        }
+        if (c->kind == COL_STR) {
+            offs = PyBytes_FromStringAndSize((const char *)c->offs.p, (Py_ssize_t)c->offs.len);
+        } else {
+            offs = Py_None;
+            Py_INCREF(offs);
+        }
+        data = PyBytes_FromStringAndSize(c->data.len ? (const char *)c->data.p : "", (Py_ssize_t)c->data.len);
+        t = (valid && offs && data) ? Py_BuildValue("nNNN", c->nulls, valid, offs, data) : NULL;
+        if (!t) {
+            Py_XDECREF(valid);
+            Py_XDECREF(offs);
+            Py_XDECREF(data);
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, j, t);
+    }
+    cols_reset(C);
+    return out;
+}
+
+static Py_ssize_t Columns_len(Columns *C) { return C->nrows; }
+
+static int Columns_init(Columns *C, PyObject *args, PyObject *kw) {
+    const char *kinds;
+    Py_ssize_t n, j;
+    if (!PyArg_ParseTuple(args, "s#", &kinds, &n)) return -1;
+    if (n < 1 || n > MAX_COLS) {
+        PyErr_SetString(PyExc_ValueError, "1 to 16 columns");
+        return -1;
+    }
+    for (j = 0; j < n; j++)
+        if (kinds[j] != COL_STR && kinds[j] != COL_DBL && kinds[j] != COL_TS) {
+            PyErr_SetString(PyExc_ValueError, "column kinds are s (string), d (float64) and t (timestamp)");
+            return -1;
+        }
+    for (j = 0; j < C->ncols; j++) {
+        free(C->cols[j].data.p);
+        free(C->cols[j].offs.p);
+        free(C->cols[j].valid.p);
+    }
+    memset(C->cols, 0, sizeof C->cols);
+    C->ncols = (int)n;
+    for (j = 0; j < n; j++) C->cols[j].kind = kinds[j];
+    cols_reset(C);
+    if (PyErr_Occurred()) return -1;
+    return 0;
+}
+
+static void Columns_dealloc(Columns *C) {
+    int j;
+    for (j = 0; j < C->ncols; j++) {
+        free(C->cols[j].data.p);
+        free(C->cols[j].offs.p);
+        free(C->cols[j].valid.p);
+    }
+    Py_TYPE(C)->tp_free((PyObject *)C);
+}
+
+static PyObject *Columns_kinds(Columns *C, void *closure) {
+    char k[MAX_COLS];
+    int j;
+    for (j = 0; j < C->ncols; j++) k[j] = C->cols[j].kind;
+    return PyUnicode_FromStringAndSize(k, C->ncols);
+}
+
+static PyMethodDef Columns_methods[] = {
+    {"append", (PyCFunction)Columns_append, METH_O, "Add one row tuple."},
+    {"extend", (PyCFunction)Columns_extend, METH_O, "Add row tuples."},
+    {"take", (PyCFunction)Columns_take, METH_NOARGS, "The columns' Arrow buffers; the builder is then empty."},
+    {NULL, NULL, 0, NULL}};
+
+static PyGetSetDef Columns_getset[] = {{"kinds", (getter)Columns_kinds, NULL, "column kinds", NULL},
+                                       {NULL, NULL, NULL, NULL, NULL}};
+
+static PySequenceMethods Columns_seq = {.sq_length = (lenfunc)Columns_len};
+
+static PyTypeObject ColumnsType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "synthfactory.ingest._flatc.Columns",
+    .tp_basicsize = sizeof(Columns),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Columns(kinds): row buffer of a table as Arrow buffers (kinds: s string, d float64, t timestamp).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Columns_init,
+    .tp_dealloc = (destructor)Columns_dealloc,
+    .tp_methods = Columns_methods,
+    .tp_getset = Columns_getset,
+    .tp_as_sequence = &Columns_seq,
+};
+
+/* ============================================================================================== */
+/* Reference cache: reference string -> key (and whether the key is a known patient)              */
+/* ============================================================================================== */
+typedef struct {
+    uint64_t h;      /* 0: empty slot */
+    uint32_t off, len; /* the reference string in the arena */
+    char key[32];
+    Py_ssize_t checked; /* 1 + size of the patient-key set when `known` was decided, 0 never */
+    int known;
+} rentry;
+
+typedef struct {
+    rentry *e;
+    size_t cap, n;
+    gbuf arena;
+} rcache;
+
+#define RCACHE_MAX (1u << 17)
+
+static uint64_t fnv(const uint8_t *s, size_t n) {
+    uint64_t h = 1469598103934665603ULL;
+    size_t i;
+    for (i = 0; i < n; i++) h = (h ^ s[i]) * 1099511628211ULL;
+    return h ? h : 1;
+}
+
+static void rc_clear(rcache *c) {
+    if (c->e) memset(c->e, 0, c->cap * sizeof(rentry));
+    c->n = 0;
+    c->arena.len = 0;
+}
+
+/* the entry of a reference (new entries have key[0] == 0); NULL on out of memory */
+static rentry *rc_get(rcache *c, const uint8_t *s, size_t n) {
+    uint64_t h = fnv(s, n);
+    size_t i;
+    if (c->n >= RCACHE_MAX) rc_clear(c);
+    if (!c->e || (c->n + 1) * 2 > c->cap) { /* grow (rehash) */
+        size_t cap = c->cap ? c->cap * 2 : 1024, k;
+        rentry *e = (rentry *)calloc(cap, sizeof(rentry));
+        if (!e) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        for (k = 0; k < c->cap; k++)
+            if (c->e[k].h) {
+                size_t j = c->e[k].h & (cap - 1);
+                while (e[j].h) j = (j + 1) & (cap - 1);
+                e[j] = c->e[k];
+            }
+        free(c->e);
+        c->e = e;
+        c->cap = cap;
+    }
+    i = h & (c->cap - 1);
+    while (c->e[i].h) {
+        if (c->e[i].h == h && c->e[i].len == n && memcmp(c->arena.p + c->e[i].off, s, n) == 0) return &c->e[i];
+        i = (i + 1) & (c->cap - 1);
+    }
+    if (n > UINT32_MAX || c->arena.len + n > UINT32_MAX) {
+        rc_clear(c);
+        return rc_get(c, s, n);
+    }
+    c->e[i].h = h;
+    c->e[i].off = (uint32_t)c->arena.len;
+    c->e[i].len = (uint32_t)n;
+    c->e[i].key[0] = 0;
+    c->e[i].checked = 0;
+    if (gb_put(&c->arena, s, n) < 0) {
+        c->e[i].h = 0;
+        return NULL;
+    }
+    c->n++;
+    return &c->e[i];
+}
+
+/* ============================================================================================== */
+/* The flattener object                                                                           */
+/* ============================================================================================== */
 enum { K_OBSERVATION, K_ENCOUNTER, K_CONDITION };
 static const char *KIND_TYPE[3] = {"Observation", "Encounter", "Condition"};
 
@@ -773,22 +1228,23 @@ typedef struct {
     int kind;                /* K_OBSERVATION, K_ENCOUNTER, K_CONDITION */
     uint32_t ist[8], ost[8]; /* HMAC midstates after the inner and outer pad */
     parser P;
-    PyObject *pcache, *ecache; /* reference string -> key */
-    PyObject *consts[N_CONST];
+    rcache pcache, ecache;
     PyObject *s_id, *s_identifier; /* identifier kinds */
     uint8_t *msg;
     size_t msgcap;
 } Flat;
 
-static PyObject *make_key(Flat *F, const char *type, const uint8_t *id, size_t idlen, long comp) {
+static int key_hex(Flat *F, const char *type, const uint8_t *id, size_t idlen, long comp, char hex[32]) {
     size_t tl = strlen(type), n = tl + 1 + idlen + 24;
     uint8_t d[32], d2[32];
-    char hex[32];
     static const char HEX[] = "0123456789abcdef";
     int i;
     if (n > F->msgcap) {
         uint8_t *m = (uint8_t *)realloc(F->msg, n * 2);
-        if (!m) return PyErr_NoMemory();
+        if (!m) {
+            PyErr_NoMemory();
+            return -1;
+        }
         F->msg = m;
         F->msgcap = n * 2;
     }
@@ -796,65 +1252,56 @@ static PyObject *make_key(Flat *F, const char *type, const uint8_t *id, size_t i
     F->msg[tl] = '/';
     memcpy(F->msg + tl + 1, id, idlen);
     n = tl + 1 + idlen;
-    if (comp >= 0) n += (size_t)sprintf((char *)F->msg + n, "#%ld", comp);
+    if (comp >= 0) n += (size_t)snprintf((char *)F->msg + n, 24, "#%ld", comp);
     sha_finish(F->ist, F->msg, n, d);
     sha_finish(F->ost, d, 32, d2);
     for (i = 0; i < 16; i++) {
         hex[2 * i] = HEX[d2[i] >> 4];
         hex[2 * i + 1] = HEX[d2[i] & 15];
     }
-    return PyUnicode_FromStringAndSize(hex, 32);
+    return 0;
 }
 
 static PyObject *span_str(parser *P, uint32_t off, uint32_t len) {
     return PyUnicode_DecodeUTF8((const char *)P->s + off, len, "strict");
 }
 
-static PyObject *cell_obj(Flat *F, const cell *c) {
-    switch (c->kind) {
+static const char *CONST_TEXT[N_CONST] = {"loinc", "snomed", "icd10cm", "rxnorm", "true", "false"};
+
+/* a cell into a column */
+static int put_cell(parser *P, column *c, Py_ssize_t r, const cell *v) {
+    switch (v->kind) {
     case V_SPAN:
-        return span_str(&F->P, c->off, c->len);
+        if (c->kind == COL_TS) {
+            long long us;
+            if (dt_micros(P->s + v->off, v->len, &us) < 0) {
+                PyErr_SetString(PyExc_SystemError, "_flatc: a checked dateTime did not parse");
+                return -1;
+            }
+            return col_i64(c, r, us);
+        }
+        return col_str(c, r, P->s + v->off, v->len);
     case V_CONST:
-        Py_INCREF(F->consts[c->cidx]);
-        return F->consts[c->cidx];
+        return col_str(c, r, CONST_TEXT[v->cidx], strlen(CONST_TEXT[v->cidx]));
     case V_DBL:
-        return PyFloat_FromDouble(c->d);
+        return col_f64(c, r, v->d);
     case V_INT:
-        return PyLong_FromLongLong(c->i);
+        return col_i64(c, r, v->i);
     default:
-        Py_RETURN_NONE;
+        return col_null(c, r);
     }
 }
 
-/* the key of a reference, through the cache (cleared when it reaches 2**18 entries, like Python's) */
-static PyObject *ref_obj(Flat *F, const ref *r, const char *rtype, PyObject *cache) {
-    PyObject *s, *k;
-    if (!r->some) Py_RETURN_NONE;
-    s = span_str(&F->P, r->off, r->len);
-    if (!s) return NULL;
-    k = PyDict_GetItemWithError(cache, s);
-    if (k) {
-        Py_DECREF(s);
-        Py_INCREF(k);
-        return k;
-    }
-    if (PyErr_Occurred()) {
-        Py_DECREF(s);
-        return NULL;
-    }
-    k = make_key(F, rtype, F->P.s + r->idoff, r->idlen, -1);
-    if (!k) {
-        Py_DECREF(s);
-        return NULL;
-    }
-    if (PyDict_GET_SIZE(cache) >= (1 << 18)) PyDict_Clear(cache);
-    if (PyDict_SetItem(cache, s, k) < 0) {
-        Py_DECREF(s);
-        Py_DECREF(k);
-        return NULL;
-    }
-    Py_DECREF(s);
-    return k;
+/* the key of a reference through the cache; NULL with no error for no reference */
+static const char *ref_key(Flat *F, const ref *r, const char *rtype, rcache *cache, rentry **entry) {
+    rentry *e;
+    *entry = NULL;
+    if (!r->some) return NULL;
+    e = rc_get(cache, F->P.s + r->off, r->len);
+    if (!e) return NULL;
+    if (!e->key[0] && key_hex(F, rtype, F->P.s + r->idoff, r->idlen, -1, e->key) < 0) return NULL;
+    *entry = e;
+    return e->key;
 }
 
 /* obs_value(x): 0 no value (None), 1 a value in num/unit/vcode, FB */
@@ -912,7 +1359,6 @@ static int first_object(parser *P, int root, const char *a, const char *b) {
 }
 
 #define MAX_ROWS 64
-#define MAX_COLS 11
 
 typedef struct {
     int nrows, ncols;
@@ -1082,36 +1528,53 @@ static int check_identifiers(parser *P, int root, int *ident) {
     return 0;
 }
 
-static int add_identifier(Flat *F, PyObject *chunk, PyObject *value, PyObject *kind) {
-    PyObject *r = PyDict_SetDefault(chunk, value, kind); /* borrowed */
-    return r ? 0 : -1;
+static int add_identifier(PyObject *chunk, PyObject *value, PyObject *kind) {
+    return PyDict_SetDefault(chunk, value, kind) ? 0 : -1; /* borrowed */
 }
 
-/* one line: FB (untouched), 0 accepted, -1 Python error */
 typedef struct {
     int kind;
-    PyObject *buf, *seen, *pkeys, *chunk;
+    Columns *cols;
+    PyObject *seen, *pkeys, *chunk;
     Py_ssize_t n_cand, vdone, vcap, vfirst;
     unsigned long long threshold, salt;
 } runctx;
 
+/* is the patient key of this entry in the set of known patient keys (decided once per set size) */
+static int known_patient(runctx *X, rentry *e) {
+    Py_ssize_t size = PySet_GET_SIZE(X->pkeys);
+    if (e->checked != size + 1) {
+        PyObject *k = PyUnicode_FromStringAndSize(e->key, 32);
+        int r;
+        if (!k) return -1;
+        r = PySet_Contains(X->pkeys, k);
+        Py_DECREF(k);
+        if (r < 0) return -1;
+        e->known = r;
+        e->checked = size + 1;
+    }
+    return e->known;
+}
+
+/* one line: FB (untouched), 0 accepted, -1 Python error */
 static int one_line(Flat *F, runctx *X, PyObject *raw, Py_ssize_t lineno) {
     parser *P = &F->P;
     const char *s;
     Py_ssize_t n;
     int root, x, ident, i, j;
     rows_t R;
-    PyObject *rid = NULL, *pk = NULL, *ek = NULL, *row = NULL;
+    PyObject *rid = NULL;
+    const char *pk, *ek = NULL;
+    rentry *pe, *ee;
     const char *rtype = KIND_TYPE[X->kind];
     size_t tl = strlen(rtype);
     int rc = -1;
+    Columns *C = X->cols;
 
     if (!PyBytes_CheckExact(raw)) return FB; /* blank, oversize markers: Python */
     s = PyBytes_AS_STRING(raw);
     n = PyBytes_GET_SIZE(raw);
     if (n == 0 || n >= (Py_ssize_t)INT32_MAX) return FB;
-    /* the Python loop's own pre-filter for modifierExtension: any mention goes to Python */
-    if (memmem(s, (size_t)n, "\"modifierExtension\"", 19)) return FB;
     P->s = (const uint8_t *)s;
     P->n = (size_t)n;
     P->pos = 0;
@@ -1155,6 +1618,21 @@ static int one_line(Flat *F, runctx *X, PyObject *raw, Py_ssize_t lineno) {
         break;
     }
     if (P->dup) return FB;
+    if (R.ncols != C->ncols) {
+        PyErr_SetString(PyExc_ValueError, "the Columns do not fit this resource type's table");
+        return -1;
+    }
+    pk = ref_key(F, &R.pk, "Patient", &F->pcache, &pe);
+    if (!pk && PyErr_Occurred()) return -1;
+    if (X->pkeys != Py_None && R.nrows && pk) {
+        i = known_patient(X, pe);
+        if (i < 0) return -1;
+        if (i == 0) return FB; /* dangling: Python counts and decides */
+    }
+    if (R.ek_col >= 0) {
+        ek = ref_key(F, &R.ek, "Encounter", &F->ecache, &ee);
+        if (!ek && PyErr_Occurred()) return -1;
+    }
     rid = span_str(P, P->nodes[x].off, P->nodes[x].len);
     if (!rid) return -1;
     i = PySet_Contains(X->seen, rid);
@@ -1162,22 +1640,8 @@ static int one_line(Flat *F, runctx *X, PyObject *raw, Py_ssize_t lineno) {
         Py_DECREF(rid);
         return i < 0 ? -1 : FB; /* duplicate id: Python */
     }
-    pk = ref_obj(F, &R.pk, "Patient", F->pcache);
-    if (!pk) goto done;
-    if (X->pkeys != Py_None && R.nrows && pk != Py_None) {
-        i = PySet_Contains(X->pkeys, pk);
-        if (i < 0) goto done;
-        if (i == 0) {
-            rc = FB; /* dangling: Python counts and decides */
-            goto done;
-        }
-    }
-    if (R.ek_col >= 0) {
-        ek = ref_obj(F, &R.ek, "Encounter", F->ecache);
-        if (!ek) goto done;
-    }
     /* accepted: the side effects, in the Python loop's order */
-    if (add_identifier(F, X->chunk, rid, F->s_id) < 0) goto done;
+    if (add_identifier(X->chunk, rid, F->s_id) < 0) goto done;
     if (ident >= 0) {
         for (j = P->nodes[ident].child; j >= 0; j = P->nodes[j].next) {
             int v = get(P, j, "value");
@@ -1185,7 +1649,7 @@ static int one_line(Flat *F, runctx *X, PyObject *raw, Py_ssize_t lineno) {
             if (is_none(P, v) || P->nodes[v].len == 0) continue;
             vs = span_str(P, P->nodes[v].off, P->nodes[v].len);
             if (!vs) goto done;
-            if (add_identifier(F, X->chunk, vs, F->s_identifier) < 0) {
+            if (add_identifier(X->chunk, vs, F->s_identifier) < 0) {
                 Py_DECREF(vs);
                 goto done;
             }
@@ -1193,53 +1657,46 @@ static int one_line(Flat *F, runctx *X, PyObject *raw, Py_ssize_t lineno) {
         }
     }
     for (i = 0; i < R.nrows; i++) {
-        const uint8_t *id = P->s + P->nodes[x].off;
-        row = PyTuple_New(R.ncols);
-        if (!row) goto done;
-        {
-            PyObject *k = make_key(F, rtype, id, P->nodes[x].len, R.comp[i]);
-            if (!k) goto done;
-            PyTuple_SET_ITEM(row, 0, k);
-        }
-        Py_INCREF(pk);
-        PyTuple_SET_ITEM(row, R.pk_col, pk);
-        if (R.ek_col >= 0) {
-            Py_INCREF(ek);
-            PyTuple_SET_ITEM(row, R.ek_col, ek);
+        colmark m[MAX_COLS];
+        Py_ssize_t r = C->nrows;
+        char key[32];
+        cols_mark(C, m);
+        if (key_hex(F, rtype, P->s + P->nodes[x].off, P->nodes[x].len, R.comp[i], key) < 0 ||
+            col_str(&C->cols[0], r, key, 32) < 0 ||
+            (pk ? col_str(&C->cols[R.pk_col], r, pk, 32) : col_null(&C->cols[R.pk_col], r)) < 0 ||
+            (R.ek_col >= 0 && (ek ? col_str(&C->cols[R.ek_col], r, ek, 32) : col_null(&C->cols[R.ek_col], r)) < 0)) {
+            cols_rollback(C, m);
+            goto done;
         }
         for (j = 1; j < R.ncols; j++) {
-            PyObject *v;
             if (j == R.pk_col || j == R.ek_col) continue;
-            v = cell_obj(F, &R.cells[i][j]);
-            if (!v) goto done;
-            PyTuple_SET_ITEM(row, j, v);
+            if (put_cell(P, &C->cols[j], r, &R.cells[i][j]) < 0) {
+                cols_rollback(C, m);
+                goto done;
+            }
         }
-        if (PyList_Append(X->buf, row) < 0) goto done;
-        Py_CLEAR(row);
+        C->nrows++;
     }
     if (PySet_Add(X->seen, rid) < 0) goto done;
     X->n_cand++;
     rc = 0;
 done:
-    Py_XDECREF(row);
     Py_XDECREF(rid);
-    Py_XDECREF(pk);
-    Py_XDECREF(ek);
     return rc;
 }
 
-/* run(block, start, lineno, buf, seen, pkeys, chunk, n_cand, vdone, vcap, vfirst, threshold, salt,
+/* run(block, start, lineno, cols, seen, pkeys, chunk, n_cand, vdone, vcap, vfirst, threshold, salt,
  *     batch_rows) -> (pos, accepted, why)
- * Takes lines block[start:] while they are plain; `lineno` is the number of the line before
- * block[start]. why: 0 the block is done, 1 block[pos] is for the Python path, 2 the buffer is full
- * (flush, then call again from pos). Accepted lines count as read and as validation candidates. */
+ * Takes lines block[start:] while they are plain, writing their rows to `cols` (a Columns); `lineno` is
+ * the number of the line before block[start]. why: 0 the block is done, 1 block[pos] is for the Python
+ * path, 2 the buffer is full (flush, then call again from pos). Accepted lines count as read and as
+ * validation candidates. */
 static PyObject *Flat_run(Flat *F, PyObject *args) {
     PyObject *block;
     Py_ssize_t start, lineno, batch_rows, pos, nblock, accepted = 0;
     runctx X;
     int why = 0;
-    X.kind = 0;
-    if (!PyArg_ParseTuple(args, "O!nnO!O!OO!nnnnKKn", &PyList_Type, &block, &start, &lineno, &PyList_Type, &X.buf,
+    if (!PyArg_ParseTuple(args, "O!nnO!O!OO!nnnnKKn", &PyList_Type, &block, &start, &lineno, &ColumnsType, &X.cols,
                           &PySet_Type, &X.seen, &X.pkeys, &PyDict_Type, &X.chunk, &X.n_cand, &X.vdone, &X.vcap,
                           &X.vfirst, &X.threshold, &X.salt, &batch_rows))
         return NULL;
@@ -1249,9 +1706,10 @@ static PyObject *Flat_run(Flat *F, PyObject *args) {
     }
     X.kind = F->kind;
     nblock = PyList_GET_SIZE(block);
-    for (pos = start < 0 ? 0 : start; pos < nblock; pos++) {
+    if (start < 0) start = 0;
+    for (pos = start; pos < nblock; pos++) {
         int r;
-        if (PyList_GET_SIZE(X.buf) >= batch_rows) {
+        if (X.cols->nrows >= batch_rows) {
             why = 2;
             break;
         }
@@ -1263,7 +1721,7 @@ static PyObject *Flat_run(Flat *F, PyObject *args) {
         }
         accepted++;
     }
-    if (pos >= nblock && why == 0 && PyList_GET_SIZE(X.buf) >= batch_rows) why = 2;
+    if (pos >= nblock && why == 0 && X.cols->nrows >= batch_rows) why = 2;
     return Py_BuildValue("nni", pos, accepted, why);
 }
 
@@ -1271,15 +1729,17 @@ static PyObject *Flat_run(Flat *F, PyObject *args) {
 static PyObject *Flat_key(Flat *F, PyObject *args) {
     const char *type, *id;
     Py_ssize_t idlen;
+    char hex[32];
     if (!PyArg_ParseTuple(args, "ss#", &type, &id, &idlen)) return NULL;
-    return make_key(F, type, (const uint8_t *)id, (size_t)idlen, -1);
+    if (key_hex(F, type, (const uint8_t *)id, (size_t)idlen, -1, hex) < 0) return NULL;
+    return PyUnicode_FromStringAndSize(hex, 32);
 }
 
 static int Flat_init(Flat *F, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"kind", "ipad", "opad", NULL};
     const char *kind;
     Py_buffer ipad, opad;
-    int k, i;
+    int k;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "sy*y*", kwlist, &kind, &ipad, &opad)) return -1;
     if (ipad.len != 64 || opad.len != 64) {
         PyBuffer_Release(&ipad);
@@ -1289,8 +1749,8 @@ static int Flat_init(Flat *F, PyObject *args, PyObject *kw) {
     }
     memcpy(F->ist, SHA_IV, sizeof F->ist);
     memcpy(F->ost, SHA_IV, sizeof F->ost);
-    sha_compress(F->ist, (const uint8_t *)ipad.buf);
-    sha_compress(F->ost, (const uint8_t *)opad.buf);
+    compress(F->ist, (const uint8_t *)ipad.buf);
+    compress(F->ost, (const uint8_t *)opad.buf);
     PyBuffer_Release(&ipad);
     PyBuffer_Release(&opad);
     for (k = 0; k < 3; k++)
@@ -1300,16 +1760,8 @@ static int Flat_init(Flat *F, PyObject *args, PyObject *kw) {
         return -1;
     }
     F->kind = k;
-    Py_CLEAR(F->pcache);
-    Py_CLEAR(F->ecache);
-    F->pcache = PyDict_New();
-    F->ecache = PyDict_New();
-    if (!F->pcache || !F->ecache) return -1;
-    for (i = 0; i < N_CONST; i++) {
-        Py_CLEAR(F->consts[i]);
-        F->consts[i] = PyUnicode_InternFromString(CONST_TEXT[i]);
-        if (!F->consts[i]) return -1;
-    }
+    rc_clear(&F->pcache);
+    rc_clear(&F->ecache);
     Py_CLEAR(F->s_id);
     Py_CLEAR(F->s_identifier);
     F->s_id = PyUnicode_InternFromString("id");
@@ -1319,28 +1771,15 @@ static int Flat_init(Flat *F, PyObject *args, PyObject *kw) {
 }
 
 static void Flat_dealloc(Flat *F) {
-    int i;
-    PyObject_GC_UnTrack(F);
-    Py_CLEAR(F->pcache);
-    Py_CLEAR(F->ecache);
-    for (i = 0; i < N_CONST; i++) Py_CLEAR(F->consts[i]);
     Py_CLEAR(F->s_id);
     Py_CLEAR(F->s_identifier);
     free(F->P.nodes);
     free(F->msg);
+    free(F->pcache.e);
+    free(F->pcache.arena.p);
+    free(F->ecache.e);
+    free(F->ecache.arena.p);
     Py_TYPE(F)->tp_free((PyObject *)F);
-}
-
-static int Flat_clear(Flat *F) {
-    Py_CLEAR(F->pcache);
-    Py_CLEAR(F->ecache);
-    return 0;
-}
-
-static int Flat_traverse(Flat *F, visitproc visit, void *arg) {
-    Py_VISIT(F->pcache);
-    Py_VISIT(F->ecache);
-    return 0;
 }
 
 static PyMethodDef Flat_methods[] = {
@@ -1352,13 +1791,11 @@ static PyMethodDef Flat_methods[] = {
 static PyTypeObject FlatType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "synthfactory.ingest._flatc.Flattener",
     .tp_basicsize = sizeof(Flat),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Flattener(kind, ipad, opad): the compiled flatten of one resource type's plain lines.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Flat_init,
     .tp_dealloc = (destructor)Flat_dealloc,
-    .tp_traverse = (traverseproc)Flat_traverse,
-    .tp_clear = (inquiry)Flat_clear,
     .tp_methods = Flat_methods,
 };
 
@@ -1368,7 +1805,10 @@ static struct PyModuleDef flatc_module = {PyModuleDef_HEAD_INIT, "_flatc",
 
 PyMODINIT_FUNC PyInit__flatc(void) {
     PyObject *m;
-    if (PyType_Ready(&FlatType) < 0) return NULL;
+#ifdef HAVE_SHA_NI
+    if (cpu_has_sha() && !getenv("SYNTHFACTORY_NO_SHA_NI")) compress = sha_compress_ni;
+#endif
+    if (PyType_Ready(&FlatType) < 0 || PyType_Ready(&ColumnsType) < 0) return NULL;
     m = PyModule_Create(&flatc_module);
     if (!m) return NULL;
     Py_INCREF(&FlatType);
@@ -1377,7 +1817,13 @@ PyMODINIT_FUNC PyInit__flatc(void) {
         Py_DECREF(m);
         return NULL;
     }
-    if (PyModule_AddIntConstant(m, "ABI", 1) < 0) {
+    Py_INCREF(&ColumnsType);
+    if (PyModule_AddObject(m, "Columns", (PyObject *)&ColumnsType) < 0) {
+        Py_DECREF(&ColumnsType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "SHA_NI", compress != sha_compress) < 0) {
         Py_DECREF(m);
         return NULL;
     }

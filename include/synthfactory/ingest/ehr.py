@@ -449,7 +449,8 @@ def ingest_ehr(
         if "Patient" not in resources:
             resources.insert(0, "Patient")
         session = IngestSession(out_uri, keyer=keyer, store=store, resources=resources,
-                                validate_sample_rate=0.0, batch_rows=batch_rows, on_dangling=on_dangling)
+                                validate_sample_rate=0.0, batch_rows=batch_rows, on_dangling=on_dangling,
+                                native=False)  # mapped rows, not NDJSON lines: plain row buffers
         used: set[str] = set()
         stats = {"rows_in": 0, "duplicate_rows": 0}
         try:

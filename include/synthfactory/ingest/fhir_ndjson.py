@@ -516,24 +516,28 @@ class _TableWriter:
         self.schema = schema
         self.local_path = local_path
         self.batch_rows = batch_rows
-        self.buf: list[tuple] = []
+        self.buf: Any = []  # row tuples; or a native.columns buffer, which takes them too
         self.rows = 0
         self.background = background
         self._writer = pq.ParquetWriter(local_path, schema, compression="zstd")
 
     def flush(self) -> None:
-        if not self.buf:
+        n = len(self.buf)
+        if not n:
             return
-        cols = list(zip(*self.buf))
-        arrays = [timestamp_array(c, f.type) if pa.types.is_timestamp(f.type) else pa.array(c, type=f.type)
-                  for c, f in zip(cols, self.schema)]
+        if type(self.buf) is list:
+            cols = list(zip(*self.buf))
+            arrays = [timestamp_array(c, f.type) if pa.types.is_timestamp(f.type) else pa.array(c, type=f.type)
+                      for c, f in zip(cols, self.schema)]
+            self.buf = []
+        else:  # a native.columns buffer: already Arrow buffers (and empty after this)
+            arrays = _native.arrays(self.buf, self.schema)
         batch = pa.RecordBatch.from_arrays(arrays, schema=self.schema)
         if self.background is not None:
-            self.background.submit(self._writer.write_batch, batch, len(self.buf))
+            self.background.submit(self._writer.write_batch, batch, n)
         else:
-            self._writer.write_batch(batch, row_group_size=len(self.buf))
-        self.rows += len(self.buf)
-        self.buf = []
+            self._writer.write_batch(batch, row_group_size=n)
+        self.rows += n
 
     def close(self) -> None:
         self.flush()
@@ -559,7 +563,7 @@ class _Identifiers:
     the value, and deduplicated across chunks one partition at a time at the end (first kind wins), so
     memory stays bounded on large extracts (a value always lands in the same partition)."""
 
-    PARTS = 8
+    PARTS = 8  # a power of 2
     _SPILL_SCHEMA = pa.schema([pa.field("value", pa.string()), pa.field("kind", pa.string()),
                                pa.field("_i", pa.int64())])
 
@@ -581,23 +585,20 @@ class _Identifiers:
     def _write_chunk(self) -> None:
         if not self.chunk:
             return
-        parts: list[tuple[list, list, list]] = [([], [], []) for _ in range(self.PARTS)]
-        seq = self._seq
-        for value, kind in self.chunk.items():
-            v, k, i = parts[hash(value) % self.PARTS]
-            v.append(value)
-            k.append(kind)
-            i.append(seq)
-            seq += 1
-        self._seq = seq
-        for p, (v, k, i) in enumerate(parts):
-            if not v:
+        n = len(self.chunk)
+        parts = pa.array([hash(v) & (self.PARTS - 1) for v in self.chunk], pa.int8())  # PARTS is a power of 2
+        batch = pa.RecordBatch.from_arrays(
+            [pa.array(list(self.chunk), pa.string()), pa.array(list(self.chunk.values()), pa.string()),
+             pa.array(range(self._seq, self._seq + n), pa.int64())], schema=self._SPILL_SCHEMA)
+        self._seq += n
+        for p in range(self.PARTS):
+            sub = batch.filter(pc.equal(parts, p))
+            if not sub.num_rows:
                 continue
             w = self._spills[p]
             if w is None:
                 w = self._spills[p] = pq.ParquetWriter(self._spill_path(p), self._SPILL_SCHEMA, compression="zstd")
-            w.write_batch(pa.RecordBatch.from_arrays([pa.array(v, pa.string()), pa.array(k, pa.string()),
-                                                      pa.array(i, pa.int64())], schema=self._SPILL_SCHEMA))
+            w.write_batch(sub)
         self.chunk.clear()
 
     def close(self) -> None:
@@ -615,13 +616,13 @@ class _Identifiers:
                     if w is None:
                         continue
                     w.close()
-                    part = pq.read_table(self._spill_path(p))
-                    first = part.group_by("value", use_threads=False).aggregate([("_i", "min")])
-                    keep = pc.is_in(part.column("_i"), value_set=first.column("_i_min").combine_chunks())
-                    part = part.filter(keep).select(["value", "kind"]).cast(IDENTIFIERS_SCHEMA)
+                    part = pq.read_table(self._spill_path(p))  # in first-seen (_i) order
+                    # one row per value, in first-seen order, with the kind it was first seen as
+                    first = part.group_by("value", use_threads=False).aggregate([("kind", "first")])
+                    part = first.rename_columns(["value", "kind"]).cast(IDENTIFIERS_SCHEMA)
                     writer.write_table(part)
                     self.count += part.num_rows
-                    del part, first, keep
+                    del part, first
                     _unlink(self._spill_path(p))
         finally:
             writer.close()
@@ -792,8 +793,10 @@ class IngestSession:
             for rtype, prods in self.producers.items():
                 if len(prods) == 1 and prods[0].fn is flatteners.get(rtype):
                     nf = _native.flattener(rtype, keyer)
-                    if nf is not None:
+                    cols = _native.columns(prods[0].writer.schema) if nf is not None else None
+                    if cols is not None:  # its rows go straight into Arrow buffers
                         self.native[rtype] = nf
+                        prods[0].writer.buf = cols
         self.native_lines: Counter = Counter()
 
         # -- counters --------------------------------------------------------------------------------

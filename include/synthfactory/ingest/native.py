@@ -36,6 +36,42 @@ def available() -> bool:
         "0", "false", "no", "off")
 
 
+def columns(schema: Any) -> Any | None:
+    """A row buffer for a table of ``schema`` that keeps its rows as Arrow buffers (string, float64 and
+    timestamp[us] columns), or None when the module is missing or a column has another type. Python rows
+    go in with ``append``/``extend`` like into a list; :func:`arrays` turns it into Arrow arrays."""
+    import pyarrow as pa
+
+    if _flatc is None:
+        return None
+    kinds = []
+    for f in schema:
+        if pa.types.is_string(f.type):
+            kinds.append("s")
+        elif pa.types.is_float64(f.type):
+            kinds.append("d")
+        elif pa.types.is_timestamp(f.type) and f.type.unit == "us":
+            kinds.append("t")
+        else:
+            return None
+    return _flatc.Columns("".join(kinds))
+
+
+def arrays(cols: Any, schema: Any) -> list:
+    """The Arrow arrays of a :func:`columns` buffer (which is empty afterwards)."""
+    import pyarrow as pa
+
+    n = len(cols)
+    out = []
+    for (nulls, valid, offsets, data), f in zip(cols.take(), schema):
+        bufs = [pa.py_buffer(valid) if valid is not None else None]
+        if offsets is not None:
+            bufs.append(pa.py_buffer(offsets))
+        bufs.append(pa.py_buffer(data))
+        out.append(pa.Array.from_buffers(f.type, n, bufs, null_count=nulls))
+    return out
+
+
 def flattener(rtype: str, keyer: Any) -> Any | None:
     """A compiled flattener for ``rtype`` keyed like ``keyer``, or None (type not covered, module not
     available, or a keyer whose keys it cannot reproduce: it is checked against ``keyer.key``)."""

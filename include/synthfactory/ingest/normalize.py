@@ -155,9 +155,10 @@ def parse_fhir_datetime(value: Any) -> int:
                 v = (_fromiso(value[:19]) - _EPOCH_NAIVE) // _US
             except ValueError:
                 v = None
-    elif n == 25:
+    elif n == 25:  # the offset: hours up to 14, minutes up to 59 (fromisoformat would take +01:60)
         if value[10] == "T" and value[22] == ":" and value[19] in "+-" and value[20:22] <= "14" \
-                and value[4] == "-" and value[7] == "-" and value[13] == ":" and value[16] == ":" and value.isascii():
+                and value[23] <= "5" and value[4] == "-" and value[7] == "-" and value[13] == ":" \
+                and value[16] == ":" and value.isascii():
             try:
                 v = (_fromiso(value) - _EPOCH) // _US
             except ValueError:
@@ -185,8 +186,8 @@ def fhir_datetime_deferred(value: Any) -> int | str:
                     pass
         elif n == 25:
             if value[10] == "T" and value[22] == ":" and value[19] in "+-" and value[20:22] <= "14" \
-                    and value[4] == "-" and value[7] == "-" and value[13] == ":" and value[16] == ":" \
-                    and value.isascii():
+                    and value[23] <= "5" and value[4] == "-" and value[7] == "-" and value[13] == ":" \
+                    and value[16] == ":" and value.isascii():
                 try:
                     _fromiso(value)
                     return value

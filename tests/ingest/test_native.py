@@ -1,0 +1,344 @@
+"""The compiled flatten (synthfactory.ingest.native / _flatc) against the Python path, differentially.
+
+The contract: for any input, ingest with the compiled flatten writes exactly what the Python path writes
+(tables, quarantine records, identifiers, report counts). Each test ingests the same extract twice, with
+``native=True`` and ``native=False``, and compares every output. The inputs are generated plain resources
+(what the compiled path takes) and the same resources put through structural and byte-level mutations
+(what it must hand back to Python, or take with the same result).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from synthfactory.ingest import native
+from synthfactory.ingest.fhir_ndjson import IngestSession, ingest_extract
+from synthfactory.ingest.schemas import OBSERVATION_SCHEMA, TS
+from synthfactory.keys import Keyer
+
+LOINC, SNOMED, ICD = "http://loinc.org", "http://snomed.info/sct", "http://hl7.org/fhir/sid/icd-10-cm"
+UCUM = "http://unitsofmeasure.org"
+OUTPUTS = ("patient.parquet", "encounter.parquet", "condition.parquet", "observation.parquet",
+           "identifiers.parquet")
+VOLATILE = {"seconds", "resources_per_second", "native_lines", "tables", "quarantine_uri", "identifiers_uri"}
+
+
+def test_the_compiled_module_is_built_and_used(keyer, tmp_path):
+    """`make install` builds it (setup.py); a missing build would silently cost half the throughput."""
+    assert native.available(), "synthfactory.ingest._flatc is not built: run `make install`"
+    s = IngestSession(str(tmp_path / "out"), keyer=keyer)
+    try:
+        assert set(s.native) == {"Observation", "Encounter", "Condition"}
+    finally:
+        s.abort()
+    assert IngestSession(str(tmp_path / "o2"), keyer=keyer, native=False).native == {}
+    assert IngestSession(str(tmp_path / "o3"), keyer=keyer, engine="views").native == {}
+
+
+@pytest.mark.parametrize("sha_ni", ["1", "0"])
+def test_keys_equal_the_keyers(sha_ni):
+    """HMAC-SHA256 in C (portable and SHA-NI) == Keyer.key, for short, long (multi-block) and non-ASCII ids
+    and salts longer than a block. Run in a child so that the SHA-NI switch applies at import."""
+    code = """
+import json, sys
+from synthfactory.ingest import native, _flatc
+from synthfactory.keys import Keyer
+ids = ["p", "x" * 55, "y" * 56, "z" * 119, "w" * 300, "\\u00e9t\\u00e9-\\u4e2d\\U0001f600", "a/b#c", "0"]
+n = 0
+for salt in (b"s" * 16, b"t" * 64, b"u" * 65, bytes(range(256))):
+    k = Keyer(salt)
+    for t in ("Observation", "Encounter", "Condition"):
+        f = native.flattener(t, k)
+        assert f is not None
+        for i in ids:
+            for typ in ("Patient", t):
+                assert f.key(typ, i) == k.key(typ, i), (salt, typ, i)
+                n += 1
+print(json.dumps({"sha_ni": _flatc.SHA_NI, "n": n}))
+"""
+    env = {**os.environ, "SYNTHFACTORY_NO_SHA_NI": "" if sha_ni == "1" else "1"}
+    if sha_ni == "1":
+        env.pop("SYNTHFACTORY_NO_SHA_NI")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["n"] == 4 * 3 * 8 * 2
+    if sha_ni == "0":
+        assert res["sha_ni"] == 0
+
+
+def test_columns_buffer_types_nulls_and_rollback():
+    cols = native.columns(OBSERVATION_SCHEMA)
+    assert cols.kinds == "ssssssstdss"
+    row = ("k1", None, "e", "cat", "loinc", "1-1", "d\u00e9", "2020-01-02T03:04:05+01:00", 1.5, "mg", None)
+    cols.append(row)
+    cols.extend([("k2", "p", None, None, None, None, None, 86_400_000_000, 2, None, "x")])
+    with pytest.raises(TypeError):
+        cols.append(("k3", 5) + row[2:])  # an int in a string column: nothing of the row is kept
+    with pytest.raises(ValueError):
+        cols.append(("k3", None, None, None, None, None, None, "2020-13-01", None, None, None))
+    with pytest.raises(TypeError):
+        cols.append(("too", "short"))
+    assert len(cols) == 2
+    arrays = native.arrays(cols, OBSERVATION_SCHEMA)
+    assert len(cols) == 0
+    t = pa.Table.from_arrays(arrays, schema=OBSERVATION_SCHEMA)
+    t.validate(full=True)
+    assert t.column("observation_key").to_pylist() == ["k1", "k2"]
+    assert t.column("patient_key").to_pylist() == [None, "p"]
+    assert t.column("display").to_pylist() == ["d\u00e9", None]
+    assert t.column("value_num").to_pylist() == [1.5, 2.0]
+    expected = pa.array(["2020-01-02T03:04:05+01:00"], pa.string()).cast(TS).to_pylist()[0]
+    assert t.column("effective").to_pylist()[0] == expected
+    assert t.column("effective").to_pylist()[1] == pa.scalar(86_400_000_000, TS).as_py()
+    assert native.columns(pa.schema([pa.field("b", pa.bool_())])) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# generated extracts
+# ------------------------------------------------------------------------------------------------
+DATES = ["2020-01-02T03:04:05Z", "2019-12-31T23:59:59+14:00", "2021-06-01T00:00:00-05:30", "2020-02-29",
+         "2019", "2019-07", "2020-01-02T03:04", "2020-01-02T03:04:05.123456789Z", "2020-01-02T03:04:60Z",
+         "2019-02-29", "2020-13-01", "2020-01-02T24:00:00Z", "2020-01-02T03:04:05+15:00", "0000-01-01",
+         "2020-01-02T03:04:05", "2020-01-02 03:04:05Z", "20200102", "2020-01-02T03:04:05+01:60", "", 2020]
+REFS = ["Patient/p{n}", "Patient/p{n}", "Patient/p{n}", "http://x.org/fhir/Patient/p{n}", "Patient/p{n}/_history/2",
+        "urn:uuid:p{n}", "#c1", "Patient/", "p{n}", "Encounter/e{n}", "Patient/nobody", "Patient/p{n}\u00e9"]
+SYSTEMS = [LOINC, SNOMED, ICD, "http://www.nlm.nih.gov/research/umls/rxnorm", "urn:oid:2.16.840.1.113883.6.1",
+           "http://example.org/local", None]
+WEIRD = [None, "", 0, -0.0, 1.5, True, False, [], {}, "x", [{}], {"a": 1}, 12345678901234567890, 1e300]
+
+
+def _coding(r: random.Random) -> dict:
+    c = {"system": r.choice(SYSTEMS), "code": r.choice(["1-1", "E11.9", "8480-6", "\u00e9\u00e8", "x\"y"]),
+         "display": r.choice(["Systolic", "", None, "Caf\u00e9", "Blood \\ pressure"])}
+    return {k: v for k, v in c.items() if v is not None or r.random() < 0.2}
+
+
+def _cc(r: random.Random) -> dict:
+    cc: dict = {"coding": [_coding(r) for _ in range(r.choice([1, 1, 1, 2, 3, 0]))]}
+    if r.random() < 0.4:
+        cc["text"] = r.choice(["Text", "", "T\u00e9xt"])
+    return cc
+
+
+def _value(r: random.Random) -> dict:
+    k = r.random()
+    if k < 0.5:
+        q = {"value": r.choice([120, 80.5, 0, -3, 1e-7, 98.6, 10**15, 2.5e10]), "system": UCUM}
+        if r.random() < 0.8:
+            q["unit"] = r.choice(["mmHg", "kg", "", "\u00b5g"])
+        if r.random() < 0.5:
+            q["code"] = r.choice(["mm[Hg]", "kg"])
+        return {"valueQuantity": q}
+    if k < 0.65:
+        return {"valueCodeableConcept": _cc(r)}
+    if k < 0.75:
+        return {"valueString": r.choice(["Detected", "", "n\u00e9gatif"])}
+    if k < 0.8:
+        return {"valueBoolean": r.choice([True, False])}
+    if k < 0.85:
+        return {"valueInteger": r.choice([3, 0, -7])}
+    return {}
+
+
+def _ref(r: random.Random, n: int, plain: bool) -> dict:
+    tmpl = REFS[0] if plain else r.choice(REFS)
+    return {"reference": tmpl.format(n=n)}
+
+
+def observation(r: random.Random, i: int, plain: bool) -> dict:
+    n = r.randrange(30)
+    o: dict = {"resourceType": "Observation", "id": f"o{i}", "status": "final",
+               "meta": {"profile": ["http://hl7.org/fhir/us/core/StructureDefinition/us-core-observation-lab"]},
+               "subject": _ref(r, n, plain), "code": _cc(r),
+               "effectiveDateTime": DATES[0] if plain else r.choice(DATES[:8])}
+    if r.random() < 0.8:
+        o["encounter"] = {"reference": f"Encounter/e{n}"}
+    if r.random() < 0.7:
+        o["category"] = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                      "code": r.choice(["vital-signs", "laboratory"])}]}]
+    o.update(_value(r))
+    if r.random() < 0.25:
+        o["component"] = [{"code": _cc(r), **_value(r)} for _ in range(r.randint(1, 3))]
+    if r.random() < 0.1:
+        o["identifier"] = [{"system": "urn:x", "value": f"ACC{i}"}, {"value": ""}]
+    if r.random() < 0.1:
+        o["performer"] = [{"reference": "Practitioner/dr-1"}]
+        o["note"] = [{"text": "free \u00e9 text with \"quotes\" and \\ backslashes \u2028"}]
+    return o
+
+
+def encounter(r: random.Random, i: int, plain: bool) -> dict:
+    e: dict = {"resourceType": "Encounter", "id": f"e{i}", "status": r.choice(["finished", "in-progress"]),
+               "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": r.choice(["AMB", "IMP"])},
+               "subject": _ref(r, i % 30, plain)}
+    if r.random() < 0.8:
+        e["type"] = [{"coding": [_coding(r)]} if r.random() < 0.8 else {"text": "Walk-in"}]
+    if r.random() < 0.9:
+        e["period"] = {"start": DATES[0] if plain else r.choice(DATES[:8])}
+        if r.random() < 0.7:
+            e["period"]["end"] = r.choice(DATES[:3])
+    if r.random() < 0.2:
+        e["identifier"] = [{"value": f"V{i}"}]
+    return e
+
+
+def condition(r: random.Random, i: int, plain: bool) -> dict:
+    n = r.randrange(30)
+    c: dict = {"resourceType": "Condition", "id": f"c{i}", "code": _cc(r), "subject": _ref(r, n, plain),
+               "clinicalStatus": {"coding": [{"code": r.choice(["active", "resolved"])}]}}
+    if r.random() < 0.7:
+        c["encounter"] = {"reference": f"Encounter/e{n}"}
+    if r.random() < 0.8:
+        c["onsetDateTime"] = DATES[0] if plain else r.choice(DATES[:8])
+    return c
+
+
+def patients() -> list:
+    return [{"resourceType": "Patient", "id": f"p{n}", "gender": "female", "birthDate": "1970-01-01"}
+            for n in range(30)]
+
+
+def mutate(r: random.Random, o: dict) -> dict | bytes:
+    """One structural or byte-level change."""
+    k = r.random()
+    o = json.loads(json.dumps(o))
+    if k < 0.35:  # a leaf or member replaced by a value of another type
+        node, path = o, []
+        while isinstance(node, (dict, list)) and node and r.random() < 0.7:
+            key = r.choice(list(node)) if isinstance(node, dict) else r.randrange(len(node))
+            path.append((node, key))
+            node = node[key]
+        if path:
+            parent, key = path[-1]
+            parent[key] = r.choice(WEIRD + DATES + [{"reference": x.format(n=1)} for x in REFS])
+        return o
+    if k < 0.45:  # a member dropped
+        if len(o) > 2:
+            del o[r.choice([x for x in o if x != "resourceType"])]
+        return o
+    if k < 0.5:
+        o["modifierExtension"] = r.choice([[], [{"url": "urn:x", "valueBoolean": True}]])
+        return o
+    if k < 0.55:
+        o.setdefault("code", {})["modifierExtension"] = [{"url": "urn:x"}]
+        return o
+    if k < 0.6:
+        o["id"] = r.choice(["o1", "e1", "c1", "", 5, None, "\u00e9", "a\"b"])
+        return o
+    if k < 0.65:
+        o["resourceType"] = r.choice(["Patient", "observation", None, "Observation "])
+        return o
+    if k < 0.7:
+        o["contained"] = [{"resourceType": "Patient", "id": "c1"}]
+        return o
+    raw = orjson.dumps(o)
+    j = r.randrange(1, len(raw))
+    choices = [
+        raw[:j],  # truncated
+        raw[:j] + b"\xff" + raw[j:],  # invalid UTF-8
+        raw[:-1] + b',"id":"dup"}',  # a duplicate key (last wins in orjson)
+        raw[:-1] + b',"subject":{"reference":"Patient/p2"}}',
+        raw[:-1] + b',"x":NaN}',
+        raw[:-1] + b',"x":1e400}',
+        raw[:-1] + b',"x":123456789012345678901234567890}',
+        raw[:-1] + b',"x":' + b"[" * 300 + b"]" * 300 + b"}",
+        raw[:-1] + b',"x":"\\ud800"}',
+        raw[:-1] + b',"\\u0069d":"esc"}',
+        raw[:-1] + b',}',
+        b"  " + raw + b" \r",
+        b"\xef\xbb\xbf" + raw,
+        raw + b" " + raw,
+        raw.replace(b'"status"', b'"st\\u0061tus"', 1),
+        raw.replace(b":", b": ", 3),
+        b"",
+        b"   ",
+        b"[" + raw + b"]",
+    ]
+    return r.choice(choices)
+
+
+def write_extract(folder: Path, seed: int, n: int, mutated: float) -> int:
+    r = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "Patient.ndjson").write_bytes(b"\n".join(orjson.dumps(p) for p in patients()) + b"\n")
+    total = 0
+    for name, make in (("Observation", observation), ("Encounter", encounter), ("Condition", condition)):
+        lines = []
+        for i in range(n):
+            plain = r.random() >= mutated
+            o = make(r, i, plain)
+            item = o if plain else mutate(r, o)
+            lines.append(item if isinstance(item, bytes) else orjson.dumps(item))
+        (folder / f"{name}.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+        total += n
+    return total
+
+
+def ingest_both(src: Path, tmp: Path, keyer: Keyer, **kw) -> tuple[dict, dict]:
+    reports = {}
+    for flag in (True, False):
+        out = tmp / f"out-{flag}"
+        reports[flag] = ingest_extract(str(src), str(out), keyer=keyer, native=flag, **kw)
+    a, b = tmp / "out-True", tmp / "out-False"
+    for name in OUTPUTS:
+        ta, tb = pq.read_table(a / name), pq.read_table(b / name)
+        assert ta.schema == tb.schema, name
+        assert ta.num_rows == tb.num_rows, name
+        assert ta.equals(tb), f"{name} differs"
+    assert (a / "quarantine.ndjson").read_bytes() == (b / "quarantine.ndjson").read_bytes()
+    ra = {k: v for k, v in reports[True].items() if k not in VOLATILE}
+    rb = {k: v for k, v in reports[False].items() if k not in VOLATILE}
+    assert ra == rb
+    assert not any(reports[False]["native_lines"].values())
+    return reports[True], reports[False]
+
+
+def test_plain_extract_same_outputs_and_taken_natively(tmp_path, keyer):
+    src = tmp_path / "plain"
+    n = write_extract(src, seed=1, n=1500, mutated=0.0)
+    rep, _ = ingest_both(src, tmp_path, keyer, validate_first=0, validate_sample_rate=0.0)
+    # the generated shapes are what the compiled path covers: it takes most of them
+    assert sum(rep["native_lines"].values()) > 0.6 * n
+    assert rep["rows"]["observation"] > 1500
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_mutated_extract_same_outputs(tmp_path, keyer, seed):
+    src = tmp_path / "mutated"
+    write_extract(src, seed=seed, n=1200, mutated=0.5)
+    rep, _ = ingest_both(src, tmp_path, keyer, validate_first=5, validate_sample_rate=0.05, batch_rows=97)
+    assert rep["quarantined_total"] > 100  # the mutations reach the quarantine ...
+    assert sum(rep["native_lines"].values()) > 300  # ... and the plain half still goes native
+    assert rep["dangling_references"]
+
+
+def test_keep_dangling_and_full_validation_same_outputs(tmp_path, keyer):
+    src = tmp_path / "mix"
+    write_extract(src, seed=5, n=600, mutated=0.3)
+    ingest_both(src, tmp_path / "a", keyer, on_dangling="keep", validate_first=0, validate_sample_rate=0.0)
+    rep, _ = ingest_both(src, tmp_path / "b", keyer, validate_sample_rate=1.0)
+    assert not any(rep["native_lines"].values())  # every line validated: all through the Python path
+
+
+def test_real_shaped_extract_same_outputs(carebundle_extract, tmp_path, keyer):
+    rep, _ = ingest_both(carebundle_extract, tmp_path, keyer, validate_first=0, validate_sample_rate=0.0)
+    assert rep["native_lines"]["Observation"] > 0.9 * rep["resources_read"]["Observation"]
+
+
+def test_switched_off_by_environment(tmp_path, keyer, monkeypatch):
+    monkeypatch.setenv("SYNTHFACTORY_INGEST_NATIVE", "0")
+    assert not native.available()
+    s = IngestSession(str(tmp_path / "out"), keyer=keyer)
+    assert s.native == {}
+    s.abort()
