@@ -290,7 +290,7 @@ static int parse_string(parser *P, uint32_t *off, uint32_t *len, uint8_t *esc) {
     return -1;
 }
 
-static int parse_number(parser *P, int idx) {
+static int parse_number(parser *P, jnode *out) {
     const uint8_t *s = P->s;
     size_t i = P->pos, n = P->n, start = i, sig = 0;
     long exp = 0;
@@ -337,15 +337,105 @@ static int parse_number(parser *P, int idx) {
     (void)lead;
     /* orjson rejects a number that overflows a double: anything that might is left to it */
     if ((long)sig + exp > 300 || exp > 300) P->odd = 1;
-    P->nodes[idx].type = J_NUM;
-    P->nodes[idx].isint = (uint8_t)isint;
-    P->nodes[idx].off = (uint32_t)start;
-    P->nodes[idx].len = (uint32_t)(i - start);
+    if (out) {
+        out->type = J_NUM;
+        out->isint = (uint8_t)isint;
+        out->off = (uint32_t)start;
+        out->len = (uint32_t)(i - start);
+    }
     P->pos = i;
     return 0;
 }
 
 static int parse_value(parser *P, int depth);
+
+/* the members of a resource that the flatteners read (any type): the others are checked, not kept */
+static const char *ROOT_KEYS[] = {
+    "resourceType", "id", "identifier", "subject", "encounter", "context", "category", "effectiveDateTime",
+    "effectivePeriod", "effectiveInstant", "valueQuantity", "valueCodeableConcept", "valueString",
+    "valueBoolean", "valueInteger", "component", "code", "status", "class", "type", "period", "actualPeriod",
+    "onsetDateTime", "onsetPeriod", "clinicalStatus"};
+#define N_ROOT_KEYS (sizeof(ROOT_KEYS) / sizeof(ROOT_KEYS[0]))
+
+static int root_key_kept(const uint8_t *k, uint32_t n) {
+    size_t i;
+    for (i = 0; i < N_ROOT_KEYS; i++)
+        if (strlen(ROOT_KEYS[i]) == n && memcmp(ROOT_KEYS[i], k, n) == 0) return 1;
+    return 0;
+}
+
+/* a member key: its span; escapes and modifierExtension mark the line odd. 0, or -1 invalid */
+static int parse_key(parser *P, uint32_t *koff, uint32_t *klen, uint8_t *kesc) {
+    skip_ws(P);
+    if (P->pos >= P->n || P->s[P->pos] != '"') return -1;
+    if (parse_string(P, koff, klen, kesc) < 0) return -1;
+    if (*kesc) P->odd = 1;
+    /* a modifierExtension anywhere: the Python path decides (it quarantines a non-empty one) */
+    if (*klen == 17 && memcmp(P->s + *koff, "modifierExtension", 17) == 0) P->odd = 1;
+    skip_ws(P);
+    if (P->pos >= P->n || P->s[P->pos] != ':') return -1;
+    P->pos++;
+    return 0;
+}
+
+/* the same grammar and checks as parse_value, keeping nothing: 0, or -1 invalid */
+static int skip_value(parser *P, int depth) {
+    uint8_t c;
+    if (depth > MAX_DEPTH) {
+        P->odd = 1;
+        return -1;
+    }
+    skip_ws(P);
+    if (P->pos >= P->n) return -1;
+    c = P->s[P->pos];
+    if (c == '{' || c == '[') {
+        int obj = c == '{';
+        P->pos++;
+        skip_ws(P);
+        if (P->pos < P->n && P->s[P->pos] == (obj ? '}' : ']')) {
+            P->pos++;
+            return 0;
+        }
+        for (;;) {
+            if (obj) {
+                uint32_t koff, klen;
+                uint8_t kesc;
+                if (parse_key(P, &koff, &klen, &kesc) < 0) return -1;
+            }
+            if (skip_value(P, depth + 1) < 0) return -1;
+            skip_ws(P);
+            if (P->pos >= P->n) return -1;
+            if (P->s[P->pos] == ',') {
+                P->pos++;
+                continue;
+            }
+            if (P->s[P->pos] == (obj ? '}' : ']')) {
+                P->pos++;
+                return 0;
+            }
+            return -1;
+        }
+    }
+    if (c == '"') {
+        uint32_t off, len;
+        uint8_t esc;
+        return parse_string(P, &off, &len, &esc);
+    }
+    if (c == 't' && P->n - P->pos >= 4 && memcmp(P->s + P->pos, "true", 4) == 0) {
+        P->pos += 4;
+        return 0;
+    }
+    if (c == 'f' && P->n - P->pos >= 5 && memcmp(P->s + P->pos, "false", 5) == 0) {
+        P->pos += 5;
+        return 0;
+    }
+    if (c == 'n' && P->n - P->pos >= 4 && memcmp(P->s + P->pos, "null", 4) == 0) {
+        P->pos += 4;
+        return 0;
+    }
+    if (c == '-' || (c >= '0' && c <= '9')) return parse_number(P, NULL);
+    return -1;
+}
 
 static int parse_container(parser *P, int idx, int depth, int obj) {
     int prev = -1;
@@ -362,15 +452,11 @@ static int parse_container(parser *P, int idx, int depth, int obj) {
         uint8_t kesc = 0;
         int c;
         if (obj) {
-            skip_ws(P);
-            if (P->pos >= P->n || P->s[P->pos] != '"') return -1;
-            if (parse_string(P, &koff, &klen, &kesc) < 0) return -1;
-            if (kesc) P->odd = 1;
-            /* a modifierExtension anywhere: the Python path decides (it quarantines a non-empty one) */
-            if (klen == 17 && memcmp(P->s + koff, "modifierExtension", 17) == 0) P->odd = 1;
-            skip_ws(P);
-            if (P->pos >= P->n || P->s[P->pos] != ':') return -1;
-            P->pos++;
+            if (parse_key(P, &koff, &klen, &kesc) < 0) return -1;
+            if (depth == 0 && !root_key_kept(P->s + koff, klen)) { /* a member no flattener reads */
+                if (skip_value(P, depth + 1) < 0) return -1;
+                goto separator;
+            }
         }
         c = parse_value(P, depth + 1);
         if (c < 0) return -1;
@@ -383,6 +469,7 @@ static int parse_container(parser *P, int idx, int depth, int obj) {
         else P->nodes[prev].next = c;
         prev = c;
         count++;
+    separator:
         skip_ws(P);
         if (P->pos >= P->n) return -1;
         if (P->s[P->pos] == ',') {
@@ -454,7 +541,7 @@ static int parse_value(parser *P, int depth) {
         return -1;
     default:
         if (c == '-' || (c >= '0' && c <= '9')) {
-            if (parse_number(P, idx) < 0) return -1;
+            if (parse_number(P, &P->nodes[idx]) < 0) return -1;
             return idx;
         }
         return -1;
@@ -752,6 +839,9 @@ static int ts_cell(parser *P, int i, cell *out) {
 }
 
 /* a number node as Python's float(v) of orjson's value */
+#include <locale.h>
+static locale_t c_locale; /* strtod in the C locale whatever the process's LC_NUMERIC */
+
 static int num_value(parser *P, int i, double *out) {
     const jnode *n = &P->nodes[i];
     char buf[64];
@@ -767,11 +857,7 @@ static int num_value(parser *P, int i, double *out) {
         *out = (double)v;
         return 0;
     }
-    *out = PyOS_string_to_double(buf, &end, NULL);
-    if (*out == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return FB;
-    }
+    *out = strtod_l(buf, &end, c_locale);
     if (!isfinite(*out) || end != buf + n->len) return FB;
     return 0;
 }
@@ -831,10 +917,7 @@ static int gb_reserve(gbuf *b, size_t extra) {
         uint8_t *q;
         while (cap < b->len + extra) cap *= 2;
         q = (uint8_t *)realloc(b->p, cap);
-        if (!q) {
-            PyErr_NoMemory();
-            return -1;
-        }
+        if (!q) return -1; /* callers holding the GIL raise MemoryError */
         b->p = q;
         b->cap = cap;
     }
@@ -898,7 +981,18 @@ static void cols_rollback(Columns *C, const colmark *m) {
 static int col_begin(column *c, Py_ssize_t r) {
     if ((r & 7) == 0) {
         uint8_t z = 0;
-        return gb_put(&c->valid, &z, 1);
+        if (gb_put(&c->valid, &z, 1) < 0) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int col_put(gbuf *b, const void *src, size_t n) {
+    if (gb_put(b, src, n) < 0) {
+        PyErr_NoMemory();
+        return -1;
     }
     return 0;
 }
@@ -908,10 +1002,10 @@ static int col_null(column *c, Py_ssize_t r) {
     c->nulls++;
     if (c->kind == COL_STR) {
         int32_t o = (int32_t)c->data.len;
-        return gb_put(&c->offs, &o, 4);
+        return col_put(&c->offs, &o, 4);
     } else {
         int64_t z = 0;
-        return gb_put(&c->data, &z, 8);
+        return col_put(&c->data, &z, 8);
     }
 }
 
@@ -925,10 +1019,10 @@ static int col_str(column *c, Py_ssize_t r, const void *s, size_t n) {
         PyErr_SetString(PyExc_OverflowError, "string column over 2 GiB in one batch");
         return -1;
     }
-    if (col_begin(c, r) < 0 || gb_put(&c->data, s, n) < 0) return -1;
+    if (col_begin(c, r) < 0 || col_put(&c->data, s, n) < 0) return -1;
     c->valid.p[r >> 3] |= (uint8_t)(1u << (r & 7));
     o = (int32_t)c->data.len;
-    return gb_put(&c->offs, &o, 4);
+    return col_put(&c->offs, &o, 4);
 }
 
 static int col_f64(column *c, Py_ssize_t r, double v) {
@@ -936,7 +1030,7 @@ static int col_f64(column *c, Py_ssize_t r, double v) {
         PyErr_SetString(PyExc_TypeError, "a number for a non-float column");
         return -1;
     }
-    if (col_begin(c, r) < 0 || gb_put(&c->data, &v, 8) < 0) return -1;
+    if (col_begin(c, r) < 0 || col_put(&c->data, &v, 8) < 0) return -1;
     c->valid.p[r >> 3] |= (uint8_t)(1u << (r & 7));
     return 0;
 }
@@ -946,7 +1040,7 @@ static int col_i64(column *c, Py_ssize_t r, int64_t v) {
         PyErr_SetString(PyExc_TypeError, "a timestamp for a non-timestamp column");
         return -1;
     }
-    if (col_begin(c, r) < 0 || gb_put(&c->data, &v, 8) < 0) return -1;
+    if (col_begin(c, r) < 0 || col_put(&c->data, &v, 8) < 0) return -1;
     c->valid.p[r >> 3] |= (uint8_t)(1u << (r & 7));
     return 0;
 }
@@ -961,7 +1055,7 @@ static void cols_reset(Columns *C) {
         int32_t z = 0;
         c->data.len = c->offs.len = c->valid.len = 0;
         c->nulls = 0;
-        if (c->kind == COL_STR) gb_put(&c->offs, &z, 4); /* capacity exists after the first batch */
+        if (c->kind == COL_STR && col_put(&c->offs, &z, 4) < 0) return;
     }
 }
 
@@ -1181,10 +1275,7 @@ static rentry *rc_get(rcache *c, const uint8_t *s, size_t n) {
     if (!c->e || (c->n + 1) * 2 > c->cap) { /* grow (rehash) */
         size_t cap = c->cap ? c->cap * 2 : 1024, k;
         rentry *e = (rentry *)calloc(cap, sizeof(rentry));
-        if (!e) {
-            PyErr_NoMemory();
-            return NULL;
-        }
+        if (!e) return NULL;
         for (k = 0; k < c->cap; k++)
             if (c->e[k].h) {
                 size_t j = c->e[k].h & (cap - 1);
@@ -1227,34 +1318,29 @@ typedef struct {
     PyObject_HEAD
     int kind;                /* K_OBSERVATION, K_ENCOUNTER, K_CONDITION */
     uint32_t ist[8], ost[8]; /* HMAC midstates after the inner and outer pad */
-    parser P;
-    rcache pcache, ecache;
+    parser P;                      /* prepare phase only (helper thread, no GIL) */
+    rcache pcache, ecache;         /* prepare phase only: reference -> key */
+    rcache known;                  /* commit phase only: patient key -> in the patient-key set */
     PyObject *s_id, *s_identifier; /* identifier kinds */
-    uint8_t *msg;
-    size_t msgcap;
+    int busy;                      /* a prepare is running (set and read with the GIL) */
 } Flat;
 
+/* the 32-hex key of "type/id[#comp]": no state but the (read-only) midstates, so any thread may call it */
 static int key_hex(Flat *F, const char *type, const uint8_t *id, size_t idlen, long comp, char hex[32]) {
     size_t tl = strlen(type), n = tl + 1 + idlen + 24;
+    uint8_t small[512], *msg = n <= sizeof small ? small : (uint8_t *)malloc(n);
     uint8_t d[32], d2[32];
     static const char HEX[] = "0123456789abcdef";
     int i;
-    if (n > F->msgcap) {
-        uint8_t *m = (uint8_t *)realloc(F->msg, n * 2);
-        if (!m) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        F->msg = m;
-        F->msgcap = n * 2;
-    }
-    memcpy(F->msg, type, tl);
-    F->msg[tl] = '/';
-    memcpy(F->msg + tl + 1, id, idlen);
+    if (!msg) return -1;
+    memcpy(msg, type, tl);
+    msg[tl] = '/';
+    memcpy(msg + tl + 1, id, idlen);
     n = tl + 1 + idlen;
-    if (comp >= 0) n += (size_t)snprintf((char *)F->msg + n, 24, "#%ld", comp);
-    sha_finish(F->ist, F->msg, n, d);
+    if (comp >= 0) n += (size_t)snprintf((char *)msg + n, 24, "#%ld", comp);
+    sha_finish(F->ist, msg, n, d);
     sha_finish(F->ost, d, 32, d2);
+    if (msg != small) free(msg);
     for (i = 0; i < 16; i++) {
         hex[2 * i] = HEX[d2[i] >> 4];
         hex[2 * i + 1] = HEX[d2[i] & 15];
@@ -1262,25 +1348,21 @@ static int key_hex(Flat *F, const char *type, const uint8_t *id, size_t idlen, l
     return 0;
 }
 
-static PyObject *span_str(parser *P, uint32_t off, uint32_t len) {
-    return PyUnicode_DecodeUTF8((const char *)P->s + off, len, "strict");
-}
-
 static const char *CONST_TEXT[N_CONST] = {"loinc", "snomed", "icd10cm", "rxnorm", "true", "false"};
 
 /* a cell into a column */
-static int put_cell(parser *P, column *c, Py_ssize_t r, const cell *v) {
+static int put_cell(const uint8_t *base, column *c, Py_ssize_t r, const cell *v) {
     switch (v->kind) {
     case V_SPAN:
         if (c->kind == COL_TS) {
             long long us;
-            if (dt_micros(P->s + v->off, v->len, &us) < 0) {
+            if (dt_micros(base + v->off, v->len, &us) < 0) {
                 PyErr_SetString(PyExc_SystemError, "_flatc: a checked dateTime did not parse");
                 return -1;
             }
             return col_i64(c, r, us);
         }
-        return col_str(c, r, P->s + v->off, v->len);
+        return col_str(c, r, base + v->off, v->len);
     case V_CONST:
         return col_str(c, r, CONST_TEXT[v->cidx], strlen(CONST_TEXT[v->cidx]));
     case V_DBL:
@@ -1292,16 +1374,18 @@ static int put_cell(parser *P, column *c, Py_ssize_t r, const cell *v) {
     }
 }
 
-/* the key of a reference through the cache; NULL with no error for no reference */
-static const char *ref_key(Flat *F, const ref *r, const char *rtype, rcache *cache, rentry **entry) {
+/* the key of a reference through the cache into out: 1 a key, 0 no reference, -1 out of memory */
+static int ref_key(Flat *F, const ref *r, const char *rtype, rcache *cache, char out[32]) {
     rentry *e;
-    *entry = NULL;
-    if (!r->some) return NULL;
+    if (!r->some) return 0;
     e = rc_get(cache, F->P.s + r->off, r->len);
-    if (!e) return NULL;
-    if (!e->key[0] && key_hex(F, rtype, F->P.s + r->idoff, r->idlen, -1, e->key) < 0) return NULL;
-    *entry = e;
-    return e->key;
+    if (!e) return -1;
+    if (!e->key[0] && key_hex(F, rtype, F->P.s + r->idoff, r->idlen, -1, e->key) < 0) {
+        e->key[0] = 0;
+        return -1;
+    }
+    memcpy(out, e->key, 32);
+    return 1;
 }
 
 /* obs_value(x): 0 no value (None), 1 a value in num/unit/vcode, FB */
@@ -1532,64 +1616,89 @@ static int add_identifier(PyObject *chunk, PyObject *value, PyObject *kind) {
     return PyDict_SetDefault(chunk, value, kind) ? 0 : -1; /* borrowed */
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* Two phases per block. prepare (a helper thread, GIL released): parse, flatten and key every line;  */
+/* nothing of Python is touched. commit (the ingest thread, GIL held): the checks against the        */
+/* session's state (validation sample, known patients, duplicate ids) and the side effects, in line  */
+/* order, handing a line to the Python loop exactly where the one-phase loop would.                  */
+/* ---------------------------------------------------------------------------------------------- */
 typedef struct {
-    int kind;
-    Columns *cols;
-    PyObject *seen, *pkeys, *chunk;
-    Py_ssize_t n_cand, vdone, vcap, vfirst;
-    unsigned long long threshold, salt;
-} runctx;
+    int status; /* 0 plain, FB */
+    const uint8_t *s;
+    uint32_t rid_off, rid_len;
+    int32_t ident0, nident; /* identifier value spans: idents[2*ident0 ...] */
+    int32_t row0, nrows;    /* rows[row0 ...] */
+    int pk_col, ek_col, has_pk, has_ek;
+    char pk[32], ek[32];
+} linerec;
 
-/* is the patient key of this entry in the set of known patient keys (decided once per set size) */
-static int known_patient(runctx *X, rentry *e) {
-    Py_ssize_t size = PySet_GET_SIZE(X->pkeys);
-    if (e->checked != size + 1) {
-        PyObject *k = PyUnicode_FromStringAndSize(e->key, 32);
-        int r;
-        if (!k) return -1;
-        r = PySet_Contains(X->pkeys, k);
-        Py_DECREF(k);
-        if (r < 0) return -1;
-        e->known = r;
-        e->checked = size + 1;
-    }
-    return e->known;
+typedef struct {
+    char key[32];
+    cell cells[MAX_COLS];
+} rowrec;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *block;
+    Py_ssize_t n;
+    int kind, ncols, oom;
+    linerec *lines;
+    rowrec *rows;
+    size_t nrows, caprows;
+    uint32_t *idents;
+    size_t nidents, capidents;
+} Prepared;
+
+static void Prepared_dealloc(Prepared *Q) {
+    Py_XDECREF(Q->block);
+    free(Q->lines);
+    free(Q->rows);
+    free(Q->idents);
+    Py_TYPE(Q)->tp_free((PyObject *)Q);
 }
 
-/* one line: FB (untouched), 0 accepted, -1 Python error */
-static int one_line(Flat *F, runctx *X, PyObject *raw, Py_ssize_t lineno) {
-    parser *P = &F->P;
-    const char *s;
-    Py_ssize_t n;
-    int root, x, ident, i, j;
-    rows_t R;
-    PyObject *rid = NULL;
-    const char *pk, *ek = NULL;
-    rentry *pe, *ee;
-    const char *rtype = KIND_TYPE[X->kind];
-    size_t tl = strlen(rtype);
-    int rc = -1;
-    Columns *C = X->cols;
+static PyTypeObject PreparedType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "synthfactory.ingest._flatc.Prepared",
+    .tp_basicsize = sizeof(Prepared),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A block parsed and flattened by Flattener.prepare, for Flattener.commit.",
+    .tp_dealloc = (destructor)Prepared_dealloc,
+};
 
-    if (!PyBytes_CheckExact(raw)) return FB; /* blank, oversize markers: Python */
-    s = PyBytes_AS_STRING(raw);
-    n = PyBytes_GET_SIZE(raw);
-    if (n == 0 || n >= (Py_ssize_t)INT32_MAX) return FB;
-    P->s = (const uint8_t *)s;
-    P->n = (size_t)n;
+static int grow(void **p, size_t *cap, size_t need, size_t size) {
+    if (need > *cap) {
+        size_t c = *cap ? *cap * 2 : 1024;
+        void *q;
+        while (c < need) c *= 2;
+        q = realloc(*p, c * size);
+        if (!q) return -1;
+        *p = q;
+        *cap = c;
+    }
+    return 0;
+}
+
+/* prepare one line into rec (no GIL): 0 plain, FB, -1 out of memory */
+static int prepare_line(Flat *F, Prepared *Q, linerec *rec, const uint8_t *s, size_t n) {
+    parser *P = &F->P;
+    int root, x, ident, i, c;
+    rows_t R;
+    const char *rtype = KIND_TYPE[F->kind];
+    size_t tl = strlen(rtype);
+
+    rec->status = FB;
+    if (n == 0 || n >= (size_t)INT32_MAX) return FB;
+    P->s = s;
+    P->n = n;
     P->pos = 0;
     P->nn = 0;
     P->odd = 0;
     P->dup = 0;
     root = parse_value(P, 0);
-    if (root == -2) {
-        PyErr_NoMemory();
-        return -1;
-    }
+    if (root == -2) return -1;
     if (root < 0 || P->odd) return FB;
     skip_ws(P);
     if (P->pos != P->n || P->nodes[root].type != J_OBJ) return FB;
-
     x = get(P, root, "resourceType");
     if (x < 0 || P->nodes[x].type != J_STR || P->nodes[x].esc || P->nodes[x].len != tl ||
         memcmp(P->s + P->nodes[x].off, rtype, tl) != 0)
@@ -1597,13 +1706,7 @@ static int one_line(Flat *F, runctx *X, PyObject *raw, Py_ssize_t lineno) {
     x = get(P, root, "id");
     if (x < 0 || P->nodes[x].type != J_STR || P->nodes[x].esc || P->nodes[x].len == 0) return FB;
     if (check_identifiers(P, root, &ident) == FB) return FB;
-    {
-        Py_ssize_t cand = X->n_cand + 1;
-        unsigned long long h = ((unsigned long long)lineno * 2654435761ULL + X->salt) & 0xFFFFFFFFULL;
-        if (cand <= X->vfirst || (X->threshold && (X->vcap < 0 || X->vdone < X->vcap) && h < X->threshold))
-            return FB; /* picked for validation: the Python path validates it */
-    }
-    switch (X->kind) {
+    switch (F->kind) {
     case K_OBSERVATION:
         R.pk_col = 1, R.ek_col = 2;
         if (flat_observation(P, root, &R) == FB) return FB;
@@ -1618,22 +1721,147 @@ static int one_line(Flat *F, runctx *X, PyObject *raw, Py_ssize_t lineno) {
         break;
     }
     if (P->dup) return FB;
-    if (R.ncols != C->ncols) {
-        PyErr_SetString(PyExc_ValueError, "the Columns do not fit this resource type's table");
+    rec->s = s;
+    rec->rid_off = P->nodes[x].off;
+    rec->rid_len = P->nodes[x].len;
+    rec->pk_col = R.pk_col;
+    rec->ek_col = R.ek_col;
+    if ((rec->has_pk = ref_key(F, &R.pk, "Patient", &F->pcache, rec->pk)) < 0) return -1;
+    rec->has_ek = 0;
+    if (R.ek_col >= 0 && (rec->has_ek = ref_key(F, &R.ek, "Encounter", &F->ecache, rec->ek)) < 0) return -1;
+    rec->ident0 = (int32_t)Q->nidents;
+    rec->nident = 0;
+    if (ident >= 0)
+        for (c = P->nodes[ident].child; c >= 0; c = P->nodes[c].next) {
+            int v = get(P, c, "value");
+            if (is_none(P, v) || P->nodes[v].len == 0) continue;
+            if (grow((void **)&Q->idents, &Q->capidents, 2 * (Q->nidents + 1), sizeof(uint32_t)) < 0) return -1;
+            Q->idents[2 * Q->nidents] = P->nodes[v].off;
+            Q->idents[2 * Q->nidents + 1] = P->nodes[v].len;
+            Q->nidents++;
+            rec->nident++;
+        }
+    if (grow((void **)&Q->rows, &Q->caprows, Q->nrows + (size_t)R.nrows, sizeof(rowrec)) < 0) return -1;
+    rec->row0 = (int32_t)Q->nrows;
+    rec->nrows = R.nrows;
+    for (i = 0; i < R.nrows; i++) {
+        rowrec *w = &Q->rows[Q->nrows++];
+        if (key_hex(F, rtype, P->s + rec->rid_off, rec->rid_len, R.comp[i], w->key) < 0) return -1;
+        memcpy(w->cells, R.cells[i], sizeof(cell) * (size_t)R.ncols);
+    }
+    rec->status = 0;
+    return 0;
+}
+
+/* prepare(block) -> Prepared: parse, flatten and key the block's lines with the GIL released */
+static PyObject *Flat_prepare(Flat *F, PyObject *block) {
+    Prepared *Q;
+    Py_ssize_t i;
+    const uint8_t **ptr;
+    size_t *len;
+    if (!PyList_Check(block)) {
+        PyErr_SetString(PyExc_TypeError, "block must be a list");
+        return NULL;
+    }
+    if (F->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "one prepare at a time per Flattener");
+        return NULL;
+    }
+    Q = PyObject_New(Prepared, &PreparedType);
+    if (!Q) return NULL;
+    Q->block = Py_NewRef(block);
+    Q->n = PyList_GET_SIZE(block);
+    Q->kind = F->kind;
+    Q->ncols = F->kind == K_OBSERVATION ? 11 : 8;
+    Q->oom = 0;
+    Q->rows = NULL;
+    Q->nrows = Q->caprows = 0;
+    Q->idents = NULL;
+    Q->nidents = Q->capidents = 0;
+    Q->lines = (linerec *)calloc((size_t)(Q->n ? Q->n : 1), sizeof(linerec));
+    ptr = (const uint8_t **)calloc((size_t)(Q->n ? Q->n : 1), sizeof(*ptr));
+    len = (size_t *)calloc((size_t)(Q->n ? Q->n : 1), sizeof(*len));
+    if (!Q->lines || !ptr || !len) {
+        free(ptr);
+        free(len);
+        Py_DECREF(Q);
+        return PyErr_NoMemory();
+    }
+    for (i = 0; i < Q->n; i++) { /* the bytes stay alive: the Prepared holds the list, nobody changes it */
+        PyObject *raw = PyList_GET_ITEM(block, i);
+        if (PyBytes_CheckExact(raw)) {
+            ptr[i] = (const uint8_t *)PyBytes_AS_STRING(raw);
+            len[i] = (size_t)PyBytes_GET_SIZE(raw);
+        }
+    }
+    F->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < Q->n; i++) {
+        Q->lines[i].status = FB;
+        if (!ptr[i]) continue;
+        if (prepare_line(F, Q, &Q->lines[i], ptr[i], len[i]) == -1) {
+            Q->lines[i].status = FB;
+            Q->oom = 1;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    F->busy = 0;
+    free(ptr);
+    free(len);
+    if (Q->oom) {
+        Py_DECREF(Q);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)Q;
+}
+
+typedef struct {
+    Columns *cols;
+    PyObject *seen, *pkeys, *chunk;
+    Py_ssize_t n_cand, vdone, vcap, vfirst;
+    unsigned long long threshold, salt;
+} runctx;
+
+/* is a patient key in the set of known patient keys (decided once per key and set size) */
+static int known_patient(Flat *F, runctx *X, const char *pk) {
+    Py_ssize_t size = PySet_GET_SIZE(X->pkeys);
+    rentry *e = rc_get(&F->known, (const uint8_t *)pk, 32);
+    if (!e) {
+        PyErr_NoMemory();
         return -1;
     }
-    pk = ref_key(F, &R.pk, "Patient", &F->pcache, &pe);
-    if (!pk && PyErr_Occurred()) return -1;
-    if (X->pkeys != Py_None && R.nrows && pk) {
-        i = known_patient(X, pe);
+    if (e->checked != size + 1) {
+        PyObject *k = PyUnicode_FromStringAndSize(pk, 32);
+        int r;
+        if (!k) return -1;
+        r = PySet_Contains(X->pkeys, k);
+        Py_DECREF(k);
+        if (r < 0) return -1;
+        e->known = r;
+        e->checked = size + 1;
+    }
+    return e->known;
+}
+
+/* one prepared line (GIL held): FB (untouched), 0 accepted, -1 Python error */
+static int commit_line(Flat *F, Prepared *Q, runctx *X, const linerec *rec, Py_ssize_t lineno) {
+    Columns *C = X->cols;
+    PyObject *rid;
+    int i, j;
+    if (rec->status != 0) return FB;
+    {
+        Py_ssize_t cand = X->n_cand + 1;
+        unsigned long long h = ((unsigned long long)lineno * 2654435761ULL + X->salt) & 0xFFFFFFFFULL;
+        if (cand <= X->vfirst || (X->threshold && (X->vcap < 0 || X->vdone < X->vcap) && h < X->threshold))
+            return FB; /* picked for validation: the Python path validates it */
+    }
+    if (X->pkeys != Py_None && rec->nrows && rec->has_pk) {
+        i = known_patient(F, X, rec->pk);
         if (i < 0) return -1;
         if (i == 0) return FB; /* dangling: Python counts and decides */
     }
-    if (R.ek_col >= 0) {
-        ek = ref_key(F, &R.ek, "Encounter", &F->ecache, &ee);
-        if (!ek && PyErr_Occurred()) return -1;
-    }
-    rid = span_str(P, P->nodes[x].off, P->nodes[x].len);
+    rid = PyUnicode_DecodeUTF8((const char *)rec->s + rec->rid_off, rec->rid_len, "strict");
     if (!rid) return -1;
     i = PySet_Contains(X->seen, rid);
     if (i != 0) {
@@ -1641,62 +1869,59 @@ static int one_line(Flat *F, runctx *X, PyObject *raw, Py_ssize_t lineno) {
         return i < 0 ? -1 : FB; /* duplicate id: Python */
     }
     /* accepted: the side effects, in the Python loop's order */
-    if (add_identifier(X->chunk, rid, F->s_id) < 0) goto done;
-    if (ident >= 0) {
-        for (j = P->nodes[ident].child; j >= 0; j = P->nodes[j].next) {
-            int v = get(P, j, "value");
-            PyObject *vs;
-            if (is_none(P, v) || P->nodes[v].len == 0) continue;
-            vs = span_str(P, P->nodes[v].off, P->nodes[v].len);
-            if (!vs) goto done;
-            if (add_identifier(X->chunk, vs, F->s_identifier) < 0) {
-                Py_DECREF(vs);
-                goto done;
-            }
+    if (add_identifier(X->chunk, rid, F->s_id) < 0) goto fail;
+    for (i = 0; i < rec->nident; i++) {
+        uint32_t off = Q->idents[2 * (rec->ident0 + i)], len = Q->idents[2 * (rec->ident0 + i) + 1];
+        PyObject *vs = PyUnicode_DecodeUTF8((const char *)rec->s + off, len, "strict");
+        if (!vs) goto fail;
+        if (add_identifier(X->chunk, vs, F->s_identifier) < 0) {
             Py_DECREF(vs);
+            goto fail;
         }
+        Py_DECREF(vs);
     }
-    for (i = 0; i < R.nrows; i++) {
+    for (i = 0; i < rec->nrows; i++) {
+        const rowrec *w = &Q->rows[rec->row0 + i];
         colmark m[MAX_COLS];
         Py_ssize_t r = C->nrows;
-        char key[32];
         cols_mark(C, m);
-        if (key_hex(F, rtype, P->s + P->nodes[x].off, P->nodes[x].len, R.comp[i], key) < 0 ||
-            col_str(&C->cols[0], r, key, 32) < 0 ||
-            (pk ? col_str(&C->cols[R.pk_col], r, pk, 32) : col_null(&C->cols[R.pk_col], r)) < 0 ||
-            (R.ek_col >= 0 && (ek ? col_str(&C->cols[R.ek_col], r, ek, 32) : col_null(&C->cols[R.ek_col], r)) < 0)) {
+        if (col_str(&C->cols[0], r, w->key, 32) < 0 ||
+            (rec->has_pk ? col_str(&C->cols[rec->pk_col], r, rec->pk, 32) : col_null(&C->cols[rec->pk_col], r)) < 0 ||
+            (rec->ek_col >= 0 &&
+             (rec->has_ek ? col_str(&C->cols[rec->ek_col], r, rec->ek, 32) : col_null(&C->cols[rec->ek_col], r)) < 0)) {
             cols_rollback(C, m);
-            goto done;
+            goto fail;
         }
-        for (j = 1; j < R.ncols; j++) {
-            if (j == R.pk_col || j == R.ek_col) continue;
-            if (put_cell(P, &C->cols[j], r, &R.cells[i][j]) < 0) {
+        for (j = 1; j < Q->ncols; j++) {
+            if (j == rec->pk_col || j == rec->ek_col) continue;
+            if (put_cell(rec->s, &C->cols[j], r, &w->cells[j]) < 0) {
                 cols_rollback(C, m);
-                goto done;
+                goto fail;
             }
         }
         C->nrows++;
     }
-    if (PySet_Add(X->seen, rid) < 0) goto done;
+    if (PySet_Add(X->seen, rid) < 0) goto fail;
+    Py_DECREF(rid);
     X->n_cand++;
-    rc = 0;
-done:
-    Py_XDECREF(rid);
-    return rc;
+    return 0;
+fail:
+    Py_DECREF(rid);
+    return -1;
 }
 
-/* run(block, start, lineno, cols, seen, pkeys, chunk, n_cand, vdone, vcap, vfirst, threshold, salt,
- *     batch_rows) -> (pos, accepted, why)
- * Takes lines block[start:] while they are plain, writing their rows to `cols` (a Columns); `lineno` is
- * the number of the line before block[start]. why: 0 the block is done, 1 block[pos] is for the Python
- * path, 2 the buffer is full (flush, then call again from pos). Accepted lines count as read and as
- * validation candidates. */
-static PyObject *Flat_run(Flat *F, PyObject *args) {
-    PyObject *block;
-    Py_ssize_t start, lineno, batch_rows, pos, nblock, accepted = 0;
+/* commit(prepared, start, lineno, cols, seen, pkeys, chunk, n_cand, vdone, vcap, vfirst, threshold, salt,
+ *        batch_rows) -> (pos, accepted, why)
+ * Takes the prepared block's lines from `start` while they are plain, writing their rows to `cols` (a
+ * Columns); `lineno` is the number of the line before block[start]. why: 0 the block is done, 1
+ * block[pos] is for the Python path, 2 the buffer is full (flush, then call again from pos). Accepted
+ * lines count as read and as validation candidates. */
+static PyObject *Flat_commit(Flat *F, PyObject *args) {
+    Prepared *Q;
+    Py_ssize_t start, lineno, batch_rows, pos, accepted = 0;
     runctx X;
     int why = 0;
-    if (!PyArg_ParseTuple(args, "O!nnO!O!OO!nnnnKKn", &PyList_Type, &block, &start, &lineno, &ColumnsType, &X.cols,
+    if (!PyArg_ParseTuple(args, "O!nnO!O!OO!nnnnKKn", &PreparedType, &Q, &start, &lineno, &ColumnsType, &X.cols,
                           &PySet_Type, &X.seen, &X.pkeys, &PyDict_Type, &X.chunk, &X.n_cand, &X.vdone, &X.vcap,
                           &X.vfirst, &X.threshold, &X.salt, &batch_rows))
         return NULL;
@@ -1704,16 +1929,18 @@ static PyObject *Flat_run(Flat *F, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "pkeys must be a set or None");
         return NULL;
     }
-    X.kind = F->kind;
-    nblock = PyList_GET_SIZE(block);
+    if (Q->kind != F->kind || X.cols->ncols != Q->ncols) {
+        PyErr_SetString(PyExc_ValueError, "the prepared block or the Columns do not fit this flattener");
+        return NULL;
+    }
     if (start < 0) start = 0;
-    for (pos = start; pos < nblock; pos++) {
+    for (pos = start; pos < Q->n; pos++) {
         int r;
         if (X.cols->nrows >= batch_rows) {
             why = 2;
             break;
         }
-        r = one_line(F, &X, PyList_GET_ITEM(block, pos), lineno + (pos - start) + 1);
+        r = commit_line(F, Q, &X, &Q->lines[pos], lineno + (pos - start) + 1);
         if (r == -1) return NULL;
         if (r == FB) {
             why = 1;
@@ -1721,8 +1948,36 @@ static PyObject *Flat_run(Flat *F, PyObject *args) {
         }
         accepted++;
     }
-    if (pos >= nblock && why == 0 && X.cols->nrows >= batch_rows) why = 2;
+    if (pos >= Q->n && why == 0 && X.cols->nrows >= batch_rows) why = 2;
     return Py_BuildValue("nni", pos, accepted, why);
+}
+
+/* run(block, ...): prepare and commit in one call (the arguments of commit, with the block) */
+static PyObject *Flat_run(Flat *F, PyObject *args) {
+    PyObject *block, *rest, *prep, *call, *out;
+    if (PyTuple_GET_SIZE(args) < 1) {
+        PyErr_SetString(PyExc_TypeError, "run(block, ...)");
+        return NULL;
+    }
+    block = PyTuple_GET_ITEM(args, 0);
+    prep = Flat_prepare(F, block);
+    if (!prep) return NULL;
+    rest = PyTuple_GetSlice(args, 1, PyTuple_GET_SIZE(args));
+    if (!rest) {
+        Py_DECREF(prep);
+        return NULL;
+    }
+    {
+        PyObject *head = PyTuple_Pack(1, prep);
+        call = head ? PySequence_Concat(head, rest) : NULL;
+        Py_XDECREF(head);
+    }
+    Py_DECREF(rest);
+    Py_DECREF(prep);
+    if (!call) return NULL;
+    out = Flat_commit(F, call);
+    Py_DECREF(call);
+    return out;
 }
 
 /* key(type, id) -> the 32-hex HMAC (for the start-up check against Keyer.key) */
@@ -1762,6 +2017,7 @@ static int Flat_init(Flat *F, PyObject *args, PyObject *kw) {
     F->kind = k;
     rc_clear(&F->pcache);
     rc_clear(&F->ecache);
+    rc_clear(&F->known);
     Py_CLEAR(F->s_id);
     Py_CLEAR(F->s_identifier);
     F->s_id = PyUnicode_InternFromString("id");
@@ -1774,16 +2030,19 @@ static void Flat_dealloc(Flat *F) {
     Py_CLEAR(F->s_id);
     Py_CLEAR(F->s_identifier);
     free(F->P.nodes);
-    free(F->msg);
     free(F->pcache.e);
     free(F->pcache.arena.p);
     free(F->ecache.e);
     free(F->ecache.arena.p);
+    free(F->known.e);
+    free(F->known.arena.p);
     Py_TYPE(F)->tp_free((PyObject *)F);
 }
 
 static PyMethodDef Flat_methods[] = {
-    {"run", (PyCFunction)Flat_run, METH_VARARGS, "Flatten the plain lines of a block (see the module source)."},
+    {"prepare", (PyCFunction)Flat_prepare, METH_O, "Parse, flatten and key a block without the GIL."},
+    {"commit", (PyCFunction)Flat_commit, METH_VARARGS, "Take a prepared block's plain lines (see the source)."},
+    {"run", (PyCFunction)Flat_run, METH_VARARGS, "prepare + commit of one block."},
     {"key", (PyCFunction)Flat_key, METH_VARARGS, "The HMAC key of (type, id)."},
     {NULL, NULL, 0, NULL}};
 
@@ -1805,10 +2064,13 @@ static struct PyModuleDef flatc_module = {PyModuleDef_HEAD_INIT, "_flatc",
 
 PyMODINIT_FUNC PyInit__flatc(void) {
     PyObject *m;
+    if (!c_locale) c_locale = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
+    if (!c_locale) return PyErr_NoMemory();
 #ifdef HAVE_SHA_NI
     if (cpu_has_sha() && !getenv("SYNTHFACTORY_NO_SHA_NI")) compress = sha_compress_ni;
 #endif
-    if (PyType_Ready(&FlatType) < 0 || PyType_Ready(&ColumnsType) < 0) return NULL;
+    if (PyType_Ready(&FlatType) < 0 || PyType_Ready(&ColumnsType) < 0 || PyType_Ready(&PreparedType) < 0)
+        return NULL;
     m = PyModule_Create(&flatc_module);
     if (!m) return NULL;
     Py_INCREF(&FlatType);

@@ -798,6 +798,7 @@ class IngestSession:
                         self.native[rtype] = nf
                         prods[0].writer.buf = cols
         self.native_lines: Counter = Counter()
+        self._pool: Any = None
 
         # -- counters --------------------------------------------------------------------------------
         self.seen: dict[str, set[str]] = {r: set() for r in self.resources}
@@ -814,6 +815,20 @@ class IngestSession:
 
     def _local_for(self, uri: str, name: str) -> str:
         return os.path.join(self.tmpdir, name) if self.tmpdir else uri + ".partial"
+
+    def _prepare_pool(self) -> Any:
+        """The helper thread of the compiled flatten's prepare phase (started on first use)."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthfactory-ingest-flatten")
+        return self._pool
+
+    def _stop_pool(self) -> None:
+        pool = getattr(self, "_pool", None)  # abort() may run before __init__ set it
+        if pool is not None:
+            self._pool = None
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _view_fn(self, view: CompiledView) -> Flattener:
         rows = view.rows
@@ -877,19 +892,21 @@ class IngestSession:
         validated = 0
         lineno = 0
         native = self.native.get(rtype) if single is not None else None
-        run = native.run if native is not None else None
+        commit = native.commit if native is not None else None
+        pairs: Iterable[tuple[list, Any]] = _native.prepared(blocks, native, self._prepare_pool()) \
+            if native is not None else ((b, None) for b in blocks)
         n_native = 0
-        for block in blocks:
+        for block, prep in pairs:
             if len(ids_chunk) >= IDENTIFIER_CHUNK_ROWS:
                 self.identifiers.maybe_spill()
             pos, nblock = 0, len(block)
             while pos < nblock:
-                if run is None:
+                if commit is None:
                     seg, pos = block, nblock
                 else:  # the compiled flatten takes the plain lines; the loop below gets the others, one by one
-                    nxt, took, why = run(block, pos, lineno, buf, seen_ids, pkeys, ids_chunk, n_cand, vdone,
-                                         -1 if vcap is None else vcap, validate_first, threshold, file_salt,
-                                         batch_rows)
+                    nxt, took, why = commit(prep, pos, lineno, buf, seen_ids, pkeys, ids_chunk, n_cand, vdone,
+                                            -1 if vcap is None else vcap, validate_first, threshold, file_salt,
+                                            batch_rows)
                     lineno += nxt - pos
                     n_read += took
                     n_cand += took
@@ -1103,6 +1120,7 @@ class IngestSession:
         (the quarantine file is kept to explain why)."""
         committed = False
         try:
+            self._stop_pool()
             self.qfh.close()
             for w in self.writers.values():
                 w.close()
@@ -1165,6 +1183,7 @@ class IngestSession:
         if self._closed:
             return
         self._closed = True
+        self._stop_pool()
         try:
             self.qfh.close()
         except Exception:  # noqa: BLE001

@@ -1,5 +1,9 @@
 """The compiled flatten of plain NDJSON lines (``_flatc``, C), used by the ingest session's hot loop.
 
+Per block of lines, ``prepare`` (parse, flatten, key: no Python objects, the GIL released) runs on a
+helper thread one block ahead, and ``commit`` (the checks against the session's state and the side
+effects, in line order) on the ingest thread, so the two cores share the work of one process.
+
 It covers the three high-volume types, Observation, Encounter and Condition, and only the lines it can
 prove plain: strict JSON, the shapes the hand-written flatteners read, canonical dateTimes, ``Type/id``
 references, no escapes in a value it keeps. Every other line (invalid, unusual, a duplicate id, one picked
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,20 @@ def arrays(cols: Any, schema: Any) -> list:
         bufs.append(pa.py_buffer(data))
         out.append(pa.Array.from_buffers(f.type, n, bufs, null_count=nulls))
     return out
+
+
+def prepared(blocks: Iterable[list], flat: Any, pool: Any) -> Iterator[tuple[list, Any]]:
+    """``(block, flat.prepare(block))`` for each block, the next block's prepare running on ``pool`` (one
+    helper thread; the prepare releases the GIL) while the caller commits the current one. At most two
+    blocks are prepared ahead of the caller; the pool's single worker runs them in order."""
+    pending: tuple[list, Any] | None = None
+    for block in blocks:
+        fut = pool.submit(flat.prepare, block)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+        pending = (block, fut)
+    if pending is not None:
+        yield pending[0], pending[1].result()
 
 
 def flattener(rtype: str, keyer: Any) -> Any | None:
