@@ -227,6 +227,9 @@ def test_images_build_from_this_repo_with_the_locked_versions(compose):
         assert "-r requirements.txt" in text and "pip install --no-deps ." in text
         for folder in ("dags/", "plugins/", "include/datasets/", "include/synthfactory"):
             assert folder in text and (ROOT / folder).exists()
+        # the ingest's C flatten: setup.py is copied, a compiler installed, and the build checked
+        assert re.search(r"^COPY .*pyproject\.toml setup\.py \./$", text, re.M) and (ROOT / "setup.py").is_file()
+        assert "gcc libc6-dev" in text and "native.available()" in text
     assert "https://download.pytorch.org/whl/cpu" in cpu
     assert "https://download.pytorch.org/whl/${TORCH_CUDA}" in gpu and f"ARG AIRFLOW_VERSION={airflow}" in gpu
     for name in ("api-server", "worker", "gpu-worker"):

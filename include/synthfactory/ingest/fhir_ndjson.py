@@ -11,7 +11,10 @@ Flattening: the tables ``patient``, ``encounter``, ``condition`` and ``observati
 hand-written flatteners (the fast path, ``engine="fast"``); every other table (``medication_request``,
 ``procedure``, the user's own) by SQL-on-FHIR ViewDefinitions compiled once (:mod:`.views`).
 ``engine="views"`` runs the four built-in tables through their ViewDefinitions too: the rows are the
-same (tests/ingest/test_views.py proves it on generated data), the fast path is quicker.
+same (tests/ingest/test_views.py proves it on generated data), the fast path is quicker. On the fast path
+the plain lines of Observation, Encounter and Condition go through the compiled flatten
+(:mod:`.native`, C), which writes exactly the hand-written flatteners' rows; every other line takes the
+Python loop below (``native=False`` for that loop alone).
 
 Written under ``out_uri`` (the secure staging area):
 
@@ -789,16 +792,19 @@ class IngestSession:
         # -- the compiled flatten (ingest.native) for the plain lines of the types it covers: only where the
         # type's single table is the hand-written one, whose rows it reproduces
         self.native: dict[str, Any] = {}
-        if native and engine == "fast":
-            for rtype, prods in self.producers.items():
+        self.native_lines: Counter = Counter()
+        self._pool: Any = None
+        try:
+            for rtype, prods in self.producers.items() if native and engine == "fast" else ():
                 if len(prods) == 1 and prods[0].fn is flatteners.get(rtype):
                     nf = _native.flattener(rtype, keyer)
                     cols = _native.columns(prods[0].writer.schema) if nf is not None else None
                     if cols is not None:  # its rows go straight into Arrow buffers
                         self.native[rtype] = nf
                         prods[0].writer.buf = cols
-        self.native_lines: Counter = Counter()
-        self._pool: Any = None
+        except BaseException:
+            self.abort()
+            raise
 
         # -- counters --------------------------------------------------------------------------------
         self.seen: dict[str, set[str]] = {r: set() for r in self.resources}
