@@ -349,6 +349,22 @@ static int parse_number(parser *P, jnode *out) {
 
 static int parse_value(parser *P, int depth);
 
+/* true, false or null at P->pos: its node type (and past it), -1 if none */
+static int parse_literal(parser *P) {
+    static const struct {
+        const char *word;
+        size_t n;
+        int type;
+    } L[] = {{"true", 4, J_TRUE}, {"false", 5, J_FALSE}, {"null", 4, J_NULL}};
+    size_t i;
+    for (i = 0; i < 3; i++)
+        if (P->n - P->pos >= L[i].n && memcmp(P->s + P->pos, L[i].word, L[i].n) == 0) {
+            P->pos += L[i].n;
+            return L[i].type;
+        }
+    return -1;
+}
+
 /* the members of a resource that the flatteners read (any type): the others are checked, not kept */
 static const char *ROOT_KEYS[] = {
     "resourceType", "id", "identifier", "subject", "encounter", "context", "category", "effectiveDateTime",
@@ -421,18 +437,7 @@ static int skip_value(parser *P, int depth) {
         uint8_t esc;
         return parse_string(P, &off, &len, &esc);
     }
-    if (c == 't' && P->n - P->pos >= 4 && memcmp(P->s + P->pos, "true", 4) == 0) {
-        P->pos += 4;
-        return 0;
-    }
-    if (c == 'f' && P->n - P->pos >= 5 && memcmp(P->s + P->pos, "false", 5) == 0) {
-        P->pos += 5;
-        return 0;
-    }
-    if (c == 'n' && P->n - P->pos >= 4 && memcmp(P->s + P->pos, "null", 4) == 0) {
-        P->pos += 4;
-        return 0;
-    }
+    if (c == 't' || c == 'f' || c == 'n') return parse_literal(P) < 0 ? -1 : 0;
     if (c == '-' || (c >= '0' && c <= '9')) return parse_number(P, NULL);
     return -1;
 }
@@ -519,26 +524,13 @@ static int parse_value(parser *P, int depth) {
         return idx;
     }
     case 't':
-        if (P->n - P->pos >= 4 && memcmp(P->s + P->pos, "true", 4) == 0) {
-            P->nodes[idx].type = J_TRUE;
-            P->pos += 4;
-            return idx;
-        }
-        return -1;
     case 'f':
-        if (P->n - P->pos >= 5 && memcmp(P->s + P->pos, "false", 5) == 0) {
-            P->nodes[idx].type = J_FALSE;
-            P->pos += 5;
-            return idx;
-        }
-        return -1;
-    case 'n':
-        if (P->n - P->pos >= 4 && memcmp(P->s + P->pos, "null", 4) == 0) {
-            P->nodes[idx].type = J_NULL;
-            P->pos += 4;
-            return idx;
-        }
-        return -1;
+    case 'n': {
+        int t = parse_literal(P);
+        if (t < 0) return -1;
+        P->nodes[idx].type = (uint8_t)t;
+        return idx;
+    }
     default:
         if (c == '-' || (c >= '0' && c <= '9')) {
             if (parse_number(P, &P->nodes[idx]) < 0) return -1;
