@@ -342,3 +342,19 @@ def test_switched_off_by_environment(tmp_path, keyer, monkeypatch):
     s = IngestSession(str(tmp_path / "out"), keyer=keyer)
     assert s.native == {}
     s.abort()
+
+
+def test_commit_refuses_a_block_or_buffer_of_another_shape(keyer):
+    from synthfactory.ingest.schemas import ENCOUNTER_SCHEMA
+
+    obs, enc = native.flattener("Observation", keyer), native.flattener("Encounter", keyer)
+    line = orjson.dumps({"resourceType": "Observation", "id": "o1", "subject": {"reference": "Patient/p1"}})
+    prep = obs.prepare([line])
+    args = (0, 0, native.columns(OBSERVATION_SCHEMA), set(), None, {}, 0, 0, -1, 0, 0, 0, 10)
+    with pytest.raises(ValueError):
+        enc.commit(prep, *args)  # an Observation block into the Encounter flattener
+    with pytest.raises(ValueError):
+        obs.commit(prep, 0, 0, native.columns(ENCOUNTER_SCHEMA), *args[3:])
+    cols = args[2]
+    assert obs.commit(prep, *args) == (1, 1, 0)
+    assert len(cols) == 1

@@ -1944,34 +1944,6 @@ static PyObject *Flat_commit(Flat *F, PyObject *args) {
     return Py_BuildValue("nni", pos, accepted, why);
 }
 
-/* run(block, ...): prepare and commit in one call (the arguments of commit, with the block) */
-static PyObject *Flat_run(Flat *F, PyObject *args) {
-    PyObject *block, *rest, *prep, *call, *out;
-    if (PyTuple_GET_SIZE(args) < 1) {
-        PyErr_SetString(PyExc_TypeError, "run(block, ...)");
-        return NULL;
-    }
-    block = PyTuple_GET_ITEM(args, 0);
-    prep = Flat_prepare(F, block);
-    if (!prep) return NULL;
-    rest = PyTuple_GetSlice(args, 1, PyTuple_GET_SIZE(args));
-    if (!rest) {
-        Py_DECREF(prep);
-        return NULL;
-    }
-    {
-        PyObject *head = PyTuple_Pack(1, prep);
-        call = head ? PySequence_Concat(head, rest) : NULL;
-        Py_XDECREF(head);
-    }
-    Py_DECREF(rest);
-    Py_DECREF(prep);
-    if (!call) return NULL;
-    out = Flat_commit(F, call);
-    Py_DECREF(call);
-    return out;
-}
-
 /* key(type, id) -> the 32-hex HMAC (for the start-up check against Keyer.key) */
 static PyObject *Flat_key(Flat *F, PyObject *args) {
     const char *type, *id;
@@ -2034,10 +2006,8 @@ static void Flat_dealloc(Flat *F) {
 static PyMethodDef Flat_methods[] = {
     {"prepare", (PyCFunction)Flat_prepare, METH_O, "Parse, flatten and key a block without the GIL."},
     {"commit", (PyCFunction)Flat_commit, METH_VARARGS, "Take a prepared block's plain lines (see the source)."},
-    {"run", (PyCFunction)Flat_run, METH_VARARGS, "prepare + commit of one block."},
     {"key", (PyCFunction)Flat_key, METH_VARARGS, "The HMAC key of (type, id)."},
     {NULL, NULL, 0, NULL}};
-
 
 static PyTypeObject FlatType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "synthfactory.ingest._flatc.Flattener",
