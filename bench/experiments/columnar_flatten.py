@@ -32,7 +32,6 @@ refuses both.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import itertools
 import json
@@ -214,19 +213,14 @@ FROM rows ORDER BY rn, sub""",
 _REFS = {"Encounter": ("sref", None), "Condition": ("sref", "eref"), "Observation": ("sref", "eref")}
 
 
-def hmac_pads(salt: bytes) -> tuple[bytes, bytes]:
-    """Inner and outer pads of an HMAC-SHA256 key (RFC 2104)."""
-    k = salt if len(salt) <= 64 else hashlib.sha256(salt).digest()
-    k = k.ljust(64, b"\0")
-    return bytes(b ^ 0x36 for b in k), bytes(b ^ 0x5C for b in k)
-
-
 class Columnar:
     """Flatten blocks of NDJSON lines of one of :data:`COLUMNAR_TYPES` into their table (see the module
     docstring). One per ingest session; :meth:`parse` may run on a helper thread, :meth:`flatten` on one."""
 
     def __init__(self, salt: bytes, key: Callable[[str, str], str], threads: int = 1):
-        ipad, opad = hmac_pads(salt)
+        from synthfactory.keys import Keyer
+
+        ipad, opad = Keyer(salt).hmac_pads()
         self.key = key
         self.con = duckdb.connect(config={"threads": max(int(threads), 1)})
         self.con.execute("SET TimeZone = 'UTC'")

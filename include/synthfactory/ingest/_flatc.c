@@ -1305,6 +1305,7 @@ static rentry *rc_get(rcache *c, const uint8_t *s, size_t n) {
 /* ============================================================================================== */
 enum { K_OBSERVATION, K_ENCOUNTER, K_CONDITION };
 static const char *KIND_TYPE[3] = {"Observation", "Encounter", "Condition"};
+static const int KIND_NCOLS[3] = {11, 8, 8}; /* the columns of the type's table (schemas.py) */
 
 typedef struct {
     PyObject_HEAD
@@ -1448,7 +1449,7 @@ typedef struct {
 static int flat_observation(parser *P, int root, rows_t *R) {
     int cats, comps, x, own;
     cell category = NONE_CELL, effective = NONE_CELL, num, unit, vcode, sys, code, disp;
-    R->ncols = 11;
+    R->ncols = KIND_NCOLS[K_OBSERVATION];
     R->nrows = 0;
     if (ref_of(P, get(P, root, "subject"), "Patient", &R->pk) == FB) return FB;
     x = first_object(P, root, "encounter", "context");
@@ -1523,7 +1524,7 @@ static int flat_observation(parser *P, int root, rows_t *R) {
 static int flat_encounter(parser *P, int root, rows_t *R) {
     int cls, types, period, x;
     cell *c = R->cells[0];
-    R->ncols = 8;
+    R->ncols = KIND_NCOLS[K_ENCOUNTER];
     R->nrows = 1;
     R->comp[0] = -1;
     R->ek.some = 0;
@@ -1566,7 +1567,7 @@ static int flat_encounter(parser *P, int root, rows_t *R) {
 static int flat_condition(parser *P, int root, rows_t *R) {
     int x;
     cell *c = R->cells[0];
-    R->ncols = 8;
+    R->ncols = KIND_NCOLS[K_CONDITION];
     R->nrows = 1;
     R->comp[0] = -1;
     if (concept(P, get(P, root, "code"), &c[3], &c[4], &c[5]) == FB) return FB;
@@ -1764,7 +1765,7 @@ static PyObject *Flat_prepare(Flat *F, PyObject *block) {
     Q->block = Py_NewRef(block);
     Q->n = PyList_GET_SIZE(block);
     Q->kind = F->kind;
-    Q->ncols = F->kind == K_OBSERVATION ? 11 : 8;
+    Q->ncols = KIND_NCOLS[F->kind];
     Q->oom = 0;
     Q->rows = NULL;
     Q->nrows = Q->caprows = 0;
