@@ -14,7 +14,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-EXIT_OK, EXIT_ERROR, EXIT_SPEC, EXIT_INPUT, EXIT_GATE, EXIT_PUBLISH = 0, 1, 2, 3, 4, 5
+from synthfactory.errors import (EXIT_ERROR, EXIT_INPUT, EXIT_OK, EXIT_SPEC, SynthFactoryError, describe,
+                                 exit_code_for)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,8 +102,7 @@ def _releases(spec, args) -> int:  # noqa: ANN001
 
 def _freeze_suite(spec, args) -> int:  # noqa: ANN001
     """Copy a run's derived suite (``quality/suite.json``) to the frozen-suite location, for users to edit."""
-    import os
-
+    from synthfactory.context import project_root
     from synthfactory.pipeline import FROZEN_SUITES_DIR
     from synthfactory.storage import Store, join
 
@@ -119,14 +119,7 @@ def _freeze_suite(spec, args) -> int:  # noqa: ANN001
     if args.out:
         dest = Path(args.out)
     else:
-        spec_path = Path(args.spec).resolve()
-        if os.environ.get("SYNTHFACTORY_HOME"):
-            root = Path(os.environ["SYNTHFACTORY_HOME"])
-        elif spec_path.parent.name == "datasets" and spec_path.parent.parent.name == "include":
-            root = spec_path.parents[2]
-        else:
-            root = Path.cwd()
-        dest = root / FROZEN_SUITES_DIR / f"{spec.name}.json"
+        dest = project_root(args.spec) / FROZEN_SUITES_DIR / f"{spec.name}.json"
     if dest.exists() and not args.force:
         print(f"error: {dest} exists; pass --force to overwrite it", file=sys.stderr)
         return EXIT_SPEC
@@ -147,12 +140,9 @@ def _freeze_suite(spec, args) -> int:  # noqa: ANN001
 
 def _run(spec, args) -> int:  # noqa: ANN001
     from synthfactory import pipeline
-    from synthfactory.ingest.fhir_ndjson import ExtractError
-    from synthfactory.release.gate import GateRefused
-    from synthfactory.release.publish import Boto3Writer, LocalWriter, PublishError, PublishRefused
-    from synthfactory.spec import SpecError
+    from synthfactory.context import project_root
+    from synthfactory.release.publish import Boto3Writer, LocalWriter
     from synthfactory.storage import Store
-    from synthfactory.synthesize.modelling import ModellingError
 
     now = datetime.now(timezone.utc)
     store = Store()
@@ -160,12 +150,13 @@ def _run(spec, args) -> int:  # noqa: ANN001
         ctx = pipeline.RunContext(
             spec=spec, run_id=args.run_id or "cli_" + now.strftime("%Y%m%dT%H%M%SZ"),
             version=pipeline.version_for(now), store=store, source_uri=args.extract,
+            base_dir=str(project_root(args.spec)),
             staging_root=str(Path(args.out, "staging").resolve()) if args.out else None,
             profile=args.profile, rows=args.rows, synthesizer=args.synthesizer, epochs=args.epochs,
             force_ingest=args.force_ingest)
-    except SpecError as err:
-        print(f"invalid spec: {err}", file=sys.stderr)
-        return EXIT_SPEC
+    except SynthFactoryError as err:
+        print(describe(err), file=sys.stderr)
+        return exit_code_for(err)
     if args.out:
         writer = LocalWriter(Path(args.out, "release").resolve())
     else:
@@ -177,21 +168,12 @@ def _run(spec, args) -> int:  # noqa: ANN001
         writer = Boto3Writer.from_spec(client, spec.release)
     try:
         summary = pipeline.run_all(ctx, writer)
-    except GateRefused as err:
-        print(f"gate refused: {err}", file=sys.stderr)
-        return EXIT_GATE
-    except (ExtractError, ModellingError) as err:
-        print(f"bad input: {err}", file=sys.stderr)
-        return EXIT_INPUT
-    except PublishRefused as err:
-        print(f"publish refused: {err}", file=sys.stderr)
-        return EXIT_PUBLISH
-    except PublishError as err:  # nothing partial is visible; running the same command again resumes
-        print(f"publish failed (retry it): {err}", file=sys.stderr)
-        return EXIT_ERROR
-    except ValueError as err:
+    except SynthFactoryError as err:  # a TransientError (publish): nothing partial is visible, re-run resumes
+        print(describe(err), file=sys.stderr)
+        return exit_code_for(err)
+    except ValueError as err:  # a check the factory does not type yet: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_SPEC if "synthesizer." in str(err) else EXIT_ERROR
+        return EXIT_ERROR
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     p, q = summary["privacy"], summary["quality"]

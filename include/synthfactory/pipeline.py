@@ -11,18 +11,17 @@ import hashlib
 import hmac
 import logging
 import os
-import re
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 from synthfactory import __version__
+from synthfactory.context import RunContext, project_root, resolve, safe_id, version_for  # noqa: F401 (re-exported)
 from synthfactory.spec import DatasetSpec
-from synthfactory.storage import Store, is_s3, join
+from synthfactory.storage import Store, join
 
 log = logging.getLogger("synthfactory.pipeline")
 
@@ -30,68 +29,6 @@ RELEASE_DATA = "data/patients.parquet"
 RELEASE_QUALITY = "reports/quality.json"
 RELEASE_PRIVACY = "reports/privacy.json"
 RELEASE_DATACARD = "reports/datacard.html"
-
-
-def project_root() -> Path:
-    """Base for relative paths in specs: $SYNTHFACTORY_HOME, else the current directory."""
-    return Path(os.environ.get("SYNTHFACTORY_HOME") or os.getcwd())
-
-
-def resolve(uri: str, base: Path | None = None) -> str:
-    if is_s3(uri) or os.path.isabs(uri) or re.match(r"^[a-z][a-z0-9+.-]*://", uri):  # s3://, https:// (FHIR servers)
-        return uri
-    return str((base or project_root()) / uri)
-
-
-def safe_id(value: str) -> str:
-    """Make an Airflow run id or timestamp safe as a path/key segment."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("_")[:120] or "run"
-
-
-def version_for(when: datetime | None) -> str:
-    when = (when or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    return "v" + when.strftime("%Y%m%dT%H%M%SZ")
-
-
-@dataclass
-class RunContext:
-    spec: DatasetSpec
-    run_id: str
-    version: str
-    store: Store = field(default_factory=Store)          # the PHI side: extract and staging
-    source_uri: str | None = None                         # overrides spec.source.uri
-    staging_root: str | None = None                       # overrides spec.staging.uri
-    salt: str | bytes | None = None
-    profile: str = "default"
-    rows: int | None = None
-    synthesizer: str | None = None
-    base_dir: str | None = None                           # relative spec paths resolve here
-    epochs: int | None = None                             # neural synthesizers: overrides params.epochs
-    force_ingest: bool = False                            # ignore a reusable previous ingest output
-    fhir_auth: Any = None                                 # ingest.smart.AuthConfig of a FHIR server (fhir_bulk/search)
-    fhir_base_url: str | None = None                      # the FHIR server, when it comes from a connection
-
-    def __post_init__(self) -> None:
-        base = Path(self.base_dir) if self.base_dir else None
-        self.run_id = safe_id(self.run_id)
-        self.staging_root = resolve(self.staging_root or self.spec.staging.uri, base)
-        self.source_uri = resolve(self.source_uri or self.spec.source.uri, base)
-        self.spec.thresholds(self.profile)  # fail fast on an unknown profile
-
-    @property
-    def run_uri(self) -> str:
-        return join(self.staging_root, self.spec.name, "runs", self.run_id)
-
-    def uri(self, *parts: str) -> str:
-        return join(self.run_uri, *parts)
-
-    @property
-    def quarantine_uri(self) -> str:
-        return join(self.staging_root, self.spec.name, "quarantine", self.run_id)
-
-    @property
-    def synthesizer_kind(self) -> str:
-        return self.synthesizer or self.spec.synthesizer.kind
 
 
 def _log_fields(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synthfactory.ingest.source_specs import BUILTIN_RESOURCES, BulkSpec, EhrSpec, SearchSpec
+from synthfactory.errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
 NEURAL_KINDS = frozenset({"ctgan", "tvae", "copulagan"})
@@ -23,7 +24,7 @@ STAGE_NAMES = ("ingest", "prepare", "fit", "sample", "quality", "privacy", "gate
 LOINC_RE = re.compile(r"^\d{1,7}-\d$")
 
 
-class SpecError(ValueError):
+class SpecError(ConfigError, ValueError):
     """A dataset spec is missing, unreadable or invalid. The message names the field(s)."""
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from synthfactory.cli import EXIT_GATE, EXIT_INPUT, EXIT_OK, EXIT_SPEC, main
+from synthfactory.cli import main
+from synthfactory.errors import EXIT_GATE, EXIT_INPUT, EXIT_OK, EXIT_SPEC
 from tests.conftest import write_spec
 
 

@@ -7,7 +7,8 @@ import json
 from unittest import mock
 
 from synthfactory import dev
-from synthfactory.cli import EXIT_ERROR, EXIT_OK, main
+from synthfactory.cli import main
+from synthfactory.errors import EXIT_ERROR, EXIT_OK
 from tests.conftest import write_spec
 
 

@@ -8,7 +8,6 @@ inside task execution, so parsing the DAG folder stays cheap.
 from __future__ import annotations
 
 import functools
-import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -23,16 +22,10 @@ SYNTHESIZERS = list(SYNTHESIZER_KINDS)  # the spec's kinds (incl. dp_mst, dp_aim
 DEFAULT_SPECS = Path(__file__).resolve().parents[2] / "datasets"  # include/datasets
 
 
-def _project_root(spec_path: Path) -> str:
-    """Relative URIs in a spec resolve against $SYNTHFACTORY_HOME, else the project holding
-    include/datasets/<name>.yaml."""
-    return os.environ.get("SYNTHFACTORY_HOME") or str(spec_path.resolve().parents[2])
-
-
 def run_context(spec_path: str) -> Any:
     """The library's RunContext for the running task instance (spec re-read, params applied)."""
     from synthfactory.airflow.hooks import HmacSaltHook, phi_store
-    from synthfactory.pipeline import RunContext, version_for
+    from synthfactory.context import RunContext, project_root, version_for
 
     ctx = get_current_context()
     spec = load_spec(spec_path)
@@ -48,7 +41,7 @@ def run_context(spec_path: str) -> Any:
         fhir_auth=fhir_auth, fhir_base_url=fhir_base_url,
         spec=spec, run_id=ctx["run_id"], version=version_for(when), store=phi_store(spec), salt=salt,
         profile=params.get("profile") or "default", rows=int(params.get("rows") or 0) or None,
-        synthesizer=params.get("synthesizer") or None, base_dir=_project_root(Path(spec_path)),
+        synthesizer=params.get("synthesizer") or None, base_dir=str(project_root(spec_path)),
         epochs=int(params.get("epochs") or 0) or None, force_ingest=bool(params.get("force_ingest")))
 
 
@@ -75,27 +68,16 @@ def _extract_sensor(spec: DatasetSpec) -> Any:
 
 
 def _no_retry_on_user_errors(fn: Callable[..., dict]) -> Callable[..., dict]:
-    """Bad input and gate refusals are deterministic: fail the task at once instead of retrying."""
+    """A :class:`~synthfactory.errors.UserError` (bad spec or input, a gate or publisher refusal) is
+    deterministic: fail the task at once instead of retrying. Anything else is left to Airflow's retries."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> dict:
-        from synthfactory.ingest.fhir_ndjson import ExtractError
-        from synthfactory.release.gate import GateRefused
-        from synthfactory.release.publish import PublishRefused
-        from synthfactory.ingest.fhirpath import FhirPathError
-        from synthfactory.ingest.views import ViewError
-        from synthfactory.spec import SpecError
-        from synthfactory.synthesize.conditional import ConditionalError
-        from synthfactory.synthesize.constraints import ConstraintError
-        from synthfactory.synthesize.fhir_out import FhirOutputError
-        from synthfactory.synthesize.modelling import ModellingError
-        from synthfactory.synthesize.relational import RelationalError
+        from synthfactory.errors import UserError
 
         try:
             return fn(*args, **kwargs)
-        except (ExtractError, ModellingError, GateRefused, PublishRefused, SpecError, routing.RoutingError,
-                ViewError, FhirPathError, RelationalError, ConditionalError, ConstraintError,
-                FhirOutputError) as err:
+        except UserError as err:
             raise AirflowFailException(f"{type(err).__name__}: {err}") from err
 
     return wrapper

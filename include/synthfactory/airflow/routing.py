@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from synthfactory.spec import NEURAL_KINDS, DatasetSpec
+from synthfactory.errors import ConfigError
 
 GPU_QUEUE = "gpu"
 GPU_POOL = "gpu"
@@ -76,7 +77,7 @@ def route_for(stage: str, spec: DatasetSpec, cpu_queue: str | None = None) -> Ro
     return training_route(spec, cpu_queue) if stage in GPU_STAGES else cpu_route(cpu_queue)
 
 
-class RoutingError(ValueError):
+class RoutingError(ConfigError, ValueError):
     """A run asks for a synthesizer the DAG's fit task is not routed for."""
 
 

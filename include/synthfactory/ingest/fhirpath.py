@@ -31,13 +31,14 @@ from .normalize import (
     parse_reference,
     preferred_coding,
 )
+from synthfactory.errors import ConfigError
 
 __all__ = ["FhirPathError", "Env", "compile_path", "CHOICE_TYPES"]
 
 Fn = Callable[[list, "Env"], list]
 
 
-class FhirPathError(ValueError):
+class FhirPathError(ConfigError, ValueError):
     """An expression that cannot be parsed or compiled (raised once, at compile time)."""
 
 

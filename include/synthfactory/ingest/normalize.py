@@ -19,6 +19,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Callable
 
 from synthfactory.keys import KEY_HEX_CHARS, Keyer
+from synthfactory.errors import InputError
 
 __all__ = [
     "ExtractError", "BadResource", "parse_fhir_date", "parse_fhir_datetime", "datetime_parts", "local_days",
@@ -27,7 +28,7 @@ __all__ = [
 ]
 
 
-class ExtractError(ValueError):
+class ExtractError(InputError, ValueError):
     """The extract is missing, empty or unusable. The message is user-facing and holds no patient data."""
 
 

@@ -23,6 +23,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+from synthfactory.errors import TransientError
 
 __all__ = ["AuthConfig", "SmartAuth", "AuthError", "load_signing_key"]
 
@@ -31,7 +32,7 @@ TOKEN_SKEW_SECONDS = 30
 ASSERTION_LIFETIME = 300
 
 
-class AuthError(RuntimeError):
+class AuthError(TransientError, RuntimeError):
     """Authentication failed (bad key, token endpoint refused, no token endpoint). No secret in the message."""
 
 

@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from .fhirpath import Env, FhirPathError, compile_path
 from .normalize import BadResource, fhir_datetime_deferred, local_days
+from synthfactory.errors import ConfigError
 
 __all__ = ["ViewError", "CompiledView", "compile_view", "BUILTIN_VIEWS", "builtin_view", "load_view_file",
            "TABLE_NAME_RE"]
@@ -44,7 +45,7 @@ COLUMN_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 TS = pa.timestamp("us", tz="UTC")
 
 
-class ViewError(ValueError):
+class ViewError(ConfigError, ValueError):
     """An invalid ViewDefinition. The message names the element (e.g. ``select[1].column[0].path``)."""
 
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from synthfactory.spec import PrivacyThresholds, QualityThresholds
+from synthfactory.errors import EXIT_GATE, RefusedError
 
 
-class GateRefused(RuntimeError):
+class GateRefused(RefusedError, RuntimeError):
     """A gate failed; ``decision`` holds the full record. The message says which gate and by how much."""
+
+    exit_code = EXIT_GATE
+    label = "gate refused"
 
     def __init__(self, message: str, decision: dict):
         super().__init__(message)

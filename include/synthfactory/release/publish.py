@@ -43,6 +43,7 @@ from synthfactory.release.sandbox import (
     released_versions,
 )
 from synthfactory.storage import Store
+from synthfactory.errors import EXIT_PUBLISH, RefusedError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,19 @@ MiB = 1024 * 1024
 STALE_AFTER = timedelta(hours=24)  # incomplete versions / staging left by dead runs are swept after this
 
 
-class PublishRefused(RuntimeError):
+class PublishRefused(RefusedError, RuntimeError):
     """The publisher will not release this file set (not approved, contents differ from the audit, or the
     version is already released with other contents). Deterministic: retrying does not help."""
 
+    exit_code = EXIT_PUBLISH
+    label = "publish refused"
 
-class PublishError(RuntimeError):
+
+class PublishError(TransientError, RuntimeError):
     """A publish could not complete (checksum mismatch after re-upload, pointer contention). Retryable: nothing
     partial is visible to readers, and a retry picks up where this one stopped."""
+
+    label = "publish failed (retry it)"
 
 
 class PreconditionFailed(RuntimeError):

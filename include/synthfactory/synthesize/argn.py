@@ -37,6 +37,9 @@ from typing import Any
 
 import pandas as pd
 
+from synthfactory.errors import ConfigError
+from synthfactory.spec import SpecError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ArgnSynthesizer", "ArgnUnavailable", "argn_python", "PYTHON_ENV"]
@@ -46,7 +49,7 @@ WORKER = Path(__file__).with_name("argn_worker.py")
 _DEFAULTS = (Path(__file__).resolve().parents[3] / ".venv-argn" / "bin" / "python", Path("/opt/argn/bin/python"))
 
 
-class ArgnUnavailable(ValueError):
+class ArgnUnavailable(ConfigError, ValueError):
     """No interpreter with mostlyai-engine on this worker (a deployment setting, not a transient error)."""
 
 
@@ -138,7 +141,7 @@ class ArgnSynthesizer:
                  device: str = "auto", model: str = "MOSTLY_AI/Medium", value_protection: bool = True,
                  sample_batch_size: int | None = None, timeout_s: float | None = None):
         if device not in ("auto", "cpu", "cuda"):
-            raise ValueError("synthesizer.params.device: one of auto, cpu, cuda")
+            raise SpecError("synthesizer.params.device: one of auto, cpu, cuda")
         self.table = table
         self.python = python
         self.epochs = float(epochs)

@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from synthfactory.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-class ConditionalError(ValueError):
+class ConditionalError(ConfigError, ValueError):
     """A rebalance/oversample setting does not fit the data (unknown column or value, numeric column)."""
 
 

@@ -14,11 +14,12 @@ import logging
 from typing import Any, Callable
 
 import pandas as pd
+from synthfactory.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-class ConstraintError(ValueError):
+class ConstraintError(ConfigError, ValueError):
     """A spec constraint names an unknown column or is broken by the real data."""
 
 

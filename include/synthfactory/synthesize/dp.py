@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from synthfactory.spec import SpecError
+
 log = logging.getLogger(__name__)
 
 DP_KINDS = {"dp_mst": "mst", "dp_aim": "aim"}
@@ -34,9 +36,9 @@ class DPSynthesizer:
                  preprocessor_epsilon: float | None = None, bins: int = 10,
                  bounds: dict[str, tuple[float, float]] | None = None, table: str = "patients", **extra: Any):
         if kind not in DP_KINDS:
-            raise ValueError(f"synthesizer.kind: unknown DP synthesizer {kind!r}; choose one of {sorted(DP_KINDS)}")
+            raise SpecError(f"synthesizer.kind: unknown DP synthesizer {kind!r}; choose one of {sorted(DP_KINDS)}")
         if epsilon <= 0:
-            raise ValueError("synthesizer.dp.epsilon: must be > 0")
+            raise SpecError("synthesizer.dp.epsilon: must be > 0")
         self.kind = kind
         self.epsilon = float(epsilon)
         self.delta = delta
@@ -91,7 +93,7 @@ class DPSynthesizer:
         if inferred:
             pre_eps = self.preprocessor_epsilon if self.preprocessor_epsilon is not None else 0.1 * self.epsilon
             if not 0 < pre_eps < self.epsilon:
-                raise ValueError("synthesizer.dp.preprocessor_epsilon: must be > 0 and < epsilon when a numeric "
+                raise SpecError("synthesizer.dp.preprocessor_epsilon: must be > 0 and < epsilon when a numeric "
                                  f"column has no public bounds ({', '.join(inferred)}); or give dp.bounds")
         self._model = Synthesizer.create(DP_KINDS[self.kind], epsilon=self.epsilon, delta=delta, **self.extra)
         with contextlib.redirect_stdout(io.StringIO()):  # smartnoise prints its budget split

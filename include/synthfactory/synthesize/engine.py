@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import pandas as pd
 
+from synthfactory.spec import SpecError
 from synthfactory.storage import Store, is_s3, split_s3
 
 log = logging.getLogger(__name__)
@@ -120,16 +121,16 @@ def make_synthesizer(kind: str, metadata: dict, params: dict[str, Any] | None = 
         try:
             return DPSynthesizer(kind, table=table, **params)
         except TypeError as err:
-            raise ValueError(f"synthesizer.params: {err}") from None
+            raise SpecError(f"synthesizer.params: {err}") from None
     if kind == ARGN:
         from synthfactory.synthesize.argn import ArgnSynthesizer
 
         try:
             return ArgnSynthesizer(table=next(iter(metadata["tables"])), **params)
         except TypeError as err:
-            raise ValueError(f"synthesizer.params: {err}") from None
+            raise SpecError(f"synthesizer.params: {err}") from None
     if kind not in classes:
-        raise ValueError(f"synthesizer.kind: unknown synthesizer {kind!r}; choose one of {sorted(KINDS)}")
+        raise SpecError(f"synthesizer.kind: unknown synthesizer {kind!r}; choose one of {sorted(KINDS)}")
     params = _device_params(kind, params)
     if kind == "hma":
         params.setdefault("verbose", False)
@@ -137,7 +138,7 @@ def make_synthesizer(kind: str, metadata: dict, params: dict[str, Any] | None = 
     try:
         return classes[kind](meta, **params)
     except TypeError as err:
-        raise ValueError(f"synthesizer.params: {err}") from None
+        raise SpecError(f"synthesizer.params: {err}") from None
 
 
 def fit(train: pd.DataFrame | dict[str, pd.DataFrame], kind: str, params: dict[str, Any] | None, metadata: dict,

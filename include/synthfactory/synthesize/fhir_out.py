@@ -21,6 +21,7 @@ import orjson
 import pandas as pd
 
 from synthfactory.storage import Store, is_s3, join, split_s3
+from synthfactory.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ GENDERS = {"male", "female", "other", "unknown"}
 VALIDATE_FIRST = 20
 
 
-class FhirOutputError(ValueError):
+class FhirOutputError(InputError, ValueError):
     """A generated resource failed the structural or R4B check (message names the type, id and problem)."""
 
 

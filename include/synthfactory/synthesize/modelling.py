@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from synthfactory.spec import FeatureSpec
+from synthfactory.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ AGE_TOP_CODE = 90  # HIPAA Safe Harbor: ages over 89 are aggregated
 ENCOUNTER_CLASSES = {"AMB": "n_enc_ambulatory", "IMP": "n_enc_inpatient", "EMER": "n_enc_emergency"}
 
 
-class ModellingError(ValueError):
+class ModellingError(InputError, ValueError):
     """The flattened tables cannot produce a usable modelling table (too few patients, no data)."""
 
 

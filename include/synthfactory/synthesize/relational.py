@@ -45,6 +45,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
+from synthfactory.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ OTHER = "__other__"
 ENGINES = ("patient_centred", "hma", "par")
 
 
-class RelationalError(ValueError):
+class RelationalError(ConfigError, ValueError):
     """The tables or the relational settings cannot be synthesized (message names the table/setting)."""
 
 
