@@ -180,9 +180,10 @@ def prepare(ctx: RunContext, ingested: dict) -> dict:
                 "metadata_uri": ctx.uri("model", "metadata.json")}
         ctx.store.write_df(uris["train_uri"], train)
         ctx.store.write_df(uris["holdout_uri"], holdout)
-        ctx.store.write_json(uris["metadata_uri"], metadata_dict(train, exclude=(KEY,),
-                                                                 overrides=ctx.spec.synthesizer.metadata))
+        metadata = metadata_dict(train, exclude=(KEY,), overrides=ctx.spec.synthesizer.metadata)
+        ctx.store.write_json(uris["metadata_uri"], metadata)
         m.update(uris)
+        m.update(_real_reference(ctx, train, holdout, metadata))
         m.update({"rows_train": len(train), "rows_holdout": len(holdout), "columns": info["columns"],
                   "reference_date": info["reference_date"], "condition_flags": info["condition_flags"]})
         if ctx.spec.synthesizer.mode == "relational":  # the training patients' flattened tables, for the record
@@ -194,6 +195,22 @@ def prepare(ctx: RunContext, ingested: dict) -> dict:
                     ctx.store.write_df(uri, df[df[KEY].isin(keep)].reset_index(drop=True))
                     m["relational_uris"][name] = uri
     return m
+
+
+def _real_reference(ctx: RunContext, train: Any, holdout: Any, metadata: dict) -> dict:
+    """What real data itself scores on every quality figure (real held-out rows vs real train rows, over
+    re-splits): written to ``model/reference.json``; the quality stage and the gate judge against it."""
+    from synthfactory.quality.reference import real_reference
+    from synthfactory.synthesize.modelling import KEY
+
+    qt, _ = ctx.spec.thresholds(ctx.profile)
+    rs = qt.reference
+    ref = real_reference(train.drop(columns=[KEY]), holdout.drop(columns=[KEY]), metadata=metadata,
+                         relationships=qt.relationships, resplits=rs.resplits, min_values=rs.min_values,
+                         seed=ctx.spec.synthesizer.seed)
+    uri = ctx.uri("model", "reference.json")
+    ctx.store.write_json(uri, ref)
+    return {"reference_uri": uri, "reference_quality_score": _r((ref.get("quality_score") or {}).get("mean"))}
 
 
 # -- 3. fit ---------------------------------------------------------------------------------------
@@ -240,6 +257,7 @@ def quality(ctx: RunContext, prepared: dict, sampled: dict) -> dict:
     import tempfile
 
     from synthfactory.quality.expectations import derive_suite
+    from synthfactory.quality.reference import matched_figures
     from synthfactory.quality.report import evaluate_quality
     from synthfactory.synthesize.engine import SYNTHETIC_ID
     from synthfactory.synthesize.modelling import KEY
@@ -271,6 +289,16 @@ def quality(ctx: RunContext, prepared: dict, sampled: dict) -> dict:
                 for path in sorted(Path(docs).rglob("*")):
                     if path.is_file():
                         ctx.store.write_bytes(join(docs_uri, path.relative_to(docs).as_posix()), path.read_bytes())
+        reference = ctx.store.read_json(prepared["reference_uri"])
+        worst = _worst_eligible(result["sdmetrics"].get("columns", []), reference["eligible_columns"])
+        fid = result["fidelity"]
+        fid["min_column_score"], fid["worst_column"] = worst
+        result["reference"] = reference
+        # the gate compares figures at the reference's row count (SDMetrics scores rise with the row count)
+        result["matched"] = matched_figures(real, synthetic.drop(columns=[SYNTHETIC_ID], errors="ignore"),
+                                            metadata=metadata, rows=reference["rows_holdout"],
+                                            eligible=reference["eligible_columns"],
+                                            repeats=qt.reference.matched_repeats, seed=ctx.spec.synthesizer.seed)
         report_uri = ctx.uri("reports", "quality.json")
         result["suite_source"] = suite_source
         ctx.store.write_json(report_uri, {"dataset": ctx.spec.name, "run_id": ctx.run_id, **result})
@@ -285,12 +313,46 @@ def quality(ctx: RunContext, prepared: dict, sampled: dict) -> dict:
                   "column_shapes": _r(fid["column_shapes"]), "column_pair_trends": _r(fid["column_pair_trends"]),
                   "min_column_score": _r(fid["min_column_score"]), "worst_column": fid["worst_column"],
                   "relationships": {r["name"]: {"max_excess": _r(r["max_excess"]), "max_error": _r(r["max_error"]),
-                                                "tolerance": r["tolerance"], "status": r["status"]}
+                                                "tolerance": r["tolerance"], "status": r["status"],
+                                                "effect": _effect_summary(r.get("effect"))}
                                     for r in result["relationships"]},
+                  "reference": _reference_summary(reference),
+                  "matched": {k: _r((result["matched"].get(k) or {}).get("mean"))
+                              for k in ("quality_score", "column_shapes", "column_pair_trends", "min_column_score")},
+                  "matched_rows": result["matched"]["rows"],
                   "utility_status": util.get("status"), "utility_metric": util.get("metric"),
                   "utility_tstr": _r(util.get("tstr")), "utility_trtr": _r(util.get("trtr")),
                   "utility_ratio": _r(util.get("ratio"))})
     return m
+
+
+def _worst_eligible(columns: list, eligible: list) -> tuple[float | None, str | None]:
+    """The worst Column Shapes score over the columns with enough real values (see quality.reference)."""
+    keep = set(eligible)
+    scored = [c for c in columns if c.get("score") is not None and c.get("column") in keep]
+    if not scored:
+        return None, None
+    worst = min(scored, key=lambda c: c["score"])
+    return _r(worst["score"]), worst["column"]
+
+
+def _effect_summary(effect: dict | None) -> dict | None:
+    if not effect:
+        return None
+    return {k: (_r(v) if isinstance(v, float) else v) for k, v in effect.items()}
+
+
+def _reference_summary(reference: dict) -> dict:
+    """The reference figures the gate needs (XCom-sized): mean/sd per gated figure and per relationship."""
+    def small(summary: dict | None) -> dict | None:
+        return None if not summary else {k: _r(summary[k]) for k in ("mean", "sd", "p05") if k in summary}
+
+    out = {k: small(reference.get(k)) for k in ("quality_score", "column_shapes", "column_pair_trends",
+                                                "min_column_score")}
+    out["relationships"] = {name: {"effect_kept": small(v.get("effect_kept"))}
+                            for name, v in (reference.get("relationships") or {}).items()}
+    out["resplits"] = reference.get("resplits")
+    return out
 
 
 # -- 6. privacy -----------------------------------------------------------------------------------

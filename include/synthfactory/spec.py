@@ -371,6 +371,11 @@ class Relationship(_Model):
                                                  "difference (0 = compare the raw difference with the tolerance)")
     min_group_rows: int = Field(
         default=20, ge=1, description="Groups with fewer real rows are not compared (and not reported: small cells)")
+    min_effect_kept: float = Field(
+        default=0.8, ge=0.0, description="When the real effect (difference between the highest and lowest real "
+                                         "group) is significant, the synthetic/real effect ratio's interval must "
+                                         "reach [min_effect_kept, max_effect_kept]")
+    max_effect_kept: float = Field(default=1.25, gt=0.0, description="Upper end of the effect-kept band")
 
     @field_validator("name")
     @classmethod
@@ -405,18 +410,46 @@ class UtilitySpec(_Model):
                                       "this many rows) to be scored; otherwise utility is reported as skipped")
 
 
+class ReferenceSpec(_Model):
+    """The real-data reference every quality figure is judged against (``quality.reference``).
+
+    prepare scores real held-out rows against real train rows over ``resplits`` re-splits, as the synthetic
+    table will be scored: that is what a perfect generator achieves, with its spread. A synthetic figure
+    fails when it is below ``fraction`` x the reference mean by more than ``noise_z`` reference standard
+    deviations."""
+
+    resplits: int = Field(default=8, ge=2, le=200, description="Re-splits of the real table (cost: one SDMetrics "
+                                                               "report each)")
+    quality_fraction: float = Field(default=0.95, gt=0.0, le=1.5,
+                                    description="quality score >= this share of the reference (minus noise)")
+    pair_trends_fraction: float = Field(default=0.95, gt=0.0, le=1.5,
+                                        description="Column Pair Trends >= this share of the reference")
+    column_fraction: float = Field(default=0.9, gt=0.0, le=1.5,
+                                   description="worst eligible column >= this share of the reference's worst")
+    noise_z: float = Field(default=2.0, ge=0.0, le=5.0, description="Reference standard deviations of slack")
+    min_values: int = Field(default=50, ge=1, description="The worst-column check covers only columns with at "
+                                                          "least this many real (train) values")
+    matched_repeats: int = Field(default=4, ge=1, le=100,
+                                 description="Synthetic subsamples of the reference's row count the gated figures "
+                                             "are averaged over (scores rise with the row count)")
+
+
 class QualityThresholds(_Model):
-    min_quality_score: float = Field(default=0.75, ge=0.0, le=1.0, description="SDMetrics QualityReport score")
+    min_quality_score: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Absolute floor on the SDMetrics quality score (null = only "
+                                                  "the relative check against the real-data reference)")
     min_expectation_success: float = Field(
         default=0.9, ge=0.0, le=1.0, description="Share of the derived GX expectations that must pass"
     )
-    min_column_score: float = Field(
-        default=0.6, ge=0.0, le=1.0,
-        description="Lowest per-column similarity allowed (KS complement for numbers/dates, TV complement for "
-                    "categories); catches one broken distribution that the average hides")
-    min_pair_trends: float = Field(
-        default=0.6, ge=0.0, le=1.0,
-        description="SDMetrics Column Pair Trends (correlation and contingency similarity over column pairs)")
+    min_column_score: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Absolute floor on the worst eligible column's similarity (KS complement for numbers/dates, "
+                    "TV complement for categories); null = only the relative check")
+    min_pair_trends: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Absolute floor on SDMetrics Column Pair Trends; null = only the relative check")
+    reference: ReferenceSpec = Field(default_factory=ReferenceSpec,
+                                     description="The real-data reference and the relative thresholds")
     min_utility_ratio: float = Field(
         default=0.8, ge=0.0,
         description="TSTR / TRTR score ratio on the real holdout (AUC for a binary target, R² for a numeric one); "

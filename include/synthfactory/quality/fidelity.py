@@ -143,6 +143,28 @@ def _group_stats(df: pd.DataFrame, rel: Any) -> pd.DataFrame:
     return out
 
 
+def _effect(real: pd.DataFrame, synthetic: pd.DataFrame, z: float) -> dict:
+    """The clinical effect: the real difference between the real table's highest and lowest group, the
+    synthetic difference between the same two groups, and their ratio (effect kept) with a ``z`` interval
+    (delta method: var(s/r) ~ (var_s + ratio^2 var_r) / r^2). ``significant``: the real difference exceeds
+    ``z`` of its standard errors (otherwise there is no effect to keep, only a shape to check)."""
+    hi, lo = real["stat"].idxmax(), real["stat"].idxmin()
+    r_eff = float(real.loc[hi, "stat"] - real.loc[lo, "stat"])
+    r_se = math.sqrt(float(real.loc[hi, "se"]) ** 2 + float(real.loc[lo, "se"]) ** 2)
+    out: dict[str, Any] = {"high_group": str(hi), "low_group": str(lo), "real": r_eff, "real_se": r_se,
+                           "significant": bool(r_eff > z * r_se), "synthetic": None, "synthetic_se": None,
+                           "ratio": None, "ci_low": None, "ci_high": None}
+    if hi in synthetic.index and lo in synthetic.index and synthetic.loc[[hi, lo], "count"].min() > 0:
+        s_eff = float(synthetic.loc[hi, "stat"] - synthetic.loc[lo, "stat"])
+        s_se = math.sqrt(float(synthetic.loc[hi, "se"]) ** 2 + float(synthetic.loc[lo, "se"]) ** 2)
+        out.update(synthetic=s_eff, synthetic_se=s_se)
+        if r_eff > 0:
+            ratio = s_eff / r_eff
+            se = math.sqrt(s_se ** 2 + ratio ** 2 * r_se ** 2) / r_eff
+            out.update(ratio=ratio, ci_low=ratio - z * se, ci_high=ratio + z * se)
+    return out
+
+
 def _compare_one(real: pd.DataFrame, synthetic: pd.DataFrame, rel: Any) -> dict:
     name, measure, by = _get(rel, "name"), _get(rel, "measure"), _get(rel, "by")
     stat, tolerance = _get(rel, "stat", "mean"), float(_get(rel, "tolerance"))
@@ -187,8 +209,8 @@ def _compare_one(real: pd.DataFrame, synthetic: pd.DataFrame, rel: Any) -> dict:
         out["real_spread"] = max(reals) - min(reals)
         if len(syns) == len(reals):
             out["synthetic_spread"] = max(syns) - min(syns)
-            if out["real_spread"] > 0:
-                out["effect_kept"] = out["synthetic_spread"] / out["real_spread"]
+        out["effect"] = _effect(keep, s, z)
+        out["effect_kept"] = out["effect"]["ratio"]
     if absent:
         out["note"] = f"group(s) {absent} absent from the synthetic table"
         return out
@@ -197,6 +219,16 @@ def _compare_one(real: pd.DataFrame, synthetic: pd.DataFrame, rel: Any) -> dict:
     out["max_excess"] = float(excess[worst])
     out["worst_group"] = out["groups"][worst]["group"]
     out["passed"] = bool(out["max_excess"] <= tolerance + 1e-12)
+    effect = out.get("effect")
+    if effect and effect["significant"]:  # a real effect to keep: its ratio's interval must reach the band
+        lo, hi = float(_get(rel, "min_effect_kept", 0.8)), float(_get(rel, "max_effect_kept", 1.25))
+        kept = effect["ratio"] is not None and effect["ci_high"] >= lo and effect["ci_low"] <= hi
+        out["effect_band"] = [lo, hi]
+        out["effect_kept_passed"] = bool(kept)
+        out["passed"] = bool(out["passed"] and kept)
+        if not kept:
+            out["note"] = (f"effect kept {effect['ratio']:.2f} [{effect['ci_low']:.2f}, {effect['ci_high']:.2f}] "
+                           f"outside [{lo:g}, {hi:g}]" if effect["ratio"] is not None else "no synthetic effect")
     out["status"] = "passed" if out["passed"] else "failed"
     return out
 
@@ -212,9 +244,10 @@ def compare_relationships(real: pd.DataFrame, synthetic: pd.DataFrame, relations
 
     Each result: ``name, measure, by, stat, tolerance, noise_z, groups: [{group, real, synthetic, diff,
     noise_allowance, real_rows, synthetic_rows}], max_error (largest |diff|), max_excess, worst_group,
-    status ("passed" | "failed" | "skipped"), passed, note`` plus ``real_spread`` / ``synthetic_spread`` /
-    ``effect_kept`` (share of the real between-group spread the synthetic data keeps) when there are two
-    or more groups. ``max_error``/``max_excess`` are ``None`` when a column or a group is missing from the
+    status ("passed" | "failed" | "skipped"), passed, note`` plus, with two or more groups, ``real_spread`` /
+    ``synthetic_spread`` and ``effect``: the real effect (difference between the real highest and lowest
+    group), the synthetic difference between the same groups, ``ratio`` (= ``effect_kept``) with its
+    ``noise_z`` interval ``ci_low``/``ci_high``, and ``significant`` (the real effect exceeds its noise). ``max_error``/``max_excess`` are ``None`` when a column or a group is missing from the
     synthetic table (the relationship then fails) or when no group has enough real rows (``skipped``: too
     small to compare, and not reported)."""
     results = []

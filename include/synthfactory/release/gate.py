@@ -31,6 +31,7 @@ class Check:
     op: str  # ">=" or "<=" or "=="
     threshold: float | bool
     passed: bool
+    reference: dict | None = None  # what real data itself scores on this figure: {mean, sd, ...}
 
     def describe(self) -> str:
         if self.op == "==":
@@ -40,40 +41,72 @@ class Check:
         limit = "min" if self.op == ">=" else "max"
         by = abs(self.value - float(self.threshold))
         rel = "<" if self.op == ">=" else ">"
+        ref = ""
+        if self.reference and self.reference.get("mean") is not None:
+            ref = f"; real data itself: {self.reference['mean']:.4g} ± {self.reference.get('sd') or 0:.2g}"
         return (f"{self.gate} gate failed: {self.name} {self.value:.4g} {rel} {limit} {float(self.threshold):.4g} "
-                f"(by {by:.4g})")
+                f"(by {by:.4g}{ref})")
 
 
-def ge(gate: str, name: str, value: float | None, threshold: float) -> Check:
+def ge(gate: str, name: str, value: float | None, threshold: float, reference: dict | None = None) -> Check:
     """A check that passes when ``value >= threshold`` (a missing figure fails)."""
-    return Check(gate, name, value, ">=", threshold, value is not None and value >= threshold)
+    return Check(gate, name, value, ">=", threshold, value is not None and value >= threshold, reference)
 
 
-def le(gate: str, name: str, value: float | None, threshold: float) -> Check:
+def le(gate: str, name: str, value: float | None, threshold: float, reference: dict | None = None) -> Check:
     """A check that passes when ``value <= threshold`` (a missing figure fails)."""
-    return Check(gate, name, value, "<=", threshold, value is not None and value <= threshold)
+    return Check(gate, name, value, "<=", threshold, value is not None and value <= threshold, reference)
 
 
 def is_true(gate: str, name: str, value: bool | None) -> Check:
     return Check(gate, name, value, "==", True, value is True)
 
 
+RELATIVE_FIGURES = (("quality_score", "quality_fraction", "min_quality_score"),
+                    ("column_pair_trends", "pair_trends_fraction", "min_pair_trends"),
+                    ("min_column_score", "column_fraction", "min_column_score"))
+
+
 def quality_checks(quality: dict, qt: QualityThresholds) -> list[Check]:
-    """Quality figures from the quality stage summary. A relationship or the ML utility that the data is
-    too small to measure (summary status ``skipped``: too few real rows per group, or a holdout without
-    enough rows of each class) gets no check; any other missing figure fails."""
-    checks = [
-        ge("quality", "quality_score", quality.get("quality_score"), qt.min_quality_score),
-        ge("quality", "expectation_success_ratio", quality.get("expectation_success_ratio"),
-           qt.min_expectation_success),
-        ge("quality", "min_column_score", quality.get("min_column_score"), qt.min_column_score),
-        ge("quality", "column_pair_trends", quality.get("column_pair_trends"), qt.min_pair_trends),
-    ]
+    """Quality figures from the quality stage summary, each judged against the real-data reference the
+    summary carries (``reference``: real held-out rows vs real train rows, see
+    :mod:`synthfactory.quality.reference`): a figure fails when it is below ``fraction`` x the reference
+    mean by more than ``noise_z`` reference standard deviations. A spec's absolute floor (``min_*``), when
+    set, is checked as well (``<figure>.floor``). A relationship or the ML utility that the data is too small
+    to measure (summary status ``skipped``) gets no check; any other missing figure fails. A relationship
+    whose real effect is significant must also keep it: the interval of synthetic/real effect must reach
+    ``[min_effect_kept, max_effect_kept]``."""
+    from synthfactory.quality.reference import relative_threshold
+
+    rs = qt.reference
+    reference = quality.get("reference") or {}
+    matched = quality.get("matched") or {}  # figures at the reference's row count, when the stage gives them
+    checks = [ge("quality", "expectation_success_ratio", quality.get("expectation_success_ratio"),
+                 qt.min_expectation_success, reference.get("expectation_success_ratio"))]
+    for figure, fraction, floor_name in RELATIVE_FIGURES:
+        value, ref = matched.get(figure, quality.get(figure)), reference.get(figure)
+        threshold = relative_threshold(ref, getattr(rs, fraction), rs.noise_z)
+        if threshold is not None:
+            checks.append(ge("quality", figure, value, round(threshold, 4), ref))
+        floor = getattr(qt, floor_name)
+        if floor is not None:
+            checks.append(ge("quality", f"{figure}.floor", value, floor, ref))
+        if threshold is None and floor is None and value is None and ref is None and figure != "column_pair_trends":
+            checks.append(ge("quality", figure, None, 0.0))  # neither measured nor referenced: fail loudly
     measured = quality.get("relationships") or {}
     for rel in qt.relationships:
         got = measured.get(rel.name) or {}
-        if got.get("status") != "skipped":  # the group difference beyond sampling noise
-            checks.append(le("quality", f"relationship.{rel.name}", got.get("max_excess"), rel.tolerance))
+        if got.get("status") == "skipped":
+            continue
+        # the group difference beyond sampling noise (the shape)
+        checks.append(le("quality", f"relationship.{rel.name}", got.get("max_excess"), rel.tolerance))
+        effect = got.get("effect") or {}
+        if effect.get("significant"):  # a real effect to keep
+            ref = ((reference.get("relationships") or {}).get(rel.name) or {}).get("effect_kept")
+            checks.append(ge("quality", f"relationship.{rel.name}.effect_kept.ci_high", effect.get("ci_high"),
+                             rel.min_effect_kept, ref))
+            checks.append(le("quality", f"relationship.{rel.name}.effect_kept.ci_low", effect.get("ci_low"),
+                             rel.max_effect_kept, ref))
     if qt.utility is not None and quality.get("utility_status") != "skipped":
         checks.append(ge("quality", f"utility_ratio.{qt.utility.target}", quality.get("utility_ratio"),
                          qt.min_utility_ratio))
