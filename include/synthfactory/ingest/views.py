@@ -20,7 +20,7 @@ Column ``type`` decides the Arrow type: ``string``/``code``/``id``/``uri``/... -
 resource (reason ``invalid value in <column>`` / ``invalid date in <column>``), as the built-in flatteners do.
 
 Built-in views (:data:`BUILTIN_VIEWS`) exist for ``patient``, ``encounter``, ``condition``, ``observation``
-(the same rows as the hand-written fast path in :mod:`synthfactory.ingest.fhir_ndjson`; a test proves it
+(the same rows as the hand-written fast path in :mod:`synthfactory.ingest.flatteners`; a test proves it
 on generated data), ``medication_request`` and ``procedure``.
 """
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import pyarrow as pa
 
@@ -537,16 +537,3 @@ BUILTIN_BY_RESOURCE = {v["resource"]: k for k, v in BUILTIN_VIEWS.items()}
 
 def builtin_view(name: str, schema: pa.Schema | None = None) -> CompiledView:
     return compile_view(BUILTIN_VIEWS[name], schema=schema)
-
-
-def resolve_views(resources: Iterable[str], user_views: Iterable[dict] = ()) -> dict[str, dict]:
-    """table name -> ViewDefinition: the built-in view of each requested resource type that has one, plus
-    the user's views (a user view may replace a built-in one of the same name)."""
-    out: dict[str, dict] = {}
-    for r in resources:
-        name = BUILTIN_BY_RESOURCE.get(r)
-        if name is not None:
-            out[name] = BUILTIN_VIEWS[name]
-    for v in user_views:
-        out[v["name"]] = v
-    return out
