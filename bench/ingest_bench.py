@@ -20,8 +20,9 @@ Every engine runs in its own subprocess (``--child``): wall seconds, CPU seconds
   HMAC keys, identifiers, quarantine,
   sha256 of the extract);
 * ``synthfactory (views engine)`` -- the same through the compiled SQL-on-FHIR ViewDefinitions;
+* ``synthfactory (Python flatten)`` -- the fast path without the compiled flatten (``native=False``): the
+  hand-written flatteners of the package for every line;
 * ``synthfactory (no sampled validation)`` -- the fast path with ``validate_sample_rate=0`` (first 20 per file);
-* ``synthfactory before`` -- the ingest as first committed (6c57263), read from git (skipped without git);
 * ``bare orjson parse`` -- read the lines and ``orjson.loads`` each, nothing else (the floor);
 * ``DuckDB read_ndjson`` -- ``read_ndjson`` + a SQL flatten of the same four tables (md5 keys, first
   codings, components unnested) -> Parquet;
@@ -42,13 +43,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH_DIR, ROOT, emit, result, run_sampled, standard_args, resolve_sizes  # noqa: E402
 
 CACHE = BENCH_DIR / ".cache" / "ingest"
-BEFORE_COMMIT = "6c57263"
 PY = sys.executable
 
 
@@ -243,18 +242,6 @@ def count_resources(folder: Path) -> int:
 # --------------------------------------------------------------------------------------------------
 # Engines (each runs in a child process)
 # --------------------------------------------------------------------------------------------------
-def _before_module(work: Path) -> Any:
-    src = subprocess.run(["git", "show", f"{BEFORE_COMMIT}:include/synthfactory/ingest/fhir_ndjson.py"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    src = src.replace("from .schemas import", "from synthfactory.ingest.schemas import")
-    path = work / "fhir_ndjson_before.py"
-    path.write_text(src)
-    sys.path.insert(0, str(work))
-    import fhir_ndjson_before  # type: ignore[import-not-found]
-
-    return fhir_ndjson_before
-
-
 def engine_ours(src: Path, work: Path, engine: str = "fast", rate: float | None = None, native: bool = True) -> int:
     """Our ingest with the pipeline's defaults (the dataset spec's validate_sample_rate and
     validate_max_per_type) unless ``rate`` is given."""
@@ -266,14 +253,6 @@ def engine_ours(src: Path, work: Path, engine: str = "fast", rate: float | None 
     r = ingest_extract(str(src), str(work / "out"), keyer=Keyer(b"bench-salt-0123456789abcdef"),
                        validate_sample_rate=defaults["validate_sample_rate"].default if rate is None else rate,
                        validate_max_per_type=defaults["validate_max_per_type"].default, engine=engine, native=native)
-    return sum(r["resources_read"].values())
-
-
-def engine_before(src: Path, work: Path) -> int:
-    mod = _before_module(work)
-    from synthfactory.keys import Keyer
-
-    r = mod.ingest_extract(str(src), str(work / "out"), keyer=Keyer(b"bench-salt-0123456789abcdef"))
     return sum(r["resources_read"].values())
 
 
@@ -380,7 +359,6 @@ ENGINES = {
     "synthfactory (Python flatten)": lambda s, w: engine_ours(s, w, native=False),
     "synthfactory (views engine)": lambda s, w: engine_ours(s, w, engine="views"),
     "synthfactory (no sampled validation)": lambda s, w: engine_ours(s, w, rate=0.0),
-    "synthfactory before": engine_before,
     "bare orjson parse": engine_orjson,
     "DuckDB read_ndjson": engine_duckdb,
     "fhiry": engine_fhiry,
@@ -408,8 +386,6 @@ def _preimport(engine: str) -> None:
 
 def child(engine: str, src: Path, work: Path, result_path: Path) -> None:
     _preimport(engine)
-    if engine == "synthfactory before":
-        _before_module(work)
     t0, c0 = time.perf_counter(), time.process_time()
     n = ENGINES[engine](src, work)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -532,8 +508,7 @@ def main(argv: list[str] | None = None) -> int:
              "wall-clock resources/s of one process each (best of --repeat); the machine's 2 cores are shared, so "
              "read ratios, not absolute speeds",
              "synthfactory = ingest_extract defaults: fast path, 1 % R4B validation sample (+ first 20 per file), "
-             "HMAC keys, identifiers, quarantine, sha256",
-             f"synthfactory before = the ingest as committed in {BEFORE_COMMIT}"]
+             "HMAC keys, identifiers, quarantine, sha256"]
     for size in ([count_resources(Path(args.extract))] if args.extract else sizes):
         src = Path(args.extract) if args.extract else extract_for(size, args.seed)
         n = count_resources(src)
@@ -571,10 +546,9 @@ def main(argv: list[str] | None = None) -> int:
                                anchor_resources=r["resources"], size_unit="resources"))
         if not any(e != "synthfactory" for e in got):
             rows.append(result("NDJSON → Parquet throughput", n, tput, None, None, "resources/s", **extra))
-        for eng in ("DuckDB read_ndjson", "synthfactory before"):
-            if eng in got:
-                rows.append(result("peak RSS", n, ours["peak_rss_mib"], eng, got[eng]["peak_rss_mib"], "MiB",
-                                   "lower", size_unit="resources"))
+        if "DuckDB read_ndjson" in got:
+            rows.append(result("peak RSS", n, ours["peak_rss_mib"], "DuckDB read_ndjson",
+                               got["DuckDB read_ndjson"]["peak_rss_mib"], "MiB", "lower", size_unit="resources"))
     if args.clinosim and not args.smoke:
         crow, cnotes = clinosim_rows(args.clinosim_seed)
         rows += crow

@@ -12,6 +12,7 @@ import hmac
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 KEY_HEX_CHARS = 32
 SALT_FILE = ".hmac_salt"
@@ -32,6 +33,12 @@ class Keyer:
         m = self._mac.copy()
         m.update(f"{resource_type}/{source_id}".encode())
         return m.hexdigest()[:KEY_HEX_CHARS]
+
+    def openssl_hmac(self) -> Any:
+        """The OpenSSL HMAC object keyed with the salt (nothing hashed yet), or None where ``hmac`` has none:
+        ``m = obj.copy(); m.update(b"<Type>/<id>"); m.hexdigest()[:KEY_HEX_CHARS]`` is :meth:`key` without
+        the pure-Python ``hmac.HMAC.copy`` wrapper (:func:`synthfactory.ingest.normalize.fast_key`)."""
+        return getattr(self._mac, "_hmac", None)
 
     def hmac_pads(self) -> tuple[bytes, bytes]:
         """The inner and outer pads of the HMAC key (RFC 2104), for a compiled keyer in this process

@@ -12,7 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -143,13 +143,3 @@ class Store:
         else:
             shutil.copyfile(uri, dest)
         return dest
-
-
-def iter_lines(stream: IO[bytes], gz: bool = False) -> Iterator[bytes]:
-    """Yield raw lines (without the newline) from a binary stream, decompressing gzip if asked."""
-    if gz:
-        import gzip
-
-        stream = gzip.GzipFile(fileobj=stream)  # type: ignore[assignment]
-    for line in io.BufferedReader(stream, buffer_size=1 << 20) if not isinstance(stream, io.BufferedReader) else stream:  # type: ignore[arg-type]
-        yield line.rstrip(b"\r\n")

@@ -22,8 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from synthfactory.ingest import native
-from synthfactory.ingest.fhir_ndjson import IngestSession, ingest_extract
+from synthfactory.ingest.fhir_ndjson import ingest_extract
 from synthfactory.ingest.schemas import OBSERVATION_SCHEMA, TS
+from synthfactory.ingest.session import IngestSession
 from synthfactory.keys import Keyer
 
 LOINC, SNOMED, ICD = "http://loinc.org", "http://snomed.info/sct", "http://hl7.org/fhir/sid/icd-10-cm"

@@ -1,9 +1,9 @@
 /*
  * synthfactory.ingest._flatc: the compiled flatten of the plain NDJSON lines of Observation, Encounter
- * and Condition (the bulk of any extract) for the ingest session's hot loop.
+ * and Condition (the bulk of any extract) for the NDJSON hot loop (fhir_ndjson.ingest_ndjson).
  *
  * Contract: the rows this module writes for a line are exactly the rows the hand-written Python
- * flatteners (fhir_ndjson._make_flatteners) write for it, with the same side effects (identifiers,
+ * flatteners (flatteners.make_flatteners) write for it, with the same side effects (identifiers,
  * seen ids, counters). It only ever *accepts* a line it can prove plain; anything else (invalid JSON,
  * escapes in a value it reads, a shape or value it does not cover, a duplicate id, a line picked for
  * validation, a dangling reference, a modifierExtension) is handed back to the Python loop untouched, so

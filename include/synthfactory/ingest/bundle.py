@@ -26,8 +26,8 @@ import orjson
 from synthfactory.keys import Keyer
 from synthfactory.storage import Store
 
-from .fhir_ndjson import DEFAULT_MAX_LINE_BYTES, IngestSession, _relative, check_resources, gc_paused, list_source
 from .normalize import ExtractError
+from .session import DEFAULT_MAX_LINE_BYTES, IngestSession, check_resources, gc_paused, list_source, relative_name
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def iter_bundle_files(source_uri: str, store: Store) -> tuple[list[tuple[str, st
     """([(name, uri)], [skipped names]) of Bundle files under a folder or prefix (sorted)."""
     found, skipped = [], []
     for uri in list_source(source_uri, store):
-        name = _relative(uri, source_uri)
+        name = relative_name(uri, source_uri)
         if _is_bundle_file(name) and not name.rsplit("/", 1)[-1].startswith(("_", ".")):
             found.append((name, uri))
         else:
@@ -173,7 +173,7 @@ def ingest_bundles(
     extra_report: dict | None = None,
     validate_max_per_type: int = 0,
 ) -> dict:
-    """Flatten a folder of Bundle files into the same tables as :func:`ingest_extract`."""
+    """Flatten a folder of Bundle files into the same tables as :func:`.fhir_ndjson.ingest_extract`."""
     with gc_paused():
         store = store or Store()
         source_uri, out_uri = str(source_uri), str(out_uri)

@@ -29,10 +29,10 @@ import pyarrow as pa
 from synthfactory.keys import Keyer
 from synthfactory.storage import Store
 
-from .fhir_ndjson import IngestSession, _relative, gc_paused, list_source
 from .normalize import GENDERS, BadResource, ExtractError, date_precision, local_days, parse_fhir_date, \
     parse_fhir_datetime
 from .schemas import TABLES
+from .session import IngestSession, gc_paused, list_source, relative_name
 from .source_specs import EhrSpec, EhrTableMapping
 from .views import BUILTIN_VIEWS, compile_view
 
@@ -444,7 +444,7 @@ def ingest_ehr(
         ref_days = date.today().toordinal() - _EPOCH_ORD
     with gc_paused():
         uris = list_source(source_uri, store)
-        names = {_relative(u, source_uri): u for u in uris}
+        names = {relative_name(u, source_uri): u for u in uris}
         resources = [BUILTIN_VIEWS[t]["resource"] for t in tables]
         if "Patient" not in resources:
             resources.insert(0, "Patient")

@@ -645,30 +645,20 @@ def _compile_bin(op: str, left: Fn, right: Fn) -> Fn:
                 return [cmp(x, y)]
             return []
         return compare
-    if op == "and":
-        def and_(f: list, e: Env) -> list:
+    if op in ("and", "or"):
+        decides = op == "or"  # the operand value that alone decides: False for and, True for or
+
+        def junction(f: list, e: Env) -> list:
             a = _truth(left(f, e))
-            if a is False:
-                return [False]
+            if a is decides:
+                return [decides]
             b = _truth(right(f, e))
-            if b is False:
-                return [False]
-            if a is True and b is True:
-                return [True]
+            if b is decides:
+                return [decides]
+            if a is not None and b is not None:  # both the other value
+                return [not decides]
             return []
-        return and_
-    if op == "or":
-        def or_(f: list, e: Env) -> list:
-            a = _truth(left(f, e))
-            if a is True:
-                return [True]
-            b = _truth(right(f, e))
-            if b is True:
-                return [True]
-            if a is False and b is False:
-                return [False]
-            return []
-        return or_
+        return junction
     if op == "xor":
         def xor(f: list, e: Env) -> list:
             a, b = _truth(left(f, e)), _truth(right(f, e))

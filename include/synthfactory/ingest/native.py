@@ -1,4 +1,5 @@
-"""The compiled flatten of plain NDJSON lines (``_flatc``, C), used by the ingest session's hot loop.
+"""The compiled flatten of plain NDJSON lines (``_flatc``, C), used by the NDJSON hot loop
+(:func:`.fhir_ndjson.ingest_ndjson`).
 
 Per block of lines, ``prepare`` (parse, flatten, key: no Python objects, the GIL released) runs on a
 helper thread one block ahead, and ``commit`` (the checks against the session's state and the side

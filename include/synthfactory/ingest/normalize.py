@@ -24,7 +24,7 @@ from synthfactory.errors import InputError
 __all__ = [
     "ExtractError", "BadResource", "parse_fhir_date", "parse_fhir_datetime", "datetime_parts", "local_days",
     "date_precision", "parse_reference", "reference_id", "preferred_coding", "concept", "first_code",
-    "has_modifier_extension", "collect_identifiers", "fast_key", "SYSTEM_SHORT", "SYSTEM_RANK",
+    "has_modifier_extension", "collect_identifiers", "fast_key", "checked_str", "SYSTEM_SHORT", "SYSTEM_RANK",
 ]
 
 
@@ -287,7 +287,8 @@ def contained_key_id(resource: dict, ref: str, rtype: str | None) -> tuple[str, 
 # --------------------------------------------------------------------------------------------------
 # Codings
 # --------------------------------------------------------------------------------------------------
-def _s(value: Any, field: str) -> str | None:
+def checked_str(value: Any, field: str) -> str | None:
+    """``value`` when it is a string or None; else BadResource (``invalid value in <field>``)."""
     if value is None or type(value) is str:
         return value
     raise BadResource(f"invalid value in {field}")
@@ -330,7 +331,7 @@ def concept(cc: Any, field: str) -> tuple[str | None, str | None, str | None]:
             if best is None:
                 best = codings[0]
     if best is None:
-        return None, None, _s(cc.get("text"), field)
+        return None, None, checked_str(cc.get("text"), field)
     system = best.get("system")
     code = best.get("code")
     display = best.get("display") or cc.get("text")
@@ -346,8 +347,8 @@ def first_code(cc: Any, field: str) -> str | None:
         return None
     codings = cc.get("coding")
     if codings:
-        return _s(codings[0].get("code"), field)
-    return _s(cc.get("text"), field)
+        return checked_str(codings[0].get("code"), field)
+    return checked_str(cc.get("text"), field)
 
 
 def omb_display(ext: dict) -> str | None:
@@ -413,9 +414,11 @@ def collect_identifiers(o: dict, is_patient: bool, add: Callable[[str, str], Any
 def fast_key(keyer: Keyer) -> Callable[[str, str], str]:
     """``keyer.key`` without the pure-Python ``hmac.HMAC.copy`` wrapper (about 2.5x faster per key).
 
-    Uses the OpenSSL HMAC object inside the Keyer when there is one, and checks that it gives exactly
-    the same keys; otherwise (another Python or Keyer implementation) falls back to ``keyer.key``."""
-    inner = getattr(getattr(keyer, "_mac", None), "_hmac", None)
+    Uses the Keyer's OpenSSL HMAC object (:meth:`~synthfactory.keys.Keyer.openssl_hmac`) when there is one,
+    and checks that it gives exactly the same keys; otherwise (another Python or Keyer implementation) falls
+    back to ``keyer.key``."""
+    openssl_hmac = getattr(keyer, "openssl_hmac", None)
+    inner = openssl_hmac() if openssl_hmac is not None else None
     if inner is None or not hasattr(inner, "copy"):
         return keyer.key
     n = KEY_HEX_CHARS

@@ -1,4 +1,4 @@
-"""Arrow schemas of the flattened FHIR tables written by :mod:`synthfactory.ingest.fhir_ndjson`.
+"""Arrow schemas of the flattened FHIR tables written by :mod:`synthfactory.ingest.session`.
 
 Every column is nullable except each table's own pseudonymous key. Key columns hold 32-hex salted
 HMACs (see :mod:`synthfactory.keys`), never source ids.

@@ -1,4 +1,5 @@
-"""The ingest stage's dispatch on ``source.kind``: every source ends in the same flattened tables.
+"""The ingest stage's sources: one :class:`Source` class per ``source.kind``, registered in :data:`SOURCES`;
+every source ends in the same flattened tables (an :class:`~.session.IngestSession`).
 
 =============  ===================================================================================
 kind           what is read
@@ -10,6 +11,9 @@ fhir_search    FHIR REST search per type, following ``next`` links
 ehr_csv        CSV tables with a column mapping (``source.ehr``; preset ``clinosim``)
 ehr_parquet    Parquet tables with a column mapping
 =============  ===================================================================================
+
+A new kind is one :class:`Source` subclass (its ``kind`` and :meth:`Source.run`) and one entry in
+:data:`SOURCES`.
 """
 
 from __future__ import annotations
@@ -20,24 +24,25 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from synthfactory.context import RunContext, project_root
+from synthfactory.keys import Keyer
 from synthfactory.storage import join
 
 from .normalize import ExtractError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FILE_KINDS", "HTTP_KINDS", "ingest_for_run", "load_views", "auth_from_env", "bulk_export_for",
-           "fhir_client_for"]
+__all__ = ["Source", "SOURCES", "FILE_KINDS", "HTTP_KINDS", "ingest_for_run", "load_views", "auth_from_env",
+           "bulk_export_for", "bulk_state_dir", "fhir_client_for"]
 
-FILE_KINDS = frozenset({"fhir_ndjson", "fhir_bundle", "ehr_csv", "ehr_parquet"})
-HTTP_KINDS = frozenset({"fhir_bulk", "fhir_search"})
 AUTH_ENV = "SYNTHFACTORY_FHIR_AUTH"
 
 
 def load_views(views: list, base_dir: str | None = None) -> list[dict]:
-    """The spec's ``source.views``: inline ViewDefinitions, or .json/.yaml files (relative to ``base_dir``)."""
+    """The spec's ``source.views``: inline ViewDefinitions, or .json/.yaml files (relative to ``base_dir``, else
+    to the project root, :func:`synthfactory.context.project_root`)."""
     from .views import load_view_file
 
     out = []
@@ -47,7 +52,7 @@ def load_views(views: list, base_dir: str | None = None) -> list[dict]:
             continue
         path = Path(v)
         if not path.is_absolute():
-            path = Path(base_dir or os.environ.get("SYNTHFACTORY_HOME") or os.getcwd()) / path
+            path = (Path(base_dir) if base_dir else project_root()) / path
         if not path.is_file():
             raise ExtractError(f"source.views: view file not found: {path}")
         out.append(load_view_file(str(path)))
@@ -78,8 +83,8 @@ def fhir_client_for(source: Any, auth: Any, base_url: str | None = None) -> Any:
                                                    max_wait=bulk.max_retry_after_seconds))
 
 
-def bulk_export_for(ctx: Any, client: Any, *, since: str | None = None) -> Any:
-    """The :class:`~.bulk.BulkExport` of a run (``ctx``: a pipeline RunContext). The request -- ``_type`` =
+def bulk_export_for(ctx: RunContext, client: Any, *, since: str | None = None) -> Any:
+    """The :class:`~.bulk.BulkExport` of a run. The request -- ``_type`` =
     the spec's resources plus its views' resources, ``_since`` = the spec's, or the previous run's
     transactionTime when ``bulk.incremental`` -- is computed the same way by the deferrable export task and
     the ingest task, so the ingest task resumes the export the first one started."""
@@ -96,7 +101,7 @@ def bulk_export_for(ctx: Any, client: Any, *, since: str | None = None) -> Any:
 
             # _since only when there is a snapshot to merge the delta into; else a full export
             since = probe.previous_since() if current_snapshot(ctx.store, state_dir) is not None else None
-    views = load_views(list(source.views), getattr(ctx, "base_dir", None))
+    views = load_views(list(source.views), ctx.base_dir)
     types = tuple(dict.fromkeys([*source.resources, *(v["resource"] for v in views if isinstance(v.get("resource"), str))]))
     request = ExportRequest(level=b.level, group_id=b.group_id, types=types, since=since,
                             type_filter=tuple(b.type_filter), elements=tuple(b.elements))
@@ -106,111 +111,187 @@ def bulk_export_for(ctx: Any, client: Any, *, since: str | None = None) -> Any:
                       download_retries=b.download_retries)
 
 
-def ingest_for_run(ctx: Any, keyer: Any) -> dict:
-    """Run the ingest of ``ctx.spec.source`` into ``ctx.uri('ingest')`` (``ctx`` is a pipeline RunContext)."""
-    source = ctx.spec.source
-    kind = source.kind
-    out_uri = ctx.uri("ingest")
-    views = load_views(list(source.views), getattr(ctx, "base_dir", None))
-    common = dict(keyer=keyer, store=ctx.store, resources=list(source.resources), views=views,
-                  validate_sample_rate=source.validate_sample_rate,
-                  validate_max_per_type=source.validate_max_per_type, engine=source.engine,
-                  on_dangling=source.on_dangling)
-    if kind == "fhir_ndjson":
-        from .fhir_ndjson import ingest_extract
-
-        return ingest_extract(ctx.source_uri, out_uri, max_line_bytes=source.max_line_bytes,
-                              extra_report={"source_kind": kind}, **common)
-    if kind == "fhir_bundle":
-        from .bundle import ingest_bundles
-
-        return ingest_bundles(ctx.source_uri, out_uri, **common)
-    if kind in ("ehr_csv", "ehr_parquet"):
-        from .ehr import ingest_ehr
-
-        return ingest_ehr(ctx.source_uri, out_uri, mapping=source.ehr, keyer=keyer, store=ctx.store,
-                          file_format=kind.split("_")[1], on_dangling=source.on_dangling)
-    if kind in HTTP_KINDS:
-        auth = getattr(ctx, "fhir_auth", None) or auth_from_env()
-        base_url = getattr(ctx, "fhir_base_url", None) or source.base_url
-        client = fhir_client_for(source, auth, base_url)
-        try:
-            if kind == "fhir_bulk":
-                return _bulk(ctx, source, client, out_uri, common)
-            return _search(ctx, source, client, out_uri, common)
-        finally:
-            client.close()
-    raise ExtractError(f"source.kind: unsupported kind {kind!r}")
-
-
-def bulk_state_dir(ctx: Any) -> str:
+def bulk_state_dir(ctx: RunContext) -> str:
     return join(ctx.staging_root, ctx.spec.name, "bulk")
 
 
-def _bulk(ctx: Any, source: Any, client: Any, out_uri: str, common: dict) -> dict:
-    import pyarrow as pa
+# --------------------------------------------------------------------------------------------------
+# Sources: one class per kind
+# --------------------------------------------------------------------------------------------------
+class Source:
+    """One ``source.kind``. :meth:`ingest` flattens a run's source into ``ctx.uri("ingest")`` and returns the
+    ingest report; a subclass names its ``kind`` and implements :meth:`run`."""
 
-    from .bulk import BulkExportError
-    from .fhir_ndjson import ingest_extract
-    from .normalize import fast_key
+    kind: ClassVar[str]
 
-    export = bulk_export_for(ctx, client)
-    state = export.start()
-    state = export.wait(state)          # returns at once when the deferrable task already has the manifest
-    if state.get("phase") == "downloading":
-        state = export.download(state)
-    outcomes = export.outcomes(state)
-    sev = outcomes["by_severity"]
-    fatal = sev.get("fatal", 0) + sev.get("error", 0)
-    if fatal:
-        raise BulkExportError(
-            f"bulk export finished with {fatal} error-severity OperationOutcome issue(s) "
-            f"(by code: {outcomes['by_code']}); the files are in {export.files_uri(state)}")
-    if sev.get("warning"):
-        log.warning("bulk export reported %d warning(s): %s", sev["warning"], outcomes["by_code"])
-    deletions = export.deletions(state)
-    manifest = state.get("manifest") or {}
-    extra = {"source_kind": "fhir_bulk",
-             "export": {"status_url_host": client.base_url.split("/")[2] if "://" in client.base_url else "",
-                        "transactionTime": manifest.get("transactionTime"),
-                        "since": export.request.since, "files": len(state["files"]),
-                        "outputs": sum(1 for f in state["files"].values() if f["kind"] == "output"),
-                        "outcomes": outcomes, "deleted": len(deletions),
-                        "resumed_downloads": sum(f.get("resumed", 0) or 0 for f in state["files"].values()),
-                        "http": dict(client.stats)}}
-    from .snapshot import merge_snapshot
+    def ingest(self, ctx: RunContext, keyer: Keyer) -> dict:
+        source = ctx.spec.source
+        options = dict(keyer=keyer, store=ctx.store, resources=list(source.resources),
+                       views=load_views(list(source.views), ctx.base_dir),
+                       validate_sample_rate=source.validate_sample_rate,
+                       validate_max_per_type=source.validate_max_per_type, engine=source.engine,
+                       on_dangling=source.on_dangling)
+        return self.run(ctx, ctx.uri("ingest"), options)
 
-    root = export.files_uri(state)
-    snapshot = merge_snapshot(
-        ctx.store, bulk_state_dir(ctx),
-        [join(root, f["name"]) for f in state["files"].values() if f["kind"] == "output"], deletions,
-        export_id=state["export_id"], transaction_time=manifest.get("transactionTime"),
-        incremental=bool(export.request.since))
-    extra["export"]["snapshot"] = {k: snapshot.get(k) for k in (
-        "export_id", "base", "incremental", "resources", "counts", "changed", "replaced", "deleted_applied",
-        "carried_over", "unmatched_lines")}
-    # ingest the whole current extract (the previous snapshot with this export merged in), not just the delta
-    report = ingest_extract(snapshot["uri"], out_uri, max_line_bytes=source.max_line_bytes,
-                            extra_report=extra, **common)
-    if deletions:
-        key = fast_key(common["keyer"])
-        table = pa.table({"resource_type": [t for t, _ in deletions], "key": [key(t, i) for t, i in deletions]})
-        ctx.store.write_table(join(out_uri, "deleted.parquet"), table)
-    export.finish(state)
-    return report
+    def run(self, ctx: RunContext, out_uri: str, options: dict) -> dict:
+        """Ingest into ``out_uri``. ``options``: the spec's keyword arguments of an ingest function
+        (``keyer``, ``store``, ``resources``, ``views`` (loaded), ``validate_sample_rate``,
+        ``validate_max_per_type``, ``engine``, ``on_dangling``)."""
+        raise NotImplementedError
 
 
-def _search(ctx: Any, source: Any, client: Any, out_uri: str, common: dict) -> dict:
-    from .fhir_ndjson import ingest_extract
-    from .rest import search_to_ndjson
+class NdjsonSource(Source):
+    """``<Type>*.ndjson[.gz]`` files (:mod:`.fhir_ndjson`)."""
 
-    tmp = tempfile.mkdtemp(prefix="synthfactory-search-")
-    try:
-        types = list(dict.fromkeys([*source.resources, *(v["resource"] for v in common["views"])]))
-        stats = search_to_ndjson(client, types, tmp, params=source.search.params, page_size=source.search.page_size,
-                                 max_pages=source.search.max_pages)
-        stats["http"] = dict(client.stats)
-        return ingest_extract(tmp, out_uri, max_line_bytes=source.max_line_bytes,
-                              extra_report={"source_kind": "fhir_search", "search": stats}, **common)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    kind = "fhir_ndjson"
+
+    def run(self, ctx: RunContext, out_uri: str, options: dict) -> dict:
+        from .fhir_ndjson import ingest_extract
+
+        return ingest_extract(ctx.source_uri, out_uri, max_line_bytes=ctx.spec.source.max_line_bytes,
+                              extra_report={"source_kind": self.kind}, **options)
+
+
+class BundleSource(Source):
+    """Bundle JSON files (:mod:`.bundle`)."""
+
+    kind = "fhir_bundle"
+
+    def run(self, ctx: RunContext, out_uri: str, options: dict) -> dict:
+        from .bundle import ingest_bundles
+
+        return ingest_bundles(ctx.source_uri, out_uri, **options)
+
+
+class EhrSource(Source):
+    """Flat EHR tables mapped onto the flattened tables by ``source.ehr`` (:mod:`.ehr`)."""
+
+    file_format: ClassVar[str]
+
+    def run(self, ctx: RunContext, out_uri: str, options: dict) -> dict:
+        from .ehr import ingest_ehr
+
+        return ingest_ehr(ctx.source_uri, out_uri, mapping=ctx.spec.source.ehr, keyer=options["keyer"],
+                          store=ctx.store, file_format=self.file_format, on_dangling=options["on_dangling"])
+
+
+class EhrCsvSource(EhrSource):
+    kind = "ehr_csv"
+    file_format = "csv"
+
+
+class EhrParquetSource(EhrSource):
+    kind = "ehr_parquet"
+    file_format = "parquet"
+
+
+class FhirServerSource(Source):
+    """A FHIR server (``source.base_url``, or the connection's): a client for :meth:`fetch`, closed after."""
+
+    def run(self, ctx: RunContext, out_uri: str, options: dict) -> dict:
+        source = ctx.spec.source
+        client = fhir_client_for(source, ctx.fhir_auth or auth_from_env(), ctx.fhir_base_url or source.base_url)
+        try:
+            return self.fetch(ctx, client, out_uri, options)
+        finally:
+            client.close()
+
+    def fetch(self, ctx: RunContext, client: Any, out_uri: str, options: dict) -> dict:
+        raise NotImplementedError
+
+
+class BulkSource(FhirServerSource):
+    """A Bulk Data ``$export``, resumed where the deferrable export task left it, merged into the snapshot
+    of earlier exports (``bulk.incremental``); the whole current snapshot is ingested."""
+
+    kind = "fhir_bulk"
+
+    def fetch(self, ctx: RunContext, client: Any, out_uri: str, options: dict) -> dict:
+        import pyarrow as pa
+
+        from .bulk import BulkExportError
+        from .fhir_ndjson import ingest_extract
+        from .normalize import fast_key
+
+        export = bulk_export_for(ctx, client)
+        state = export.start()
+        state = export.wait(state)          # returns at once when the deferrable task already has the manifest
+        if state.get("phase") == "downloading":
+            state = export.download(state)
+        outcomes = export.outcomes(state)
+        sev = outcomes["by_severity"]
+        fatal = sev.get("fatal", 0) + sev.get("error", 0)
+        if fatal:
+            raise BulkExportError(
+                f"bulk export finished with {fatal} error-severity OperationOutcome issue(s) "
+                f"(by code: {outcomes['by_code']}); the files are in {export.files_uri(state)}")
+        if sev.get("warning"):
+            log.warning("bulk export reported %d warning(s): %s", sev["warning"], outcomes["by_code"])
+        deletions = export.deletions(state)
+        manifest = state.get("manifest") or {}
+        extra = {"source_kind": self.kind,
+                 "export": {"status_url_host": client.base_url.split("/")[2] if "://" in client.base_url else "",
+                            "transactionTime": manifest.get("transactionTime"),
+                            "since": export.request.since, "files": len(state["files"]),
+                            "outputs": sum(1 for f in state["files"].values() if f["kind"] == "output"),
+                            "outcomes": outcomes, "deleted": len(deletions),
+                            "resumed_downloads": sum(f.get("resumed", 0) or 0 for f in state["files"].values()),
+                            "http": dict(client.stats)}}
+        from .snapshot import merge_snapshot
+
+        root = export.files_uri(state)
+        snapshot = merge_snapshot(
+            ctx.store, bulk_state_dir(ctx),
+            [join(root, f["name"]) for f in state["files"].values() if f["kind"] == "output"], deletions,
+            export_id=state["export_id"], transaction_time=manifest.get("transactionTime"),
+            incremental=bool(export.request.since))
+        extra["export"]["snapshot"] = {k: snapshot.get(k) for k in (
+            "export_id", "base", "incremental", "resources", "counts", "changed", "replaced", "deleted_applied",
+            "carried_over", "unmatched_lines")}
+        # ingest the whole current extract (the previous snapshot with this export merged in), not just the delta
+        report = ingest_extract(snapshot["uri"], out_uri, max_line_bytes=ctx.spec.source.max_line_bytes,
+                                extra_report=extra, **options)
+        if deletions:
+            key = fast_key(options["keyer"])
+            table = pa.table({"resource_type": [t for t, _ in deletions], "key": [key(t, i) for t, i in deletions]})
+            ctx.store.write_table(join(out_uri, "deleted.parquet"), table)
+        export.finish(state)
+        return report
+
+
+class SearchSource(FhirServerSource):
+    """FHIR REST search per type, following ``next`` links, into NDJSON files of a temporary folder."""
+
+    kind = "fhir_search"
+
+    def fetch(self, ctx: RunContext, client: Any, out_uri: str, options: dict) -> dict:
+        from .fhir_ndjson import ingest_extract
+        from .rest import search_to_ndjson
+
+        source = ctx.spec.source
+        tmp = tempfile.mkdtemp(prefix="synthfactory-search-")
+        try:
+            types = list(dict.fromkeys([*source.resources, *(v["resource"] for v in options["views"])]))
+            stats = search_to_ndjson(client, types, tmp, params=source.search.params, page_size=source.search.page_size,
+                                     max_pages=source.search.max_pages)
+            stats["http"] = dict(client.stats)
+            return ingest_extract(tmp, out_uri, max_line_bytes=source.max_line_bytes,
+                                  extra_report={"source_kind": self.kind, "search": stats}, **options)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: ``source.kind`` -> its :class:`Source`
+SOURCES: dict[str, type[Source]] = {cls.kind: cls for cls in (
+    NdjsonSource, BundleSource, BulkSource, SearchSource, EhrCsvSource, EhrParquetSource)}
+HTTP_KINDS = frozenset(k for k, cls in SOURCES.items() if issubclass(cls, FhirServerSource))
+FILE_KINDS = frozenset(SOURCES) - HTTP_KINDS
+
+
+def ingest_for_run(ctx: RunContext, keyer: Keyer) -> dict:
+    """Run the ingest of ``ctx.spec.source`` into ``ctx.uri('ingest')``: the :class:`Source` of its kind."""
+    kind = ctx.spec.source.kind
+    source_cls = SOURCES.get(kind)
+    if source_cls is None:
+        raise ExtractError(f"source.kind: unsupported kind {kind!r}")
+    return source_cls().ingest(ctx, keyer)

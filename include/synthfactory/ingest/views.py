@@ -20,7 +20,7 @@ Column ``type`` decides the Arrow type: ``string``/``code``/``id``/``uri``/... -
 resource (reason ``invalid value in <column>`` / ``invalid date in <column>``), as the built-in flatteners do.
 
 Built-in views (:data:`BUILTIN_VIEWS`) exist for ``patient``, ``encounter``, ``condition``, ``observation``
-(the same rows as the hand-written fast path in :mod:`synthfactory.ingest.fhir_ndjson`; a test proves it
+(the same rows as the hand-written fast path in :mod:`synthfactory.ingest.flatteners`; a test proves it
 on generated data), ``medication_request`` and ``procedure``.
 """
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import pyarrow as pa
 
@@ -73,6 +73,25 @@ def _arrow_type(t: str | None) -> pa.DataType:
     raise ViewError(f"unsupported column type {t!r}")
 
 
+def _exactly(kind: type, bad_value: str) -> Callable[[Any], Any]:
+    """A converter that takes values of exactly ``kind`` (``bool`` is no ``int``) as they are."""
+    def exact(v: Any) -> Any:
+        if type(v) is kind:
+            return v
+        raise BadResource(bad_value)
+    return exact
+
+
+def _parsed(parse: Callable[[Any], Any], bad_date: str) -> Callable[[Any], Any]:
+    """A converter through a FHIR date parser; a value it refuses is ``bad_date``."""
+    def convert(v: Any) -> Any:
+        try:
+            return parse(v)
+        except (ValueError, TypeError, OverflowError):
+            raise BadResource(bad_date) from None
+    return convert
+
+
 def _converter(t: str | None, col: str) -> Callable[[Any], Any]:
     """value -> Arrow-ready Python value; raises BadResource when it does not fit."""
     bad_value = f"invalid value in {col}"
@@ -89,23 +108,11 @@ def _converter(t: str | None, col: str) -> Callable[[Any], Any]:
             raise BadResource(bad_value)
         return untyped
     if t in _STRING_TYPES:
-        def string(v: Any) -> Any:
-            if type(v) is str:
-                return v
-            raise BadResource(bad_value)
-        return string
+        return _exactly(str, bad_value)
     if t == "boolean":
-        def boolean(v: Any) -> Any:
-            if type(v) is bool:
-                return v
-            raise BadResource(bad_value)
-        return boolean
+        return _exactly(bool, bad_value)
     if t in _INT_TYPES:
-        def integer(v: Any) -> Any:
-            if type(v) is int:
-                return v
-            raise BadResource(bad_value)
-        return integer
+        return _exactly(int, bad_value)
     if t == "decimal":
         def decimal(v: Any) -> Any:
             tv = type(v)
@@ -116,19 +123,9 @@ def _converter(t: str | None, col: str) -> Callable[[Any], Any]:
             raise BadResource(bad_value)
         return decimal
     if t == "date":
-        def date_(v: Any) -> Any:
-            try:
-                return local_days(v)
-            except (ValueError, TypeError, OverflowError):
-                raise BadResource(bad_date) from None
-        return date_
+        return _parsed(local_days, bad_date)
     if t in ("dateTime", "instant"):
-        def timestamp(v: Any) -> Any:
-            try:
-                return fhir_datetime_deferred(v)
-            except (ValueError, TypeError, OverflowError):
-                raise BadResource(bad_date) from None
-        return timestamp
+        return _parsed(fhir_datetime_deferred, bad_date)
     raise ViewError(f"unsupported column type {t!r}")
 
 
@@ -537,16 +534,3 @@ BUILTIN_BY_RESOURCE = {v["resource"]: k for k, v in BUILTIN_VIEWS.items()}
 
 def builtin_view(name: str, schema: pa.Schema | None = None) -> CompiledView:
     return compile_view(BUILTIN_VIEWS[name], schema=schema)
-
-
-def resolve_views(resources: Iterable[str], user_views: Iterable[dict] = ()) -> dict[str, dict]:
-    """table name -> ViewDefinition: the built-in view of each requested resource type that has one, plus
-    the user's views (a user view may replace a built-in one of the same name)."""
-    out: dict[str, dict] = {}
-    for r in resources:
-        name = BUILTIN_BY_RESOURCE.get(r)
-        if name is not None:
-            out[name] = BUILTIN_VIEWS[name]
-    for v in user_views:
-        out[v["name"]] = v
-    return out
