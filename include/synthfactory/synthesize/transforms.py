@@ -53,7 +53,7 @@ class EhrTransformer:
     """Fit on the real training table; ``transform`` it for the synthesizer; ``inverse_transform`` every
     sampled batch back to the table's own columns, types and ranges."""
 
-    def __init__(self, *, max_categories: int = 0, zero_share: float = 0.3, min_missing: float = 0.02,
+    def __init__(self, *, max_categories: int = 0, zero_share: float = 0.3, min_missing: float = 0.0,
                  neighbours: int = 5, seed: int = 0):
         self.max_categories = int(max_categories)
         self.zero_share = float(zero_share)
@@ -72,7 +72,9 @@ class EhrTransformer:
         return self
 
     def _plan(self, name: str, s: pd.Series) -> ColumnPlan:
-        if pd.api.types.is_bool_dtype(s.dtype) or not pd.api.types.is_numeric_dtype(s.dtype):
+        if pd.api.types.is_bool_dtype(s.dtype):
+            return ColumnPlan(name, "passthrough")
+        if not pd.api.types.is_numeric_dtype(s.dtype):
             return ColumnPlan(name, "passthrough")
         values = pd.to_numeric(s, errors="coerce").astype("float64")
         observed = values.dropna()
@@ -86,7 +88,7 @@ class EhrTransformer:
         if integer and observed.min() >= 0 and distinct <= self.max_categories:
             plan.kind = "category"
             plan.categories = [str(int(v)) for v in sorted(observed.unique())]
-        elif missing >= self.min_missing:
+        elif missing > self.min_missing:
             plan.kind = "sparse"
         elif integer and observed.min() >= 0 and float((observed == 0).mean()) >= self.zero_share \
                 and (observed > 0).sum() >= 2:
@@ -101,7 +103,9 @@ class EhrTransformer:
         complete = self._complete_features(df)
         rng = np.random.default_rng(self.seed)
         for name, plan in self.plans.items():
-            if plan.kind == "category":
+            if plan.kind == "flag":
+                out[name] = np.where(df[name].astype(bool).to_numpy(), "yes", "no").astype(object)
+            elif plan.kind == "category":
                 out[name] = df[name].map(lambda v: None if pd.isna(v) else str(int(round(float(v))))).astype(object)
             elif plan.kind == "sparse":
                 values = pd.to_numeric(df[name], errors="coerce").astype("float64")
@@ -166,6 +170,9 @@ class EhrTransformer:
         for name, plan in self.plans.items():
             if name not in out.columns:
                 continue
+            if plan.kind == "flag":
+                out[name] = out[name].astype(str).eq("yes").to_numpy()
+                continue
             if plan.kind == "category":
                 vals = pd.to_numeric(out[name], errors="coerce")
                 out[name] = vals.astype("float64") if vals.isna().any() else vals.astype("int64")
@@ -194,7 +201,7 @@ class EhrTransformer:
         """SDV column metadata for the transformed table from the real table's (``columns``)."""
         out = dict(columns)
         for name, plan in self.plans.items():
-            if plan.kind == "category":
+            if plan.kind in ("category", "flag"):
                 out[name] = {"sdtype": "categorical"}
             elif plan.kind == "sparse":
                 out[name + MEASURED] = {"sdtype": "boolean"}
@@ -218,6 +225,6 @@ class EhrTransformer:
         """Columns per transform kind (for the synthesis report and the data card)."""
         out: dict[str, list[str]] = {}
         for name, plan in self.plans.items():
-            if plan.kind != "passthrough":
+            if plan.kind not in ("passthrough", "numeric"):
                 out.setdefault(plan.kind, []).append(name)
         return out

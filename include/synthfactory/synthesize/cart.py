@@ -1,0 +1,184 @@
+"""Sequential CART synthesis, the method of R's synthpop (Nowok, Raab & Dibben 2016), for one table.
+
+Columns are synthesized one at a time in a visit sequence. The first column is drawn from its real marginal;
+each later column is modelled by a classification or regression tree on the columns before it (fitted on
+the real rows, ``min_leaf`` real rows per leaf at least), and each synthetic row takes the value of a random
+real row in the leaf its own synthetic predecessors fall into. Numeric draws are smoothed with a Gaussian
+kernel inside the leaf (synthpop's ``smoothing = "density"``), so numeric values are not copied from real
+rows. Trees keep interactions a Gaussian copula flattens: a lab's level by condition, a condition's rate by
+age band.
+
+Missing values are not modelled here: the EHR-aware transforms (``synthesize/transforms.py``) hand this
+model a table whose gaps are a ``<col>__measured`` flag plus filled values, and restore them afterwards.
+
+The fitted model keeps, per column, the tree and the real values of each leaf (the donors). It is an
+artifact of the PHI side (staging), like the training table itself, and is never released.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _ColumnModel:
+    name: str
+    numeric: bool
+    tree: Any = None                                            # None: drawn from the marginal
+    donors: dict[int, np.ndarray] = field(default_factory=dict)  # leaf id -> real values (codes for categories)
+    bandwidth: dict[int, float] = field(default_factory=dict)   # leaf id -> smoothing bandwidth (numeric)
+    marginal: np.ndarray | None = None
+    categories: list = field(default_factory=list)
+    integer: bool = False
+    low: float | None = None
+    high: float | None = None
+
+
+class CartSynthesizer:
+    """``fit(df)`` then ``sample(n)``. ``min_leaf`` real rows per leaf (synthpop's ``minbucket`` 5), ``smooth``
+    numeric draws, ``seed`` makes fit and sample reproducible; ``sample(n, seed=...)`` reseeds a draw."""
+
+    def __init__(self, *, min_leaf: int = 5, max_depth: int | None = None, smooth: bool = True,
+                 visit_sequence: list[str] | None = None, seed: int = 0):
+        self.min_leaf = int(min_leaf)
+        self.max_depth = max_depth
+        self.smooth = bool(smooth)
+        self.visit_sequence = visit_sequence
+        self.seed = int(seed)
+        self.columns: list[str] = []
+        self.models: list[_ColumnModel] = []
+        self.fit_info: dict[str, Any] = {}
+
+    # -- encoding --------------------------------------------------------------------------------
+    @staticmethod
+    def _is_numeric(s: pd.Series) -> bool:
+        return pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype)
+
+    def _encode(self, col: _ColumnModel, values: pd.Series) -> np.ndarray:
+        if col.numeric:
+            return pd.to_numeric(values, errors="coerce").astype("float64").to_numpy()
+        lookup = {v: i for i, v in enumerate(col.categories)}
+        return np.array([lookup.get(_MISSING if _isna(v) else v, -1) for v in values.astype(object)],
+                        dtype="float64")
+
+    def _order(self, df: pd.DataFrame) -> list[str]:
+        if self.visit_sequence:
+            rest = [c for c in df.columns if c not in self.visit_sequence]
+            return [c for c in self.visit_sequence if c in df.columns] + rest
+        # categories with few levels first (demographics, flags), then numbers: the trees of the later,
+        # richer columns condition on the discrete ones, as synthpop's usual visit sequences do
+        def key(c: str) -> tuple[int, int]:
+            s = df[c]
+            return (1 if self._is_numeric(s) else 0, int(s.nunique()))
+        return sorted(df.columns, key=key)
+
+    # -- fit -------------------------------------------------------------------------------------
+    def fit(self, df: pd.DataFrame) -> "CartSynthesizer":
+        from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
+
+        t0 = time.perf_counter()
+        bad = [c for c in df.columns if self._is_numeric(df[c]) and df[c].isna().any()]
+        if bad:
+            raise ValueError(f"cart: numeric columns with missing values {bad}: apply the EHR-aware transforms first")
+        self.columns = list(df.columns)
+        order = self._order(df)
+        encoded = np.empty((len(df), len(order)), dtype="float64")
+        self.models = []
+        for j, name in enumerate(order):
+            s = df[name]
+            col = _ColumnModel(name=name, numeric=self._is_numeric(s))
+            if col.numeric:
+                v = s.astype("float64")
+                col.integer = bool(np.all(np.isclose(v, np.round(v))))
+                col.low, col.high = float(v.min()), float(v.max())
+            else:  # a missing category is a category of its own
+                col.categories = list(pd.unique(s.astype(object).map(lambda v: _MISSING if _isna(v) else v)))
+            y = self._encode(col, s)
+            encoded[:, j] = y
+            if j == 0:
+                col.marginal = y.copy()
+            else:
+                cls = DecisionTreeRegressor if col.numeric else DecisionTreeClassifier
+                tree = cls(min_samples_leaf=self.min_leaf, max_depth=self.max_depth, random_state=self.seed)
+                x = encoded[:, :j]
+                tree.fit(x, y)
+                leaves = tree.apply(x)
+                col.tree = tree
+                for leaf in np.unique(leaves):
+                    vals = y[leaves == leaf]
+                    col.donors[int(leaf)] = vals
+                    if col.numeric and self.smooth and vals.size > 1:
+                        col.bandwidth[int(leaf)] = _silverman(vals)
+            self.models.append(col)
+        self.fit_info = {"seconds": round(time.perf_counter() - t0, 3), "columns": len(order),
+                         "leaves": int(sum(len(m.donors) for m in self.models)), "min_leaf": self.min_leaf}
+        log.info("cart: fitted %d columns on %d rows (%d leaves) in %.2fs", len(order), len(df),
+                 self.fit_info["leaves"], self.fit_info["seconds"])
+        return self
+
+    # -- sample ----------------------------------------------------------------------------------
+    def sample(self, n: int, seed: int | None = None) -> pd.DataFrame:
+        rng = np.random.default_rng(self.seed if seed is None else seed)
+        n = int(n)
+        out = np.empty((n, len(self.models)), dtype="float64")
+        for j, col in enumerate(self.models):
+            if col.tree is None:
+                out[:, j] = rng.choice(col.marginal, size=n, replace=True)
+            else:
+                leaves = col.tree.apply(out[:, :j])
+                for leaf in np.unique(leaves):
+                    rows = np.flatnonzero(leaves == leaf)
+                    vals = col.donors[int(leaf)]
+                    draw = vals[rng.integers(0, vals.size, size=rows.size)]
+                    bw = col.bandwidth.get(int(leaf), 0.0)
+                    if bw > 0:
+                        draw = draw + rng.normal(0.0, bw, size=rows.size)
+                    out[rows, j] = draw
+            if col.numeric:
+                out[:, j] = np.clip(out[:, j], col.low, col.high)
+                if col.integer:
+                    out[:, j] = np.round(out[:, j])
+        frame = {}
+        for j, col in enumerate(self.models):
+            if col.numeric:
+                frame[col.name] = out[:, j].astype("int64") if col.integer else out[:, j]
+            else:
+                cats = np.array([None if c is _MISSING else c for c in col.categories], dtype=object)
+                frame[col.name] = cats[out[:, j].astype("int64")]
+        return pd.DataFrame(frame)[self.columns]
+
+
+class _Missing:
+    """The category of a missing categorical value (pickles as the one sentinel)."""
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
+
+
+def _isna(v: Any) -> bool:
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _silverman(values: np.ndarray) -> float:
+    """Silverman's rule-of-thumb bandwidth of a Gaussian kernel (0 for a constant leaf)."""
+    sd = float(np.std(values, ddof=1))
+    iqr = float(np.subtract(*np.percentile(values, [75, 25])))
+    spread = min(sd, iqr / 1.349) if iqr > 0 else sd
+    return 0.9 * spread * values.size ** -0.2 if spread > 0 else 0.0
