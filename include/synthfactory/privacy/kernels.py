@@ -200,14 +200,11 @@ def nearest_sq(qf, qb, qh, ft, sb, sh, starts, order, max_group, chunks, k):  # 
     return best, besti
 
 
-# predicate operators of :func:`count_matches` (see attacks.py)
-OP_ISNA, OP_NOTNA, OP_EQ, OP_NE, OP_GE, OP_LE, OP_GT, OP_LT = range(8)
-
-
 @njit(parallel=True, cache=True)
 def count_matches(x, qcol, qop, qval, limit):  # pragma: no cover - compiled
     """Rows of ``x`` (n, d) float64, NaN = missing, that satisfy every term of each query (row ``b`` of
-    ``qcol``/``qop``/``qval``; a column of -1 ends the terms), counting up to ``limit``. Comparisons
+    ``qcol``/``qop``/``qval``; a column of -1 ends the terms; an operator is its index in
+    :data:`.attacks.OPS`), counting up to ``limit``. Comparisons
     follow pandas: a missing value fails ==, <, >, <=, >= and satisfies !=."""
     n = x.shape[0]
     n_queries, width = qcol.shape
