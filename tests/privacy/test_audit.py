@@ -30,7 +30,7 @@ from synthfactory.privacy.metrics import (
     sdmetrics_random_baseline,
 )
 from synthfactory.privacy.neighbors import nearest_neighbors
-from synthfactory.quality.testdata import cohort_table
+from synthfactory.testing.cohorts import cohort_table
 from synthfactory.release.gate import anonymeter_rule, decide, expected_anonymeter_risks, privacy_checks
 from synthfactory.spec import PrivacyThresholds, QualityThresholds, SpecError, parse_spec
 
