@@ -66,7 +66,7 @@ def clinosim_cohort(log=print) -> Path:  # noqa: ANN001
         partial = CLINOSIM_DIR.with_name(CLINOSIM_DIR.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        from synthfactory.dev import venv_bin
+        from synthfactory.testing.dev import venv_bin
 
         cmd = [venv_bin("clinosim"), "simulate", *CLINOSIM_ARGS, "--output", str(partial)]
         log(f"generating the clinosim cohort (once, ~4 min): {' '.join(cmd)}")
@@ -140,7 +140,7 @@ def count_patients(folder: Path) -> int:
 
 
 def smoke_extract() -> Path:
-    from synthfactory.dev import generate_sample_extract
+    from synthfactory.testing.dev import generate_sample_extract
 
     return generate_sample_extract(CACHE / f"carebundle_p{SMOKE_PATIENTS}_s7", patients=SMOKE_PATIENTS, seed=7)
 
@@ -193,7 +193,7 @@ def sampled(fn) -> dict[str, Any]:  # noqa: ANN001
 
 def run_airflow(spec_dir: Path, dag_id: str, env: dict[str, str], log_path: Path, client: Any,
                 dataset: str) -> dict[str, Any]:
-    from synthfactory import dev
+    from synthfactory.testing import dev
 
     m = sampled(lambda: dev.dags_test(dag_id, env, log_path=log_path))
     text = log_path.read_text(errors="replace")
@@ -210,7 +210,7 @@ def run_airflow(spec_dir: Path, dag_id: str, env: dict[str, str], log_path: Path
 
 
 def run_library(spec: Path, extract: Path, out: Path, env: dict[str, str], log_path: Path) -> dict[str, Any]:
-    from synthfactory.dev import venv_bin
+    from synthfactory.testing.dev import venv_bin
 
     cmd = [venv_bin("synthfactory"), "run", str(spec), "--extract", str(extract), "--out", str(out),
            "--run-id", "bench_library"]
@@ -287,7 +287,7 @@ def main() -> int:
 
     import logging
 
-    from synthfactory import dev
+    from synthfactory.testing import dev
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server: no line per request
     notes: list[str] = []

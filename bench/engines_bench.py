@@ -35,7 +35,7 @@ FIGURES = (("quality_score", "quality", "SDMetrics quality score"),
 
 def run(patients: int, kinds: list[str], epochs: int | None, seed: int) -> dict[str, dict]:
     from synthfactory import pipeline as p
-    from synthfactory.dev import generate_sample_extract
+    from synthfactory.testing.dev import generate_sample_extract
     from synthfactory.spec import load_spec
 
     extract = generate_sample_extract(CACHE / f"carebundle_p{patients}_s7", patients=patients, seed=7)

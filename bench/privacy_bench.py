@@ -52,7 +52,7 @@ SENSITIVE = ["cond_e11_9", "hba1c"]
 
 
 def _data(n: int, seed: int) -> tuple[Any, Any, Any]:
-    from synthfactory.quality.testdata import cohort_table
+    from synthfactory.testing.cohorts import cohort_table
 
     train = cohort_table(n, seed, key=None)
     holdout = cohort_table(max(n // 4, 50), seed + 1, key=None)
@@ -85,7 +85,7 @@ def _nn_crosscheck(targets: Any, syn: Any, cols: list[str]) -> dict:
     import numpy as np
     from anonymeter.neighbors.mixed_types_kneighbors import MixedTypeKNeighbors
 
-    from synthfactory.privacy.attacks import _kind
+    from synthfactory.privacy.gower import column_sdtype as _kind
     from synthfactory.privacy.gower import GowerIndex, encode_gower
 
     s_anon, (d_anon, i_anon) = timed(lambda: MixedTypeKNeighbors(n_neighbors=1, n_jobs=-1).fit(syn[cols])

@@ -40,7 +40,7 @@ GOAL_RATIO = 2.0
 def _spec(staging: Path) -> Any:
     import yaml
 
-    from synthfactory.quality.testdata import RELATIONSHIPS, UTILITY
+    from synthfactory.testing.cohorts import RELATIONSHIPS, UTILITY
     from synthfactory.spec import parse_spec
 
     data = yaml.safe_load((ROOT / "include/datasets/cohort_demo.yaml").read_text())
@@ -54,7 +54,7 @@ def _spec(staging: Path) -> Any:
 def _prepare(n: int, seed: int, staging: Path) -> tuple[Any, dict, dict, Any]:
     """Write the real train / holdout / metadata and the synthetic table into a run's staging folder."""
     from synthfactory.pipeline import RunContext
-    from synthfactory.quality.testdata import cohort_table
+    from synthfactory.testing.cohorts import cohort_table
     from synthfactory.synthesize.engine import SYNTHETIC_ID, metadata_dict
     from synthfactory.synthesize.modelling import KEY
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     import sklearn.ensemble  # noqa: F401
 
     from synthfactory.quality.expectations import derive_suite, run_suite
-    from synthfactory.quality.testdata import cohort_table
+    from synthfactory.testing.cohorts import cohort_table
     from synthfactory.synthesize.engine import metadata_dict
 
     warm = cohort_table(200, 0, key=None)

@@ -41,7 +41,7 @@ TINY_NEURAL = {"embedding_dim": 16, "generator_dim": (32, 32), "discriminator_di
 def standard_table(patients: int, seed: int) -> Any:
     from synthfactory.spec import FeatureSpec, LabFeature
     from synthfactory.synthesize.modelling import KEY, build_modelling_table
-    from synthfactory.synthesize.testdata import relational_tables
+    from synthfactory.testing.records import relational_tables
 
     tables = relational_tables(patients, seed)
     spec = FeatureSpec(top_conditions=4, labs=[LabFeature(name="hba1c", loinc="4548-4"),
@@ -142,7 +142,7 @@ def bench_single(kind: str, df: Any, sample_rows: int, epochs: int, seed: int, s
 
 def bench_relational(patients: int, seed: int, smoke: bool, with_hma: bool, par_epochs: int) -> list[dict]:
     from synthfactory.synthesize import relational
-    from synthfactory.synthesize.testdata import relational_tables
+    from synthfactory.testing.records import relational_tables
 
     tables = relational_tables(patients, seed)
     rows = []

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from synthfactory import dev
+from synthfactory.testing import dev
 from synthfactory.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -28,7 +28,7 @@ def project_root() -> Path:
 @pytest.fixture(scope="session")
 def small_extract(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An offline FHIR R4 NDJSON extract of 160 patients (carebundle, deterministic)."""
-    from synthfactory.dev import generate_sample_extract
+    from synthfactory.testing.dev import generate_sample_extract
 
     return generate_sample_extract(tmp_path_factory.mktemp("extract") / "ndjson", patients=160, seed=7)
 
@@ -87,7 +87,7 @@ def released_sandbox(tmp_path_factory: pytest.TempPathFactory, small_extract: Pa
     default chain (AWS_ENDPOINT_URL), with open gates. For the release listings (CLI, UI page)."""
     from unittest import mock
 
-    from synthfactory import dev
+    from synthfactory.testing import dev
     from synthfactory.cli import main
     from synthfactory.spec import load_spec
 

@@ -15,11 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from synthfactory import kinds
 from synthfactory.ingest.source_specs import BUILTIN_RESOURCES, BulkSpec, EhrSpec, SearchSpec
 from synthfactory.errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
-NEURAL_KINDS = frozenset({"ctgan", "tvae", "copulagan"})
+NEURAL_KINDS = kinds.NEURAL
 STAGE_NAMES = ("ingest", "prepare", "fit", "sample", "quality", "privacy", "gate", "release")
 LOINC_RE = re.compile(r"^\d{1,7}-\d$")
 
@@ -193,8 +194,10 @@ class FeatureSpec(_Model):
         return self
 
 
-SYNTHESIZER_KINDS = ("gaussian_copula", "ctgan", "tvae", "copulagan", "dp_mst", "dp_aim", "tabular_argn")
-DP_KINDS = frozenset({"dp_mst", "dp_aim"})
+# the synthesizer kinds, from the one registry (synthfactory.kinds)
+SYNTHESIZER_KINDS = kinds.SINGLE_TABLE
+DP_KINDS = kinds.DP
+RELATIONAL_CHILD_KINDS = kinds.RELATIONAL_CHILD_KINDS
 
 
 class ConstraintSpec(_Model):
@@ -271,7 +274,7 @@ class RelationalSpec(_Model):
         description="patient_centred: patient model with children counts + one context-conditioned model per "
                     "child table (no table limit); hma: SDV HMASynthesizer (<= 5 tables); par: PAR sequences "
                     "per child table")
-    child_kind: Literal["gaussian_copula", "ctgan", "tvae", "copulagan"] = "gaussian_copula"
+    child_kind: Literal[RELATIONAL_CHILD_KINDS] = "gaussian_copula"
     child_params: dict[str, Any] | None = Field(default=None, description="null = truncnorm GaussianCopula")
     tables: list[str] = Field(default_factory=list, description="Child tables to synthesize; empty = all")
     flags_top: int = Field(default=3, ge=0, le=20, description="Most frequent condition codes carried as patient "
@@ -282,7 +285,7 @@ class RelationalSpec(_Model):
 
 
 class SynthesizerSpec(_Model):
-    kind: Literal["gaussian_copula", "ctgan", "tvae", "copulagan", "dp_mst", "dp_aim", "tabular_argn"] = Field(
+    kind: Literal[SYNTHESIZER_KINDS] = Field(
         default="gaussian_copula", description="SDV single-table synthesizers, smartnoise DP (dp_mst, dp_aim), or "
                                               "tabular_argn: MOSTLY AI's TabularARGN in its own interpreter "
                                               "(make argn-venv)")

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from synthfactory import dev
+from synthfactory.testing import dev
 from tests.conftest import write_spec
 from tests.release.helpers import (
     BUCKET,

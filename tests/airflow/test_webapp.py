@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
-from synthfactory import dev
+from synthfactory.testing import dev
 from tests.conftest import write_spec
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from unittest import mock
 
-from synthfactory import dev
+from synthfactory.testing import dev
 from synthfactory.cli import main
 from synthfactory.errors import EXIT_ERROR, EXIT_OK
 from tests.conftest import write_spec

@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from synthfactory import dev
+from synthfactory.testing import dev
 from tests.conftest import write_spec
 
 pytestmark = pytest.mark.e2e

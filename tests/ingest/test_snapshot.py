@@ -27,7 +27,7 @@ def staging(request, tmp_path):
     if request.param == "local":
         yield Store(), str(tmp_path / "staging" / "ds" / "bulk")
         return
-    from synthfactory import dev
+    from synthfactory.testing import dev
 
     with dev.S3Emulator() as s3:
         client = s3.client()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from synthfactory import dev
+from synthfactory.testing import dev
 from tests.conftest import open_gates, write_spec
 
 # ~6 minutes on 2 idle cores (stack start ~1.5, DAG run ~3.5); the bounded waits below fail with diagnostics
@@ -218,7 +218,7 @@ def celery_stack(tmp_path_factory, small_extract):
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "ops:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(base / "passwords.json"),
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "synthfactory.dev.worker_hostname",
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "synthfactory.testing.dev.worker_hostname",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "300",
             "SYNTHFACTORY_SPECS_DIR": str(specs),

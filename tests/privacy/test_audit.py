@@ -21,16 +21,16 @@ from synthfactory.privacy.attacks import (
     success_rate,
 )
 from synthfactory.privacy.gower import GowerIndex, encode_gower, gower_nearest
+from synthfactory.privacy.encoding import encode
 from synthfactory.privacy.metrics import (
     auc_with_ci,
     dcr_baseline_protection,
-    encode,
-    nearest_neighbors,
     privacy_metrics,
     quasi_identifier_risk,
     sdmetrics_random_baseline,
 )
-from synthfactory.quality.testdata import cohort_table
+from synthfactory.privacy.neighbors import nearest_neighbors
+from synthfactory.testing.cohorts import cohort_table
 from synthfactory.release.gate import anonymeter_rule, decide, expected_anonymeter_risks, privacy_checks
 from synthfactory.spec import PrivacyThresholds, QualityThresholds, SpecError, parse_spec
 
@@ -377,7 +377,9 @@ def test_auc_matches_sklearn():
 
 
 def test_pruned_euclidean_search_equals_blas():
-    from synthfactory.privacy.metrics import dcr, encode_with_layout, nearest_encoded
+    from synthfactory.privacy.encoding import encode_with_layout
+    from synthfactory.privacy.metrics import dcr
+    from synthfactory.privacy.neighbors import nearest_encoded
 
     rng = np.random.default_rng(3)
     train = cohort_table(700, seed=31, key=None)

@@ -10,14 +10,9 @@ import pandas as pd
 import pytest
 
 from synthfactory.privacy.leak import Identifier, leak_scan, load_identifiers, tokenize
-from synthfactory.privacy.metrics import (
-    ONE_HOT_VALUE,
-    dcr,
-    encode,
-    exact_match_rate,
-    nearest_distances,
-    privacy_metrics,
-)
+from synthfactory.privacy.encoding import ONE_HOT_VALUE, encode
+from synthfactory.privacy.metrics import dcr, exact_match_rate, privacy_metrics
+from synthfactory.privacy.neighbors import nearest_distances
 
 N_ROWS = 1000
 GENDERS = ["female", "male", "other"]

@@ -12,7 +12,7 @@ import pytest
 
 from synthfactory.quality.datacard import plot_columns, render_datacard
 from synthfactory.quality.fidelity import compare_relationships, correlation_matrices
-from synthfactory.quality.testdata import RELATIONSHIPS, cohort_table, shuffle_column
+from synthfactory.testing.cohorts import RELATIONSHIPS, cohort_table, shuffle_column
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from synthfactory.quality.fidelity import compare_relationships, correlation_matrices, relationship_groups
-from synthfactory.quality.testdata import RELATIONSHIPS, cohort_table, shift_column, shuffle_column
+from synthfactory.testing.cohorts import RELATIONSHIPS, cohort_table, shift_column, shuffle_column
 from synthfactory.quality.utility import ml_utility
 from synthfactory.spec import QualityThresholds, Relationship, SpecError, parse_spec
 

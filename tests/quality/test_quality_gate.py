@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from synthfactory import pipeline
-from synthfactory.quality.testdata import RELATIONSHIPS, UTILITY, cohort_table, shift_column, shuffle_column
+from synthfactory.testing.cohorts import RELATIONSHIPS, UTILITY, cohort_table, shift_column, shuffle_column
 from synthfactory.release.gate import GateRefused
 from synthfactory.spec import parse_spec
 from synthfactory.synthesize.engine import SYNTHETIC_ID, metadata_dict

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from synthfactory import dev
+from synthfactory.testing import dev
 from tests.release.helpers import reset_bucket
 
 

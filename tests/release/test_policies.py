@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from synthfactory import dev
+from synthfactory.testing import dev
 from tests.conftest import ROOT
 from tests.release.helpers import BUCKET, V1, V2, do_publish, make_files, reset_bucket, writer
 

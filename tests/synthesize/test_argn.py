@@ -16,7 +16,7 @@ from synthfactory.spec import SpecError, load_spec
 from synthfactory.storage import Store
 from synthfactory.synthesize import engine
 from synthfactory.synthesize.argn import ArgnSynthesizer, ArgnUnavailable, argn_python, restore_dtypes
-from synthfactory.synthesize.testdata import write_extract
+from synthfactory.testing.records import write_extract
 from tests.conftest import write_spec
 
 

@@ -60,7 +60,7 @@ def test_sdv_constraints_and_bounds(small_table):
     synth, _ = engine.fit(df, "gaussian_copula", {"default_distribution": "norm"}, engine.metadata_dict(df),
                           constraints=cons)
     counts: dict[str, int] = {}
-    sampler = bounded_sampler(lambda s, n: engine._sample_plain(s, n), bounds_for(specs, "patients"), counts)
+    sampler = bounded_sampler(lambda s, n: engine.sample_plain(s, n), bounds_for(specs, "patients"), counts)
     out = engine.sample(synth, 300, sampler=sampler)
     assert len(out) == 300 and (out["age_dx"] <= out["age"]).all()
     assert out["hba1c"].between(5.0, 7.0).all() and out["age_dx"].min() >= 20

@@ -9,7 +9,7 @@ import pytest
 
 from synthfactory.synthesize import fhir_out, relational
 from synthfactory.synthesize.conditional import conditional_sampler, plan_target
-from synthfactory.synthesize.testdata import relational_tables
+from synthfactory.testing.records import relational_tables
 
 
 @pytest.fixture(scope="module")

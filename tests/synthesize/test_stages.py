@@ -12,7 +12,7 @@ import pytest
 
 from synthfactory import pipeline as p
 from synthfactory.spec import SpecError, load_spec
-from synthfactory.synthesize.testdata import write_extract
+from synthfactory.testing.records import write_extract
 from tests.conftest import write_spec
 
 from .conftest import TINY_CTGAN

@@ -12,6 +12,7 @@ import torch
 
 from synthfactory.storage import Store
 from synthfactory.synthesize import engine
+from synthfactory.synthesize.device import detect_device, device_params
 from synthfactory.synthesize.training import TrainingInterrupted, TrainPlan
 
 from .conftest import TINY_CTGAN, TINY_TVAE
@@ -87,15 +88,15 @@ def test_time_budget_keeps_the_model_trained_so_far_and_logs_progress(small_tabl
 def test_device_detection(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with caplog.at_level(logging.WARNING, logger="synthfactory"):
-        assert engine._device_params("ctgan", {})["enable_gpu"] is False
-        assert engine._device_params("par", {"epochs": 1})["cuda"] is False
+        assert device_params("ctgan", {})["enable_gpu"] is False
+        assert device_params("par", {"epochs": 1})["cuda"] is False
     assert "no CUDA device found; training on CPU" in caplog.text
-    assert engine._device_params("gaussian_copula", {}) == {}
+    assert device_params("gaussian_copula", {}) == {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert engine.detect_device() == "cuda"
-    assert engine._device_params("tvae", {})["enable_gpu"] is True
-    assert engine._device_params("par", {})["cuda"] is True
-    assert engine._device_params("ctgan", {"enable_gpu": False})["enable_gpu"] is False  # the spec wins
+    assert detect_device() == "cuda"
+    assert device_params("tvae", {})["enable_gpu"] is True
+    assert device_params("par", {})["cuda"] is True
+    assert device_params("ctgan", {"enable_gpu": False})["enable_gpu"] is False  # the spec wins
 
 
 def test_a_model_pickled_on_cuda_loads_on_a_cpu_only_machine(monkeypatch):

@@ -53,6 +53,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from synthfactory.privacy.gower import GowerIndex, column_sdtype, encode_gower
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -116,16 +118,6 @@ def evaluation_results(n_attacks: float, n_success: float, n_baseline: float, n_
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-def _kind(s: pd.Series) -> str:
-    if pd.api.types.is_bool_dtype(s.dtype):
-        return "boolean"
-    if pd.api.types.is_datetime64_any_dtype(s.dtype):
-        return "datetime"
-    if pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_complex_dtype(s.dtype):
-        return "numerical"
-    return "categorical"
-
-
 def _sample(frame: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFrame:
     if n >= len(frame):
         return frame.iloc[rng.permutation(len(frame))].reset_index(drop=True)
@@ -139,9 +131,7 @@ def _nearest_random_ties(queries: pd.DataFrame, candidates: pd.DataFrame, column
     with coarse auxiliary columns (age, sex) hundreds of targets share their nearest distance with the
     same synthetic rows, and a tie-break shared by all of them (anonymeter's sort) would make all their
     guesses one draw, so the attacks would not be independent and the Wilson interval far too narrow."""
-    from synthfactory.privacy.gower import GowerIndex, encode_gower
-
-    sdtypes = {c: _kind(candidates[c]) for c in columns}
+    sdtypes = {c: column_sdtype(candidates[c]) for c in columns}
     ref, (q,), _ = encode_gower(candidates[list(columns)], [queries[list(columns)]], list(columns), sdtypes,
                                 numeric_range="union")
     _, idx = GowerIndex(ref).search(q, tie_seed=int(rng.integers(0, 2**62)))
@@ -229,7 +219,7 @@ def inference_risk(
     if not aux:
         raise ValueError(f"inference_risk: no auxiliary columns to infer {secret!r} from")
     if regression is None:
-        regression = _kind(ori[secret]) == "numerical"
+        regression = column_sdtype(ori[secret]) == "numerical"
     rng = np.random.default_rng(seed)
     n = int(min(n_attacks, len(ori), len(control)))
     syn_secret = syn[secret].to_numpy()
@@ -265,7 +255,7 @@ class _Space:
 
 def _space(frames: Sequence[pd.DataFrame], columns: Sequence[str]) -> _Space:
     columns = list(columns)
-    kinds = [_kind(frames[0][c]) for c in columns]
+    kinds = [column_sdtype(frames[0][c]) for c in columns]
     cats: list[list[Any] | None] = []
     mats = [np.empty((len(f), len(columns)), dtype=np.float64) for f in frames]
     for j, (c, kind) in enumerate(zip(columns, kinds)):
@@ -295,14 +285,14 @@ def _space(frames: Sequence[pd.DataFrame], columns: Sequence[str]) -> _Space:
 
 
 def _count(x: np.ndarray, queries: np.ndarray, limit: int) -> np.ndarray:
-    from synthfactory.privacy import _kernels
+    from synthfactory.privacy import kernels
 
     if len(queries) == 0:
         return np.zeros(0, dtype=np.int64)
     qcol = np.ascontiguousarray(queries[:, :, 0].astype(np.int64))
     qop = np.ascontiguousarray(queries[:, :, 1].astype(np.int64))
     qval = np.ascontiguousarray(queries[:, :, 2])
-    return _kernels.count_matches(x, qcol, qop, qval, limit)
+    return kernels.count_matches(x, qcol, qop, qval, limit)
 
 
 def _record_queries(x: np.ndarray, kinds: list[str], medians: np.ndarray, n: int, n_cols: int,

@@ -23,7 +23,7 @@ Search
     independently for each query, as the attacks in :mod:`.attacks` need.
 
 The same index answers squared-Euclidean queries in synthfactory's ``encode`` space
-(:meth:`GowerIndex.search_squared`, used by :func:`synthfactory.privacy.metrics.nearest_encoded`): there a
+(:meth:`GowerIndex.search_squared`, used by :func:`synthfactory.privacy.neighbors.nearest_encoded`): there a
 mismatched two-valued column costs exactly 1 and a one-hot bit 1/2, so the same lower bound applies.
 
 Memory is ``O((n_query + n_reference) x columns)``; no distance matrix is ever materialised.
@@ -41,7 +41,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GowerIndex", "encode_gower", "gower_nearest", "column_sdtypes"]
+__all__ = ["Encoded", "GowerIndex", "Packing", "column_sdtype", "column_sdtypes", "encode_gower", "gower_nearest"]
 
 #: a missing numeric value: farther than 1 from any real (clipped) value, 0 from another missing one
 _NAN_SENTINEL = np.float32(1e30)
@@ -58,18 +58,18 @@ Sdtype = Literal["numerical", "datetime", "categorical", "boolean"]
 def column_sdtypes(frame: pd.DataFrame, columns: Sequence[str]) -> dict[str, str]:
     """SDV-style sdtypes from dtypes (as synthfactory's metadata does): bool -> boolean, datetime ->
     datetime, numbers -> numerical, anything else -> categorical."""
-    out: dict[str, str] = {}
-    for c in columns:
-        s = frame[c]
-        if pd.api.types.is_bool_dtype(s.dtype):
-            out[c] = "boolean"
-        elif pd.api.types.is_datetime64_any_dtype(s.dtype):
-            out[c] = "datetime"
-        elif pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_complex_dtype(s.dtype):
-            out[c] = "numerical"
-        else:
-            out[c] = "categorical"
-    return out
+    return {c: column_sdtype(frame[c]) for c in columns}
+
+
+def column_sdtype(s: pd.Series) -> str:
+    """The sdtype of one column (see :func:`column_sdtypes`)."""
+    if pd.api.types.is_bool_dtype(s.dtype):
+        return "boolean"
+    if pd.api.types.is_datetime64_any_dtype(s.dtype):
+        return "datetime"
+    if pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_complex_dtype(s.dtype):
+        return "numerical"
+    return "categorical"
 
 
 def _numeric_values(s: pd.Series, sdtype: str) -> np.ndarray:
@@ -148,21 +148,12 @@ def encode_gower(
             cats.append((len(uniques), np.split(codes.astype(np.int64), np.cumsum(sizes)[:-1])))
     # Pack the narrowest categorical columns first, while the reference keeps few enough distinct
     # signatures for the group pruning to pay; the rest are float code columns (same distance).
-    nbit = nhot = 0
+    packing = Packing(bits, onehot)
     for k, parts in sorted(cats, key=lambda kp: kp[0]):
-        packed = False
-        if k == 2 and nbit < 64:
-            trial = [bits[i] | ((p == 1).astype(np.uint64) << np.uint64(nbit)) for i, p in enumerate(parts)]
-            if _signatures(trial[0], onehot[0]) <= _MAX_GROUPS:
-                bits, nbit, packed = trial, nbit + 1, True
-        elif k <= _MAX_ONEHOT and nhot + k <= 64:
-            trial = [onehot[i] | np.left_shift(np.uint64(1), (p + nhot).astype(np.uint64))
-                     for i, p in enumerate(parts)]
-            if _signatures(bits[0], trial[0]) <= _MAX_GROUPS:
-                onehot, nhot, packed = trial, nhot + k, True
-        if not packed:
+        if not packing.add(k, parts, max_onehot=_MAX_ONEHOT):
             for i, p in enumerate(parts):
                 floats[i].append(p.astype(np.float32))
+    bits, onehot = packing.bits, packing.onehot
     out = []
     for i, n in enumerate(sizes):
         f = np.ascontiguousarray(np.stack(floats[i], axis=1)) if floats[i] else np.zeros((n, 0), np.float32)
@@ -176,6 +167,37 @@ def _signatures(bits: np.ndarray, onehot: np.ndarray) -> int:
     with np.errstate(over="ignore"):
         key = bits ^ (onehot * np.uint64(0x9E3779B97F4A7C15))  # a heuristic count: collisions don't matter
     return int(len(np.unique(key)))
+
+
+class Packing:
+    """The categorical words of several frames (the reference first) being packed, one column at a time.
+
+    :meth:`add` packs a column of ``width`` categories given as codes per frame (``-1`` = none of
+    them, which costs 1/2 against any category): a two-valued column without ``-1`` codes as one bit
+    of ``bits`` (a mismatch costs 1), else as one-hot bits of ``onehot`` (1/2 per differing bit), as
+    long as the words have room and the reference keeps at most ``_MAX_GROUPS`` distinct signatures.
+    """
+
+    def __init__(self, bits: list[np.ndarray], onehot: list[np.ndarray]):
+        self.bits = bits
+        self.onehot = onehot
+        self.nbit = 0
+        self.nhot = 0
+
+    def add(self, width: int, codes: Sequence[np.ndarray], *, max_onehot: int = 64) -> bool:
+        """Pack one column if it fits (True), else leave the words as they are (False)."""
+        if width == 2 and self.nbit < 64 and all((c >= 0).all() for c in codes):
+            trial = [b | ((c == 1).astype(np.uint64) << np.uint64(self.nbit)) for b, c in zip(self.bits, codes)]
+            if _signatures(trial[0], self.onehot[0]) <= _MAX_GROUPS:
+                self.bits, self.nbit = trial, self.nbit + 1
+                return True
+        elif width <= max_onehot and self.nhot + width <= 64:
+            trial = [h | np.where(c >= 0, np.left_shift(np.uint64(1), (np.maximum(c, 0) + self.nhot).astype(np.uint64)),
+                                  np.uint64(0)) for h, c in zip(self.onehot, codes)]
+            if _signatures(self.bits[0], trial[0]) <= _MAX_GROUPS:
+                self.onehot, self.nhot = trial, self.nhot + width
+                return True
+        return False
 
 
 class GowerIndex:
@@ -212,20 +234,13 @@ class GowerIndex:
         nq = len(query)
         if nq == 0:
             return np.zeros(0, np.float64), np.zeros(0, np.int64)
-        if query.floats.shape[1] != self.floats_t.shape[0]:
-            raise ValueError("GowerIndex.search: query encoded in another space")
-        k = _kernels()
-        import numba
-
-        chunks = max(1, min(nq, 16 * numba.get_num_threads()))
-        best, idx = k.nearest(np.ascontiguousarray(query.floats, dtype=np.float32), query.bits, query.onehot,
-                              self.floats_t, self.sig_bits, self.sig_onehot, self.starts, self.order,
-                              self.max_group, chunks, -1 if tie_seed is None else int(tie_seed) & (2**62 - 1))
+        best, idx = kernels().nearest(*self._kernel_args(query, "search"),
+                                      -1 if tie_seed is None else int(tie_seed) & (2**62 - 1))
         return best.astype(np.float64), idx
 
     def search_squared(self, query: Encoded, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Exact ``k`` (1 or 2) nearest reference rows by squared Euclidean distance, for a packing of
-        synthfactory's ``encode`` space (see :func:`synthfactory.privacy.metrics.nearest_encoded`):
+        synthfactory's ``encode`` space (see :func:`synthfactory.privacy.neighbors.nearest_encoded`):
         ``(squared distances float32 (nq, k), indices (nq, k))``, the nearest at the lowest index
         among ties."""
         if k not in (1, 2):
@@ -233,16 +248,19 @@ class GowerIndex:
         nq = len(query)
         if nq == 0:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        best, idx = kernels().nearest_sq(*self._kernel_args(query, "search_squared"), k)
+        return best[:, :k], idx[:, :k]
+
+    def _kernel_args(self, query: Encoded, method: str) -> tuple:
+        """The arguments the search kernels share, for a non-empty ``query`` (compiles them on first use)."""
         if query.floats.shape[1] != self.floats_t.shape[0]:
-            raise ValueError("GowerIndex.search_squared: query encoded in another space")
-        kern = _kernels()
+            raise ValueError(f"GowerIndex.{method}: query encoded in another space")
+        kernels()
         import numba
 
-        chunks = max(1, min(nq, 16 * numba.get_num_threads()))
-        best, idx = kern.nearest_sq(np.ascontiguousarray(query.floats, dtype=np.float32), query.bits, query.onehot,
-                                    self.floats_t, self.sig_bits, self.sig_onehot, self.starts, self.order,
-                                    self.max_group, chunks, k)
-        return best[:, :k], idx[:, :k]
+        chunks = max(1, min(len(query), 16 * numba.get_num_threads()))
+        return (np.ascontiguousarray(query.floats, dtype=np.float32), query.bits, query.onehot, self.floats_t,
+                self.sig_bits, self.sig_onehot, self.starts, self.order, self.max_group, chunks)
 
 
 def gower_nearest(
@@ -262,7 +280,8 @@ def gower_nearest(
 # ------------------------------------------------------------------------------------------------
 # numba kernels (in their own module, compiled on first use and cached on disk)
 # ------------------------------------------------------------------------------------------------
-def _kernels():
-    from synthfactory.privacy import _kernels
+def kernels():
+    """The numba kernels module (:mod:`.kernels`): importing it loads numba and compiles on first use."""
+    from synthfactory.privacy import kernels as module
 
-    return _kernels
+    return module

@@ -7,29 +7,9 @@ The real rows were split into ``train`` and ``holdout`` *before* the synthesizer
 synthesizer that generalises produces rows that are no closer to the rows it was trained on than to
 real rows it never saw; one that memorises produces rows that sit on top of training rows.
 
-Feature space (``encode``)
-    One float32 space, fitted on the first frame (train) and applied to every frame:
-
-    * numeric columns (ints, floats, nullable ``Int64``/``Float64``): scaled to [0, 1] by train
-      min/max and clipped (a constant train column maps to 0). Non-finite values count as missing.
-      Missing values become 0 plus a separate 0/1 *missing-indicator* column; the indicator column
-      exists when any of the frames has a missing value in that column, so all frames share it.
-    * datetime columns (and object columns holding dates): days since 1970-01-01 UTC, then scaled as
-      numerics; timedeltas in days likewise.
-    * categorical columns (strings, bools, pandas categoricals, anything else): one-hot over the
-      categories seen in train (missing is its own category ``<missing>``), at most
-      ``max_categories`` most frequent ones. The one-hot value is ``1/sqrt(2)`` so that two different
-      categories are at Euclidean distance 1, the same as the widest numeric difference. Categories not
-      seen in train (or beyond the cap) encode as all zeros.
-
-Distance
-    Euclidean distance in that space. Nearest neighbours are exact. :func:`nearest_neighbors` searches
-    candidate neighbours in memory-bounded blocks with a float32 BLAS product (``||b||^2 - 2 a.b`` on
-    data centred on the reference mean); :func:`nearest_encoded` (used by the audit) packs the one-hot
-    blocks into bit signatures and skips every group of reference rows whose categorical distance alone
-    already exceeds the current neighbours (see :mod:`.gower`), several times faster on patient tables
-    where most columns are flags. Either way the distance to each chosen neighbour is then recomputed
-    directly in float64, so identical rows are at distance exactly 0.
+Distances are Euclidean in the float32 feature space of :func:`~.encoding.encode` (fitted on train),
+between exact nearest neighbours (:mod:`.neighbors`); exact matches and quasi-identifier classes
+compare the canonical row hashes of :func:`~.encoding.row_hashes`.
 
 The library never imports Airflow.
 """
@@ -38,336 +18,43 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from synthfactory.privacy.encoding import Layout, encode_with_layout, row_hashes
+from synthfactory.privacy.neighbors import nearest_encoded, nearest_neighbors
+
 log = logging.getLogger(__name__)
 
-MISSING = "<missing>"
-ONE_HOT_VALUE = float(1.0 / math.sqrt(2.0))
-MAX_CATEGORIES = 512
 #: absolute tolerance under which two float64 distances count as a tie
 TIE_TOL = 1e-7
 #: used in place of a zero median holdout->train distance in ``dcr_ratio``
 RATIO_EPSILON = 1e-8
-#: fewer categorical signature groups than this: the pruned search falls back to BLAS blocks
-_MIN_GROUPS = 4
-#: largest distance block (query rows x reference rows) held in memory at once, in float32 elements
-_MAX_BLOCK_ELEMENTS = 1 << 24  # 64 MiB
 
 __all__ = [
-    "Layout",
     "auc_with_ci",
+    "dcr",
     "dcr_baseline_protection",
-    "encode_with_layout",
+    "exact_match_rate",
     "membership_inference",
-    "nearest_encoded",
-    "nearest_neighbors",
+    "privacy_metrics",
     "quasi_identifier_risk",
     "sdmetrics_random_baseline",
-    "encode",
-    "exact_match_rate",
-    "dcr",
-    "privacy_metrics",
-    "nearest_distances",
 ]
-
-
-# ------------------------------------------------------------------------------------------------
-# column kinds and normalisation
-# ------------------------------------------------------------------------------------------------
-def _kind(s: pd.Series) -> str:
-    """'numeric', 'datetime', 'timedelta' or 'categorical'."""
-    dt = s.dtype
-    if pd.api.types.is_bool_dtype(dt) or isinstance(dt, pd.CategoricalDtype):
-        return "categorical"
-    if pd.api.types.is_datetime64_any_dtype(dt):
-        return "datetime"
-    if pd.api.types.is_timedelta64_dtype(dt):
-        return "timedelta"
-    if pd.api.types.is_numeric_dtype(dt) and not pd.api.types.is_complex_dtype(dt):
-        return "numeric"
-    if dt == object or pd.api.types.is_string_dtype(dt):
-        inferred = pd.api.types.infer_dtype(s, skipna=True)
-        if inferred in ("datetime", "datetime64", "date"):
-            return "datetime"
-        if inferred in ("timedelta", "timedelta64"):
-            return "timedelta"
-        if inferred in ("integer", "floating", "mixed-integer-float", "decimal"):
-            return "numeric"
-    return "categorical"
-
-
-def _as_float(s: pd.Series, kind: str) -> np.ndarray:
-    """float64 values (NaN for missing / unparseable / non-finite) of a numeric-like column."""
-    if kind == "datetime":
-        if pd.api.types.is_datetime64_any_dtype(s.dtype):
-            ts = s
-            if getattr(ts.dt, "tz", None) is not None:
-                ts = ts.dt.tz_convert("UTC").dt.tz_localize(None)
-        else:
-            ts = pd.to_datetime(s, errors="coerce", utc=True).dt.tz_localize(None)
-        out = ((ts - pd.Timestamp("1970-01-01")) / pd.Timedelta(days=1)).to_numpy(
-            dtype="float64", na_value=np.nan
-        )
-    elif kind == "timedelta":
-        out = (pd.to_timedelta(s, errors="coerce") / pd.Timedelta(days=1)).to_numpy(
-            dtype="float64", na_value=np.nan
-        )
-    else:
-        if pd.api.types.is_bool_dtype(s.dtype):
-            s = s.astype("float64")
-        out = pd.to_numeric(s, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
-    out = np.array(out, dtype="float64", copy=True)
-    out[~np.isfinite(out)] = np.nan
-    return out
-
-
-def _as_category_strings(s: pd.Series) -> np.ndarray:
-    """Object array of normalised category labels: ``str(value)``, missing -> ``MISSING``."""
-    values = s.astype(object).to_numpy()
-    miss = pd.isna(values)
-    out = np.empty(len(values), dtype=object)
-    out[miss] = MISSING
-    if (~miss).any():
-        out[~miss] = [str(v) for v in values[~miss]]
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# encoding
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class _Col:
-    name: str
-    kind: str
-    lo: float = 0.0
-    span: float = 0.0
-    indicator: bool = False
-    categories: list[str] = field(default_factory=list)
-
-    @property
-    def width(self) -> int:
-        if self.kind == "categorical":
-            return len(self.categories)
-        return 1 + int(self.indicator)
-
-
-def _fit(frames: Sequence[pd.DataFrame], columns: Sequence[str], max_categories: int) -> list[_Col]:
-    base = frames[0]
-    specs: list[_Col] = []
-    for c in columns:
-        kind = _kind(base[c])
-        if kind == "categorical":
-            labels = pd.Series(_as_category_strings(base[c]))
-            counts = labels.value_counts(sort=False)
-            # most frequent first, ties by label so the order is deterministic
-            order = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-            if len(order) > max_categories:
-                log.info("column %r: %d categories, one-hot keeps the %d most frequent",
-                         c, len(order), max_categories)
-            specs.append(_Col(c, kind, categories=[k for k, _ in order[:max_categories]]))
-            continue
-        vals = _as_float(base[c], kind)
-        finite = vals[~np.isnan(vals)]
-        lo = float(finite.min()) if finite.size else 0.0
-        hi = float(finite.max()) if finite.size else 0.0
-        indicator = any(bool(np.isnan(_as_float(f[c], kind)).any()) for f in frames)
-        specs.append(_Col(c, kind, lo=lo, span=hi - lo, indicator=indicator))
-    return specs
-
-
-def _transform(frame: pd.DataFrame, specs: Sequence[_Col]) -> np.ndarray:
-    n = len(frame)
-    out = np.zeros((n, sum(s.width for s in specs)), dtype=np.float32)
-    j = 0
-    for spec in specs:
-        col = frame[spec.name]
-        if spec.kind == "categorical":
-            if spec.categories:
-                codes = pd.Categorical(_as_category_strings(col), categories=spec.categories).codes
-                rows = np.flatnonzero(codes >= 0)
-                out[rows, j + codes[rows].astype(np.int64)] = ONE_HOT_VALUE
-        else:
-            vals = _as_float(col, spec.kind)
-            miss = np.isnan(vals)
-            if spec.span > 0:
-                scaled = np.clip((vals - spec.lo) / spec.span, 0.0, 1.0)
-            else:
-                scaled = np.zeros(n, dtype=np.float64)
-            scaled[miss] = 0.0
-            out[:, j] = scaled
-            if spec.indicator:
-                out[:, j + 1] = miss
-        j += spec.width
-    return out
-
-
-def encode(
-    frames: list[pd.DataFrame], columns: list[str], *, max_categories: int = MAX_CATEGORIES
-) -> list[np.ndarray]:
-    """Encode ``frames`` into one shared float32 feature space fitted on ``frames[0]`` (train).
-
-    Returns one C-contiguous ``(len(frame), d)`` float32 array per frame, same ``d`` for all.
-    See the module docstring for the encoding rules.
-    """
-    if not frames:
-        return []
-    columns = list(columns)
-    if not columns:
-        raise ValueError("encode: no columns to encode")
-    for i, f in enumerate(frames):
-        missing = [c for c in columns if c not in f.columns]
-        if missing:
-            raise KeyError(f"encode: frame {i} lacks columns {missing}")
-    return encode_with_layout(frames, columns, max_categories=max_categories)[0]
-
-
-@dataclass
-class Layout:
-    """Where each column of the ``encode`` space sits: numeric blocks (value [+ indicator]) and one-hot
-    blocks of categorical columns. Lets :func:`nearest_encoded` pack the space for a pruned search."""
-
-    numeric: list[int]                      # column indices of numeric values and indicators
-    onehot: list[tuple[int, int]]           # (start, width) of each one-hot block
-    width: int
-
-
-def encode_with_layout(
-    frames: list[pd.DataFrame], columns: list[str], *, max_categories: int = MAX_CATEGORIES
-) -> tuple[list[np.ndarray], Layout]:
-    """:func:`encode`, plus the :class:`Layout` of the space."""
-    if not frames:
-        return [], Layout([], [], 0)
-    columns = list(columns)
-    if not columns:
-        raise ValueError("encode: no columns to encode")
-    for i, f in enumerate(frames):
-        missing = [c for c in columns if c not in f.columns]
-        if missing:
-            raise KeyError(f"encode: frame {i} lacks columns {missing}")
-    specs = _fit(frames, columns, max_categories)
-    numeric: list[int] = []
-    onehot: list[tuple[int, int]] = []
-    j = 0
-    for spec in specs:
-        if spec.kind == "categorical":
-            if spec.width:
-                onehot.append((j, spec.width))
-        else:
-            numeric.extend(range(j, j + spec.width))
-        j += spec.width
-    return [_transform(f, specs) for f in frames], Layout(numeric, onehot, j)
-
-
-def _pack(arrays: Sequence[np.ndarray], layout: Layout):
-    """The encoded frames as :class:`~.gower.Encoded` for :meth:`~.gower.GowerIndex.search_squared`:
-    numeric columns stay floats; a one-hot block becomes one bit when every row of every frame has one
-    of its two categories (a mismatch costs 1), else one-hot bits (1/2 per differing bit: two different
-    categories cost 1, a category against none 1/2), while the reference keeps few enough distinct
-    signatures (see :mod:`.gower`); other blocks stay floats. Squared distances are unchanged."""
-    from synthfactory.privacy.gower import _MAX_GROUPS, Encoded, _signatures
-
-    sizes = [len(a) for a in arrays]
-    floats = [[a[:, layout.numeric]] if layout.numeric else [] for a in arrays]
-    bits = [np.zeros(n, dtype=np.uint64) for n in sizes]
-    hot = [np.zeros(n, dtype=np.uint64) for n in sizes]
-    nbit = nhot = 0
-    for start, width in sorted(layout.onehot, key=lambda sw: sw[1]):
-        blocks = [a[:, start:start + width] for a in arrays]
-        codes = [np.where(b.any(axis=1), b.argmax(axis=1), -1) for b in blocks]
-        packed = False
-        if width == 2 and nbit < 64 and all((c >= 0).all() for c in codes):
-            trial = [bits[i] | ((c == 1).astype(np.uint64) << np.uint64(nbit)) for i, c in enumerate(codes)]
-            if _signatures(trial[0], hot[0]) <= _MAX_GROUPS:
-                bits, nbit, packed = trial, nbit + 1, True
-        elif nhot + width <= 64:
-            trial = [hot[i] | np.where(c >= 0, np.left_shift(np.uint64(1), (np.maximum(c, 0) + nhot).astype(np.uint64)),
-                                       np.uint64(0)) for i, c in enumerate(codes)]
-            if _signatures(bits[0], trial[0]) <= _MAX_GROUPS:
-                hot, nhot, packed = trial, nhot + width, True
-        if not packed:
-            for f, b in zip(floats, blocks):
-                f.append(b)
-    out = []
-    for i, n in enumerate(sizes):
-        f = np.ascontiguousarray(np.concatenate(floats[i], axis=1), dtype=np.float32) if floats[i] \
-            else np.zeros((n, 0), np.float32)
-        out.append(Encoded(f, bits[i], hot[i]))
-    return out
-
-
-def nearest_encoded(
-    query: np.ndarray, reference: np.ndarray, layout: Layout, *, k: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact Euclidean ``k`` (1 or 2) nearest neighbours in the ``encode`` space, like
-    :func:`nearest_neighbors`, but pruned: reference rows are grouped by their categorical signature
-    and a query only scans the groups whose categorical distance (a lower bound) can still beat its
-    current neighbours (see :mod:`.gower`). Returns ``(distances (nq, k) float64, indices (nq, k))``;
-    distances are recomputed in float64 from the dense arrays (identical rows -> exactly 0)."""
-    from synthfactory.privacy.gower import GowerIndex
-
-    k = min(k, len(reference))
-    q = np.ascontiguousarray(query, dtype=np.float32)
-    r = np.ascontiguousarray(reference, dtype=np.float32)
-    if len(r) == 0:
-        raise ValueError("nearest_encoded: empty reference")
-    if len(q) == 0:
-        return np.zeros((0, k)), np.zeros((0, k), dtype=np.int64)
-    pr, pq = _pack([r, q], layout)
-    index = GowerIndex(pr)
-    if index.groups < _MIN_GROUPS:  # (almost) no categorical columns: nothing to prune, BLAS is faster
-        dist, idx, _ = nearest_neighbors(q, r, k=k)
-        return dist, idx
-    _, idx = index.search_squared(pq, k=k)
-    dist = np.empty(idx.shape, dtype=np.float64)
-    for col in range(k):
-        dist[:, col] = _exact_distances(q, r, idx[:, col])
-    if k == 2:
-        swap = dist[:, 1] < dist[:, 0]
-        dist[swap] = dist[swap][:, ::-1]
-        idx[swap] = idx[swap][:, ::-1]
-    return dist, idx
 
 
 # ------------------------------------------------------------------------------------------------
 # exact matches
 # ------------------------------------------------------------------------------------------------
-def _datetime_ns(s: pd.Series) -> np.ndarray:
-    ts = pd.to_datetime(s, errors="coerce", utc=True).dt.tz_localize(None)
-    return ts.to_numpy(dtype="datetime64[ns]").view("i8")  # NaT -> int64 min, equal to itself
-
-
-def _hashable_pair(real: pd.Series, syn: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Both columns in one canonical representation, so equal values hash equally."""
-    kr, ks = _kind(real), _kind(syn)
-    if kr == ks == "numeric":
-        a, b = _as_float(real, "numeric"), _as_float(syn, "numeric")
-        for v in (a, b):
-            v[v == 0.0] = 0.0  # -0.0 == 0.0
-            v[np.isnan(v)] = np.nan  # one NaN bit pattern
-        return a, b
-    if kr == ks == "datetime":
-        return _datetime_ns(real), _datetime_ns(syn)
-    if kr == ks == "timedelta":
-        conv = lambda s: pd.to_timedelta(s, errors="coerce").to_numpy(dtype="timedelta64[ns]").view("i8")  # noqa: E731
-        return conv(real), conv(syn)
-    return _as_category_strings(real), _as_category_strings(syn)
-
-
-def _row_hashes(cols: dict[str, np.ndarray]) -> np.ndarray:
-    return pd.util.hash_pandas_object(pd.DataFrame(cols), index=False).to_numpy()
-
-
 def exact_match_rate(real: pd.DataFrame, synthetic: pd.DataFrame, columns: list[str]) -> dict:
     """Share of synthetic rows identical on all ``columns`` to at least one real row.
 
     Rows are normalised (numbers as float64 so ``5 == 5.0``, datetimes as UTC nanoseconds, everything
     else as ``str`` with missing as one token, so NaN/None equal each other) and hashed with
-    ``pandas.util.hash_pandas_object`` (64-bit); membership is a hash lookup, not a pairwise scan.
+    ``pandas.util.hash_pandas_object`` (64-bit, :func:`~.encoding.row_hashes`); membership is a hash
+    lookup, not a pairwise scan.
     """
     columns = list(columns)
     if not columns:
@@ -377,137 +64,14 @@ def exact_match_rate(real: pd.DataFrame, synthetic: pd.DataFrame, columns: list[
         return {"exact_match_rate": 0.0, "exact_matches": 0, "synthetic_rows": 0}
     if len(real) == 0:
         return {"exact_match_rate": 0.0, "exact_matches": 0, "synthetic_rows": n_syn}
-    rc: dict[str, np.ndarray] = {}
-    sc: dict[str, np.ndarray] = {}
-    for i, c in enumerate(columns):
-        rc[f"c{i}"], sc[f"c{i}"] = _hashable_pair(real[c], synthetic[c])
-    hits = np.isin(_row_hashes(sc), _row_hashes(rc))
-    n = int(hits.sum())
+    h_real, h_syn = row_hashes(real, synthetic, columns)
+    n = int(np.isin(h_syn, h_real).sum())
     return {"exact_match_rate": float(n / n_syn), "exact_matches": n, "synthetic_rows": n_syn}
 
 
 # ------------------------------------------------------------------------------------------------
-# nearest neighbours
+# distance to closest record
 # ------------------------------------------------------------------------------------------------
-def nearest_neighbors(
-    query: np.ndarray,
-    reference: np.ndarray,
-    *,
-    k: int = 1,
-    chunk: int = 1024,
-    ref_chunk: int = 2048,
-    prefix: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
-    """Exact Euclidean ``k`` nearest neighbours (``k`` = 1 or 2) of every ``query`` row among
-    ``reference`` rows.
-
-    Returns ``(distances (nq, k) float64, indices (nq, k) int64, prefix_best)``. With ``prefix=p``,
-    ``prefix_best`` is the ``(distance, index)`` of the nearest neighbour among the first ``p``
-    reference rows only, found in the same pass (else ``None``). Candidates come from a float32 BLAS
-    product over ``chunk x ref_chunk`` blocks (8 MiB at the defaults, whatever the table sizes); the
-    distance to each chosen neighbour is then recomputed in float64 (identical rows -> exactly 0).
-    """
-    if k not in (1, 2):
-        raise ValueError("nearest_neighbors: k must be 1 or 2")
-    q = np.ascontiguousarray(query, dtype=np.float32)
-    r = np.ascontiguousarray(reference, dtype=np.float32)
-    nq, nr = q.shape[0], r.shape[0]
-    if nr == 0:
-        raise ValueError("nearest_distances: empty reference")
-    if q.shape[1] != r.shape[1]:
-        raise ValueError(f"dimension mismatch: {q.shape[1]} != {r.shape[1]}")
-    if k > nr:
-        raise ValueError(f"nearest_neighbors: k={k} > {nr} reference rows")
-    if prefix is not None and not 0 < prefix <= nr:
-        raise ValueError(f"nearest_neighbors: prefix {prefix} outside 1..{nr}")
-    if nq == 0:
-        empty = (np.zeros((0, k)), np.zeros((0, k), dtype=np.int64))
-        return (*empty, (empty[0][:, 0], empty[1][:, 0]) if prefix else None)
-    chunk = max(1, int(chunk))
-    ref_chunk = max(1, int(ref_chunk))
-    # Centring on the reference mean shrinks the norms and hence the float32 cancellation error.
-    # The reference carries ||r||^2 as an extra column and the query a matching column of ones, so
-    # one GEMM yields ||r||^2 - 2 q.r (the squared distance minus the per-row constant ||q||^2).
-    mu = r.mean(axis=0, dtype=np.float64).astype(np.float32)
-    d = r.shape[1]
-    ra = np.empty((nr, d + 1), dtype=np.float32)
-    np.subtract(r, mu, out=ra[:, :d])
-    ra[:, d] = np.einsum("ij,ij->i", ra[:, :d], ra[:, :d])
-    segments = [(0, prefix), (prefix, nr)] if prefix else [(0, nr)]
-    best_idx = np.empty((nq, k), dtype=np.int64)
-    pre_idx = np.empty(nq, dtype=np.int64) if prefix else None
-    qa = np.empty((min(chunk, nq), d + 1), dtype=np.float32)
-    buf = np.empty((min(chunk, nq), min(ref_chunk, nr)), dtype=np.float32)
-    for qs in range(0, nq, chunk):
-        m = min(chunk, nq - qs)
-        qm = qa[:m]
-        np.subtract(q[qs:qs + m], mu, out=qm[:, :d])
-        qm[:, :d] *= np.float32(-2.0)
-        qm[:, d] = 1.0
-        rows = np.arange(m)
-        bv = np.full((m, k), np.inf, dtype=np.float32)
-        bi = np.zeros((m, k), dtype=np.int64)
-        for seg_start, seg_end in segments:
-            for rs in range(seg_start, seg_end, ref_chunk):
-                re_ = min(rs + ref_chunk, seg_end)
-                block = buf[:m, :re_ - rs]
-                np.matmul(qm, ra[rs:re_].T, out=block)
-                j = block.argmin(axis=1)
-                v = block[rows, j]
-                if k == 1:
-                    better = v < bv[:, 0]
-                    bv[better, 0] = v[better]
-                    bi[better, 0] = j[better] + rs
-                    continue
-                if re_ - rs > 1:
-                    block[rows, j] = np.inf
-                    j2 = block.argmin(axis=1)
-                    v2 = block[rows, j2]
-                else:
-                    j2 = j
-                    v2 = np.full(m, np.inf, dtype=np.float32)
-                cand_v = np.concatenate([bv, v[:, None], v2[:, None]], axis=1)
-                cand_i = np.concatenate([bi, (j + rs)[:, None], (j2 + rs)[:, None]], axis=1)
-                top = np.argsort(cand_v, axis=1, kind="stable")[:, :2]
-                bv = np.take_along_axis(cand_v, top, axis=1)
-                bi = np.take_along_axis(cand_i, top, axis=1)
-            if pre_idx is not None and seg_end == prefix:
-                pre_idx[qs:qs + m] = bi[:, 0]
-        best_idx[qs:qs + m] = bi
-    dist = np.empty((nq, k), dtype=np.float64)
-    for col in range(k):
-        dist[:, col] = _exact_distances(q, r, best_idx[:, col])
-    if k == 2:  # float32 ranking of near-ties may disagree with the float64 distances
-        swap = dist[:, 1] < dist[:, 0]
-        dist[swap] = dist[swap][:, ::-1]
-        best_idx[swap] = best_idx[swap][:, ::-1]
-    pre = None
-    if pre_idx is not None:
-        pre = (_exact_distances(q, r, pre_idx), pre_idx)
-    return dist, best_idx, pre
-
-
-def _exact_distances(q: np.ndarray, r: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """float64 Euclidean distance from each ``q`` row to ``r[idx]`` (identical rows -> exactly 0)."""
-    out = np.empty(q.shape[0], dtype=np.float64)
-    step = max(1, _MAX_BLOCK_ELEMENTS // (8 * max(1, q.shape[1])))
-    for s in range(0, q.shape[0], step):
-        diff = q[s:s + step].astype(np.float64) - r[idx[s:s + step]].astype(np.float64)
-        out[s:s + step] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-    return out
-
-
-def nearest_distances(
-    query: np.ndarray, reference: np.ndarray, *, chunk: int = 1024
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact Euclidean nearest neighbour of every ``query`` row among ``reference`` rows.
-
-    Returns ``(distances float64, indices int64)``; see :func:`nearest_neighbors`.
-    """
-    dist, idx, _ = nearest_neighbors(query, reference, k=1, chunk=chunk)
-    return dist[:, 0], idx[:, 0]
-
-
 def _pct(x: np.ndarray, q: float) -> float:
     return float(np.percentile(x, q)) if x.size else float("nan")
 
@@ -524,8 +88,8 @@ def dcr(
 ) -> dict:
     """Distance to closest record (Euclidean, in the ``encode`` space fitted on train).
 
-    Neighbours are exact either way; ``pruned`` (default) uses :func:`nearest_encoded` (categorical
-    signature groups, see :mod:`.gower`), else the BLAS blocks of :func:`nearest_neighbors`.
+    Neighbours are exact either way; ``pruned`` (default) uses :func:`~.neighbors.nearest_encoded` (categorical
+    signature groups, see :mod:`.gower`), else the BLAS blocks of :func:`~.neighbors.nearest_neighbors`.
 
     * ``dcr_share``: share of synthetic rows strictly closer to ``train_ref`` (a seeded random
       subsample of train with as many rows as holdout) than to holdout, ties counted half. About 0.5
@@ -717,14 +281,6 @@ def membership_inference(
 # ------------------------------------------------------------------------------------------------
 # quasi-identifiers: k-anonymity and rare combinations
 # ------------------------------------------------------------------------------------------------
-def _qi_keys(base: pd.DataFrame, other: pd.DataFrame, qis: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    rc: dict[str, np.ndarray] = {}
-    oc: dict[str, np.ndarray] = {}
-    for i, c in enumerate(qis):
-        rc[f"c{i}"], oc[f"c{i}"] = _hashable_pair(base[c], other[c])
-    return _row_hashes(rc), _row_hashes(oc)
-
-
 def quasi_identifier_risk(
     train: pd.DataFrame,
     holdout: pd.DataFrame,
@@ -759,8 +315,8 @@ def quasi_identifier_risk(
         raise KeyError(f"quasi_identifier_risk: quasi-identifier(s) {missing} not in every table")
     if not qis:
         raise ValueError("quasi_identifier_risk: no quasi-identifiers")
-    h_train, h_syn = _qi_keys(train, synthetic, qis)
-    _, h_hold = _qi_keys(train, holdout, qis)
+    h_train, h_syn = row_hashes(train, synthetic, qis)
+    _, h_hold = row_hashes(train, holdout, qis)
     train_counts = pd.Series(h_train).value_counts()
     syn_counts = pd.Series(h_syn).value_counts()
     syn_class = pd.Series(h_syn).map(syn_counts).to_numpy()

@@ -131,12 +131,12 @@ def _reject_sample(synth: Any, column: str, value: Any, n: int, draw: Any, max_r
 def conditional_sampler(target: TargetDistribution, table: str = "patients", seed: int = 0) -> Any:
     """A ``sampler(synth, n)`` for :func:`synthfactory.synthesize.engine.iter_batches` drawing each batch with
     the target distribution (call ``target.record`` on what is finally written)."""
-    from synthfactory.synthesize.engine import _sample_plain
+    from synthfactory.synthesize.engine import sample_plain
 
     rng = np.random.default_rng(seed)
 
     def draw_plain(synth: Any, n: int) -> pd.DataFrame:
-        return _sample_plain(synth, n, table)
+        return sample_plain(synth, n, table)
 
     def sampler(synth: Any, n: int) -> pd.DataFrame:
         counts = target.counts(n)

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from synthfactory import kinds
 from synthfactory.spec import SpecError
 
 log = logging.getLogger(__name__)
 
-DP_KINDS = {"dp_mst": "mst", "dp_aim": "aim"}
 PUBLIC_BOUNDS = {"age": (0.0, 90.0)}  # top-coded at 90 by the modelling table (HIPAA Safe Harbor)
 
 
@@ -35,8 +35,8 @@ class DPSynthesizer:
     def __init__(self, kind: str = "dp_mst", epsilon: float = 3.0, delta: float | None = None,
                  preprocessor_epsilon: float | None = None, bins: int = 10,
                  bounds: dict[str, tuple[float, float]] | None = None, table: str = "patients", **extra: Any):
-        if kind not in DP_KINDS:
-            raise SpecError(f"synthesizer.kind: unknown DP synthesizer {kind!r}; choose one of {sorted(DP_KINDS)}")
+        if kind not in kinds.DP:
+            raise SpecError(f"synthesizer.kind: unknown DP synthesizer {kind!r}; choose one of {sorted(kinds.DP)}")
         if epsilon <= 0:
             raise SpecError("synthesizer.dp.epsilon: must be > 0")
         self.kind = kind
@@ -52,6 +52,11 @@ class DPSynthesizer:
         self._dtypes: dict[str, str] = {}
         self.privacy: dict[str, Any] = {}
         self._fitted = False
+
+    @property
+    def mechanism(self) -> str:
+        """smartnoise-synth's synthesizer for this kind (its registry entry's ``dp_mechanism``)."""
+        return kinds.get(self.kind).dp_mechanism
 
     # -- fit --------------------------------------------------------------------------------------
     def _transformer(self, df: pd.DataFrame) -> tuple[Any, list[str]]:
@@ -95,14 +100,14 @@ class DPSynthesizer:
             if not 0 < pre_eps < self.epsilon:
                 raise SpecError("synthesizer.dp.preprocessor_epsilon: must be > 0 and < epsilon when a numeric "
                                  f"column has no public bounds ({', '.join(inferred)}); or give dp.bounds")
-        self._model = Synthesizer.create(DP_KINDS[self.kind], epsilon=self.epsilon, delta=delta, **self.extra)
+        self._model = Synthesizer.create(self.mechanism, epsilon=self.epsilon, delta=delta, **self.extra)
         with contextlib.redirect_stdout(io.StringIO()):  # smartnoise prints its budget split
             self._model.fit(df, transformer=tt, preprocessor_eps=pre_eps)
         spent = float(tt.odometer.spent[0]) if inferred else 0.0
         self._columns = list(df.columns)
         self._dtypes = {c: str(df[c].dtype) for c in df.columns}
         self.privacy = {
-            "mechanism": DP_KINDS[self.kind], "epsilon": self.epsilon, "delta": delta,
+            "mechanism": self.mechanism, "epsilon": self.epsilon, "delta": delta,
             "epsilon_bounds": round(spent, 6), "epsilon_marginals": round(self.epsilon - spent, 6),
             "bins": self.bins, "public_bounds": sorted(c for c in df.columns if c in self.bounds),
             "dp_bounds": inferred, "rows": n,

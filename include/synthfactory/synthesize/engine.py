@@ -1,6 +1,6 @@
 """Synthesizers behind one small interface: metadata, fit, save/load, sample.
 
-Kinds (``make_synthesizer``):
+Kinds (``make_synthesizer``; declared once in :mod:`synthfactory.kinds`):
 
 * single table: SDV ``gaussian_copula``, ``ctgan``, ``tvae``, ``copulagan``; smartnoise ``dp_mst``, ``dp_aim``
   (differentially private, :mod:`synthfactory.synthesize.dp`);
@@ -27,19 +27,19 @@ from typing import Any, Callable, Iterator
 
 import pandas as pd
 
+from synthfactory import kinds
+from synthfactory.kinds import ARGN, KINDS, NEURAL, SynthesizerKind
 from synthfactory.spec import SpecError
 from synthfactory.storage import Store, is_s3, split_s3
+from synthfactory.synthesize.device import detect_device, device_params
 
 log = logging.getLogger(__name__)
 
 TABLE = "patients"
 SYNTHETIC_ID = "synthetic_id"
-NEURAL = {"ctgan", "tvae", "copulagan"}
-DP = {"dp_mst", "dp_aim"}
-ARGN = "tabular_argn"  # mostlyai-engine in its own interpreter (synthesize/argn.py)
-SINGLE_TABLE = ("gaussian_copula", "ctgan", "tvae", "copulagan", "dp_mst", "dp_aim", ARGN)
-KINDS = (*SINGLE_TABLE, "hma", "par")
-GPU_CAPABLE = NEURAL | {"par"}
+__all__ = ["ARGN", "KINDS", "NEURAL", "SYNTHETIC_ID", "TABLE", "ParquetSink", "column_metadata", "cpu_mapped", "fit",
+           "iter_batches", "load", "load_bytes", "make_synthesizer", "metadata_dict", "sample", "sample_plain",
+           "sample_to_parquet", "save", "sdtype_for", "synthetic_ids"]
 
 
 def sdtype_for(series: pd.Series) -> str:
@@ -71,72 +71,48 @@ def metadata_dict(df: pd.DataFrame, exclude: tuple[str, ...] = (), overrides: di
     return {"tables": {TABLE: {"columns": cols}}, "METADATA_SPEC_VERSION": "V2"}
 
 
-# -- device ---------------------------------------------------------------------------------------
-def detect_device(log_warning: bool = True, kind: str = "") -> str:
-    """``cuda`` when torch sees a CUDA device, else ``cpu`` (with a warning: neural training belongs on GPU workers)."""
-    try:
-        import torch
+# -- build: one factory per family of the kind registry (synthfactory.kinds) -------------------------
+def _sdv_factory(entry: SynthesizerKind, metadata: dict, params: dict[str, Any]) -> Callable[[], Any]:
+    import importlib
 
-        cuda = bool(torch.cuda.is_available())
-    except Exception:  # pragma: no cover - torch is a dependency of sdv
-        cuda = False
-    if not cuda and log_warning:
-        log.warning("%sno CUDA device found; training on CPU (route neural synthesizers to the gpu queue)",
-                    f"{kind}: " if kind else "")
-    return "cuda" if cuda else "cpu"
+    from sdv.metadata import Metadata
 
-
-def _device_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Set the device argument from what this worker has: ``enable_gpu`` (CTGAN/TVAE/CopulaGAN), ``cuda`` (PAR).
-    An explicit value in the spec's params wins."""
-    if kind in NEURAL and "enable_gpu" not in params:
-        return {**params, "enable_gpu": detect_device(kind=kind) == "cuda"}
-    if kind == "par" and "cuda" not in params:
-        return {**params, "cuda": detect_device(kind=kind) == "cuda"}
-    return params
+    module, name = entry.sdv_class.rsplit(".", 1)
+    cls = getattr(importlib.import_module(f"sdv.{module}"), name)
+    params = device_params(entry.name, params)
+    if entry.name == "hma":
+        params.setdefault("verbose", False)
+    meta = Metadata.load_from_dict(metadata)
+    return lambda: cls(meta, **params)
 
 
-def model_device(synth: Any) -> str:
-    """The device the model's networks are on now (``cpu`` for copulas, HMA and DP)."""
-    model = getattr(synth, "_model", None)
-    dev = getattr(model, "_device", None) or getattr(model, "device", None)
-    return str(dev) if dev is not None else "cpu"
+def _dp_factory(entry: SynthesizerKind, metadata: dict, params: dict[str, Any]) -> Callable[[], Any]:
+    from synthfactory.synthesize.dp import DPSynthesizer
+
+    table = next(iter(metadata["tables"]))
+    return lambda: DPSynthesizer(entry.name, table=table, **params)
+
+
+def _argn_factory(entry: SynthesizerKind, metadata: dict, params: dict[str, Any]) -> Callable[[], Any]:
+    from synthfactory.synthesize.argn import ArgnSynthesizer
+
+    table = next(iter(metadata["tables"]))
+    return lambda: ArgnSynthesizer(table=table, **params)
+
+
+_FACTORIES: dict[str, Callable[[SynthesizerKind, dict, dict[str, Any]], Callable[[], Any]]] = {
+    "sdv": _sdv_factory, "dp": _dp_factory, "argn": _argn_factory}
 
 
 def make_synthesizer(kind: str, metadata: dict, params: dict[str, Any] | None = None) -> Any:
-    from sdv.metadata import Metadata
-    from sdv.multi_table import HMASynthesizer
-    from sdv.sequential import PARSynthesizer
-    from sdv.single_table import (CopulaGANSynthesizer, CTGANSynthesizer, GaussianCopulaSynthesizer,
-                                  TVAESynthesizer)
-
-    classes = {"gaussian_copula": GaussianCopulaSynthesizer, "ctgan": CTGANSynthesizer,
-               "tvae": TVAESynthesizer, "copulagan": CopulaGANSynthesizer, "hma": HMASynthesizer,
-               "par": PARSynthesizer}
-    params = dict(params or {})
-    if kind in DP:
-        from synthfactory.synthesize.dp import DPSynthesizer
-
-        table = next(iter(metadata["tables"]))
-        try:
-            return DPSynthesizer(kind, table=table, **params)
-        except TypeError as err:
-            raise SpecError(f"synthesizer.params: {err}") from None
-    if kind == ARGN:
-        from synthfactory.synthesize.argn import ArgnSynthesizer
-
-        try:
-            return ArgnSynthesizer(table=next(iter(metadata["tables"])), **params)
-        except TypeError as err:
-            raise SpecError(f"synthesizer.params: {err}") from None
-    if kind not in classes:
+    """An unfitted synthesizer of ``kind`` (a :data:`synthfactory.kinds.REGISTRY` entry) for ``metadata``;
+    a bad kind or bad ``params`` raise :class:`~synthfactory.spec.SpecError`."""
+    entry = kinds.get(kind)
+    if entry is None:
         raise SpecError(f"synthesizer.kind: unknown synthesizer {kind!r}; choose one of {sorted(KINDS)}")
-    params = _device_params(kind, params)
-    if kind == "hma":
-        params.setdefault("verbose", False)
-    meta = Metadata.load_from_dict(metadata)
+    build = _FACTORIES[entry.family](entry, metadata, dict(params or {}))
     try:
-        return classes[kind](meta, **params)
+        return build()
     except TypeError as err:
         raise SpecError(f"synthesizer.params: {err}") from None
 
@@ -288,7 +264,9 @@ def load(uri: str, store: Store) -> Any:
 
 
 # -- sampling -------------------------------------------------------------------------------------
-def _sample_plain(synth: Any, n: int, table: str = TABLE) -> pd.DataFrame:
+def sample_plain(synth: Any, n: int, table: str = TABLE) -> pd.DataFrame:
+    """One batch of ``n`` rows by the synthesizer's own ``sample`` (the ``table`` frame of a multi-table
+    result, else its first), warnings silenced, index reset."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         part = synth.sample(num_rows=n)
@@ -301,7 +279,7 @@ def iter_batches(synth: Any, rows: int, batch_size: int = 100_000,
                  sampler: Callable[[Any, int], pd.DataFrame] | None = None) -> Iterator[pd.DataFrame]:
     """Yield ``rows`` synthetic rows in batches of at most ``batch_size`` (``sampler(synth, n)`` draws one batch;
     default: plain sampling). Progress goes to the log when there is more than one batch."""
-    draw = sampler or _sample_plain
+    draw = sampler or sample_plain
     done = 0
     while done < rows:
         n = min(batch_size, rows - done)

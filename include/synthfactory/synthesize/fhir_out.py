@@ -104,6 +104,13 @@ def _clean(d: dict) -> dict:
     return {k: v for k, v in d.items() if v is not None and v != [] and v != {}}
 
 
+def _subject_and_encounter(r: dict, row: dict) -> None:
+    """The patient (``subject``) and encounter references of a clinical resource, in that key order."""
+    r["subject"] = _ref("Patient", fhir_id(row["patient_key"]))
+    ek = _val(row, "encounter_key")
+    r["encounter"] = _ref("Encounter", fhir_id(ek)) if ek else None
+
+
 def fhir_id(key: str) -> str:
     """FHIR ids allow [A-Za-z0-9-.]{1,64}: synthetic keys already fit; anything else is mapped."""
     out = "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in str(key))
@@ -149,9 +156,7 @@ def condition(row: dict) -> dict:
         r["clinicalStatus"] = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
                                            "code": str(cs)}]}
     r["code"] = _concept(row)
-    r["subject"] = _ref("Patient", fhir_id(row["patient_key"]))
-    ek = _val(row, "encounter_key")
-    r["encounter"] = _ref("Encounter", fhir_id(ek)) if ek else None
+    _subject_and_encounter(r, row)
     r["onsetDateTime"] = _dt(_val(row, "onset"))
     return _clean(r)
 
@@ -164,9 +169,7 @@ def observation(row: dict) -> dict:
         r["category"] = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
                                       "code": str(cat)}]}]
     r["code"] = _concept(row) or {"text": "unknown"}
-    r["subject"] = _ref("Patient", fhir_id(row["patient_key"]))
-    ek = _val(row, "encounter_key")
-    r["encounter"] = _ref("Encounter", fhir_id(ek)) if ek else None
+    _subject_and_encounter(r, row)
     r["effectiveDateTime"] = _dt(_val(row, "effective"))
     v = _val(row, "value_num")
     if v is not None:
@@ -183,9 +186,7 @@ def medication_request(row: dict) -> dict:
     r["status"] = _val(row, "status") or "active"
     r["intent"] = _val(row, "intent") or "order"
     r["medicationCodeableConcept"] = _concept(row) or {"text": "unknown"}
-    r["subject"] = _ref("Patient", fhir_id(row["patient_key"]))
-    ek = _val(row, "encounter_key")
-    r["encounter"] = _ref("Encounter", fhir_id(ek)) if ek else None
+    _subject_and_encounter(r, row)
     r["authoredOn"] = _dt(_val(row, "authored_on"))
     return _clean(r)
 
@@ -194,9 +195,7 @@ def procedure(row: dict) -> dict:
     r = _base("Procedure", fhir_id(row["procedure_key"]))
     r["status"] = _val(row, "status") or "completed"
     r["code"] = _concept(row)
-    r["subject"] = _ref("Patient", fhir_id(row["patient_key"]))
-    ek = _val(row, "encounter_key")
-    r["encounter"] = _ref("Encounter", fhir_id(ek)) if ek else None
+    _subject_and_encounter(r, row)
     r["performedDateTime"] = _dt(_val(row, "performed"))
     return _clean(r)
 

@@ -354,6 +354,7 @@ def fit(tables: dict[str, pd.DataFrame], *, engine: str = "patient_centred", roo
         par_epochs: int = 64, constraint_specs: list | None = None) -> RelationalModel:
     """Fit the relational model on the (training) flattened tables. ``constraint_specs`` (the spec's
     ``synthesizer.constraints``) add SDV constraints per table (``table: patient`` or a child table name)."""
+    from synthfactory.kinds import DP
     from synthfactory.synthesize import engine as eng
     from synthfactory.synthesize.constraints import sdv_constraints
 
@@ -361,7 +362,7 @@ def fit(tables: dict[str, pd.DataFrame], *, engine: str = "patient_centred", roo
 
     if engine not in ENGINES:
         raise RelationalError(f"synthesizer.relational.engine: unknown engine {engine!r}; choose one of {ENGINES}")
-    if root_kind in eng.DP:
+    if root_kind in DP:
         raise RelationalError("synthesizer.kind: the DP synthesizers cover one table; relational mode would leave "
                               "the child tables without a privacy guarantee. Use mode: patient_table for DP")
     layout = derive_layout(tables, flags_top=flags_top if engine != "hma" else 0, age_band_years=age_band_years,
@@ -476,10 +477,10 @@ def _match_keys(df: pd.DataFrame, cols: list[str]) -> pd.Series:
 
 
 def _plain_draw(synth: Any, n: int) -> pd.DataFrame:
-    from synthfactory.synthesize.engine import _sample_plain
+    from synthfactory.synthesize.engine import sample_plain
 
     with contextlib.redirect_stderr(io.StringIO()):  # SDV's per-call tqdm bar: one per pool, noise in task logs
-        return _sample_plain(synth, n, table="")
+        return sample_plain(synth, n, table="")
 
 
 def _fill(synth: Any, needs: dict[tuple, int], cols: list[str], bucket: Any, stats: dict,
@@ -726,7 +727,7 @@ def sample_batches(model: RelationalModel, patients: int, batch_size: int = 20_0
                    root_sampler: Any = None) -> Iterator[tuple[dict[str, pd.DataFrame], dict]]:
     """Yield ``({table: DataFrame}, fix_counts)`` for batches of at most ``batch_size`` synthetic patients with
     all their child rows. Keys are fresh and unique across batches."""
-    from synthfactory.synthesize.engine import _sample_plain
+    from synthfactory.synthesize.engine import sample_plain
 
     layout = model.layout
     rng = np.random.default_rng(seed)
@@ -739,7 +740,7 @@ def sample_batches(model: RelationalModel, patients: int, batch_size: int = 20_0
             tables = _sample_hma(model, n)
             root = tables[ROOT]
         else:
-            root = (root_sampler or _sample_plain)(model.root, n) if root_sampler else _sample_plain(model.root, n)
+            root = (root_sampler or sample_plain)(model.root, n) if root_sampler else sample_plain(model.root, n)
             root = root.reset_index(drop=True)
         root[KEY] = [f"syn-{ABBREV[ROOT]}{i:08d}" for i in range(starts[ROOT] + 1, starts[ROOT] + len(root) + 1)]
         if model.engine == "hma":

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from synthfactory import kinds
+
 log = logging.getLogger(__name__)
 
 PATIENT_TABLE = "patients.parquet"
@@ -34,12 +36,10 @@ REPORT = ("reports", "synthesis.json")
 
 # -- fit ------------------------------------------------------------------------------------------
 def _params(ctx: Any, m: dict) -> dict:
-    from synthfactory.synthesize import engine
-
     spec = ctx.spec.synthesizer
     kind = ctx.synthesizer_kind
     params = dict(spec.params) if kind == spec.kind else {}
-    if kind in engine.NEURAL:
+    if kind in kinds.NEURAL:
         epochs = ctx.epochs or spec.epochs or params.get("epochs")
         if epochs:
             params["epochs"] = int(epochs)
@@ -47,9 +47,9 @@ def _params(ctx: Any, m: dict) -> dict:
             params["batch_size"] = int(spec.batch_size)
     elif ctx.epochs:
         log.info("stage=fit epochs=%d ignored: %s is not trained in epochs", ctx.epochs, kind)
-    if kind in engine.DP:
+    if kind in kinds.DP:
         params = {**spec.dp.model_dump(exclude_none=True), **params}
-    if kind == engine.ARGN:
+    if kind == kinds.ARGN:
         epochs = ctx.epochs or spec.epochs
         if epochs:
             params["epochs"] = int(epochs)
@@ -72,10 +72,9 @@ def _fingerprint(ctx: Any, uris: list[str], kind: str, params: dict, extra: Any 
 
 
 def _plan(ctx: Any, kind: str, params: dict, fingerprint: str) -> Any:
-    from synthfactory.synthesize import engine
     from synthfactory.synthesize.training import TrainPlan
 
-    if kind not in engine.NEURAL:
+    if kind not in kinds.NEURAL:
         return None
     spec = ctx.spec.synthesizer
     return TrainPlan(epochs=int(params.get("epochs", 300)), checkpoint_uri=ctx.uri("model", "checkpoint"),
@@ -86,11 +85,12 @@ def _plan(ctx: Any, kind: str, params: dict, fingerprint: str) -> Any:
 def fit_model(ctx: Any, prepared: dict, m: dict) -> None:
     from synthfactory.synthesize import engine
     from synthfactory.synthesize.constraints import sdv_constraints
+    from synthfactory.synthesize.device import detect_device
     from synthfactory.synthesize.modelling import KEY
 
     spec = ctx.spec.synthesizer
     kind = ctx.synthesizer_kind
-    if kind == engine.ARGN and kind != spec.kind:  # chosen at trigger time: the spec's checks did not see it
+    if kind == kinds.ARGN and kind != spec.kind:  # chosen at trigger time: the spec's checks did not see it
         from synthfactory.spec import SpecError, SynthesizerSpec
 
         try:
@@ -101,7 +101,7 @@ def fit_model(ctx: Any, prepared: dict, m: dict) -> None:
             raise SpecError(f"synthesizer {kind} chosen for this run: {why}") from None
     params = _params(ctx, m)
     model_uri = ctx.uri("model", "synthesizer.pkl")
-    device = engine.detect_device(log_warning=False) if kind in engine.GPU_CAPABLE else "cpu"
+    device = detect_device(log_warning=False) if kind in kinds.GPU_CAPABLE else "cpu"
     if spec.mode == "relational":
         from synthfactory.synthesize import relational
 
@@ -124,16 +124,16 @@ def fit_model(ctx: Any, prepared: dict, m: dict) -> None:
     else:
         train = ctx.store.read_df(prepared["train_uri"]).drop(columns=[KEY])
         metadata = ctx.store.read_json(prepared["metadata_uri"])
-        constraints = [] if kind in engine.DP or kind == engine.ARGN else sdv_constraints(spec.constraints, train,
+        constraints = [] if kind in kinds.DP or kind == kinds.ARGN else sdv_constraints(spec.constraints, train,
                                                                                           "patients")
         plan = _plan(ctx, kind, params, _fingerprint(ctx, [prepared["train_uri"]], kind, params, metadata))
         synth, seconds = engine.fit(train, kind, params, metadata, plan=plan, constraints=constraints)
         size = engine.save(synth, model_uri, ctx.store)
         m.update({"mode": "patient_table", "rows_train": len(train)})
         train_info = dict(plan.info) if plan is not None else {}
-        if kind in engine.DP:
+        if kind in kinds.DP:
             m["dp"] = synth.privacy
-        if kind == engine.ARGN:
+        if kind == kinds.ARGN:
             device = synth.fit_info.get("device", "cpu")
             m["engine"] = "mostlyai-engine TabularARGN (isolated interpreter)"
             if synth.fit_info.get("epochs") is not None:
@@ -218,7 +218,7 @@ def _sample_patient_table(ctx: Any, fitted: dict, prepared: dict, m: dict) -> No
     target = _target(ctx, prepared)
     fixes: dict[str, int] = {}
     sampler = conditional_sampler(target, seed=spec.seed) if target else None
-    sampler = bounded_sampler(sampler or (lambda s, n: engine._sample_plain(s, n)),
+    sampler = bounded_sampler(sampler or (lambda s, n: engine.sample_plain(s, n)),
                               bounds_for(spec.constraints, "patients"), fixes) \
         if bounds_for(spec.constraints, "patients") else sampler
     pii = _pii_columns(ctx.store.read_json(prepared["metadata_uri"]))

@@ -163,6 +163,17 @@ class _ProgressMixin:
             plan.info["gpu_name"] = torch.cuda.get_device_name(0)
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def _sf_continue(self, state: dict, owner: Any) -> None:
+        """After the weights of a checkpoint: its loss history, elapsed time and RNG state, then the
+        remaining epochs."""
+        self.loss_values = state["loss_values"]
+        self._sf_elapsed = state.get("elapsed", 0.0)
+        _set_rng_state(state["rng"])
+        self._sf_loop(owner, int(state["epochs_done"]))
+
+    def _sf_train_cpu(self) -> np.ndarray:
+        return self._sf_train
+
     def _sf_save_checkpoint(self, owner: Any, epochs_done: int) -> None:
         import torch
 
@@ -262,13 +273,7 @@ def _make_resumable_ctgan() -> type:
             self._sf_opt_d.load_state_dict(state["opt_d"])
             _optimizer_to(self._sf_opt_g, self._device)
             _optimizer_to(self._sf_opt_d, self._device)
-            self.loss_values = state["loss_values"]
-            self._sf_elapsed = state.get("elapsed", 0.0)
-            _set_rng_state(state["rng"])
-            self._sf_loop(owner, int(state["epochs_done"]))
-
-        def _sf_train_cpu(self) -> np.ndarray:
-            return self._sf_train
+            self._sf_continue(state, owner)
 
         def _sf_weights(self) -> dict:
             return {"generator": _cpu_state_dict(self._generator),
@@ -394,13 +399,7 @@ def _make_resumable_tvae() -> type:
             self.decoder.load_state_dict(state["decoder"])
             self._sf_opt.load_state_dict(state["opt"])
             _optimizer_to(self._sf_opt, self._device)
-            self.loss_values = state["loss_values"]
-            self._sf_elapsed = state.get("elapsed", 0.0)
-            _set_rng_state(state["rng"])
-            self._sf_loop(owner, int(state["epochs_done"]))
-
-        def _sf_train_cpu(self) -> np.ndarray:
-            return self._sf_train
+            self._sf_continue(state, owner)
 
         def _sf_weights(self) -> dict:
             return {"encoder": _cpu_state_dict(self._sf_encoder), "decoder": _cpu_state_dict(self.decoder),
@@ -561,7 +560,7 @@ def fit_resumable(synth: Any, data: pd.DataFrame, kind: str, plan: TrainPlan, ta
         model._sf_plan = plan
         model._sf_base_written = True
         # the device of *this* worker (a retry may land elsewhere); weights were saved CPU-mapped
-        from synthfactory.synthesize.engine import detect_device
+        from synthfactory.synthesize.device import detect_device
 
         model._device = torch.device(detect_device(log_warning=False))
         log.info("resuming %s training from checkpoint epoch=%d/%d", kind, state["epochs_done"], plan.epochs)

@@ -45,6 +45,19 @@ def _scan_group(acc, ft, g0, g1, q, lb):  # pragma: no cover - compiled
 
 
 @njit(inline="always", cache=True)
+def _group_bounds(lb2, sb, sh, pb, ph):  # pragma: no cover - compiled
+    """Twice the categorical distance of query words ``pb``/``ph`` to every group signature, into ``lb2``
+    (an integer lower bound of the group's distances); returns the largest."""
+    top = 0
+    for g in range(sb.shape[0]):
+        v = 2 * _popcnt(sb[g] ^ pb) + _popcnt(sh[g] ^ ph)
+        lb2[g] = v
+        if v > top:
+            top = v
+    return top
+
+
+@njit(inline="always", cache=True)
 def _mix(x):  # pragma: no cover - compiled
     """splitmix64 finaliser: a well-mixed 64-bit hash of ``x``."""
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -74,14 +87,7 @@ def nearest(qf, qb, qh, ft, sb, sh, starts, order, max_group, chunks, tie_seed):
         acc = np.empty(max_group, dtype=np.float32)
         lb2 = np.empty(n_groups, dtype=np.int64)  # twice the categorical distance (an integer)
         for qi in range(t * per, min((t + 1) * per, nq)):
-            pb = qb[qi]
-            ph = qh[qi]
-            top = 0
-            for g in range(n_groups):
-                v = 2 * _popcnt(sb[g] ^ pb) + _popcnt(sh[g] ^ ph)
-                lb2[g] = v
-                if v > top:
-                    top = v
+            top = _group_bounds(lb2, sb, sh, qb[qi], qh[qi])
             qkey = _mix(seed * golden + np.uint64(qi))
             bv = BIG
             bi = -1
@@ -154,14 +160,7 @@ def nearest_sq(qf, qb, qh, ft, sb, sh, starts, order, max_group, chunks, k):  # 
         acc = np.empty(max_group, dtype=np.float32)
         lb2 = np.empty(n_groups, dtype=np.int64)
         for qi in range(t * per, min((t + 1) * per, nq)):
-            pb = qb[qi]
-            ph = qh[qi]
-            top = 0
-            for g in range(n_groups):
-                v = 2 * _popcnt(sb[g] ^ pb) + _popcnt(sh[g] ^ ph)
-                lb2[g] = v
-                if v > top:
-                    top = v
+            top = _group_bounds(lb2, sb, sh, qb[qi], qh[qi])
             b1 = BIG
             b2 = BIG
             i1 = -1
@@ -201,14 +200,11 @@ def nearest_sq(qf, qb, qh, ft, sb, sh, starts, order, max_group, chunks, k):  # 
     return best, besti
 
 
-# predicate operators of :func:`count_matches` (see attacks.py)
-OP_ISNA, OP_NOTNA, OP_EQ, OP_NE, OP_GE, OP_LE, OP_GT, OP_LT = range(8)
-
-
 @njit(parallel=True, cache=True)
 def count_matches(x, qcol, qop, qval, limit):  # pragma: no cover - compiled
     """Rows of ``x`` (n, d) float64, NaN = missing, that satisfy every term of each query (row ``b`` of
-    ``qcol``/``qop``/``qval``; a column of -1 ends the terms), counting up to ``limit``. Comparisons
+    ``qcol``/``qop``/``qval``; a column of -1 ends the terms; an operator is its index in
+    :data:`.attacks.OPS`), counting up to ``limit``. Comparisons
     follow pandas: a missing value fails ==, <, >, <=, >= and satisfies !=."""
     n = x.shape[0]
     n_queries, width = qcol.shape

@@ -1,0 +1,91 @@
+"""The one registry of synthesizer kinds: what each kind is, declared once.
+
+The spec (:mod:`synthfactory.spec`: which kinds a dataset may name), the engine
+(:mod:`synthfactory.synthesize.engine`: how a kind is built, trained and placed on a device) and the DP
+wrapper (:mod:`synthfactory.synthesize.dp`: which smartnoise mechanism) all read :data:`REGISTRY`.
+Adding a kind is one entry here plus its factory in the engine. This module imports nothing heavy (no
+SDV, torch or smartnoise), so the spec and the Airflow layer can read it cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Family = Literal["sdv", "dp", "argn"]
+
+__all__ = [
+    "ARGN",
+    "DP",
+    "GPU_CAPABLE",
+    "KINDS",
+    "NEURAL",
+    "REGISTRY",
+    "RELATIONAL_CHILD_KINDS",
+    "SINGLE_TABLE",
+    "SynthesizerKind",
+    "get",
+]
+
+
+@dataclass(frozen=True)
+class SynthesizerKind:
+    """One synthesizer kind.
+
+    * ``family``: ``sdv`` (an SDV synthesizer class, ``sdv_class``), ``dp`` (smartnoise through
+      :class:`~synthfactory.synthesize.dp.DPSynthesizer`, mechanism ``dp_mechanism``) or ``argn``
+      (mostlyai-engine in its own interpreter, :mod:`synthfactory.synthesize.argn`);
+    * ``single_table``: a kind a dataset spec names as ``synthesizer.kind`` (one patient table);
+      the others (``hma``, ``par``) are engines of relational mode;
+    * ``neural``: trained in epochs through :mod:`synthfactory.synthesize.training` (GPU queue);
+    * ``device_param``: the constructor argument that puts it on CUDA (``enable_gpu``, ``cuda``);
+      set exactly for the GPU-capable kinds.
+    """
+
+    name: str
+    family: Family
+    single_table: bool = True
+    neural: bool = False
+    device_param: str | None = None
+    sdv_class: str | None = None      # "module.Class" under sdv, e.g. "single_table.CTGANSynthesizer"
+    dp_mechanism: str | None = None   # smartnoise-synth's synthesizer name
+
+    @property
+    def gpu_capable(self) -> bool:
+        """Uses a CUDA device when the worker has one."""
+        return self.device_param is not None
+
+
+REGISTRY: tuple[SynthesizerKind, ...] = (
+    SynthesizerKind("gaussian_copula", "sdv", sdv_class="single_table.GaussianCopulaSynthesizer"),
+    SynthesizerKind("ctgan", "sdv", neural=True, device_param="enable_gpu",
+                    sdv_class="single_table.CTGANSynthesizer"),
+    SynthesizerKind("tvae", "sdv", neural=True, device_param="enable_gpu", sdv_class="single_table.TVAESynthesizer"),
+    SynthesizerKind("copulagan", "sdv", neural=True, device_param="enable_gpu",
+                    sdv_class="single_table.CopulaGANSynthesizer"),
+    SynthesizerKind("dp_mst", "dp", dp_mechanism="mst"),
+    SynthesizerKind("dp_aim", "dp", dp_mechanism="aim"),
+    SynthesizerKind("tabular_argn", "argn"),
+    SynthesizerKind("hma", "sdv", single_table=False, sdv_class="multi_table.HMASynthesizer"),
+    SynthesizerKind("par", "sdv", single_table=False, device_param="cuda", sdv_class="sequential.PARSynthesizer"),
+)
+
+_BY_NAME = {k.name: k for k in REGISTRY}
+
+
+def get(name: str) -> SynthesizerKind | None:
+    """The registry entry of ``name`` (None: not a kind)."""
+    return _BY_NAME.get(name)
+
+
+#: every kind, in registry order
+KINDS: tuple[str, ...] = tuple(k.name for k in REGISTRY)
+#: the kinds a dataset spec names as ``synthesizer.kind``
+SINGLE_TABLE: tuple[str, ...] = tuple(k.name for k in REGISTRY if k.single_table)
+#: child models of relational mode: the single-table SDV kinds
+RELATIONAL_CHILD_KINDS: tuple[str, ...] = tuple(k.name for k in REGISTRY if k.single_table and k.family == "sdv")
+NEURAL: frozenset[str] = frozenset(k.name for k in REGISTRY if k.neural)
+DP: frozenset[str] = frozenset(k.name for k in REGISTRY if k.family == "dp")
+GPU_CAPABLE: frozenset[str] = frozenset(k.name for k in REGISTRY if k.gpu_capable)
+#: the one kind of the argn family (mostlyai-engine TabularARGN)
+ARGN: str = next(k.name for k in REGISTRY if k.family == "argn")
