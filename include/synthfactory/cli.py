@@ -76,18 +76,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _releases(spec, args) -> int:  # noqa: ANN001
     """Print the dataset's released versions (newest first) with their row counts and gate figures."""
-    from synthfactory import releases
+    from synthfactory.release import catalog
+    from synthfactory.release.layout import SandboxLayout
 
     limit = args.limit or None
+    layout = SandboxLayout.for_spec(spec)
     try:
         if args.out:
-            rows = releases.local_releases(args.out, spec, limit=limit)
-            where = str(releases.local_root(args.out) / releases.dataset_prefix(spec)) + "/"
+            rows = catalog.local_releases(args.out, spec, limit=limit)
+            where = str(catalog.local_root(args.out) / layout.dataset_prefix) + "/"
         else:
             import boto3  # default credential chain; AWS_ENDPOINT_URL points it at a non-AWS endpoint
 
-            rows = releases.s3_releases(boto3.client("s3"), spec, limit=limit)
-            where = f"s3://{spec.release.bucket}/{releases.dataset_prefix(spec)}/"
+            rows = catalog.s3_releases(boto3.client("s3"), spec, limit=limit)
+            where = layout.dataset_uri
     except Exception as err:  # noqa: BLE001 - unreachable endpoint, missing bucket, no credentials
         print(f"error: cannot list releases of {spec.name}: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_ERROR
@@ -96,7 +98,7 @@ def _releases(spec, args) -> int:  # noqa: ANN001
         return EXIT_OK
     print(f"{spec.name}: {len(rows)} release(s) in {where}")
     if rows:
-        print(releases.format_table(rows))
+        print(catalog.format_table(rows))
     return EXIT_OK
 
 

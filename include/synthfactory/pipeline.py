@@ -618,8 +618,10 @@ def review(ctx: RunContext, gated: dict, sampled: dict, quality_summary: dict, p
 
 # -- 8. release -----------------------------------------------------------------------------------
 def release_key_prefix(ctx: RunContext) -> str:
-    prefix = ctx.spec.release.prefix.strip("/")
-    return "/".join(p for p in (prefix, ctx.spec.name, ctx.version) if p)
+    """``<prefix>/<dataset>/<version>``: this run's version folder in the sandbox (see release.layout)."""
+    from synthfactory.release.layout import SandboxLayout
+
+    return SandboxLayout.for_spec(ctx.spec).release_prefix(ctx.version)
 
 
 def release(ctx: RunContext, gated: dict, sampled: dict, quality_summary: dict, privacy_summary: dict,

@@ -103,6 +103,24 @@ def test_release_announces_version_and_lineage(s3, sandbox_conn, tmp_path, linea
     assert all(i.context is w.hook for i in [*got.inputs, *got.outputs])  # attributed to the sandbox S3Hook
 
 
+def test_empty_prefix_asset_and_lineage_name_the_same_uri(s3, sandbox_conn, tmp_path, lineage_collector):
+    """The release task's Asset and its lineage output come from one layout, also without a prefix."""
+    from synthfactory.airflow.dag_factory import build_dag
+    from synthfactory.airflow.hooks import SandboxWriter
+    from synthfactory.airflow.release import announce_release
+
+    path, spec = _spec(tmp_path, "flat_ds", release__prefix="")
+    dag = build_dag(path)
+    (asset,) = dag.get_task("release").outlets
+    assert asset.uri == f"s3://{BUCKET}/flat_ds"
+    assert f"`s3://{BUCKET}/flat_ds/<version>/`" in dag.doc_md
+    announce_release(spec, SimpleNamespace(source_uri=str(tmp_path / "extract")), SandboxWriter.for_spec(spec),
+                     {"version": V1}, asset, context={"outlet_events": {asset: SimpleNamespace(extra={})}})
+    assert [o.asset.uri for o in lineage_collector.collected_assets.outputs] == [asset.uri]
+    path, _ = _spec(tmp_path, "prefixed_ds")
+    assert build_dag(path).get_task("release").outlets[0].uri == f"s3://{BUCKET}/{PREFIX}/prefixed_ds"
+
+
 # -- the approval step --------------------------------------------------------------------------------
 def test_approval_step_only_when_the_spec_asks(tmp_path):
     from airflow.providers.standard.operators.hitl import ApprovalOperator
@@ -147,8 +165,8 @@ def test_approval_request_shows_the_gate_figures_and_the_data_card(tmp_path):
 def gated_run(tmp_path, monkeypatch):
     """A gate-approved run in staging (files + decision), and the approval operator wired to it."""
     from synthfactory import pipeline
-    from synthfactory.airflow import dag_factory
-    from synthfactory.airflow.release import ReleaseApprovalOperator
+    from synthfactory.airflow import operators
+    from synthfactory.airflow.operators import ReleaseApprovalOperator
 
     path, spec = _spec(tmp_path, release__require_approval=True)
     ctx = pipeline.RunContext(spec=spec, run_id="manual__1", version=V1, staging_root=str(tmp_path / "staging"))
@@ -165,7 +183,7 @@ def gated_run(tmp_path, monkeypatch):
                                                         "message": "all gates passed"})
     xcoms = {"gate": {"approved": True, "decision_uri": ctx.uri("gate", "decision.json")}, "sample": sampled,
              "quality": q, "privacy": p}
-    monkeypatch.setattr(dag_factory, "run_context", lambda _sp: ctx)
+    monkeypatch.setattr(operators, "run_context", lambda _sp: ctx)
     from airflow.providers.standard.operators.empty import EmptyOperator
     from airflow.sdk import DAG
 

@@ -354,10 +354,10 @@ def test_fhir_hook_turns_connections_into_auth_configs(monkeypatch, rsa_key):
     from airflow.sdk.definitions.connection import Connection
 
     from synthfactory.airflow import get_provider_info
-    from synthfactory.airflow.fhir import FhirHook
+    from synthfactory.airflow.hooks import FhirHook
 
     info = get_provider_info()
-    assert {"hook-class-name": "synthfactory.airflow.fhir.FhirHook", "connection-type": "fhir"} \
+    assert {"hook-class-name": "synthfactory.airflow.hooks.FhirHook", "connection-type": "fhir"} \
         in info["connection-types"]
     smart = Connection(conn_id="fhir_smart", conn_type="fhir", host="https://ehr.example.org/fhir/r4",
                        login="client-1", extra=json.dumps({"private_key": pem_of(rsa_key), "kid": "k9",
@@ -381,13 +381,13 @@ def test_fhir_hook_turns_connections_into_auth_configs(monkeypatch, rsa_key):
 def test_operator_defers_then_stores_the_manifest(tmp_path, server, carebundle_extract, keyer, monkeypatch):
     from airflow.sdk.exceptions import TaskDeferred
 
-    from synthfactory.airflow import dag_factory, fhir
+    from synthfactory.airflow import operators
     from synthfactory.airflow.triggers import BulkExportTrigger
 
     srv = server(files_of(carebundle_extract, ("Patient",)), Script(auth="none"))
     ctx = make_ctx(tmp_path, srv.base, AuthConfig(), bulk={**FAST, "deferrable": True})
-    monkeypatch.setattr(dag_factory, "run_context", lambda spec_path: ctx)
-    op = fhir.FhirBulkExportOperator(task_id="bulk_export", spec_path="unused.yaml")
+    monkeypatch.setattr(operators, "run_context", lambda spec_path: ctx)
+    op = operators.FhirBulkExportOperator(task_id="bulk_export", spec_path="unused.yaml")
     with pytest.raises(TaskDeferred) as deferred:
         op.execute(context={})
     trig = deferred.value.trigger
@@ -410,7 +410,7 @@ def test_dag_for_a_bulk_source_waits_on_the_triggerer(tmp_path):
     import yaml
 
     from synthfactory.airflow.dag_factory import build_dag
-    from synthfactory.airflow.fhir import FhirBulkExportOperator
+    from synthfactory.airflow.operators import FhirBulkExportOperator
     from synthfactory.spec import SpecError
 
     root = Path(__file__).resolve().parents[2]

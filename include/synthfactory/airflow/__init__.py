@@ -21,9 +21,9 @@ def get_provider_info() -> dict:
                 "connection-type": "synthfactory_salt",
             },
             {
-                "hook-class-name": "synthfactory.airflow.fhir.FhirHook",
+                "hook-class-name": "synthfactory.airflow.hooks.FhirHook",
                 "connection-type": "fhir",
             },
         ],
-        "hook-class-names": ["synthfactory.airflow.hooks.HmacSaltHook", "synthfactory.airflow.fhir.FhirHook"],
+        "hook-class-names": ["synthfactory.airflow.hooks.HmacSaltHook", "synthfactory.airflow.hooks.FhirHook"],
     }

@@ -1,6 +1,7 @@
 """Build one Airflow DAG per dataset spec (TaskFlow API, ``airflow.sdk``).
 
-Each task is a few lines over a :mod:`synthfactory.pipeline` stage, the same functions the CLI runs.
+Each task is a few lines over a :mod:`synthfactory.pipeline` stage, the same functions the CLI runs, on the
+run's context from :func:`synthfactory.airflow.context.run_context`.
 Tasks pass URIs and small figures through XCom, never data. Heavy libraries (SDV, GX) are imported only
 inside task execution, so parsing the DAG folder stays cheap.
 """
@@ -12,37 +13,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from airflow.sdk import DAG, Asset, Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException
-
 from synthfactory.airflow import routing
+from synthfactory.airflow.compat import DAG, AirflowFailException, Asset, Param, dag, task
+from synthfactory.airflow.context import run_context
+from synthfactory.release.layout import SandboxLayout
 from synthfactory.spec import SYNTHESIZER_KINDS, DatasetSpec, discover_specs, load_spec
 
 SYNTHESIZERS = list(SYNTHESIZER_KINDS)  # the spec's kinds (incl. dp_mst, dp_aim), so any spec's default is valid
 DEFAULT_SPECS = Path(__file__).resolve().parents[2] / "datasets"  # include/datasets
-
-
-def run_context(spec_path: str) -> Any:
-    """The library's RunContext for the running task instance (spec re-read, params applied)."""
-    from synthfactory.airflow.hooks import HmacSaltHook, phi_store
-    from synthfactory.context import RunContext, project_root, version_for
-
-    ctx = get_current_context()
-    spec = load_spec(spec_path)
-    params = ctx["params"]
-    dag_run = ctx["dag_run"]
-    when = getattr(dag_run, "logical_date", None) or getattr(dag_run, "run_after", None)
-    routing.check_runtime_synthesizer(spec, params.get("synthesizer") or None)  # fail fast, in the first task
-    salt = HmacSaltHook(spec.source.salt_connection_id).get_salt() if spec.source.salt_connection_id else None
-    from synthfactory.airflow.fhir import fhir_credentials  # FHIR server auth (fhir_bulk/fhir_search sources)
-
-    fhir_auth, fhir_base_url = fhir_credentials(spec)
-    return RunContext(
-        fhir_auth=fhir_auth, fhir_base_url=fhir_base_url,
-        spec=spec, run_id=ctx["run_id"], version=version_for(when), store=phi_store(spec), salt=salt,
-        profile=params.get("profile") or "default", rows=int(params.get("rows") or 0) or None,
-        synthesizer=params.get("synthesizer") or None, base_dir=str(project_root(spec_path)),
-        epochs=int(params.get("epochs") or 0) or None, force_ingest=bool(params.get("force_ingest")))
 
 
 def task_kwargs(spec: DatasetSpec, stage: str) -> dict[str, Any]:
@@ -101,7 +79,7 @@ Built from `{spec_path.name}`. Stages: ingest (FHIR R4 NDJSON → Parquet, HMAC 
 prepare (patient-level table, train/holdout split) → fit (`{spec.synthesizer.kind}`) → sample →
 quality (GX suite + SDMetrics) → privacy (exact match, DCR, membership inference, k-anonymity,
 anonymeter attacks, leak scan) → gate →{approve} release to
-`s3://{spec.release.bucket}/{spec.release.prefix}/{spec.name}/<version>/` on connection `{spec.release.connection_id}`
+`{SandboxLayout.for_spec(spec).version_uri("<version>")}` on connection `{spec.release.connection_id}`
 (atomic: manifest last, then `latest.json`; SSE {spec.release.encryption}; the newest {spec.release.keep_versions} versions kept).
 
 Default thresholds: quality score ≥ {qt.min_quality_score}, expectations ≥ {qt.min_expectation_success},
@@ -132,8 +110,7 @@ def build_dag(spec_path: str | Path) -> DAG:
     spec_path = Path(spec_path).resolve()
     spec = load_spec(spec_path)
     sp = str(spec_path)
-    release_asset = Asset(name=f"synthfactory_{spec.name}",
-                          uri=f"s3://{spec.release.bucket}/{spec.release.prefix}/{spec.name}".rstrip("/"))
+    release_asset = Asset(name=f"synthfactory_{spec.name}", uri=SandboxLayout.for_spec(spec).asset_uri)
     params = {
         "rows": Param(spec.synthesizer.rows or 0, type="integer", minimum=0, title="Synthetic rows",
                       description="Rows to sample; 0 = as many as the real training rows."),
@@ -232,7 +209,7 @@ def build_dag(spec_path: str | Path) -> DAG:
         gated = gate(sampled, q, pr, ingested)
         released = release(gated, sampled, q, pr, ingested)
         if spec.release.require_approval:  # human-in-the-loop between the gate and the release
-            from synthfactory.airflow.release import approval_task
+            from synthfactory.airflow.operators import approval_task
 
             gated >> approval_task(spec, sp) >> released
         for arg in (gated, released):
@@ -240,7 +217,7 @@ def build_dag(spec_path: str | Path) -> DAG:
         if spec.trigger.wait_for_key:
             _extract_sensor(spec) >> ingested
         if spec.source.kind == "fhir_bulk" and spec.source.bulk.deferrable:  # export waits on the triggerer
-            from synthfactory.airflow.fhir import FhirBulkExportOperator
+            from synthfactory.airflow.operators import FhirBulkExportOperator
 
             FhirBulkExportOperator(task_id="bulk_export", spec_path=sp, **task_kwargs(spec, "ingest")) >> ingested
 

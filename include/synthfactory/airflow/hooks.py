@@ -1,9 +1,21 @@
 """Hooks: credentials come only from Airflow connections.
 
 - ``HmacSaltHook``: the salt for pseudonymous keys, kept as a connection's password (type ``synthfactory_salt``).
+- ``FhirHook``: a FHIR server's credentials and base URL (type ``fhir``), turned into the library's
+  :class:`~synthfactory.ingest.smart.AuthConfig`; everything else lives in :mod:`synthfactory.ingest`.
 - ``SandboxWriter``: the release target, writing through Airflow's ``S3Hook`` (boto3 underneath) on the
   sandbox writer's own connection, never the PHI/staging one.
 - ``phi_store``: a :class:`synthfactory.storage.Store` for the extract and staging side.
+- ``report_lineage``: hook-level lineage for an installed OpenLineage provider.
+
+FHIR connection (conn_type ``fhir``):
+
+* host: the base URL (``https://fhir.example.org/r4``), or ``extra.base_url``;
+* login: the SMART client id (or the basic-auth user);
+* password: a bearer token, the basic-auth password, or the SMART private key (PEM);
+* extra: ``{"auth": "smart"|"bearer"|"basic"|"none", "private_key": "<PEM>", "jwks": {...}, "kid": ...,
+  "alg": "RS384"|"ES384", "scope": "system/*.read", "token_url": ..., "jku": ...}``. Without ``auth``, a
+  key (PEM/JWKS) means SMART, login + password basic, a password alone bearer.
 """
 
 from __future__ import annotations
@@ -11,11 +23,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import BaseHook
-
+from synthfactory.airflow.compat import BaseHook, get_hook_lineage_collector
 from synthfactory.release.publish import Boto3Writer
 from synthfactory.spec import DatasetSpec
 from synthfactory.storage import Store, is_s3
+
+__all__ = ["FhirHook", "HmacSaltHook", "SandboxWriter", "asset_uri", "fhir_credentials", "phi_store",
+           "report_lineage"]
 
 
 class HmacSaltHook(BaseHook):
@@ -43,6 +57,99 @@ class HmacSaltHook(BaseHook):
 
     def get_conn(self) -> str:
         return self.get_salt()
+
+
+class FhirHook(BaseHook):
+    """Credentials and base URL of a FHIR server from an Airflow connection."""
+
+    conn_name_attr = "fhir_conn_id"
+    default_conn_name = "fhir_default"
+    conn_type = "fhir"
+    hook_name = "FHIR server (SMART backend services, bearer, basic)"
+
+    def __init__(self, fhir_conn_id: str = default_conn_name, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.fhir_conn_id = fhir_conn_id
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return {"hidden_fields": ["schema", "port"],
+                "relabeling": {"host": "Base URL", "login": "Client id / user",
+                               "password": "Token, password or private key (PEM)"},
+                "placeholders": {"extra": '{"auth": "smart", "kid": "key-1", "scope": "system/*.read"}'}}
+
+    # -- pure: connection -> config ----------------------------------------------------------------
+    @staticmethod
+    def base_url_of(conn: Any) -> str | None:
+        extra = conn.extra_dejson or {}
+        if extra.get("base_url"):
+            return str(extra["base_url"]).rstrip("/")
+        host = conn.host or ""
+        if host.startswith(("http://", "https://")):
+            return host.rstrip("/")
+        if not host:
+            return None
+        port = f":{conn.port}" if conn.port else ""
+        path = f"/{conn.schema.strip('/')}" if conn.schema else ""
+        return f"https://{host}{port}{path}"
+
+    @staticmethod
+    def auth_config_of(conn: Any) -> Any:
+        from synthfactory.ingest.smart import AuthConfig
+
+        extra = dict(conn.extra_dejson or {})
+        key = extra.get("private_key")
+        jwks = extra.get("jwks")
+        password = conn.password or None
+        kind = extra.get("auth")
+        if kind is None:
+            if key or jwks or (password and "PRIVATE KEY" in password):
+                kind = "smart"
+            elif conn.login and password:
+                kind = "basic"
+            elif password:
+                kind = "bearer"
+            else:
+                kind = "none"
+        if kind == "smart":
+            return AuthConfig(kind="smart", client_id=extra.get("client_id") or conn.login,
+                              private_key=key or (password if password and "PRIVATE KEY" in password else None),
+                              jwks=jwks, kid=extra.get("kid"), alg=extra.get("alg"),
+                              scope=extra.get("scope", "system/*.read"), token_url=extra.get("token_url"),
+                              jku=extra.get("jku"))
+        if kind == "bearer":
+            return AuthConfig(kind="bearer", token=extra.get("token") or password)
+        if kind == "basic":
+            return AuthConfig(kind="basic", username=conn.login, password=password)
+        if kind == "none":
+            return AuthConfig()
+        raise ValueError(f"connection auth {kind!r}: use smart, bearer, basic or none")
+
+    # -- connection lookups ----------------------------------------------------------------------
+    def get_auth_config(self) -> Any:
+        return self.auth_config_of(self.get_connection(self.fhir_conn_id))
+
+    def get_base_url(self) -> str | None:
+        return self.base_url_of(self.get_connection(self.fhir_conn_id))
+
+    def get_conn(self) -> Any:
+        return self.get_auth_config()
+
+    @classmethod
+    async def aget_config(cls, conn_id: str) -> tuple[Any, str | None]:
+        """(AuthConfig, base URL) from the connection, for triggers (async connection lookup)."""
+        conn = await cls.aget_connection(conn_id)
+        return cls.auth_config_of(conn), cls.base_url_of(conn)
+
+
+def fhir_credentials(spec: Any) -> tuple[Any, str | None]:
+    """(AuthConfig or None, base URL or None) of a spec's FHIR server connection, if it names one."""
+    conn_id = getattr(spec.source, "fhir_connection_id", None)
+    if not conn_id or spec.source.kind not in ("fhir_bulk", "fhir_search"):
+        return None, None
+    hook = FhirHook(conn_id)
+    conn = hook.get_connection(conn_id)
+    return FhirHook.auth_config_of(conn), FhirHook.base_url_of(conn)
 
 
 class SandboxWriter(Boto3Writer):
@@ -75,19 +182,11 @@ def asset_uri(uri: str) -> str:
     return uri.rstrip("/") if is_s3(uri) else Path(uri).resolve().as_uri()
 
 
-def dataset_asset_uri(spec: DatasetSpec) -> str:
-    """The dataset's sandbox Asset (what the release task's outlet and its lineage name)."""
-    return "s3://" + "/".join(p.strip("/") for p in (spec.release.bucket, spec.release.prefix, spec.name)
-                              if p.strip("/"))
-
-
 def report_lineage(context: Any, *, inputs: list[str] = (), outputs: list[str] = (),
                    extra: dict[str, Any] | None = None) -> None:
     """Hook-level lineage (Airflow 3): an installed OpenLineage provider turns what the collector holds into the
     task's input/output datasets. Without a lineage reader the collector is a no-op. ``context`` is the hook
     that did the I/O (a BaseHook)."""
-    from airflow.sdk.lineage import get_hook_lineage_collector
-
     collector = get_hook_lineage_collector()
     for uri in inputs:
         collector.add_input_asset(context=context, uri=asset_uri(uri))

@@ -13,15 +13,13 @@ A task that failed, or a refused gate, gets no link.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from airflow.sdk import BaseOperatorLink
-
+from synthfactory.airflow.compat import BaseOperatorLink, conf
 from synthfactory.airflow.webapp import URL_PREFIX
+from synthfactory.release.layout import find_version
 
 DAG_PREFIX = "synthfactory_"
-_VERSION_RE = re.compile(r"/(v[0-9]{8}T[0-9]{6}Z[^/]*)/")
 
 
 def datacard_path(dataset: str, version: str) -> str:
@@ -30,8 +28,6 @@ def datacard_path(dataset: str, version: str) -> str:
 
 def _base_url() -> str:
     try:
-        from airflow.configuration import conf
-
         base = conf.get("api", "base_url", fallback="") or ""
     except Exception:  # pragma: no cover
         base = ""
@@ -41,8 +37,7 @@ def _base_url() -> str:
 def version_from_summary(summary: dict) -> str | None:
     if summary.get("version"):
         return str(summary["version"])
-    m = _VERSION_RE.search(str(summary.get("datacard_uri") or ""))
-    return m.group(1) if m else None
+    return find_version(str(summary.get("datacard_uri") or ""))
 
 
 class DataCardLink(BaseOperatorLink):
@@ -59,7 +54,7 @@ class DataCardLink(BaseOperatorLink):
             return ""
         version = version_from_summary(summary)
         if not version:
-            from synthfactory.pipeline import version_for
+            from synthfactory.context import version_for
 
             dag_run = ti_key.get_template_context().get("dag_run")
             version = version_for(getattr(dag_run, "logical_date", None) or getattr(dag_run, "run_after", None))

@@ -11,16 +11,16 @@
 
 from __future__ import annotations
 
-from airflow.plugins_manager import AirflowPlugin
-
+from synthfactory.airflow.compat import AirflowPlugin
 from synthfactory.airflow.links import DataCardLink
 from synthfactory.airflow.webapp import URL_PREFIX
 from synthfactory.airflow.webapp import app as datasets_app
+from synthfactory.release.layout import SandboxLayout
 
 
 def release_uri(bucket: str, prefix: str, dataset: str, version: str) -> str:
     """Jinja macro ``{{ macros.synthfactory.release_uri(...) }}``: where a released version lives."""
-    return "s3://" + "/".join(p.strip("/") for p in (bucket, prefix, dataset, version) if p) + "/"
+    return SandboxLayout.of(prefix, dataset, bucket).version_uri(version)
 
 
 class SynthFactoryPlugin(AirflowPlugin):

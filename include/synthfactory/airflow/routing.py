@@ -15,7 +15,7 @@ the ``synthesizer`` Param is only known when a run starts. So routing follows th
   asks for ``nvidia.com/gpu`` (built only when the ``kubernetes`` client is importable and the executor
   is Kubernetes).
 
-Nothing here imports Airflow at module level.
+Nothing here imports Airflow at module level (configuration is read through :mod:`.compat` on use).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ GPU_STAGES = ("fit", "sample")
 def default_queue() -> str:
     """The CPU queue: Airflow's ``[operators] default_queue`` (``default`` unless configured)."""
     try:
-        from airflow.configuration import conf
+        from synthfactory.airflow.compat import conf
 
         return conf.get("operators", "default_queue", fallback="default") or "default"
     except Exception:  # pragma: no cover - outside Airflow
@@ -67,14 +67,6 @@ def training_route(spec: DatasetSpec, cpu_queue: str | None = None) -> Route:
     gpu = queue != cpu_queue
     config = kubernetes_executor_config(syn.gpus) if gpu and syn.gpus else {}
     return Route(queue=queue, pool=pool, gpu=gpu, executor_config=config)
-
-
-def cpu_route(cpu_queue: str | None = None) -> Route:
-    return Route(queue=cpu_queue or default_queue(), pool=DEFAULT_POOL, gpu=False)
-
-
-def route_for(stage: str, spec: DatasetSpec, cpu_queue: str | None = None) -> Route:
-    return training_route(spec, cpu_queue) if stage in GPU_STAGES else cpu_route(cpu_queue)
 
 
 class RoutingError(ConfigError, ValueError):
@@ -114,7 +106,7 @@ def gpu_pod_override_spec(gpus: int = 1) -> dict[str, Any]:
 
 def _kubernetes_executor_configured() -> bool:
     try:
-        from airflow.configuration import conf
+        from synthfactory.airflow.compat import conf
 
         executor = conf.get("core", "executor", fallback="") or ""
     except Exception:  # pragma: no cover

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any, AsyncIterator
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from synthfactory.airflow.compat import BaseTrigger, TriggerEvent
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ class BulkExportTrigger(BaseTrigger):
         self.timeout = timeout
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return ("synthfactory.airflow.triggers.BulkExportTrigger",
+        cls = type(self)
+        return (f"{cls.__module__}.{cls.__qualname__}",
                 {"status_url": self.status_url, "conn_id": self.conn_id, "base_url": self.base_url,
                  "policy": self.policy, "auth": self.auth, "timeout": self.timeout})
 
@@ -45,7 +46,7 @@ class BulkExportTrigger(BaseTrigger):
 
         base = self.base_url
         if self.conn_id:
-            from synthfactory.airflow.fhir import FhirHook
+            from synthfactory.airflow.hooks import FhirHook  # hooks loads the release writer (pyarrow): on use
 
             config, conn_base = await FhirHook.aget_config(self.conn_id)
             base = base or conn_base

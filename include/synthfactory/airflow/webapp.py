@@ -25,7 +25,8 @@ from typing import Any, Callable
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from synthfactory import releases as rel
+from synthfactory.release import catalog
+from synthfactory.release.layout import MANIFEST, SandboxLayout, is_version
 from synthfactory.spec import NAME_RE, DatasetSpec, SpecError, discover_specs, load_spec
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def _render(datasets: list[dict], root: str, spec_errors: dict[str, str]) -> str
             if r["datacard"]:
                 links.insert(0, f"<a href=\"{base}/datacard\">data card</a>")
             cells = [e(str(r["version"])), _fmt(r["rows"]), e(_fmt(r["synthesizer"])), e(_fmt(r["profile"])),
-                     *(_fmt(f.get(k)) for k in rel.FIGURES), e(_fmt(r["published_at"])), " · ".join(links)]
+                     *(_fmt(f.get(k)) for k in catalog.FIGURES), e(_fmt(r["published_at"])), " · ".join(links)]
             rows.append("<tr>" + "".join(
                 f"<td class=\"num\">{c}</td>" if i in (1, 4, 5, 6, 7, 8) else f"<td>{c}</td>"
                 for i, c in enumerate(cells)) + "</tr>")
@@ -143,7 +144,7 @@ def create_app(*, specs_folder: str | Path | None = None, client_factory: Client
         return Path(specs_folder) if specs_folder else specs_dir()
 
     def spec_for(dataset: str, version: str) -> DatasetSpec:
-        if not NAME_RE.match(dataset) or not rel.VERSION_RE.match(version):
+        if not NAME_RE.match(dataset) or not is_version(version):
             raise HTTPException(404, "no such release")
         spec = _load_specs(folder())[0].get(dataset)
         if spec is None:
@@ -155,10 +156,10 @@ def create_app(*, specs_folder: str | Path | None = None, client_factory: Client
         out = []
         for name, spec in sorted(specs.items()):
             d = {"dataset": name, "description": spec.description,
-                 "location": f"s3://{spec.release.bucket}/{rel.dataset_prefix(spec)}/",
+                 "location": SandboxLayout.for_spec(spec).dataset_uri,
                  "connection_id": spec.release.connection_id, "releases": []}
             try:
-                d["releases"] = rel.s3_releases(factory(spec.release.connection_id), spec, limit=limit)
+                d["releases"] = catalog.s3_releases(factory(spec.release.connection_id), spec, limit=limit)
             except Exception as err:  # one unreadable bucket must not hide the others
                 code = getattr(err, "response", {}).get("Error", {}).get("Code")
                 d["error"] = f"{type(err).__name__}{f' {code}' if code else ''} (connection {spec.release.connection_id!r})"
@@ -179,7 +180,7 @@ def create_app(*, specs_folder: str | Path | None = None, client_factory: Client
     @app.get("/datasets/{dataset}/{version}/manifest.json")
     def manifest(dataset: str, version: str) -> Response:
         spec = spec_for(dataset, version)
-        data = rel.s3_file(factory(spec.release.connection_id), spec, version, rel.MANIFEST)
+        data = catalog.s3_file(factory(spec.release.connection_id), spec, version, MANIFEST)
         if data is None:
             raise HTTPException(404, f"{dataset} {version}: no such release")
         return Response(data, media_type="application/json")
@@ -187,10 +188,10 @@ def create_app(*, specs_folder: str | Path | None = None, client_factory: Client
     @app.get("/datasets/{dataset}/{version}/datacard", response_class=HTMLResponse)
     def datacard(dataset: str, version: str) -> Response:
         spec = spec_for(dataset, version)
-        data = rel.s3_file(factory(spec.release.connection_id), spec, version, rel.DATACARD)
+        data = catalog.s3_file(factory(spec.release.connection_id), spec, version, catalog.DATACARD)
         if data is None:
             return HTMLResponse(f"<!doctype html><p>{html.escape(dataset)} {html.escape(version)} has no data card "
-                                f"(<code>{rel.DATACARD}</code>) in the sandbox (not released, or released "
+                                f"(<code>{catalog.DATACARD}</code>) in the sandbox (not released, or released "
                                 f"before data cards existed).</p>", status_code=404)
         return Response(data, media_type="text/html; charset=utf-8",
                         headers={"Content-Security-Policy": DATACARD_CSP, "X-Content-Type-Options": "nosniff"})

@@ -1,34 +1,32 @@
-"""The sandbox layout, and the readers' side of it.
-
-Under the sandbox bucket, per dataset::
-
-    <prefix>/<dataset>/<version>/<files>          a committed version (version = v<UTC logical date>)
-    <prefix>/<dataset>/<version>/manifest.json    written last: a version exists iff its manifest exists
-    <prefix>/<dataset>/latest.json                {"version": ..., "manifest": ...}; only ever moves forward
-    <prefix>/<dataset>/_staging/<run_id>/<files>  a publish in progress (run-scoped; readers ignore it)
+"""The readers' side of the sandbox (the layout itself is :mod:`synthfactory.release.layout`).
 
 Readers never list files to find a release: they read ``latest.json`` or list manifests. A version whose
 files are there but whose manifest is not (a publish that died half way) does not exist for them.
 
-The functions here take any *object store* with ``get(key)`` and ``list(prefix)`` (the writers in
-:mod:`synthfactory.release.publish` are ones), so a researcher can do::
+The functions here take any *object store* with ``get(key)`` and ``list(prefix)``: the writers in
+:mod:`synthfactory.release.publish` are ones, and so are :class:`BucketReader` (a boto3 client) and
+:class:`FolderReader` (a local ``run --out`` release folder), so a researcher can do::
 
-    from synthfactory.release.publish import Boto3Writer
-    from synthfactory.release.sandbox import read_latest
-    manifest = read_latest(Boto3Writer(boto3.client("s3"), "synthetic-sandbox"), "releases", "cohort_demo")
+    from synthfactory.release.sandbox import BucketReader, read_latest
+    manifest = read_latest(BucketReader(boto3.client("s3"), "synthetic-sandbox"), "releases", "cohort_demo")
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
-MANIFEST = "manifest.json"
-LATEST = "latest.json"
-STAGING = "_staging"
-VERSION_RE = re.compile(r"^v\d{8}T\d{6}Z$")
+from synthfactory.release.layout import (  # noqa: F401 (the layout's names, re-exported for readers)
+    LATEST,
+    MANIFEST,
+    STAGING,
+    VERSION_RE,
+    SandboxLayout,
+    is_version,
+    newer,
+)
 
 
 class ObjectReader(Protocol):
@@ -37,57 +35,52 @@ class ObjectReader(Protocol):
     def list(self, prefix: str) -> list[Any]: ...
 
 
-def is_version(name: str) -> bool:
-    """Versions are ``v<YYYYmmddTHHMMSSZ>`` (see pipeline.version_for): fixed width, so they sort as strings."""
-    return bool(VERSION_RE.match(name))
-
-
-def newer(a: str, b: str | None) -> bool:
-    """True when version ``a`` is strictly newer than ``b`` (None = no version yet)."""
-    return b is None or a > b
-
-
 @dataclass(frozen=True)
-class SandboxLayout:
-    """Keys of one dataset in the sandbox. ``dataset_prefix`` is ``<prefix>/<dataset>``."""
+class ObjectKey:
+    key: str
 
-    dataset_prefix: str
 
-    @classmethod
-    def of(cls, prefix: str, dataset: str) -> "SandboxLayout":
-        return cls("/".join(p.strip("/") for p in (prefix, dataset) if p.strip("/")))
+class BucketReader:
+    """Read-only :class:`ObjectReader` over a boto3 S3 client (boto3's default chain, or an Airflow
+    ``S3Hook(aws_conn_id=...).get_conn()``) and a bucket."""
 
-    def _k(self, *parts: str) -> str:
-        return "/".join(p.strip("/") for p in (self.dataset_prefix, *parts) if p and p.strip("/"))
+    def __init__(self, client: Any, bucket: str):
+        self.client = client
+        self.bucket = bucket
 
-    @property
-    def root(self) -> str:
-        return self._k() + "/"
+    def get(self, key: str) -> tuple[bytes, str | None] | None:
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=key)
+        except Exception as err:  # botocore ClientError NoSuchKey/404
+            code = str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
+            if code in {"NoSuchKey", "404", "NotFound"}:
+                return None
+            raise
+        return obj["Body"].read(), obj.get("ETag")
 
-    @property
-    def latest_key(self) -> str:
-        return self._k(LATEST)
+    def list(self, prefix: str) -> list[ObjectKey]:
+        out = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            out += [ObjectKey(o["Key"]) for o in page.get("Contents", []) or []]
+        return out
 
-    def version_prefix(self, version: str) -> str:
-        return self._k(version) + "/"
 
-    def version_key(self, version: str, rel: str) -> str:
-        return self._k(version, rel)
+class FolderReader:
+    """Read-only :class:`ObjectReader` over a local folder holding the sandbox layout (``run --out DIR``
+    releases into ``DIR/release``)."""
 
-    def manifest_key(self, version: str) -> str:
-        return self._k(version, MANIFEST)
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
 
-    def staging_root(self) -> str:
-        return self._k(STAGING) + "/"
+    def get(self, key: str) -> tuple[bytes, str | None] | None:
+        path = self.root / key
+        return (path.read_bytes(), None) if path.is_file() else None
 
-    def staging_prefix(self, run_id: str) -> str:
-        return self._k(STAGING, run_id) + "/"
-
-    def staging_key(self, run_id: str, rel: str) -> str:
-        return self._k(STAGING, run_id, rel)
-
-    def relative(self, key: str) -> str:
-        return key[len(self.root):] if key.startswith(self.root) else key
+    def list(self, prefix: str) -> list[ObjectKey]:
+        base = self.root / prefix
+        if not base.is_dir():
+            return []
+        return [ObjectKey(p.relative_to(self.root).as_posix()) for p in sorted(base.rglob("*")) if p.is_file()]
 
 
 def _load(store: ObjectReader, key: str) -> dict | None:
