@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Family = Literal["sdv", "dp", "argn"]
+Family = Literal["sdv", "dp", "argn", "cart"]
 
 __all__ = [
     "ARGN",
@@ -33,8 +33,9 @@ class SynthesizerKind:
     """One synthesizer kind.
 
     * ``family``: ``sdv`` (an SDV synthesizer class, ``sdv_class``), ``dp`` (smartnoise through
-      :class:`~synthfactory.synthesize.dp.DPSynthesizer`, mechanism ``dp_mechanism``) or ``argn``
-      (mostlyai-engine in its own interpreter, :mod:`synthfactory.synthesize.argn`);
+      :class:`~synthfactory.synthesize.dp.DPSynthesizer`, mechanism ``dp_mechanism``), ``argn``
+      (mostlyai-engine in its own interpreter, :mod:`synthfactory.synthesize.argn`) or ``cart``
+      (sequential CART synthesis, synthpop's method, :mod:`synthfactory.synthesize.cart`);
     * ``single_table``: a kind a dataset spec names as ``synthesizer.kind`` (one patient table);
       the others (``hma``, ``par``) are engines of relational mode;
     * ``neural``: trained in epochs through :mod:`synthfactory.synthesize.training` (GPU queue);
@@ -58,6 +59,7 @@ class SynthesizerKind:
 
 REGISTRY: tuple[SynthesizerKind, ...] = (
     SynthesizerKind("gaussian_copula", "sdv", sdv_class="single_table.GaussianCopulaSynthesizer"),
+    SynthesizerKind("cart", "cart"),
     SynthesizerKind("ctgan", "sdv", neural=True, device_param="enable_gpu",
                     sdv_class="single_table.CTGANSynthesizer"),
     SynthesizerKind("tvae", "sdv", neural=True, device_param="enable_gpu", sdv_class="single_table.TVAESynthesizer"),

@@ -313,7 +313,13 @@ class SynthesizerSpec(_Model):
                                           "{phone: {sdtype: phone_number, pii: true}} (PII columns get fake values)")
     rows: int | None = Field(default=None, ge=1, le=10_000_000, description="Rows to sample; default = real rows")
     holdout_fraction: float = Field(default=0.2, gt=0.0, lt=0.9)
-    seed: int = 42
+    seed: int = Field(default=42, description="Seeds the split, the transforms, the fit and every sampled draw: "
+                                              "the same extract, spec and seed give the same release")
+    transforms: Literal["auto", "ehr", "none"] = Field(
+        default="auto", description="EHR-aware transforms between the patient table and the model (a lab's "
+                                    "'measured' flag plus its observed values, zero-inflated counts, integer "
+                                    "and range restore): auto = on, except for the DP kinds (their privacy "
+                                    "accounting does not cover the transforms) and relational mode")
     queue: str | None = Field(
         default=None, description="Airflow queue of the fit and sample tasks; default: 'gpu' for neural kinds "
                                   "(ctgan, tvae, copulagan), else the CPU default queue")
@@ -321,6 +327,12 @@ class SynthesizerSpec(_Model):
         default=None, description="Airflow pool of the fit and sample tasks (slots = GPUs); default: 'gpu' for "
                                   "neural kinds, else default_pool")
     gpus: int = Field(default=1, ge=0, le=16, description="nvidia.com/gpu requested per GPU task (KubernetesExecutor)")
+
+    def transforms_for(self, kind: str) -> str:
+        """``ehr`` or ``none``: what :attr:`transforms` means for ``kind`` (the run may choose another kind)."""
+        if self.transforms == "auto":
+            return "none" if kind in DP_KINDS or self.mode == "relational" else "ehr"
+        return self.transforms
 
     @property
     def neural(self) -> bool:
@@ -338,6 +350,9 @@ class SynthesizerSpec(_Model):
             raise ValueError("kind: dp_mst/dp_aim cover one table; use mode: patient_table for differential privacy")
         if self.kind in DP_KINDS and (self.constraints or self.metadata):
             raise ValueError("kind: dp_mst/dp_aim take no SDV constraints or metadata overrides")
+        if self.kind in DP_KINDS and self.transforms == "ehr":
+            raise ValueError("transforms: the EHR-aware transforms fill gaps from real rows outside the DP "
+                             "accounting; use transforms: auto or none with dp_mst/dp_aim")
         if self.mode == "relational" and any(c.type == "bounds" for c in self.constraints):
             raise ValueError("constraints: bounds apply in mode: patient_table; in relational mode use inequality/"
                              "range/fixed_combinations on a table (per-code value ranges are kept automatically)")

@@ -81,8 +81,13 @@ class CartSynthesizer:
         return sorted(df.columns, key=key)
 
     # -- fit -------------------------------------------------------------------------------------
-    def fit(self, df: pd.DataFrame) -> "CartSynthesizer":
+    def fit(self, df: pd.DataFrame | dict[str, pd.DataFrame]) -> "CartSynthesizer":
+        """Fit on one table (a DataFrame, or SDV's ``{table: df}``)."""
         from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
+
+        if isinstance(df, dict):
+            df = next(iter(df.values()))
+        self._rng = None
 
         t0 = time.perf_counter()
         bad = [c for c in df.columns if self._is_numeric(df[c]) and df[c].isna().any()]
@@ -124,10 +129,26 @@ class CartSynthesizer:
                  self.fit_info["leaves"], self.fit_info["seconds"])
         return self
 
+    # -- the engine's synthesizer interface ------------------------------------------------------
+    def reseed(self, seed: int) -> None:
+        """The next draws start from ``seed`` (the same seed gives the same rows)."""
+        self._rng = np.random.default_rng(int(seed))
+
+    def save(self, path: str) -> None:
+        import cloudpickle
+
+        with open(path, "wb") as fh:
+            cloudpickle.dump(self, fh)
+
     # -- sample ----------------------------------------------------------------------------------
-    def sample(self, n: int, seed: int | None = None) -> pd.DataFrame:
-        rng = np.random.default_rng(self.seed if seed is None else seed)
-        n = int(n)
+    def sample(self, num_rows: int, seed: int | None = None) -> pd.DataFrame:
+        """``num_rows`` synthetic rows; successive calls continue one random stream (``reseed`` or ``seed``
+        restart it)."""
+        if seed is not None:
+            self.reseed(seed)
+        rng = getattr(self, "_rng", None) or np.random.default_rng(self.seed)
+        self._rng = rng
+        n = int(num_rows)
         out = np.empty((n, len(self.models)), dtype="float64")
         for j, col in enumerate(self.models):
             if col.tree is None:

@@ -100,8 +100,14 @@ def _argn_factory(entry: SynthesizerKind, metadata: dict, params: dict[str, Any]
     return lambda: ArgnSynthesizer(table=table, **params)
 
 
+def _cart_factory(entry: SynthesizerKind, metadata: dict, params: dict[str, Any]) -> Callable[[], Any]:
+    from synthfactory.synthesize.cart import CartSynthesizer
+
+    return lambda: CartSynthesizer(**params)
+
+
 _FACTORIES: dict[str, Callable[[SynthesizerKind, dict, dict[str, Any]], Callable[[], Any]]] = {
-    "sdv": _sdv_factory, "dp": _dp_factory, "argn": _argn_factory}
+    "sdv": _sdv_factory, "dp": _dp_factory, "argn": _argn_factory, "cart": _cart_factory}
 
 
 def make_synthesizer(kind: str, metadata: dict, params: dict[str, Any] | None = None) -> Any:
@@ -118,9 +124,24 @@ def make_synthesizer(kind: str, metadata: dict, params: dict[str, Any] | None = 
 
 
 def fit(train: pd.DataFrame | dict[str, pd.DataFrame], kind: str, params: dict[str, Any] | None, metadata: dict,
-        *, plan: Any = None, constraints: list | None = None) -> tuple[Any, float]:
+        *, plan: Any = None, constraints: list | None = None, transforms: str = "none",
+        seed: int = 0) -> tuple[Any, float]:
     """Fit ``kind`` on ``train`` (one table, or ``{table: df}`` for HMA). Neural kinds with a
-    :class:`~synthfactory.synthesize.training.TrainPlan` train resumably (epochs, checkpoints, time budget)."""
+    :class:`~synthfactory.synthesize.training.TrainPlan` train resumably (epochs, checkpoints, time budget).
+    ``transforms="ehr"`` puts the EHR-aware transforms (:mod:`synthfactory.synthesize.transforms`) between
+    the table and the model: the result is then a
+    :class:`~synthfactory.synthesize.transforms.ClinicalSynthesizer` whose samples have the table's own
+    columns. ``seed`` seeds the transforms and the model's fit."""
+    transformer = None
+    if transforms == "ehr" and isinstance(train, pd.DataFrame):
+        from synthfactory.synthesize.transforms import EhrTransformer
+
+        transformer = EhrTransformer(seed=seed).fit(train)
+        train = transformer.transform(train)
+        table = next(iter(metadata["tables"]))
+        metadata = {**metadata, "tables": {table: {**metadata["tables"][table], "columns": transformer.sdtypes(
+            metadata["tables"][table]["columns"])}}}
+    _seed_everything(seed)
     synth = make_synthesizer(kind, metadata, params)
     if constraints:
         synth.add_constraints(constraints)
@@ -139,7 +160,36 @@ def fit(train: pd.DataFrame | dict[str, pd.DataFrame], kind: str, params: dict[s
     rows = sum(len(d) for d in data.values())
     cols = sum(d.shape[1] for d in data.values())
     log.info("fitted %s on %d rows x %d columns in %.2fs", kind, rows, cols, seconds)
+    if transformer is not None:
+        from synthfactory.synthesize.transforms import ClinicalSynthesizer
+
+        synth = ClinicalSynthesizer(synth, transformer, table)
     return synth, seconds
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed the global generators a fit may draw from (numpy's, torch's)."""
+    import numpy as np
+
+    np.random.seed(seed % (2 ** 32))
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover - torch is a dependency of sdv
+        pass
+
+
+def reseed(synth: Any, seed: int) -> None:
+    """Make the next draws of ``synth`` start from ``seed``: the same model, seed and row count give the same
+    rows, and another seed another draw (SDV's own sampler otherwise always starts from one fixed seed)."""
+    target = synth.inner if hasattr(synth, "inner") else synth
+    if hasattr(target, "reseed"):
+        target.reseed(seed)
+    elif hasattr(target, "_set_random_state") and getattr(target, "_model", None) is not None:
+        if hasattr(target, "reset_sampling"):
+            target.reset_sampling()
+        target._set_random_state(int(seed))  # SDV single-table synthesizers: numpy and torch states
 
 
 # -- save / load: always CPU-mapped ----------------------------------------------------------------

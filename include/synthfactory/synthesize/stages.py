@@ -127,9 +127,13 @@ def fit_model(ctx: Any, prepared: dict, m: dict) -> None:
         constraints = [] if kind in kinds.DP or kind == kinds.ARGN else sdv_constraints(spec.constraints, train,
                                                                                           "patients")
         plan = _plan(ctx, kind, params, _fingerprint(ctx, [prepared["train_uri"]], kind, params, metadata))
-        synth, seconds = engine.fit(train, kind, params, metadata, plan=plan, constraints=constraints)
+        transforms = spec.transforms_for(kind)
+        synth, seconds = engine.fit(train, kind, params, metadata, plan=plan, constraints=constraints,
+                                    transforms=transforms, seed=spec.seed)
         size = engine.save(synth, model_uri, ctx.store)
-        m.update({"mode": "patient_table", "rows_train": len(train)})
+        m.update({"mode": "patient_table", "rows_train": len(train), "transforms": transforms})
+        if hasattr(synth, "transformer"):
+            m["transformed_columns"] = synth.transformer.summary()
         train_info = dict(plan.info) if plan is not None else {}
         if kind in kinds.DP:
             m["dp"] = synth.privacy
@@ -202,7 +206,7 @@ def _write_report(ctx: Any, report: dict) -> str:
 
 def _fit_summary(fitted: dict) -> dict:
     keys = ("synthesizer", "mode", "engine", "fit_seconds", "fit_seconds_by_table", "device", "epochs", "training",
-            "dp", "rows_train", "model_bytes")
+            "dp", "rows_train", "model_bytes", "transforms", "transformed_columns")
     return {k: fitted[k] for k in keys if k in fitted}
 
 
@@ -214,6 +218,7 @@ def _sample_patient_table(ctx: Any, fitted: dict, prepared: dict, m: dict) -> No
     spec = ctx.spec.synthesizer
     t0 = time.perf_counter()
     synth = engine.load(fitted["model_uri"], ctx.store)
+    engine.reseed(synth, spec.seed)  # synthesizer.seed reaches the draw: same seed, same rows
     rows = int(ctx.rows or spec.rows or prepared["rows_train"])
     target = _target(ctx, prepared)
     fixes: dict[str, int] = {}

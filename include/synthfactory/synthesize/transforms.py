@@ -228,3 +228,37 @@ class EhrTransformer:
             if plan.kind not in ("passthrough", "numeric"):
                 out.setdefault(plan.kind, []).append(name)
         return out
+
+
+class ClinicalSynthesizer:
+    """A fitted synthesizer of any kind behind the EHR-aware transforms: it was trained on
+    ``transformer.transform(train)``, and every sampled batch comes back through ``inverse_transform``.
+    It offers what the engine uses of a synthesizer (``sample``, ``sample_from_conditions`` where the inner
+    model has it, ``save``, ``members`` for device moves, ``reseed``)."""
+
+    def __init__(self, inner: Any, transformer: EhrTransformer, table: str):
+        self.inner = inner
+        self.transformer = transformer
+        self.table = table
+
+    def members(self) -> list[Any]:
+        return [self.inner]
+
+    def _frame(self, part: Any) -> pd.DataFrame:
+        if isinstance(part, dict):
+            part = part[self.table] if self.table in part else next(iter(part.values()))
+        return self.transformer.inverse_transform(part.reset_index(drop=True))
+
+    def sample(self, num_rows: int) -> pd.DataFrame:
+        return self._frame(self.inner.sample(num_rows=num_rows))
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "sample_from_conditions" and hasattr(self.inner, name):
+            return lambda conditions, **kw: self._frame(self.inner.sample_from_conditions(conditions, **kw))
+        raise AttributeError(name)
+
+    def save(self, path: str) -> None:
+        import cloudpickle
+
+        with open(path, "wb") as fh:
+            cloudpickle.dump(self, fh)
