@@ -182,7 +182,7 @@ def discover_labs(obs: pd.DataFrame | None, n_patients: int, min_share: float, l
         n = lab_rows(obs, probe, systems)[KEY].nunique()
         if n >= min_share * n_patients:
             scored.append((n, gkey, g))
-    scored.sort(key=lambda t: (-t[0], t[1]))
+    scored.sort(key=lambda t: (-t[0], t[2]["concept"] is None, t[1]))  # ties: known concepts first
     out = []
     for n, gkey, g in scored[:limit]:
         base = g["concept"] or slug(g["display"] or "lab_" + gkey)
@@ -195,7 +195,19 @@ def discover_labs(obs: pd.DataFrame | None, n_patients: int, min_share: float, l
 
 
 # -- what the extract has, what the spec names ----------------------------------------------------
-def extract_summary(tables: dict[str, pd.DataFrame], top: int = 15) -> dict:
+def lab_synonyms_present(obs: pd.DataFrame | None, lab: LabFeature) -> list[str]:
+    """Codes of the lab's concept (LAB_CONCEPTS) that the extract has although the lab does not list them,
+    as ``loinc <code> '<display>' (<n> patients)``: the hint for a lab without values."""
+    concepts = {_LOINC_TO_CONCEPT[c] for c in lab.loinc if c in _LOINC_TO_CONCEPT}
+    wanted = {code for c in concepts for code in LAB_CONCEPTS[c]} - set(lab.loinc)
+    if not wanted or obs is None or obs.empty:
+        return []
+    prev = lab_prevalence(obs[obs["code"].isin(wanted)])
+    return [f"loinc {r.code} {str(r.display or '')[:60]!r} ({int(r.patients)} patients)" for r in prev.itertuples()
+            if r.code_system in LOINC_SYSTEMS]
+
+
+def extract_summary(tables: dict[str, pd.DataFrame], top: int = 20) -> dict:
     """The extract's most prevalent condition codes and most measured numeric labs, with patient counts."""
     pats = tables.get("patient")
     cond = condition_prevalence(tables.get("condition"))

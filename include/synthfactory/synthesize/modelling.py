@@ -228,8 +228,11 @@ def check_features(spec: "DatasetSpec", table: pd.DataFrame, info: dict, tables:
     problems: list[str] = []
     by_name = {lab.name: lab for lab in spec.features.labs}
     for name in info.get("labs_missing", []):
-        codes = by_name[name].loinc if name in by_name else []
-        problems.append(f"features.labs.{name}: no numeric values for LOINC {', '.join(codes) or '?'}")
+        lab = by_name.get(name)
+        hint = features.lab_synonyms_present(tables.get("observation"), lab) if lab else []
+        problems.append(f"features.labs.{name}: no numeric values for LOINC {', '.join(lab.loinc) if lab else '?'}"
+                        + (f"; the extract has this lab as {', '.join(hint)}: add the code(s) to loinc" if hint
+                           else ""))
     concepts = {c.name: c for c in spec.features.conditions}
     for name in info.get("conditions_missing", []):
         if name in concepts:
