@@ -1,9 +1,12 @@
 """Patient-level modelling table: one row per real patient, built from the flattened tables.
 
 Columns: demographics (gender, age top-coded at 90, race, ethnicity, deceased), utilisation
-(encounter counts by class, days observed), condition burden and flags for the most prevalent or
-spec-named conditions, and key labs aggregated per patient. Direct identifiers never appear; the
-row key is the HMAC ``patient_key`` from ingest, which is dropped before training.
+(encounter counts by class, days observed), condition burden, condition flags (``cond_<name>`` of the
+spec's condition concepts, whatever code system the extract uses, and ``cond_<code>`` of the most
+prevalent or spec-named codes), and labs by concept (any of their LOINC synonyms) aggregated per
+patient; ``features.auto`` discovers more (:mod:`synthfactory.features`). Direct identifiers never
+appear; the row key is the HMAC ``patient_key`` from ingest, which is dropped before training.
+:func:`check_features` refuses, before fit, what a spec asks for that the extract cannot produce.
 """
 
 from __future__ import annotations
