@@ -22,8 +22,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="synthfactory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    v = sub.add_parser("validate", help="validate a dataset spec")
+    v = sub.add_parser("validate", help="validate a dataset spec (and, with --extract, its features on an extract)")
     v.add_argument("spec")
+    v.add_argument("--extract", help="also ingest this extract (local folder) into a temporary folder, build the "
+                                     "modelling table and refuse (exit 3) labs, conditions and columns (quasi-"
+                                     "identifiers, sensitive attributes, relationships, utility) it cannot produce")
     r = sub.add_parser("run", help="run the whole pipeline for a spec, in-process")
     r.add_argument("spec")
     r.add_argument("--extract", help="extract URI (local folder or s3://); overrides the spec's source.uri")
@@ -63,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid spec: {err}", file=sys.stderr)
         return EXIT_SPEC
     if args.cmd == "validate":
-        print(f"ok: {spec.name} ({args.spec}) spec_sha256={spec.spec_hash()[:12]}")
-        return EXIT_OK
+        return _validate(spec, args)
     if args.cmd == "freeze-suite":
         return _freeze_suite(spec, args)
     if args.cmd == "releases":
@@ -72,6 +74,61 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     return _run(spec, args)
+
+
+def _validate(spec, args) -> int:  # noqa: ANN001
+    """The spec is valid; with ``--extract``, its features resolve on that extract (ingested to a temporary
+    folder with a throwaway salt, deleted afterwards)."""
+    from synthfactory.features import unresolvable_columns
+
+    for where, col in unresolvable_columns(spec):
+        print(f"warning: {where}: {col!r} is not a column the features can produce (labs, features.conditions "
+              f"as cond_<name>, demographics and counts)", file=sys.stderr)
+    if not args.extract:
+        print(f"ok: {spec.name} ({args.spec}) spec_sha256={spec.spec_hash()[:12]}")
+        return EXIT_OK
+    try:
+        info = _features_on_extract(spec, args)
+    except SynthFactoryError as err:
+        print(describe(err), file=sys.stderr)
+        return exit_code_for(err)
+    labs = ", ".join(f"{n} ({info['lab_patients'][n]})" for n in info["labs"]) or "none"
+    conds = ", ".join(f"cond_{n} ({info['concept_patients'][n]})" for n in info["concepts"]) or "none"
+    print(f"ok: {spec.name} ({args.spec}) spec_sha256={spec.spec_hash()[:12]}; on {args.extract}: "
+          f"{info['patients']} patients, {len(info['columns'])} columns; labs (patients): {labs}; "
+          f"condition concepts (patients): {conds}; top condition flags: "
+          f"{', '.join(info['condition_flags']) or 'none'}")
+    return EXIT_OK
+
+
+def _features_on_extract(spec, args) -> dict:  # noqa: ANN001
+    import secrets
+    import tempfile
+    from types import SimpleNamespace
+
+    from synthfactory.context import project_root
+    from synthfactory.ingest.sources import ingest_for_run
+    from synthfactory.keys import Keyer
+    from synthfactory.storage import Store, join
+    from synthfactory.synthesize.modelling import build_modelling_table, check_features
+
+    if spec.source.kind in ("fhir_bulk", "fhir_search"):
+        from synthfactory.errors import ConfigError
+
+        raise ConfigError(f"validate --extract: source.kind {spec.source.kind} reads a server; give a file extract "
+                          f"kind (fhir_ndjson, fhir_bundle, ehr_csv, ehr_parquet)")
+    store = Store()
+    source = args.extract if "://" in args.extract else str(Path(args.extract).resolve())
+    with tempfile.TemporaryDirectory(prefix="synthfactory-validate-") as tmp:
+        ctx = SimpleNamespace(spec=spec, source_uri=source, store=store, base_dir=str(project_root(args.spec)),
+                              uri=lambda *parts: join(tmp, *parts))
+        report = ingest_for_run(ctx, Keyer(secrets.token_bytes(32)))
+        tables = {name: store.read_df(uri) for name, uri in report["tables"].items()}
+        table, info = build_modelling_table(tables, spec.features)
+        check_features(spec, table, info, tables)
+    info["lab_patients"] = {n: int(table[n].notna().sum()) for n in info["labs"]}
+    info["concept_patients"] = {n: int(table["cond_" + n].sum()) for n in info["concepts"]}
+    return info
 
 
 def _releases(spec, args) -> int:  # noqa: ANN001

@@ -170,11 +170,13 @@ def _ingest_fresh(ctx: RunContext, salt: bytes, m: dict) -> None:
 # -- 2. prepare: modelling table + train/holdout split ----------------------------------------------
 def prepare(ctx: RunContext, ingested: dict) -> dict:
     from synthfactory.synthesize.engine import metadata_dict
-    from synthfactory.synthesize.modelling import KEY, build_modelling_table, split_train_holdout
+    from synthfactory.synthesize.modelling import KEY, build_modelling_table, check_features, split_train_holdout
 
     with _stage("prepare", ctx) as m:
         tables = {name: ctx.store.read_df(uri) for name, uri in ingested["tables"].items()}
         table, info = build_modelling_table(tables, ctx.spec.features)
+        # before fit: every lab, condition concept and column the spec names must be in the table (FeatureError)
+        check_features(ctx.spec, table, info, tables)
         train, holdout = split_train_holdout(table, ctx.spec.synthesizer.holdout_fraction, ctx.spec.synthesizer.seed)
         uris = {"train_uri": ctx.uri("model", "train.parquet"), "holdout_uri": ctx.uri("model", "holdout.parquet"),
                 "metadata_uri": ctx.uri("model", "metadata.json")}
@@ -185,7 +187,11 @@ def prepare(ctx: RunContext, ingested: dict) -> dict:
         m.update(uris)
         m.update(_real_reference(ctx, train, holdout, metadata))
         m.update({"rows_train": len(train), "rows_holdout": len(holdout), "columns": info["columns"],
-                  "reference_date": info["reference_date"], "condition_flags": info["condition_flags"]})
+                  "reference_date": info["reference_date"], "condition_flags": info["condition_flags"],
+                  "concepts": info["concepts"], "labs": info["labs"]})
+        # the resolved features (top/auto choices made explicit): the relational sampler rebuilds the same columns
+        m["features_uri"] = ctx.uri("model", "features.json")
+        ctx.store.write_json(m["features_uri"], info["features"])
         if ctx.spec.synthesizer.mode == "relational":  # the training patients' flattened tables, for the record
             keep = set(train[KEY])
             m["relational_uris"] = {}

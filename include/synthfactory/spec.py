@@ -154,9 +154,37 @@ class SourceSpec(_Model):
         return self
 
 
+#: columns every modelling table may have besides labs and condition flags (see synthesize/modelling.py)
+BASE_FEATURE_COLUMNS = ("gender", "age", "race", "ethnicity", "deceased", "n_encounters", "n_enc_ambulatory",
+                        "n_enc_inpatient", "n_enc_emergency", "days_observed", "n_conditions")
+#: short names of code systems as the flattened tables hold them (``code_system``), and their URIs
+CODE_SYSTEM_URIS = {
+    "icd10cm": ("http://hl7.org/fhir/sid/icd-10-cm", "urn:oid:2.16.840.1.113883.6.90"),
+    "snomed": ("http://snomed.info/sct", "urn:oid:2.16.840.1.113883.6.96"),
+    "loinc": ("http://loinc.org", "urn:oid:2.16.840.1.113883.6.1"),
+    "rxnorm": ("http://www.nlm.nih.gov/research/umls/rxnorm", "urn:oid:2.16.840.1.113883.6.88"),
+}
+_SYSTEM_ALIASES = {uri: short for short, uris in CODE_SYSTEM_URIS.items() for uri in uris} | {
+    "icd10": "icd10cm", "icd-10-cm": "icd10cm", "sct": "snomed", "snomedct": "snomed", "snomed-ct": "snomed"}
+CONCEPT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,57}$")
+
+
+def code_system_key(system: str) -> str:
+    """The short name of a code system (``icd10cm``, ``snomed``, ``loinc``, ``rxnorm``) or the URI as given."""
+    s = str(system).strip()
+    return _SYSTEM_ALIASES.get(s, _SYSTEM_ALIASES.get(s.lower(), s.lower() if s.lower() in CODE_SYSTEM_URIS else s))
+
+
 class LabFeature(_Model):
+    """A lab (or vital sign) by concept: the numeric values of any of its LOINC codes, aggregated per patient.
+
+    Synonyms are pooled as they are, without unit conversion: list only codes reported in the same unit
+    (e.g. eGFR 98979-8 CKD-EPI 2021 and 48642-3 MDRD, both mL/min/{1.73_m2}; not HbA1c 59261-8, which is
+    mmol/mol where 4548-4 is %). The units seen are recorded per lab, and more than one is logged."""
+
     name: str = Field(description="Column name in the modelling table, e.g. hba1c")
-    loinc: str = Field(description="LOINC code of the lab, e.g. 4548-4")
+    loinc: list[str] = Field(description="LOINC code(s) of the lab: one code (4548-4) or synonyms "
+                                         "([98979-8, 48642-3]); values of any of them count")
     agg: Literal["last", "mean", "max", "min"] = "last"
 
     @field_validator("name")
@@ -164,22 +192,93 @@ class LabFeature(_Model):
     def _name(cls, v: str) -> str:
         if not NAME_RE.match(v):
             raise ValueError("must be lower_snake_case (letters, digits, _), 2-63 chars")
+        if v in BASE_FEATURE_COLUMNS or v.startswith("cond_") or v == "patient_key":
+            raise ValueError(f"{v!r} is a name the modelling table uses for another column")
         return v
+
+    @field_validator("loinc", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
     @field_validator("loinc")
     @classmethod
-    def _loinc(cls, v: str) -> str:
-        if not LOINC_RE.match(v):
-            raise ValueError(f"{v!r} is not a LOINC code (digits-checkdigit, e.g. 4548-4)")
+    def _loinc(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one LOINC code")
+        for code in v:
+            if not LOINC_RE.match(code):
+                raise ValueError(f"{code!r} is not a LOINC code (digits-checkdigit, e.g. 4548-4)")
+        return list(dict.fromkeys(v))
+
+
+class ConditionConcept(_Model):
+    """A condition by concept: a boolean column ``cond_<name>``, true for a patient with a Condition coded with
+    any of ``codes`` (code system -> codes). A code ending in ``*`` is a prefix (``E11*``: every ICD-10-CM
+    code under E11); ICD-10-CM codes match with or without the dot (E11.9 = E119). SNOMED CT codes match
+    exactly: no hierarchy is available offline, so list the descendants you mean (e.g. 44054006 and
+    313436004 for type 2 diabetes)."""
+
+    name: str = Field(description="Concept name; the column is cond_<name>, e.g. t2_diabetes -> cond_t2_diabetes")
+    codes: dict[str, list[str]] = Field(
+        description="Code system (icd10cm, snomed, or a system URI) -> codes, e.g. {icd10cm: [E11*], snomed: "
+                    "[44054006]}")
+    description: str = ""
+
+    @property
+    def column(self) -> str:
+        return "cond_" + self.name
+
+    @field_validator("name")
+    @classmethod
+    def _concept_name(cls, v: str) -> str:
+        if not CONCEPT_NAME_RE.match(v):
+            raise ValueError("must be lower_snake_case (letters, digits, _), starting with a letter, at most 58 chars")
         return v
+
+    @field_validator("codes", mode="before")
+    @classmethod
+    def _codes_lists(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: [c] if isinstance(c, str) else c for k, c in v.items()}
+        return v
+
+    @field_validator("codes")
+    @classmethod
+    def _codes(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        if not v:
+            raise ValueError("needs at least one code system with codes, e.g. {icd10cm: [E11*]}")
+        out: dict[str, list[str]] = {}
+        for system, codes in v.items():
+            key = code_system_key(system)
+            if not key or not codes:
+                raise ValueError(f"{system!r}: needs at least one code")
+            for code in codes:
+                c = str(code).strip()
+                if not c or c == "*" or "*" in c[:-1] or any(ch.isspace() for ch in c):
+                    raise ValueError(f"{system}: {code!r} is not a code or a prefix pattern like E11*")
+            out[key] = list(dict.fromkeys([*out.get(key, []), *(str(c).strip() for c in codes)]))
+        return out
 
 
 class FeatureSpec(_Model):
     """How the patient-level modelling table is derived from the flattened tables."""
 
-    top_conditions: int = Field(default=8, ge=0, le=50, description="Flags for the N most prevalent conditions")
+    top_conditions: int = Field(
+        default=8, ge=0, le=50, description="Flags cond_<code> for the N most prevalent condition codes (codes "
+                                            "that a concept in 'conditions' covers are not counted)")
     condition_codes: list[str] = Field(default_factory=list, description="Extra condition codes to flag")
+    conditions: list[ConditionConcept] = Field(
+        default_factory=list, description="Conditions by concept, codes in one or more systems -> cond_<name>")
     labs: list[LabFeature] = Field(default_factory=list)
+    auto: bool = Field(
+        default=False, description="Also discover features: the top_conditions most prevalent condition codes get "
+                                   "readable names (cond_<display>), and every numeric LOINC lab measured in at "
+                                   "least auto_min_share of the patients becomes a column (known synonyms pooled, "
+                                   "e.g. egfr)")
+    auto_min_share: float = Field(default=0.2, gt=0.0, le=1.0,
+                                  description="auto: a lab must be measured in at least this share of patients")
+    auto_max_labs: int = Field(default=20, ge=0, le=200, description="auto: at most this many discovered labs")
     reference_date: str | None = Field(
         default=None, description="ISO date ages are computed at; default: latest date in the extract"
     )
@@ -191,7 +290,18 @@ class FeatureSpec(_Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"labs: duplicate name(s) {dupes}")
+        concepts = [c.name for c in self.conditions]
+        dupes = sorted({n for n in concepts if concepts.count(n) > 1})
+        if dupes:
+            raise ValueError(f"conditions: duplicate name(s) {dupes}")
         return self
+
+    def columns(self) -> set[str]:
+        """Columns these features name explicitly (labs, concept flags, cond_<code> of condition_codes)."""
+        from synthfactory.synthesize.modelling import condition_column
+
+        return ({lab.name for lab in self.labs} | {c.column for c in self.conditions}
+                | {condition_column(code) for code in self.condition_codes})
 
 
 # the synthesizer kinds, from the one registry (synthfactory.kinds)

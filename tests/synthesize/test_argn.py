@@ -83,7 +83,8 @@ def test_fit_sample_save_load_in_the_isolated_interpreter(tmp_path):
 def test_pipeline_fit_and_sample_stages_with_tabular_argn(tmp_path):
     extract = Path(write_extract(str(tmp_path / "ndjson"), patients=60, seed=5))
     spec = load_spec(write_spec(tmp_path / "specs", "argn_stage", extract, tmp_path / "staging",
-                                features__labs=[{"name": "hba1c", "loinc": "4548-4"}]))
+                                # no eGFR lab in this extract: prepare would refuse the egfr_by_sex relationship
+                                features__labs=[{"name": "hba1c", "loinc": "4548-4"}], quality__relationships=[]))
     ctx = p.RunContext(spec=spec, run_id="r1", version="v1", synthesizer=engine.ARGN, epochs=1)
     prepared = p.prepare(ctx, p.ingest(ctx))
     fitted = p.fit(ctx, prepared)

@@ -1,9 +1,12 @@
 """Patient-level modelling table: one row per real patient, built from the flattened tables.
 
 Columns: demographics (gender, age top-coded at 90, race, ethnicity, deceased), utilisation
-(encounter counts by class, days observed), condition burden and flags for the most prevalent or
-spec-named conditions, and key labs aggregated per patient. Direct identifiers never appear; the
-row key is the HMAC ``patient_key`` from ingest, which is dropped before training.
+(encounter counts by class, days observed), condition burden, condition flags (``cond_<name>`` of the
+spec's condition concepts, whatever code system the extract uses, and ``cond_<code>`` of the most
+prevalent or spec-named codes), and labs by concept (any of their LOINC synonyms) aggregated per
+patient; ``features.auto`` discovers more (:mod:`synthfactory.features`). Direct identifiers never
+appear; the row key is the HMAC ``patient_key`` from ingest, which is dropped before training.
+:func:`check_features` refuses, before fit, what a spec asks for that the extract cannot produce.
 """
 
 from __future__ import annotations
@@ -11,12 +14,17 @@ from __future__ import annotations
 import logging
 import re
 from datetime import date, datetime, timezone
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from synthfactory.spec import FeatureSpec
+from synthfactory import features
 from synthfactory.errors import InputError
+from synthfactory.spec import FeatureSpec
+
+if TYPE_CHECKING:
+    from synthfactory.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +35,11 @@ ENCOUNTER_CLASSES = {"AMB": "n_enc_ambulatory", "IMP": "n_enc_inpatient", "EMER"
 
 class ModellingError(InputError, ValueError):
     """The flattened tables cannot produce a usable modelling table (too few patients, no data)."""
+
+
+class FeatureError(ModellingError):
+    """The extract cannot produce a feature the spec asks for, or a column the spec names elsewhere (a
+    quasi-identifier, sensitive attribute, relationship or utility column). Raised before fit."""
 
 
 def condition_column(code: str) -> str:
@@ -45,6 +58,43 @@ def _reference_date(spec: FeatureSpec, tables: dict[str, pd.DataFrame]) -> pd.Ti
     if candidates:
         return max(candidates)
     return pd.Timestamp(datetime.now(timezone.utc).date(), tz="UTC")
+
+
+def resolve_features(tables: dict[str, pd.DataFrame], spec: FeatureSpec) -> FeatureSpec:
+    """The features with everything the extract decides made explicit: the top_conditions most prevalent codes
+    (codes no concept covers) as ``condition_codes``, or with ``auto`` as readable single-code concepts, and
+    ``auto``'s discovered labs. The result has ``auto: false`` and ``top_conditions: 0``: building it on
+    other tables (e.g. synthetic ones) gives the same columns."""
+    cond = tables.get("condition")
+    extra_concepts: list = []
+    codes = list(spec.condition_codes)
+    if cond is not None and not cond.empty and spec.top_conditions:
+        cond = cond[cond["code"].notna()]
+        if spec.conditions:
+            systems = features._systems(cond)
+            covered = pd.Series(False, index=cond.index)
+            for concept in spec.conditions:
+                covered |= features.concept_mask(cond, concept, systems)
+            cond = cond[~covered]
+        taken = set(spec.columns())
+        if spec.auto:
+            prev = features.condition_prevalence(cond)
+            prev = prev[~prev["code"].isin(spec.condition_codes)]
+            extra_concepts = features.discover_conditions(prev, spec.top_conditions, taken)
+        else:
+            per_patient = cond.drop_duplicates([KEY, "code"])
+            prevalence = per_patient.groupby("code")[KEY].nunique().sort_values(ascending=False, kind="stable")
+            top = list(prevalence.index[: spec.top_conditions])
+            codes = top + [c for c in spec.condition_codes if c not in top]
+    labs = list(spec.labs)
+    if spec.auto:
+        patients = tables.get("patient")
+        n = int(patients[KEY].nunique()) if patients is not None and not patients.empty else 0
+        taken = set(spec.columns()) | {c.column for c in extra_concepts} | set(features.BASE_FEATURE_COLUMNS)
+        labs += features.discover_labs(tables.get("observation"), n, spec.auto_min_share, spec.auto_max_labs,
+                                       spec.labs, taken)
+    return spec.model_copy(update={"top_conditions": 0, "condition_codes": codes, "auto": False,
+                                   "conditions": [*spec.conditions, *extra_concepts], "labs": labs})
 
 
 def build_modelling_table(tables: dict[str, pd.DataFrame], spec: FeatureSpec) -> tuple[pd.DataFrame, dict]:
@@ -82,33 +132,48 @@ def build_modelling_table(tables: dict[str, pd.DataFrame], spec: FeatureSpec) ->
         out["n_encounters"] = 0
 
     # -- conditions -------------------------------------------------------------------------------
+    resolved = resolve_features(tables, spec)
     cond = tables.get("condition")
     flags: list[str] = []
+    missing_conditions: list[str] = []
     if cond is not None and not cond.empty:
         cond = cond[cond["code"].notna()]
         per_patient = cond.drop_duplicates([KEY, "code"])
         out["n_conditions"] = out[KEY].map(per_patient.groupby(KEY).size()).fillna(0).astype("int64")
-        prevalence = per_patient.groupby("code")[KEY].nunique().sort_values(ascending=False, kind="stable")
-        chosen = list(prevalence.index[: spec.top_conditions])
-        chosen += [c for c in spec.condition_codes if c not in chosen]
-        for code in chosen:
-            holders = set(per_patient.loc[per_patient["code"] == code, KEY])
-            col = condition_column(code)
-            out[col] = out[KEY].isin(holders)
-            flags.append(code)
     else:
+        cond, per_patient = None, None
         out["n_conditions"] = 0
+    if resolved.conditions:
+        systems = features._systems(cond) if cond is not None else None
+        for concept in resolved.conditions:
+            holders = set(cond.loc[features.concept_mask(cond, concept, systems), KEY]) if cond is not None else set()
+            out[concept.column] = out[KEY].isin(holders)
+            if not holders:
+                missing_conditions.append(concept.name)
+    for code in resolved.condition_codes:
+        col = condition_column(code)
+        if col in out.columns:
+            log.info("condition code %s: column %s is already a concept flag; not flagged again", code, col)
+            continue
+        holders = set(per_patient.loc[per_patient["code"] == code, KEY]) if per_patient is not None else set()
+        out[col] = out[KEY].isin(holders)
+        flags.append(code)
 
     # -- labs -------------------------------------------------------------------------------------
     obs = tables.get("observation")
-    labs_used = []
-    if obs is not None and not obs.empty and spec.labs:
-        obs = obs[obs["value_num"].notna()]
-        for lab in spec.labs:
-            sel = obs[obs["code"] == lab.loinc]
-            if sel.empty:
+    labs_used: list[str] = []
+    missing_labs: list[str] = []
+    lab_units: dict[str, dict[str, int]] = {}
+    if resolved.labs:
+        if obs is not None and not obs.empty:
+            obs = obs[obs["value_num"].notna()]
+        systems = features._systems(obs) if obs is not None and not obs.empty else None
+        for lab in resolved.labs:
+            sel = features.lab_rows(obs, lab, systems) if systems is not None else None
+            if sel is None or sel.empty:
                 log.warning("lab %s (LOINC %s) has no numeric values in the extract; column left out",
-                            lab.name, lab.loinc)
+                            lab.name, ", ".join(lab.loinc))
+                missing_labs.append(lab.name)
                 continue
             if lab.agg == "last":
                 sel = sel.sort_values("effective", kind="stable")
@@ -117,6 +182,12 @@ def build_modelling_table(tables: dict[str, pd.DataFrame], spec: FeatureSpec) ->
                 agg = sel.groupby(KEY)["value_num"].agg(lab.agg)
             out[lab.name] = out[KEY].map(agg).astype("float64")
             labs_used.append(lab.name)
+            if "unit" in sel:
+                units = sel["unit"].fillna("").astype(str).value_counts()
+                lab_units[lab.name] = {str(k): int(v) for k, v in units.items()}
+                if len(units) > 1:
+                    log.warning("lab %s pools values in %d units %s without conversion; list only LOINC codes "
+                                "reported in the same unit", lab.name, len(units), sorted(units.index))
 
     out["age"] = out["age"].astype("float64")
     if out["age"].notna().all():
@@ -131,7 +202,12 @@ def build_modelling_table(tables: dict[str, pd.DataFrame], spec: FeatureSpec) ->
         "columns": [c for c in out.columns if c != KEY],
         "reference_date": ref.date().isoformat() if isinstance(ref.date(), date) else str(ref),
         "condition_flags": flags,
+        "concepts": [c.name for c in resolved.conditions],
         "labs": labs_used,
+        "lab_units": lab_units,
+        "conditions_missing": missing_conditions,
+        "labs_missing": missing_labs,
+        "features": resolved.model_dump(mode="json"),
     }
     return out.reset_index(drop=True), info
 
@@ -145,3 +221,35 @@ def split_train_holdout(df: pd.DataFrame, fraction: float, seed: int) -> tuple[p
     hold = df.iloc[np.sort(idx[:n_hold])].reset_index(drop=True)
     train = df.iloc[np.sort(idx[n_hold:])].reset_index(drop=True)
     return train, hold
+
+
+def check_features(spec: "DatasetSpec", table: pd.DataFrame, info: dict, tables: dict[str, pd.DataFrame]) -> None:
+    """Refuse (:class:`FeatureError`), before fit, a spec whose labs or condition concepts the extract does not
+    have, or that names a column (quasi-identifier, sensitive attribute, relationship measure/by, utility
+    target/features, rebalance/oversample/constraint column) the modelling table lacks. The message lists
+    what the extract does have: its most prevalent condition codes and most measured labs, with patients."""
+    problems: list[str] = []
+    by_name = {lab.name: lab for lab in spec.features.labs}
+    for name in info.get("labs_missing", []):
+        lab = by_name.get(name)
+        hint = features.lab_synonyms_present(tables.get("observation"), lab) if lab else []
+        problems.append(f"features.labs.{name}: no numeric values for LOINC {', '.join(lab.loinc) if lab else '?'}"
+                        + (f"; the extract has this lab as {', '.join(hint)}: add the code(s) to loinc" if hint
+                           else ""))
+    concepts = {c.name: c for c in spec.features.conditions}
+    for name in info.get("conditions_missing", []):
+        if name in concepts:
+            problems.append(f"features.conditions.{name}: no patient has a condition coded "
+                            f"{features.describe_codes(concepts[name])}")
+    cols = set(table.columns) - {KEY}
+    missing_cols: dict[str, list[str]] = {}
+    for where, col in features.referenced_columns(spec):
+        if col not in cols:
+            missing_cols.setdefault(col, []).append(where)
+    for col, wheres in missing_cols.items():
+        problems.append(f"{', '.join(wheres)}: {col!r} is not a column of the modelling table")
+    if problems:
+        summary = features.extract_summary(tables)
+        raise FeatureError(
+            f"the extract cannot produce what the spec asks for ({len(problems)} problem(s)):\n  - "
+            + "\n  - ".join(problems) + "\n" + features.format_summary(summary, table.columns))

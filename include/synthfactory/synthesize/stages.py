@@ -297,9 +297,14 @@ def _sample_relational(ctx: Any, fitted: dict, prepared: dict, m: dict) -> None:
                                          "(HMA samples parent and children together); use patient_centred")
     root_sampler = conditional_sampler(target, seed=spec.seed) if target else None
     train_cols = ctx.store.read_df(prepared["train_uri"]).drop(columns=[KEY])
-    features = ctx.spec.features.model_copy(update={  # the real table's flags and reference date (no validation)
+    features = ctx.spec.features
+    if prepared.get("features_uri"):  # the real table's resolved features (top/auto choices made explicit)
+        from synthfactory.spec import FeatureSpec
+
+        features = FeatureSpec.model_validate(ctx.store.read_json(prepared["features_uri"]))
+    features = features.model_copy(update={  # the real table's flags and reference date (no validation)
         "top_conditions": 0, "condition_codes": list(prepared.get("condition_flags") or []),
-        "reference_date": prepared.get("reference_date"), "min_patients": 0})
+        "reference_date": prepared.get("reference_date"), "min_patients": 0, "auto": False})
     names = [relational.ROOT, *model.layout.children]
     sinks = {name: ParquetSink(ctx.uri("synthetic", f"{name}.parquet"), ctx.store) for name in names}
     sinks["__patients"] = ParquetSink(ctx.uri("synthetic", PATIENT_TABLE), ctx.store)
