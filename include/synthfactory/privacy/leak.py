@@ -228,24 +228,22 @@ def public_vocabulary(frame: Any, *, min_count: int = 5, tables: Iterable[str] =
         if store is None:
             raise ValueError("public_vocabulary: tables need a store to read them")
         import pyarrow as pa
-        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        for uri in uris:
-            pf = pq.ParquetFile(io.BytesIO(store.read_bytes(uri)))
-            names = pf.schema_arrow.names
-            for name in names:
+        from synthfactory.storage import is_s3
+
+        for uri in uris:  # a local file is read column by column; S3 objects come whole
+            with pq.ParquetFile(io.BytesIO(store.read_bytes(uri)) if is_s3(uri) else uri) as pf:
+                schema = pf.schema_arrow
+                cols = [f.name for f in schema if _display_column(f.name)
+                        and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+                             or pa.types.is_dictionary(f.type))]
+                table = pf.read(columns=cols) if cols else None
+            for name in schema.names:
                 vocab.update((t,) for t in tokenize(str(name)))
-            cols = [n for n in names if _display_column(n)
-                    and (pa.types.is_string(pf.schema_arrow.field(n).type)
-                         or pa.types.is_large_string(pf.schema_arrow.field(n).type)
-                         or pa.types.is_dictionary(pf.schema_arrow.field(n).type))]
-            if not cols:
-                continue
-            table = pf.read(columns=cols)
             for name in cols:
                 for chunk in table.column(name).chunks:
-                    for values in _strings_of(pc.unique(chunk) if len(chunk) else chunk):
+                    for values in _strings_of(chunk):  # the distinct values of the chunk
                         for value in values:
                             vocab.update((t,) for t in tokenize(value))
     return vocab
