@@ -391,7 +391,8 @@ def privacy(ctx: RunContext, prepared: dict, sampled: dict, ingested: dict, qual
         scan = leak_scan([sampled["synthetic_uri"], *extra_release_files(sampled).values(),
                           quality_summary["report_uri"], report_uri],
                          [*identifiers, *real_keys], ctx.store,
-                         vocabulary=public_vocabulary(train, min_count=pt.min_k_anonymity))
+                         vocabulary=public_vocabulary(train, min_count=pt.min_k_anonymity,
+                                                      tables=(ingested.get("tables") or {}).values(), store=ctx.store))
         report["leak_scan"] = scan
         ctx.store.write_json(report_uri, report)
         m.update({
@@ -555,7 +556,9 @@ def gate(ctx: RunContext, sampled: dict, quality_summary: dict, privacy_summary:
             ctx.store.write_bytes(card_uri, html.encode("utf-8"))
             if identifiers is not None:  # the real table the card was rendered from gives the vocabulary
                 scan = leak_scan([card_uri], identifiers, ctx.store,
-                                 vocabulary=public_vocabulary(frames["real"], min_count=pt.min_k_anonymity))
+                                 vocabulary=public_vocabulary(frames["real"], min_count=pt.min_k_anonymity,
+                                                              tables=((ingested or {}).get("tables") or {}).values(),
+                                                              store=ctx.store))
             card_check = {"gate": "privacy", "name": "datacard_leak_scan_clean", "value": scan["clean"], "op": "==",
                           "threshold": True, "passed": scan["clean"] is True}
             extra = [*privacy_summary.get("extra_checks", []), card_check]

@@ -19,13 +19,33 @@ their digits run together. Parquet cells are separated so an n-gram never spans 
 n-grams that start with the first token of some identifier are built, so the scan is linear in the
 file's tokens whatever the number of identifiers.
 
-Identifiers shorter than ``min_len`` characters (after stripping) are skipped as too generic.
+A full name (kind ``name``, two or more tokens) also matches with its last token (the family name) moved
+to the front ("Ward, Amy" for "Amy Ward") and, for three or more tokens, as first + last token in either
+order ("Amy Ward" for "Amy Jo Ward").
 
-A one-word name (a family name on its own, kind ``family`` or ``name``) that is also a word of a common
-category value of the real table (``vocabulary``, see :func:`public_vocabulary`: e.g. "White" or "Black" of
-the race categories, held by at least k real records) is not evidence of a leak: the model learnt that category from
-the table, and a value k or more people share identifies none of them. Such names are counted in
-``identifiers_vocabulary`` and not searched; full names, ids, MRNs, addresses, phones and keys always are.
+Short identifiers (fewer than ``min_len`` characters after stripping) are matched like any other, as exact
+whole tokens, except the ones no text search can tell apart from ordinary text: only digits ("42", which
+any report's figures contain) or a common word (an id "to"). Those are *unscanned*: counted in
+``identifiers_unscanned`` with their kinds, and the result's ``clean`` is then ``None`` (not ``True``) unless
+there are hits (``False``): the scan cannot say the files are clean, and the gate treats anything but
+``True`` as not clean. Identifiers without any letter or digit ("-") identify nobody and are skipped.
+
+A one-word name (kind ``family``, ``name`` or ``given``: a family name on its own) is not, alone, evidence of
+a leak when that word is
+
+* a common English word (:data:`synthfactory.privacy._words.COMMON_WORDS`, vendored: Faker's en_US word
+  list and scikit-learn's English stop words): "Little", "Hand", "Young", "May", "White";
+* a word of the product's own text (the data card template, report keys and messages: every word of the
+  ``synthfactory`` package's Python source but this module, read once per process), as in the card's
+  "too little real data";
+* a word of the real data's public vocabulary (``vocabulary``, see :func:`public_vocabulary`): column
+  names, category values held by at least k real records ("White", "Black" of the race categories: a
+  value k or more people share identifies none of them) and code displays ("Admission to ward").
+
+Such names are counted in ``identifiers_vocabulary`` and not searched on their own; the full names they
+are part of, and ids, MRNs, addresses, telecoms and keys always are, exactly as strictly as before.
+(``common_words=False`` leaves out the first two sources.) Ingest collects no birth dates, so none are
+searched.
 
 The result and the log carry counts, file URIs and identifier *kinds* only, never identifier values.
 (``fingerprints=True`` adds a 12-hex sha256 prefix per matched identifier, to let an operator with
@@ -41,7 +61,9 @@ import io
 import logging
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 if TYPE_CHECKING:  # storage imports pyarrow; keep this module importable without it
@@ -51,8 +73,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Identifier", "load_identifiers", "leak_scan", "tokenize", "infer_kind", "public_vocabulary"]
 
-#: identifier kinds that a one-word category value of the real table may excuse (see the module doc)
-_WORD_KINDS = frozenset({"family", "name"})
+#: identifier kinds that a one-word common / product / public word may excuse (see the module doc)
+_WORD_KINDS = frozenset({"family", "name", "given"})
+#: full-name kinds that also match in the other order
+_NAME_KINDS = frozenset({"name"})
 
 _TOKEN = re.compile(r"[^\W_]+")
 _TOKEN_OR_SEP = re.compile(r"[^\W_]+|\x1f")
@@ -137,13 +161,53 @@ class _Index:
     checked: int
     skipped: int
     vocabulary: int = 0
+    #: kinds of the identifiers that could not be scanned (short numbers, short common words)
+    unscanned: Counter = field(default_factory=Counter)
 
 
-def public_vocabulary(frame: Any, *, min_count: int = 5) -> set[tuple[str, ...]]:
+@lru_cache(maxsize=1)
+def product_words() -> frozenset[str]:
+    """Every word (token) of the product's own text: the ``synthfactory`` package's Python source (the data
+    card template, report keys, messages, column names), this module and the common-word list left out.
+    Read once per process (about 30 ms)."""
+    root = Path(__file__).resolve().parent.parent
+    skip = {Path(__file__).resolve(), (Path(__file__).parent / "_words.py").resolve()}
+    words: set[str] = set()
+    for path in sorted(root.rglob("*.py")):
+        if path.resolve() in skip:
+            continue
+        try:
+            words.update(_TOKEN.findall(path.read_text("utf-8", "replace").lower()))
+        except OSError:  # an unreadable file only means fewer excuses: the scan stays strict
+            continue
+    return frozenset(words)
+
+
+def _excuse_words(vocabulary: set[tuple[str, ...]] | None, common_words: bool) -> frozenset[str]:
+    from synthfactory.privacy._words import COMMON_WORDS
+
+    words: set[str] = {t[0] for t in vocabulary or () if len(t) == 1}
+    if common_words:
+        return frozenset(words | COMMON_WORDS | product_words())
+    return frozenset(words)
+
+
+def _display_column(name: str) -> bool:
+    """A code's display text ("display", "type_display"): terminology, public whatever its frequency."""
+    return str(name).lower().endswith("display")
+
+
+def public_vocabulary(frame: Any, *, min_count: int = 5, tables: Iterable[str] = (),
+                      store: "Store | None" = None) -> set[tuple[str, ...]]:
     """The words of ``frame``'s category values held by at least ``min_count`` rows (``frame`` is the real
-    training table; "Black or African American" gives "black", "or", "african", "american") and the words
-    of its column names, as 1-token tuples for :func:`leak_scan`'s ``vocabulary``. Only string,
-    categorical and boolean columns count; numbers never excuse a name."""
+    training table; "Black or African American" gives "black", "or", "african", "american"), the words
+    of its code displays (columns named ``*display``, whatever their frequency: "Admission to ward" is the
+    terminology's text for a code, no one's datum) and the words of its column names, as 1-token tuples for
+    :func:`leak_scan`'s ``vocabulary``. Only string, categorical and boolean columns count; numbers never
+    excuse a name.
+
+    ``tables`` (URIs of further real tables, e.g. ingest's relational tables, read through ``store``) add the
+    words of their column names and of their ``*display`` columns (only those columns are read)."""
     import pandas as pd
 
     vocab: set[tuple[str, ...]] = set()
@@ -154,39 +218,80 @@ def public_vocabulary(frame: Any, *, min_count: int = 5) -> set[tuple[str, ...]]
                 or pd.api.types.is_string_dtype(s) or pd.api.types.is_bool_dtype(s)):
             continue
         counts = s.dropna().astype(str).value_counts()
+        floor = 1 if _display_column(name) else min_count
         for value, n in counts.items():
-            if n < min_count:
+            if n < floor:
                 break  # value_counts is sorted, most frequent first
             vocab.update((t,) for t in tokenize(value))
+    uris = [u for u in tables if u]
+    if uris:
+        if store is None:
+            raise ValueError("public_vocabulary: tables need a store to read them")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from synthfactory.storage import is_s3
+
+        for uri in uris:  # a local file is read column by column; S3 objects come whole
+            with pq.ParquetFile(io.BytesIO(store.read_bytes(uri)) if is_s3(uri) else uri) as pf:
+                schema = pf.schema_arrow
+                cols = [f.name for f in schema if _display_column(f.name)
+                        and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+                             or pa.types.is_dictionary(f.type))]
+                table = pf.read(columns=cols) if cols else None
+            for name in schema.names:
+                vocab.update((t,) for t in tokenize(str(name)))
+            for name in cols:
+                for chunk in table.column(name).chunks:
+                    for values in _strings_of(chunk):  # the distinct values of the chunk
+                        for value in values:
+                            vocab.update((t,) for t in tokenize(value))
     return vocab
 
 
+def _unscannable(toks: tuple[str, ...]) -> bool:
+    """A short identifier that no text search can tell from ordinary text: digits only, or common English
+    words (the fixed list, not the product's or the data's words: a short id equal to one of those is
+    searched, and a hit says where)."""
+    from synthfactory.privacy._words import COMMON_WORDS
+
+    return all(t.isdigit() or t in COMMON_WORDS for t in toks)
+
+
 def _build_index(identifiers: Iterable[str], min_len: int,
-                 vocabulary: set[tuple[str, ...]] | None = None) -> _Index:
+                 vocabulary: set[tuple[str, ...]] | None = None, common_words: bool = False) -> _Index:
     kinds: dict[tuple[str, ...], set[str]] = defaultdict(set)
     canonical: dict[tuple[str, ...], tuple[str, ...]] = {}
     skipped = 0
+    unscanned: Counter = Counter()
     excused: set[tuple[str, ...]] = set()
+    excuse = _excuse_words(vocabulary, common_words)
+    variants: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
     for ident in identifiers:
         if ident is None:
             continue
         value = str(ident)
-        if len(value.strip()) < min_len:
-            skipped += 1
-            continue
         toks = tuple(tokenize(value))
-        if not toks:
+        if not toks:  # no letter or digit at all ("-"): identifies no one
             skipped += 1
             continue
         kind = getattr(ident, "kind", None) or infer_kind(value)
-        if vocabulary and len(toks) == 1 and kind in _WORD_KINDS and toks in vocabulary:
+        if len(toks) == 1 and kind in _WORD_KINDS and toks[0] in excuse:
             excused.add(toks)
+            continue
+        if len(value.strip()) < min_len and _unscannable(toks):
+            unscanned[kind] += 1
             continue
         kinds[toks].add(kind)
         canonical.setdefault(toks, toks)
         if len(toks) > 1 and all(t.isdigit() for t in toks) and sum(map(len, toks)) >= 7:
-            joined = ("".join(toks),)
-            canonical.setdefault(joined, toks)
+            variants.append((("".join(toks),), toks))
+        if kind in _NAME_KINDS and len(toks) > 1:  # "Ward Amy" / "Ward, Amy"; "Amy Ward" of "Amy Jo Ward"
+            variants.append(((toks[-1], *toks[:-1]), toks))
+            if len(toks) > 2:
+                variants += [((toks[0], toks[-1]), toks), ((toks[-1], toks[0]), toks)]
+    for variant, toks in variants:  # an identifier's own tuple reports as itself
+        canonical.setdefault(variant, toks)
     starts: dict[str, set[int]] = defaultdict(set)
     for toks in canonical:
         starts[toks[0]].add(len(toks))
@@ -195,8 +300,9 @@ def _build_index(identifiers: Iterable[str], min_len: int,
         starts={t: tuple(sorted(ns)) for t, ns in starts.items()},
         canonical=canonical,
         checked=len(kinds),
-        skipped=skipped,
+        skipped=skipped + sum(unscanned.values()),
         vocabulary=len(excused - set(kinds)),
+        unscanned=unscanned,
     )
 
 
@@ -319,17 +425,27 @@ def leak_scan(
     min_len: int = 4,
     fingerprints: bool = False,
     vocabulary: set[tuple[str, ...]] | None = None,
+    common_words: bool = True,
 ) -> dict:
     """Scan ``file_uris`` for any of ``identifiers``.
 
-    Returns ``{"clean", "files_scanned", "identifiers", "identifiers_skipped", "hits"}`` where
-    ``identifiers`` is the number of distinct (normalised) identifiers checked and each hit is
-    ``{"file", "count" (distinct identifiers found), "occurrences", "kinds"}`` (plus
-    ``"fingerprints"`` when asked). Identifier values never appear in the result or the log. A file
-    that cannot be read raises (the scan fails closed). ``vocabulary`` (from :func:`public_vocabulary`)
-    excuses one-word names that are common category values; their number is ``identifiers_vocabulary``.
+    Returns ``{"clean", "complete", "files_scanned", "identifiers", "identifiers_skipped",
+    "identifiers_unscanned", "unscanned_kinds", "identifiers_vocabulary", "hits"}`` where ``identifiers`` is
+    the number of distinct (normalised) identifiers checked and each hit is ``{"file", "count" (distinct
+    identifiers found), "occurrences", "kinds"}`` (plus ``"fingerprints"`` when asked). ``clean`` is
+    ``False`` when there are hits, else ``None`` when some identifiers could not be scanned (short numbers
+    or common words under ``min_len`` characters; ``complete`` is then false and ``unscanned_kinds`` counts
+    them by kind), else ``True``. ``identifiers_skipped`` counts everything not searched (unscanned, and
+    values without a letter or digit). Identifier values never appear in the result or the log. A file that
+    cannot be read raises (the scan fails closed). One-word names that are common words, words of the
+    product's own text (``common_words``) or of ``vocabulary`` (from :func:`public_vocabulary`) are not
+    searched on their own; their number is ``identifiers_vocabulary``.
     """
-    index = _build_index(identifiers, min_len, vocabulary)
+    index = _build_index(identifiers, min_len, vocabulary, common_words)
+    if index.unscanned:
+        log.error("leak scan: %d identifier(s) of kind(s) %s are shorter than %d characters and only digits or "
+                  "common words, so no text search can find them: the scan cannot say the files are clean",
+                  sum(index.unscanned.values()), ", ".join(sorted(index.unscanned)), min_len)
     hits: list[dict[str, Any]] = []
     scanned = 0
     for uri in file_uris:
@@ -359,14 +475,19 @@ def leak_scan(
             hits.append(hit)
             log.warning("leak scan: %s contains %d real identifier(s) of kind(s) %s",
                         uri, len(found), ", ".join(kinds))
+    complete = not index.unscanned
     result = {
-        "clean": not hits,
+        "clean": False if hits else (True if complete else None),
+        "complete": complete,
         "files_scanned": scanned,
         "identifiers": index.checked,
         "identifiers_skipped": index.skipped,
+        "identifiers_unscanned": sum(index.unscanned.values()),
+        "unscanned_kinds": dict(sorted(index.unscanned.items())),
         "identifiers_vocabulary": index.vocabulary,
         "hits": hits,
     }
-    log.info("leak scan: %d files, %d identifiers checked (%d skipped), %d file(s) with hits",
-             scanned, index.checked, index.skipped, len(hits))
+    log.info("leak scan: %d files, %d identifiers checked (%d skipped, %d of them unscannable, %d one-word names "
+             "excused as common words), %d file(s) with hits", scanned, index.checked, index.skipped,
+             sum(index.unscanned.values()), index.vocabulary, len(hits))
     return result
