@@ -79,6 +79,16 @@ class RunContext:
         return join(self.run_uri, *parts)
 
     @property
+    def train_uri(self) -> str:
+        """The real training split prepare writes (PHI side, never released)."""
+        return self.uri("model", "train.parquet")
+
+    @property
+    def holdout_uri(self) -> str:
+        """The real holdout split prepare writes: never seen by the synthesizer."""
+        return self.uri("model", "holdout.parquet")
+
+    @property
     def quarantine_uri(self) -> str:
         return join(self.staging_root, self.spec.name, "quarantine", self.run_id)
 

@@ -37,7 +37,7 @@ class Keyer:
     def openssl_hmac(self) -> Any:
         """The OpenSSL HMAC object keyed with the salt (nothing hashed yet), or None where ``hmac`` has none:
         ``m = obj.copy(); m.update(b"<Type>/<id>"); m.hexdigest()[:KEY_HEX_CHARS]`` is :meth:`key` without
-        the pure-Python ``hmac.HMAC.copy`` wrapper (:func:`synthfactory.ingest.normalize.fast_key`)."""
+        the pure-Python ``hmac.HMAC.copy`` wrapper (:func:`synthfactory.fhir.normalize.fast_key`)."""
         return getattr(self._mac, "_hmac", None)
 
     def hmac_pads(self) -> tuple[bytes, bytes]:

@@ -22,6 +22,8 @@ from synthfactory import __version__
 from synthfactory.context import RunContext, project_root, resolve, safe_id, version_for  # noqa: F401 (re-exported)
 from synthfactory.spec import DatasetSpec
 from synthfactory.storage import Store, join
+from synthfactory.summaries import (FitSummary, GateSummary, IngestSummary, PrepareSummary, PrivacySummary,
+                                    QualitySummary, ReleaseSummary, ReviewSummary, RunSummary, SampleSummary)
 
 log = logging.getLogger("synthfactory.pipeline")
 
@@ -122,7 +124,7 @@ def _reusable_ingest(ctx: RunContext, index_uri: str) -> dict | None:
     return cached
 
 
-def ingest(ctx: RunContext) -> dict:
+def ingest(ctx: RunContext) -> IngestSummary:
     """Ingest the extract, or reuse the output of a previous run of the same extract content, spec, salt and
     code version (``operations.reuse_ingest``; ``ctx.force_ingest`` ingests again)."""
     from synthfactory.keys import resolve_salt
@@ -168,7 +170,7 @@ def _ingest_fresh(ctx: RunContext, salt: bytes, m: dict) -> None:
 
 
 # -- 2. prepare: modelling table + train/holdout split ----------------------------------------------
-def prepare(ctx: RunContext, ingested: dict) -> dict:
+def prepare(ctx: RunContext, ingested: IngestSummary) -> PrepareSummary:
     from synthfactory.synthesize.engine import metadata_dict
     from synthfactory.synthesize.modelling import KEY, build_modelling_table, check_features, split_train_holdout
 
@@ -178,7 +180,7 @@ def prepare(ctx: RunContext, ingested: dict) -> dict:
         # before fit: every lab, condition concept and column the spec names must be in the table (FeatureError)
         check_features(ctx.spec, table, info, tables)
         train, holdout = split_train_holdout(table, ctx.spec.synthesizer.holdout_fraction, ctx.spec.synthesizer.seed)
-        uris = {"train_uri": ctx.uri("model", "train.parquet"), "holdout_uri": ctx.uri("model", "holdout.parquet"),
+        uris = {"train_uri": ctx.train_uri, "holdout_uri": ctx.holdout_uri,
                 "metadata_uri": ctx.uri("model", "metadata.json")}
         ctx.store.write_df(uris["train_uri"], train)
         ctx.store.write_df(uris["holdout_uri"], holdout)
@@ -220,7 +222,7 @@ def _real_reference(ctx: RunContext, train: Any, holdout: Any, metadata: dict) -
 
 
 # -- 3. fit ---------------------------------------------------------------------------------------
-def fit(ctx: RunContext, prepared: dict) -> dict:
+def fit(ctx: RunContext, prepared: PrepareSummary) -> FitSummary:
     from synthfactory.synthesize import stages
 
     with _stage("fit", ctx) as m:
@@ -231,7 +233,7 @@ def fit(ctx: RunContext, prepared: dict) -> dict:
 
 
 # -- 4. sample ------------------------------------------------------------------------------------
-def sample(ctx: RunContext, fitted: dict, prepared: dict) -> dict:
+def sample(ctx: RunContext, fitted: FitSummary, prepared: PrepareSummary) -> SampleSummary:
     from synthfactory.synthesize import stages
 
     with _stage("sample", ctx) as m:
@@ -256,7 +258,7 @@ def _r(x: Any, nd: int = 4) -> Any:
     return None if x is None else round(float(x), nd)
 
 
-def quality(ctx: RunContext, prepared: dict, sampled: dict) -> dict:
+def quality(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary) -> QualitySummary:
     """GX suite (frozen, else derived from the real train split) on the synthetic table with Data Docs,
     SDMetrics fidelity, the spec's clinical relationships and TSTR/TRTR utility on the real holdout."""
     import json
@@ -311,7 +313,6 @@ def quality(ctx: RunContext, prepared: dict, sampled: dict) -> dict:
         fid, util = result["fidelity"], result.get("utility") or {}
         m.update({"report_uri": report_uri, "suite_uri": suite_uri, "suite_source": suite_source,
                   "data_docs_uri": join(docs_uri, "index.html") if index else None,
-                  "holdout_uri": prepared["holdout_uri"], "train_uri": prepared["train_uri"],
                   "rows_real": len(real), "rows_holdout": len(holdout), "rows_synthetic": len(synthetic),
                   "quality_score": round(float(result["quality_score"]), 4),
                   "expectation_success_ratio": round(float(result["expectation_success_ratio"]), 4),
@@ -362,7 +363,8 @@ def _reference_summary(reference: dict) -> dict:
 
 
 # -- 6. privacy -----------------------------------------------------------------------------------
-def privacy(ctx: RunContext, prepared: dict, sampled: dict, ingested: dict, quality_summary: dict) -> dict:
+def privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, ingested: IngestSummary,
+            quality_summary: QualitySummary) -> PrivacySummary:
     from synthfactory.privacy.leak import leak_scan, load_identifiers, public_vocabulary
     from synthfactory.privacy.metrics import privacy_metrics
     from synthfactory.synthesize.engine import SYNTHETIC_ID
@@ -467,8 +469,8 @@ def _privacy_audit_figures(metrics: dict, pt: Any) -> dict:
 
 
 # -- 7. gate --------------------------------------------------------------------------------------
-def release_files(sampled: dict, quality_summary: dict, privacy_summary: dict,
-                  gated: dict | None = None) -> dict[str, str]:
+def release_files(sampled: SampleSummary, quality_summary: QualitySummary, privacy_summary: PrivacySummary,
+                  gated: GateSummary | None = None) -> dict[str, str]:
     """Release-relative path -> staging URI of every file a release publishes (the data card once the gate
     has written it: pass the gate summary)."""
     from synthfactory.synthesize.stages import extra_release_files
@@ -490,8 +492,7 @@ def _datacard(ctx: RunContext, decision: dict, sampled: dict, quality_summary: d
     from synthfactory.synthesize.modelling import KEY
 
     if "real" not in frames:
-        train_uri = quality_summary.get("train_uri") or ctx.uri("model", "train.parquet")
-        frames["real"] = ctx.store.read_df(train_uri).drop(columns=[KEY], errors="ignore")
+        frames["real"] = ctx.store.read_df(ctx.train_uri).drop(columns=[KEY], errors="ignore")
         frames["synthetic"] = ctx.store.read_df(sampled["synthetic_uri"]).drop(columns=[SYNTHETIC_ID],
                                                                                  errors="ignore")
         frames["quality_report"] = ctx.store.read_json(quality_summary["report_uri"])
@@ -522,14 +523,13 @@ def _card_identifiers(ctx: RunContext, quality_summary: dict, ingested: dict | N
     if not (ingested or {}).get("identifiers_uri"):
         return None
     keys: list = []
-    for uri in (quality_summary.get("train_uri"), quality_summary.get("holdout_uri")):
-        if uri:
-            keys += list(ctx.store.read_df(uri, columns=[KEY])[KEY])
+    for uri in (ctx.train_uri, ctx.holdout_uri):
+        keys += list(ctx.store.read_df(uri, columns=[KEY])[KEY])
     return [*load_identifiers(ingested["identifiers_uri"], ctx.store), *keys]
 
 
-def gate(ctx: RunContext, sampled: dict, quality_summary: dict, privacy_summary: dict,
-         ingested: dict | None = None) -> dict:
+def gate(ctx: RunContext, sampled: SampleSummary, quality_summary: QualitySummary,
+         privacy_summary: PrivacySummary, ingested: IngestSummary | None = None) -> GateSummary:
     """Decide, then render the data card showing the decision, leak-scan it (a dirty or unscannable card
     refuses the run) and add it to the audited files. On refusal, quarantine the run's outputs (the card
     included) in staging with the reasons and raise GateRefused. ``ingested`` (the ingest summary) gives the
@@ -598,8 +598,9 @@ def quarantine(ctx: RunContext, files: dict[str, str], record: dict) -> str:
     return ctx.quarantine_uri
 
 
-def review(ctx: RunContext, gated: dict, sampled: dict, quality_summary: dict, privacy_summary: dict, *,
-           approved: bool, reviewer: str | None = None, reason: str = "", timed_out: bool = False) -> dict:
+def review(ctx: RunContext, gated: GateSummary, sampled: SampleSummary, quality_summary: QualitySummary,
+           privacy_summary: PrivacySummary, *, approved: bool, reviewer: str | None = None, reason: str = "",
+           timed_out: bool = False) -> ReviewSummary:
     """Record a human reviewer's answer on a gate-approved run in ``gate/approval.json``. The approval is bound
     to the audited file hashes (the publisher checks them). A rejection, or no answer before the timeout,
     quarantines the run with the reasons, as a gate refusal does."""
@@ -633,8 +634,8 @@ def release_key_prefix(ctx: RunContext) -> str:
     return SandboxLayout.for_spec(ctx.spec).release_prefix(ctx.version)
 
 
-def release(ctx: RunContext, gated: dict, sampled: dict, quality_summary: dict, privacy_summary: dict,
-            ingested: dict, writer: Any) -> dict:
+def release(ctx: RunContext, gated: GateSummary, sampled: SampleSummary, quality_summary: QualitySummary,
+            privacy_summary: PrivacySummary, ingested: IngestSummary, writer: Any) -> ReleaseSummary:
     from synthfactory.release.publish import publish
 
     with _stage("release", ctx) as m:
@@ -678,7 +679,7 @@ def release(ctx: RunContext, gated: dict, sampled: dict, quality_summary: dict, 
     return m
 
 
-def run_all(ctx: RunContext, writer: Any) -> dict:
+def run_all(ctx: RunContext, writer: Any) -> RunSummary:
     """Run every stage in order (the CLI path). Raises GateRefused when a gate refuses."""
     ingested = ingest(ctx)
     prepared = prepare(ctx, ingested)

@@ -16,10 +16,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synthfactory import kinds
-from synthfactory.ingest.source_specs import BUILTIN_RESOURCES, BulkSpec, EhrSpec, SearchSpec
+from synthfactory.source_specs import BUILTIN_RESOURCES, BulkSpec, EhrSpec, SearchSpec
 from synthfactory.errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
+
+
+def condition_column(code: str) -> str:
+    """The modelling table's flag column of a condition code: ``cond_<code>`` in lower snake case."""
+    return "cond_" + re.sub(r"[^a-z0-9]+", "_", code.lower()).strip("_")
 NEURAL_KINDS = kinds.NEURAL
 STAGE_NAMES = ("ingest", "prepare", "fit", "sample", "quality", "privacy", "gate", "release")
 LOINC_RE = re.compile(r"^\d{1,7}-\d$")
@@ -120,7 +125,7 @@ class SourceSpec(_Model):
     @field_validator("views")
     @classmethod
     def _views(cls, v: list[Any]) -> list[Any]:
-        from synthfactory.ingest.views import ViewError, compile_view
+        from synthfactory.fhir.views import ViewError, compile_view
 
         names: list[str] = []
         for i, view in enumerate(v):
@@ -298,8 +303,6 @@ class FeatureSpec(_Model):
 
     def columns(self) -> set[str]:
         """Columns these features name explicitly (labs, concept flags, cond_<code> of condition_codes)."""
-        from synthfactory.synthesize.modelling import condition_column
-
         return ({lab.name for lab in self.labs} | {c.column for c in self.conditions}
                 | {condition_column(code) for code in self.condition_codes})
 

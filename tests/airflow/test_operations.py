@@ -104,8 +104,8 @@ def test_routing_errors_fail_without_retries(tmp_path):
     ("synthfactory.synthesize.conditional", "ConditionalError"),
     ("synthfactory.synthesize.constraints", "ConstraintError"),
     ("synthfactory.synthesize.fhir_out", "FhirOutputError"),
-    ("synthfactory.ingest.views", "ViewError"),
-    ("synthfactory.ingest.fhirpath", "FhirPathError"),
+    ("synthfactory.fhir.views", "ViewError"),
+    ("synthfactory.fhir.fhirpath", "FhirPathError"),
     ("synthfactory.spec", "SpecError"),
 ])
 def test_user_errors_fail_at_once_and_other_errors_retry(where, name):

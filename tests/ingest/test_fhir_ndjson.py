@@ -14,7 +14,7 @@ import pytest
 
 from synthfactory.ingest import schemas
 from synthfactory.ingest.fhir_ndjson import ingest_extract
-from synthfactory.ingest.normalize import ExtractError, parse_fhir_date, parse_fhir_datetime
+from synthfactory.fhir.normalize import ExtractError, parse_fhir_date, parse_fhir_datetime
 from synthfactory.keys import Keyer
 from synthfactory.storage import Store
 

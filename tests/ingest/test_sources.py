@@ -16,7 +16,7 @@ import pytest
 from synthfactory.ingest.bundle import ingest_bundles, resolve_bundle
 from synthfactory.ingest.ehr import ingest_ehr
 from synthfactory.ingest.fhir_ndjson import ingest_extract
-from synthfactory.ingest.normalize import ExtractError
+from synthfactory.fhir.normalize import ExtractError
 from synthfactory.pipeline import RunContext, ingest
 from synthfactory.spec import parse_spec
 

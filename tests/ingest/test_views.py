@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from synthfactory.ingest.fhir_ndjson import ingest_extract
-from synthfactory.ingest.fhirpath import Env, FhirPathError, compile_path
-from synthfactory.ingest.normalize import BadResource, timestamp_array
-from synthfactory.ingest.views import ViewError, compile_view
+from synthfactory.fhir.fhirpath import Env, FhirPathError, compile_path
+from synthfactory.fhir.normalize import BadResource, timestamp_array
+from synthfactory.fhir.views import ViewError, compile_view
 from synthfactory.spec import SpecError, parse_spec
 
 LOINC = "http://loinc.org"

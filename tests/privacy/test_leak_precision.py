@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from synthfactory.ingest.normalize import collect_identifiers
+from synthfactory.fhir.normalize import collect_identifiers
 from synthfactory.privacy.leak import Identifier, leak_scan, public_vocabulary, tokenize
 
 SEED = 20240611

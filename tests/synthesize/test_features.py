@@ -16,9 +16,9 @@ from synthfactory import pipeline
 from synthfactory.errors import InputError
 from synthfactory.ingest.fhir_ndjson import ingest_extract
 from synthfactory.keys import Keyer
-from synthfactory.spec import ConditionConcept, FeatureSpec, LabFeature, SpecError, load_spec, parse_spec
-from synthfactory.synthesize.modelling import (KEY, FeatureError, build_modelling_table, check_features,
-                                               condition_column)
+from synthfactory.spec import (ConditionConcept, FeatureSpec, LabFeature, SpecError, condition_column, load_spec,
+                               parse_spec)
+from synthfactory.synthesize.modelling import KEY, FeatureError, build_modelling_table, check_features
 from tests.conftest import ROOT, write_spec
 
 SNOMED = "http://snomed.info/sct"

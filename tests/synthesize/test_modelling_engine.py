@@ -7,8 +7,8 @@ import pytest
 from synthfactory.spec import FeatureSpec, LabFeature
 from synthfactory.storage import Store
 from synthfactory.synthesize import engine
-from synthfactory.synthesize.modelling import (KEY, ModellingError, build_modelling_table, condition_column,
-                                               split_train_holdout)
+from synthfactory.spec import condition_column
+from synthfactory.synthesize.modelling import KEY, ModellingError, build_modelling_table, split_train_holdout
 
 
 def _tables(n: int = 60) -> dict[str, pd.DataFrame]:

@@ -36,7 +36,7 @@ import orjson
 from synthfactory.storage import Store, is_s3, join
 
 from .fhirclient import FhirClient, FhirHttpError, backoff_wait, outcome_summary, parse_retry_after, RetryPolicy
-from .normalize import ExtractError
+from synthfactory.fhir.normalize import ExtractError
 from .smart import SmartAuth
 
 log = logging.getLogger(__name__)

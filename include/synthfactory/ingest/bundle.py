@@ -26,7 +26,7 @@ import orjson
 from synthfactory.keys import Keyer
 from synthfactory.storage import Store
 
-from .normalize import ExtractError
+from synthfactory.fhir.normalize import ExtractError
 from .session import DEFAULT_MAX_LINE_BYTES, IngestSession, check_resources, gc_paused, list_source, relative_name
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Flat EHR extracts: CSV or Parquet tables mapped onto the flattened tables by a column mapping.
 
-A mapping (:class:`synthfactory.ingest.source_specs.EhrSpec`) names, per target table (``patient``,
+A mapping (:class:`synthfactory.source_specs.EhrSpec`) names, per target table (``patient``,
 ``encounter``, ``condition``, ``observation``, ``medication_request``, ``procedure``), the source files and
 which source column feeds which target column, with value maps, multi-column lookups (a local lab name to
 its LOINC code), constants, wide-to-long ``melt`` (vital-sign columns to observation rows), ``explode``
@@ -29,12 +29,12 @@ import pyarrow as pa
 from synthfactory.keys import Keyer
 from synthfactory.storage import Store
 
-from .normalize import GENDERS, BadResource, ExtractError, date_precision, local_days, parse_fhir_date, \
+from synthfactory.fhir.normalize import GENDERS, BadResource, ExtractError, date_precision, local_days, parse_fhir_date, \
     parse_fhir_datetime
 from .schemas import TABLES
 from .session import IngestSession, gc_paused, list_source, relative_name
-from .source_specs import EhrSpec, EhrTableMapping
-from .views import BUILTIN_VIEWS, compile_view
+from synthfactory.source_specs import EhrSpec, EhrTableMapping
+from synthfactory.fhir.views import BUILTIN_VIEWS, compile_view
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from synthfactory.keys import Keyer
 from synthfactory.storage import Store
 
 from . import native as native_flatten
-from .normalize import BadResource, ExtractError, collect_identifiers, has_modifier_extension
+from synthfactory.fhir.normalize import BadResource, ExtractError, collect_identifiers, has_modifier_extension
 from .session import (
     ALWAYS_VALIDATE_FIRST,
     DEFAULT_MAX_LINE_BYTES,

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import httpx
 
-from .normalize import ExtractError
+from synthfactory.fhir.normalize import ExtractError
 from .smart import AuthConfig, AuthError, SmartAuth
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .normalize import (
+from synthfactory.fhir.normalize import (
     GENDERS,
     SYSTEM_SHORT,
     US_CORE_BIRTHSEX,

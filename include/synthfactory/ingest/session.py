@@ -41,11 +41,11 @@ from synthfactory.keys import Keyer
 from synthfactory.storage import Store, is_s3, join
 
 from . import native as native_flatten
-from .fhirpath import Env
+from synthfactory.fhir.fhirpath import Env
 from .flatteners import FAST_TABLES, Flattener, make_flatteners
-from .normalize import BadResource, ExtractError, collect_identifiers, fast_key, has_modifier_extension, timestamp_array
+from synthfactory.fhir.normalize import BadResource, ExtractError, collect_identifiers, fast_key, has_modifier_extension, timestamp_array
 from .schemas import IDENTIFIERS_SCHEMA, TABLES
-from .views import BUILTIN_BY_RESOURCE, BUILTIN_VIEWS, CompiledView, ViewError, compile_view
+from synthfactory.fhir.views import BUILTIN_BY_RESOURCE, BUILTIN_VIEWS, CompiledView, ViewError, compile_view
 
 log = logging.getLogger(__name__)
 

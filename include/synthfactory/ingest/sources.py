@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from synthfactory.context import RunContext, project_root
+from synthfactory.fhir.normalize import ExtractError
 from synthfactory.keys import Keyer
 from synthfactory.storage import join
-
-from .normalize import ExtractError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ AUTH_ENV = "SYNTHFACTORY_FHIR_AUTH"
 def load_views(views: list, base_dir: str | None = None) -> list[dict]:
     """The spec's ``source.views``: inline ViewDefinitions, or .json/.yaml files (relative to ``base_dir``, else
     to the project root, :func:`synthfactory.context.project_root`)."""
-    from .views import load_view_file
+    from synthfactory.fhir.views import load_view_file
 
     out = []
     for v in views or []:
@@ -209,9 +208,10 @@ class BulkSource(FhirServerSource):
     def fetch(self, ctx: RunContext, client: Any, out_uri: str, options: dict) -> dict:
         import pyarrow as pa
 
+        from synthfactory.fhir.normalize import fast_key
+
         from .bulk import BulkExportError
         from .fhir_ndjson import ingest_extract
-        from .normalize import fast_key
 
         export = bulk_export_for(ctx, client)
         state = export.start()

@@ -12,7 +12,6 @@ appear; the row key is the HMAC ``patient_key`` from ingest, which is dropped be
 from __future__ import annotations
 
 import logging
-import re
 from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING
 
@@ -21,7 +20,7 @@ import pandas as pd
 
 from synthfactory import features
 from synthfactory.errors import InputError
-from synthfactory.spec import FeatureSpec
+from synthfactory.spec import FeatureSpec, condition_column
 
 if TYPE_CHECKING:
     from synthfactory.spec import DatasetSpec
@@ -40,10 +39,6 @@ class ModellingError(InputError, ValueError):
 class FeatureError(ModellingError):
     """The extract cannot produce a feature the spec asks for, or a column the spec names elsewhere (a
     quasi-identifier, sensitive attribute, relationship or utility column). Raised before fit."""
-
-
-def condition_column(code: str) -> str:
-    return "cond_" + re.sub(r"[^a-z0-9]+", "_", code.lower()).strip("_")
 
 
 def _reference_date(spec: FeatureSpec, tables: dict[str, pd.DataFrame]) -> pd.Timestamp:

@@ -283,7 +283,8 @@ def _sample_relational(ctx: Any, fitted: dict, prepared: dict, m: dict) -> None:
     from synthfactory.synthesize import engine, relational
     from synthfactory.synthesize.conditional import conditional_sampler
     from synthfactory.synthesize.engine import SYNTHETIC_ID, ParquetSink
-    from synthfactory.synthesize.modelling import KEY, build_modelling_table, condition_column
+    from synthfactory.spec import condition_column
+    from synthfactory.synthesize.modelling import KEY, build_modelling_table
 
     spec = ctx.spec.synthesizer
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ A ViewDefinition (JSON/YAML, as a dict) gives one output table::
 
 Supported: ``select`` (nested), ``column`` (``name``, ``path``, ``type``, ``collection``), ``forEach``,
 ``forEachOrNull``, ``unionAll``, view-level ``where`` and ``constant``, and the FHIRPath of
-:mod:`synthfactory.ingest.fhirpath` (``%rowIndex`` is the position of the current ``forEach`` item).
+:mod:`synthfactory.fhir.fhirpath` (``%rowIndex`` is the position of the current ``forEach`` item).
 
 Column ``type`` decides the Arrow type: ``string``/``code``/``id``/``uri``/... -> string, ``boolean``,
 ``integer`` (int64), ``decimal`` (float64), ``date`` (date32: the calendar date of a date or dateTime),
