@@ -45,11 +45,13 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "gaussian_copula (SDV defaults, no transforms)": {"kind": "gaussian_copula", "params": {}, "transforms": "none"},
     "gaussian_copula + EHR transforms + KDE": {"kind": "gaussian_copula", "transforms": "ehr",
                                                "params": {"default_distribution": "gaussian_kde"}},
+    "cart (min_leaf auto) + EHR transforms": {"kind": "cart", "params": {}, "transforms": "ehr"},
     "cart (min_leaf 20) + EHR transforms": {"kind": "cart", "params": {"min_leaf": 20}, "transforms": "ehr"},
     "cart (min_leaf 40) + EHR transforms": {"kind": "cart", "params": {"min_leaf": 40}, "transforms": "ehr"},
     "tabular_argn + EHR transforms": {"kind": "tabular_argn", "params": {}, "transforms": "ehr"},
 }
 SHORT = {"gaussian_copula (SDV defaults, no transforms)": "gc", "gaussian_copula + EHR transforms + KDE": "gc_kde",
+         "cart (min_leaf auto) + EHR transforms": "cart",
          "cart (min_leaf 20) + EHR transforms": "cart20", "cart (min_leaf 40) + EHR transforms": "cart40",
          "tabular_argn + EHR transforms": "argn"}
 DEFAULT_COHORTS = ("carebundle:1000:5", "clinosim:500:31", "clinosim:1700:11", "clinosim:1700:23")

@@ -399,9 +399,10 @@ class RelationalSpec(_Model):
 
 class SynthesizerSpec(_Model):
     kind: Literal[SYNTHESIZER_KINDS] = Field(
-        default="gaussian_copula", description="SDV single-table synthesizers, smartnoise DP (dp_mst, dp_aim), or "
-                                              "tabular_argn: MOSTLY AI's TabularARGN in its own interpreter "
-                                              "(make argn-venv)")
+        default="cart", description="cart (sequential CART synthesis, synthpop's method: the default, chosen by "
+                                   "bench/cohorts_bench.py), SDV single-table synthesizers, smartnoise DP "
+                                   "(dp_mst, dp_aim), or tabular_argn: MOSTLY AI's TabularARGN in its own "
+                                   "interpreter (make argn-venv)")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the synthesizer")
     mode: Literal["patient_table", "relational"] = Field(
         default="patient_table", description="patient_table: one row per patient (default); relational: the "
@@ -476,6 +477,15 @@ class SynthesizerSpec(_Model):
             if unsupported:
                 raise ValueError(f"kind: tabular_argn does not take {', '.join(unsupported)} here yet "
                                  "(it models one patient table; use an SDV kind for these)")
+        if self.kind == "cart":
+            unsupported = [name for name, v in (
+                ("mode: relational", self.mode == "relational"),
+                ("SDV constraints (inequality/range/fixed_combinations; bounds work)",
+                 [c for c in self.constraints if c.type != "bounds"]),
+                ("metadata overrides", self.metadata), ("transforms: none", self.transforms == "none")) if v]
+            if unsupported:
+                raise ValueError(f"kind: cart does not take {', '.join(unsupported)} (it models one patient table "
+                                 "behind the EHR-aware transforms; use an SDV kind for these)")
         if self.kind == "ctgan" and self.batch_size and self.batch_size % 10:
             raise ValueError("batch_size: CTGAN needs a multiple of 10 (pac)")
         return self

@@ -296,8 +296,12 @@ compare it with the real training data, which stays in the secure staging area.<
 
 <section id="gate"><h2>Gate decision</h2>
 {% for r in decision.failed or [] %}<div class="reason">{{ r }}</div>{% endfor %}
-<table><tr><th>gate</th><th>check</th><th>figure</th><th>rule</th><th>threshold</th><th>result</th></tr>
+<p class="muted">Each figure is judged against what real data itself achieves: real held-out rows scored against
+real train rows the same way, over re-splits (mean ± standard deviation). A synthetic figure fails only when it is
+worse than that reference by more than sampling noise allows.</p>
+<table><tr><th>gate</th><th>check</th><th>figure</th><th>real data itself</th><th>rule</th><th>threshold</th><th>result</th></tr>
 {% for c in decision.checks or [] %}<tr><td>{{ c.gate }}</td><td>{{ c.name }}</td><td class="num">{{ fmt(c.value) }}</td>
+<td class="num">{% if c.reference and c.reference.mean is not none %}{{ fmt(c.reference.mean) }} ± {{ fmt(c.reference.sd) }}{% else %}—{% endif %}</td>
 <td>{{ c.op }}</td><td class="num">{{ fmt(c.threshold) }}</td>
 <td class="{{ 'pass' if c.passed else 'fail' }}">{{ 'pass' if c.passed else 'FAIL' }}</td></tr>{% endfor %}
 </table>
@@ -322,7 +326,7 @@ compare it with the real training data, which stays in the secure staging area.<
 <table><tr><th colspan="7">{{ r.name }}: {{ r.stat }} of <code>{{ r.measure }}</code> by <code>{{ r.by }}</code>
  · tolerance {{ fmt(r.tolerance) }} beyond sampling noise · <span class="{{ 'pass' if r.status == 'passed' else ('muted' if r.status == 'skipped' else 'fail') }}">{{ r.status }}</span>
  {% if r.max_excess is defined and r.max_excess is not none %}(excess {{ fmt(r.max_excess) }}{% if r.worst_group %} in {{ r.worst_group }}{% endif %}; largest difference {{ fmt(r.max_error) }}){% endif %}
- {% if r.effect_kept is defined and r.effect_kept is not none %}· between-group spread kept {{ fmt(r.effect_kept * 100, 3) }}%{% endif %}</th></tr>
+ {% if r.effect is defined and r.effect and r.effect.ratio is not none %}· effect kept {{ fmt(r.effect.ratio * 100, 3) }}% [{{ fmt(r.effect.ci_low * 100, 3) }}, {{ fmt(r.effect.ci_high * 100, 3) }}] of the real {{ r.effect.high_group }} − {{ r.effect.low_group }} difference {{ fmt(r.effect.real) }}{% if not r.effect.significant %} (the real difference is within noise: only the shape is checked){% endif %}{% endif %}</th></tr>
 <tr><th>group</th><th>real</th><th>synthetic</th><th>difference</th><th>noise allowance (±{{ fmt(r.noise_z) }} SE)</th><th>real rows</th><th>synthetic rows</th></tr>
 {% for g in r.groups %}<tr><td>{{ g.group }}</td><td class="num">{{ fmt(g.real) }}</td><td class="num">{{ fmt(g.synthetic) }}</td>
 <td class="num">{{ fmt(g.diff) }}</td><td class="num">{{ fmt(g.noise_allowance) }}</td><td class="num">{{ fmt(g.real_rows) }}</td><td class="num">{{ fmt(g.synthetic_rows) }}</td></tr>{% endfor %}

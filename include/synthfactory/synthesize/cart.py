@@ -36,6 +36,7 @@ class _ColumnModel:
     donors: dict[int, np.ndarray] = field(default_factory=dict)  # leaf id -> real values (codes for categories)
     bandwidth: dict[int, float] = field(default_factory=dict)   # leaf id -> smoothing bandwidth (numeric)
     marginal: np.ndarray | None = None
+    marginal_codes: np.ndarray | None = None                   # every real value, for ``mix``
     categories: list = field(default_factory=list)
     integer: bool = False
     low: float | None = None
@@ -43,14 +44,23 @@ class _ColumnModel:
 
 
 class CartSynthesizer:
-    """``fit(df)`` then ``sample(n)``. ``min_leaf`` real rows per leaf (synthpop's ``minbucket`` 5), ``smooth``
-    numeric draws, ``seed`` makes fit and sample reproducible; ``sample(n, seed=...)`` reseeds a draw."""
+    """``fit(df)`` then ``sample(n)``. ``min_leaf`` real rows per leaf at least (``auto``:
+    :func:`auto_min_leaf`; synthpop's ``minbucket`` is 5); ``smooth`` numeric draws with a Gaussian kernel of
+    ``smooth_scale`` x Silverman's bandwidth; ``mix``: the share of draws taken from the whole column instead
+    of the leaf (more privacy, less fidelity); ``seed`` makes fit and sample reproducible;
+    ``sample(n, seed=...)`` or ``reseed`` restart the draw."""
 
-    def __init__(self, *, min_leaf: int = 5, max_depth: int | None = None, smooth: bool = True,
-                 visit_sequence: list[str] | None = None, seed: int = 0):
-        self.min_leaf = int(min_leaf)
+    def __init__(self, *, min_leaf: int | str = "auto", max_depth: int | None = None, smooth: bool = True,
+                 smooth_scale: float = 1.0, mix: float = 0.0, visit_sequence: list[str] | None = None,
+                 seed: int = 0):
+        if min_leaf != "auto" and (not isinstance(min_leaf, int) or min_leaf < 1):
+            raise TypeError(f"min_leaf must be a positive integer or 'auto', not {min_leaf!r}")
+        self.min_leaf_setting = min_leaf
+        self.min_leaf = 0
         self.max_depth = max_depth
         self.smooth = bool(smooth)
+        self.smooth_scale = float(smooth_scale)
+        self.mix = float(mix)
         self.visit_sequence = visit_sequence
         self.seed = int(seed)
         self.columns: list[str] = []
@@ -88,6 +98,7 @@ class CartSynthesizer:
         if isinstance(df, dict):
             df = next(iter(df.values()))
         self._rng = None
+        self.min_leaf = auto_min_leaf(len(df)) if self.min_leaf_setting == "auto" else int(self.min_leaf_setting)
 
         t0 = time.perf_counter()
         bad = [c for c in df.columns if self._is_numeric(df[c]) and df[c].isna().any()]
@@ -108,6 +119,8 @@ class CartSynthesizer:
                 col.categories = list(pd.unique(s.astype(object).map(lambda v: _MISSING if _isna(v) else v)))
             y = self._encode(col, s)
             encoded[:, j] = y
+            if self.mix > 0:
+                col.marginal_codes = y.copy()
             if j == 0:
                 col.marginal = y.copy()
             else:
@@ -121,7 +134,7 @@ class CartSynthesizer:
                     vals = y[leaves == leaf]
                     col.donors[int(leaf)] = vals
                     if col.numeric and self.smooth and vals.size > 1:
-                        col.bandwidth[int(leaf)] = _silverman(vals)
+                        col.bandwidth[int(leaf)] = self.smooth_scale * _silverman(vals)
             self.models.append(col)
         self.fit_info = {"seconds": round(time.perf_counter() - t0, 3), "columns": len(order),
                          "leaves": int(sum(len(m.donors) for m in self.models)), "min_leaf": self.min_leaf}
@@ -159,6 +172,9 @@ class CartSynthesizer:
                     rows = np.flatnonzero(leaves == leaf)
                     vals = col.donors[int(leaf)]
                     draw = vals[rng.integers(0, vals.size, size=rows.size)]
+                    if self.mix > 0 and col.marginal_codes is not None:  # some draws from the whole column
+                        swap = rng.random(rows.size) < self.mix
+                        draw[swap] = rng.choice(col.marginal_codes, size=int(swap.sum()))
                     bw = col.bandwidth.get(int(leaf), 0.0)
                     if bw > 0:
                         draw = draw + rng.normal(0.0, bw, size=rows.size)
@@ -175,6 +191,15 @@ class CartSynthesizer:
                 cats = np.array([None if c is _MISSING else c for c in col.categories], dtype=object)
                 frame[col.name] = cats[out[:, j].astype("int64")]
         return pd.DataFrame(frame)[self.columns]
+
+
+def auto_min_leaf(rows: int) -> int:
+    """Real rows per leaf by default: max(30, 1.25 sqrt(rows)) (30 up to 576 rows, 35 at 800, 125 at 10,000).
+    synthpop's minbucket of 5 copies too much of each patient on tables of a few hundred rows (measured on
+    clinosim cohorts: DCR share 0.62-0.68 at 5-20 rows per leaf against 0.53-0.57 at 30-40, with fidelity
+    still at the real-data ceiling); growing with the square root keeps the trees' resolution rising with
+    the data."""
+    return max(30, int(round(1.25 * rows ** 0.5)))
 
 
 class _Missing:

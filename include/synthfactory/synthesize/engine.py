@@ -142,6 +142,9 @@ def fit(train: pd.DataFrame | dict[str, pd.DataFrame], kind: str, params: dict[s
         metadata = {**metadata, "tables": {table: {**metadata["tables"][table], "columns": transformer.sdtypes(
             metadata["tables"][table]["columns"])}}}
     _seed_everything(seed)
+    entry = kinds.get(kind)
+    if entry is not None and entry.family == "cart":
+        params = {"seed": seed, **(params or {})}
     synth = make_synthesizer(kind, metadata, params)
     if constraints:
         synth.add_constraints(constraints)
