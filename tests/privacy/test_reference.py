@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from synthfactory.pipeline import _privacy_audit_figures
-from synthfactory.privacy.metrics import privacy_metrics, rare_record_membership, rare_records
-from synthfactory.privacy.encoding import encode
+from synthfactory.privacy.encoding import encode, row_hashes
+from synthfactory.privacy.metrics import (
+    privacy_metrics,
+    rare_record_membership,
+    rare_records,
+)
 from synthfactory.privacy.reference import pairwise_distances, privacy_reference
-from synthfactory.privacy.encoding import row_hashes
 from synthfactory.release.gate import Check, privacy_checks
 from synthfactory.spec import PrivacyThresholds, load_spec
 from synthfactory.testing.cohorts import cohort_table
@@ -102,7 +104,7 @@ def test_gaussian_copula_passes(real, demo_pt):
     meta = engine.metadata_dict(train)
     synth, _ = engine.fit(train, "gaussian_copula", {"default_distribution": "truncnorm"}, meta)
     syn = engine.sample(synth, len(train))[list(train.columns)]
-    _, s, checks = audit(train, holdout, syn, demo_pt)
+    _, _, checks = audit(train, holdout, syn, demo_pt)
     assert failed(checks) == set(), [c.describe() for c in checks if not c.passed]
     assert {c.name for c in checks} >= {"dcr_share", "dcr_share.holdout_leak", "rare_record_mia_auc.lower_bound"}
 
@@ -230,7 +232,7 @@ def test_gate_is_relative_and_two_sided():
     wide = {**REF, "dcr_share": {"mean": 0.5, "sd": 0.2}, "mia_auc": {"mean": 0.5, "sd": 0.2}}
     checks = {c.name: c for c in privacy_checks({**GOOD, "reference": wide}, QPT)}
     assert checks["dcr_share"].threshold == QPT.max_dcr_share and checks["mia_auc"].threshold == QPT.max_mia_auc
-    msg = [c.describe() for c in privacy_checks({**GOOD, "dcr_share": 0.1}, QPT) if not c.passed][0]
+    msg = next(c.describe() for c in privacy_checks({**GOOD, "dcr_share": 0.1}, QPT) if not c.passed)
     assert msg == ("privacy gate failed: dcr_share.holdout_leak 0.1 < min 0.4 (by 0.3; real data itself: 0.5 ± 0.04)")
 
 

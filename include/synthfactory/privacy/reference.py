@@ -31,7 +31,7 @@ product) and, per re-split, minima over sub-blocks: well under a second at any t
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
