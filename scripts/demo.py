@@ -72,8 +72,8 @@ def main() -> int:
         risks = ", ".join(f"{k} {v['risk']} [{v['ci_low']}, {v['ci_high']}] n={v['n']}"
                           for k, v in (f.get("anonymeter_risks") or {}).items())
         note = "" if f.get("anonymeter_certified") else " (not all certified: holdout too small, see privacy.json)"
-        print(f"      re-identification: membership-inference AUC {f['mia_auc']} (0.5 ideal), rare QI combinations "
-              f"{f.get('rare_combination_excess')} above chance; anonymeter {risks or 'not run'}{note}")
+        print(f"      re-identification: membership-inference AUC {f['mia_auc']} (0.5 ideal), on rare records "
+              f"{f.get('rare_record_mia_auc')}; anonymeter {risks or 'not run'}{note}")
     print(f"      latest: s3://{spec.release.bucket}/{dataset_prefix}/latest.json -> {version} "
           f"(SSE {manifest.get('encryption') or 'n/a'}, tags dataset/version/synthetic=true)")
     print(f"      mirrored {len(files)} files to {local}")

@@ -75,7 +75,8 @@ def open_gates() -> dict:
             elif name.startswith("max_"):
                 out[f"{section}__{name}"] = hi
         for name, value in (("relationships", []), ("utility", None), ("quasi_identifiers", []),
-                            ("sensitive_attributes", []), ("anonymeter_attacks", 0)):
+                            ("sensitive_attributes", []), ("anonymeter_attacks", 0),
+                            ("reference_resplits", 0)):  # no privacy reference: only the (open) caps apply
             if name in fields:
                 out[f"{section}__{name}"] = value
     return out

@@ -379,7 +379,7 @@ def privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, i
             train, holdout, synthetic, exclude=[KEY, SYNTHETIC_ID], seed=ctx.spec.synthesizer.seed,
             quasi_identifiers=pt.quasi_identifiers, sensitive_attributes=pt.sensitive_attributes,
             k_anonymity=pt.min_k_anonymity, anonymeter_attacks=pt.anonymeter_attacks,
-            metadata=ctx.store.read_json(prepared["metadata_uri"]))
+            metadata=ctx.store.read_json(prepared["metadata_uri"]), reference_resplits=pt.reference_resplits)
         report_uri = ctx.uri("reports", "privacy.json")
         audit = _privacy_audit_figures(metrics, pt)
         report = {"dataset": ctx.spec.name, "run_id": ctx.run_id, "profile": ctx.profile,
@@ -426,11 +426,24 @@ def _privacy_audit_figures(metrics: dict, pt: Any) -> dict:
         "nndr_holdout_median": r4(metrics["dcr"]["nndr_holdout_median"]),
     }
     qi = metrics.get("quasi_identifiers") or {}
-    if "rare_combination_share" in qi:
+    if "rare_combination_share" in qi:  # descriptive only (not gated)
         out["rare_combination_share"] = r4(qi["rare_combination_share"])
         out["holdout_rare_combination_share"] = r4(qi["holdout_rare_combination_share"])
-        out["rare_combination_excess"] = r4(qi["rare_combination_excess"])
         out["k_anonymity"] = qi["synthetic_k_anonymity"]
+    rr = metrics.get("rare_record_mia") or {}
+    if pt.quasi_identifiers:
+        out["rare_record_mia_status"] = rr.get("status", "skipped")
+        out["rare_record_mia_auc"] = r4(rr.get("auc"))
+        out["rare_record_mia_se"] = r4(rr.get("auc_se"))
+        out["rare_record_members"] = rr.get("members")
+        out["rare_record_nonmembers"] = rr.get("nonmembers")
+        if rr.get("reason"):
+            out["rare_record_mia_reason"] = rr["reason"]
+    ref = metrics.get("reference") or {}
+    if "skipped" not in ref:  # what fresh real rows score (mean, sd, tails), for the gate and the card
+        out["reference"] = {k: {s: r4(v[s]) for s in ("mean", "sd", "p05", "p95") if s in v}
+                            for k, v in ref.items() if isinstance(v, dict) and "mean" in v}
+        out["reference"]["resplits"] = ref.get("resplits")
     sdm = metrics.get("sdmetrics_dcr_baseline_protection")
     if sdm:
         out["sdmetrics_dcr_baseline_protection"] = r4(sdm["score"])
@@ -662,7 +675,7 @@ def release(ctx: RunContext, gated: GateSummary, sampled: SampleSummary, quality
                 "dcr_ratio": privacy_summary["dcr_ratio"],
                 "leak_clean": privacy_summary["leak_clean"],
                 "mia_auc": privacy_summary.get("mia_auc"),
-                "rare_combination_excess": privacy_summary.get("rare_combination_excess"),
+                "rare_record_mia_auc": privacy_summary.get("rare_record_mia_auc"),
                 "anonymeter_risks": privacy_summary.get("anonymeter_risks"),
                 "anonymeter_certified": privacy_summary.get("anonymeter_certified"),
             },

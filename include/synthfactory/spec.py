@@ -616,30 +616,53 @@ class QualityThresholds(_Model):
 
 
 class PrivacyThresholds(_Model):
-    max_exact_match_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    """The privacy gate. Every gated figure is judged against what *fresh real rows* score on it (the
+    real-data reference, see :mod:`synthfactory.privacy.reference`): it fails when it lies more than
+    ``noise_z`` reference standard deviations beyond the reference mean, and never passes beyond its
+    absolute cap (``max_*``) where one is set."""
+
+    max_exact_match_rate: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Optional absolute cap on the share of synthetic rows identical to a real row. The gate "
+                    "refuses above the reference (fresh real rows can coincide with a real patient exactly on "
+                    "tables of discrete columns) + noise_z sd, and above this cap when set; without a reference "
+                    "the cap (or 0) applies")
     max_dcr_share: float = Field(
-        default=0.55, ge=0.0, le=1.0,
-        description="Share of synthetic rows closer to train than to holdout, adjusted for their sizes "
-                    "(0.5 is ideal, 1.0 means the rows were memorised)",
+        default=0.7, ge=0.0, le=1.0,
+        description="Cap on the share of synthetic rows closer to train than to holdout, adjusted for their "
+                    "sizes (0.5 is ideal, 1.0 means the rows were memorised). The gate refuses above the "
+                    "reference mean + noise_z sd, never above this cap; and, two-sided, below the reference "
+                    "mean - noise_z sd (synthetic rows closer to the holdout than fresh rows are: a leak of "
+                    "real rows the model never trained on)",
     )
     min_dcr_ratio: float = Field(
         default=0.5, ge=0.0,
         description="median DCR(synthetic->train) / median DCR(holdout->train); far below 1 means copying",
     )
     leak_scan: bool = True
+    reference_resplits: int = Field(
+        default=20, ge=0, le=500,
+        description="Re-splits of the real rows for the privacy reference (fresh real rows scored like the "
+                    "synthetic table); 0 = no reference: only the absolute caps are checked")
+    noise_z: float = Field(
+        default=2.5, ge=0.0, le=5.0,
+        description="Reference standard deviations of slack (dcr_share both ways, exact_match_rate, mia_auc), "
+                    "and the one-sided z of the rare-record membership test. 2.5 refuses fresh real rows in "
+                    "<= 2.5 % of random splits on the demo cohorts (2.0: up to 7.5 %)")
     # -- re-identification audit (privacy.metrics / privacy.attacks) --------------------------------
     quasi_identifiers: list[str] = Field(
         default_factory=list,
         description="Modelling-table columns an attacker can know about a person (e.g. age, gender): "
-                    "k-anonymity / rare-combination check, singling out, linkability and inference use them")
+                    "rare-record membership test, singling out, linkability and inference use them")
     sensitive_attributes: list[str] = Field(
         default_factory=list,
         description="Columns an attacker wants to learn (e.g. a condition flag, a lab): inference attacks "
                     "guess each from the quasi-identifiers; linkability links them to the quasi-identifiers")
     max_mia_auc: float = Field(
         default=0.6, ge=0.5, le=1.0,
-        description="Membership-inference attack (distance to the closest synthetic record) ROC AUC, train "
-                    "members vs holdout non-members; 0.5 = no better than chance")
+        description="Cap on the membership-inference attack (distance to the closest synthetic record) ROC "
+                    "AUC, train members vs holdout non-members (0.5 = chance); the gate also refuses above "
+                    "the reference mean + noise_z sd")
     max_anonymeter_risk: float = Field(
         default=0.10, gt=0.0, le=1.0,
         description="Anonymeter risks (singling out, linkability, inference per sensitive attribute): the "
@@ -660,12 +683,25 @@ class PrivacyThresholds(_Model):
                     "max_anonymeter_risk with enough attacks); needs a large holdout")
     min_k_anonymity: int = Field(
         default=5, ge=2, le=1000,
-        description="k: a quasi-identifier combination shared by fewer than k real training records is rare")
-    max_rare_combination_excess: float = Field(
-        default=0.05, ge=0.0, le=1.0,
-        description="Share of synthetic rows whose quasi-identifier combination is rare among the real "
-                    "training records (present, fewer than min_k_anonymity), minus the same share for the "
-                    "real holdout rows (what chance gives); checked when quasi_identifiers are named")
+        description="k: a real record whose quasi-identifier combination is shared by fewer than k real "
+                    "records (train and holdout) is rare, one of the most exposed")
+    max_rare_record_mia_auc: float = Field(
+        default=0.55, ge=0.5, le=1.0,
+        description="Membership test on the rare records (checked when quasi_identifiers are named): AUC of "
+                    "rare train members vs rare holdout non-members by their distance to the closest "
+                    "synthetic row. Refused when its one-sided lower bound (AUC - noise_z x standard error) "
+                    "exceeds this: members significantly *and* materially closer (0.5 = any significant "
+                    "effect, which at thousands of rare records refuses trivial ones)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_rare_combination_excess" in data:
+            raise ValueError(
+                "max_rare_combination_excess was removed (the share of synthetic rows in rare combinations "
+                "passed a copier of the training rows and refused fresh real rows): delete it; rare records "
+                "are now checked by a membership test, threshold max_rare_record_mia_auc")
+        return data
 
     @model_validator(mode="after")
     def _attribute_lists(self) -> "PrivacyThresholds":

@@ -64,13 +64,14 @@ def real():
     return full.iloc[:1200].reset_index(drop=True), full.iloc[1200:].reset_index(drop=True)
 
 
-def audit_summary(train, holdout, syn, pt=PT, attacks=2000):
+def audit_summary(train, holdout, syn, pt=PT, attacks=2000, sdmetrics=True):
     """The privacy stage's figures for the gate (what pipeline.privacy puts in XCom)."""
     from synthfactory.pipeline import _privacy_audit_figures
 
     m = privacy_metrics(train, holdout, syn, seed=0, quasi_identifiers=pt.quasi_identifiers,
                         sensitive_attributes=pt.sensitive_attributes, k_anonymity=pt.min_k_anonymity,
-                        anonymeter_attacks=attacks)
+                        anonymeter_attacks=attacks, reference_resplits=pt.reference_resplits,
+                        sdmetrics_baseline=sdmetrics)
     fig = _privacy_audit_figures(m, pt)
     fig.pop("gate_rules")
     return m, {"exact_match_rate": m["exact_match"]["exact_match_rate"], "dcr_share": m["dcr"]["dcr_share_adjusted"],
@@ -139,26 +140,7 @@ def test_rare_combinations_and_k_anonymity():
     s = quasi_identifier_risk(train, holdout, safe, ["age", "sex"], k=5)
     assert s["rare_combination_share"] == 0.0  # (70, f) is rare in the output but matches no real person
     assert s["synthetic_k_anonymity"] == 3 and s["synthetic_rare_share"] == pytest.approx(3 / 23)
-    assert r["rare_combination_excess"] == pytest.approx(8 / 48)  # the holdout lands in no rare class
-    pt = PrivacyThresholds(quasi_identifiers=["age", "sex"], max_rare_combination_excess=0.05, anonymeter_attacks=0)
-    base = {"exact_match_rate": 0.0, "dcr_share": 0.5, "dcr_ratio": 1.0, "leak_clean": True, "mia_auc": 0.5}
-    assert failed({**base, "rare_combination_excess": r["rare_combination_excess"]}, pt) == ["rare_combination_excess"]
-    assert failed({**base, "rare_combination_excess": s["rare_combination_excess"]}, pt) == []
-    assert failed(base, pt) == ["rare_combination_excess"]  # configured but not measured: refuse
-
-
-def test_rare_combination_excess_is_relative_to_chance(real):
-    """Coarse QIs put some of any sample into rare real classes (the holdout shows how many); fine QIs
-    make a copier land in rare real classes almost always and a fresh sample almost never."""
-    train, holdout = real
-    fresh = cohort_table(1200, seed=99, key=None)
-    coarse = quasi_identifier_risk(train, holdout, fresh, ["age", "gender"], k=5)
-    assert coarse["rare_combination_share"] > 0.05 and coarse["holdout_rare_combination_share"] > 0.05
-    assert abs(coarse["rare_combination_excess"]) < 0.05
-    fine_fresh = quasi_identifier_risk(train, holdout, fresh, ["age", "gender", "bmi"], k=5)
-    fine_copy = quasi_identifier_risk(train, holdout, copier(train, 1200), ["age", "gender", "bmi"], k=5)
-    assert fine_fresh["rare_combination_excess"] < 0.05 < 0.5 < fine_copy["rare_combination_excess"]
-    assert fine_copy["unique_real_matches"] > 500
+    assert "rare_combination_excess" not in r  # replaced by the rare-record membership test
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,7 +159,7 @@ def test_anonymeter_gate_rule_certifies_only_with_enough_evidence():
     tiny = {"risk": 0.0, "ci_low": 0.0, "ci_high": 0.02, "error": 0.02, "n": 40}
     assert anonymeter_rule(tiny, pt)["certified"] is False  # fewer than anonymeter_min_attacks
     base = {"exact_match_rate": 0.0, "dcr_share": 0.5, "dcr_ratio": 1.0, "leak_clean": True, "mia_auc": 0.5,
-            "rare_combination_excess": 0.0}
+            "rare_record_mia_auc": 0.5, "rare_record_mia_se": 0.05}
 
     def gate(risks, pt=pt):
         return failed({**base, "anonymeter_risks": risks}, pt)

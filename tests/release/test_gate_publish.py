@@ -18,8 +18,10 @@ GOOD_P = {"exact_match_rate": 0.0, "dcr_share": 0.52, "dcr_ratio": 0.97, "leak_c
 def test_gate_approves_good_figures():
     d = decide(GOOD_Q, GOOD_P, QualityThresholds(), PrivacyThresholds(), {"a": "x"})
     assert d["approved"] and d["failed"] == [] and d["message"] == "all gates passed"
-    # 4 quality checks (score, expectations, worst column, pair trends) + the privacy checks
-    assert len(d["checks"]) == 4 + sum(1 for c in d["checks"] if c["gate"] == "privacy")
+    # without a privacy reference: exact matches, DCR share, DCR ratio, leak scan, MIA (absolute caps)
+    assert [c["name"] for c in d["checks"] if c["gate"] == "privacy"] == [
+        "exact_match_rate", "dcr_share", "dcr_ratio", "leak_scan_clean", "mia_auc"]
+    assert {c["gate"] for c in d["checks"]} == {"quality", "privacy"}
 
 
 def test_gate_names_each_failed_gate_and_margin():
@@ -30,9 +32,21 @@ def test_gate_names_each_failed_gate_and_margin():
     msg = d["message"]
     assert "privacy gate failed: dcr_share 0.91 > max 0.6 (by 0.31)" in msg
     assert "privacy gate failed: exact_match_rate 0.25 > max 0 (by 0.25)" in msg
-    assert "quality gate failed: quality_score 0.5 < min 0.75 (by 0.25)" in msg
+    assert "quality gate failed: quality_score.floor 0.5 < min 0.75 (by 0.25)" in msg  # no reference: the floor
     assert "leak_scan_clean is False" in msg
     assert len(d["failed"]) == 4
+
+
+def test_gate_puts_the_privacy_reference_beside_each_check():
+    ref = {"dcr_share": {"mean": 0.5, "sd": 0.04, "p05": 0.44, "p95": 0.57},
+           "exact_match_rate": {"mean": 0.0, "sd": 0.0}, "mia_auc": {"mean": 0.5, "sd": 0.02}}
+    d = decide(GOOD_Q, {**GOOD_P, "reference": ref}, QualityThresholds(), PrivacyThresholds(), {})
+    checks = {c["name"]: c for c in d["checks"] if c["gate"] == "privacy"}
+    assert d["approved"] and checks["dcr_share"]["reference"] == ref["dcr_share"]
+    assert checks["dcr_share"]["threshold"] == 0.6 and checks["dcr_share.holdout_leak"]["threshold"] == 0.4
+    leak = decide(GOOD_Q, {**GOOD_P, "dcr_share": 0.02, "reference": ref}, QualityThresholds(), PrivacyThresholds(), {})
+    assert leak["failed"] == ["privacy gate failed: dcr_share.holdout_leak 0.02 < min 0.4 "
+                              "(by 0.38; real data itself: 0.5 ± 0.04)"]
 
 
 def test_gate_treats_missing_figure_as_failure():

@@ -83,8 +83,9 @@ anonymeter attacks, leak scan) → gate →{approve} release to
 (atomic: manifest last, then `latest.json`; SSE {spec.release.encryption}; the newest {spec.release.keep_versions} versions kept).
 
 Default thresholds: quality score ≥ {qt.min_quality_score}, expectations ≥ {qt.min_expectation_success},
-exact matches ≤ {pt.max_exact_match_rate}, DCR share ≤ {pt.max_dcr_share}, DCR ratio ≥ {pt.min_dcr_ratio},
-membership-inference AUC ≤ {pt.max_mia_auc}, anonymeter risks ≤ {pt.max_anonymeter_risk} (quasi-identifiers:
+exact matches, DCR share (both ways) and membership-inference AUC within what fresh real rows score
+(± {pt.noise_z} sd over {pt.reference_resplits} re-splits; caps: DCR share ≤ {pt.max_dcr_share}, membership-inference
+AUC ≤ {pt.max_mia_auc}), DCR ratio ≥ {pt.min_dcr_ratio}, anonymeter risks ≤ {pt.max_anonymeter_risk} (quasi-identifiers:
 {', '.join(pt.quasi_identifiers) or 'none'}; sensitive: {', '.join(pt.sensitive_attributes) or 'none'}),
 leak scan {'on' if pt.leak_scan else 'off'}. Profiles: {', '.join(spec.profile_names)}.
 

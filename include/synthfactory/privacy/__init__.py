@@ -1,6 +1,7 @@
-"""Privacy gate: exact matches, distance to closest record (DCR, NNDR), membership inference, k-anonymity /
-rare combinations, anonymeter's singling-out / linkability / inference risks, SDMetrics'
-DCRBaselineProtection on a fast exact search, and the identifier leak scan."""
+"""Privacy gate: exact matches, distance to closest record (DCR, NNDR), membership inference (table-wide and
+on rare records), k-anonymity, the real-data reference (fresh real rows scored alike), anonymeter's
+singling-out / linkability / inference risks, SDMetrics' DCRBaselineProtection on a fast exact search, and
+the identifier leak scan."""
 
 from synthfactory.privacy.encoding import encode
 from synthfactory.privacy.leak import Identifier, leak_scan, load_identifiers

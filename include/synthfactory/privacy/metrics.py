@@ -1,6 +1,7 @@
 """Privacy metrics for a synthetic table: exact matches, distance to closest record (DCR) and nearest-
-neighbour distance ratios, a membership-inference attack, k-anonymity / rare combinations of
-quasi-identifiers, and SDMetrics' DCRBaselineProtection on a fast exact search. :func:`privacy_metrics`
+neighbour distance ratios, a membership-inference attack (table-wide and on the rare records),
+k-anonymity / rare combinations of quasi-identifiers, the same figures for fresh real rows
+(:mod:`.reference`), and SDMetrics' DCRBaselineProtection on a fast exact search. :func:`privacy_metrics`
 runs the whole audit (with anonymeter's attacks from :mod:`.attacks`).
 
 The real rows were split into ``train`` and ``holdout`` *before* the synthesizer saw ``train``. A
@@ -41,6 +42,8 @@ __all__ = [
     "membership_inference",
     "privacy_metrics",
     "quasi_identifier_risk",
+    "rare_record_membership",
+    "rare_records",
     "sdmetrics_random_baseline",
 ]
 
@@ -302,11 +305,10 @@ def quasi_identifier_risk(
       real people. ``holdout_rare_combination_share`` is the same share for the real holdout rows: the
       level a fresh sample of patients reaches by chance, which depends only on how fine the QIs are
       (coarse QIs such as age and sex put a few percent of any sample into rare real classes).
-    * ``rare_combination_excess`` = synthetic share - holdout share, the gated figure. About 0 for a
-      synthesizer that generalises, whatever the QIs; large when it reproduces the rare combinations of
-      its training records (with fine QIs a copier lands in rare training classes almost always, a
-      fresh sample almost never). A copier on coarse QIs is not caught here (there is no rare
-      combination to reproduce) but by the exact-match, DCR and membership-inference checks.
+    Neither share is gated: a share of rows in rare classes cannot tell a copier from fresh patients
+    (a copier of train lands in rare *train* classes no more often than the train rows themselves, and
+    fresh rows land there by chance). The gated measure of the most exposed records is
+    :func:`rare_record_membership`.
     * ``unique_real_matches``: synthetic rows whose combination belongs to exactly one training record.
     """
     qis = list(quasi_identifiers)
@@ -338,10 +340,77 @@ def quasi_identifier_risk(
         "rare_combination_rows": int(rare_syn.sum()),
         "rare_combination_share": float(rare_syn.sum() / n_syn),
         "holdout_rare_combination_share": float(rare_hold.mean()) if len(rare_hold) else 0.0,
-        "rare_combination_excess": float(rare_syn.sum() / n_syn - (rare_hold.mean() if len(rare_hold) else 0.0)),
         "unique_real_matches": int((in_train_syn == 1).sum()),
         "synthetic_rows_in_real_combinations": float(np.mean(in_train_syn >= 1)) if len(h_syn) else 0.0,
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# the most exposed records: membership inference on rare quasi-identifier combinations
+# ------------------------------------------------------------------------------------------------
+#: fewer rare members or rare non-members than this: the rare-record test is skipped (nothing to test)
+RARE_MIN_RECORDS = 5
+
+
+def rare_records(train: pd.DataFrame, holdout: pd.DataFrame, quasi_identifiers: Sequence[str],
+                 k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks of the rare real records of ``train`` and ``holdout``: their quasi-identifier
+    combination is shared by fewer than ``k`` records of train and holdout together (values compared
+    exactly, missing a value of its own). The definition is blind to membership, so under no memorisation
+    rare train and rare holdout records are exchangeable."""
+    h_train, h_hold = row_hashes(train, holdout, list(quasi_identifiers))
+    counts = pd.Series(np.concatenate([h_train, h_hold])).value_counts()
+    return (pd.Series(h_train).map(counts).to_numpy() < k), (pd.Series(h_hold).map(counts).to_numpy() < k)
+
+
+def rare_record_membership(
+    x_train: np.ndarray,
+    x_hold: np.ndarray,
+    x_syn: np.ndarray,
+    rare_train: np.ndarray,
+    rare_hold: np.ndarray,
+    *,
+    layout: Layout | None = None,
+    chunk: int = 1024,
+    min_records: int = RARE_MIN_RECORDS,
+) -> dict:
+    """Targeted membership-inference test on the most exposed records (``rare_record_mia_auc``).
+
+    Targets are the *rare* real records (:func:`rare_records`): a few patients with an unusual
+    quasi-identifier combination, the ones a synthetic row can point at. Members are the rare train
+    records, non-members the rare holdout records; the attacker guesses "member" when a record's distance
+    to its closest synthetic row (encode space, Euclidean) is small. The AUC (ties half) is 0.5 when the
+    synthetic rows are no closer to rare training patients than to rare patients the model never saw, and
+    near 1 when it reproduces them (a copier, a noisy copier). ``auc_se`` is the Hanley-McNeil standard
+    error and ``z = (auc - 0.5) / auc_se`` the one-sided test statistic; the gate refuses only when the AUC
+    exceeds its threshold significantly (see :func:`synthfactory.release.gate.privacy_checks`).
+
+    With fewer than ``min_records`` rare members or non-members the test is ``skipped`` (status and reason
+    say why): the data have too few rare records to test, and the table-wide attack (:func:`membership_inference`)
+    still runs.
+    """
+    n_m, n_n = int(np.sum(rare_train)), int(np.sum(rare_hold))
+    base = {"attack": "distance to closest synthetic record, rare records only", "members": n_m,
+            "nonmembers": n_n, "min_records": int(min_records)}
+    if n_m < min_records or n_n < min_records:
+        return {**base, "status": "skipped", "auc": None, "auc_se": None, "z": None, "p_value": None,
+                "reason": f"{n_m} rare train and {n_n} rare holdout records (fewer than {min_records})"}
+    d_m = _search(x_train[np.asarray(rare_train, dtype=bool)], x_syn, layout, 1, chunk)[:, 0]
+    d_n = _search(x_hold[np.asarray(rare_hold, dtype=bool)], x_syn, layout, 1, chunk)[:, 0]
+    res = auc_with_ci(-d_m, -d_n)
+    auc, se = res["auc"], res["se"]
+    if se and se > 0:
+        z = (auc - 0.5) / se
+    else:  # every member closer than every non-member (or the reverse): as significant as it gets
+        z = math.inf if auc > 0.5 else (-math.inf if auc < 0.5 else 0.0)
+    from scipy.stats import norm
+
+    return {**base, "status": "measured", "auc": auc, "auc_se": se, "auc_ci": res["ci"],
+            "z": float(z) if math.isfinite(z) else (1e9 if z > 0 else -1e9),
+            "p_value": float(norm.sf(z)),
+            "member_distance_median": _pct(d_m, 50), "nonmember_distance_median": _pct(d_n, 50),
+            "members_at_zero_distance": float(np.mean(d_m == 0.0)),
+            "nonmembers_at_zero_distance": float(np.mean(d_n == 0.0))}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -483,6 +552,7 @@ def privacy_metrics(
     mia_max_targets: int = 10_000,
     sdmetrics_baseline: bool = True,
     metadata: dict | None = None,
+    reference_resplits: int = 20,
 ) -> dict:
     """The privacy audit of a synthetic table, all against the real ``train`` split with the real
     ``holdout`` as control, over the columns common to all three frames minus ``exclude`` (e.g. the
@@ -494,6 +564,10 @@ def privacy_metrics(
     * ``mia``: distance-based membership-inference AUC (see :func:`membership_inference`);
     * ``quasi_identifiers``: k-anonymity and rare combinations of ``quasi_identifiers``
       (see :func:`quasi_identifier_risk`; skipped when none are named);
+    * ``rare_record_mia``: the membership test on the rare records (quasi-identifier combination of fewer
+      than ``k_anonymity`` real records; see :func:`rare_record_membership`; skipped without QIs);
+    * ``reference``: the same figures for fresh real rows (holdout halves, ``reference_resplits`` times;
+      see :mod:`.reference`), what the gate judges the synthetic figures against (0: not computed);
     * ``anonymeter``: singling-out, linkability and inference risks with confidence intervals
       (see :mod:`.attacks`; skipped when ``anonymeter_attacks`` is 0 or no columns are named);
     * ``sdmetrics_dcr_baseline_protection``: SDMetrics' DCRBaselineProtection score on the fast exact
@@ -533,11 +607,26 @@ def privacy_metrics(
     out["mia"] = membership_inference(x_train, x_hold, x_syn, seed=seed, max_targets=mia_max_targets, layout=layout)
     lap("mia")
     qis, sens = list(quasi_identifiers), list(sensitive_attributes)
+    rare_tr = rare_ho = None
     if qis:
         out["quasi_identifiers"] = quasi_identifier_risk(train, holdout, synthetic, qis, k=k_anonymity)
+        rare_tr, rare_ho = rare_records(train, holdout, qis, k=k_anonymity)
+        out["rare_record_mia"] = {"quasi_identifiers": qis, "k": int(k_anonymity), **rare_record_membership(
+            x_train, x_hold, x_syn, rare_tr, rare_ho, layout=layout)}
     else:
         out["quasi_identifiers"] = {"skipped": "no quasi_identifiers configured"}
+        out["rare_record_mia"] = {"status": "skipped", "reason": "no quasi_identifiers configured"}
     lap("quasi_identifiers")
+    if reference_resplits > 0:
+        from synthfactory.privacy.reference import privacy_reference
+
+        h_train, h_hold = row_hashes(train, holdout, cols)
+        out["reference"] = privacy_reference(x_train, x_hold, h_train, h_hold,
+                                             rare_train=rare_tr, rare_hold=rare_ho,
+                                             resplits=reference_resplits, seed=seed)
+    else:
+        out["reference"] = {"skipped": "reference_resplits is 0"}
+    lap("reference")
     if anonymeter_attacks > 0 and (qis or sens):
         from synthfactory.privacy.attacks import anonymeter_risks
 

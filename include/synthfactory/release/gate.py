@@ -113,18 +113,52 @@ def quality_checks(quality: dict, qt: QualityThresholds) -> list[Check]:
     return checks
 
 
+def _upper(ref: dict | None, z: float, cap: float | None) -> float | None:
+    """``mean + z sd`` of a privacy reference, never above ``cap`` (None: no reference and no cap)."""
+    if ref and ref.get("mean") is not None:
+        thr = float(ref["mean"]) + z * float(ref.get("sd") or 0.0)
+        return round(thr if cap is None else min(thr, float(cap)), 4)
+    return None if cap is None else float(cap)
+
+
 def privacy_checks(privacy: dict, pt: PrivacyThresholds) -> list[Check]:
-    checks = [
-        le("privacy", "exact_match_rate", privacy.get("exact_match_rate"), pt.max_exact_match_rate),
-        le("privacy", "dcr_share", privacy.get("dcr_share"), pt.max_dcr_share),
-        ge("privacy", "dcr_ratio", privacy.get("dcr_ratio"), pt.min_dcr_ratio),
-    ]
+    """Privacy figures from the privacy stage summary, each judged against the real-data reference the
+    summary carries (``reference``: fresh real rows scored like the synthetic table over re-splits, see
+    :mod:`synthfactory.privacy.reference`) and put beside its check:
+
+    * ``exact_match_rate`` fails above the reference mean + ``noise_z`` sd, or above ``max_exact_match_rate``
+      when set (without a reference: above the cap, or above 0);
+    * ``dcr_share`` fails above the reference mean + ``noise_z`` sd, never passing above ``max_dcr_share``;
+      ``dcr_share.holdout_leak`` (two-sided) fails below the reference mean - ``noise_z`` sd: synthetic rows
+      markedly closer to the holdout than fresh real rows are, i.e. real rows the model never trained on
+      leaked into the output (only with a reference);
+    * ``dcr_ratio`` fails below ``min_dcr_ratio``;
+    * ``mia_auc`` fails above the reference mean + ``noise_z`` sd, never passing above ``max_mia_auc``;
+    * ``rare_record_mia_auc.lower_bound`` (with quasi-identifiers): the rare-record membership AUC minus
+      ``noise_z`` standard errors fails above ``max_rare_record_mia_auc`` (members significantly closer to
+      the synthetic rows than non-members). Skipped, as the stage reports, when the data hold too few rare
+      records to test; not measured otherwise: refused.
+    """
+    ref = privacy.get("reference") or {}
+    z = float(pt.noise_z)
+    em_ref, dcr_ref = ref.get("exact_match_rate"), ref.get("dcr_share")
+    em_thr = _upper(em_ref, z, pt.max_exact_match_rate)
+    checks = [le("privacy", "exact_match_rate", privacy.get("exact_match_rate"), 0.0 if em_thr is None else em_thr,
+                 em_ref),
+              le("privacy", "dcr_share", privacy.get("dcr_share"), _upper(dcr_ref, z, pt.max_dcr_share), dcr_ref)]
+    if dcr_ref and dcr_ref.get("mean") is not None:
+        low = round(float(dcr_ref["mean"]) - z * float(dcr_ref.get("sd") or 0.0), 4)
+        checks.append(ge("privacy", "dcr_share.holdout_leak", privacy.get("dcr_share"), low, dcr_ref))
+    checks.append(ge("privacy", "dcr_ratio", privacy.get("dcr_ratio"), pt.min_dcr_ratio, ref.get("dcr_ratio")))
     if pt.leak_scan:
         checks.append(is_true("privacy", "leak_scan_clean", privacy.get("leak_clean")))
-    checks.append(le("privacy", "mia_auc", privacy.get("mia_auc"), pt.max_mia_auc))
-    if pt.quasi_identifiers:
-        checks.append(le("privacy", "rare_combination_excess", privacy.get("rare_combination_excess"),
-                         pt.max_rare_combination_excess))
+    checks.append(le("privacy", "mia_auc", privacy.get("mia_auc"), _upper(ref.get("mia_auc"), z, pt.max_mia_auc),
+                     ref.get("mia_auc")))
+    if pt.quasi_identifiers and privacy.get("rare_record_mia_status") != "skipped":
+        auc, se = privacy.get("rare_record_mia_auc"), privacy.get("rare_record_mia_se")
+        lower = None if auc is None or se is None else round(float(auc) - z * float(se), 4)
+        checks.append(le("privacy", "rare_record_mia_auc.lower_bound", lower, pt.max_rare_record_mia_auc,
+                         ref.get("rare_record_mia_auc")))
     checks += anonymeter_checks(privacy, pt)
     return checks
 
