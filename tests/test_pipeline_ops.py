@@ -96,8 +96,8 @@ def test_epochs_reach_neural_synthesizers_only(tmp_path, extract, monkeypatch, c
     caplog.set_level(logging.INFO, "synthfactory")
     ctx2 = _ctx(tmp_path, extract, "r1", epochs=3)
     pipeline.fit(ctx2, prepared)
-    assert "epochs" not in seen["gaussian_copula"]
-    assert "epochs=3 ignored: gaussian_copula is not trained in epochs" in caplog.text
+    assert "epochs" not in seen["cart"]  # the demo spec's kind
+    assert "epochs=3 ignored: cart is not trained in epochs" in caplog.text
 
 
 def test_stage_logs_progress_timings_counts_and_failures(tmp_path, extract, monkeypatch, caplog):

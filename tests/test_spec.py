@@ -24,7 +24,7 @@ def test_every_committed_spec_is_valid():
 
 def test_demo_spec_fields():
     spec = load_spec(ROOT / "include/datasets/cohort_demo.yaml")
-    assert spec.synthesizer.kind == "gaussian_copula"
+    assert spec.synthesizer.kind == "cart" and spec.synthesizer.transforms_for("cart") == "ehr"
     assert spec.release.bucket == "synthetic-sandbox" and spec.release.connection_id == "sandbox_s3"
     assert spec.schedule == "@weekly"
     assert spec.profile_names == ["default", "lenient", "strict"]

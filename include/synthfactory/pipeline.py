@@ -297,10 +297,22 @@ def quality(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary) -
                 for path in sorted(Path(docs).rglob("*")):
                     if path.is_file():
                         ctx.store.write_bytes(join(docs_uri, path.relative_to(docs).as_posix()), path.read_bytes())
-        reference = ctx.store.read_json(prepared["reference_uri"])
+        if prepared.get("reference_uri"):
+            reference = ctx.store.read_json(prepared["reference_uri"])
+        else:  # a prepare summary from before the reference existed: compute it now
+            reference = ctx.store.read_json(_real_reference(ctx, ctx.store.read_df(prepared["train_uri"]),
+                                                            ctx.store.read_df(prepared["holdout_uri"]),
+                                                            metadata)["reference_uri"])
         worst = _worst_eligible(result["sdmetrics"].get("columns", []), reference["eligible_columns"])
         fid = result["fidelity"]
         fid["min_column_score"], fid["worst_column"] = worst
+        # the suite on real held-out rows: how many of its expectations real data itself passes
+        from synthfactory.quality.expectations import run_suite
+
+        real_run = run_suite(suite, holdout.assign(**{SYNTHETIC_ID: [f"real-{i}" for i in range(len(holdout))]}))
+        p_real, n_exp = float(real_run["success_ratio"]), max(1, int(real_run["evaluated"]))
+        reference = {**reference, "expectation_success_ratio": {
+            "mean": p_real, "sd": (max(p_real * (1 - p_real), 1.0 / n_exp) / n_exp) ** 0.5, "n": 1}}
         result["reference"] = reference
         # the gate compares figures at the reference's row count (SDMetrics scores rise with the row count)
         result["matched"] = matched_figures(real, synthetic.drop(columns=[SYNTHETIC_ID], errors="ignore"),
@@ -355,7 +367,7 @@ def _reference_summary(reference: dict) -> dict:
         return None if not summary else {k: _r(summary[k]) for k in ("mean", "sd", "p05") if k in summary}
 
     out = {k: small(reference.get(k)) for k in ("quality_score", "column_shapes", "column_pair_trends",
-                                                "min_column_score")}
+                                                "min_column_score", "expectation_success_ratio")}
     out["relationships"] = {name: {"effect_kept": small(v.get("effect_kept"))}
                             for name, v in (reference.get("relationships") or {}).items()}
     out["resplits"] = reference.get("resplits")

@@ -42,13 +42,13 @@ def test_neural_spec_routes_fit_and_sample_to_the_gpu_queue_and_pool(tmp_path, k
 
 
 def test_relational_par_or_neural_children_train_on_gpu(tmp_path):
-    dag, _ = _dag(tmp_path, "rel_par", synthesizer__mode="relational", synthesizer__params={},
+    dag, _ = _dag(tmp_path, "rel_par", synthesizer__mode="relational", synthesizer__kind="gaussian_copula", synthesizer__params={},
                   synthesizer__relational={"engine": "par"})
     assert dag.get_task("fit").queue == "gpu"
-    dag, _ = _dag(tmp_path, "rel_kids", synthesizer__mode="relational", synthesizer__params={},
+    dag, _ = _dag(tmp_path, "rel_kids", synthesizer__mode="relational", synthesizer__kind="gaussian_copula", synthesizer__params={},
                   synthesizer__relational={"child_kind": "tvae"})
     assert dag.get_task("fit").queue == "gpu"
-    dag, _ = _dag(tmp_path, "rel_cpu", synthesizer__mode="relational", synthesizer__params={})
+    dag, _ = _dag(tmp_path, "rel_cpu", synthesizer__mode="relational", synthesizer__kind="gaussian_copula", synthesizer__params={})
     assert dag.get_task("fit").queue == "default"
 
 

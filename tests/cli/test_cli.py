@@ -50,7 +50,7 @@ def test_gate_refusal_exit_code_and_one_line_reason(tmp_path, small_extract, cap
     code = main(["run", str(spec), "--out", str(out), "--run-id", "r2", "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_GATE
-    assert err[-1].startswith("gate refused: cli_refused: privacy gate failed: dcr_ratio")
+    assert err[-1].startswith("gate refused: cli_refused: ") and "privacy gate failed: dcr_ratio" in err[-1]
     assert "< min 50" in err[-1] and "(by " in err[-1]
     assert not (out / "release").exists() or not any((out / "release").rglob("*"))  # nothing released
     reasons = json.loads((out / "staging/cli_refused/quarantine/r2/reasons.json").read_text())

@@ -113,7 +113,8 @@ def test_relationship_groups_bins_and_missing():
 def test_spec_relationship_and_utility_fields():
     q = QualityThresholds(relationships=RELATIONSHIPS, utility={"target": "cond_e11_9"})
     assert isinstance(q.relationships[0], Relationship) and q.relationships[1].bins == [0, 45, 65, 200]
-    assert q.min_utility_ratio == 0.8 and q.min_column_score == 0.6 and q.utility.max_train_rows == 25_000
+    assert q.min_utility_ratio == 0.8 and q.min_column_score is None and q.utility.max_train_rows == 25_000
+    assert q.reference.quality_fraction == 0.95 and q.reference.min_values == 50  # relative to real data
     base = {"name": "x_spec", "source": {"uri": "/tmp/x"}, "release": {"bucket": "sandbox-bucket"}}
     for bad, where in [({"relationships": [{**RELATIONSHIPS[0], "tolerance": 0}]}, "quality.relationships.0.tolerance"),
                        ({"relationships": [{**RELATIONSHIPS[1], "bins": [65, 45]}]}, "quality.relationships.0.bins"),

@@ -103,6 +103,7 @@ def test_tabular_argn_chosen_at_trigger_time_is_checked_against_the_spec(tmp_pat
     """The DAG's `synthesizer` Param can pick tabular_argn for a spec whose synthesizer has constraints: the fit
     stage refuses at once (a SpecError: no retries) instead of silently dropping them."""
     spec = load_spec(write_spec(tmp_path / "specs", "argn_rt", tmp_path / "x", tmp_path / "staging",
+                                synthesizer__kind="gaussian_copula",
                                 synthesizer__constraints=[{"type": "inequality", "low": "age", "high": "age"}]))
     ctx = p.RunContext(spec=spec, run_id="r1", version="v1", synthesizer=engine.ARGN)
     with pytest.raises(SpecError, match="^synthesizer tabular_argn chosen for this run: kind: tabular_argn does "

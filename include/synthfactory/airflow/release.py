@@ -24,13 +24,21 @@ def _fmt(value: Any) -> str:
     return "—" if value is None else str(value)
 
 
+def _reference(ref: dict | None) -> str:
+    """What real data itself scores on a figure (mean ± sd over re-splits), or a dash."""
+    if not ref or ref.get("mean") is None:
+        return "–"
+    return f"{_fmt(ref['mean'])} ± {_fmt(ref.get('sd') or 0.0)}"
+
+
 def approval_text(spec: DatasetSpec, version: str, decision: dict, gated: dict,
                   datacard_url: str | None = None) -> tuple[str, str]:
     """Subject and Markdown body of the approval request: figures only, never data."""
     target = SandboxLayout.for_spec(spec).version_uri(version)
     rows = "\n".join(
-        f"| {c.get('gate')} | {c.get('name')} | {_fmt(c.get('value'))} | {c.get('op')} {_fmt(c.get('threshold'))} "
-        f"| {'pass' if c.get('passed') else 'FAIL'} |" for c in decision.get("checks", []))
+        f"| {c.get('gate')} | {c.get('name')} | {_fmt(c.get('value'))} | {_reference(c.get('reference'))} "
+        f"| {c.get('op')} {_fmt(c.get('threshold'))} | {'pass' if c.get('passed') else 'FAIL'} |"
+        for c in decision.get("checks", []))
     files = "\n".join(f"- `{rel}` sha256 `{sha[:16]}…`" for rel, sha in (decision.get("audited_files") or {}).items())
     card = ""
     if datacard_url or gated.get("datacard_uri"):
@@ -43,8 +51,8 @@ The automatic gates passed: {decision.get('message', '')}. **Approve** publishes
 `{spec.release.connection_id}`. **Reject** quarantines the run in staging with your reason; nothing is released.
 {f'Without an answer within {timeout:g} h the run is rejected.' if timeout else ''}
 
-| gate | check | value | threshold | result |
-|---|---|---|---|---|
+| gate | check | value | real data itself | threshold | result |
+|---|---|---|---|---|---|
 {rows}
 
 Files to release:

@@ -30,27 +30,16 @@ product) and, per re-split, minima over sub-blocks: well under a second at any t
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 
 import numpy as np
 
-from synthfactory.privacy.metrics import RARE_MIN_RECORDS, TIE_TOL, auc_with_ci
+from synthfactory.privacy.stats import RARE_MIN_RECORDS, TIE_TOL, auc_with_ci
+from synthfactory.quality.reference import summarise
 
-__all__ = ["pairwise_distances", "privacy_reference", "summarise"]
+__all__ = ["pairwise_distances", "privacy_reference"]
 
 #: at most this many holdout rows (and this many train rows, rare ones aside) enter the reference
 MAX_ROWS = 2000
-
-
-def summarise(values: Sequence[float | None]) -> dict | None:
-    """``{mean, sd, p05, p50, p95, min, max, n}`` of the finite values (None when there are none)."""
-    xs = np.array([float(v) for v in values if v is not None and math.isfinite(float(v))], dtype="float64")
-    if xs.size == 0:
-        return None
-    return {"mean": float(xs.mean()), "sd": float(xs.std(ddof=1)) if xs.size > 1 else 0.0,
-            "p05": float(np.quantile(xs, 0.05)), "p50": float(np.median(xs)), "p95": float(np.quantile(xs, 0.95)),
-            "min": float(xs.min()), "max": float(xs.max()), "n": int(xs.size)}
 
 
 def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -30,13 +30,14 @@ log = logging.getLogger(__name__)
 
 
 def summarise(values: Sequence[float | None]) -> dict | None:
-    """``{mean, sd, p05, p50, min, n}`` of the finite values (None when there are none)."""
+    """``{mean, sd, p05, p50, p95, min, max, n}`` of the finite values (None when there are none): how a
+    real-data reference figure is reported, for quality and privacy alike."""
     xs = np.array([float(v) for v in values if v is not None and math.isfinite(float(v))], dtype="float64")
     if xs.size == 0:
         return None
     return {"mean": float(xs.mean()), "sd": float(xs.std(ddof=1)) if xs.size > 1 else 0.0,
-            "p05": float(np.quantile(xs, 0.05)), "p50": float(np.median(xs)), "min": float(xs.min()),
-            "n": int(xs.size)}
+            "p05": float(np.quantile(xs, 0.05)), "p50": float(np.median(xs)), "p95": float(np.quantile(xs, 0.95)),
+            "min": float(xs.min()), "max": float(xs.max()), "n": int(xs.size)}
 
 
 def relative_threshold(reference: Mapping[str, Any] | None, fraction: float, noise_z: float) -> float | None:

@@ -51,7 +51,7 @@ class CartSynthesizer:
     ``sample(n, seed=...)`` or ``reseed`` restart the draw."""
 
     def __init__(self, *, min_leaf: int | str = "auto", max_depth: int | None = None, smooth: bool = True,
-                 smooth_scale: float = 1.0, mix: float = 0.0, visit_sequence: list[str] | None = None,
+                 smooth_scale: float = 1.0, mix: float = 0.1, visit_sequence: list[str] | None = None,
                  seed: int = 0):
         if min_leaf != "auto" and (not isinstance(min_leaf, int) or min_leaf < 1):
             raise TypeError(f"min_leaf must be a positive integer or 'auto', not {min_leaf!r}")

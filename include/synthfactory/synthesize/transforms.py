@@ -253,9 +253,14 @@ class ClinicalSynthesizer:
         return self._frame(self.inner.sample(num_rows=num_rows))
 
     def __getattr__(self, name: str) -> Any:
-        if name == "sample_from_conditions" and hasattr(self.inner, name):
-            return lambda conditions, **kw: self._frame(self.inner.sample_from_conditions(conditions, **kw))
-        raise AttributeError(name)
+        """Anything else is the inner model's (``fit_info``, ``privacy``, ...); conditional sampling comes back
+        through the inverse transform."""
+        inner = self.__dict__.get("inner")
+        if inner is None or name.startswith("__"):
+            raise AttributeError(name)
+        if name == "sample_from_conditions" and hasattr(inner, name):
+            return lambda conditions, **kw: self._frame(inner.sample_from_conditions(conditions, **kw))
+        return getattr(inner, name)
 
     def save(self, path: str) -> None:
         import cloudpickle
