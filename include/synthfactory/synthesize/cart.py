@@ -51,7 +51,7 @@ class CartSynthesizer:
     ``sample(n, seed=...)`` or ``reseed`` restart the draw."""
 
     def __init__(self, *, min_leaf: int | str = "auto", max_depth: int | None = None, smooth: bool = True,
-                 smooth_scale: float = 1.0, mix: float = 0.1, visit_sequence: list[str] | None = None,
+                 smooth_scale: float = 1.0, mix: float = 0.0, visit_sequence: list[str] | None = None,
                  seed: int = 0):
         if min_leaf != "auto" and (not isinstance(min_leaf, int) or min_leaf < 1):
             raise TypeError(f"min_leaf must be a positive integer or 'auto', not {min_leaf!r}")
@@ -83,11 +83,20 @@ class CartSynthesizer:
         if self.visit_sequence:
             rest = [c for c in df.columns if c not in self.visit_sequence]
             return [c for c in self.visit_sequence if c in df.columns] + rest
-        # categories with few levels first (demographics, flags), then numbers: the trees of the later,
-        # richer columns condition on the discrete ones, as synthpop's usual visit sequences do
+        # the order of a clinical record, as synthpop's usual visit sequences: demographics (categories such as
+        # sex, race), then complete integer columns (age, utilisation counts), then flags (conditions, "measured"),
+        # then the remaining numbers (lab values), so each is drawn given what it depends on
         def key(c: str) -> tuple[int, int]:
             s = df[c]
-            return (1 if self._is_numeric(s) else 0, int(s.nunique()))
+            if pd.api.types.is_bool_dtype(s.dtype):
+                rank = 2
+            elif not self._is_numeric(s):
+                rank = 0
+            elif np.all(np.isclose(s.astype("float64"), np.round(s.astype("float64")))):
+                rank = 1
+            else:
+                rank = 3
+            return (rank, int(s.nunique()))
         return sorted(df.columns, key=key)
 
     # -- fit -------------------------------------------------------------------------------------
