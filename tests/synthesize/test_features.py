@@ -244,3 +244,21 @@ def test_demo_spec_resolves_on_a_clinosim_cohort(tmp_path):
     prepared = pipeline.prepare(ctx, pipeline.ingest(ctx))
     assert prepared["labs"] == ["hba1c", "bmi", "systolic_bp", "ldl", "egfr", "glucose"]  # egfr: 48642-3
     assert {"cond_t2_diabetes", "cond_hypertension"} <= set(prepared["columns"])
+
+
+def test_the_shipped_demo_spec_releases_on_a_snomed_coded_extract(small_extract, tmp_path):
+    """Issue #16's bar: the shipped spec, with only the extract changed, releases on an extract whose conditions
+    are coded only in SNOMED CT (every gate judged against the real-data reference)."""
+    from synthfactory.cli import main
+    from synthfactory.errors import EXIT_OK
+
+    assert recode_conditions_to_snomed(small_extract, tmp_path / "snomed") > 0
+    out = tmp_path / "out"
+    code = main(["run", str(ROOT / "include/datasets/cohort_demo.yaml"), "--extract", str(tmp_path / "snomed"),
+                 "--out", str(out), "--run-id", "snomed", "-q"])
+    assert code == EXIT_OK
+    released = next((out / "release").rglob("manifest.json"))
+    manifest = json.loads(released.read_text())
+    assert manifest["rows"] > 0 and manifest["synthesizer"] == "cart"
+    features = json.loads(next((out / "staging").rglob("model/features.json")).read_text())
+    assert {"t2_diabetes", "hypertension"} <= {c["name"] for c in features["conditions"]}
