@@ -312,7 +312,8 @@ def quality(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary) -
         real_run = run_suite(suite, holdout.assign(**{SYNTHETIC_ID: [f"real-{i}" for i in range(len(holdout))]}))
         p_real, n_exp = float(real_run["success_ratio"]), max(1, int(real_run["evaluated"]))
         reference = {**reference, "expectation_success_ratio": {
-            "mean": p_real, "sd": (max(p_real * (1 - p_real), 1.0 / n_exp) / n_exp) ** 0.5, "n": 1}}
+            # the noise of a difference of two success shares over n_exp expectations (real and synthetic)
+            "mean": p_real, "sd": (2 * max(p_real * (1 - p_real), 1.0 / n_exp) / n_exp) ** 0.5, "n": 1}}
         result["reference"] = reference
         # the gate compares figures at the reference's row count (SDMetrics scores rise with the row count)
         result["matched"] = matched_figures(real, synthetic.drop(columns=[SYNTHETIC_ID], errors="ignore"),

@@ -28,7 +28,7 @@ def test_lists_sandbox_releases_with_gate_figures(released_sandbox, capsys):
     assert out[0] == "ops_listing: 1 release(s) in s3://synthetic-sandbox/releases/ops_listing/"
     assert out[1].split()[:3] == ["version", "rows", "synthesizer"]
     row = out[2].split()
-    assert row[:3] == [version, "120", "gaussian_copula"]
+    assert row[:3] == [version, "120", "cart"]
     assert row[3] == str(manifest["figures"]["quality_score"])
     assert row[-1] == ("yes" if any(f["path"] == "reports/datacard.html" for f in manifest["files"]) else "-")
 

@@ -11,8 +11,8 @@ def test_validate_extract_ok(tmp_path, small_extract, capsys):
     spec = write_spec(tmp_path / "specs", "val_ok", tmp_path / "nowhere", tmp_path / "staging")
     assert main(["validate", str(spec), "--extract", str(small_extract)]) == EXIT_OK
     out = capsys.readouterr().out
-    assert out.startswith("ok: val_ok") and "160 patients" in out
-    assert "egfr (160)" in out and "cond_t2_diabetes (" in out and "cond_hypertension (" in out
+    assert out.startswith("ok: val_ok") and "400 patients" in out
+    assert "egfr (400)" in out and "cond_t2_diabetes (" in out and "cond_hypertension (" in out
     assert not (tmp_path / "staging").exists()  # ingested into a temporary folder only
 
 

@@ -31,7 +31,9 @@ LABS = ("hba1c", "bmi", "systolic_bp", "ldl", "egfr", "glucose")
 def demo_pt() -> PrivacyThresholds:
     """The demo spec's privacy thresholds (anonymeter off: these tests are about the other checks)."""
     _, pt = load_spec(ROOT / "include/datasets/cohort_demo.yaml").thresholds()
-    return pt.model_copy(update={"anonymeter_attacks": 0})
+    # cohort_table names the diabetes flag by its ICD-10-CM code, the demo spec by concept
+    sensitive = ["cond_e11_9" if c == "cond_t2_diabetes" else c for c in pt.sensitive_attributes]
+    return pt.model_copy(update={"anonymeter_attacks": 0, "sensitive_attributes": sensitive})
 
 
 @pytest.fixture(scope="module")
