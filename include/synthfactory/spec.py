@@ -762,6 +762,10 @@ class ReleaseSpec(_Model):
     max_attempts: int = Field(
         default=8, ge=1, le=20, description="botocore attempts per S3 request (standard retry mode: exponential "
                                             "backoff with jitter on throttling, 5xx and connection errors)")
+    signing_connection_id: str | None = Field(
+        default=None, description="Airflow connection whose password is the release signing key: the gate signs "
+                                  "its decision and the reviewer's approval with it and the publisher verifies "
+                                  "them; unset = $SYNTHFACTORY_SIGNING_KEY, else a key file kept in local staging")
 
     @model_validator(mode="after")
     def _kms(self) -> "ReleaseSpec":
