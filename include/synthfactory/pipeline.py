@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,7 +21,7 @@ from typing import Any, Iterator
 from synthfactory import __version__
 from synthfactory.context import RunContext, project_root, resolve, safe_id, version_for  # noqa: F401 (re-exported)
 from synthfactory.spec import DatasetSpec
-from synthfactory.storage import Store, join
+from synthfactory.storage import Store, is_s3, join, private_umask
 from synthfactory.summaries import (FitSummary, GateSummary, IngestSummary, PrepareSummary, PrivacySummary,
                                     QualitySummary, ReleaseSummary, ReviewSummary, RunSummary, SampleSummary)
 
@@ -72,8 +72,12 @@ def _stage(name: str, ctx: RunContext) -> Iterator[dict]:
 
     if interval > 0:
         threading.Thread(target=heartbeat, name=f"synthfactory-progress-{name}", daemon=True).start()
+    # local staging holds PHI: whatever writes there while the stage runs (streamed Parquet, checkpoints, a worker
+    # subprocess) creates 0600 files and 0700 folders. Not the release: it writes the sandbox, not staging.
+    private = not is_s3(str(ctx.staging_root)) and name != "release"
     try:
-        yield metrics
+        with private_umask() if private else nullcontext():
+            yield metrics
     except BaseException as err:
         log.error("stage=%s dataset=%s run=%s failed seconds=%.3f error=%s", name, ctx.spec.name, ctx.run_id,
                   time.perf_counter() - t0, type(err).__name__)
