@@ -30,7 +30,8 @@ from synthfactory.release.publish import Boto3Writer
 from synthfactory.spec import DatasetSpec
 from synthfactory.storage import Store, is_s3
 
-__all__ = ["FhirHook", "HmacSaltHook", "ReleaseSigningKeyHook", "SandboxWriter", "asset_uri", "fhir_credentials", "phi_store",
+__all__ = ["FhirHook", "HmacSaltHook", "ReleaseSigningKeyHook", "SandboxWriter", "asset_uri", "fhir_credentials",
+           "phi_store",
            "report_lineage"]
 
 
