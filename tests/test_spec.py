@@ -78,3 +78,59 @@ def test_file_errors(tmp_path):
     other.write_text(yaml.safe_dump(_demo()))
     with pytest.raises(SpecError, match="must match the file name"):
         load_spec(other)
+
+
+# -- hardening (issue #18, item 5): where staging may live, and keys given twice --------------------------
+@pytest.mark.parametrize("uri", ["s3://synthetic-sandbox/staging", "s3://synthetic-sandbox", "s3://synthetic-sandbox/"])
+def test_staging_inside_the_release_bucket_is_refused(uri):
+    data = _demo()
+    data["staging"]["uri"] = uri
+    with pytest.raises(SpecError) as info:
+        parse_spec(data, origin="bad.yaml")
+    msg = str(info.value)
+    assert "staging.uri" in msg and "inside the release bucket 'synthetic-sandbox'" in msg, msg
+    data["staging"]["uri"] = "s3://phi-staging/synthetic-sandbox"  # another bucket: fine
+    assert parse_spec(data).staging.uri == "s3://phi-staging/synthetic-sandbox"
+
+
+@pytest.mark.parametrize("uri", ["/", "//", "/.", "/tmp/..", "~", "~/", "~root", "$HOME", "/root", "/root/",
+                                 "/home/alice", "/home/alice/", "/home", "/Users/bob"])
+def test_staging_at_the_filesystem_root_or_a_home_folder_is_refused(uri):
+    data = _demo()
+    data["staging"]["uri"] = uri
+    with pytest.raises(SpecError) as info:
+        parse_spec(data, origin="bad.yaml")
+    msg = str(info.value)
+    assert "staging.uri" in msg and "filesystem root or a home folder" in msg, msg
+
+
+@pytest.mark.parametrize("uri", [".staging", "/srv/synthfactory/staging", "/home/alice/staging", "~/staging",
+                                 "/root/sf", "s3://phi-staging/runs"])
+def test_ordinary_staging_folders_are_accepted(uri):
+    data = _demo()
+    data["staging"]["uri"] = uri
+    assert parse_spec(data).staging.uri == uri
+
+
+def test_duplicate_yaml_key_is_refused_naming_key_and_line(tmp_path):
+    text = (ROOT / "include/datasets/cohort_demo.yaml").read_text()
+    assert "max_dcr_share: 0.55" in text
+    line = text[: text.index("max_dcr_share: 0.55")].count("\n") + 1
+    # the measured case: the strict profile's cap given twice, the second one silently weakening it
+    path = tmp_path / "cohort_demo.yaml"
+    path.write_text(text.replace("max_dcr_share: 0.55,", "max_dcr_share: 0.55, max_dcr_share: 1.0,"))
+    plain = yaml.safe_load(path.read_text())  # plain YAML takes the last one without a word
+    assert plain["profiles"]["strict"]["privacy"]["max_dcr_share"] == 1.0
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    msg = str(info.value)
+    assert f"duplicate key 'max_dcr_share' at line {line} (first at line {line})" in msg, msg
+
+
+def test_duplicate_top_level_key_and_merge_keys(tmp_path):
+    from synthfactory.spec import DuplicateKeyError, load_yaml
+
+    with pytest.raises(DuplicateKeyError, match="duplicate key 'name' at line 3 \\(first at line 1\\)"):
+        load_yaml("name: a\nowner: b\nname: c\n")
+    # a YAML merge key overriding an anchored mapping is not a duplicate
+    assert load_yaml("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")["other"] == {"x": 3, "y": 2}

@@ -63,6 +63,8 @@ class RunContext:
     force_ingest: bool = False                            # ignore a reusable previous ingest output
     fhir_auth: Any = None                                 # ingest.smart.AuthConfig of a FHIR server (fhir_bulk/search)
     fhir_base_url: str | None = None                      # the FHIR server, when it comes from a connection
+    signing_key: str | bytes | None = None                # release signing key (release.signing_connection_id); None:
+                                                          # $SYNTHFACTORY_SIGNING_KEY, else a key file in local staging
 
     def __post_init__(self) -> None:
         base = Path(self.base_dir) if self.base_dir else None

@@ -46,6 +46,47 @@ class Keyer:
         return self._pads
 
 
+def private_dirs(path: str | Path) -> Path:
+    """``path`` and its missing parents, each folder created 0700 whatever the umask (existing ones untouched).
+    The same as :func:`synthfactory.storage.private_dirs` (keys and storage are independent layers)."""
+    path = Path(path)
+    missing = []
+    for p in (path, *path.parents):
+        if p.is_dir():
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        try:
+            p.mkdir(mode=0o700)
+        except FileExistsError:
+            if not p.is_dir():
+                raise
+            continue
+        os.chmod(p, 0o700)
+    return path
+
+
+def secret_file(root: str | Path, name: str) -> str:
+    """The secret in ``<root>/<name>``: created once (0600, 32 random bytes as hex; ``root`` 0700 if the
+    factory creates it) and read back by later runs."""
+    root = private_dirs(root)
+    path = root / name
+    if not path.exists():  # written whole to a private temporary file, then linked in: never seen half-written
+        tmp = root / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                os.fchmod(fh.fileno(), 0o600)
+                fh.write(secrets.token_hex(32))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:  # another process created it first: use theirs
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
 def resolve_salt(explicit: str | bytes | None, staging_root: str) -> bytes:
     """The salt to key with: an explicit one (e.g. from an Airflow connection) or a salt file that is
     created once inside the local staging root (the secure PHI area) and reused by later runs."""
@@ -58,11 +99,4 @@ def resolve_salt(explicit: str | bytes | None, staging_root: str) -> bytes:
         raise ValueError(
             "no HMAC salt: set source.salt_connection_id (Airflow) or SYNTHFACTORY_HMAC_SALT for s3:// staging"
         )
-    root = Path(staging_root)
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / SALT_FILE
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
-    return path.read_text().strip().encode()
+    return secret_file(staging_root, SALT_FILE).encode()

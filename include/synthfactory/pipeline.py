@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,7 +21,7 @@ from typing import Any, Iterator
 from synthfactory import __version__
 from synthfactory.context import RunContext, project_root, resolve, safe_id, version_for  # noqa: F401 (re-exported)
 from synthfactory.spec import DatasetSpec
-from synthfactory.storage import Store, join
+from synthfactory.storage import Store, is_s3, join, private_umask
 from synthfactory.summaries import (FitSummary, GateSummary, IngestSummary, PrepareSummary, PrivacySummary,
                                     QualitySummary, ReleaseSummary, ReviewSummary, RunSummary, SampleSummary)
 
@@ -72,8 +72,12 @@ def _stage(name: str, ctx: RunContext) -> Iterator[dict]:
 
     if interval > 0:
         threading.Thread(target=heartbeat, name=f"synthfactory-progress-{name}", daemon=True).start()
+    # local staging holds PHI: whatever writes there while the stage runs (streamed Parquet, checkpoints, a worker
+    # subprocess) creates 0600 files and 0700 folders. Not the release: it writes the sandbox, not staging.
+    private = not is_s3(str(ctx.staging_root)) and name != "release"
     try:
-        yield metrics
+        with private_umask() if private else nullcontext():
+            yield metrics
     except BaseException as err:
         log.error("stage=%s dataset=%s run=%s failed seconds=%.3f error=%s", name, ctx.spec.name, ctx.run_id,
                   time.perf_counter() - t0, type(err).__name__)
@@ -563,8 +567,10 @@ def gate(ctx: RunContext, sampled: SampleSummary, quality_summary: QualitySummar
     from synthfactory.privacy.leak import leak_scan, public_vocabulary
     from synthfactory.release.gate import GateRefused, decide
     from synthfactory.release.publish import sha256_bytes
+    from synthfactory.release.signing import sign
 
     with _stage("gate", ctx) as m:
+        key = signing_key(ctx)  # first: a deployment without a key fails before the work
         qt, pt = ctx.spec.thresholds(ctx.profile)
         files = release_files(sampled, quality_summary, privacy_summary)
         audited = {rel: sha256_bytes(ctx.store.read_bytes(uri)) for rel, uri in files.items()}
@@ -596,6 +602,7 @@ def gate(ctx: RunContext, sampled: SampleSummary, quality_summary: QualitySummar
             ctx.store.read_bytes(card_uri))}.items()))
         decision["datacard_leak_scan"] = {"clean": scan["clean"], "hits": scan.get("hits", [])}
         files[RELEASE_DATACARD] = card_uri
+        decision = sign(decision, "decision", key)  # the publisher refuses it edited, unsigned or copied
         decision_uri = ctx.uri("gate", "decision.json")
         ctx.store.write_json(decision_uri, decision)
         m.update({"approved": decision["approved"], "decision_uri": decision_uri, "message": decision["message"],
@@ -609,6 +616,13 @@ def gate(ctx: RunContext, sampled: SampleSummary, quality_summary: QualitySummar
                       decision["message"])
             raise GateRefused(f"{ctx.spec.name}: {decision['message']}", decision)
     return m
+
+
+def signing_key(ctx: RunContext) -> bytes:
+    """The release signing key of the run (see :func:`synthfactory.release.signing.resolve_signing_key`)."""
+    from synthfactory.release.signing import resolve_signing_key
+
+    return resolve_signing_key(ctx.signing_key, str(ctx.staging_root))
 
 
 # -- 7b. human approval (optional: release.require_approval) ----------------------------------------
@@ -630,12 +644,19 @@ def review(ctx: RunContext, gated: GateSummary, sampled: SampleSummary, quality_
     """Record a human reviewer's answer on a gate-approved run in ``gate/approval.json``. The approval is bound
     to the audited file hashes (the publisher checks them). A rejection, or no answer before the timeout,
     quarantines the run with the reasons, as a gate refusal does."""
+    from synthfactory.release.signing import sign
+
     with _stage("review", ctx) as m:
+        key = signing_key(ctx)
         decision = ctx.store.read_json(gated["decision_uri"])
+        # the reviewer answers on the gate's own decision: an edited or copied one is refused (PublishRefused)
+        _verified(decision, "decision", key, ctx)
         record = {"approved": bool(approved), "reviewer": reviewer, "reason": reason or "", "timed_out": timed_out,
                   "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "dataset": ctx.spec.name, "run_id": ctx.run_id, "version": ctx.version,
-                  "audited_files": decision.get("audited_files")}
+                  "audited_files": decision.get("audited_files"),
+                  "decision_signature": decision["signature"]["value"]}
+        record = sign(record, "approval", key)  # bound to this run, this decision and its hashes
         uri = approval_uri(ctx)
         ctx.store.write_json(uri, record)
         files = release_files(sampled, quality_summary, privacy_summary, gated)
@@ -650,6 +671,17 @@ def review(ctx: RunContext, gated: GateSummary, sampled: SampleSummary, quality_
             log.error("dataset %s run %s quarantined at %s: %s", ctx.spec.name, ctx.run_id, ctx.quarantine_uri,
                       message)
     return m
+
+
+def _verified(record: dict, kind: str, key: bytes, ctx: RunContext) -> dict:
+    """``record`` when its signature verifies for this run, else PublishRefused (exit 5, never retried)."""
+    from synthfactory.release.publish import PublishRefused
+    from synthfactory.release.signing import SignatureRefused, verify
+
+    try:
+        return verify(record, kind, key, dataset=ctx.spec.name, version=ctx.version, run_id=ctx.run_id)
+    except SignatureRefused as err:
+        raise PublishRefused(str(err).replace("refusing to publish", "refusing to record an approval")) from None
 
 
 # -- 8. release -----------------------------------------------------------------------------------
@@ -700,7 +732,8 @@ def release(ctx: RunContext, gated: GateSummary, sampled: SampleSummary, quality
             approval = ctx.store.read_json(approval_uri(ctx))
         out = publish(files, decision=decision, store=ctx.store, writer=writer,
                       key_prefix=release_key_prefix(ctx), manifest_extra=extra, run_id=ctx.run_id,
-                      keep_versions=rs.keep_versions, approval=approval, require_approval=rs.require_approval)
+                      keep_versions=rs.keep_versions, approval=approval, require_approval=rs.require_approval,
+                      signing_key=signing_key(ctx))
         m.update({**out, "version": ctx.version})
     return m
 

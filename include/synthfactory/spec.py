@@ -8,6 +8,7 @@ model below and raises :class:`SpecError` whose message names every bad field an
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -762,6 +763,10 @@ class ReleaseSpec(_Model):
     max_attempts: int = Field(
         default=8, ge=1, le=20, description="botocore attempts per S3 request (standard retry mode: exponential "
                                             "backoff with jitter on throttling, 5xx and connection errors)")
+    signing_connection_id: str | None = Field(
+        default=None, description="Airflow connection whose password is the release signing key: the gate signs "
+                                  "its decision and the reviewer's approval with it and the publisher verifies "
+                                  "them; unset = $SYNTHFACTORY_SIGNING_KEY, else a key file kept in local staging")
 
     @model_validator(mode="after")
     def _kms(self) -> "ReleaseSpec":
@@ -788,8 +793,40 @@ class ReleaseSpec(_Model):
 
 
 class StagingSpec(_Model):
-    uri: str = Field(default=".staging", description="Local folder or s3:// URI for run-scoped staging (PHI side)")
+    uri: str = Field(default=".staging", description="Local folder or s3:// URI for run-scoped staging (PHI side); "
+                                                     "never the sandbox bucket, the filesystem root or a home folder")
     connection_id: str | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        if v.startswith("s3://"):
+            if not v[len("s3://"):].split("/", 1)[0]:
+                raise ValueError("s3 URI needs a bucket")
+            return v
+        if re.match(r"^[a-z][a-z0-9+.-]*://", v):
+            raise ValueError(f"{v!r}: staging is a local folder or an s3:// URI")
+        if _is_root_or_home(v):
+            raise ValueError(f"{v!r} is the filesystem root or a home folder: staging holds PHI (real identifiers, "
+                             f"the real train split) and gets a folder of its own, e.g. /srv/synthfactory/staging")
+        return v
+
+
+def _is_root_or_home(path: str) -> bool:
+    """``/`` or a home folder itself (``~``, ``~user``, ``$HOME``, ``/root``, ``/home/<user>``, ``/Users/<user>``,
+    and ``/home`` itself)."""
+    raw = path.strip()
+    if raw.startswith("~") and "/" not in raw.rstrip("/"):  # ~ or ~user, however it expands here
+        return True
+    expanded = os.path.normpath(os.path.expanduser(os.path.expandvars(raw)))
+    if expanded.startswith("//"):
+        expanded = "/" + expanded.lstrip("/")
+    if not os.path.isabs(expanded):
+        return False
+    homes = {"/", "/root", "/home", "/Users", os.path.normpath(os.path.expanduser("~"))}
+    return expanded in homes or re.fullmatch(r"/(home|Users)/[^/]+", expanded) is not None
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -924,6 +961,14 @@ class DatasetSpec(_Model):
         return self
 
     @model_validator(mode="after")
+    def _staging_is_not_the_sandbox(self) -> "DatasetSpec":
+        uri = self.staging.uri
+        if uri.startswith("s3://") and uri[len("s3://"):].split("/", 1)[0] == self.release.bucket:
+            raise ValueError(f"staging.uri: {uri!r} is inside the release bucket {self.release.bucket!r} "
+                             f"(release.bucket), which researchers read: staging holds PHI and must live elsewhere")
+        return self
+
+    @model_validator(mode="after")
     def _fhir_needs_relational(self) -> "DatasetSpec":
         if "fhir_ndjson" in self.release.formats and self.synthesizer.mode != "relational":
             raise ValueError("release.formats: fhir_ndjson needs synthesizer.mode: relational (FHIR resources are "
@@ -1013,13 +1058,51 @@ def parse_spec(data: Any, origin: str = "<spec>") -> DatasetSpec:
         raise SpecError(f"{origin}: invalid dataset spec: {_format_errors(err)}") from None
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names the same key twice (YAML keeps the last silently, e.g. a weakened threshold)."""
+
+    def __str__(self) -> str:
+        return self.problem or "duplicate key"
+
+
+class StrictSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (merge keys ``<<`` still override)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        if isinstance(node, yaml.MappingNode):
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base loader reports it
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise DuplicateKeyError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {key!r} at line {line} (first at line {first}): a spec names each key "
+                        f"once", key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML safely, refusing duplicate keys (:class:`DuplicateKeyError` names the key and its line)."""
+    return yaml.load(text, Loader=StrictSafeLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_spec(path: str | Path) -> DatasetSpec:
     """Load and validate a dataset spec YAML file. Raises SpecError naming the bad field(s)."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"{p}: spec file not found")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"))
+    except DuplicateKeyError as err:
+        raise SpecError(f"{p}: {err}") from None
     except yaml.YAMLError as err:
         raise SpecError(f"{p}: not valid YAML: {err}") from None
     spec = parse_spec(data, origin=str(p))

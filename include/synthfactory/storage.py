@@ -3,6 +3,10 @@
 Stages hand data to each other as files under a run-scoped staging URI. The library never builds S3
 credentials itself: callers pass a boto3 client (the Airflow layer gets it from an S3Hook on a named
 connection; the CLI from boto3's default chain).
+
+Local staging holds PHI (real identifiers, the real train/holdout splits): every file the store writes
+locally is 0600 and every folder it creates 0700, whatever the process umask (:func:`private_umask` covers
+the writers that open files themselves, e.g. streamed Parquet, while a stage runs).
 """
 
 from __future__ import annotations
@@ -10,9 +14,10 @@ from __future__ import annotations
 import io
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,6 +31,52 @@ def split_s3(uri: str) -> tuple[str, str]:
     rest = uri[len("s3://"):]
     bucket, _, key = rest.partition("/")
     return bucket, key
+
+
+PRIVATE_FILE, PRIVATE_DIR, PRIVATE_UMASK = 0o600, 0o700, 0o077
+
+
+def private_dirs(path: str | Path) -> Path:
+    """``path`` and its missing parents, each folder created 0700 whatever the umask (existing ones untouched)."""
+    path = Path(path)
+    missing = []
+    for p in (path, *path.parents):
+        if p.is_dir():
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        try:
+            p.mkdir(mode=PRIVATE_DIR)
+        except FileExistsError:
+            if not p.is_dir():
+                raise
+            continue
+        os.chmod(p, PRIVATE_DIR)
+    return path
+
+
+def write_private(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a local ``path`` as a 0600 file (folders 0700), atomically: a temporary file, then a
+    rename, so a reader never sees half a file."""
+    p = Path(path)
+    private_dirs(p.parent)
+    tmp = p.with_name(p.name + ".partial")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), PRIVATE_FILE)  # a .partial left by an earlier attempt keeps its mode otherwise
+        fh.write(data)
+    os.replace(tmp, p)  # atomic on POSIX
+
+
+@contextmanager
+def private_umask() -> Iterator[None]:
+    """Umask 077 while the block runs (files 0600, folders 0700 from any writer), the previous one after.
+    The umask is per process: for a stage's work on local staging, not for long-lived shared processes."""
+    old = os.umask(PRIVATE_UMASK)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def join(base: str, *parts: str) -> str:
@@ -54,11 +105,7 @@ class Store:
             bucket, key = split_s3(uri)
             self._client().put_object(Bucket=bucket, Key=key, Body=data)
             return
-        p = Path(uri)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".partial")
-        tmp.write_bytes(data)
-        os.replace(tmp, p)  # atomic on POSIX: a reader never sees half a file
+        write_private(uri, data)  # 0600 (folders 0700), atomic: a reader never sees half a file
 
     def read_bytes(self, uri: str) -> bytes:
         if is_s3(uri):
@@ -137,9 +184,10 @@ class Store:
     def local_copy(self, uri: str, dest: str | Path) -> Path:
         """Materialise a file locally (for libraries that need a path)."""
         dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(dest.parent)
         if is_s3(uri):
-            dest.write_bytes(self.read_bytes(uri))
+            write_private(dest, self.read_bytes(uri))
         else:
             shutil.copyfile(uri, dest)
+            os.chmod(dest, PRIVATE_FILE)
         return dest

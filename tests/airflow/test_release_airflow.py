@@ -180,8 +180,11 @@ def gated_run(tmp_path, monkeypatch):
          "dcr_ratio": 1.0, "leak_clean": True}
     audited = {rel: hashlib.sha256(store.read_bytes(uri)).hexdigest()
                for rel, uri in pipeline.release_files(sampled, q, p).items()}
-    store.write_json(ctx.uri("gate", "decision.json"), {"approved": True, "audited_files": audited, "checks": [],
-                                                        "message": "all gates passed"})
+    from synthfactory.release.signing import sign
+
+    decision = {"approved": True, "audited_files": audited, "checks": [], "message": "all gates passed",
+                "dataset": spec.name, "version": V1, "run_id": ctx.run_id}
+    store.write_json(ctx.uri("gate", "decision.json"), sign(decision, "decision", pipeline.signing_key(ctx)))
     xcoms = {"gate": {"approved": True, "decision_uri": ctx.uri("gate", "decision.json")}, "sample": sampled,
              "quality": q, "privacy": p}
     monkeypatch.setattr(operators, "run_context", lambda _sp: ctx)

@@ -10,11 +10,13 @@ from typing import Any
 
 from synthfactory.release.publish import MiB, Boto3Writer, client_config, publish
 from synthfactory.release.sandbox import SandboxLayout, list_releases, read_manifest, read_pointer
+from synthfactory.release.signing import sign
 from synthfactory.storage import Store
 
 BUCKET = "sf-release-tests"  # its own bucket: moto's state is shared by the whole test session
 PREFIX = "releases"
 V1, V2, V3, V4, V5 = (f"v2024010{i}T000000Z" for i in range(1, 6))
+SIGNING_KEY = b"release-signing-key-for-tests-0123456789"  # the tests' release signing key (the gate's, in a run)
 
 
 def make_files(folder: Path, *, big_mib: int = 0, salt: str = "") -> tuple[Store, dict[str, str], dict]:
@@ -51,10 +53,27 @@ def writer(endpoint: str, **kw: Any) -> Boto3Writer:
     return Boto3Writer(s3_client(endpoint, max_attempts=max_attempts), BUCKET, **opts)
 
 
+def signed(decision: dict, version: str, run_id: str, dataset: str = "ds", key: bytes = SIGNING_KEY) -> dict:
+    """``decision`` as the gate writes it for this run: stamped with dataset, version and run id, and signed."""
+    return sign({**decision, "dataset": dataset, "version": version, "run_id": run_id}, "decision", key)
+
+
 def do_publish(w: Any, store: Store, files: dict, decision: dict, version: str, run_id: str | None = None,
                dataset: str = "ds", **kw: Any) -> dict:
+    """Publish as the release stage does: a decision (and an approval) without a signature is first signed, as
+    the gate (and the review) would, for this dataset, version and run (pass signed ones to test what the
+    publisher makes of them)."""
+    run_id = run_id or f"run_{version}"
+    if "signature" not in decision:
+        decision = signed(decision, version, run_id, dataset)
+    approval = kw.get("approval")
+    if approval is not None and "signature" not in approval:  # as the review stage records it
+        kw["approval"] = sign({"audited_files": decision.get("audited_files"), **approval, "dataset": dataset,
+                               "version": version, "run_id": run_id,
+                               "decision_signature": decision["signature"]["value"]}, "approval", SIGNING_KEY)
+    kw.setdefault("signing_key", SIGNING_KEY)
     return publish(files, decision=decision, store=store, writer=w, key_prefix=f"{PREFIX}/{dataset}/{version}",
-                   manifest_extra={"dataset": dataset, "synthetic": True}, run_id=run_id or f"run_{version}", **kw)
+                   manifest_extra={"dataset": dataset, "synthetic": True}, run_id=run_id, **kw)
 
 
 def reset_bucket(client: Any) -> None:

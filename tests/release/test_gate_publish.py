@@ -9,6 +9,7 @@ from synthfactory.release.gate import decide
 from synthfactory.release.publish import LocalWriter, PublishRefused, publish
 from synthfactory.spec import PrivacyThresholds, QualityThresholds
 from synthfactory.storage import Store
+from tests.release.helpers import SIGNING_KEY, signed
 
 GOOD_Q = {"quality_score": 0.86, "expectation_success_ratio": 1.0, "min_column_score": 0.8,
           "column_pair_trends": 0.82}
@@ -90,10 +91,10 @@ def _files(tmp_path):
 
 def test_publish_writes_files_then_manifest_last(tmp_path):
     store, files, hashes = _files(tmp_path)
-    decision = {"approved": True, "audited_files": hashes, "checks": [], "profile": "default"}
+    decision = signed({"approved": True, "audited_files": hashes, "checks": [], "profile": "default"}, "v1", "run1")
     w = RecordingWriter(tmp_path / "sandbox")
     out = publish(files, decision=decision, store=store, writer=w, key_prefix="rel/ds/v1", manifest_extra={"x": 1},
-                  run_id="run1")
+                  run_id="run1", signing_key=SIGNING_KEY)
     # staged under the run, copied into the version, then the manifest, then the latest pointer, then cleanup
     writes = [op for op in w.ops if op[0] != "delete"]
     assert writes[:2] == [("put", "rel/ds/_staging/run1/data/b.parquet"), ("put", "rel/ds/_staging/run1/reports/a.json")]
@@ -115,14 +116,13 @@ def test_publish_writes_files_then_manifest_last(tmp_path):
 def test_publisher_refuses_unapproved_and_tampered(tmp_path):
     store, files, hashes = _files(tmp_path)
     w = RecordingWriter(tmp_path / "sandbox")
+    kw = {"store": store, "writer": w, "key_prefix": "p", "manifest_extra": {}, "signing_key": SIGNING_KEY}
     with pytest.raises(PublishRefused, match="did not approve"):
-        publish(files, decision={"approved": False, "message": "x", "audited_files": hashes}, store=store,
-                writer=w, key_prefix="p", manifest_extra={})
+        publish(files, decision=signed({"approved": False, "message": "x", "audited_files": hashes}, "p", "p", ""),
+                **kw)
     (tmp_path / "stage/a.json").write_text('{"x": 2}')  # changed after the audit
     with pytest.raises(PublishRefused, match="reports/a.json: its sha256 does not match"):
-        publish(files, decision={"approved": True, "audited_files": hashes}, store=store, writer=w,
-                key_prefix="p", manifest_extra={})
+        publish(files, decision=signed({"approved": True, "audited_files": hashes}, "p", "p", ""), **kw)
     with pytest.raises(PublishRefused, match="does not match"):  # never audited at all
-        publish(files, decision={"approved": True, "audited_files": {}}, store=store, writer=w,
-                key_prefix="p", manifest_extra={})
+        publish(files, decision=signed({"approved": True, "audited_files": {}}, "p", "p", ""), **kw)
     assert w.order == []  # nothing was uploaded

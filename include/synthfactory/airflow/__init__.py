@@ -24,6 +24,11 @@ def get_provider_info() -> dict:
                 "hook-class-name": "synthfactory.airflow.hooks.FhirHook",
                 "connection-type": "fhir",
             },
+            {
+                "hook-class-name": "synthfactory.airflow.hooks.ReleaseSigningKeyHook",
+                "connection-type": "synthfactory_signing_key",
+            },
         ],
-        "hook-class-names": ["synthfactory.airflow.hooks.HmacSaltHook", "synthfactory.airflow.hooks.FhirHook"],
+        "hook-class-names": ["synthfactory.airflow.hooks.HmacSaltHook", "synthfactory.airflow.hooks.FhirHook",
+                             "synthfactory.airflow.hooks.ReleaseSigningKeyHook"],
     }

@@ -1,6 +1,8 @@
 """Hooks: credentials come only from Airflow connections.
 
 - ``HmacSaltHook``: the salt for pseudonymous keys, kept as a connection's password (type ``synthfactory_salt``).
+- ``ReleaseSigningKeyHook``: the key the gate signs its decision (and the reviewer's approval) with, a connection's
+  password (type ``synthfactory_signing_key``, named by ``release.signing_connection_id``).
 - ``FhirHook``: a FHIR server's credentials and base URL (type ``fhir``), turned into the library's
   :class:`~synthfactory.ingest.smart.AuthConfig`; everything else lives in :mod:`synthfactory.ingest`.
 - ``SandboxWriter``: the release target, writing through Airflow's ``S3Hook`` (boto3 underneath) on the
@@ -28,7 +30,8 @@ from synthfactory.release.publish import Boto3Writer
 from synthfactory.spec import DatasetSpec
 from synthfactory.storage import Store, is_s3
 
-__all__ = ["FhirHook", "HmacSaltHook", "SandboxWriter", "asset_uri", "fhir_credentials", "phi_store",
+__all__ = ["FhirHook", "HmacSaltHook", "ReleaseSigningKeyHook", "SandboxWriter", "asset_uri", "fhir_credentials",
+           "phi_store",
            "report_lineage"]
 
 
@@ -57,6 +60,34 @@ class HmacSaltHook(BaseHook):
 
     def get_conn(self) -> str:
         return self.get_salt()
+
+
+class ReleaseSigningKeyHook(BaseHook):
+    """Reads the release signing key (the gate signs its decision and the reviewer's approval with it, the
+    publisher verifies them) from a connection's password: ``release.signing_connection_id``."""
+
+    conn_name_attr = "signing_conn_id"
+    default_conn_name = "synthfactory_signing_key"
+    conn_type = "synthfactory_signing_key"
+    hook_name = "Synthfactory release signing key"
+
+    def __init__(self, signing_conn_id: str = default_conn_name, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.signing_conn_id = signing_conn_id
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return {"hidden_fields": ["host", "schema", "login", "port", "extra"],
+                "relabeling": {"password": "Release signing key (at least 16 characters)"}}
+
+    def get_key(self) -> str:
+        conn = self.get_connection(self.signing_conn_id)
+        if not conn.password:
+            raise ValueError(f"connection {self.signing_conn_id!r} has no password (the release signing key)")
+        return conn.password
+
+    def get_conn(self) -> str:
+        return self.get_key()
 
 
 class FhirHook(BaseHook):

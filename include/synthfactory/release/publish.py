@@ -1,8 +1,9 @@
 """Publish an approved dataset to the sandbox: atomic, versioned, verified, idempotent.
 
 The publisher enforces the gate itself, whatever the DAG wiring says: it refuses a file set without an
-approved decision record whose sha256 values match the bytes it is about to upload (and, when the spec
-asks for one, without a human approval bound to those same hashes).
+approved decision record, signed by the gate for this dataset, version and run (:mod:`.signing`), whose
+sha256 values match the bytes it is about to upload (and, when the spec asks for one, without a human
+approval signed for this run and bound to that decision and those same hashes).
 
 Then, in this order (layout in :mod:`synthfactory.release.sandbox`):
 
@@ -42,6 +43,7 @@ from synthfactory.release.sandbox import (
     pointer_version,
     released_versions,
 )
+from synthfactory.release.signing import SignatureRefused, verify
 from synthfactory.storage import Store
 from synthfactory.errors import EXIT_PUBLISH, RefusedError, TransientError
 
@@ -407,6 +409,8 @@ def _check_approval(decision: dict, approval: dict | None, require_approval: boo
                              f"({approval.get('reason') or 'no reason given'})")
     if approval.get("audited_files") != decision.get("audited_files"):
         raise PublishRefused("refusing to publish: the human approval was given for other file hashes")
+    if approval.get("decision_signature") != (decision.get("signature") or {}).get("value"):
+        raise PublishRefused("refusing to publish: the human approval was given for another gate decision")
 
 
 def _stage_and_verify(writer: ObjectWriter, key: str, data: bytes, tags: dict[str, str]) -> None:
@@ -498,13 +502,27 @@ def apply_retention(writer: ObjectWriter, layout: SandboxLayout, keep: int, prot
 # -- publish ----------------------------------------------------------------------------------------
 def publish(files: dict[str, str], *, decision: dict, store: Store, writer: ObjectWriter, key_prefix: str,
             manifest_extra: dict, run_id: str | None = None, keep_versions: int | None = None,
-            approval: dict | None = None, require_approval: bool = False) -> dict:
+            approval: dict | None = None, require_approval: bool = False, signing_key: bytes | None = None) -> dict:
     """Publish ``files`` (release-relative path -> staging URI) as the version ``key_prefix``
     (``<prefix>/<dataset>/<version>``) and move ``latest`` forward. See the module docstring for the steps.
 
-    Raises PublishRefused when the decision is not approved, a file's sha256 differs from the audited one (a
-    file changed after the gate, or was never audited), a required human approval is missing, or the version
+    Raises PublishRefused when the decision is not signed under ``signing_key`` (the release signing key, see
+    :mod:`synthfactory.release.signing`), was edited or belongs to another dataset, version or run, is not
+    approved, a file's sha256 differs from the audited one (a file changed after the gate, or was never
+    audited), a required human approval is missing, unsigned, edited or for other hashes, or the version
     already exists with other contents; PublishError when a step could not complete (retry it)."""
+    key_prefix = key_prefix.strip("/")
+    dataset_prefix, _, version = key_prefix.rpartition("/")
+    bound_run = run_id or version
+    dataset = manifest_extra.get("dataset") or dataset_prefix.rsplit("/", 1)[-1]
+    if not signing_key:
+        raise PublishRefused("refusing to publish: no release signing key to verify the gate's decision with")
+    try:  # before anything is read or written: the records must be the gate's and the reviewer's, for this run
+        verify(decision, "decision", signing_key, dataset=str(dataset), version=version, run_id=bound_run)
+        if approval is not None:
+            verify(approval, "approval", signing_key, dataset=str(dataset), version=version, run_id=bound_run)
+    except SignatureRefused as err:
+        raise PublishRefused(str(err)) from None
     if not decision.get("approved"):
         raise PublishRefused(f"refusing to publish: the gate did not approve this run ({decision.get('message')})")
     audited = decision.get("audited_files") or {}
@@ -519,11 +537,8 @@ def publish(files: dict[str, str], *, decision: dict, store: Store, writer: Obje
         raise PublishRefused(f"refusing to publish: audited file(s) missing from the release: {missing}")
     _check_approval(decision, approval, require_approval)
 
-    key_prefix = key_prefix.strip("/")
-    dataset_prefix, _, version = key_prefix.rpartition("/")
     layout = SandboxLayout(dataset_prefix)
-    run_id = (run_id or version).replace("/", "_")
-    dataset = manifest_extra.get("dataset") or dataset_prefix.rsplit("/", 1)[-1]
+    run_id = bound_run.replace("/", "_")
     tags = {"dataset": str(dataset), "version": version, "synthetic": "true"}
     manifest_key = layout.manifest_key(version)
     entries = []
