@@ -37,7 +37,6 @@ ICD_TO_SNOMED = {
     "N18.32": ("433144002", "Chronic kidney disease stage 3"),
     "E03.9": ("40930008", "Hypothyroidism"),
 }
-CLINOSIM = Path("/work/cohorts/clino_31_500/fhir_r4")
 TABLES = ("patient", "encounter", "condition", "observation")
 
 
@@ -238,9 +237,22 @@ def test_demo_spec_resolves_on_carebundle(tmp_path, small_extract):
     assert FeatureSpec.model_validate(ctx.store.read_json(prepared["features_uri"])).top_conditions == 0
 
 
-@pytest.mark.skipif(not CLINOSIM.is_dir(), reason="clinosim cohort not generated on this machine")
-def test_demo_spec_resolves_on_a_clinosim_cohort(tmp_path):
-    ctx = _ctx(tmp_path, CLINOSIM, features__min_patients=50)
+@pytest.fixture(scope="module")
+def clinosim_cohort(tmp_path_factory) -> Path:
+    """A realistic US Core cohort no one on the project wrote: clinosim, seed 13 (~190 patients, ~30 s)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("clinosim")
+    exe = Path(sys.executable).with_name("clinosim")
+    subprocess.run([str(exe), "simulate", "--country", "US", "--population", "300", "--seed", "13", "--end",
+                    "2025-12-31", "--format", "fhir-r4", "--output", str(out)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out / "fhir_r4"
+
+
+def test_demo_spec_resolves_on_a_clinosim_cohort(tmp_path, clinosim_cohort):
+    ctx = _ctx(tmp_path, clinosim_cohort, features__min_patients=50)
     prepared = pipeline.prepare(ctx, pipeline.ingest(ctx))
     assert prepared["labs"] == ["hba1c", "bmi", "systolic_bp", "ldl", "egfr", "glucose"]  # egfr: 48642-3
     assert {"cond_t2_diabetes", "cond_hypertension"} <= set(prepared["columns"])
