@@ -65,19 +65,32 @@ def main() -> int:
     for entry in manifest["files"]:
         rows = f", {entry['rows']} rows" if entry.get("rows") is not None else ""
         print(f"      {entry['path']:<26} sha256 {entry['sha256'][:16]}…{rows}")
-    print(f"      gates: quality score {f['quality_score']}, expectations passed {f['expectation_success_ratio']:.0%}, "
-          f"exact matches {f['exact_match_rate']}, DCR share {f['dcr_share']} (0.5 ideal), "
-          f"DCR ratio {f['dcr_ratio']}, leak scan {'clean' if f['leak_clean'] else 'HITS'}")
+    quality = json.loads((local / "reports" / "quality.json").read_text())
+    privacy = json.loads((local / "reports" / "privacy.json").read_text())
+    q_syn, q_ref = (quality.get("matched") or {}).get("quality_score") or {}, \
+        (quality.get("reference") or {}).get("quality_score") or {}
+    d_ref = (privacy.get("reference") or {}).get("dcr_share") or {}
+    print("      gates, each beside what real data itself scores (real held-out vs train rows, mean ± sd):")
+    print(f"        quality score {_f(q_syn.get('mean'))} at the holdout's row count vs {_f(q_ref.get('mean'))} ± "
+          f"{_f(q_ref.get('sd'))}; expectations passed {f['expectation_success_ratio']:.0%}")
+    print(f"        DCR share {f['dcr_share']} vs {_f(d_ref.get('mean'))} ± {_f(d_ref.get('sd'))}; exact matches "
+          f"{f['exact_match_rate']}; DCR ratio {f['dcr_ratio']}; leak scan {'clean' if f['leak_clean'] else 'HITS'}")
     if f.get("mia_auc") is not None:
         risks = ", ".join(f"{k} {v['risk']} [{v['ci_low']}, {v['ci_high']}] n={v['n']}"
                           for k, v in (f.get("anonymeter_risks") or {}).items())
         note = "" if f.get("anonymeter_certified") else " (not all certified: holdout too small, see privacy.json)"
-        print(f"      re-identification: membership-inference AUC {f['mia_auc']} (0.5 ideal), on rare records "
-              f"{f.get('rare_record_mia_auc')}; anonymeter {risks or 'not run'}{note}")
+        rare = f.get("rare_record_mia_auc")
+        rare = "not measured (too few rare records)" if rare is None else rare
+        print(f"        membership-inference AUC {f['mia_auc']} (0.5 ideal), on rare records {rare}; anonymeter "
+              f"{risks or 'not run'}{note}")
     print(f"      latest: s3://{spec.release.bucket}/{dataset_prefix}/latest.json -> {version} "
           f"(SSE {manifest.get('encryption') or 'n/a'}, tags dataset/version/synthetic=true)")
     print(f"      mirrored {len(files)} files to {local}")
     return 0
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 if __name__ == "__main__":
