@@ -1,38 +1,56 @@
-"""``synthfactory`` command: run the factory for a spec without Airflow, or validate a spec.
+"""The synthfactory command: run the factory for a spec without Airflow, or validate a spec.
 
 Exit codes: 0 released (or spec valid) · 2 invalid spec or usage · 3 bad input (extract missing,
 empty, too few patients) · 4 a gate refused (dataset quarantined, nothing released) · 5 the publisher
-refused · 1 anything else.
+refused · 1 anything else (a lost connection during the publish says "re-run to resume").
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from synthfactory.errors import (EXIT_ERROR, EXIT_INPUT, EXIT_OK, EXIT_SPEC, SynthFactoryError, describe,
-                                 exit_code_for)
+from synthfactory.errors import (EXIT_ERROR, EXIT_INPUT, EXIT_OK, EXIT_SPEC, SynthFactoryError, TransientError,
+                                 describe, exit_code_for)
+
+SPEC_HELP = "the dataset spec, a YAML file (e.g. include/datasets/cohort_demo.yaml)"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("synthfactory")
+    except PackageNotFoundError:  # run from a source tree (PYTHONPATH=include)
+        from synthfactory import __version__
+
+        return __version__
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="synthfactory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("validate", help="validate a dataset spec (and, with --extract, its features on an extract)")
-    v.add_argument("spec")
+    v.add_argument("spec", help=SPEC_HELP)
     v.add_argument("--extract", help="also ingest this extract (local folder) into a temporary folder, build the "
                                      "modelling table and refuse (exit 3) labs, conditions and columns (quasi-"
                                      "identifiers, sensitive attributes, relationships, utility) it cannot produce")
     r = sub.add_parser("run", help="run the whole pipeline for a spec, in-process")
-    r.add_argument("spec")
+    r.add_argument("spec", help=SPEC_HELP)
     r.add_argument("--extract", help="extract URI (local folder or s3://); overrides the spec's source.uri")
     r.add_argument("--out", help="local folder for staging and the release, instead of the spec's targets")
     r.add_argument("--rows", type=int, help="synthetic rows to sample")
-    r.add_argument("--profile", default="default", help="threshold profile from the spec")
+    r.add_argument("--profile", default="default", metavar="PROFILE",
+                   help="gate threshold profile: a profile named in the spec's profiles, or default (the "
+                        "spec's own thresholds; used when omitted)")
     r.add_argument("--synthesizer", help="synthesizer kind, overriding the spec")
     r.add_argument("--epochs", type=int, help="training epochs of a neural synthesizer (ctgan, tvae, copulagan)")
     r.add_argument("--force-ingest", action="store_true",
@@ -41,19 +59,56 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
     r.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result line")
     ls = sub.add_parser("releases", help="list a dataset's releases: version, rows, gate figures, data card")
-    ls.add_argument("spec")
-    ls.add_argument("--out", help="the local folder a `run --out` released into, instead of the spec's bucket "
+    ls.add_argument("spec", help=SPEC_HELP)
+    ls.add_argument("--out", help="the local folder a 'run --out' released into, instead of the spec's bucket "
                                   "(boto3's default credential chain; AWS_ENDPOINT_URL is honoured)")
     ls.add_argument("--limit", type=int, default=20, help="newest N versions (default 20; 0 = all)")
     ls.add_argument("--json", action="store_true", help="print the releases as JSON")
     f = sub.add_parser("freeze-suite", help="freeze a run's derived GX expectation suite into "
                                             "include/expectations/<dataset>.json (a frozen suite wins)")
-    f.add_argument("spec")
+    f.add_argument("spec", help=SPEC_HELP)
     f.add_argument("--run-dir", required=True,
                    help="the run's staging folder (<staging>/<dataset>/runs/<run_id>, local or s3://) or a suite .json")
     f.add_argument("--out", help="destination file (default: include/expectations/<dataset>.json in the project)")
     f.add_argument("--force", action="store_true", help="overwrite an existing frozen suite")
     return p
+
+
+class PublishInterrupted(TransientError):
+    """The connection to S3 was lost while publishing: nothing partial is visible, re-running resumes."""
+
+    label = "publish failed"
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """botocore's errors for an unreachable or dropped endpoint (no HTTP response: nothing S3 decided)."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    return BotoConnectionError, HTTPClientError
+
+
+class _ResumableWriter:
+    """The publish writer, with a lost S3 connection raised as :class:`PublishInterrupted` (exit 1, "re-run to
+    resume") rather than botocore's traceback. Everything else passes through unchanged."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+        self._errors = _connection_errors()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except self._errors as err:
+                raise PublishInterrupted(f"{type(err).__name__}: {err} (re-run to resume)") from err
+
+        return call
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.spec)
     except SpecError as err:
         print(f"invalid spec: {err}", file=sys.stderr)
+        return EXIT_SPEC
+    except (OSError, ValueError) as err:  # unreadable file, a directory, bytes that are not text
+        print(f"invalid spec: {args.spec}: cannot read it: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_SPEC
     if args.cmd == "validate":
         return _validate(spec, args)
@@ -224,12 +282,15 @@ def _run(spec, args) -> int:  # noqa: ANN001
         from synthfactory.release.publish import client_config
 
         client = boto3.client("s3", config=client_config(spec.release.max_attempts))
-        writer = Boto3Writer.from_spec(client, spec.release)
+        writer = _ResumableWriter(Boto3Writer.from_spec(client, spec.release))
     try:
         summary = pipeline.run_all(ctx, writer)
     except SynthFactoryError as err:  # a TransientError (publish): nothing partial is visible, re-run resumes
         print(describe(err), file=sys.stderr)
         return exit_code_for(err)
+    except _connection_errors() as err:  # S3 staging or an s3:// extract unreachable: the stages resume too
+        print(f"failed: lost the connection to S3: {type(err).__name__}: {err} (re-run to resume)", file=sys.stderr)
+        return EXIT_ERROR
     except ValueError as err:  # a check the factory does not type yet: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR

@@ -1065,8 +1065,41 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
         return self.problem or "duplicate key"
 
 
+# YAML aliases expand by reference: a few dozen nested ones (a "billion laughs") stand for billions of nodes, which
+# validation, hashing or JSON exhaust memory walking. A spec needs few (``<<: *defaults`` merge keys).
+MAX_YAML_ALIASES = 100
+MAX_YAML_NODES = 100_000  # nodes of the document with every alias expanded
+
+
+class AliasLimitError(yaml.composer.ComposerError):
+    """Too many YAML aliases, an expansion too large, or an alias inside its own anchor."""
+
+    def __str__(self) -> str:
+        return self.problem or "YAML alias limit"
+
+
 class StrictSafeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (merge keys ``<<`` still override)."""
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (merge keys ``<<`` still override),
+    more than :data:`MAX_YAML_ALIASES` aliases, and a document whose aliases expand to more than
+    :data:`MAX_YAML_NODES` nodes or into themselves."""
+
+    _aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                event = self.peek_event()
+                raise AliasLimitError(None, None, f"more than {MAX_YAML_ALIASES} YAML aliases (*name) at line "
+                                      f"{event.start_mark.line + 1}: a spec refuses alias expansion this large",
+                                      event.start_mark)
+        return super().compose_node(parent, index)
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None and self._aliases:
+            _expanded_size(node)
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
@@ -1089,6 +1122,35 @@ class StrictSafeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _expanded_size(root: yaml.Node) -> int:
+    """Node count of ``root`` with every alias expanded (memoised per node, so linear in the document)."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            raise AliasLimitError(None, None, f"a YAML alias inside its own anchor (line {node.start_mark.line + 1})",
+                                  node.start_mark)
+        busy.add(key)
+        n = 1
+        if isinstance(node, yaml.SequenceNode):
+            n += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n += sum(size(k) + size(v) for k, v in node.value)
+        busy.discard(key)
+        sizes[key] = n
+        if n > MAX_YAML_NODES:
+            raise AliasLimitError(None, None, f"YAML aliases expand to more than {MAX_YAML_NODES} nodes (anchor at "
+                                  f"line {node.start_mark.line + 1}): a spec refuses alias expansion this large",
+                                  node.start_mark)
+        return n
+
+    return size(root)
+
+
 def load_yaml(text: str) -> Any:
     """Parse YAML safely, refusing duplicate keys (:class:`DuplicateKeyError` names the key and its line)."""
     return yaml.load(text, Loader=StrictSafeLoader)  # noqa: S506 (a SafeLoader subclass)
@@ -1101,7 +1163,9 @@ def load_spec(path: str | Path) -> DatasetSpec:
         raise SpecError(f"{p}: spec file not found")
     try:
         data = load_yaml(p.read_text(encoding="utf-8"))
-    except DuplicateKeyError as err:
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{p}: not a UTF-8 text file (byte {err.start}: {err.reason}); a spec is YAML text") from None
+    except (DuplicateKeyError, AliasLimitError) as err:
         raise SpecError(f"{p}: {err}") from None
     except yaml.YAMLError as err:
         raise SpecError(f"{p}: not valid YAML: {err}") from None

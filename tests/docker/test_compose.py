@@ -5,7 +5,10 @@
 - every connection a spec names is defined as AIRFLOW_CONN_<ID> and parses, S3 ones pointing at MinIO;
 - MinIO's init creates every bucket the specs release to (and the staging bucket);
 - the Airflow settings the stack sets exist in Airflow's configuration; secrets come from docker/.env;
-- the images build from this repository's files with the installed Airflow and the locked torch version.
+- the images build from this repository's files with the installed Airflow and the locked torch version;
+- (issue #21, item 8) MinIO's sandbox writer may make every S3 call a publish makes (recorded from a real publish),
+  the page reads with a read-only user, each image is built by one service only, every worker has a bounded
+  Celery concurrency, the GPU image's airflow user is $AIRFLOW_UID, and `--profile fhir` has its connection.
 """
 
 from __future__ import annotations
@@ -140,14 +143,14 @@ def test_gpu_pool_exists_and_gpu_worker_reserves_a_gpu(compose, dags):
         assert re.search(rf"airflow pools set {pool} ", init), f"pool {pool!r} is not created by airflow-init"
     (dev,) = svc["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"] and dev["count"] >= 1
-    assert "--concurrency" in svc["gpu-worker"]["command"]
+    assert svc["gpu-worker"]["environment"]["AIRFLOW__CELERY__WORKER_CONCURRENCY"] == "1"  # one task per GPU
     assert svc["gpu-worker"]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
     assert "deploy" not in svc["worker"]
 
 
 def _spec_connections(spec) -> set[str]:
     ids = {spec.release.connection_id, spec.source.connection_id, spec.staging.connection_id,
-           spec.source.salt_connection_id, spec.trigger.connection_id,
+           spec.source.salt_connection_id, spec.trigger.connection_id, spec.source.fhir_connection_id,
            spec.operations.notify.connection_id if spec.operations.notify else None}
     return {i for i in ids if i}
 
@@ -232,7 +235,7 @@ def test_images_build_from_this_repo_with_the_locked_versions(compose):
         assert "gcc libc6-dev" in text and "native.available()" in text
     assert "https://download.pytorch.org/whl/cpu" in cpu
     assert "https://download.pytorch.org/whl/${TORCH_CUDA}" in gpu and f"ARG AIRFLOW_VERSION={airflow}" in gpu
-    for name in ("api-server", "worker", "gpu-worker"):
+    for name in ("airflow-init", "gpu-worker"):  # the services that build (see test_each_image_is_built_once)
         build = compose["services"][name]["build"]
         assert (DOCKER / build["context"] / build["dockerfile"]).is_file()
 
@@ -251,3 +254,143 @@ def test_worker_images_carry_the_isolated_argn_interpreter():
         text = (DOCKER / name).read_text()
         assert "COPY" in text and "requirements-argn.txt" in text
         assert "/opt/argn/bin/pip install --no-deps -r" in text and "import mostlyai.engine" in text
+
+
+# -- issue #21, item 8 ----------------------------------------------------------------------------------------
+
+AIRFLOW_SERVICES = ("airflow-init", "api-server", "scheduler", "dag-processor", "triggerer", "worker", "gpu-worker")
+
+
+def _heredoc(script: str, marker: str, env: dict) -> dict:
+    text = script.split(f"<<{marker}", 1)[1].split(f"\n{marker}", 1)[0]
+    return json.loads(text.replace("$SANDBOX_BUCKET", env["SANDBOX_BUCKET"]))
+
+
+def _minio_policies(compose) -> tuple[dict, dict, str]:
+    init = compose["services"]["minio-init"]
+    script = "\n".join(init["command"])
+    return _heredoc(script, "POLICY", init["environment"]), _heredoc(script, "READER", init["environment"]), script
+
+
+def test_minio_writer_policy_grants_every_s3_action_a_publish_makes(compose, tmp_path):
+    """Record the S3 calls of real publishes (upload, multipart, tagged copy, retention) against the S3 emulator,
+    as tests/release/test_policies.py does for the example IAM policy, and check MinIO's sandbox-writer policy
+    allows each call's IAM actions on its resource (tagging included: every release object is tagged)."""
+    from synthfactory.testing import dev
+    from tests.release.helpers import BUCKET, V1, V2, do_publish, make_files, reset_bucket, writer
+    from tests.release.test_policies import NEEDS, _allows
+
+    policy, _, _ = _minio_policies(compose)
+    sandbox = "synthetic-sandbox"
+    calls: list[tuple[str, dict]] = []
+    with dev.S3Emulator() as s3:
+        reset_bucket(s3.client())
+        try:
+            w = writer(s3.endpoint)
+            w.client.meta.events.register("before-parameter-build.s3.*",
+                                          lambda params, model, **kw: calls.append((model.name, dict(params))))
+            store, files, decision = make_files(tmp_path / "a", big_mib=11)
+            do_publish(w, store, files, decision, V1, keep_versions=1)
+            store, files, decision = make_files(tmp_path / "b", salt="b")
+            do_publish(w, store, files, decision, V2, keep_versions=1)  # retention deletes V1
+        finally:
+            reset_bucket(s3.client())
+    ops = {name for name, _ in calls}
+    assert {"PutObject", "CreateMultipartUpload", "UploadPart", "CopyObject", "HeadObject", "DeleteObjects",
+            "ListObjectsV2"} <= ops
+    assert any(p.get("Tagging") for _, p in calls)
+    needed = set()
+    for name, params in calls:
+        assert params["Bucket"] == BUCKET and name in NEEDS, name
+        resource = (f"arn:aws:s3:::{sandbox}" if name == "ListObjectsV2"
+                    else f"arn:aws:s3:::{sandbox}/{params.get('Key', 'releases/')}")
+        for action in NEEDS[name] + (["s3:PutObjectTagging"] if params.get("Tagging") else []):
+            needed.add(action)
+            assert _allows(policy, action, resource), f"MinIO's sandbox-writer policy refuses {action} ({name})"
+    assert {"s3:PutObjectTagging", "s3:PutObject", "s3:GetObject", "s3:DeleteObject"} <= needed
+    assert _allows(policy, "s3:GetObjectTagging", f"arn:aws:s3:::{sandbox}/releases/x")  # a copy reads the tags
+    assert not _allows(policy, "s3:PutObject", "arn:aws:s3:::synthfactory-staging/x")
+
+
+def test_the_page_reads_with_a_read_only_minio_user(compose):
+    env = compose["services"]["api-server"]["environment"]
+    _, reader, script = _minio_policies(compose)
+    assert env["SYNTHFACTORY_SANDBOX_READER_CONN"] == "sandbox_s3_reader"
+    conn = json.loads(env["AIRFLOW_CONN_SANDBOX_S3_READER"])
+    writer = json.loads(env["AIRFLOW_CONN_SANDBOX_S3"])
+    assert conn["conn_type"] == "aws" and conn["extra"]["endpoint_url"] == "http://minio:9000"
+    assert conn["login"] == TEST_ENV["SANDBOX_READER_ACCESS_KEY"] != writer["login"]
+    actions = {a for st in reader["Statement"] for a in st["Action"]}
+    assert actions == {"s3:ListBucket", "s3:GetBucketLocation", "s3:GetObject"}
+    assert 'mc admin policy attach local sandbox-reader --user "$SANDBOX_READER_ACCESS_KEY"' in script
+
+
+def test_each_image_is_built_once(raw, compose):
+    """One service builds each image tag; every other service naming that tag only runs it (pull_policy: never,
+    so compose neither builds it again nor looks for it in a registry)."""
+    assert "build" not in raw["x-airflow-common"]
+    svc = compose["services"]
+    builders: dict[str, list[str]] = {}
+    for name, s in svc.items():
+        if "build" in s:
+            builders.setdefault(s["image"], []).append(name)
+    assert builders == {"synthfactory-airflow:3.3.2": ["airflow-init"], "synthfactory-gpu-worker:3.3.2": ["gpu-worker"]}
+    for name in AIRFLOW_SERVICES:
+        s = svc[name]
+        if name in ("airflow-init", "gpu-worker"):
+            assert s["pull_policy"] == "build", name
+        else:
+            assert s["image"] == "synthfactory-airflow:3.3.2" and s["pull_policy"] == "never" and "build" not in s
+            # airflow-init, which builds the image, runs before every service that uses it
+            assert svc[name]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
+
+
+def test_every_worker_has_a_bounded_concurrency(compose):
+    from airflow.configuration import conf
+
+    assert "worker_concurrency" in conf.configuration_description["celery"]["options"]
+    svc = compose["services"]
+    workers = {n: s for n, s in svc.items()
+               if isinstance(s.get("command"), list) and s["command"][:2] == ["celery", "worker"]}
+    assert set(workers) == {"worker", "gpu-worker"}
+    for name, s in workers.items():
+        assert "--concurrency" not in s["command"], f"{name}: set AIRFLOW__CELERY__WORKER_CONCURRENCY instead"
+        value = s["environment"].get("AIRFLOW__CELERY__WORKER_CONCURRENCY")
+        assert value and 1 <= int(value) <= 8, (name, value)  # never Celery's default of 16
+    assert workers["worker"]["environment"]["AIRFLOW__CELERY__WORKER_CONCURRENCY"] == "4"
+    assert workers["gpu-worker"]["environment"]["AIRFLOW__CELERY__WORKER_CONCURRENCY"] == "1"
+    tuned = _walk(yaml.safe_load((DOCKER / "docker-compose.yaml").read_text()),
+                  {**TEST_ENV, "CPU_WORKER_CONCURRENCY": "2"})
+    assert tuned["services"]["worker"]["environment"]["AIRFLOW__CELERY__WORKER_CONCURRENCY"] == "2"
+    # the rest of the Airflow environment is the shared one
+    for name in workers:
+        assert svc[name]["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+
+
+def test_gpu_image_airflow_user_is_airflow_uid(raw):
+    gpu = (DOCKER / "Dockerfile.gpu").read_text()
+    assert re.search(r"^ARG AIRFLOW_UID=50000$", gpu, re.M)
+    assert re.search(r'useradd --uid "\$\{AIRFLOW_UID\}"', gpu)
+    for uid in ("50000", "1000"):
+        c = _walk(raw, {**TEST_ENV, "AIRFLOW_UID": uid})["services"]
+        assert c["gpu-worker"]["build"]["args"]["AIRFLOW_UID"] == uid
+        assert c["gpu-worker"]["user"] == f"{uid}:0" == c["worker"]["user"]
+
+
+def test_fhir_profile_has_its_connection(compose):
+    from types import SimpleNamespace
+
+    from synthfactory.airflow.hooks import FhirHook
+
+    svc = compose["services"]
+    fhir = svc["fhir"]
+    (port,) = fhir["ports"]
+    container_port = port.split(":")[-1]
+    for name in AIRFLOW_SERVICES:
+        conn = json.loads(svc[name]["environment"]["AIRFLOW_CONN_FHIR_DEFAULT"])
+        assert conn["conn_type"] == FhirHook.conn_type
+    c = SimpleNamespace(host=conn.get("host"), port=conn.get("port"), schema=conn.get("schema"),
+                        login=conn.get("login"), password=conn.get("password"), extra_dejson=conn.get("extra", {}))
+    assert FhirHook.base_url_of(c) == f"http://fhir:{container_port}/fhir"  # the service name, its own port
+    assert FhirHook.auth_config_of(c).kind == "none"
+    assert FhirHook.default_conn_name == "fhir_default"

@@ -13,14 +13,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from synthfactory.airflow import routing
+from synthfactory.airflow import routing, specs_folder
 from synthfactory.airflow.compat import DAG, AirflowFailException, Asset, Param, dag, task
 from synthfactory.airflow.context import run_context
 from synthfactory.release.layout import SandboxLayout
 from synthfactory.spec import SYNTHESIZER_KINDS, DatasetSpec, discover_specs, load_spec
 
 SYNTHESIZERS = list(SYNTHESIZER_KINDS)  # the spec's kinds (incl. dp_mst, dp_aim), so any spec's default is valid
-DEFAULT_SPECS = Path(__file__).resolve().parents[2] / "datasets"  # include/datasets
 
 
 def task_kwargs(spec: DatasetSpec, stage: str) -> dict[str, Any]:
@@ -225,11 +224,18 @@ def build_dag(spec_path: str | Path) -> DAG:
     return factory()
 
 
-def build_dags(folder: str | Path = DEFAULT_SPECS) -> dict[str, DAG]:
-    """One DAG per ``*.yaml`` in ``folder``. An invalid spec raises SpecError naming the field, which
-    Airflow shows as an import error of the DAG file."""
+def build_dags(folder: str | Path | None = None, *, dags_folder: str | Path | None = None) -> dict[str, DAG]:
+    """One DAG per ``*.yaml`` in ``folder`` (default: :func:`synthfactory.airflow.specs_folder.find`, from
+    ``$SYNTHFACTORY_SPECS_DIR`` or ``<dags_folder>/../include/datasets``). An invalid spec raises SpecError
+    naming the field, and a folder without specs :class:`~synthfactory.airflow.specs_folder.NoSpecsFound`
+    naming the folders searched: Airflow shows either as an import error of the DAG file."""
+    if folder is None:
+        folder = specs_folder.find(dags_folder)
+    paths = discover_specs(folder)
+    if not paths:
+        raise specs_folder.NoSpecsFound([Path(folder)])
     dags: dict[str, DAG] = {}
-    for path in discover_specs(folder):
+    for path in paths:
         d = build_dag(path)
         dags[d.dag_id] = d
     return dags

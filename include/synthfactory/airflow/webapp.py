@@ -8,10 +8,16 @@ Routes (below ``/synthfactory``):
 - ``GET /datasets/{dataset}/{version}/datacard``: the release's ``reports/datacard.html``;
 - ``GET /datasets/{dataset}/{version}/manifest.json``: the release's manifest.
 
-It reads the sandbox bucket through an ``S3Hook`` on each spec's ``release.connection_id`` (only released,
-gate-approved synthetic data: never the staging/PHI side). Inside Airflow, every route requires a
-signed-in Airflow user (the UI's JWT cookie, or a bearer token). The module imports only FastAPI and
-synthfactory's light modules; S3Hook and Airflow's security module load on the first request.
+The specs are found as the DAG file finds them (:mod:`synthfactory.airflow.specs_folder`:
+``$SYNTHFACTORY_SPECS_DIR``, else ``<[core] dags_folder>/../include/datasets``, ...). A spec that does not load
+(invalid, not UTF-8) is listed as invalid by its file name only, never the server's path.
+
+It reads the sandbox bucket (only released, gate-approved synthetic data: never the staging/PHI side) through an
+``S3Hook`` on a **reader** connection: ``$SYNTHFACTORY_SANDBOX_READER_CONN``, else the connection
+``sandbox_s3_reader`` when it is defined, else (with a logged warning) each spec's ``release.connection_id``, the
+sandbox writer. Inside Airflow, every route requires a signed-in Airflow user (the UI's JWT cookie, or a bearer
+token). The module imports only FastAPI and synthfactory's light modules; S3Hook and Airflow's security module
+load on the first request.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any, Callable
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from synthfactory.airflow import specs_folder as specs_location
 from synthfactory.release import catalog
 from synthfactory.release.layout import MANIFEST, SandboxLayout, is_version
 from synthfactory.spec import NAME_RE, DatasetSpec, SpecError, discover_specs, load_spec
@@ -32,7 +39,8 @@ from synthfactory.spec import NAME_RE, DatasetSpec, SpecError, discover_specs, l
 log = logging.getLogger(__name__)
 
 URL_PREFIX = "/synthfactory"
-DEFAULT_SPECS = Path(__file__).resolve().parents[2] / "datasets"  # include/datasets
+READER_ENV = "SYNTHFACTORY_SANDBOX_READER_CONN"
+READER_CONN_ID = "sandbox_s3_reader"
 # A data card is a standalone, self-contained HTML report: let it show its own inline styles and images,
 # nothing else (no scripts, no fetches, no forms).
 DATACARD_CSP = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'; font-src data:"
@@ -41,7 +49,8 @@ ClientFactory = Callable[[str], Any]
 
 
 def specs_dir() -> Path:
-    return Path(os.environ.get("SYNTHFACTORY_SPECS_DIR") or DEFAULT_SPECS)
+    """The specs folder, by the DAG file's rule; raises NoSpecsFound (naming the folders searched) when empty."""
+    return specs_location.find()
 
 
 def s3hook_client(conn_id: str) -> Any:
@@ -51,6 +60,48 @@ def s3hook_client(conn_id: str) -> Any:
     return S3Hook(aws_conn_id=conn_id).get_conn()
 
 
+def airflow_connection_exists(conn_id: str) -> bool:
+    """Whether Airflow knows the connection (environment, secrets backend or metadata database)."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    try:
+        S3Hook.get_connection(conn_id)
+    except Exception as err:  # noqa: BLE001 - AirflowNotFoundException (its module moved between versions)
+        if type(err).__name__ != "AirflowNotFoundException":
+            log.warning("synthfactory page: cannot look up connection %r: %s", conn_id, err)
+        return False
+    return True
+
+
+class ReaderConnection:
+    """The connection the page reads the sandbox with: ``$SYNTHFACTORY_SANDBOX_READER_CONN``, else
+    ``sandbox_s3_reader`` when defined, else the spec's writer connection (a warning in the log, once per
+    connection). Looked up once per app: restart the API server after adding the reader connection."""
+
+    def __init__(self, exists: Callable[[str], bool]):
+        self._exists = exists
+        self._resolved: str | None | bool = False  # False: not looked up yet; None: no reader defined
+        self._warned: set[str] = set()
+
+    def reader(self) -> str | None:
+        if self._resolved is False:
+            explicit = os.environ.get(READER_ENV)
+            self._resolved = explicit or (READER_CONN_ID if self._exists(READER_CONN_ID) else None)
+        return self._resolved  # type: ignore[return-value]
+
+    def for_spec(self, spec: DatasetSpec) -> str:
+        reader = self.reader()
+        if reader:
+            return reader
+        writer = spec.release.connection_id
+        if writer not in self._warned:
+            self._warned.add(writer)
+            log.warning("synthfactory page: no sandbox reader connection (set $%s or define the connection %r, "
+                        "read-only on the sandbox bucket); reading releases with the writer connection %r",
+                        READER_ENV, READER_CONN_ID, writer)
+        return writer
+
+
 async def airflow_user(request: Request) -> Any:
     """Require a signed-in Airflow user (same check as Airflow's own ``requires_authenticated``)."""
     from airflow.api_fastapi.core_api.security import bearer_scheme, get_user
@@ -58,14 +109,28 @@ async def airflow_user(request: Request) -> Any:
     return await get_user(request, None, await bearer_scheme(request))
 
 
+def _without_paths(message: str, path: Path) -> str:
+    """A spec error as the page shows it: the file's name instead of the server's path to it."""
+    for full in sorted({str(path), str(path.resolve())}, key=len, reverse=True):
+        message = message.replace(full, path.name)
+    for parent in sorted({str(path.parent), str(path.resolve().parent)}, key=len, reverse=True):
+        message = message.replace(parent + os.sep, "")
+    return message
+
+
 def _load_specs(folder: Path) -> tuple[dict[str, DatasetSpec], dict[str, str]]:
+    """The folder's specs by name, and the file name → error of each one that does not load (invalid, not
+    UTF-8, unreadable): one bad file never hides the others."""
     specs, errors = {}, {}
     for path in discover_specs(folder):
         try:
             spec = load_spec(path)
             specs[spec.name] = spec
         except SpecError as err:
-            errors[path.name] = str(err)
+            errors[path.name] = _without_paths(str(err), path)
+        except (OSError, ValueError) as err:  # e.g. UnicodeDecodeError, PermissionError
+            errors[path.name] = f"{path.name}: cannot read it ({type(err).__name__})"
+            log.warning("synthfactory page: spec %s: %s", path, err)
     return specs, errors
 
 
@@ -96,7 +161,7 @@ privacy gates shown.</p>
 </body></html>"""
 
 
-def _render(datasets: list[dict], root: str, spec_errors: dict[str, str]) -> str:
+def _render(datasets: list[dict], root: str, spec_errors: dict[str, str], notice: str | None = None) -> str:
     parts = []
     heads = ["version", "rows", "synthesizer", "profile", "quality", "expectations", "exact match", "DCR share",
              "DCR ratio", "leak scan clean", "published", ""]
@@ -124,18 +189,26 @@ def _render(datasets: list[dict], root: str, spec_errors: dict[str, str]) -> str
                 for i, c in enumerate(cells)) + "</tr>")
         parts.append("<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in heads) + "</tr></thead><tbody>"
                      + "".join(rows) + "</tbody></table>")
+    if spec_errors:
+        parts.append("<h2 id=\"invalid-specs\">Invalid specs</h2>")
     for name, err in sorted(spec_errors.items()):
-        parts.append(f"<p class=\"err\">{html.escape(name)}: {html.escape(err)}</p>")
-    if not datasets and not spec_errors:
+        shown = err[len(name) + 2:] if err.startswith(name + ": ") else err
+        parts.append(f"<p class=\"err\"><code>{html.escape(name)}</code>: {html.escape(shown)}</p>")
+    if notice:
+        parts.append(f"<p class=\"err\">{html.escape(notice)}</p>")
+    elif not datasets and not spec_errors:
         parts.append("<p class=\"muted\">no dataset specs found</p>")
     return PAGE.format(body="\n".join(parts))
 
 
 def create_app(*, specs_folder: str | Path | None = None, client_factory: ClientFactory | None = None,
-               require_auth: bool = True, limit: int = 25) -> FastAPI:
+               connection_exists: Callable[[str], bool] | None = None, require_auth: bool = True,
+               limit: int = 25) -> FastAPI:
     """The app. ``client_factory(conn_id)`` returns a boto3 S3 client (default: S3Hook on that connection);
+    ``connection_exists(conn_id)`` says whether Airflow defines a connection (for the reader's fallback);
     ``require_auth=False`` is for tests and for running the app outside Airflow."""
     factory = client_factory or s3hook_client
+    readers = ReaderConnection(connection_exists or airflow_connection_exists)
     deps = [Depends(airflow_user)] if require_auth else []
     app = FastAPI(title="synthfactory: synthetic datasets", dependencies=deps, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -143,44 +216,58 @@ def create_app(*, specs_folder: str | Path | None = None, client_factory: Client
     def folder() -> Path:
         return Path(specs_folder) if specs_folder else specs_dir()
 
+    def load() -> tuple[dict[str, DatasetSpec], dict[str, str], str | None]:
+        try:
+            specs, errors = _load_specs(folder())
+        except specs_location.NoSpecsFound as err:
+            log.warning("synthfactory page: %s", err)
+            return {}, {}, (f"no dataset specs found: set ${specs_location.ENV} on the API server to the specs "
+                            f"folder, or put them in include/datasets next to the dags folder (the API server's "
+                            f"log names the {len(err.searched)} folder(s) searched)")
+        return specs, errors, None
+
     def spec_for(dataset: str, version: str) -> DatasetSpec:
         if not NAME_RE.match(dataset) or not is_version(version):
             raise HTTPException(404, "no such release")
-        spec = _load_specs(folder())[0].get(dataset)
+        spec = load()[0].get(dataset)
         if spec is None:
             raise HTTPException(404, f"no dataset spec named {dataset!r}")
         return spec
 
-    def collect() -> tuple[list[dict], dict[str, str]]:
-        specs, errors = _load_specs(folder())
+    def collect() -> tuple[list[dict], dict[str, str], str | None]:
+        specs, errors, notice = load()
         out = []
         for name, spec in sorted(specs.items()):
+            conn_id = readers.for_spec(spec)
             d = {"dataset": name, "description": spec.description,
                  "location": SandboxLayout.for_spec(spec).dataset_uri,
-                 "connection_id": spec.release.connection_id, "releases": []}
+                 "connection_id": conn_id, "releases": []}
             try:
-                d["releases"] = catalog.s3_releases(factory(spec.release.connection_id), spec, limit=limit)
+                d["releases"] = catalog.s3_releases(factory(conn_id), spec, limit=limit)
             except Exception as err:  # one unreadable bucket must not hide the others
                 code = getattr(err, "response", {}).get("Error", {}).get("Code")
-                d["error"] = f"{type(err).__name__}{f' {code}' if code else ''} (connection {spec.release.connection_id!r})"
+                d["error"] = f"{type(err).__name__}{f' {code}' if code else ''} (connection {conn_id!r})"
                 log.warning("synthfactory page: %s: %s", name, err)
             out.append(d)
-        return out, errors
+        return out, errors, notice
 
     @app.get("/datasets", response_class=HTMLResponse)
     def datasets_page(request: Request) -> HTMLResponse:
-        data, errors = collect()
-        return HTMLResponse(_render(data, request.scope.get("root_path", ""), errors))
+        data, errors, notice = collect()
+        return HTMLResponse(_render(data, request.scope.get("root_path", ""), errors, notice))
 
     @app.get("/api/releases")
     def releases_json() -> JSONResponse:
-        data, errors = collect()
-        return JSONResponse({"datasets": data, "spec_errors": errors})
+        data, errors, notice = collect()
+        body: dict[str, Any] = {"datasets": data, "spec_errors": errors}
+        if notice:
+            body["notice"] = notice
+        return JSONResponse(body)
 
     @app.get("/datasets/{dataset}/{version}/manifest.json")
     def manifest(dataset: str, version: str) -> Response:
         spec = spec_for(dataset, version)
-        data = catalog.s3_file(factory(spec.release.connection_id), spec, version, MANIFEST)
+        data = catalog.s3_file(factory(readers.for_spec(spec)), spec, version, MANIFEST)
         if data is None:
             raise HTTPException(404, f"{dataset} {version}: no such release")
         return Response(data, media_type="application/json")
@@ -188,7 +275,7 @@ def create_app(*, specs_folder: str | Path | None = None, client_factory: Client
     @app.get("/datasets/{dataset}/{version}/datacard", response_class=HTMLResponse)
     def datacard(dataset: str, version: str) -> Response:
         spec = spec_for(dataset, version)
-        data = catalog.s3_file(factory(spec.release.connection_id), spec, version, catalog.DATACARD)
+        data = catalog.s3_file(factory(readers.for_spec(spec)), spec, version, catalog.DATACARD)
         if data is None:
             return HTMLResponse(f"<!doctype html><p>{html.escape(dataset)} {html.escape(version)} has no data card "
                                 f"(<code>{catalog.DATACARD}</code>) in the sandbox (not released, or released "
