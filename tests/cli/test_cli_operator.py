@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 
 from synthfactory import __version__
-from synthfactory.cli import _parser, main
+from synthfactory.cli import main
 from synthfactory.errors import EXIT_ERROR, EXIT_OK, EXIT_SPEC
 from synthfactory.testing import dev
 from tests.conftest import write_spec

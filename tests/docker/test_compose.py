@@ -184,7 +184,7 @@ def test_minio_init_creates_the_spec_buckets(compose, specs):
             if uri.startswith("s3://"):
                 needed.add(uri[5:].split("/")[0])
     assert needed <= created and "synthfactory-staging" in created
-    assert f'mc encrypt set sse-s3 "local/$SANDBOX_BUCKET"' in script  # releases are SSE (AES256) uploads
+    assert 'mc encrypt set sse-s3 "local/$SANDBOX_BUCKET"' in script  # releases are SSE (AES256) uploads
     # the sandbox writer's policy: the sandbox bucket and nothing else
     policy = json.loads(script.split("<<POLICY", 1)[1].split("POLICY", 1)[0].replace("$SANDBOX_BUCKET",
                                                                                      init["environment"]["SANDBOX_BUCKET"]))
