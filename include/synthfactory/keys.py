@@ -14,6 +14,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from synthfactory.storage import private_dirs
+
 KEY_HEX_CHARS = 32
 SALT_FILE = ".hmac_salt"
 MIN_SALT_BYTES = 16
@@ -44,26 +46,6 @@ class Keyer:
         """The inner and outer pads of the HMAC key (RFC 2104), for a compiled keyer in this process
         (:mod:`synthfactory.ingest.native`), which checks its keys against :meth:`key` before use."""
         return self._pads
-
-
-def private_dirs(path: str | Path) -> Path:
-    """``path`` and its missing parents, each folder created 0700 whatever the umask (existing ones untouched).
-    The same as :func:`synthfactory.storage.private_dirs` (keys and storage are independent layers)."""
-    path = Path(path)
-    missing = []
-    for p in (path, *path.parents):
-        if p.is_dir():
-            break
-        missing.append(p)
-    for p in reversed(missing):
-        try:
-            p.mkdir(mode=0o700)
-        except FileExistsError:
-            if not p.is_dir():
-                raise
-            continue
-        os.chmod(p, 0o700)
-    return path
 
 
 def secret_file(root: str | Path, name: str) -> str:
