@@ -268,8 +268,8 @@ def quality(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary) -
     import json
     import tempfile
 
-    from synthfactory.quality.expectations import derive_suite
-    from synthfactory.quality.reference import matched_figures
+    from synthfactory.quality.expectations import derive_suite, run_suite
+    from synthfactory.quality.reference import matched_figures, worst_column
     from synthfactory.quality.report import evaluate_quality
     from synthfactory.synthesize.engine import SYNTHETIC_ID
     from synthfactory.synthesize.modelling import KEY
@@ -307,12 +307,10 @@ def quality(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary) -
             reference = ctx.store.read_json(_real_reference(ctx, ctx.store.read_df(prepared["train_uri"]),
                                                             ctx.store.read_df(prepared["holdout_uri"]),
                                                             metadata)["reference_uri"])
-        worst = _worst_eligible(result["sdmetrics"].get("columns", []), reference["eligible_columns"])
+        worst = worst_column(result["sdmetrics"].get("columns", []), reference["eligible_columns"])
         fid = result["fidelity"]
-        fid["min_column_score"], fid["worst_column"] = worst
+        fid["min_column_score"], fid["worst_column"] = (_r(worst[0]), worst[1])
         # the suite on real held-out rows: how many of its expectations real data itself passes
-        from synthfactory.quality.expectations import run_suite
-
         real_run = run_suite(suite, holdout.assign(**{SYNTHETIC_ID: [f"real-{i}" for i in range(len(holdout))]}))
         p_real, n_exp = float(real_run["success_ratio"]), max(1, int(real_run["evaluated"]))
         reference = {**reference, "expectation_success_ratio": {
@@ -348,16 +346,6 @@ def quality(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary) -
                   "utility_tstr": _r(util.get("tstr")), "utility_trtr": _r(util.get("trtr")),
                   "utility_ratio": _r(util.get("ratio"))})
     return m
-
-
-def _worst_eligible(columns: list, eligible: list) -> tuple[float | None, str | None]:
-    """The worst Column Shapes score over the columns with enough real values (see quality.reference)."""
-    keep = set(eligible)
-    scored = [c for c in columns if c.get("score") is not None and c.get("column") in keep]
-    if not scored:
-        return None, None
-    worst = min(scored, key=lambda c: c["score"])
-    return _r(worst["score"]), worst["column"]
 
 
 def _effect_summary(effect: dict | None) -> dict | None:

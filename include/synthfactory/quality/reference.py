@@ -24,7 +24,8 @@ from synthfactory.quality.expectations import to_jsonable
 from synthfactory.quality.fidelity import compare_relationships
 from synthfactory.quality.report import sdmetrics_quality
 
-__all__ = ["eligible_columns", "matched_figures", "real_reference", "relative_threshold", "summarise"]
+__all__ = ["eligible_columns", "matched_figures", "real_reference", "relative_threshold", "summarise",
+           "worst_column"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,10 @@ def eligible_columns(real: pd.DataFrame, min_values: int) -> list[str]:
     return [str(c) for c, n in counts.items() if int(n) >= int(min_values)]
 
 
-def _min_column(columns: Sequence[Mapping[str, Any]], eligible: set[str]) -> tuple[float | None, str | None]:
+def worst_column(columns: Sequence[Mapping[str, Any]],
+                 eligible: set[str] | Sequence[str]) -> tuple[float | None, str | None]:
+    """The lowest Column Shapes score among the ``eligible`` columns, and its column (None, None: none)."""
+    eligible = set(eligible)
     scored = [c for c in columns if c.get("score") is not None and c.get("column") in eligible]
     if not scored:
         return None, None
@@ -71,7 +75,7 @@ def _scores(real: pd.DataFrame, other: pd.DataFrame, metadata: Mapping[str, Any]
     figures["column_pair_trends"].append(sdm["properties"].get("Column Pair Trends"))
     for col in sdm.get("columns", []):
         per_column.setdefault(col["column"], []).append(col.get("score"))
-    worst, _ = _min_column(sdm.get("columns", []), eligible)
+    worst, _ = worst_column(sdm.get("columns", []), eligible)
     figures["min_column_score"].append(worst)
 
 
