@@ -85,6 +85,26 @@ class SourceSpec(_Model):
         default="quarantine", description="A resource whose patient is not in the extract: quarantine it, or keep "
                                           "it (counted either way)")
     max_line_bytes: int = Field(default=16 << 20, ge=1024, description="Longer NDJSON lines are quarantined unread")
+    text_codes: list[str] = Field(
+        default_factory=list, description="Observation codes (code.coding.code) whose valueString holds coded "
+                                          "values, kept in observation.value_code; every other valueString is free "
+                                          "text and never reaches a table (fast engine)")
+    value_ranges: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="Plausible [low, high] of an Observation value by UCUM unit, over the "
+                                          "defaults (synthfactory.ingest.flatteners.DEFAULT_VALUE_RANGES); a value "
+                                          "outside is quarantined with the reason")
+    value_range_default: tuple[float, float] = Field(
+        default=(-1e12, 1e12), description="Plausible [low, high] of a value in any other unit or without one")
+
+    @field_validator("value_ranges")
+    @classmethod
+    def _value_ranges(cls, v: dict) -> dict:
+        for unit, (lo, hi) in v.items():
+            if not (lo <= hi) or len(unit.encode()) > 64:
+                raise ValueError(f"value_ranges[{unit!r}]: needs low <= high and a unit of at most 64 bytes")
+        if len(v) > 64:
+            raise ValueError("value_ranges: at most 64 units")
+        return v
 
     @model_validator(mode="before")
     @classmethod

@@ -415,7 +415,7 @@ def test_edge_observations_components_and_values(edge_ingested, keyer):
     assert (cc["value_code"], cc["value_num"]) == ("371244009", None)
     assert cc["effective"] == datetime(2020, 2, 2, 7, 0, tzinfo=timezone.utc)
     st = by_key[keyer.key("Observation", "obs-str")]
-    assert st["value_code"] == "Detected"
+    assert st["value_code"] is None  # a valueString is free text: the row keeps its code, never the string
     assert st["effective"] == datetime(2020, 1, 1, 10, 5, 0, 123456, tzinfo=timezone.utc)
     assert by_key[keyer.key("Observation", "obs-bool")]["value_code"] == "true"
     assert by_key[keyer.key("Observation", "obs-int")]["value_num"] == 3.0

@@ -395,7 +395,7 @@ _DISPLAY = "iif(preferredCoding().display.exists(), preferredCoding().display, t
 US_CORE = "http://hl7.org/fhir/us/core/StructureDefinition/"
 _HAS_VALUE = (
     "value.ofType(Quantity).value.exists() or value.ofType(CodeableConcept).select(" + _FIRST_CODE + ").exists()"
-    " or value.ofType(string).exists() or value.ofType(boolean).exists() or value.ofType(integer).exists()"
+    " or value.ofType(boolean).exists() or value.ofType(integer).exists()"
 )
 _VALUE_COLUMNS = [
     _c("code_system", "code.preferredCoding().system.systemAlias()", "string"),
@@ -404,9 +404,10 @@ _VALUE_COLUMNS = [
     _c("value_num", "iif(value.ofType(Quantity).exists(), value.ofType(Quantity).value, value.ofType(integer))",
        "decimal"),
     _c("unit", "value.ofType(Quantity).where(value.exists()).select(iif(unit.exists(), unit, code))", "string"),
+    # a valueString is free text: never in the table (the fast path keeps allow-listed codes' strings)
     _c("value_code", "iif(value.ofType(Quantity).exists(), {}, iif(value.ofType(CodeableConcept).exists(), "
-                     f"value.ofType(CodeableConcept).select({_FIRST_CODE}), iif(value.ofType(string).exists(), "
-                     "value.ofType(string), value.ofType(boolean).toString())))", "string"),
+                     f"value.ofType(CodeableConcept).select({_FIRST_CODE}), "
+                     "value.ofType(boolean).toString()))", "string"),
 ]
 
 BUILTIN_VIEWS: dict[str, dict] = {

@@ -164,7 +164,22 @@ typedef struct {
 
 #define MAX_DEPTH 256 /* orjson allows 1024: deeper lines go to the Python path, never accepted here */
 
+/* What the Observation flatten keeps: valueString (free text) and plausible numeric ranges per unit */
+#define MAX_RANGES 128
 typedef struct {
+    uint8_t unit[64];
+    uint32_t len;
+    double lo, hi;
+} vrange;
+typedef struct {
+    int strings_fb; /* a valueString: 1 hands the line to Python (a code allow-list decides), 0 drops it */
+    int n;
+    vrange r[MAX_RANGES];
+    double lo, hi; /* the range of any other unit, and of a value without one */
+} limits;
+
+typedef struct {
+    const limits *lim; /* the flattener's (set once, read-only) */
     const uint8_t *s;
     size_t n, pos;
     jnode *nodes;
@@ -862,6 +877,18 @@ typedef struct {
 } ref;
 
 /* ref_key(ref_obj, rtype): only `Type/id` references (one slash, both parts non-empty) are taken */
+/* an id of the FHIR grammar: [A-Za-z0-9\-\.]{1,64} */
+static int fhir_id_ok(const uint8_t *s, uint32_t n) {
+    uint32_t k;
+    if (n == 0 || n > 64) return 0;
+    for (k = 0; k < n; k++) {
+        uint8_t c = s[k];
+        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '.'))
+            return 0;
+    }
+    return 1;
+}
+
 static int ref_of(parser *P, int member, const char *rtype, ref *out) {
     int obj = obj_or_none(P, member), r;
     const jnode *n;
@@ -884,6 +911,7 @@ static int ref_of(parser *P, int member, const char *rtype, ref *out) {
     if (slashes != 1 || slash == 0 || slash == n->len - 1 || s[0] == '#') return FB;
     if (n->len >= 9 && memcmp(s, "urn:uuid:", 9) == 0) return FB;
     if (slash != tl || memcmp(s, rtype, tl) != 0) return FB; /* another type: Python decides (None) */
+    if (!fhir_id_ok(s + slash + 1, n->len - slash - 1)) return FB; /* malformed: Python quarantines it */
     out->some = 1;
     out->off = n->off;
     out->len = n->len;
@@ -1311,6 +1339,7 @@ typedef struct {
     PyObject_HEAD
     int kind;                /* K_OBSERVATION, K_ENCOUNTER, K_CONDITION */
     uint32_t ist[8], ost[8]; /* HMAC midstates after the inner and outer pad */
+    limits lim;              /* what Observation values are kept (read-only after init) */
     parser P;                      /* prepare phase only (helper thread, no GIL) */
     rcache pcache, ecache;         /* prepare phase only: reference -> key */
     rcache known;                  /* commit phase only: patient key -> in the patient-key set */
@@ -1381,6 +1410,17 @@ static int ref_key(Flat *F, const ref *r, const char *rtype, rcache *cache, char
     return 1;
 }
 
+/* the value within the plausible range of its unit (a span or None) */
+static int in_range(parser *P, const cell *unit, double d) {
+    const limits *L = P->lim;
+    int k;
+    if (unit->kind == V_SPAN)
+        for (k = 0; k < L->n; k++)
+            if (L->r[k].len == unit->len && memcmp(L->r[k].unit, P->s + unit->off, unit->len) == 0)
+                return d >= L->r[k].lo && d <= L->r[k].hi;
+    return d >= L->lo && d <= L->hi;
+}
+
 /* obs_value(x): 0 no value (None), 1 a value in num/unit/vcode, FB */
 static int obs_value(parser *P, int x, cell *num, cell *unit, cell *vcode) {
     int q, v;
@@ -1398,6 +1438,7 @@ static int obs_value(parser *P, int x, cell *num, cell *unit, cell *vcode) {
         if (str_cell(P, u, unit) == FB) return FB;
         if (unit->kind == V_NONE || span_empty(unit)) /* `q.get("unit") or q.get("code")` */
             if (str_cell(P, get(P, q, "code"), unit) == FB) return FB;
+        if (!in_range(P, unit, num->d)) return FB; /* implausible: Python quarantines it */
         return 1;
     }
     v = get(P, x, "valueCodeableConcept");
@@ -1406,7 +1447,11 @@ static int obs_value(parser *P, int x, cell *num, cell *unit, cell *vcode) {
         return vcode->kind == V_NONE ? 0 : 1;
     }
     v = get(P, x, "valueString");
-    if (!is_none(P, v)) return str_cell(P, v, vcode) == FB ? FB : 1;
+    if (!is_none(P, v)) { /* free text never reaches a table: no value (Python decides for allow-listed codes) */
+        if (P->lim->strings_fb || str_cell(P, v, vcode) == FB) return FB;
+        *vcode = NONE_CELL;
+        return 0;
+    }
     v = get(P, x, "valueBoolean");
     if (!is_none(P, v)) {
         if (P->nodes[v].type == J_TRUE) vcode->cidx = C_TRUE;
@@ -1419,7 +1464,8 @@ static int obs_value(parser *P, int x, cell *num, cell *unit, cell *vcode) {
     if (!is_none(P, v)) {
         if (P->nodes[v].type != J_NUM || !P->nodes[v].isint) return FB;
         num->kind = V_DBL;
-        return num_value(P, v, &num->d) == FB ? FB : 1;
+        if (num_value(P, v, &num->d) == FB) return FB;
+        return in_range(P, &NONE_CELL, num->d) ? 1 : FB;
     }
     return 0;
 }
@@ -1956,11 +2002,53 @@ static PyObject *Flat_key(Flat *F, PyObject *args) {
 }
 
 static int Flat_init(Flat *F, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"kind", "ipad", "opad", NULL};
+    static char *kwlist[] = {"kind", "ipad", "opad", "strings_fb", "ranges", "lo", "hi", NULL};
     const char *kind;
     Py_buffer ipad, opad;
-    int k;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "sy*y*", kwlist, &kind, &ipad, &opad)) return -1;
+    int k, strings_fb = 0;
+    PyObject *ranges = NULL;
+    double lo = -HUGE_VAL, hi = HUGE_VAL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sy*y*|pOdd", kwlist, &kind, &ipad, &opad, &strings_fb, &ranges,
+                                     &lo, &hi))
+        return -1;
+    F->lim.strings_fb = strings_fb;
+    F->lim.lo = lo;
+    F->lim.hi = hi;
+    F->lim.n = 0;
+    F->P.lim = &F->lim;
+    if (ranges != NULL && ranges != Py_None) {
+        PyObject *seq = PySequence_Fast(ranges, "ranges must be a sequence of (unit, lo, hi)");
+        Py_ssize_t i, m;
+        if (!seq) goto bad_ranges;
+        m = PySequence_Fast_GET_SIZE(seq);
+        if (m > MAX_RANGES) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "too many ranges");
+            goto bad_ranges;
+        }
+        for (i = 0; i < m; i++) {
+            const char *u;
+            Py_ssize_t ul;
+            double a, b;
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "s#dd", &u, &ul, &a, &b) || ul > 64) {
+                Py_DECREF(seq);
+                if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "a range unit longer than 64 bytes");
+                goto bad_ranges;
+            }
+            memcpy(F->lim.r[i].unit, u, (size_t)ul);
+            F->lim.r[i].len = (uint32_t)ul;
+            F->lim.r[i].lo = a;
+            F->lim.r[i].hi = b;
+        }
+        F->lim.n = (int)m;
+        Py_DECREF(seq);
+    }
+    if (0) {
+    bad_ranges:
+        PyBuffer_Release(&ipad);
+        PyBuffer_Release(&opad);
+        return -1;
+    }
     if (ipad.len != 64 || opad.len != 64) {
         PyBuffer_Release(&ipad);
         PyBuffer_Release(&opad);

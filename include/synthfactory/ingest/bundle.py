@@ -172,6 +172,7 @@ def ingest_bundles(
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
     extra_report: dict | None = None,
     validate_max_per_type: int = 0,
+    value_rules: Any = None,
 ) -> dict:
     """Flatten a folder of Bundle files into the same tables as :func:`.fhir_ndjson.ingest_extract`."""
     with gc_paused():
@@ -187,7 +188,7 @@ def ingest_bundles(
         session = IngestSession(out_uri, keyer=keyer, store=store, resources=resources, views=views,
                                 validate_sample_rate=validate_sample_rate, batch_rows=batch_rows, engine=engine,
                                 max_line_bytes=DEFAULT_MAX_LINE_BYTES, on_dangling=on_dangling,
-                                validate_max_per_type=validate_max_per_type)
+                                validate_max_per_type=validate_max_per_type, value_rules=value_rules)
         totals = {"bundles": 0, "deleted": 0, "unresolved_references": 0, "entries_without_resource": 0}
         try:
             for pass_no in (1, 2):

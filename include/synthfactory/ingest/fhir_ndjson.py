@@ -431,6 +431,7 @@ def ingest_extract(
     validate_first: int = ALWAYS_VALIDATE_FIRST,
     validate_max_per_type: int = 0,
     native: bool = True,
+    value_rules: Any = None,
 ) -> dict:
     """Flatten a FHIR R4 NDJSON extract into pseudonymised Parquet tables under ``out_uri``.
 
@@ -455,7 +456,7 @@ def ingest_extract(
         session = IngestSession(out_uri, keyer=keyer, store=store, resources=resources, views=views,
                                 validate_sample_rate=validate_sample_rate, batch_rows=batch_rows, engine=engine,
                                 max_line_bytes=max_line_bytes, on_dangling=on_dangling, validate_first=validate_first,
-                                validate_max_per_type=validate_max_per_type, native=native)
+                                validate_max_per_type=validate_max_per_type, native=native, value_rules=value_rules)
         try:
             for name, uri, rtype in found:
                 ingest_ndjson(session, name, uri, rtype)

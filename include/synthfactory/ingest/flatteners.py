@@ -30,7 +30,90 @@ from synthfactory.fhir.normalize import (
 )
 from .schemas import TABLES
 
-__all__ = ["Flattener", "FAST_TABLES", "make_flatteners"]
+__all__ = ["Flattener", "FAST_TABLES", "make_flatteners", "ValueRules", "DEFAULT_VALUE_RANGES", "DEFAULT_VALUE_RANGE",
+           "reference_ok"]
+
+#: plausible numeric ranges of an Observation value by its unit (``valueQuantity.unit``, else ``.code``):
+#: a value outside is quarantined with the reason (``source.value_ranges`` in the spec adds or replaces).
+#: Wide on purpose: they catch corrupt and sentinel values (1.2e29 % HbA1c, 1e300), not unusual patients.
+DEFAULT_VALUE_RANGES: dict[str, tuple[float, float]] = {
+    "%": (0.0, 100.0), "mg/dL": (0.0, 1e5), "mmol/L": (0.0, 1e4), "umol/L": (0.0, 1e6), "g/dL": (0.0, 100.0),
+    "g/L": (0.0, 1000.0), "mg/L": (0.0, 1e5), "ng/mL": (0.0, 1e7), "pg/mL": (0.0, 1e7), "ug/mL": (0.0, 1e6),
+    "mmol/mol": (0.0, 1000.0), "mEq/L": (0.0, 1e4), "U/L": (0.0, 1e6), "U/mL": (0.0, 1e6), "m[IU]/L": (0.0, 1e6),
+    "[pH]": (0.0, 14.0), "{INR}": (0.0, 100.0), "/uL": (0.0, 1e8), "10*3/uL": (0.0, 1e5), "10*6/uL": (0.0, 100.0),
+    "fL": (0.0, 1000.0), "pg": (0.0, 1000.0), "kg": (0.0, 1000.0), "g": (0.0, 1e6), "[lb_av]": (0.0, 2200.0),
+    "cm": (0.0, 300.0), "m": (0.0, 3.0), "[in_i]": (0.0, 120.0), "kg/m2": (0.0, 250.0), "mm[Hg]": (0.0, 400.0),
+    "/min": (0.0, 400.0), "{beats}/min": (0.0, 400.0), "{breaths}/min": (0.0, 200.0), "Cel": (10.0, 50.0),
+    "[degF]": (50.0, 122.0), "L/min": (0.0, 100.0), "mL": (0.0, 1e5), "L": (0.0, 100.0), "s": (0.0, 1e6),
+    "mL/min/{1.73_m2}": (0.0, 500.0), "mL/min": (0.0, 1000.0), "{score}": (-1e6, 1e6),
+}
+#: the range of a value in any other unit, or without one (valueInteger)
+DEFAULT_VALUE_RANGE = (-1e12, 1e12)
+
+_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-.")
+_TYPE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def _fhir_id(s: str) -> bool:
+    return 0 < len(s) <= 64 and _ID_CHARS.issuperset(s)
+
+
+def reference_ok(ref: str) -> bool:
+    """``ref`` follows the FHIR literal-reference grammar: ``Type/id[/_history/vid]`` (id ``[A-Za-z0-9\-\.]{1,64}``),
+    an absolute URL ending in one (``http(s)://base/Type/id``), ``urn:uuid:``/``urn:oid:`` or ``#id``."""
+    if ref[:1] == "#":
+        return _fhir_id(ref[1:])
+    if ref.startswith("urn:uuid:"):
+        u = ref[9:]
+        return 0 < len(u) <= 64 and _ID_CHARS.issuperset(u)
+    if ref.startswith("urn:oid:"):
+        u = ref[8:]
+        return 0 < len(u) <= 64 and all(c.isdigit() or c == "." for c in u)
+    i = ref.find("/_history/")
+    if i >= 0:
+        if not _fhir_id(ref[i + 10:]):
+            return False
+        ref = ref[:i]
+    scheme, sep, rest = ref.partition("://")
+    if sep:  # an absolute URL: a scheme, a host, no blanks, and Type/id at its end
+        if not scheme.isascii() or not scheme.isalpha() or not rest or any(c.isspace() for c in rest):
+            return False
+        parts = rest.rsplit("/", 2)
+        if len(parts) < 3 or not parts[0]:
+            return False
+        t, rid = parts[1], parts[2]
+    else:
+        t, slash, rid = ref.partition("/")
+        if not slash:
+            return False
+    return 0 < len(t) <= 64 and t[0].isupper() and _TYPE_CHARS.issuperset(t) and _fhir_id(rid)
+
+
+class ValueRules:
+    """What an Observation value may put in a table. ``text_codes``: codes (``code.coding.code``) whose
+    ``valueString`` holds a coded value, kept in ``value_code``; every other ``valueString`` is free text and
+    never reaches a table (the Observation's row keeps its code, without a value). ``ranges``: unit ->
+    (low, high), over :data:`DEFAULT_VALUE_RANGES`; ``default``: the range of any other unit."""
+
+    __slots__ = ("text_codes", "ranges", "default")
+
+    def __init__(self, text_codes: Any = (), ranges: dict | None = None,
+                 default: tuple[float, float] = DEFAULT_VALUE_RANGE):
+        self.text_codes = frozenset(str(c) for c in text_codes or ())
+        merged = dict(DEFAULT_VALUE_RANGES)
+        for unit, (lo, hi) in (ranges or {}).items():
+            merged[str(unit)] = (float(lo), float(hi))
+        self.ranges = merged
+        self.default = (float(default[0]), float(default[1]))
+
+    def out_of_range(self, num: float, unit: Any) -> str | None:
+        """The quarantine reason of an implausible value (the unit is named only when it is a configured one)."""
+        r = self.ranges.get(unit) if unit is not None else None
+        lo, hi = r if r is not None else self.default
+        if lo <= num <= hi:
+            return None
+        return f"value outside the plausible range for unit {unit}" if r is not None \
+            else "value outside the plausible range"
 
 #: resource dict, source id -> rows
 Flattener = Callable[[dict, str], list]
@@ -50,11 +133,16 @@ def _ts(value: Any, field: str) -> int | str:
         raise BadResource(f"invalid date in {field}") from None
 
 
-def make_flatteners(key: Callable[[str, str], str]) -> dict[str, Flattener]:
+def make_flatteners(key: Callable[[str, str], str], rules: ValueRules | None = None) -> dict[str, Flattener]:
     """resource type -> flattener, keying ids with ``key`` (a :func:`~.normalize.fast_key`). Each set
-    caches the keys of the references it has seen: one set per ingest session."""
+    caches the keys of the references it has seen: one set per ingest session. ``rules``: which
+    Observation values are kept (:class:`ValueRules`; the defaults when None)."""
     pcache: dict[str, str] = {}
     ecache: dict[str, str] = {}
+    rules = rules or ValueRules()
+    text_codes = rules.text_codes
+    ranges = rules.ranges
+    rlo, rhi = rules.default
 
     def ref_key(ref_obj: Any, rtype: str, cache: dict[str, str], o: dict) -> str | None:
         if not ref_obj:
@@ -66,6 +154,8 @@ def make_flatteners(key: Callable[[str, str], str]) -> dict[str, Flattener]:
                 return None
             if type(ref) is not str:
                 raise BadResource("invalid reference")
+            if not reference_ok(ref):
+                raise BadResource(f"malformed reference to {rtype}")
             if ref[:1] == "#":  # contained: keyed within its parent, never cached
                 hit = contained_key_id(o, ref, rtype)
                 return key(hit[0], hit[1]) if hit else None
@@ -179,14 +269,21 @@ def make_flatteners(key: Callable[[str, str], str]) -> dict[str, Flattener]:
             unit = q.get("unit") or q.get("code")
             if unit is not None and type(unit) is not str:
                 raise BadResource("invalid value in valueQuantity")
+            r = ranges.get(unit) if unit is not None else None
+            lo, hi = r if r is not None else (rlo, rhi)
+            if not lo <= num <= hi:
+                raise BadResource(rules.out_of_range(num, unit) or "value outside the plausible range")
             return num, unit, None
         v = x.get("valueCodeableConcept")
         if v is not None:
             code = first_code(v, "valueCodeableConcept")
             return None if code is None else (None, None, code)
         v = x.get("valueString")
-        if v is not None:
-            return None, None, _s(v, "valueString")
+        if v is not None:  # free text: never in a table, unless its code is allow-listed as coded values
+            v = _s(v, "valueString")
+            if text_codes and _coded(x.get("code")):
+                return None, None, v
+            return None
         v = x.get("valueBoolean")
         if v is not None:
             if type(v) is not bool:
@@ -196,8 +293,19 @@ def make_flatteners(key: Callable[[str, str], str]) -> dict[str, Flattener]:
         if v is not None:
             if type(v) is not int:
                 raise BadResource("invalid value in valueInteger")
+            if not rlo <= v <= rhi:
+                raise BadResource("value outside the plausible range")
             return float(v), None, None
         return None
+
+    def _coded(cc: Any) -> bool:
+        """Whether a CodeableConcept has a coding whose code is allow-listed in ``text_codes``."""
+        if type(cc) is not dict:
+            return False
+        for c in cc.get("coding") or ():
+            if type(c) is dict and c.get("code") in text_codes:
+                return True
+        return False
 
     _no_value = (None, None, None)
     short = SYSTEM_SHORT
@@ -251,7 +359,12 @@ def make_flatteners(key: Callable[[str, str], str]) -> dict[str, Flattener]:
             unit = q.get("unit") or q.get("code")
             if unit is not None and type(unit) is not str:
                 raise BadResource("invalid value in valueQuantity")
-            own = (qv if type(qv) is float else float(qv), unit, None)
+            num = qv if type(qv) is float else float(qv)
+            r = ranges.get(unit) if unit is not None else None
+            lo, hi = r if r is not None else (rlo, rhi)
+            if not lo <= num <= hi:
+                raise BadResource(rules.out_of_range(num, unit) or "value outside the plausible range")
+            own = (num, unit, None)
         else:
             own = obs_value(o)
         comps = o.get("component")

@@ -91,13 +91,25 @@ def prepared(blocks: Iterable[list], flat: Any, pool: Any) -> Iterator[tuple[lis
         yield pending[0], pending[1].result()
 
 
-def flattener(rtype: str, keyer: Any) -> Any | None:
+def flattener(rtype: str, keyer: Any, rules: Any = None) -> Any | None:
     """A compiled flattener for ``rtype`` keyed like ``keyer``, or None (type not covered, module not
-    available, or a keyer whose keys it cannot reproduce: it is checked against ``keyer.key``)."""
+    available, or a keyer whose keys it cannot reproduce: it is checked against ``keyer.key``).
+
+    ``rules`` (a :class:`.flatteners.ValueRules`, the defaults when None) are the hand-written flatteners':
+    a ``valueString`` is dropped (or, with allow-listed codes, handed to the Python loop, which decides),
+    and a value outside its unit's range hands the line to the Python loop, which quarantines it."""
+    from .flatteners import ValueRules
+
     if rtype not in TYPES or not available() or not hasattr(keyer, "hmac_pads"):
         return None
+    rules = rules or ValueRules()
+    ranges = [(u, lo, hi) for u, (lo, hi) in rules.ranges.items() if len(u.encode()) <= 64]
+    if len(ranges) != len(rules.ranges) or len(ranges) > 128:
+        log.info("compiled flatten disabled for %s: more value ranges than it holds", rtype)
+        return None
     ipad, opad = keyer.hmac_pads()
-    flat = _flatc.Flattener(rtype, ipad, opad)
+    flat = _flatc.Flattener(rtype, ipad, opad, strings_fb=bool(rules.text_codes), ranges=ranges,
+                            lo=rules.default[0], hi=rules.default[1])
     if any(flat.key(t, i) != keyer.key(t, i) for t, i in _PROBES):
         log.warning("compiled flatten disabled: its keys differ from the keyer's")
         return None

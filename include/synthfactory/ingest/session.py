@@ -42,7 +42,7 @@ from synthfactory.storage import Store, is_s3, join
 
 from . import native as native_flatten
 from synthfactory.fhir.fhirpath import Env
-from .flatteners import FAST_TABLES, Flattener, make_flatteners
+from .flatteners import FAST_TABLES, Flattener, ValueRules, make_flatteners
 from synthfactory.fhir.normalize import BadResource, ExtractError, collect_identifiers, fast_key, has_modifier_extension, timestamp_array
 from .schemas import IDENTIFIERS_SCHEMA, TABLES
 from synthfactory.fhir.views import BUILTIN_BY_RESOURCE, BUILTIN_VIEWS, CompiledView, ViewError, compile_view
@@ -302,8 +302,9 @@ class IngestSession:
                  validate_sample_rate: float = 0.01, batch_rows: int = 50_000, engine: str = "fast",
                  max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, on_dangling: str = "quarantine",
                  validate_first: int = ALWAYS_VALIDATE_FIRST, validate_max_per_type: int = 0,
-                 native: bool = True):
+                 native: bool = True, value_rules: ValueRules | None = None):
         self.t0 = time.perf_counter()
+        self.value_rules = value_rules or ValueRules()
         self.validate_first = max(int(validate_first), 0)
         # the sampled validation stops at this many validated resources of a type (0: no cap), so its cost is
         # bounded on large extracts (an R4B validation costs 0.3-0.6 ms, the flatten of a resource ~20 us)
@@ -367,7 +368,7 @@ class IngestSession:
         self.identifiers = _Identifiers(self._local_for(self.ids_uri, IDENTIFIERS_FILE))
         self.qfh = open(self.q_local, "wb")
         self._closed = False
-        flatteners = make_flatteners(self.key) if engine == "fast" else {}
+        flatteners = make_flatteners(self.key, self.value_rules) if engine == "fast" else {}
         self.producers: dict[str, list[Producer]] = {r: [] for r in self.resources}
         try:
             for name, view in compiled.items():
@@ -392,7 +393,7 @@ class IngestSession:
         try:
             for rtype, prods in self.producers.items() if native and engine == "fast" else ():
                 if len(prods) == 1 and prods[0].fn is flatteners.get(rtype):
-                    nf = native_flatten.flattener(rtype, keyer)
+                    nf = native_flatten.flattener(rtype, keyer, self.value_rules)
                     cols = native_flatten.columns(prods[0].writer.schema) if nf is not None else None
                     if cols is not None:  # its rows go straight into Arrow buffers
                         self.native[rtype] = nf
@@ -434,6 +435,22 @@ class IngestSession:
     def _view_fn(self, view: CompiledView) -> Flattener:
         rows = view.rows
         env = self.env
+        if view.resource == "Observation" and view.definition is BUILTIN_VIEWS.get(view.name):
+            # the built-in observation view checks values like the fast path: implausible ones are quarantined
+            rules = self.value_rules
+            names = view.schema.names
+            inum, iunit = names.index("value_num"), names.index("unit")
+
+            def checked(o: dict, rid: str) -> list:
+                out = rows(o, env)
+                for r in out:
+                    num = r[inum]
+                    if num is not None:
+                        reason = rules.out_of_range(float(num), r[iunit])
+                        if reason is not None:
+                            raise BadResource(reason)
+                return out
+            return checked
         return lambda o, rid: rows(o, env)
 
     # -- quarantine --------------------------------------------------------------------------------

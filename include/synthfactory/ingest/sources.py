@@ -124,8 +124,11 @@ class Source:
     kind: ClassVar[str]
 
     def ingest(self, ctx: RunContext, keyer: Keyer) -> dict:
+        from .flatteners import ValueRules
+
         source = ctx.spec.source
-        options = dict(keyer=keyer, store=ctx.store, resources=list(source.resources),
+        rules = ValueRules(source.text_codes, dict(source.value_ranges), tuple(source.value_range_default))
+        options = dict(keyer=keyer, store=ctx.store, resources=list(source.resources), value_rules=rules,
                        views=load_views(list(source.views), ctx.base_dir),
                        validate_sample_rate=source.validate_sample_rate,
                        validate_max_per_type=source.validate_max_per_type, engine=source.engine,

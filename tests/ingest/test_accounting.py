@@ -1,0 +1,201 @@
+"""Every line accounted for, no free text in the tables (issue 19, items 3 and 4): valueString, malformed
+references and implausible values, on NDJSON (the compiled flatten and the Python loop), Bundles and the
+views engine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from synthfactory.ingest import native
+from synthfactory.ingest.bundle import ingest_bundles
+from synthfactory.ingest.fhir_ndjson import ingest_extract
+from synthfactory.ingest.flatteners import ValueRules, reference_ok
+
+LOINC = "http://loinc.org"
+ADDRESS = "1600 Pennsylvania Avenue NW, Washington"
+
+
+def patient(pid: str) -> dict:
+    return {"resourceType": "Patient", "id": pid, "gender": "female", "birthDate": "1970-01-01"}
+
+
+def obs(oid: str, pid: str = "p1", code: str = "4548-4", **kw) -> dict:
+    return {"resourceType": "Observation", "id": oid, "status": "final", "subject": {"reference": f"Patient/{pid}"},
+            "code": {"coding": [{"system": LOINC, "code": code, "display": "x"}]},
+            "effectiveDateTime": "2020-01-01T10:00:00Z", **kw}
+
+
+def hba1c(oid: str, value, unit: str = "%") -> dict:
+    return obs(oid, valueQuantity={"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit})
+
+
+def write(folder: Path, name: str, items: list) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(b"".join(orjson.dumps(i) + b"\n" for i in items))
+
+
+def table(out: Path, name: str) -> list[dict]:
+    return pq.read_table(os.path.join(out, f"{name}.parquet")).to_pylist()
+
+
+def quarantine(out: Path) -> list[dict]:
+    return [orjson.loads(line) for line in (out / "quarantine.ndjson").read_bytes().splitlines() if line.strip()]
+
+
+def all_strings(out: Path) -> set[str]:
+    cells = set()
+    for t in ("patient", "observation"):
+        for row in table(out, t):
+            cells.update(v for v in row.values() if isinstance(v, str))
+    return cells
+
+
+def address_observations() -> list[dict]:
+    """Plain observations (the compiled flatten takes them) with an address valueString (LOINC 56799-0), own
+    and in a component, beside ordinary values."""
+    return [
+        obs("addr", code="56799-0", valueString=ADDRESS),
+        obs("addr-comp", code="85354-9", component=[
+            {"code": {"coding": [{"system": LOINC, "code": "56799-0"}]}, "valueString": ADDRESS},
+            {"code": {"coding": [{"system": LOINC, "code": "8480-6"}]}, "valueQuantity": {"value": 120, "unit": "mm[Hg]"}}]),
+        hba1c("a1c", 6.1),
+        obs("flag", code="1-1", valueString="Detected"),
+    ]
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["compiled", "python"])
+def test_address_value_string_never_reaches_ndjson_tables(tmp_path, keyer, use_native):
+    if use_native:
+        assert native.available(), "the compiled flatten must be built for this test (setup.py build_ext)"
+    src = tmp_path / "src"
+    write(src, "Patient.ndjson", [patient("p1")])
+    write(src, "Observation.ndjson", address_observations())
+    out = tmp_path / "out"
+    rep = ingest_extract(src, out, keyer=keyer, resources=["Patient", "Observation"], validate_first=0,
+                         validate_sample_rate=0.0, native=use_native)
+    assert rep["quarantined_total"] == 0
+    assert rep["native_lines"].get("Observation", 0) == (4 if use_native else 0)  # the compiled path read them
+    rows = {r["observation_key"]: r for r in table(out, "observation")}
+    assert ADDRESS not in all_strings(out) and "Detected" not in all_strings(out)
+    # the address Observation keeps its coded row, without the string; the component without a value is gone
+    assert rows[keyer.key("Observation", "addr")]["code"] == "56799-0"
+    assert rows[keyer.key("Observation", "addr")]["value_code"] is None
+    assert keyer.key("Observation", "addr-comp#0") not in rows
+    assert rows[keyer.key("Observation", "addr-comp#1")]["value_num"] == 120.0
+    assert rows[keyer.key("Observation", "a1c")]["value_num"] == 6.1
+
+
+def test_allow_listed_codes_keep_their_coded_strings(tmp_path, keyer):
+    src = tmp_path / "src"
+    write(src, "Patient.ndjson", [patient("p1")])
+    write(src, "Observation.ndjson", address_observations())
+    out = tmp_path / "out"
+    rep = ingest_extract(src, out, keyer=keyer, resources=["Patient", "Observation"], validate_first=0,
+                         validate_sample_rate=0.0, value_rules=ValueRules(text_codes=["1-1"]))
+    rows = {r["observation_key"]: r for r in table(out, "observation")}
+    assert rows[keyer.key("Observation", "flag")]["value_code"] == "Detected"
+    assert ADDRESS not in all_strings(out)
+    assert rep["native_lines"]["Observation"] == 1  # the lines with a valueString are left to the Python loop
+
+
+def test_address_value_string_never_reaches_bundle_or_views_tables(tmp_path, keyer):
+    src = tmp_path / "bundles"
+    src.mkdir()
+    entries = [patient("p1"), *address_observations()]
+    bundle = {"resourceType": "Bundle", "type": "collection",
+              "entry": [{"fullUrl": f"urn:uuid:{e['id']}", "resource": e} for e in entries]}
+    (src / "one.json").write_bytes(orjson.dumps(bundle))
+    out = tmp_path / "out"
+    rep = ingest_bundles(src, out, keyer=keyer, resources=["Patient", "Observation"], validate_sample_rate=0.0)
+    assert rep["rows"]["observation"] == 4 and ADDRESS not in all_strings(out)
+    nd = tmp_path / "nd"
+    write(nd, "Patient.ndjson", [patient("p1")])
+    write(nd, "Observation.ndjson", address_observations())
+    out2 = tmp_path / "views"
+    rep2 = ingest_extract(nd, out2, keyer=keyer, resources=["Patient", "Observation"], engine="views",
+                          validate_first=0, validate_sample_rate=0.0)
+    assert rep2["rows"]["observation"] == 4 and ADDRESS not in all_strings(out2)
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["compiled", "python"])
+def test_implausible_values_are_quarantined_with_the_reason(tmp_path, keyer, use_native):
+    src = tmp_path / "src"
+    write(src, "Patient.ndjson", [patient("p1")])
+    write(src, "Observation.ndjson", [
+        hba1c("ok", 6.5), hba1c("huge", 1.2e29), hba1c("plus", 1e300), hba1c("minus", -1e300),
+        obs("int", valueInteger=10 ** 15), obs("odd-unit", valueQuantity={"value": 1e200, "unit": "furlong"}),
+        obs("comp", code="85354-9", component=[
+            {"code": {"coding": [{"code": "8480-6"}]}, "valueQuantity": {"value": 1e30, "unit": "mm[Hg]"}}]),
+        hba1c("kg", 70, "kg")])
+    out = tmp_path / "out"
+    rep = ingest_extract(src, out, keyer=keyer, resources=["Patient", "Observation"], validate_first=0,
+                         validate_sample_rate=0.0, native=use_native)
+    q = {(r["line"], r["reason"]) for r in quarantine(out)}
+    assert q == {(2, "value outside the plausible range for unit %"), (3, "value outside the plausible range for unit %"),
+                 (4, "value outside the plausible range for unit %"), (5, "value outside the plausible range"),
+                 (6, "value outside the plausible range"), (7, "value outside the plausible range for unit mm[Hg]")}
+    assert rep["quarantined"]["Observation"] == 6
+    assert sorted(r["value_num"] for r in table(out, "observation")) == [6.5, 70.0]
+    # configurable: a narrower % range quarantines 6.5 too, a wider one for kg keeps nothing out
+    out2 = tmp_path / "out2"
+    rep2 = ingest_extract(src, out2, keyer=keyer, resources=["Patient", "Observation"], validate_first=0,
+                          validate_sample_rate=0.0, native=use_native,
+                          value_rules=ValueRules(ranges={"%": (0, 5)}, default=(-1e300, 1e300)))
+    assert rep2["rows"]["observation"] == 3  # kg 70, int 1e15 and 1e200 furlong (now in the default range)
+    assert rep2["quarantined"]["Observation"] == 5
+
+
+def test_implausible_values_quarantined_on_the_views_engine_and_in_bundles(tmp_path, keyer):
+    src = tmp_path / "src"
+    items = [hba1c("ok", 6.5), hba1c("huge", 1.2e29)]
+    write(src, "Patient.ndjson", [patient("p1")])
+    write(src, "Observation.ndjson", items)
+    out = tmp_path / "out"
+    rep = ingest_extract(src, out, keyer=keyer, resources=["Patient", "Observation"], engine="views",
+                         validate_first=0, validate_sample_rate=0.0)
+    assert rep["rows"]["observation"] == 1 and rep["quarantined"]["Observation"] == 1
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "x.json").write_bytes(orjson.dumps({"resourceType": "Bundle", "type": "collection",
+                                             "entry": [{"resource": r} for r in [patient("p1"), *items]]}))
+    rep = ingest_bundles(b, tmp_path / "out2", keyer=keyer, resources=["Patient", "Observation"],
+                         validate_sample_rate=0.0)
+    assert rep["rows"]["observation"] == 1 and rep["quarantined"]["Observation"] == 1
+
+
+def test_reference_grammar():
+    good = ["Patient/123", "Patient/a.b-C", "Patient/" + "x" * 64, "https://ehr.example/fhir/Patient/9",
+            "http://h/fhir/Patient/9/_history/2", "urn:uuid:4b0d8f4c-1f4e-4d7a-9c1a-0f8b2e6c9d11", "urn:oid:1.2.3",
+            "#c1", "Patient/7/_history/1"]
+    bad = ["Patient/../../etc/passwd", "Patient/a b", "Patient/" + "x" * 65, "patient/1", "Patient/", "/1", "123",
+           "Patient/1/", "https://h/fhir/Patient/../x", "urn:uuid:", "#", "Patient/\u00e9", "javascript:alert(1)",
+           "https://h with space/Patient/1", "Patient/1/_history/"]
+    assert [r for r in good if not reference_ok(r)] == []
+    assert [r for r in bad if reference_ok(r)] == []
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["compiled", "python"])
+def test_malformed_references_are_quarantined(tmp_path, keyer, use_native):
+    src = tmp_path / "src"
+    write(src, "Patient.ndjson", [patient("p1")])
+    write(src, "Encounter.ndjson", [
+        {"resourceType": "Encounter", "id": "e1", "status": "finished", "subject": {"reference": "Patient/p1"}},
+        {"resourceType": "Encounter", "id": "e2", "status": "finished",
+         "subject": {"reference": "Patient/../../etc/passwd"}}])
+    write(src, "Observation.ndjson", [
+        hba1c("ok", 6.0), obs("bad-enc", encounter={"reference": "Encounter/e 1"}, valueInteger=1),
+        obs("bad-pat", pid="p1/../../x", valueInteger=1)])
+    out = tmp_path / "out"
+    rep = ingest_extract(src, out, keyer=keyer, resources=["Patient", "Encounter", "Observation"], validate_first=0,
+                         validate_sample_rate=0.0, native=use_native)
+    q = sorted((r["file"], r["line"], r["reason"]) for r in quarantine(out))
+    assert q == [("Encounter.ndjson", 2, "malformed reference to Patient"),
+                 ("Observation.ndjson", 2, "malformed reference to Encounter"),
+                 ("Observation.ndjson", 3, "malformed reference to Patient")]
+    assert rep["rows"] == {"patient": 1, "encounter": 1, "observation": 1}
+    assert all(r["patient_key"] == keyer.key("Patient", "p1") for r in table(out, "encounter"))
