@@ -199,3 +199,77 @@ def test_malformed_references_are_quarantined(tmp_path, keyer, use_native):
                  ("Observation.ndjson", 3, "malformed reference to Patient")]
     assert rep["rows"] == {"patient": 1, "encounter": 1, "observation": 1}
     assert all(r["patient_key"] == keyer.key("Patient", "p1") for r in table(out, "encounter"))
+
+
+# ------------------------------------------------------------------------------------------------
+# files: each one accounted for
+# ------------------------------------------------------------------------------------------------
+def test_every_file_has_an_outcome_spaces_unicode_symlinks_and_loops(tmp_path, keyer):
+    src = tmp_path / "extract"
+    write(src, "Patient.ndjson", [patient("p1")])
+    write(src, "Observation extra space.ndjson", [hba1c("o1", 6.0)])
+    write(src, "Observation_\u00e9t\u00e9-\u4e2d.ndjson", [hba1c("o2", 6.1)])
+    write(src, "ObservationDefinition.ndjson", [{"resourceType": "ObservationDefinition", "id": "d"}])
+    write(src, "Practitioner.ndjson", [{"resourceType": "Practitioner", "id": "x"}])
+    (src / "notes.txt").write_text("x")
+    write(src / "sub", "Observation.ndjson", [hba1c("o3", 6.2)])
+    outside = tmp_path / "elsewhere"
+    write(outside, "Observation.ndjson", [hba1c("leak", 6.3)])
+    (src / "Observation-outside.ndjson").symlink_to(outside / "Observation.ndjson")
+    (src / "Observation-loop.ndjson").symlink_to(src / "Observation-loop2.ndjson")
+    (src / "Observation-loop2.ndjson").symlink_to(src / "Observation-loop.ndjson")
+    (src / "Observation-dangling.ndjson").symlink_to(src / "nowhere.ndjson")
+    (src / "dirloop").symlink_to(src)
+    (src / "Observation-inside.ndjson").symlink_to(src / "Observation extra space.ndjson")
+    out = tmp_path / "out"
+    rep = ingest_extract(src, out, keyer=keyer, resources=["Patient", "Observation"], validate_sample_rate=0.0)
+    o = rep["file_outcomes"]
+    assert o["Observation extra space.ndjson"] == {"outcome": "read", "resources": 1, "quarantined": 0}
+    assert o["Observation_\u00e9t\u00e9-\u4e2d.ndjson"]["outcome"] == "read"
+    assert o["Observation-outside.ndjson"] == {"outcome": "refused", "reason": "symlink leaves the extract"}
+    assert o["Observation-loop.ndjson"] == {"outcome": "refused", "reason": "symlink loop"}
+    assert o["Observation-loop2.ndjson"] == {"outcome": "refused", "reason": "symlink loop"}
+    assert o["Observation-dangling.ndjson"] == {"outcome": "refused", "reason": "dangling symlink"}
+    assert o["dirloop"] == {"outcome": "refused", "reason": "symlink to a folder (not followed)"}
+    # a symlink to a file of the extract is read (its resources are duplicates: quarantined, counted)
+    assert o["Observation-inside.ndjson"] == {"outcome": "read", "resources": 1, "quarantined": 1}
+    assert o["ObservationDefinition.ndjson"]["reason"] == "resource type not requested by the spec"
+    assert o["Practitioner.ndjson"]["outcome"] == "skipped"
+    assert o["notes.txt"]["reason"].startswith("not an NDJSON file")
+    assert o["sub/Observation.ndjson"]["reason"].startswith("in a sub-folder")
+    assert sorted(rep["refused_files"]) == ["Observation-dangling.ndjson", "Observation-loop.ndjson",
+                                            "Observation-loop2.ndjson", "Observation-outside.ndjson", "dirloop"]
+    assert not set(rep["refused_files"]) & set(rep["skipped_files"])
+    # every file under the folder, and every symlink, has exactly one outcome
+    listed = {str(p.relative_to(src)) for p in src.rglob("*") if p.is_file() or p.is_symlink()}
+    assert listed <= set(o), listed - set(o)
+    assert rep["rows"]["observation"] == 2 and keyer.key("Observation", "leak") not in {
+        r["observation_key"] for r in table(out, "observation")}
+
+
+def test_unreadable_bundles_counted_once_each(tmp_path, keyer):
+    src = tmp_path / "bundles"
+    src.mkdir()
+    good = {"resourceType": "Bundle", "type": "collection",
+            "entry": [{"resource": patient("p1")}, {"resource": hba1c("o1", 6.0)}, {"request": {"method": "POST"}}]}
+    (src / "good.json").write_bytes(orjson.dumps(good))
+    for i in range(3):
+        (src / f"bad {i}.json").write_bytes(b'{"resourceType": "Bundle", "entry": [')
+    out = tmp_path / "out"
+    rep = ingest_bundles(src, out, keyer=keyer, resources=["Patient", "Observation"], validate_sample_rate=0.0)
+    records = quarantine(out)
+    assert len(records) == 4 == rep["quarantined_total"]  # 3 unreadable files + 1 entry without a resource
+    assert sum(r["reason"] == "invalid JSON" for r in records) == 3
+    assert [rep["file_outcomes"][f"bad {i}.json"] for i in range(3)] == [
+        {"outcome": "quarantined", "reason": "invalid JSON"}] * 3
+    assert rep["file_outcomes"]["good.json"] == {"outcome": "read", "resources": 3}
+
+
+def test_quarantined_total_equals_the_quarantine_records_on_ndjson(tmp_path, keyer):
+    src = tmp_path / "src"
+    write(src, "Patient.ndjson", [patient("p1")])
+    (src / "Observation.ndjson").write_bytes(b"{not json\n" + orjson.dumps(hba1c("o", 1e300)) + b"\n[1]\n")
+    out = tmp_path / "out"
+    rep = ingest_extract(src, out, keyer=keyer, resources=["Patient", "Observation"], validate_sample_rate=0.0)
+    assert rep["quarantined_total"] == len(quarantine(out)) == 3
+    assert rep["file_outcomes"]["Observation.ndjson"] == {"outcome": "read", "resources": 3, "quarantined": 3}

@@ -27,7 +27,7 @@ from synthfactory.keys import Keyer
 from synthfactory.storage import Store
 
 from synthfactory.fhir.normalize import ExtractError
-from .session import DEFAULT_MAX_LINE_BYTES, IngestSession, check_resources, gc_paused, list_source, relative_name
+from .session import DEFAULT_MAX_LINE_BYTES, IngestSession, check_resources, gc_paused, relative_name, scan_source
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,24 @@ def _is_bundle_file(name: str) -> bool:
 
 def iter_bundle_files(source_uri: str, store: Store) -> tuple[list[tuple[str, str]], list[str]]:
     """([(name, uri)], [skipped names]) of Bundle files under a folder or prefix (sorted)."""
-    found, skipped = [], []
-    for uri in list_source(source_uri, store):
+    found, skipped, _ = bundle_files(source_uri, store)
+    return found, sorted(skipped)
+
+
+def bundle_files(source_uri: str, store: Store) -> tuple[list[tuple[str, str]], dict[str, str], dict[str, str]]:
+    """([(name, uri)], {skipped name: reason}, {refused name: reason}) of Bundle files under a folder or
+    prefix (sorted; refused: symlinks that leave the extract, loops, see :func:`.session.scan_local`)."""
+    found, skipped = [], {}
+    uris, refused = scan_source(source_uri, store)
+    for uri in uris:
         name = relative_name(uri, source_uri)
-        if _is_bundle_file(name) and not name.rsplit("/", 1)[-1].startswith(("_", ".")):
+        base = name.rsplit("/", 1)[-1]
+        if _is_bundle_file(name) and not base.startswith(("_", ".")):
             found.append((name, uri))
         else:
-            skipped.append(name)
-    return sorted(found), sorted(skipped)
+            skipped[name] = "a hidden or metadata file (_*, .*)" if _is_bundle_file(name) \
+                else "not a Bundle file (*.json, *.json.gz)"
+    return sorted(found), dict(sorted(skipped.items())), refused
 
 
 def _walk_refs(node: Any, mapping: dict[str, str], unresolved: list[int]) -> None:
@@ -181,7 +191,7 @@ def ingest_bundles(
         resources = list(dict.fromkeys(resources))
         views = list(views or ())
         check_resources(resources, views)
-        files, skipped = iter_bundle_files(source_uri, store)
+        files, skipped, refused = bundle_files(source_uri, store)
         if not files:
             raise ExtractError(f"extract is empty: no Bundle file (*.json, *.json.gz) in {source_uri} "
                                f"({len(skipped)} other file(s) ignored)")
@@ -190,6 +200,9 @@ def ingest_bundles(
                                 max_line_bytes=DEFAULT_MAX_LINE_BYTES, on_dangling=on_dangling,
                                 validate_max_per_type=validate_max_per_type, value_rules=value_rules)
         totals = {"bundles": 0, "deleted": 0, "unresolved_references": 0, "entries_without_resource": 0}
+        for name, reason in refused.items():
+            log.warning("ingest: %s refused: %s", name, reason)
+            session.skip_file(name, reason, outcome="refused")
         try:
             for pass_no in (1, 2):
                 for name, uri in files:
@@ -218,21 +231,26 @@ def _only(entries: list[tuple[int, Any]], *, patients: bool) -> Iterator[tuple[i
 def _load(session: IngestSession, store: Store, name: str, uri: str, max_bytes: int, totals: dict,
           first: bool) -> list[tuple[int, Any]] | None:
     fname = name.rsplit("/", 1)[-1]
+    if not first and session.file_outcomes.get(name, {}).get("outcome") == "quarantined":
+        return None  # quarantined whole in pass 1 (one record, not two)
     raw, sha = _read_bundle(store, name, uri, max_bytes)
-    if first:
-        session.record_file(name, sha)
+    reason = None
+    doc: Any = None
     if raw is None:
+        reason = f"bundle larger than {max_bytes} bytes"
+    else:
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            reason = "invalid JSON"
+    if reason is not None:
         if first:
-            session.quarantine(fname, 0, "Bundle", f"bundle larger than {max_bytes} bytes")
-        return None
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        if first:
-            session.quarantine(fname, 0, "Bundle", "invalid JSON")
+            session.record_file(name, sha, outcome="quarantined", reason=reason)
+            session.quarantine(fname, 0, "Bundle", reason)
         return None
     entries, stats = resolve_bundle(doc)
     if first:
+        session.record_file(name, sha, resources=len(entries))
         totals["bundles"] += 1
         for k, v in stats.items():
             totals[k] += v

@@ -44,14 +44,14 @@ from .session import (
     IngestSession,
     check_resources,
     gc_paused,
-    list_source,
     relative_name,
+    scan_source,
     validation_failure,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ingest_extract", "ingest_ndjson", "discover_ndjson", "line_blocks", "prefetched", "processing_order"]
+__all__ = ["ingest_extract", "ingest_ndjson", "discover_ndjson", "discover_ndjson_files", "line_blocks", "prefetched", "processing_order"]
 
 READ_BLOCK = 1 << 20
 
@@ -212,7 +212,7 @@ def ingest_ndjson(session: IngestSession, name: str, uri: str, rtype: str) -> No
     finally:
         chunks.close()  # stops and joins the reader thread
         reader.release()
-    session.record_file(name, hasher.hexdigest())
+    session.record_file(name, hasher.hexdigest(), resources=n_read, quarantined=n_bad)
     log.info("ingested %s: %d resources, %d quarantined, %.2fs", fname, n_read, n_bad, time.perf_counter() - tf)
 
 
@@ -380,12 +380,26 @@ def _ingest_lines(session: IngestSession, fname: str, rtype: str, blocks: Iterab
 # File discovery
 # --------------------------------------------------------------------------------------------------
 def _match_type(name: str, resources: Iterable[str]) -> str | None:
+    """The type of ``<Type><anything but an ASCII letter>....ndjson[.gz]`` (``Observation.ndjson``,
+    ``Observation-2.ndjson.gz``, ``Observation extra space.ndjson``, ``Observation_été.ndjson``; never
+    ``ObservationDefinition.ndjson`` for Observation)."""
     if not (name.endswith(".ndjson") or name.endswith(".ndjson.gz")):
         return None
     for rtype in resources:
-        if name.startswith(rtype) and len(name) > len(rtype) and name[len(rtype)] in ".-_":
-            return rtype
+        if name.startswith(rtype) and len(name) > len(rtype):
+            c = name[len(rtype)]
+            if not (c.isascii() and c.isalpha()):
+                return rtype
     return None
+
+
+def _skip_reason(name: str) -> str:
+    base = name.rsplit("/", 1)[-1]
+    if "/" in name:
+        return "in a sub-folder (an extract is one folder)"
+    if not (base.endswith(".ndjson") or base.endswith(".ndjson.gz")):
+        return "not an NDJSON file (<Type>*.ndjson[.gz])"
+    return "resource type not requested by the spec"
 
 
 def processing_order(rtype: str) -> int:
@@ -395,20 +409,29 @@ def processing_order(rtype: str) -> int:
 
 def discover_ndjson(source_uri: str, store: Store, resources: Iterable[str]) -> tuple[list[tuple[str, str, str]], list[str]]:
     """([(name, uri, type)] in processing order, [skipped names]) of an NDJSON extract folder."""
-    all_uris = list_source(source_uri, store)
+    found, skipped, _ = discover_ndjson_files(source_uri, store, resources)
+    return found, sorted(skipped)
+
+
+def discover_ndjson_files(source_uri: str, store: Store, resources: Iterable[str]
+                          ) -> tuple[list[tuple[str, str, str]], dict[str, str], dict[str, str]]:
+    """([(name, uri, type)] in processing order, {skipped name: reason}, {refused name: reason}) of an NDJSON
+    extract folder (refused: symlinks that leave the extract, loops, see :func:`.session.scan_local`)."""
+    all_uris, refused = scan_source(source_uri, store)
     by_len = sorted(resources, key=len, reverse=True)  # a type never swallows another that it prefixes
     found: list[tuple[str, str, str]] = []
-    skipped: list[str] = []
+    skipped: dict[str, str] = {}
     for uri in all_uris:
         name = relative_name(uri, source_uri)
         rtype = None if "/" in name else _match_type(name, by_len)
         if rtype is None:
-            skipped.append(name)
+            skipped[name] = _skip_reason(name)
         else:
             found.append((name, uri, rtype))
     found.sort(key=lambda f: (processing_order(f[2]), f[0]))
-    skipped.sort()
-    return found, skipped
+    for name, reason in refused.items():
+        log.warning("ingest: %s refused: %s", name, reason)
+    return found, dict(sorted(skipped.items())), refused
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,15 +471,18 @@ def ingest_extract(
         check_resources(resources, views)
         wanted = list(dict.fromkeys([*resources, *(v.get("resource") for v in views if isinstance(v, dict)
                                                    and isinstance(v.get("resource"), str))]))
-        found, skipped = discover_ndjson(source_uri, store, wanted)
+        found, skipped, refused = discover_ndjson_files(source_uri, store, wanted)
         if not found:
             raise ExtractError(
                 f"extract is empty: no NDJSON file for {', '.join(wanted)} in {source_uri} "
-                f"(expected e.g. Patient.ndjson or Patient.ndjson.gz; {len(skipped)} other file(s) ignored)")
+                f"(expected e.g. Patient.ndjson or Patient.ndjson.gz; {len(skipped)} other file(s) ignored"
+                f"{f', {len(refused)} refused' if refused else ''})")
         session = IngestSession(out_uri, keyer=keyer, store=store, resources=resources, views=views,
                                 validate_sample_rate=validate_sample_rate, batch_rows=batch_rows, engine=engine,
                                 max_line_bytes=max_line_bytes, on_dangling=on_dangling, validate_first=validate_first,
                                 validate_max_per_type=validate_max_per_type, native=native, value_rules=value_rules)
+        for name, reason in refused.items():
+            session.skip_file(name, reason, outcome="refused")
         try:
             for name, uri, rtype in found:
                 ingest_ndjson(session, name, uri, rtype)

@@ -50,7 +50,7 @@ from synthfactory.fhir.views import BUILTIN_BY_RESOURCE, BUILTIN_VIEWS, Compiled
 log = logging.getLogger(__name__)
 
 __all__ = ["IngestSession", "TableWriter", "Producer", "SUPPORTED_RESOURCES", "DEFAULT_RESOURCES",
-           "DEFAULT_MAX_LINE_BYTES", "check_resources", "list_source", "relative_name", "gc_paused",
+           "DEFAULT_MAX_LINE_BYTES", "check_resources", "list_source", "scan_source", "relative_name", "gc_paused",
            "validation_failure"]
 
 SUPPORTED_RESOURCES = tuple(BUILTIN_BY_RESOURCE)
@@ -414,6 +414,8 @@ class IngestSession:
         self.validated = 0
         self.files: list[str] = []
         self.file_sha256: dict[str, str] = {}
+        self.file_outcomes: dict[str, dict] = {}  # name -> {"outcome": read|skipped|refused|quarantined, ...}
+        self.q_records = 0  # records written to quarantine.ndjson (the report's quarantined_total)
 
     def _local_for(self, uri: str, name: str) -> str:
         return os.path.join(self.tmpdir, name) if self.tmpdir else uri + ".partial"
@@ -457,6 +459,7 @@ class IngestSession:
     def quarantine(self, fname: str, lineno: int, rtype: str | None, reason: str) -> None:
         self.qfh.write(orjson.dumps({"file": fname, "line": lineno, "resource_type": rtype, "reason": reason}))
         self.qfh.write(b"\n")
+        self.q_records += 1
         per = self.reasons.setdefault(rtype or "(unknown)", {})
         per[reason] = per.get(reason, 0) + 1
 
@@ -544,13 +547,29 @@ class IngestSession:
             return validation_failure(rtype, o)
         return None
 
-    def record_file(self, name: str, sha256: str) -> None:
-        """Note a source file and its sha256 for the report (the extract's sha256 covers every file)."""
+    def record_file(self, name: str, sha256: str, *, resources: int | None = None, quarantined: int | None = None,
+                    outcome: str = "read", reason: str | None = None) -> None:
+        """Note a source file and its sha256 for the report (the extract's sha256 covers every file), with its
+        outcome: ``read`` (``resources`` read, ``quarantined`` of them) or ``quarantined`` (the whole file,
+        with the ``reason``)."""
         self.files.append(name)
         self.file_sha256[name] = sha256
+        out: dict[str, Any] = {"outcome": outcome}
+        if reason is not None:
+            out["reason"] = reason
+        if resources is not None:
+            out["resources"] = resources
+        if quarantined is not None:
+            out["quarantined"] = quarantined
+        self.file_outcomes[name] = out
+
+    def skip_file(self, name: str, reason: str, outcome: str = "skipped") -> None:
+        """Note a file that was not read (``skipped``) or that was refused (``refused``: e.g. a symlink that
+        leaves the extract, a symlink loop), with the reason, for the report."""
+        self.file_outcomes[name] = {"outcome": outcome, "reason": reason}
 
     # -- end ---------------------------------------------------------------------------------------
-    def finish(self, *, source: str, skipped_files: Iterable[str] = (), extra: dict | None = None,
+    def finish(self, *, source: str, skipped_files: Iterable[str] | dict[str, str] = (), extra: dict | None = None,
                require_patients: bool = True) -> dict:
         """Commit every output and write the report. Raises ExtractError when no valid Patient was found
         (the quarantine file is kept to explain why)."""
@@ -581,8 +600,21 @@ class IngestSession:
                 shutil.rmtree(self.tmpdir, ignore_errors=True)
         seconds = time.perf_counter() - self.t0
         total_read = sum(self.resources_read.values())
-        total_q = sum(self.quarantined.values())
+        total_q = self.q_records
         files = sorted(self.files)
+        if isinstance(skipped_files, dict):
+            for name, reason in skipped_files.items():
+                self.file_outcomes.setdefault(name, {"outcome": "skipped", "reason": reason})
+            skipped_files = list(skipped_files)
+        else:
+            skipped_files = list(skipped_files)
+            for name in skipped_files:
+                self.file_outcomes.setdefault(name, {"outcome": "skipped", "reason": "not an input of this source"})
+        outcomes = dict(sorted(self.file_outcomes.items()))
+        refused = sorted(n for n, o in outcomes.items() if o["outcome"] == "refused")
+        empty = sorted(t for t, n in self.resources_read.items() if n == 0)
+        for t in empty:
+            log.warning("ingest: no %s resource in this extract (an empty or missing file)", t)
         digest = hashlib.sha256()
         for name in files:
             digest.update(f"{name}\0{self.file_sha256[name]}\n".encode())
@@ -599,7 +631,10 @@ class IngestSession:
             "extract_sha256": digest.hexdigest(),
             "file_sha256": {n: self.file_sha256[n] for n in files},
             "files": files,
-            "skipped_files": sorted(skipped_files),
+            "file_outcomes": outcomes,
+            "skipped_files": sorted(n for n in skipped_files if n not in refused),
+            "refused_files": refused,
+            "empty_types": empty,
             "skipped_resources": dict(sorted(self.skipped_resources.items())),
             "dangling_references": self.dangling,
             "validated": self.validated,
@@ -645,6 +680,61 @@ def relative_name(uri: str, source_uri: str) -> str:
         base = source_uri.rstrip("/") + "/"
         return uri[len(base):] if uri.startswith(base) else uri.rsplit("/", 1)[-1]
     return os.path.relpath(uri, source_uri)
+
+
+def scan_local(source_uri: str) -> tuple[list[str], dict[str, str]]:
+    """(paths of the files under a local folder, {name: reason} of the entries refused). A symlink is followed
+    only to a file inside the extract; one that leaves it, a loop, a dangling one or one to a folder is refused
+    with the reason (never silently dropped). Sub-folders are walked (their files are listed)."""
+    root = os.path.realpath(source_uri)
+    files: list[str] = []
+    refused: dict[str, str] = {}
+
+    def walk(folder: str) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            refused[relative_name(folder, source_uri) + "/"] = f"folder not readable ({type(exc).__name__})"
+            return
+        for e in entries:
+            name = relative_name(e.path, source_uri)
+            if e.is_symlink():
+                try:
+                    target = os.path.realpath(e.path, strict=True)
+                except RuntimeError:
+                    refused[name] = "symlink loop"
+                    continue
+                except OSError as exc:
+                    import errno
+
+                    refused[name] = "symlink loop" if exc.errno == errno.ELOOP else "dangling symlink"
+                    continue
+                if os.path.commonpath([root, target]) != root:
+                    refused[name] = "symlink leaves the extract"
+                elif os.path.isdir(target):
+                    refused[name] = "symlink to a folder (not followed)"
+                elif os.path.isfile(target):
+                    files.append(e.path)
+                else:
+                    refused[name] = "symlink to something that is not a file"
+            elif e.is_dir(follow_symlinks=False):
+                walk(e.path)
+            elif e.is_file(follow_symlinks=False):
+                files.append(e.path)
+            else:
+                refused[name] = "not a regular file"
+
+    walk(source_uri)
+    return sorted(files), refused
+
+
+def scan_source(source_uri: str, store: Store) -> tuple[list[str], dict[str, str]]:
+    """:func:`list_source` with the refused entries of a local folder ({name: reason}, see :func:`scan_local`)."""
+    if is_s3(source_uri):
+        return list_source(source_uri, store), {}
+    if not os.path.isdir(source_uri):
+        raise ExtractError(f"extract not found: {source_uri}")
+    return scan_local(source_uri)
 
 
 def list_source(source_uri: str, store: Store) -> list[str]:
