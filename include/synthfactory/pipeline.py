@@ -143,6 +143,7 @@ def ingest(ctx: RunContext) -> IngestSummary:
                              ingest_cache_key(digest, ctx.spec, salt) + ".json")
             cached = _reusable_ingest(ctx, index_uri)
         if cached is not None:
+            check_needed_tables(ctx.spec, cached["rows"])
             m.update({k: cached[k] for k in INGEST_REUSED_KEYS})
             m["reused_from_run"] = cached["run_id"]
             log.info("stage=ingest reusing the ingest output of run %s (same extract sha256, spec, salt, code)",
@@ -154,11 +155,44 @@ def ingest(ctx: RunContext) -> IngestSummary:
     return m
 
 
+def needed_tables(spec: DatasetSpec) -> dict[str, str]:
+    """{flattened table: why} for the tables the spec's features cannot be built without."""
+    f = spec.features
+    need: dict[str, str] = {}
+    uses = [w for w, on in (("top_conditions", f.top_conditions > 0), ("condition_codes", bool(f.condition_codes)),
+                            ("conditions", bool(f.conditions))) if on]
+    if uses and "Condition" in spec.source.resources:
+        need["condition"] = "features." + ", features.".join(uses)
+    uses = [w for w, on in (("labs", bool(f.labs)), ("auto", f.auto and f.auto_max_labs > 0)) if on]
+    if uses and "Observation" in spec.source.resources:
+        need["observation"] = "features." + ", features.".join(uses)
+    return need
+
+
+def check_needed_tables(spec: DatasetSpec, rows: dict[str, int], report: dict | None = None) -> None:
+    """InputError (exit 3), before anything is fitted, when a table the features need came out empty (e.g. an
+    empty Condition.ndjson while features use conditions): a clear message instead of a failure later."""
+    from synthfactory.errors import InputError
+
+    empty = []
+    for table, why in needed_tables(spec).items():
+        if table in rows and not rows[table]:
+            rtype = {"condition": "Condition", "observation": "Observation"}[table]
+            read = (report or {}).get("resources_read", {}).get(rtype)
+            q = (report or {}).get("quarantined", {}).get(rtype)
+            counts = f" ({read} read, {q} quarantined)" if read is not None else ""
+            empty.append(f"no usable {rtype} resource in the extract{counts}, but {why} need(s) the {table} table")
+    if empty:
+        raise InputError("; ".join(empty) + " (check the extract, or drop those features from the spec, e.g. "
+                         "features.top_conditions: 0)")
+
+
 def _ingest_fresh(ctx: RunContext, salt: bytes, m: dict) -> None:
     from synthfactory.ingest.sources import ingest_for_run  # dispatches on source.kind
     from synthfactory.keys import Keyer
 
     report = ingest_for_run(ctx, Keyer(salt))
+    check_needed_tables(ctx.spec, report["rows"], report)
     m.update({
         "tables": report["tables"],
         "rows": report["rows"],

@@ -273,3 +273,31 @@ def test_quarantined_total_equals_the_quarantine_records_on_ndjson(tmp_path, key
     rep = ingest_extract(src, out, keyer=keyer, resources=["Patient", "Observation"], validate_sample_rate=0.0)
     assert rep["quarantined_total"] == len(quarantine(out)) == 3
     assert rep["file_outcomes"]["Observation.ndjson"] == {"outcome": "read", "resources": 3, "quarantined": 3}
+
+
+# ------------------------------------------------------------------------------------------------
+# an empty resource type that the spec needs: exit 3 before fit
+# ------------------------------------------------------------------------------------------------
+def test_empty_condition_file_stops_the_run_with_exit_3(tmp_path, capsys):
+    from synthfactory.cli import main
+    from synthfactory.errors import EXIT_INPUT
+    from tests.conftest import write_spec
+
+    src = tmp_path / "extract"
+    write(src, "Patient.ndjson", [patient(f"p{i}") for i in range(30)])
+    write(src, "Encounter.ndjson", [{"resourceType": "Encounter", "id": f"e{i}", "status": "finished",
+                                     "subject": {"reference": f"Patient/p{i}"}} for i in range(30)])
+    write(src, "Observation.ndjson", [hba1c(f"o{i}", 6.0) | {"subject": {"reference": f"Patient/p{i}"}}
+                                      for i in range(30)])
+    (src / "Condition.ndjson").write_bytes(b"")
+    spec = write_spec(tmp_path / "specs", "no_conditions", src, tmp_path / "staging")
+    out = tmp_path / "out"
+    code = main(["run", str(spec), "--out", str(out), "--run-id", "r1", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_INPUT
+    assert err[-1].startswith("bad input: no usable Condition resource in the extract (0 read, 0 quarantined)")
+    assert "features.top_conditions" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not list(out.rglob("model/*"))  # stopped before prepare/fit
+    report = orjson.loads(next(out.rglob("ingest_report.json")).read_bytes())
+    assert report["empty_types"] == ["Condition"]
+    assert report["file_outcomes"]["Condition.ndjson"] == {"outcome": "read", "resources": 0, "quarantined": 0}
