@@ -114,6 +114,10 @@ class BulkSpec(_M):
     download_retries: int = Field(default=5, ge=0, le=50)
     deferrable: bool = Field(default=True, description="Wait in the Airflow triggerer (no worker slot) while "
                                                        "the server prepares the export")
+    on_count_mismatch: Literal["fail", "report"] = Field(
+        default="fail", description="A downloaded file with fewer or more lines than the manifest's count: fail "
+                                    "the ingest (a TransientError: the file is fetched again on the next try), or "
+                                    "only report it in the ingest report")
 
     @model_validator(mode="after")
     def _group(self) -> "BulkSpec":

@@ -10,7 +10,10 @@ timer so it always stops by itself. Behaviour is scripted per test through :clas
   the first ``kickoff_429`` answers are 429 + Retry-After; then 202 + Content-Location. The status URL plays
   ``status_script`` (a list of steps: ``("202", headers)``, ``("error", status, oo_code, headers)``, ...) and
   then answers 200 with the manifest. ``DELETE`` on it answers 202. Files support ``Range``; a file named in
-  ``drop_once`` is cut after half its bytes the first time (the socket is closed).
+  ``drop_once`` is cut after half its bytes the first time (the socket is closed); one in ``fail_file`` always
+  answers its status, one in ``fail_file_once`` the first time only (e.g. 410: the export expired);
+  ``count_offset`` makes the manifest's ``count`` of a file wrong. A scope other than ``system/...`` is
+  refused with ``invalid_scope``.
 * Search: ``GET /<Type>?_count=N`` pages through the served resources of that type with ``next`` links.
 
 Every request is recorded in ``server.log`` (method, path, query, a few headers).
@@ -52,6 +55,8 @@ class Script:
     token_lifetime: int = 300
     drop_once: set = field(default_factory=set)
     fail_file: dict = field(default_factory=dict)     # name -> HTTP status (always)
+    fail_file_once: dict = field(default_factory=dict)  # name -> HTTP status (the first request only)
+    count_offset: dict = field(default_factory=dict)  # name -> added to the manifest's count (a wrong count)
     errors: list = field(default_factory=list)         # OperationOutcome dicts for error[]
     deleted: list = field(default_factory=list)        # (type, id) for deleted[]
     transaction_time: str = "2026-01-02T03:04:05Z"
@@ -112,7 +117,7 @@ class FhirTestServer:
         base = self.base
         types = job["types"]
         out = [{"type": name.split(".")[0], "url": f"{base}/files/{name}",
-                "count": len(self.files[name].splitlines())}
+                "count": len(self.files[name].splitlines()) + self.script.count_offset.get(name, 0)}
                for name in sorted(self.files) if not types or name.split(".")[0] in types]
         m = {"transactionTime": self.script.transaction_time, "request": job["request"],
              "requiresAccessToken": self.script.requires_token, "output": out, "error": [], "deleted": []}
@@ -210,9 +215,10 @@ class FhirTestServer:
                     assert claims["exp"] - time.time() <= 301
                     assert claims["jti"] not in server.jtis
                     server.jtis.add(claims["jti"])
-                    assert form["scope"][0].startswith("system/")
                 except Exception:  # noqa: BLE001
                     return self.send(400, {"error": "invalid_client"}, ctype="application/json")
+                if not form["scope"][0].startswith("system/"):
+                    return self.send(400, {"error": "invalid_scope"}, ctype="application/json")
                 access = f"tok-{len(server.jtis)}"
                 with server._lock:
                     server.tokens.add(access)
@@ -290,6 +296,8 @@ class FhirTestServer:
                     return self.outcome(400, "invalid")  # a presigned-URL host would reject it
                 if name in s.fail_file:
                     return self.outcome(s.fail_file[name], "exception")
+                if name in s.fail_file_once:
+                    return self.outcome(s.fail_file_once.pop(name), "exception")
                 data = server.files.get(name)
                 if data is None:
                     return self.send(404)

@@ -24,7 +24,7 @@ from synthfactory.ingest.bulk import (
 )
 from synthfactory.ingest.fhir_ndjson import ingest_extract
 from synthfactory.ingest.fhirclient import FhirClient, FhirHttpError, RetryPolicy, parse_retry_after
-from synthfactory.ingest.smart import AuthConfig, AuthError, SmartAuth
+from synthfactory.ingest.smart import AuthConfig, AuthError, AuthRefused, SmartAuth
 from synthfactory.ingest.sources import ingest_for_run
 from synthfactory.pipeline import RunContext
 from synthfactory.spec import parse_spec
@@ -262,11 +262,13 @@ def test_smart_token_refreshed_when_expired(server, rsa_key):
 
 def test_smart_refused_and_bad_keys(server, rsa_key, ec_key):
     srv = server({}, Script(public_key=ec_key.public_key()))  # the server knows another key
-    with FhirClient(srv.base, smart_auth(rsa_key)) as client, pytest.raises(AuthError, match="refused"):
+    # refusals are the deployment's credentials: a ConfigError (exit 2, no Airflow retries), not transient
+    with FhirClient(srv.base, smart_auth(rsa_key)) as client, pytest.raises(AuthRefused, match="refused") as err:
         client.get_json("Patient")
-    with pytest.raises(AuthError, match="PEM"):
+    assert err.value.exit_code == 2 and not isinstance(err.value, AuthError)
+    with pytest.raises(AuthRefused, match="PEM"):
         SmartAuth(AuthConfig(kind="smart", client_id="c", private_key="not a key"), srv.base).assertion("x")
-    with pytest.raises(AuthError):
+    with pytest.raises(AuthRefused):
         AuthConfig(kind="smart", client_id="c")
 
 
@@ -487,3 +489,148 @@ def test_incremental_export_merges_the_delta_into_the_snapshot(tmp_path, server,
     # a retried ingest of the same export merges nothing twice
     again = ingest_for_run(ctx2, keyer)
     assert again["rows"] == second["rows"]
+
+
+# ------------------------------------------------------------------------------------------------
+# every export accounted for (issue 19): expiry, retries, auth refusals, counts, duplicates, deletions
+# ------------------------------------------------------------------------------------------------
+def _oo(code: str) -> bytes:
+    return orjson.dumps({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code}]})
+
+
+def test_only_transient_outcomes_are_retried():
+    p = PollPolicy(min_wait=0.0)
+    assert interpret_kickoff(500, {}, _oo("processing"), p, 0).state == "failed"
+    assert interpret_kickoff(503, {}, _oo("exception"), p, 0).state == "failed"
+    assert interpret_kickoff(500, {}, _oo("transient"), p, 0).state == "retry"
+    assert interpret_kickoff(503, {}, _oo("throttled"), p, 0).state == "retry"
+    assert interpret_kickoff(502, {}, b"<html>bad gateway</html>", p, 0).state == "retry"  # no outcome: a proxy
+    assert interpret_status(500, {}, _oo("processing"), p, 0).state == "failed"
+    assert interpret_status(504, {}, b"", p, 0).state == "retry"
+
+
+def test_kickoff_processing_error_fails_at_once():
+    import httpx
+
+    calls: list = []
+    seen: list = []
+
+    def handler(request):
+        seen.append(request.url.path)
+        return httpx.Response(500, content=_oo("processing"), headers={"Content-Type": "application/fhir+json"})
+
+    client = FhirClient("http://fhir.test/fhir", AuthConfig(), http=httpx.Client(transport=httpx.MockTransport(handler)))
+    with pytest.raises(BulkExportError, match="processing"):
+        kickoff(client, ExportRequest(), PollPolicy(min_wait=0.0), sleep=calls.append)
+    assert calls == [] and len(seen) == 1  # one try: not retried 20 times (~20 minutes)
+
+
+def test_a_410_on_a_file_starts_a_new_export(tmp_path, server, carebundle_extract, keyer, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, "synthfactory.ingest.bulk")
+    script = Script(auth="none", fail_file_once={"Observation.ndjson": 410})
+    srv = server(files_of(carebundle_extract), script)
+    ctx = make_ctx(tmp_path, srv.base, AuthConfig(), bulk=FAST)
+    report = ingest_for_run(ctx, keyer)
+    assert srv.kickoffs == 2 and report["rows"]["observation"] > 0
+    assert "kicking off a new export" in caplog.text and "HTTP 410" in caplog.text
+    assert report["export"]["restarted_from"]
+    state = json.loads((tmp_path / "staging/bulk_test/bulk/export_state.json").read_text())
+    assert state["phase"] == "ingested" and state["restart_reason"].startswith("a file answered HTTP 410")
+
+
+def test_an_expired_manifest_starts_a_new_export(tmp_path, server, carebundle_extract, keyer, caplog):
+    import logging
+
+    script = Script(auth="none", fail_file={"Observation.ndjson": 500})
+    srv = server(files_of(carebundle_extract), script)
+    ctx = make_ctx(tmp_path, srv.base, AuthConfig(), bulk={**FAST, "download_retries": 0})
+    with pytest.raises(FhirHttpError):
+        ingest_for_run(ctx, keyer)
+    state_uri = tmp_path / "staging/bulk_test/bulk/export_state.json"
+    state = json.loads(state_uri.read_text())
+    assert state["expires_at"] > time.time()  # from the manifest's Expires header
+    state["expires_at"] = time.time() - 1
+    state_uri.write_text(json.dumps(state))
+    script.fail_file.clear()
+    caplog.set_level(logging.WARNING, "synthfactory.ingest.bulk")
+    report = ingest_for_run(ctx, keyer)
+    assert srv.kickoffs == 2 and "the manifest expired" in caplog.text and report["rows"]["observation"] > 0
+
+
+def test_token_refusal_is_a_clear_error_with_exit_2(tmp_path, server, carebundle_extract, rsa_key, monkeypatch,
+                                                    capsys):
+    from synthfactory.cli import main
+    from synthfactory.errors import EXIT_SPEC
+    from tests.conftest import write_spec
+
+    srv = server(files_of(carebundle_extract), Script(public_key=rsa_key.public_key()))
+    auth = AuthConfig(kind="smart", client_id="synthfactory-test", private_key=pem_of(rsa_key), kid="k1",
+                      scope="user/*.read")  # the server refuses this scope
+    monkeypatch.setenv("SYNTHFACTORY_FHIR_AUTH", json.dumps(auth.to_dict()))
+    spec = write_spec(tmp_path / "specs", "bulk_refused", carebundle_extract, tmp_path / "staging",
+                      source__kind="fhir_bulk", source__base_url=srv.base, source__uri=srv.base, source__bulk=FAST)
+    code = main(["run", str(spec), "--out", str(tmp_path / "out"), "--run-id", "r1", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_SPEC
+    assert err[-1] == ("authentication refused: the token endpoint refused the client (HTTP 400, invalid_scope): "
+                       "check the fhir connection's client id, key and scope")
+    assert not any("Traceback" in line for line in err)
+
+
+def test_manifest_count_mismatch_fails_then_can_be_reported(tmp_path, server, carebundle_extract, keyer):
+    from synthfactory.errors import TransientError
+    from synthfactory.ingest.bulk import BulkCountMismatch
+
+    script = Script(auth="none", count_offset={"Observation.ndjson": 1000})  # the file is 1,000 lines short
+    srv = server(files_of(carebundle_extract), script)
+    ctx = make_ctx(tmp_path, srv.base, AuthConfig(), bulk=FAST)
+    with pytest.raises(BulkCountMismatch, match=r"Observation.001.ndjson: \d+ line\(s\), manifest count \d+") as e:
+        ingest_for_run(ctx, keyer)
+    assert isinstance(e.value, TransientError) and e.value.exit_code == 1
+    state = json.loads((tmp_path / "staging/bulk_test/bulk/export_state.json").read_text())
+    obs = next(f for f in state["files"].values() if f["name"].startswith("Observation"))
+    assert not obs["done"] and obs["count"] - obs["lines"] == 1000
+    assert state["count_mismatches"] == [{"file": "Observation.001.ndjson", "type": "Observation",
+                                          "count": obs["count"], "lines": obs["lines"]}]
+    assert not (tmp_path / "staging/bulk_test/runs").exists() or not list((tmp_path / "staging").rglob("*.parquet"))
+    # the retry downloads that file again (still short: fails again); the spec can accept it, reported
+    with pytest.raises(BulkCountMismatch):
+        ingest_for_run(ctx, keyer)
+    assert len([r for r in srv.log if r["path"] == "/fhir/files/Observation.ndjson"]) == 2
+    assert len([r for r in srv.log if r["path"] == "/fhir/files/Patient.ndjson"]) == 1
+    ctx2 = make_ctx(tmp_path, srv.base, AuthConfig(), bulk={**FAST, "on_count_mismatch": "report"})
+    report = ingest_for_run(ctx2, keyer)
+    assert report["export"]["count_mismatches"][0]["file"] == "Observation.001.ndjson"
+    assert srv.kickoffs == 1 and report["rows"]["observation"] > 0
+
+
+def test_duplicate_ids_in_an_export_counted_and_quarantined_and_deletions_deduplicated(
+        tmp_path, server, carebundle_extract, keyer):
+    files = files_of(carebundle_extract)
+    files["Patient.ndjson"] = files["Patient.ndjson"] * 3  # every patient three times, identical
+    obs_lines = files["Observation.ndjson"].splitlines()
+    changed = orjson.loads(obs_lines[0])
+    changed["status"] = "amended"  # the same id, another version
+    files["Observation.ndjson"] += orjson.dumps(changed) + b"\n"
+    script = Script(auth="none", deleted=[("Observation", "gone-1"), ("Observation", "gone-1"),
+                                          ("Condition", "c-9")])
+    srv = server(files, script)
+    ctx = make_ctx(tmp_path, srv.base, AuthConfig(), bulk=FAST)
+    report = ingest_for_run(ctx, keyer)
+    snap = report["export"]["snapshot"]
+    assert snap["duplicate_lines"] == 80 + 1 and snap["duplicate_identical"] == 80
+    assert snap["duplicate_conflicting"] == 1
+    assert report["rows"]["patient"] == 40
+    q = [orjson.loads(line) for line in Path(report["quarantine_uri"]).read_bytes().splitlines()]
+    dup = [r for r in q if r["reason"] == "duplicate id with different content in one export"]
+    assert sorted(r["line"] for r in dup) == [1, len(obs_lines) + 1]
+    assert {r["file"] for r in dup} == {"Observation.001.ndjson"}
+    assert report["quarantined"]["Observation"] >= 2 and report["quarantined_total"] == len(q)
+    direct = ingest_extract(str(carebundle_extract), str(tmp_path / "direct"), keyer=keyer, validate_sample_rate=0.0)
+    assert report["rows"]["observation"] < direct["rows"]["observation"]  # the ambiguous one is not in the table
+    assert keyer.key("Observation", changed["id"]) not in set(
+        pq.read_table(report["tables"]["observation"])["observation_key"].to_pylist())
+    deleted = pq.read_table(Path(report["tables"]["patient"]).parent / "deleted.parquet").to_pylist()
+    assert len(deleted) == 2 and report["export"]["deleted"] == 2 and report["export"]["deleted_repeats"] == 1

@@ -36,13 +36,15 @@ import orjson
 from synthfactory.storage import Store, is_s3, join
 
 from .fhirclient import FhirClient, FhirHttpError, backoff_wait, outcome_summary, parse_retry_after, RetryPolicy
+from synthfactory.errors import TransientError
 from synthfactory.fhir.normalize import ExtractError
 from .smart import SmartAuth
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ExportRequest", "PollPolicy", "PollOutcome", "interpret_kickoff", "interpret_status", "kickoff",
-           "wait_for_export", "apoll_export", "BulkExportError", "BulkExport", "STATE_FILE", "SINCE_FILE"]
+           "wait_for_export", "apoll_export", "BulkExportError", "BulkCountMismatch", "BulkExport", "STATE_FILE",
+           "SINCE_FILE", "retryable", "TRANSIENT_CODES"]
 
 NDJSON = "application/fhir+ndjson"
 STATE_FILE = "export_state.json"
@@ -52,6 +54,22 @@ SINCE_FILE = "since.json"
 class BulkExportError(ExtractError):
     """The export failed, expired, or finished with error-severity OperationOutcomes. No patient data in
     the message (issue codes and counts only)."""
+
+
+class BulkCountMismatch(TransientError):
+    """A downloaded file does not hold the manifest's ``count`` of resources (data missing): the file is
+    downloaded again on the next try."""
+
+
+def _count_lines(path: str) -> int:
+    """Non-blank lines of a downloaded NDJSON file (``.gz`` inflated)."""
+    n = 0
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        for line in fh:
+            if line.strip():
+                n += 1
+    return n
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,6 +149,18 @@ class PollOutcome:
     manifest: dict | None = None
     status_url: str | None = None
     message: str | None = None
+    expires: float | None = None  # the manifest's Expires header (epoch seconds): its files are gone after it
+
+
+def _http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        import email.utils
+
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
 
 
 def _body_json(body: bytes | None) -> Any:
@@ -140,6 +170,20 @@ def _body_json(body: bytes | None) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
+
+
+#: OperationOutcome issue codes that say "try again later"
+TRANSIENT_CODES = frozenset({"transient", "throttled", "timeout", "lock-error", "no-store", "incomplete"})
+
+
+def retryable(status: int, codes: list[str]) -> bool:
+    """Whether an error answer is worth retrying: 429, or an OperationOutcome with a ``transient`` code
+    (``transient``, ``throttled``, ``timeout``...), or a 5xx that carries no OperationOutcome (a gateway or
+    proxy failure). A 5xx whose OperationOutcome names another code (``processing``, ``exception``...) is the
+    server's answer: not retried."""
+    if status == 429 or any(c in TRANSIENT_CODES for c in codes):
+        return True
+    return status >= 500 and not any(codes)
 
 
 def interpret_kickoff(status: int, headers: Mapping[str, str], body: bytes | None, policy: PollPolicy,
@@ -154,7 +198,7 @@ def interpret_kickoff(status: int, headers: Mapping[str, str], body: bytes | Non
         return PollOutcome("accepted", status_url=loc)
     ra = parse_retry_after(headers.get("retry-after") or headers.get("Retry-After"))
     codes, _ = outcome_summary(_body_json(body))
-    if status == 429 or status >= 500 or "transient" in codes or "throttled" in codes:
+    if retryable(status, codes):
         return PollOutcome("retry", wait=policy.wait(ra, attempt),
                            message=f"kick-off HTTP {status}{' (' + ','.join(codes) + ')' if codes else ''}")
     return PollOutcome("failed", message=f"kick-off refused: HTTP {status}"
@@ -172,11 +216,12 @@ def interpret_status(status: int, headers: Mapping[str, str], body: bytes | None
         manifest = _body_json(body)
         if not isinstance(manifest, dict) or not isinstance(manifest.get("output", []), list):
             return PollOutcome("failed", message="export finished but the manifest is not JSON with output[]")
-        return PollOutcome("complete", manifest=manifest)
+        return PollOutcome("complete", manifest=manifest,
+                           expires=_http_date(headers.get("expires") or headers.get("Expires")))
     codes, _ = outcome_summary(_body_json(body))
     if status in (404, 410):
         return PollOutcome("gone", message=f"status URL answered HTTP {status}: the export expired or was deleted")
-    if status == 429 or status >= 500 or "transient" in codes or "throttled" in codes:
+    if retryable(status, codes):
         return PollOutcome("retry", wait=policy.wait(ra, attempt),
                            message=f"status HTTP {status}{' (' + ','.join(codes) + ')' if codes else ''}")
     return PollOutcome("failed", message=f"export failed: HTTP {status}"
@@ -355,7 +400,7 @@ class BulkExport:
         self.save(state)
         return state
 
-    def accept_manifest(self, state: dict, manifest: dict) -> dict:
+    def accept_manifest(self, state: dict, manifest: dict, expires: float | None = None) -> dict:
         files: dict[str, dict] = {}
         counters: dict[str, int] = {}
         for kind in ("output", "error", "deleted"):
@@ -367,9 +412,25 @@ class BulkExport:
                 sub = {"output": "", "error": "errors/", "deleted": "deleted/"}[kind]
                 files[entry["url"]] = {"name": f"{sub}{t}.{n:03d}.ndjson", "kind": kind, "type": t,
                                        "count": entry.get("count"), "done": False}
-        state.update(manifest=manifest, files=files, phase="downloading", completed_at=_now())
+        state.update(manifest=manifest, files=files, phase="downloading", completed_at=_now(), expires_at=expires)
         self.save(state)
         return state
+
+    def expired(self, state: dict) -> bool:
+        """The manifest's files are past their ``Expires`` (the server has removed them)."""
+        exp = state.get("expires_at")
+        return exp is not None and time.time() > float(exp)
+
+    def restart(self, state: dict, why: str) -> dict:
+        """Abandon ``state``'s export (expired: its files are gone) and kick off a new one; waits for it."""
+        log.warning("bulk export %s: %s; kicking off a new export (an expired export cannot be resumed)",
+                    state.get("export_id"), why)
+        self.store.write_json(self.state_uri, {**state, "phase": "ingested", "abandoned": True, "abandoned_why": why})
+        new = self.start()
+        new["restarted_from"] = state.get("export_id")
+        new["restart_reason"] = why
+        self.save(new)
+        return self.wait(new)
 
     def wait(self, state: dict) -> dict:
         """Block (sync) until the export is complete; restarts it once if the server forgot it."""
@@ -383,19 +444,31 @@ class BulkExport:
             out = wait_for_export(self.client, state["status_url"], self.policy, sleep=self.sleep)
             if out.state != "complete":
                 raise BulkExportError(out.message or "export gone twice")
-        return self.accept_manifest(state, out.manifest or {})
+        return self.accept_manifest(state, out.manifest or {}, out.expires)
 
     def files_uri(self, state: dict) -> str:
         return join(self.state_dir, "files", state["export_id"])
 
-    def download(self, state: dict) -> dict:
-        """Fetch every manifest file not yet done (each one recorded in the state as it completes), then
-        DELETE the status URL. Returns the state."""
+    def download(self, state: dict, *, on_count_mismatch: str = "fail", _restarts: int = 1) -> dict:
+        """Fetch every manifest file not yet done (each one recorded in the state as it completes, with its
+        line count checked against the manifest's ``count``), then DELETE the status URL. Returns the state
+        (a new export's when this one had expired: a file answering 404/410, or a manifest past its
+        ``Expires``, starts a new export, once).
+
+        A file whose lines differ from its ``count`` is data missing (or extra): with ``on_count_mismatch``
+        ``fail`` it is marked for download again and :class:`BulkCountMismatch` (transient) is raised after
+        the other files; with ``report`` it is kept and listed in ``state["count_mismatches"]``."""
+        if self.expired(state) and not all(f.get("done") for f in state["files"].values()):
+            if _restarts <= 0:
+                raise BulkExportError("the new bulk export expired too before its files were downloaded")
+            state = self.restart(state, "the manifest expired before its files were downloaded")
+            return self.download(state, on_count_mismatch=on_count_mismatch, _restarts=_restarts - 1)
         manifest = state["manifest"] or {}
         with_auth = bool(manifest.get("requiresAccessToken", True))
         dest_root = self.files_uri(state)
         local_root = tempfile.mkdtemp(prefix="synthfactory-bulk-") if is_s3(dest_root) else dest_root
         failed: list[FhirHttpError] = []
+        gone: list[FhirHttpError] = []
         try:
             for url, f in state["files"].items():
                 if f.get("done"):
@@ -405,12 +478,23 @@ class BulkExport:
                 try:
                     info = self.client.download(url, local, with_auth=with_auth, attempts=self.download_retries + 1)
                 except FhirHttpError as exc:  # fetch the others first: a retried task then needs only this one
+                    if exc.status in (404, 410):  # the export expired: no retry of this one can fetch it
+                        gone.append(exc)
+                        break
                     log.warning("bulk export: %s", exc)
                     failed.append(exc)
                     continue
                 if info["path"] != local:  # kept gzip-encoded
                     f["name"] += ".gz"
                     local = info["path"]
+                lines = _count_lines(local)
+                f["lines"] = lines
+                expected = f.get("count")
+                if isinstance(expected, int) and expected != lines and f["kind"] == "output":
+                    log.warning("bulk export: %s has %d line(s), the manifest says %d", f["name"], lines, expected)
+                    if on_count_mismatch == "fail":
+                        os.unlink(local)
+                        continue
                 if is_s3(dest_root):
                     with open(local, "rb") as fh:
                         self.store.write_bytes(join(dest_root, f["name"]), fh.read())
@@ -422,9 +506,25 @@ class BulkExport:
         finally:
             if local_root != dest_root:
                 shutil.rmtree(local_root, ignore_errors=True)
+        if gone:
+            if _restarts <= 0:
+                raise BulkExportError(f"the new bulk export's files are gone too ({gone[0]})")
+            state = self.restart(state, f"a file answered HTTP {gone[0].status} (the export expired)")
+            return self.download(state, on_count_mismatch=on_count_mismatch, _restarts=_restarts - 1)
+        mismatches = [{"file": f["name"], "type": f["type"], "count": f["count"], "lines": f["lines"]}
+                      for f in state["files"].values() if f["kind"] == "output" and isinstance(f.get("count"), int)
+                      and f.get("lines") is not None and f["lines"] != f["count"]]
+        state["count_mismatches"] = mismatches
+        self.save(state)
         if failed:
             raise FhirHttpError(f"{len(failed)} bulk export file(s) could not be downloaded; the next try resumes. "
                                 f"First: {failed[0]}", status=failed[0].status)
+        if mismatches and on_count_mismatch == "fail":
+            first = mismatches[0]
+            raise BulkCountMismatch(
+                f"{len(mismatches)} bulk export file(s) do not hold the manifest's count of resources (first: "
+                f"{first['file']}: {first['lines']} line(s), manifest count {first['count']}): data is missing; "
+                f"the next try downloads them again (source.bulk.on_count_mismatch: report accepts them)")
         state["phase"] = "downloaded"
         self.save(state)
         if not state.get("deleted_status"):
@@ -462,7 +562,16 @@ class BulkExport:
         return {"by_severity": by_sev, "by_code": by_code}
 
     def deletions(self, state: dict) -> list[tuple[str, str]]:
-        """(type, id) of every resource the ``deleted[]`` Bundles name."""
+        """(type, id) of every resource the ``deleted[]`` Bundles name, each once (first-seen order; how many
+        repeats were dropped: :meth:`deletion_repeats`)."""
+        raw = self._deletions(state)
+        out = list(dict.fromkeys(raw))
+        self.deletion_repeats = len(raw) - len(out)
+        return out
+
+    deletion_repeats = 0
+
+    def _deletions(self, state: dict) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         root = self.files_uri(state)
         for f in state["files"].values():

@@ -455,6 +455,7 @@ def ingest_extract(
     validate_max_per_type: int = 0,
     native: bool = True,
     value_rules: Any = None,
+    pre_quarantine: Iterable[dict] = (),
 ) -> dict:
     """Flatten a FHIR R4 NDJSON extract into pseudonymised Parquet tables under ``out_uri``.
 
@@ -483,6 +484,12 @@ def ingest_extract(
                                 validate_max_per_type=validate_max_per_type, native=native, value_rules=value_rules)
         for name, reason in refused.items():
             session.skip_file(name, reason, outcome="refused")
+        for q in pre_quarantine:  # lines a source set aside before this ingest (e.g. a Bulk export's conflicting ids)
+            rtype = q.get("resource_type")
+            session.quarantine(str(q.get("file")), int(q.get("line") or 0), rtype, str(q.get("reason")))
+            if rtype in session.quarantined:
+                session.quarantined[rtype] += 1
+                session.resources_read[rtype] += 1
         try:
             for name, uri, rtype in found:
                 ingest_ndjson(session, name, uri, rtype)

@@ -23,9 +23,9 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
-from synthfactory.errors import TransientError
+from synthfactory.errors import ConfigError, TransientError
 
-__all__ = ["AuthConfig", "SmartAuth", "AuthError", "load_signing_key"]
+__all__ = ["AuthConfig", "SmartAuth", "AuthError", "AuthRefused", "load_signing_key"]
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 TOKEN_SKEW_SECONDS = 30
@@ -33,7 +33,16 @@ ASSERTION_LIFETIME = 300
 
 
 class AuthError(TransientError, RuntimeError):
-    """Authentication failed (bad key, token endpoint refused, no token endpoint). No secret in the message."""
+    """Authentication could not be done now (the token endpoint failed or gave no token, no token endpoint
+    found): may work when retried. No secret in the message."""
+
+
+class AuthRefused(ConfigError):
+    """The credentials are refused or unusable (the token endpoint answered ``invalid_client``,
+    ``invalid_scope``, ``unauthorized_client``...; a bad key; a config missing a field): retrying cannot help,
+    the deployment's fhir connection must change (exit 2). No secret in the message."""
+
+    label = "authentication refused"
 
 
 @dataclass(frozen=True)
@@ -59,16 +68,16 @@ class AuthConfig:
 
     def __post_init__(self) -> None:
         if self.kind == "bearer" and not self.token:
-            raise AuthError("bearer auth needs a token")
+            raise AuthRefused("bearer auth needs a token")
         if self.kind == "basic" and not self.username:
-            raise AuthError("basic auth needs a username")
+            raise AuthRefused("basic auth needs a username")
         if self.kind == "smart":
             if not self.client_id:
-                raise AuthError("SMART backend auth needs a client_id")
+                raise AuthRefused("SMART backend auth needs a client_id")
             if not (self.private_key or self.jwks):
-                raise AuthError("SMART backend auth needs a private key (PEM) or a JWKS")
+                raise AuthRefused("SMART backend auth needs a private key (PEM) or a JWKS")
         if self.alg is not None and self.alg not in ("RS384", "ES384"):
-            raise AuthError(f"unsupported signing algorithm {self.alg!r} (RS384 or ES384)")
+            raise AuthRefused(f"unsupported signing algorithm {self.alg!r} (RS384 or ES384)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,7 +99,7 @@ def load_signing_key(config: AuthConfig) -> tuple[Any, str, str | None]:
         try:
             key = load_pem_private_key(config.private_key.encode(), password=None)
         except (ValueError, TypeError):
-            raise AuthError("the private key is not a readable unencrypted PEM") from None
+            raise AuthRefused("the private key is not a readable unencrypted PEM") from None
     else:
         import jwt
         import orjson
@@ -100,19 +109,19 @@ def load_signing_key(config: AuthConfig) -> tuple[Any, str, str | None]:
             try:
                 jwks = orjson.loads(jwks)
             except orjson.JSONDecodeError:
-                raise AuthError("the JWKS is not valid JSON") from None
+                raise AuthRefused("the JWKS is not valid JSON") from None
         keys = jwks.get("keys", [jwks]) if isinstance(jwks, dict) else []
         private = [k for k in keys if isinstance(k, dict) and "d" in k]
         if kid:
             private = [k for k in private if k.get("kid") == kid] or private
         if not private:
-            raise AuthError("the JWKS holds no private key")
+            raise AuthRefused("the JWKS holds no private key")
         jwk = private[0]
         kid = kid or jwk.get("kid")
         try:
             key = jwt.PyJWK(jwk).key
         except Exception:  # noqa: BLE001 - PyJWT raises several types
-            raise AuthError("the JWKS private key cannot be read") from None
+            raise AuthRefused("the JWKS private key cannot be read") from None
         if config.alg is None and jwk.get("alg") in ("RS384", "ES384"):
             return key, jwk["alg"], kid
     if isinstance(key, rsa.RSAPrivateKey):
@@ -120,7 +129,7 @@ def load_signing_key(config: AuthConfig) -> tuple[Any, str, str | None]:
     elif isinstance(key, ec.EllipticCurvePrivateKey):
         alg = config.alg or "ES384"
     else:
-        raise AuthError("the private key must be RSA (RS384) or EC P-384 (ES384)")
+        raise AuthRefused("the private key must be RSA (RS384) or EC P-384 (ES384)")
     return key, alg, kid
 
 
@@ -177,7 +186,12 @@ class SmartAuth:
     def accept_token(self, status: int, body: Any) -> str:
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
             err = body.get("error") if isinstance(body, dict) else None
-            raise AuthError(f"the token endpoint refused the client (HTTP {status}{', ' + str(err) if err else ''})")
+            err = "".join(c for c in str(err) if c.isalnum() or c in "_-")[:40] if err else None  # an OAuth code only
+            what = f"HTTP {status}{', ' + err if err else ''}"
+            if 400 <= status < 500 and status not in (408, 429):  # the client, its key or its scope: not transient
+                raise AuthRefused(f"the token endpoint refused the client ({what}): check the fhir connection's "
+                                  f"client id, key and scope")
+            raise AuthError(f"the token endpoint gave no token ({what})")
         try:
             lifetime = float(body.get("expires_in", 300))
         except (TypeError, ValueError):

@@ -7,7 +7,11 @@ model a handful of recently touched patients, so every run merges the delta into
 merged snapshot:
 
 * a resource in the delta replaces every earlier version with the same ``resourceType``/``id`` (the newest
-  version wins; within one export the later line wins);
+  version wins);
+* an id that occurs more than once within one export is counted (``duplicate_lines``): identical repeats
+  are kept once (``duplicate_identical``); versions that differ cannot be told apart, so every one of them
+  is quarantined (``duplicate_conflicting`` ids; the records, file and line, are in the returned
+  ``quarantine`` list, which ingest writes to quarantine.ndjson) and an earlier snapshot version is dropped;
 * a resource named in ``deleted[]`` is removed (also when the delta carries a version of it: the order of
   the two is unknown, and a deleted record must not be used);
 * everything else is carried over unchanged.
@@ -75,6 +79,29 @@ def _lines(store: Store, uri: str) -> Iterator[bytes]:
         fh.close()
 
 
+def _numbered_lines(store: Store, uri: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line) of the non-blank lines of a file (numbers count the blank ones too)."""
+    import gzip
+
+    fh: IO[bytes] = store.open_read(uri)
+    try:
+        stream: IO[bytes] = gzip.GzipFile(fileobj=fh) if uri.endswith(".gz") else fh  # type: ignore[assignment]
+        for n, line in enumerate(stream, 1):
+            if line.strip():
+                yield n, line.rstrip(b"\r\n")
+    finally:
+        fh.close()
+
+
+def _same(a: bytes, b: bytes) -> bool:
+    if a == b:
+        return True
+    try:
+        return orjson.loads(a) == orjson.loads(b)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def _type_of(name: str) -> str:
     base = os.path.basename(name)
     for sep in (".", "-", "_"):
@@ -109,19 +136,51 @@ def merge_snapshot(
     deleted: dict[str, set[str]] = {}
     for t, i in deletions:
         deleted.setdefault(t, set()).add(i)
-    stats = {"changed": 0, "unmatched_lines": 0, "deleted_applied": 0, "carried_over": 0, "replaced": 0}
+    stats = {"changed": 0, "unmatched_lines": 0, "deleted_applied": 0, "carried_over": 0, "replaced": 0,
+             "duplicate_lines": 0, "duplicate_identical": 0, "duplicate_conflicting": 0}
+    quarantine: list[dict] = []
     try:
-        # 1. the delta, per type; the last version of an id in the delta wins
+        # 1. the delta, per type; an id twice in the export: identical repeats once, differing versions quarantined
         delta: dict[str, dict[str, bytes]] = {}
+        first: dict[str, dict[str, int]] = {}  # where each id was first seen: file index << 32 | line
+        conflicts: dict[str, dict[str, list[int]]] = {}
         unmatched: dict[str, list[bytes]] = {}
-        for uri in delta_uris:
-            for line in _lines(store, uri):
+        names: list[str] = []
+        for fi, uri in enumerate(delta_uris):
+            names.append(uri.rstrip("/").rsplit("/", 1)[-1])
+            for lineno, line in _numbered_lines(store, uri):
                 ident = _identity(line)
                 if ident is None:
                     unmatched.setdefault(_type_of(uri), []).append(line)
                     stats["unmatched_lines"] += 1
                     continue
-                delta.setdefault(ident[0], {})[ident[1]] = line
+                t, i = ident
+                d = delta.setdefault(t, {})
+                prev = d.get(i)
+                c = conflicts.get(t)
+                if prev is None and (c is None or i not in c):
+                    d[i] = line
+                    first.setdefault(t, {})[i] = fi << 32 | lineno
+                    continue
+                stats["duplicate_lines"] += 1
+                if c is not None and i in c:
+                    c[i].append(fi << 32 | lineno)
+                elif _same(prev, line):  # type: ignore[arg-type]
+                    stats["duplicate_identical"] += 1
+                else:
+                    conflicts.setdefault(t, {})[i] = [first[t][i], fi << 32 | lineno]
+                    del d[i]
+        for t, ids in sorted(conflicts.items()):
+            stats["duplicate_conflicting"] += len(ids)
+            for where in ids.values():
+                for w in where:
+                    quarantine.append({"file": names[w >> 32], "line": w & 0xFFFFFFFF, "resource_type": t,
+                                       "reason": "duplicate id with different content in one export"})
+        if stats["duplicate_lines"]:
+            log.warning("bulk export %s: %d line(s) repeat an id of the same export (%d identical, kept once; "
+                        "%d id(s) with differing versions, quarantined)", export_id, stats["duplicate_lines"],
+                        stats["duplicate_identical"], stats["duplicate_conflicting"])
+        del first
         stats["changed"] = sum(len(v) for v in delta.values())
         # 2. the previous snapshot, minus replaced and deleted resources, then the delta
         counts: dict[str, int] = {}
@@ -131,13 +190,14 @@ def merge_snapshot(
             n = 0
             changed = delta.get(t, {})
             gone = deleted.get(t, set())
+            ambiguous = conflicts.get(t, {})
             with open(path, "wb") as out:
                 if previous:
                     prev_uri = join(previous["uri"], f"{t}.ndjson")
                     if store.exists(prev_uri):
                         for line in _lines(store, prev_uri):
                             ident = _identity(line)
-                            if ident is not None and ident[1] in changed:
+                            if ident is not None and (ident[1] in changed or ident[1] in ambiguous):
                                 stats["replaced"] += 1
                                 continue
                             if ident is not None and ident[1] in gone:
@@ -173,7 +233,8 @@ def merge_snapshot(
             shutil.rmtree(local, ignore_errors=True)
     record = {"uri": dest, "export_id": export_id, "transactionTime": transaction_time, "incremental": incremental,
               "base": (previous or {}).get("export_id"), "counts": counts, "resources": sum(counts.values()),
-              **stats, "merged_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              **stats, "merged_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "quarantine": quarantine}  # file, line, type, reason: for the ingest of this export (a retry too)
     store.write_json(join(root, CURRENT), record)
     if previous and previous.get("uri") and previous["uri"] != dest:
         store.remove_tree(previous["uri"])

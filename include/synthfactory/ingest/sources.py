@@ -220,7 +220,7 @@ class BulkSource(FhirServerSource):
         state = export.start()
         state = export.wait(state)          # returns at once when the deferrable task already has the manifest
         if state.get("phase") == "downloading":
-            state = export.download(state)
+            state = export.download(state, on_count_mismatch=ctx.spec.source.bulk.on_count_mismatch)
         outcomes = export.outcomes(state)
         sev = outcomes["by_severity"]
         fatal = sev.get("fatal", 0) + sev.get("error", 0)
@@ -238,6 +238,9 @@ class BulkSource(FhirServerSource):
                             "since": export.request.since, "files": len(state["files"]),
                             "outputs": sum(1 for f in state["files"].values() if f["kind"] == "output"),
                             "outcomes": outcomes, "deleted": len(deletions),
+                            "deleted_repeats": export.deletion_repeats,
+                            "count_mismatches": state.get("count_mismatches") or [],
+                            "restarted_from": state.get("restarted_from"),
                             "resumed_downloads": sum(f.get("resumed", 0) or 0 for f in state["files"].values()),
                             "http": dict(client.stats)}}
         from .snapshot import merge_snapshot
@@ -250,10 +253,10 @@ class BulkSource(FhirServerSource):
             incremental=bool(export.request.since))
         extra["export"]["snapshot"] = {k: snapshot.get(k) for k in (
             "export_id", "base", "incremental", "resources", "counts", "changed", "replaced", "deleted_applied",
-            "carried_over", "unmatched_lines")}
+            "carried_over", "unmatched_lines", "duplicate_lines", "duplicate_identical", "duplicate_conflicting")}
         # ingest the whole current extract (the previous snapshot with this export merged in), not just the delta
         report = ingest_extract(snapshot["uri"], out_uri, max_line_bytes=ctx.spec.source.max_line_bytes,
-                                extra_report=extra, **options)
+                                extra_report=extra, pre_quarantine=snapshot.get("quarantine") or (), **options)
         if deletions:
             key = fast_key(options["keyer"])
             table = pa.table({"resource_type": [t for t, _ in deletions], "key": [key(t, i) for t, i in deletions]})
