@@ -230,7 +230,6 @@ class FhirTestServer:
                 self.record(parsed)
                 path = parsed.path
                 q = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
-                s = server.script
                 if path == "/fhir/.well-known/smart-configuration":
                     return self.send(200, {"token_endpoint": f"{server.base}/token",
                                            "grant_types_supported": ["client_credentials"],

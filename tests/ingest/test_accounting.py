@@ -90,6 +90,27 @@ def test_address_value_string_never_reaches_ndjson_tables(tmp_path, keyer, use_n
     assert rows[keyer.key("Observation", "a1c")]["value_num"] == 6.1
 
 
+@pytest.mark.parametrize("engine", ["fast", "views"])
+def test_notes_and_narrative_never_reach_any_table(tmp_path, keyer, engine):
+    narrative = {"status": "generated", "div": f"<div xmlns=\"http://www.w3.org/1999/xhtml\">{ADDRESS}</div>"}
+    note = [{"text": ADDRESS}]
+    src = tmp_path / "src"
+    write(src, "Patient.ndjson", [patient("p1") | {"text": narrative}])
+    write(src, "Encounter.ndjson", [{"resourceType": "Encounter", "id": "e1", "status": "finished", "text": narrative,
+                                     "subject": {"reference": "Patient/p1"}}])
+    write(src, "Condition.ndjson", [{"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/p1"},
+                                     "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
+                                     "note": note, "text": narrative}])
+    write(src, "Observation.ndjson", [hba1c("o1", 6.0) | {"note": note, "text": narrative},
+                                      obs("o2", code="56799-0", valueString=ADDRESS, note=note)])
+    out = tmp_path / "out"
+    rep = ingest_extract(src, out, keyer=keyer, validate_first=0, validate_sample_rate=0.0, engine=engine)
+    assert rep["quarantined_total"] == 0 and rep["rows"]["observation"] == 2
+    for t in ("patient", "encounter", "condition", "observation"):
+        for row in table(out, t):
+            assert not any(isinstance(v, str) and ("Pennsylvania" in v or "<div" in v) for v in row.values()), t
+
+
 def test_allow_listed_codes_keep_their_coded_strings(tmp_path, keyer):
     src = tmp_path / "src"
     write(src, "Patient.ndjson", [patient("p1")])
