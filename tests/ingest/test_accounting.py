@@ -200,8 +200,9 @@ def test_reference_grammar():
     assert [r for r in bad if reference_ok(r)] == []
 
 
-@pytest.mark.parametrize("use_native", [True, False], ids=["compiled", "python"])
-def test_malformed_references_are_quarantined(tmp_path, keyer, use_native):
+@pytest.mark.parametrize("use_native,engine", [(True, "fast"), (False, "fast"), (False, "views")],
+                         ids=["compiled", "python", "views"])
+def test_malformed_references_are_quarantined(tmp_path, keyer, use_native, engine):
     src = tmp_path / "src"
     write(src, "Patient.ndjson", [patient("p1")])
     write(src, "Encounter.ndjson", [
@@ -213,7 +214,7 @@ def test_malformed_references_are_quarantined(tmp_path, keyer, use_native):
         obs("bad-pat", pid="p1/../../x", valueInteger=1)])
     out = tmp_path / "out"
     rep = ingest_extract(src, out, keyer=keyer, resources=["Patient", "Encounter", "Observation"], validate_first=0,
-                         validate_sample_rate=0.0, native=use_native)
+                         validate_sample_rate=0.0, native=use_native, engine=engine)
     q = sorted((r["file"], r["line"], r["reason"]) for r in quarantine(out))
     assert q == [("Encounter.ndjson", 2, "malformed reference to Patient"),
                  ("Observation.ndjson", 2, "malformed reference to Encounter"),

@@ -42,7 +42,7 @@ from synthfactory.storage import Store, is_s3, join
 
 from . import native as native_flatten
 from synthfactory.fhir.fhirpath import Env
-from .flatteners import FAST_TABLES, Flattener, ValueRules, make_flatteners
+from .flatteners import FAST_TABLES, Flattener, ValueRules, make_flatteners, reference_ok
 from synthfactory.fhir.normalize import BadResource, ExtractError, collect_identifiers, fast_key, has_modifier_extension, timestamp_array
 from .schemas import IDENTIFIERS_SCHEMA, TABLES
 from synthfactory.fhir.views import BUILTIN_BY_RESOURCE, BUILTIN_VIEWS, CompiledView, ViewError, compile_view
@@ -270,6 +270,12 @@ def validation_failure(rtype: str, resource: dict) -> str | None:
     return None
 
 
+#: the references the hand-written flatteners key, per type: ((field, fallback field), target type)
+_REF_FIELDS = {"Encounter": ((("subject",), "Patient"),),
+               "Condition": ((("subject",), "Patient"), (("encounter", "context"), "Encounter")),
+               "Observation": ((("subject",), "Patient"), (("encounter", "context"), "Encounter"))}
+
+
 # --------------------------------------------------------------------------------------------------
 # The session: tables, quarantine, identifiers, counters
 # --------------------------------------------------------------------------------------------------
@@ -437,23 +443,41 @@ class IngestSession:
     def _view_fn(self, view: CompiledView) -> Flattener:
         rows = view.rows
         env = self.env
-        if view.resource == "Observation" and view.definition is BUILTIN_VIEWS.get(view.name):
-            # the built-in observation view checks values like the fast path: implausible ones are quarantined
-            rules = self.value_rules
-            names = view.schema.names
-            inum, iunit = names.index("value_num"), names.index("unit")
+        if view.definition is BUILTIN_VIEWS.get(view.name) and view.resource in _REF_FIELDS:
+            # the built-in views check references like the fast path: one outside the FHIR grammar is quarantined
+            inner = self._checked_values(view, rows) if view.resource == "Observation" else \
+                (lambda o, rid: rows(o, env))
+            fields = _REF_FIELDS[view.resource]
 
-            def checked(o: dict, rid: str) -> list:
-                out = rows(o, env)
-                for r in out:
-                    num = r[inum]
-                    if num is not None:
-                        reason = rules.out_of_range(float(num), r[iunit])
-                        if reason is not None:
-                            raise BadResource(reason)
-                return out
-            return checked
+            def refs_checked(o: dict, rid: str) -> list:
+                for names, target in fields:
+                    r = o.get(names[0])
+                    if not r and len(names) > 1:
+                        r = o.get(names[1])
+                    ref = r.get("reference") if type(r) is dict else None
+                    if type(ref) is str and not reference_ok(ref):
+                        raise BadResource(f"malformed reference to {target}")
+                return inner(o, rid)
+            return refs_checked
         return lambda o, rid: rows(o, env)
+
+    def _checked_values(self, view: CompiledView, rows: Callable) -> Flattener:
+        """The built-in observation view's rows, checked like the fast path: implausible values quarantined."""
+        env = self.env
+        rules = self.value_rules
+        names = view.schema.names
+        inum, iunit = names.index("value_num"), names.index("unit")
+
+        def checked(o: dict, rid: str) -> list:
+            out = rows(o, env)
+            for r in out:
+                num = r[inum]
+                if num is not None:
+                    reason = rules.out_of_range(float(num), r[iunit])
+                    if reason is not None:
+                        raise BadResource(reason)
+            return out
+        return checked
 
     # -- quarantine --------------------------------------------------------------------------------
     def quarantine(self, fname: str, lineno: int, rtype: str | None, reason: str) -> None:
