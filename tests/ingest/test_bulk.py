@@ -332,6 +332,7 @@ def test_trigger_polls_with_the_same_rules_and_fires_complete(server, rsa_key):
     event = asyncio.run(first_event())
     assert event.payload["status"] == "complete"
     assert event.payload["manifest"]["output"][0]["type"] == "Patient"
+    assert event.payload["expires"] > time.time()  # the manifest's Expires, for the expiry check at download
     polls = [r for r in srv.log if r["path"].startswith("/fhir/status/")]
     assert len(polls) == 5  # 202, 503, 401 (expired token), 202, 200
 

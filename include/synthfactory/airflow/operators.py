@@ -76,7 +76,7 @@ class FhirBulkExportOperator(BaseOperator):
             raise BulkExportError("the export state changed while waiting; run the task again")
         status = event.get("status")
         if status == "complete":
-            state = export.accept_manifest(state, event.get("manifest") or {})
+            state = export.accept_manifest(state, event.get("manifest") or {}, event.get("expires"))
             return _export_summary(state)
         if status == "gone":  # the server forgot the export: the retry kicks off a new one
             export.save({**state, "phase": "ingested", "abandoned": True})

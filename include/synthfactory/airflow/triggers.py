@@ -77,4 +77,4 @@ class BulkExportTrigger(BaseTrigger):
                                      follow_redirects=True) as http:
             out = await apoll_export(http, auth, self.status_url, policy, on_progress=progress)
         yield TriggerEvent({"status": out.state, "status_url": self.status_url, "manifest": out.manifest,
-                            "message": out.message})
+                            "message": out.message, "expires": out.expires})
