@@ -323,3 +323,24 @@ def test_empty_condition_file_stops_the_run_with_exit_3(tmp_path, capsys):
     report = orjson.loads(next(out.rglob("ingest_report.json")).read_bytes())
     assert report["empty_types"] == ["Condition"]
     assert report["file_outcomes"]["Condition.ndjson"] == {"outcome": "read", "resources": 0, "quarantined": 0}
+
+
+def test_spec_fields_reach_the_ingest(tmp_path, keyer):
+    from synthfactory.ingest.sources import ingest_for_run
+    from synthfactory.pipeline import RunContext
+    from synthfactory.spec import parse_spec
+
+    src = tmp_path / "src"
+    write(src, "Patient.ndjson", [patient("p1")])
+    write(src, "Observation.ndjson", [*address_observations(), hba1c("a1c-high", 42.0)])
+    spec = parse_spec({"name": "acct", "release": {"bucket": "sandbox-bucket"},
+                       "source": {"uri": str(src), "resources": ["Patient", "Observation"], "validate_sample_rate": 0,
+                                  "text_codes": ["1-1"], "value_ranges": {"%": [0, 20]}}})
+    ctx = RunContext(spec=spec, run_id="r1", version="v1", staging_root=str(tmp_path / "staging"))
+    rep = ingest_for_run(ctx, keyer)
+    rows = {r["observation_key"]: r for r in pq.read_table(rep["tables"]["observation"]).to_pylist()}
+    assert rows[keyer.key("Observation", "flag")]["value_code"] == "Detected"  # allow-listed
+    assert rows[keyer.key("Observation", "addr")]["value_code"] is None
+    assert rep["quarantine_reasons"]["Observation"] == {"value outside the plausible range for unit %": 1}
+    with pytest.raises(Exception, match="low <= high"):
+        parse_spec({"name": "x", "release": {"bucket": "sandbox-bucket"}, "source": {"uri": "x", "value_ranges": {"%": [5, 1]}}})
