@@ -108,8 +108,13 @@ def flattener(rtype: str, keyer: Any, rules: Any = None) -> Any | None:
         log.info("compiled flatten disabled for %s: more value ranges than it holds", rtype)
         return None
     ipad, opad = keyer.hmac_pads()
-    flat = _flatc.Flattener(rtype, ipad, opad, strings_fb=bool(rules.text_codes), ranges=ranges,
-                            lo=rules.default[0], hi=rules.default[1])
+    try:
+        flat = _flatc.Flattener(rtype, ipad, opad, strings_fb=bool(rules.text_codes), ranges=ranges,
+                                lo=rules.default[0], hi=rules.default[1])
+    except TypeError:  # a module built from an older _flatc.c: it would keep valueStrings and any value
+        log.warning("compiled flatten disabled: the installed _flatc is older than its source "
+                    "(rebuild it: python setup.py build_ext --inplace); ingest runs the Python path")
+        return None
     if any(flat.key(t, i) != keyer.key(t, i) for t, i in _PROBES):
         log.warning("compiled flatten disabled: its keys differ from the keyer's")
         return None
