@@ -171,7 +171,7 @@ def test_implausible_values_are_quarantined_with_the_reason(tmp_path, keyer, use
     assert rep2["quarantined"]["Observation"] == 5
 
 
-def test_implausible_values_quarantined_on_the_views_engine_and_in_bundles(tmp_path, keyer):
+def test_implausible_values_and_bad_references_quarantined_on_the_views_engine_and_in_bundles(tmp_path, keyer):
     src = tmp_path / "src"
     items = [hba1c("ok", 6.5), hba1c("huge", 1.2e29)]
     write(src, "Patient.ndjson", [patient("p1")])
@@ -182,11 +182,14 @@ def test_implausible_values_quarantined_on_the_views_engine_and_in_bundles(tmp_p
     assert rep["rows"]["observation"] == 1 and rep["quarantined"]["Observation"] == 1
     b = tmp_path / "b"
     b.mkdir()
+    bad_ref = obs("bad-ref", pid="../../etc/passwd", valueInteger=1)
     (b / "x.json").write_bytes(orjson.dumps({"resourceType": "Bundle", "type": "collection",
-                                             "entry": [{"resource": r} for r in [patient("p1"), *items]]}))
+                                             "entry": [{"resource": r} for r in [patient("p1"), *items, bad_ref]]}))
     rep = ingest_bundles(b, tmp_path / "out2", keyer=keyer, resources=["Patient", "Observation"],
                          validate_sample_rate=0.0)
-    assert rep["rows"]["observation"] == 1 and rep["quarantined"]["Observation"] == 1
+    assert rep["rows"]["observation"] == 1 and rep["quarantined"]["Observation"] == 2
+    assert rep["quarantine_reasons"]["Observation"] == {"value outside the plausible range for unit %": 1,
+                                                        "malformed reference to Patient": 1}
 
 
 def test_reference_grammar():
