@@ -278,6 +278,16 @@ def _compile_select(sel: Any, where: str, constants: Any = None) -> _Select:
         raise _err(where, f"unknown field(s) {sorted(unknown)}")
     if sum(k in sel for k in ("forEach", "forEachOrNull", "repeat")) > 1:
         raise _err(where, "forEach, forEachOrNull and repeat are exclusive")
+    or_null = "forEachOrNull" in sel
+    each_fn = None
+    if "repeat" in sel:
+        rep = sel["repeat"]
+        if not isinstance(rep, list) or not rep:
+            raise _err(_j(where, "repeat"), "must be a non-empty list of FHIRPath strings")
+        each_fn = _repeat_fn([_path(x, _j(where, f"repeat[{i}]"), constants) for i, x in enumerate(rep)])
+    elif "forEach" in sel or or_null:
+        key = "forEachOrNull" if or_null else "forEach"
+        each_fn = _path(sel[key], _j(where, key), constants)
     cols = [_compile_column(c, _j(where, f"column[{i}]"), constants)
             for i, c in enumerate(_list_of(sel, "column", where))]
     subs = [_compile_select(s, _j(where, f"select[{i}]"), constants)
@@ -295,16 +305,6 @@ def _compile_select(sel: Any, where: str, constants: Any = None) -> _Select:
     types = [c[1] for c in cols] + [t for s in subs for t in s.types] + (union[0].types if union else [])
     if not names:
         raise _err(where, "selects no column")
-    or_null = "forEachOrNull" in sel
-    each_fn = None
-    if "repeat" in sel:
-        rep = sel["repeat"]
-        if not isinstance(rep, list) or not rep:
-            raise _err(_j(where, "repeat"), "must be a non-empty list of FHIRPath strings")
-        each_fn = _repeat_fn([_path(x, _j(where, f"repeat[{i}]"), constants) for i, x in enumerate(rep)])
-    elif "forEach" in sel or or_null:
-        key = "forEachOrNull" if or_null else "forEach"
-        each_fn = _path(sel[key], _j(where, key), constants)
     col_fns = tuple(c[2] for c in cols)
     sub_fns = tuple(s.fn for s in subs)
     union_fns = tuple(b.fn for b in union) if union else None
