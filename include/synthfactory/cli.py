@@ -147,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _view(args) -> int:  # noqa: ANN001
     """``synthfactory view``: a ViewDefinition's rows over resource files (raw ids as keys; see
-    :mod:`synthfactory.fhir.view_runner`). Exit 2: an invalid view; 3: a resource file that cannot be read."""
+    :mod:`synthfactory.ingest.view_runner`). Exit 2: an invalid view; 3: a resource file that cannot be read."""
     import os
 
-    from synthfactory.fhir.view_runner import load_view, run_view
+    from synthfactory.ingest.view_runner import load_view, run_view
 
     try:
         view = load_view(args.view)

@@ -28,9 +28,9 @@ from typing import IO, Any, Iterator
 import orjson
 import pyarrow as pa
 
-from .fhirpath import Env
-from .normalize import BadResource
-from .views import CompiledView, ViewError, compile_view, load_view_file
+from synthfactory.fhir.fhirpath import Env
+from synthfactory.fhir.normalize import BadResource
+from synthfactory.fhir.views import CompiledView, ViewError, compile_view, load_view_file
 from synthfactory.errors import InputError
 
 __all__ = ["FORMATS", "ViewRunReport", "load_view", "run_view", "raw_key"]
