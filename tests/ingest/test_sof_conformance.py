@@ -87,3 +87,32 @@ def test_sof_v2(resources: list[dict], case: dict) -> None:
         types = {f.name: f.type for f in view.schema}
         want = [{k: _expected(v, types[k]) if k in types else v for k, v in row.items()} for row in case["expect"]]
         assert sorted(map(_canon, got)) == sorted(map(_canon, want))
+
+
+# -- beyond the suite: the semantics the fixes added, at their edges ------------------------------------------
+@pytest.mark.parametrize("expr,want", [
+    ("1.0.lowBoundary()", [0.95]), ("1.0.highBoundary()", [1.05]), ("(-1.0).lowBoundary()", [-1.05]),
+    ("1.587.lowBoundary(2)", [1.58]), ("1.587.highBoundary(2)", [1.59]), ("1.lowBoundary()", [0.5]),
+    ("'2012'.lowBoundary()", ["2012-01-01"]), ("'2012-02'.highBoundary()", ["2012-02-29"]),
+    ("'2014-01-01T08'.highBoundary()", ["2014-01-01T08:59:59.999-12:00"]),
+    ("'2014-01-01T08:05:00.5Z'.lowBoundary()", ["2014-01-01T08:05:00.500Z"]),
+    ("'2014-01-01T08:05Z'.lowBoundary(8)", ["2014-01-01"]),
+    ("'10:30'.highBoundary()", ["10:30:59.999"]), ("'abc'.lowBoundary()", []), ("{}.lowBoundary()", []),
+])
+def test_boundaries(expr: str, want: list) -> None:
+    from synthfactory.fhir.fhirpath import compile_path
+
+    assert compile_path(expr)([{}], Env(raw_key)) == want
+
+
+def test_repeat_is_depth_first_with_row_index_and_an_undefined_constant_is_refused_at_compile_time() -> None:
+    qr = {"resourceType": "QuestionnaireResponse", "id": "q", "item": [
+        {"linkId": "1", "item": [{"linkId": "1.1", "answer": [{"item": [{"linkId": "1.1.1"}]}]}]},
+        {"linkId": "2"}]}
+    view = {"resource": "QuestionnaireResponse", "select": [{"repeat": ["item", "answer.item"], "column": [
+        {"name": "i", "path": "%rowIndex", "type": "integer"}, {"name": "link", "path": "linkId"}]}]}
+    _, got = run_view(view, [qr])
+    assert got == [{"i": 0, "link": "1"}, {"i": 1, "link": "1.1"}, {"i": 2, "link": "1.1.1"}, {"i": 3, "link": "2"}]
+    with pytest.raises(ViewError, match=r"select\[0\]\.column\[0\]\.path: unknown constant %x"):
+        compile_view({"resource": "Patient", "select": [{"column": [{"name": "a", "path": "%x"}]}]},
+                     require_name=False)
