@@ -354,8 +354,24 @@ def engine_fhiry(src: Path, work: Path) -> int:
     return count_resources(src)
 
 
+def engine_bundles(src: Path, work: Path) -> int:
+    """``ingest_bundles`` with the pipeline's defaults, on a folder of Bundle files (or one Bundle file)."""
+    from synthfactory.ingest.bundle import ingest_bundles
+    from synthfactory.keys import Keyer
+    from synthfactory.spec import SourceSpec
+
+    defaults = SourceSpec.model_fields
+    r = ingest_bundles(str(src), str(work / "out"), keyer=Keyer(b"bench-salt-0123456789abcdef"),
+                       validate_sample_rate=defaults["validate_sample_rate"].default,
+                       validate_max_per_type=defaults["validate_max_per_type"].default)
+    (work / "report.json").write_text(json.dumps({k: r[k] for k in ("rows", "validated", "quarantined_total")},
+                                                 default=str))
+    return sum(r["resources_read"].values())
+
+
 ENGINES = {
     "synthfactory": lambda s, w: engine_ours(s, w),
+    "synthfactory Bundles": engine_bundles,
     "synthfactory (Python flatten)": lambda s, w: engine_ours(s, w, native=False),
     "synthfactory (views engine)": lambda s, w: engine_ours(s, w, engine="views"),
     "synthfactory (no sampled validation)": lambda s, w: engine_ours(s, w, rate=0.0),
@@ -471,6 +487,73 @@ def clinosim_rows(seed: int) -> tuple[list[dict], list[str]]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Bundles against NDJSON of the same resources (carebundle writes both from one seed)
+# --------------------------------------------------------------------------------------------------
+def carebundle_pair(patients: int, seed: int) -> tuple[Path, Path, Path]:
+    """(bundle folder, NDJSON folder, folder holding one Bundle of every entry) of the same ``patients``,
+    generated once into the cache. The single Bundle is pretty-printed like carebundle's own files."""
+    import orjson
+
+    exe = Path(PY).with_name("carebundle")
+    root = CACHE / f"carebundle-p{patients}-s{seed}"
+    if not (root / ".complete").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        for fmt in ("bundle", "ndjson"):
+            subprocess.run([str(exe), "generate", "--profile", "mixed", "--count", str(patients), "--seed", str(seed),
+                            "--sex", "mixed", "--format", fmt, "--out", str(root / fmt)], check=True,
+                           capture_output=True, timeout=3600)
+        entries = []
+        for p in sorted((root / "bundle").glob("*.json")):
+            entries.extend(orjson.loads(p.read_bytes())["entry"])
+        (root / "one").mkdir()
+        (root / "one" / "all.json").write_bytes(orjson.dumps(
+            {"resourceType": "Bundle", "type": "transaction", "entry": entries}, option=orjson.OPT_INDENT_2))
+        (root / ".complete").write_text("ok")
+    return root / "bundle", root / "ndjson", root / "one"
+
+
+def _bytes(folder: Path, pattern: str, types: tuple[str, ...] | None = None) -> int:
+    return sum(p.stat().st_size for p in folder.glob(pattern) if types is None or p.name.split(".")[0] in types)
+
+
+def bundle_rows(patients: int, seed: int, repeat: int, timeout: float) -> tuple[list[dict], list[str]]:
+    bundles, ndjson, one = carebundle_pair(patients, seed)
+    b_bytes = _bytes(bundles, "*.json")
+    n_bytes = _bytes(ndjson, "*.ndjson", ("Patient", "Encounter", "Condition", "Observation"))
+    one_bytes = _bytes(one, "*.json")
+    got = {}
+    for name, eng, src in (("bundles", "synthfactory Bundles", bundles), ("ndjson", "synthfactory", ndjson),
+                           ("one", "synthfactory Bundles", one)):
+        r = measure(eng, src, repeat, timeout)
+        if r is None:
+            return [], [f"Bundle bench: {eng} failed on {src}"]
+        got[name] = r
+        print(f"[bundles {patients}p] {name}: {r['resources']} resources, {r['seconds']:.2f}s wall, "
+              f"cpu {r['cpu_seconds']:.2f}s, peak RSS {r['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+    b, n, o = got["bundles"], got["ndjson"], got["one"]
+    size = patients
+    rows = [
+        result("Bundles → Parquet, input bytes/s", size, b_bytes / b["seconds"] / 1e6, "NDJSON of the same resources",
+               n_bytes / n["seconds"] / 1e6, "MB/s", "higher", size_unit="patients", bundle_bytes=b_bytes,
+               ndjson_bytes=n_bytes, resources=b["resources"]),
+        result("Bundles → Parquet, input bytes per CPU-second", size, b_bytes / b["cpu_seconds"] / 1e6,
+               "NDJSON of the same resources", n_bytes / n["cpu_seconds"] / 1e6, "MB/CPU-s", "higher",
+               size_unit="patients"),
+        result("Bundles → Parquet, resources/s", size, b["resources"] / b["seconds"], "NDJSON of the same resources",
+               n["resources"] / n["seconds"], "resources/s", "higher", size_unit="patients"),
+        result(f"one {one_bytes / 1e6:.0f} MB Bundle (all patients) → Parquet, peak RSS", size, o["peak_rss_mib"],
+               "NDJSON of the same resources", n["peak_rss_mib"], "MiB", "lower", size_unit="patients",
+               bundle_bytes=one_bytes, seconds=round(o["seconds"], 2)),
+    ]
+    notes = [f"Bundles: carebundle --profile mixed, {patients} patients, seed {seed}, one transaction Bundle per "
+             f"patient (pretty-printed, urn:uuid references) and the same resources as NDJSON; both ingested with "
+             f"the pipeline's defaults (1 % validation sample + the first 20 per file, at most 1,000 per type). "
+             f"Input bytes: every Bundle file ({b_bytes / 1e6:.1f} MB) against the four NDJSON files ingest reads "
+             f"({n_bytes / 1e6:.1f} MB)"]
+    return rows, notes
+
+
+# --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
@@ -482,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duckdb-max", type=int, default=1_000_000, help="DuckDB runs on at most this many resources")
     ap.add_argument("--clinosim", action="store_true", help="also bench a small clinosim cohort (minutes, cached)")
     ap.add_argument("--clinosim-seed", type=int, default=7)
+    ap.add_argument("--bundles", type=int, default=0, metavar="PATIENTS",
+                    help="also bench transaction Bundles against NDJSON of the same resources (carebundle, this "
+                         "many patients, cached) and one Bundle of all of them (its peak RSS)")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--input", help=argparse.SUPPRESS)
@@ -509,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
              "read ratios, not absolute speeds",
              "synthfactory = ingest_extract defaults: fast path, 1 % R4B validation sample (+ first 20 per file), "
              "HMAC keys, identifiers, quarantine, sha256"]
-    for size in ([count_resources(Path(args.extract))] if args.extract else sizes):
+    for size in ([] if not engines else [count_resources(Path(args.extract))] if args.extract else sizes):
         src = Path(args.extract) if args.extract else extract_for(size, args.seed)
         n = count_resources(src)
         got: dict[str, dict] = {}
@@ -549,6 +635,10 @@ def main(argv: list[str] | None = None) -> int:
         if "DuckDB read_ndjson" in got:
             rows.append(result("peak RSS", n, ours["peak_rss_mib"], "DuckDB read_ndjson",
                                got["DuckDB read_ndjson"]["peak_rss_mib"], "MiB", "lower", size_unit="resources"))
+    if args.bundles:
+        brows, bnotes = bundle_rows(args.bundles, args.seed, repeat, args.timeout)
+        rows += brows
+        notes += bnotes
     if args.clinosim and not args.smoke:
         crow, cnotes = clinosim_rows(args.clinosim_seed)
         rows += crow
