@@ -256,6 +256,16 @@ def engine_ours(src: Path, work: Path, engine: str = "fast", rate: float | None 
     return sum(r["resources_read"].values())
 
 
+def engine_none(src: Path, work: Path) -> int:
+    """``ingest_extract`` with no validation sample at all (rate 0, no first 20 per file)."""
+    from synthfactory.ingest.fhir_ndjson import ingest_extract
+    from synthfactory.keys import Keyer
+
+    r = ingest_extract(str(src), str(work / "out"), keyer=Keyer(b"bench-salt-0123456789abcdef"),
+                       validate_sample_rate=0.0, validate_first=0)
+    return sum(r["resources_read"].values())
+
+
 def engine_orjson(src: Path, work: Path) -> int:
     import orjson
 
@@ -354,16 +364,18 @@ def engine_fhiry(src: Path, work: Path) -> int:
     return count_resources(src)
 
 
-def engine_bundles(src: Path, work: Path) -> int:
-    """``ingest_bundles`` with the pipeline's defaults, on a folder of Bundle files (or one Bundle file)."""
+def engine_bundles(src: Path, work: Path, sample: bool = True) -> int:
+    """``ingest_bundles`` with the pipeline's defaults, on a folder of Bundle files (or one Bundle file);
+    ``sample=False``: no validation sample at all (rate 0, no first 20)."""
     from synthfactory.ingest.bundle import ingest_bundles
     from synthfactory.keys import Keyer
     from synthfactory.spec import SourceSpec
 
     defaults = SourceSpec.model_fields
     r = ingest_bundles(str(src), str(work / "out"), keyer=Keyer(b"bench-salt-0123456789abcdef"),
-                       validate_sample_rate=defaults["validate_sample_rate"].default,
-                       validate_max_per_type=defaults["validate_max_per_type"].default)
+                       validate_sample_rate=defaults["validate_sample_rate"].default if sample else 0.0,
+                       validate_max_per_type=defaults["validate_max_per_type"].default,
+                       **({} if sample else {"validate_first": 0}))
     (work / "report.json").write_text(json.dumps({k: r[k] for k in ("rows", "validated", "quarantined_total")},
                                                  default=str))
     return sum(r["resources_read"].values())
@@ -372,6 +384,8 @@ def engine_bundles(src: Path, work: Path) -> int:
 ENGINES = {
     "synthfactory": lambda s, w: engine_ours(s, w),
     "synthfactory Bundles": engine_bundles,
+    "synthfactory Bundles (no validation)": lambda s, w: engine_bundles(s, w, sample=False),
+    "synthfactory (no validation)": lambda s, w: engine_none(s, w),
     "synthfactory (Python flatten)": lambda s, w: engine_ours(s, w, native=False),
     "synthfactory (views engine)": lambda s, w: engine_ours(s, w, engine="views"),
     "synthfactory (no sampled validation)": lambda s, w: engine_ours(s, w, rate=0.0),
@@ -523,6 +537,8 @@ def bundle_rows(patients: int, seed: int, repeat: int, timeout: float) -> tuple[
     one_bytes = _bytes(one, "*.json")
     got = {}
     for name, eng, src in (("bundles", "synthfactory Bundles", bundles), ("ndjson", "synthfactory", ndjson),
+                           ("bundles0", "synthfactory Bundles (no validation)", bundles),
+                           ("ndjson0", "synthfactory (no validation)", ndjson),
                            ("one", "synthfactory Bundles", one)):
         r = measure(eng, src, repeat, timeout)
         if r is None:
@@ -541,6 +557,12 @@ def bundle_rows(patients: int, seed: int, repeat: int, timeout: float) -> tuple[
                size_unit="patients"),
         result("Bundles → Parquet, resources/s", size, b["resources"] / b["seconds"], "NDJSON of the same resources",
                n["resources"] / n["seconds"], "resources/s", "higher", size_unit="patients"),
+        result("Bundles → Parquet, input bytes/s, no validation sample either side", size,
+               b_bytes / got["bundles0"]["seconds"] / 1e6, "NDJSON of the same resources",
+               n_bytes / got["ndjson0"]["seconds"] / 1e6, "MB/s", "higher", size_unit="patients"),
+        result("Bundles → Parquet, input bytes per CPU-second, no validation sample either side", size,
+               b_bytes / got["bundles0"]["cpu_seconds"] / 1e6, "NDJSON of the same resources",
+               n_bytes / got["ndjson0"]["cpu_seconds"] / 1e6, "MB/CPU-s", "higher", size_unit="patients"),
         result(f"one {one_bytes / 1e6:.0f} MB Bundle (all patients) → Parquet, peak RSS", size, o["peak_rss_mib"],
                "NDJSON of the same resources", n["peak_rss_mib"], "MiB", "lower", size_unit="patients",
                bundle_bytes=one_bytes, seconds=round(o["seconds"], 2)),

@@ -33,7 +33,7 @@ from synthfactory.storage import Store
 
 from synthfactory.fhir.normalize import ExtractError, parse_reference
 from .fhir_ndjson import _ingest_lines, processing_order
-from .session import DEFAULT_MAX_LINE_BYTES, IngestSession, check_resources, gc_paused, list_source, relative_name
+from .session import ALWAYS_VALIDATE_FIRST, DEFAULT_MAX_LINE_BYTES, IngestSession, check_resources, gc_paused, list_source, relative_name
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ def ingest_bundles(
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
     extra_report: dict | None = None,
     validate_max_per_type: int = 0,
+    validate_first: int = ALWAYS_VALIDATE_FIRST,
 ) -> dict:
     """Flatten a folder of Bundle files into the same tables as :func:`.fhir_ndjson.ingest_extract`.
 
@@ -200,7 +201,7 @@ def ingest_bundles(
         session = IngestSession(out_uri, keyer=keyer, store=store, resources=resources, views=views,
                                 validate_sample_rate=validate_sample_rate, batch_rows=batch_rows, engine=engine,
                                 max_line_bytes=DEFAULT_MAX_LINE_BYTES, on_dangling=on_dangling,
-                                validate_max_per_type=validate_max_per_type)
+                                validate_max_per_type=validate_max_per_type, validate_first=validate_first)
         totals = {"bundles": 0, "deleted": 0, "unresolved_references": 0, "entries_without_resource": 0}
         held = _HeldBack()
         try:
@@ -232,16 +233,55 @@ def _ingest_group(session: IngestSession, fname: str, rtype: str, positions: lis
     _ingest_lines(session, fname, rtype, blocks, positions=positions, validate_first=first)
 
 
-def _patient_id(res: dict, mapping: dict[str, str]) -> str | None:
-    """The Patient id a resource's ``subject`` or ``patient`` names (after fullUrl resolution), or None."""
+def _patient_id(res: dict, mapping: dict[str, str], file_patients: set) -> str | None:
+    """The Patient id a resource's ``subject`` or ``patient`` names (after fullUrl resolution), or None; None
+    too for a Patient of this file (read before the file's other resources)."""
     for field_ in ("subject", "patient"):
         ref = res.get(field_)
-        ref = ref.get("reference") if type(ref) is dict else None
+        if type(ref) is not dict:
+            continue
+        ref = ref.get("reference")
         if type(ref) is str and ref:
-            t, rid = parse_reference(mapping.get(ref, ref))
+            target = mapping.get(ref)
+            if target is not None and target[:8] == "Patient/" and target[8:] in file_patients:
+                return None
+            t, rid = parse_reference(target or ref)
             if t == "Patient" and rid:
-                return rid
+                return None if rid in file_patients else rid
     return None
+
+
+_REF = b'"reference":"'
+
+
+def _rewrite(line: bytes, mapping_b: dict[bytes, bytes], mapping: dict[str, str], counts: list[int]) -> bytes:
+    """Rewrite the ``"reference":"<fullUrl>"`` values of a compact JSON line to ``Type/id`` (counting the
+    ``urn:uuid:`` ones that no entry carries in ``counts[0]``)."""
+    parts = line.split(_REF)
+    changed = False
+    for k in range(1, len(parts)):
+        part = parts[k]
+        end = part.find(b'"')
+        val = part[:end]
+        if b"\\" in val:  # an escaped reference: the whole line the careful way
+            return _REF_RE.sub(lambda m: _rewrite_match(m, mapping, counts), line)
+        target = mapping_b.get(val)
+        if target is not None:
+            parts[k] = target + part[end:]
+            changed = True
+        elif val[:9] == b"urn:uuid:":
+            counts[0] += 1
+    return _REF.join(parts) if changed else line
+
+
+def _rewrite_match(m: "re.Match[bytes]", mapping: dict[str, str], counts: list[int]) -> bytes:
+    text = orjson.loads(b'"' + m.group(1) + b'"')
+    target = mapping.get(text)
+    if target is not None:
+        return b'"reference":' + orjson.dumps(target)
+    if text.startswith("urn:uuid:"):
+        counts[0] += 1
+    return m.group(0)
 
 
 def _ingest_file(session: IngestSession, store: Store, name: str, uri: str, max_bytes: int, totals: dict,
@@ -259,7 +299,10 @@ def _ingest_file(session: IngestSession, store: Store, name: str, uri: str, max_
         return
     del raw
     totals["bundles"] += 1
-    if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle":
+    if not isinstance(doc, dict):
+        session.quarantine(fname, 1, None, "not a JSON object")
+        return
+    if doc.get("resourceType") != "Bundle":
         entries: list = [{"resource": doc}]
     else:
         entries = doc.get("entry") or []
@@ -303,47 +346,30 @@ def _ingest_file(session: IngestSession, store: Store, name: str, uri: str, max_
     del entries
 
     # compact lines per type, references rewritten in the bytes; the parsed entries are freed as we go
-    unresolved = 0
     mapping_b = {k.encode(): v.encode() for k, v in mapping.items()}
-
-    def rewrite(m: "re.Match[bytes]") -> bytes:
-        nonlocal unresolved
-        val = m.group(1)
-        if b"\\" in val:  # an escaped reference: compare the decoded strings
-            text = orjson.loads(b'"' + val + b'"')
-            target = mapping.get(text)
-            if target is not None:
-                return b'"reference":' + orjson.dumps(target)
-            if text.startswith("urn:uuid:"):
-                unresolved += 1
-            return m.group(0)
-        target_b = mapping_b.get(val)
-        if target_b is not None:
-            return b'"reference":"' + target_b + b'"'
-        if val.startswith(b"urn:uuid:"):
-            unresolved += 1
-        return m.group(0)
-
+    counts = [0]  # unresolved urn:uuid references
     producers = session.producers
     seen_patients = session.seen.get("Patient")
+    check_patients = seen_patients is not None
     groups: dict[str, tuple[list[int], list[bytes]]] = {}
     dumps = orjson.dumps
+    skipped = session.skipped_resources
     kept.reverse()
     while kept:
         pos, res = kept.pop()
         rtype = res.get("resourceType")
-        if type(rtype) is not str:
-            session.quarantine(fname, pos, None, "missing resourceType")
-            continue
         if rtype not in producers:
-            session.skipped_resources[rtype] = session.skipped_resources.get(rtype, 0) + 1
+            if type(rtype) is not str:
+                session.quarantine(fname, pos, None, "missing resourceType")
+            else:
+                skipped[rtype] = skipped.get(rtype, 0) + 1
             continue
         line = dumps(res)
-        if b'"reference":"' in line and (mapping_b or b"urn:uuid:" in line):
-            line = _REF_RE.sub(rewrite, line)
-        if rtype != "Patient" and seen_patients is not None:
-            pid = _patient_id(res, mapping)
-            if pid is not None and pid not in seen_patients and pid not in file_patients:
+        if _REF in line and (mapping_b or b"urn:uuid:" in line):
+            line = _rewrite(line, mapping_b, mapping, counts)
+        if check_patients and rtype != "Patient":
+            pid = _patient_id(res, mapping, file_patients)
+            if pid is not None and pid not in seen_patients:
                 held.add(fname, rtype, pos, line)
                 continue
         g = groups.get(rtype)
@@ -351,6 +377,7 @@ def _ingest_file(session: IngestSession, store: Store, name: str, uri: str, max_
             g = groups[rtype] = ([], [])
         g[0].append(pos)
         g[1].append(line)
+    unresolved = counts[0]
     totals["unresolved_references"] += unresolved
     for rtype in sorted(groups, key=processing_order):  # this file's Patients first
         positions, lines = groups[rtype]

@@ -257,8 +257,12 @@ def _ingest_lines(session: IngestSession, fname: str, rtype: str, blocks: Iterab
     lineno = 0
     native = session.native.get(rtype) if single is not None else None
     commit = native.commit if native is not None else None
-    pairs: Iterable[tuple[list, Any]] = native_flatten.prepared(blocks, native, session.prepare_pool()) \
-        if native is not None else ((b, None) for b in blocks)
+    if native is None:
+        pairs: Iterable[tuple[list, Any]] = ((b, None) for b in blocks)
+    elif type(blocks) is list and len(blocks) == 1:  # one block (a Bundle's entries): nothing to overlap
+        pairs = [(blocks[0], native.prepare(blocks[0]))]
+    else:
+        pairs = native_flatten.prepared(blocks, native, session.prepare_pool())
     n_native = 0
     for block, prep in pairs:
         if len(ids_chunk) >= IDENTIFIER_CHUNK_ROWS:
