@@ -81,3 +81,18 @@ def test_held_back_spills_and_replays_in_order(tmp_path):
     h.close()
     assert got == [("a.json", "Observation", list(range(1, 8)), [x[3] for x in items[:7]]),
                    ("b.json", "Condition", [1], [b'{"j":1}']), ("b.json", "Observation", [2], [b'{"j":2}'])]
+
+
+def test_reference_rewrite_in_the_bytes():
+    from synthfactory.ingest.bundle import _rewrite
+
+    mapping = {"urn:uuid:a": "Patient/a", 'http://x/Patient/"q"': "Patient/q"}
+    mb = {k.encode(): v.encode() for k, v in mapping.items()}
+    counts = [0]
+    line = orjson.dumps({"subject": {"reference": "urn:uuid:a"}, "performer": [{"reference": "urn:uuid:gone"}],
+                         "note": [{"text": '"reference":"urn:uuid:a"'}]})  # inside a string: escaped, untouched
+    got = orjson.loads(_rewrite(line, mb, mapping, counts))
+    assert got["subject"]["reference"] == "Patient/a" and got["performer"][0]["reference"] == "urn:uuid:gone"
+    assert got["note"][0]["text"] == '"reference":"urn:uuid:a"' and counts == [1]
+    line = orjson.dumps({"subject": {"reference": 'http://x/Patient/"q"'}})  # an escaped value: decoded, compared
+    assert orjson.loads(_rewrite(line, mb, mapping, counts)) == {"subject": {"reference": "Patient/q"}}
