@@ -5,12 +5,16 @@ tools a user would otherwise pick, measured in the same run.
     .venv/bin/python bench/ingest_bench.py --sizes 500000 --out /tmp/ingest.json
     .venv/bin/python bench/ingest_bench.py --smoke                  # < 30 s: checks it runs, not speed
     .venv/bin/python bench/ingest_bench.py --sizes 100000 --clinosim   # + a clinosim cohort (minutes, cached)
+    .venv/bin/python bench/ingest_bench.py --engines "" --bundles 600 --seed 11   # Bundles vs NDJSON only
 
 Input: a deterministic synthetic extract (``--seed``) of Patient, Encounter, Condition and Observation
 NDJSON in US Core shapes (race/ethnicity/birthsex extensions, identifiers, names, addresses, several
 codings per concept, labs with UCUM quantities, blood-pressure panels with components, coded and string
 values, dateTimes with offsets), about 40 resources per patient, cached under ``bench/.cache/ingest/``.
 ``--extract DIR`` benches an existing NDJSON folder instead (e.g. a carebundle or clinosim export).
+``--bundles N`` also benches transaction Bundles (carebundle, N patients, one pretty-printed Bundle each) against
+the same resources as NDJSON, in input bytes/s, with the pipeline's validation sample and without any on either
+side, and the peak RSS of one Bundle holding every patient.
 
 Every engine runs in its own subprocess (``--child``): wall seconds, CPU seconds and peak RSS
 (``ru_maxrss``, plus the parent's 0.2 s psutil sampling of the process tree) are its own.
@@ -395,6 +399,10 @@ ENGINES = {
 }
 
 
+#: engines of the --bundles comparison only (Bundle folders, or the NDJSON anchor without any validation)
+BUNDLE_ONLY = ("synthfactory Bundles", "synthfactory Bundles (no validation)", "synthfactory (no validation)")
+
+
 def _preimport(engine: str) -> None:
     """Imports happen before the clock starts: a figure is the engine's work, not interpreter start-up."""
     if engine.startswith("synthfactory"):
@@ -582,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     standard_args(ap, default_sizes=[200_000, 1_000_000, 2_000_000], smoke_sizes=[4_000])
     ap.add_argument("--extract", help="bench this NDJSON folder instead of the synthetic extract (one size)")
-    ap.add_argument("--engines", default=";".join(ENGINES), help="semicolon-separated subset of: " + "; ".join(ENGINES))
+    ap.add_argument("--engines", default=";".join(e for e in ENGINES if e not in BUNDLE_ONLY),
+                    help="semicolon-separated subset of: " + "; ".join(e for e in ENGINES if e not in BUNDLE_ONLY))
     ap.add_argument("--fhiry-max", type=int, default=2_000, help="fhiry runs on at most this many resources")
     ap.add_argument("--duckdb-max", type=int, default=1_000_000, help="DuckDB runs on at most this many resources")
     ap.add_argument("--clinosim", action="store_true", help="also bench a small clinosim cohort (minutes, cached)")
@@ -607,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         engines = [e for e in engines if e in ("synthfactory", "synthfactory (views engine)", "bare orjson parse",
                                                 "DuckDB read_ndjson", "fhiry")]
         args.fhiry_max = min(args.fhiry_max, 100)
-    unknown = set(engines) - set(ENGINES)
+    unknown = set(engines) - set(ENGINES) | set(engines) & set(BUNDLE_ONLY)
     if unknown:
         ap.error(f"unknown engine(s) {sorted(unknown)}")
     rows: list[dict] = []
