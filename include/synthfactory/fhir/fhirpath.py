@@ -9,7 +9,9 @@ It covers what SQL-on-FHIR v2 ViewDefinitions need (and a little more):
 * operators ``= != ~ !~ < <= > >= and or xor implies | + - * / div mod & in contains is as``;
 * functions ``first last tail skip take single count empty exists all where select ofType distinct not
   iif join toString toInteger toDecimal toBoolean hasValue length lower upper startsWith endsWith contains
-  substring matches replace extension getResourceKey getReferenceKey resolve trace allTrue anyTrue``;
+  substring matches replace extension getResourceKey getReferenceKey resolve trace allTrue anyTrue
+  lowBoundary highBoundary`` (decimals, dates, dateTimes and times; whether a string is a date or a dateTime
+  comes from the element it was read from, e.g. ``birthDate`` or ``value.ofType(dateTime)``, else its shape);
 * synthfactory extensions (documented in README): ``preferredCoding()`` (LOINC > SNOMED CT > ICD-10-CM >
   RxNorm, else the first coding), ``systemAlias()`` (a code system URI to ``loinc``/``snomed``/``icd10cm``/
   ``rxnorm``, other URIs unchanged), ``datePrecision()`` (``year``/``month``/``day``/``second``) and

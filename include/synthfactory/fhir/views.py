@@ -10,9 +10,12 @@ A ViewDefinition (JSON/YAML, as a dict) gives one output table::
                 {"forEach": "dosageInstruction", "column": [...]},
                 {"unionAll": [{...}, {...}]}]}
 
-Supported: ``select`` (nested), ``column`` (``name``, ``path``, ``type``, ``collection``), ``forEach``,
-``forEachOrNull``, ``unionAll``, view-level ``where`` and ``constant``, and the FHIRPath of
-:mod:`synthfactory.fhir.fhirpath` (``%rowIndex`` is the position of the current ``forEach`` item).
+Supported: all of SQL-on-FHIR v2 (the official suite passes, tests/ingest/test_sof_conformance.py): ``select``
+(nested), ``column`` (``name``, ``path``, ``type``, ``collection``: an empty collection is ``[]``), ``forEach``,
+``forEachOrNull``, ``repeat`` (depth first), ``unionAll``, view-level ``where`` (a path that gives something
+other than a boolean refuses the resource: :class:`BadResource`) and ``constant`` (an undefined ``%name`` is
+refused at compile time), and the FHIRPath of :mod:`synthfactory.fhir.fhirpath` (``%rowIndex`` is the position
+of the current ``forEach``/``repeat`` item, 0 on a ``forEachOrNull`` row of nulls).
 
 Column ``type`` decides the Arrow type: ``string``/``code``/``id``/``uri``/... -> string, ``boolean``,
 ``integer`` (int64), ``decimal`` (float64), ``date`` (date32: the calendar date of a date or dateTime),
