@@ -5,12 +5,16 @@ tools a user would otherwise pick, measured in the same run.
     .venv/bin/python bench/ingest_bench.py --sizes 500000 --out /tmp/ingest.json
     .venv/bin/python bench/ingest_bench.py --smoke                  # < 30 s: checks it runs, not speed
     .venv/bin/python bench/ingest_bench.py --sizes 100000 --clinosim   # + a clinosim cohort (minutes, cached)
+    .venv/bin/python bench/ingest_bench.py --engines "" --bundles 600 --seed 11   # Bundles vs NDJSON only
 
 Input: a deterministic synthetic extract (``--seed``) of Patient, Encounter, Condition and Observation
 NDJSON in US Core shapes (race/ethnicity/birthsex extensions, identifiers, names, addresses, several
 codings per concept, labs with UCUM quantities, blood-pressure panels with components, coded and string
 values, dateTimes with offsets), about 40 resources per patient, cached under ``bench/.cache/ingest/``.
 ``--extract DIR`` benches an existing NDJSON folder instead (e.g. a carebundle or clinosim export).
+``--bundles N`` also benches transaction Bundles (carebundle, N patients, one pretty-printed Bundle each) against
+the same resources as NDJSON, in input bytes/s, with the pipeline's validation sample and without any on either
+side, and the peak RSS of one Bundle holding every patient.
 
 Every engine runs in its own subprocess (``--child``): wall seconds, CPU seconds and peak RSS
 (``ru_maxrss``, plus the parent's 0.2 s psutil sampling of the process tree) are its own.
@@ -256,6 +260,16 @@ def engine_ours(src: Path, work: Path, engine: str = "fast", rate: float | None 
     return sum(r["resources_read"].values())
 
 
+def engine_none(src: Path, work: Path) -> int:
+    """``ingest_extract`` with no validation sample at all (rate 0, no first 20 per file)."""
+    from synthfactory.ingest.fhir_ndjson import ingest_extract
+    from synthfactory.keys import Keyer
+
+    r = ingest_extract(str(src), str(work / "out"), keyer=Keyer(b"bench-salt-0123456789abcdef"),
+                       validate_sample_rate=0.0, validate_first=0)
+    return sum(r["resources_read"].values())
+
+
 def engine_orjson(src: Path, work: Path) -> int:
     import orjson
 
@@ -354,8 +368,28 @@ def engine_fhiry(src: Path, work: Path) -> int:
     return count_resources(src)
 
 
+def engine_bundles(src: Path, work: Path, sample: bool = True) -> int:
+    """``ingest_bundles`` with the pipeline's defaults, on a folder of Bundle files (or one Bundle file);
+    ``sample=False``: no validation sample at all (rate 0, no first 20)."""
+    from synthfactory.ingest.bundle import ingest_bundles
+    from synthfactory.keys import Keyer
+    from synthfactory.spec import SourceSpec
+
+    defaults = SourceSpec.model_fields
+    r = ingest_bundles(str(src), str(work / "out"), keyer=Keyer(b"bench-salt-0123456789abcdef"),
+                       validate_sample_rate=defaults["validate_sample_rate"].default if sample else 0.0,
+                       validate_max_per_type=defaults["validate_max_per_type"].default,
+                       **({} if sample else {"validate_first": 0}))
+    (work / "report.json").write_text(json.dumps({k: r[k] for k in ("rows", "validated", "quarantined_total")},
+                                                 default=str))
+    return sum(r["resources_read"].values())
+
+
 ENGINES = {
     "synthfactory": lambda s, w: engine_ours(s, w),
+    "synthfactory Bundles": engine_bundles,
+    "synthfactory Bundles (no validation)": lambda s, w: engine_bundles(s, w, sample=False),
+    "synthfactory (no validation)": lambda s, w: engine_none(s, w),
     "synthfactory (Python flatten)": lambda s, w: engine_ours(s, w, native=False),
     "synthfactory (views engine)": lambda s, w: engine_ours(s, w, engine="views"),
     "synthfactory (no sampled validation)": lambda s, w: engine_ours(s, w, rate=0.0),
@@ -363,6 +397,10 @@ ENGINES = {
     "DuckDB read_ndjson": engine_duckdb,
     "fhiry": engine_fhiry,
 }
+
+
+#: engines of the --bundles comparison only (Bundle folders, or the NDJSON anchor without any validation)
+BUNDLE_ONLY = ("synthfactory Bundles", "synthfactory Bundles (no validation)", "synthfactory (no validation)")
 
 
 def _preimport(engine: str) -> None:
@@ -471,17 +509,96 @@ def clinosim_rows(seed: int) -> tuple[list[dict], list[str]]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Bundles against NDJSON of the same resources (carebundle writes both from one seed)
+# --------------------------------------------------------------------------------------------------
+def carebundle_pair(patients: int, seed: int) -> tuple[Path, Path, Path]:
+    """(bundle folder, NDJSON folder, folder holding one Bundle of every entry) of the same ``patients``,
+    generated once into the cache. The single Bundle is pretty-printed like carebundle's own files."""
+    import orjson
+
+    exe = Path(PY).with_name("carebundle")
+    root = CACHE / f"carebundle-p{patients}-s{seed}"
+    if not (root / ".complete").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        for fmt in ("bundle", "ndjson"):
+            subprocess.run([str(exe), "generate", "--profile", "mixed", "--count", str(patients), "--seed", str(seed),
+                            "--sex", "mixed", "--format", fmt, "--out", str(root / fmt)], check=True,
+                           capture_output=True, timeout=3600)
+        entries = []
+        for p in sorted((root / "bundle").glob("*.json")):
+            entries.extend(orjson.loads(p.read_bytes())["entry"])
+        (root / "one").mkdir()
+        (root / "one" / "all.json").write_bytes(orjson.dumps(
+            {"resourceType": "Bundle", "type": "transaction", "entry": entries}, option=orjson.OPT_INDENT_2))
+        (root / ".complete").write_text("ok")
+    return root / "bundle", root / "ndjson", root / "one"
+
+
+def _bytes(folder: Path, pattern: str, types: tuple[str, ...] | None = None) -> int:
+    return sum(p.stat().st_size for p in folder.glob(pattern) if types is None or p.name.split(".")[0] in types)
+
+
+def bundle_rows(patients: int, seed: int, repeat: int, timeout: float) -> tuple[list[dict], list[str]]:
+    bundles, ndjson, one = carebundle_pair(patients, seed)
+    b_bytes = _bytes(bundles, "*.json")
+    n_bytes = _bytes(ndjson, "*.ndjson", ("Patient", "Encounter", "Condition", "Observation"))
+    one_bytes = _bytes(one, "*.json")
+    got = {}
+    for name, eng, src in (("bundles", "synthfactory Bundles", bundles), ("ndjson", "synthfactory", ndjson),
+                           ("bundles0", "synthfactory Bundles (no validation)", bundles),
+                           ("ndjson0", "synthfactory (no validation)", ndjson),
+                           ("one", "synthfactory Bundles", one)):
+        r = measure(eng, src, repeat, timeout)
+        if r is None:
+            return [], [f"Bundle bench: {eng} failed on {src}"]
+        got[name] = r
+        print(f"[bundles {patients}p] {name}: {r['resources']} resources, {r['seconds']:.2f}s wall, "
+              f"cpu {r['cpu_seconds']:.2f}s, peak RSS {r['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+    b, n, o = got["bundles"], got["ndjson"], got["one"]
+    size = patients
+    rows = [
+        result("Bundles → Parquet, input bytes/s", size, b_bytes / b["seconds"] / 1e6, "NDJSON of the same resources",
+               n_bytes / n["seconds"] / 1e6, "MB/s", "higher", size_unit="patients", bundle_bytes=b_bytes,
+               ndjson_bytes=n_bytes, resources=b["resources"]),
+        result("Bundles → Parquet, input bytes per CPU-second", size, b_bytes / b["cpu_seconds"] / 1e6,
+               "NDJSON of the same resources", n_bytes / n["cpu_seconds"] / 1e6, "MB/CPU-s", "higher",
+               size_unit="patients"),
+        result("Bundles → Parquet, resources/s", size, b["resources"] / b["seconds"], "NDJSON of the same resources",
+               n["resources"] / n["seconds"], "resources/s", "higher", size_unit="patients"),
+        result("Bundles → Parquet, input bytes/s, no validation sample either side", size,
+               b_bytes / got["bundles0"]["seconds"] / 1e6, "NDJSON of the same resources",
+               n_bytes / got["ndjson0"]["seconds"] / 1e6, "MB/s", "higher", size_unit="patients"),
+        result("Bundles → Parquet, input bytes per CPU-second, no validation sample either side", size,
+               b_bytes / got["bundles0"]["cpu_seconds"] / 1e6, "NDJSON of the same resources",
+               n_bytes / got["ndjson0"]["cpu_seconds"] / 1e6, "MB/CPU-s", "higher", size_unit="patients"),
+        result(f"one {one_bytes / 1e6:.0f} MB Bundle (all patients) → Parquet, peak RSS", size, o["peak_rss_mib"],
+               "NDJSON of the same resources", n["peak_rss_mib"], "MiB", "lower", size_unit="patients",
+               bundle_bytes=one_bytes, seconds=round(o["seconds"], 2)),
+    ]
+    notes = [f"Bundles: carebundle --profile mixed, {patients} patients, seed {seed}, one transaction Bundle per "
+             f"patient (pretty-printed, urn:uuid references) and the same resources as NDJSON; both ingested with "
+             f"the pipeline's defaults (1 % validation sample + the first 20 per file, at most 1,000 per type). "
+             f"Input bytes: every Bundle file ({b_bytes / 1e6:.1f} MB) against the four NDJSON files ingest reads "
+             f"({n_bytes / 1e6:.1f} MB)"]
+    return rows, notes
+
+
+# --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     standard_args(ap, default_sizes=[200_000, 1_000_000, 2_000_000], smoke_sizes=[4_000])
     ap.add_argument("--extract", help="bench this NDJSON folder instead of the synthetic extract (one size)")
-    ap.add_argument("--engines", default=";".join(ENGINES), help="semicolon-separated subset of: " + "; ".join(ENGINES))
+    ap.add_argument("--engines", default=";".join(e for e in ENGINES if e not in BUNDLE_ONLY),
+                    help="semicolon-separated subset of: " + "; ".join(e for e in ENGINES if e not in BUNDLE_ONLY))
     ap.add_argument("--fhiry-max", type=int, default=2_000, help="fhiry runs on at most this many resources")
     ap.add_argument("--duckdb-max", type=int, default=1_000_000, help="DuckDB runs on at most this many resources")
     ap.add_argument("--clinosim", action="store_true", help="also bench a small clinosim cohort (minutes, cached)")
     ap.add_argument("--clinosim-seed", type=int, default=7)
+    ap.add_argument("--bundles", type=int, default=0, metavar="PATIENTS",
+                    help="also bench transaction Bundles against NDJSON of the same resources (carebundle, this "
+                         "many patients, cached) and one Bundle of all of them (its peak RSS)")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--input", help=argparse.SUPPRESS)
@@ -499,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         engines = [e for e in engines if e in ("synthfactory", "synthfactory (views engine)", "bare orjson parse",
                                                 "DuckDB read_ndjson", "fhiry")]
         args.fhiry_max = min(args.fhiry_max, 100)
-    unknown = set(engines) - set(ENGINES)
+    unknown = set(engines) - set(ENGINES) | set(engines) & set(BUNDLE_ONLY)
     if unknown:
         ap.error(f"unknown engine(s) {sorted(unknown)}")
     rows: list[dict] = []
@@ -509,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
              "read ratios, not absolute speeds",
              "synthfactory = ingest_extract defaults: fast path, 1 % R4B validation sample (+ first 20 per file), "
              "HMAC keys, identifiers, quarantine, sha256"]
-    for size in ([count_resources(Path(args.extract))] if args.extract else sizes):
+    for size in ([] if not engines else [count_resources(Path(args.extract))] if args.extract else sizes):
         src = Path(args.extract) if args.extract else extract_for(size, args.seed)
         n = count_resources(src)
         got: dict[str, dict] = {}
@@ -549,6 +666,10 @@ def main(argv: list[str] | None = None) -> int:
         if "DuckDB read_ndjson" in got:
             rows.append(result("peak RSS", n, ours["peak_rss_mib"], "DuckDB read_ndjson",
                                got["DuckDB read_ndjson"]["peak_rss_mib"], "MiB", "lower", size_unit="resources"))
+    if args.bundles:
+        brows, bnotes = bundle_rows(args.bundles, args.seed, repeat, args.timeout)
+        rows += brows
+        notes += bnotes
     if args.clinosim and not args.smoke:
         crow, cnotes = clinosim_rows(args.clinosim_seed)
         rows += crow

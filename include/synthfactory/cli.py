@@ -71,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="the run's staging folder (<staging>/<dataset>/runs/<run_id>, local or s3://) or a suite .json")
     f.add_argument("--out", help="destination file (default: include/expectations/<dataset>.json in the project)")
     f.add_argument("--force", action="store_true", help="overwrite an existing frozen suite")
+    vw = sub.add_parser("view", help="print the rows of a SQL-on-FHIR v2 ViewDefinition over FHIR NDJSON "
+                                     "(try a view on a sample before putting it in a spec)")
+    vw.add_argument("view", help="the ViewDefinition, a .json or .yaml file")
+    vw.add_argument("resources", nargs="+", help="FHIR resources: .ndjson / .jsonl (also .gz) files, one resource "
+                                                 "a line, or a .json resource or Bundle")
+    vw.add_argument("--format", choices=("ndjson", "csv", "parquet"), default="ndjson",
+                    help="output format (default ndjson)")
+    vw.add_argument("--out", help="write to this file instead of stdout")
+    vw.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr (problems are still listed)")
     return p
 
 
@@ -113,6 +122,8 @@ class _ResumableWriter:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "view":
+        return _view(args)
     from synthfactory.spec import SpecError, load_spec
 
     try:
@@ -132,6 +143,49 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     return _run(spec, args)
+
+
+def _view(args) -> int:  # noqa: ANN001
+    """``synthfactory view``: a ViewDefinition's rows over resource files (raw ids as keys; see
+    :mod:`synthfactory.ingest.view_runner`). Exit 2: an invalid view; 3: a resource file that cannot be read."""
+    import os
+
+    from synthfactory.ingest.view_runner import load_view, run_view
+
+    try:
+        view = load_view(args.view)
+    except SynthFactoryError as err:
+        print(f"invalid view: {err}", file=sys.stderr)
+        return exit_code_for(err)
+    if args.format == "parquet" and not args.out and sys.stdout.isatty():
+        print("error: --format parquet writes binary: give --out FILE or redirect stdout", file=sys.stderr)
+        return EXIT_SPEC
+    for path in args.resources:
+        if not os.path.isfile(path):
+            print(f"bad input: {path}: no such file", file=sys.stderr)
+            return EXIT_INPUT
+    out = open(args.out, "wb") if args.out else sys.stdout.buffer
+    try:
+        report = run_view(view, args.resources, out, args.format)
+    except SynthFactoryError as err:
+        print(describe(err), file=sys.stderr)
+        return exit_code_for(err)
+    except BrokenPipeError:  # | head
+        return EXIT_OK
+    finally:
+        if args.out:
+            out.close()
+    for line in report.problems:
+        print(f"warning: {line}", file=sys.stderr)
+    if report.refused > len(report.problems):
+        print(f"warning: ... and {report.refused - len(report.problems)} more", file=sys.stderr)
+    if not args.quiet:
+        refused = "; ".join(f"{n} x {reason}" for reason, n in sorted(report.reasons.items(), key=lambda x: -x[1]))
+        print(f"view {report.view}: {report.rows} row(s) from {report.resources} {report.resource} resource(s)"
+              f"{f'; {report.other_types} of other types skipped' if report.other_types else ''}"
+              f"{f'; {report.refused} refused ({refused})' if report.refused else ''}"
+              f"{f' -> {args.out}' if args.out else ''}", file=sys.stderr)
+    return EXIT_OK
 
 
 def _validate(spec, args) -> int:  # noqa: ANN001

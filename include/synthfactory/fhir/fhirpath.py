@@ -9,7 +9,9 @@ It covers what SQL-on-FHIR v2 ViewDefinitions need (and a little more):
 * operators ``= != ~ !~ < <= > >= and or xor implies | + - * / div mod & in contains is as``;
 * functions ``first last tail skip take single count empty exists all where select ofType distinct not
   iif join toString toInteger toDecimal toBoolean hasValue length lower upper startsWith endsWith contains
-  substring matches replace extension getResourceKey getReferenceKey resolve trace allTrue anyTrue``;
+  substring matches replace extension getResourceKey getReferenceKey resolve trace allTrue anyTrue
+  lowBoundary highBoundary`` (decimals, dates, dateTimes and times; whether a string is a date or a dateTime
+  comes from the element it was read from, e.g. ``birthDate`` or ``value.ofType(dateTime)``, else its shape);
 * synthfactory extensions (documented in README): ``preferredCoding()`` (LOINC > SNOMED CT > ICD-10-CM >
   RxNorm, else the first coding), ``systemAlias()`` (a code system URI to ``loinc``/``snomed``/``icd10cm``/
   ``rxnorm``, other URIs unchanged), ``datePrecision()`` (``year``/``month``/``day``/``second``) and
@@ -22,7 +24,10 @@ Keys are produced through ``env.key(type, id)`` (the salted HMAC), so no source 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+import threading
+from calendar import monthrange
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
+from typing import Any, Callable, Collection
 
 from .normalize import (
     SYSTEM_SHORT,
@@ -380,12 +385,22 @@ def _str(v: Any) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # Compiler
 # --------------------------------------------------------------------------------------------------
-def compile_path(text: str) -> Fn:
-    """Compile a FHIRPath expression to ``fn(focus, env) -> list``. Raises FhirPathError."""
+_COMPILING = threading.local()
+
+
+def compile_path(text: str, constants: Collection[str] | None = None) -> Fn:
+    """Compile a FHIRPath expression to ``fn(focus, env) -> list``. ``constants``: the names a ViewDefinition
+    defines (``%name``); given, any other ``%name`` is refused here rather than on the first row. Raises
+    FhirPathError."""
     if not isinstance(text, str) or not text.strip():
         raise FhirPathError("empty expression")
     ast = _Parser(text).parse()
-    return _compile(ast, text)
+    saved = getattr(_COMPILING, "constants", None)
+    _COMPILING.constants = None if constants is None else frozenset(constants)
+    try:
+        return _compile(ast, text)
+    finally:
+        _COMPILING.constants = saved
 
 
 def _compile(node: tuple, text: str) -> Fn:
@@ -434,6 +449,10 @@ def _compile_var(name: str, text: str) -> Fn:
         return lambda focus, env: ["http://snomed.info/sct"]
     if name in ("loinc",):
         return lambda focus, env: ["http://loinc.org"]
+
+    known = getattr(_COMPILING, "constants", None)
+    if known is not None and name not in known:
+        raise FhirPathError(f"unknown constant %{name} in {text!r}")
 
     def const(focus: list, env: Env) -> list:
         if name not in env.constants:
@@ -529,10 +548,13 @@ def _compile_chain(nodes: list[tuple], text: str) -> Fn:
     run: list[str] = []
     i = 0
     first = True
+    hint: str | None = None  # the FHIR type of the step before, where known (for lowBoundary/highBoundary)
     while i < len(nodes):
         n = nodes[i]
         nxt = nodes[i + 1] if i + 1 < len(nodes) else None
+        hint, prev_hint = None, hint
         if n[0] == "member":
+            hint = _member_type_hint(n[1])
             if n[1][:1].isupper() and first:  # leading type name: Patient.name
                 tname = n[1]
                 steps.append(lambda focus, env, _t=tname: [x for x in focus if type(x) is dict
@@ -543,6 +565,7 @@ def _compile_chain(nodes: list[tuple], text: str) -> Fn:
             if nxt is not None and nxt[0] == "fn" and nxt[1] == "ofType" and len(nxt[2]) == 1 \
                     and nxt[2][0][0] in ("member", "chain"):
                 tname = _type_name(nxt[2][0], text)
+                hint = tname
                 run.append(n[1] + _choice_suffix(tname))
                 if tname in _PRIMITIVE_PY:  # valueString etc.: check the JSON type too
                     if run:
@@ -560,8 +583,15 @@ def _compile_chain(nodes: list[tuple], text: str) -> Fn:
             steps.append(_member_path(run))
             run = []
         if n[0] == "index":
+            hint = prev_hint
             steps.append(_indexer(_compile(n[1], text)))
+        elif n[0] == "fn" and n[1] in ("lowBoundary", "highBoundary"):
+            steps.append(_boundary(n[1], n[2], prev_hint, text))
         elif n[0] == "fn":
+            if n[1] in ("ofType", "as") and len(n[2]) == 1 and n[2][0][0] in ("member", "chain"):
+                hint = _type_name(n[2][0], text)
+            elif n[1] in ("first", "last", "single", "tail", "skip", "take", "where", "distinct"):
+                hint = prev_hint
             steps.append(_compile_fn(n[1], n[2], text))
         else:
             if not first:
@@ -580,6 +610,110 @@ def _compile_chain(nodes: list[tuple], text: str) -> Fn:
             focus = s(focus, env)
         return focus
     return chain
+
+
+# --------------------------------------------------------------------------------------------------
+# lowBoundary() / highBoundary()
+# --------------------------------------------------------------------------------------------------
+# R4 elements of type ``date`` (a value of one of them is a date, not a dateTime of day precision)
+_DATE_ELEMENTS = frozenset(("birthDate", "valueDate", "expirationDate", "lockedDate", "assertedDate",
+                            "dateOfBirth"))
+_TIME_RE = re.compile(r"^(\d\d)(?::(\d\d)(?::(\d\d)(\.\d+)?)?)?$")
+_DATETIME_RE = re.compile(r"^(\d{4})(?:-(\d\d)(?:-(\d\d)(?:T(\d\d)(?::(\d\d)(?::(\d\d)(\.\d+)?)?)?"
+                          r"(Z|[+-]\d\d:\d\d)?)?)?)?$")
+
+
+def _member_type_hint(name: str) -> str | None:
+    if name in _DATE_ELEMENTS:
+        return "date"
+    for suffix, t in (("DateTime", "dateTime"), ("Instant", "instant"), ("Time", "time"), ("Date", "date")):
+        if name.endswith(suffix) and name[:-len(suffix)] in _CHOICE_ROOTS:
+            return t
+    return None
+
+
+def _frac(frac: str | None, high: bool) -> str:
+    digits = (frac or ".")[1:]
+    return "." + (digits + ("9" if high else "0") * 3)[:max(3, len(digits))]
+
+
+def _boundary_of(v: Any, high: bool, hint: str | None, precision: int | None) -> Any:
+    """The FHIRPath lowBoundary()/highBoundary() of one value (None where it has none)."""
+    tv = type(v)
+    if tv is int or tv is float:
+        if hint not in (None, "decimal", "integer"):
+            return None
+        try:
+            d = Decimal(repr(v))
+        except InvalidOperation:
+            return None
+        if not d.is_finite():
+            return None
+        exp = min(d.as_tuple().exponent, 0)
+        half = Decimal(5).scaleb(exp - 1)
+        b = d + half if high else d - half
+        if precision is not None:
+            if not 0 <= precision <= 28:
+                return None
+            b = b.quantize(Decimal(1).scaleb(-precision), rounding=ROUND_CEILING if high else ROUND_FLOOR)
+        return float(b)
+    if tv is not str:
+        return None
+    if hint == "time" or (hint is None and _TIME_RE.match(v)):
+        m = _TIME_RE.match(v)
+        if m is None:
+            return None
+        hh, mm, ss, frac = m.groups()
+        fill = "59" if high else "00"
+        out = f"{hh}:{mm or fill}:{ss or fill}{_frac(frac, high)}"
+        if precision is not None:
+            cut = {2: 2, 4: 5, 6: 8, 9: 12}.get(precision)
+            return out[:cut] if cut else None
+        return out
+    m = _DATETIME_RE.match(v)
+    if m is None:
+        return None
+    y, mo, d, hh, mi, ss, frac, tz = m.groups()
+    mo = mo or ("12" if high else "01")
+    if d is None:
+        d = f"{monthrange(int(y), int(mo))[1]:02d}" if high else "01"
+    date = f"{y}-{mo}-{d}"
+    if hint == "date" or (hint is None and hh is None):
+        if precision is not None:
+            cut = {4: 4, 6: 7, 8: 10}.get(precision)
+            return date[:cut] if cut else None
+        return date
+    fill = "59" if high else "00"
+    hh = hh or ("23" if high else "00")
+    out = f"{date}T{hh}:{mi or fill}:{ss or fill}{_frac(frac, high)}"
+    tz = tz or ("-12:00" if high else "+14:00")
+    if precision is not None:
+        cut = {4: 4, 6: 7, 8: 10, 10: 13, 12: 16, 14: 19, 17: len(out)}.get(precision)
+        if cut is None:
+            return None
+        return out[:cut] + (tz if precision >= 10 else "")
+    return out + tz
+
+
+def _boundary(name: str, args: list, hint: str | None, text: str) -> Fn:
+    if len(args) > 1:
+        raise FhirPathError(f"{name}() takes 0..1 argument(s), got {len(args)}, in {text!r}")
+    prec = _compile(args[0], text) if args else None
+    high = name == "highBoundary"
+
+    def boundary(f: list, e: Env) -> list:
+        if not f:
+            return []
+        v = _single(f, f"{name}()")
+        p = None
+        if prec is not None:
+            pv = prec(f, e)
+            if not pv or type(pv[0]) is not int:
+                return []
+            p = pv[0]
+        b = _boundary_of(v, high, hint, p)
+        return [] if b is None else [b]
+    return boundary
 
 
 def _type_name(node: tuple, text: str) -> str:
@@ -856,7 +990,8 @@ def _compile_fn(name: str, args: list[tuple], text: str) -> Fn:  # noqa: C901 - 
         def join(f: list, e: Env) -> list:
             s = sep(f, e)
             parts = [_str(v) for v in f]
-            return [(s[0] if s else "").join(p for p in parts if p is not None)] if f else []
+            return [(s[0] if s else "").join(p for p in parts if p is not None)]  # over nothing: ''
+
         return join
     if name == "toString":
         need(0, 0)
@@ -1036,6 +1171,8 @@ def _compile_fn(name: str, args: list[tuple], text: str) -> Fn:  # noqa: C901 - 
                             out.append(c)
             return out
         return resolve
+    if name in ("lowBoundary", "highBoundary"):
+        return _boundary(name, args, None, text)
     # -- synthfactory extensions ----------------------------------------------------------------
     if name == "preferredCoding":
         need(0, 0)

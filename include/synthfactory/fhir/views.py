@@ -10,9 +10,12 @@ A ViewDefinition (JSON/YAML, as a dict) gives one output table::
                 {"forEach": "dosageInstruction", "column": [...]},
                 {"unionAll": [{...}, {...}]}]}
 
-Supported: ``select`` (nested), ``column`` (``name``, ``path``, ``type``, ``collection``), ``forEach``,
-``forEachOrNull``, ``unionAll``, view-level ``where`` and ``constant``, and the FHIRPath of
-:mod:`synthfactory.fhir.fhirpath` (``%rowIndex`` is the position of the current ``forEach`` item).
+Supported: all of SQL-on-FHIR v2 (the official suite passes, tests/ingest/test_sof_conformance.py): ``select``
+(nested), ``column`` (``name``, ``path``, ``type``, ``collection``: an empty collection is ``[]``), ``forEach``,
+``forEachOrNull``, ``repeat`` (depth first), ``unionAll``, view-level ``where`` (a path that gives something
+other than a boolean refuses the resource: :class:`BadResource`) and ``constant`` (an undefined ``%name`` is
+refused at compile time), and the FHIRPath of :mod:`synthfactory.fhir.fhirpath` (``%rowIndex`` is the position
+of the current ``forEach``/``repeat`` item, 0 on a ``forEachOrNull`` row of nulls).
 
 Column ``type`` decides the Arrow type: ``string``/``code``/``id``/``uri``/... -> string, ``boolean``,
 ``integer`` (int64), ``decimal`` (float64), ``date`` (date32: the calendar date of a date or dateTime),
@@ -34,7 +37,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from .fhirpath import Env, FhirPathError, compile_path
-from .normalize import BadResource, fhir_datetime_deferred, local_days
+from .normalize import BadResource, fhir_datetime_deferred, local_days, timestamp_array
 from synthfactory.errors import ConfigError
 
 __all__ = ["ViewError", "CompiledView", "compile_view", "BUILTIN_VIEWS", "builtin_view", "load_view_file",
@@ -150,6 +153,14 @@ class CompiledView:
     def columns(self) -> list[str]:
         return self.schema.names
 
+    def table(self, rows: list) -> pa.Table:
+        """An Arrow table (this view's schema) of rows as :attr:`rows` returns them, built as ingest builds its
+        Parquet batches (dateTime columns through :func:`timestamp_array`)."""
+        cols = list(zip(*rows)) if rows else [()] * len(self.schema)
+        arrays = [timestamp_array(list(c), f.type) if pa.types.is_timestamp(f.type) else pa.array(list(c), f.type)
+                  for c, f in zip(cols, self.schema)]
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
 
 @dataclass
 class _Select:
@@ -166,16 +177,17 @@ def _err(where: str, msg: str) -> ViewError:
     return ViewError(f"{where}: {msg}" if where else msg)
 
 
-def _path(expr: Any, where: str) -> Callable[[list, Env], list]:
+def _path(expr: Any, where: str, constants: Any = None) -> Callable[[list, Env], list]:
     if not isinstance(expr, str) or not expr.strip():
         raise _err(where, "must be a non-empty FHIRPath string")
     try:
-        return compile_path(expr)
+        return compile_path(expr, constants=constants)
     except FhirPathError as exc:
         raise _err(where, str(exc)) from None
 
 
-def _compile_column(col: Any, where: str) -> tuple[str, pa.DataType, Callable[[list, Env], Any]]:
+def _compile_column(col: Any, where: str, constants: Any = None
+                    ) -> tuple[str, pa.DataType, Callable[[list, Env], Any], bool]:
     if not isinstance(col, dict):
         raise _err(where, "must be an object with name and path")
     unknown = set(col) - {"name", "path", "type", "collection", "description", "tag", "tags"}
@@ -184,7 +196,8 @@ def _compile_column(col: Any, where: str) -> tuple[str, pa.DataType, Callable[[l
     name = col.get("name")
     if not isinstance(name, str) or not COLUMN_NAME_RE.match(name):
         raise _err(_j(where, "name"), "must be a database-friendly name (letters, digits, _; starting with a letter)")
-    fn = _path(col.get("path"), _j(where, "path"))
+    fn = _path(col.get("path"), _j(where, "path"), constants)
+    row_index = isinstance(col.get("path"), str) and col["path"].strip() == "%rowIndex"
     t = col.get("type")
     if t is not None and not isinstance(t, str):
         raise _err(_j(where, "type"), "must be a FHIR type name")
@@ -193,16 +206,17 @@ def _compile_column(col: Any, where: str) -> tuple[str, pa.DataType, Callable[[l
         conv = _converter(t, name)
     except ViewError as exc:
         raise _err(_j(where, "type"), str(exc)) from None
-    collection = bool(col.get("collection", False))
+    collection = col.get("collection", False)
+    if not isinstance(collection, bool):
+        raise _err(_j(where, "collection"), "must be true or false")
     too_many = f"more than one value in {name}"
 
-    if collection:
+    if collection:  # an empty collection is [] (not null), as the spec's tests require
         atype = pa.list_(atype)
 
         def value_list(focus: list, env: Env) -> Any:
-            vals = fn(focus, env)
-            return [conv(v) for v in vals] if vals else None
-        return name, atype, value_list
+            return [conv(v) for v in fn(focus, env)]
+        return name, atype, value_list, row_index
 
     def value(focus: list, env: Env) -> Any:
         vals = fn(focus, env)
@@ -211,22 +225,80 @@ def _compile_column(col: Any, where: str) -> tuple[str, pa.DataType, Callable[[l
         if len(vals) > 1:
             raise BadResource(too_many)
         return conv(vals[0])
-    return name, atype, value
+    return name, atype, value, row_index
 
 
-def _compile_select(sel: Any, where: str) -> _Select:
+def _list_of(sel: dict, key: str, where: str) -> list:
+    v = sel.get(key)
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise _err(_j(where, key), "must be a list")
+    return v
+
+
+def _repeat_fn(paths: list[Callable[[list, Env], list]]) -> Callable[[list, Env], list]:
+    """``repeat``: the nodes reached by applying the paths again and again (depth first, each node before its
+    descendants, the paths in their order), the starting node excluded."""
+    def children(node: Any, env: Env) -> list:
+        env.this = node
+        out: list = []
+        for p in paths:
+            out.extend(p([node], env))
+        return out
+
+    def repeat(focus: list, env: Env) -> list:
+        out: list = []
+        saved = env.this
+        try:
+            stack = [iter([c for node in focus for c in children(node, env)])]
+            while stack:
+                node = next(stack[-1], _DONE)
+                if node is _DONE:
+                    stack.pop()
+                    continue
+                out.append(node)
+                if len(out) > _REPEAT_MAX:
+                    raise BadResource(f"repeat reaches more than {_REPEAT_MAX} nodes")
+                ch = children(node, env)
+                if ch:
+                    stack.append(iter(ch))
+        finally:
+            env.this = saved
+        return out
+    return repeat
+
+
+_DONE = object()
+_REPEAT_MAX = 1_000_000
+
+
+def _compile_select(sel: Any, where: str, constants: Any = None) -> _Select:
     if not isinstance(sel, dict):
         raise _err(where, "must be an object")
-    unknown = set(sel) - {"column", "select", "forEach", "forEachOrNull", "unionAll", "description"}
+    unknown = set(sel) - {"column", "select", "forEach", "forEachOrNull", "repeat", "unionAll", "description"}
     if unknown:
         raise _err(where, f"unknown field(s) {sorted(unknown)}")
-    if "forEach" in sel and "forEachOrNull" in sel:
-        raise _err(where, "forEach and forEachOrNull are exclusive")
-    cols = [_compile_column(c, _j(where, f"column[{i}]")) for i, c in enumerate(sel.get("column") or [])]
-    subs = [_compile_select(s, _j(where, f"select[{i}]")) for i, s in enumerate(sel.get("select") or [])]
+    if sum(k in sel for k in ("forEach", "forEachOrNull", "repeat")) > 1:
+        raise _err(where, "forEach, forEachOrNull and repeat are exclusive")
+    or_null = "forEachOrNull" in sel
+    each_fn = None
+    if "repeat" in sel:
+        rep = sel["repeat"]
+        if not isinstance(rep, list) or not rep:
+            raise _err(_j(where, "repeat"), "must be a non-empty list of FHIRPath strings")
+        each_fn = _repeat_fn([_path(x, _j(where, f"repeat[{i}]"), constants) for i, x in enumerate(rep)])
+    elif "forEach" in sel or or_null:
+        key = "forEachOrNull" if or_null else "forEach"
+        each_fn = _path(sel[key], _j(where, key), constants)
+    cols = [_compile_column(c, _j(where, f"column[{i}]"), constants)
+            for i, c in enumerate(_list_of(sel, "column", where))]
+    subs = [_compile_select(s, _j(where, f"select[{i}]"), constants)
+            for i, s in enumerate(_list_of(sel, "select", where))]
     union = None
-    if sel.get("unionAll"):
-        branches = [_compile_select(s, _j(where, f"unionAll[{i}]")) for i, s in enumerate(sel["unionAll"])]
+    if _list_of(sel, "unionAll", where):
+        branches = [_compile_select(s, _j(where, f"unionAll[{i}]"), constants)
+                    for i, s in enumerate(sel["unionAll"])]
         first = branches[0].names
         for i, b in enumerate(branches[1:], 1):
             if b.names != first:
@@ -236,13 +308,11 @@ def _compile_select(sel: Any, where: str) -> _Select:
     types = [c[1] for c in cols] + [t for s in subs for t in s.types] + (union[0].types if union else [])
     if not names:
         raise _err(where, "selects no column")
-    each = sel.get("forEach") if "forEach" in sel else sel.get("forEachOrNull")
-    or_null = "forEachOrNull" in sel
-    each_fn = _path(each, _j(where, 'forEachOrNull' if or_null else 'forEach')) if each is not None else None
     col_fns = tuple(c[2] for c in cols)
     sub_fns = tuple(s.fn for s in subs)
     union_fns = tuple(b.fn for b in union) if union else None
-    null_row = (None,) * len(names)
+    # forEachOrNull without items: one row of nulls, but %rowIndex is 0 there as on any first row
+    null_row = tuple(0 if c[3] else None for c in cols) + (None,) * (len(names) - len(cols))
 
     def one(node: Any, env: Env) -> list:
         focus = [node]
@@ -295,9 +365,11 @@ def _constant_value(c: Any, where: str) -> tuple[str, Any]:
     return c["name"], vals[0][1]
 
 
-def compile_view(definition: dict, *, schema: pa.Schema | None = None, where: str = "") -> CompiledView:
+def compile_view(definition: dict, *, schema: pa.Schema | None = None, where: str = "",
+                 require_name: bool = True) -> CompiledView:
     """Compile a ViewDefinition. ``schema`` (optional) fixes the output column order and types (the
-    built-in tables use their established schemas). Raises :class:`ViewError` naming the bad element."""
+    built-in tables use their established schemas). ``require_name=False`` accepts a view without a ``name``
+    (named ``view``; ingest needs the name for its table). Raises :class:`ViewError` naming the bad element."""
     if not isinstance(definition, dict):
         raise _err(where, "a ViewDefinition must be an object")
     p = f"{where}." if where else ""
@@ -309,18 +381,24 @@ def compile_view(definition: dict, *, schema: pa.Schema | None = None, where: st
     if definition.get("resourceType", "ViewDefinition") != "ViewDefinition":
         raise _err(f"{p}resourceType", "must be ViewDefinition")
     name = definition.get("name")
+    if name is None and not require_name:
+        name = "view"
     if not isinstance(name, str) or not TABLE_NAME_RE.match(name):
         raise _err(f"{p}name", "must be a lower_snake_case table name (letters, digits, _), 1-63 chars")
     resource = definition.get("resource")
     if not isinstance(resource, str) or not re.match(r"^[A-Z][A-Za-z]+$", resource):
         raise _err(f"{p}resource", "must be a FHIR resource type, e.g. MedicationRequest")
+    constant_list = definition.get("constant") or []
+    if not isinstance(constant_list, list):
+        raise _err(f"{p}constant", "must be a list")
+    constants = dict(_constant_value(c, f"{p}constant[{i}]") for i, c in enumerate(constant_list))
     selects = definition.get("select")
     if not isinstance(selects, list) or not selects:
         raise _err(f"{p}select", "must be a non-empty list")
     if len(selects) == 1:
-        top = _compile_select(selects[0], f"{p}select[0]")
+        top = _compile_select(selects[0], f"{p}select[0]", constants)
     else:
-        top = _compile_select({"select": selects}, p.rstrip("."))
+        top = _compile_select({"select": selects}, p.rstrip("."), constants)
     names, types = top.names, top.types
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -329,8 +407,8 @@ def compile_view(definition: dict, *, schema: pa.Schema | None = None, where: st
     for i, w in enumerate(definition.get("where") or []):
         if not isinstance(w, dict):
             raise _err(f"{p}where[{i}]", "must be an object with a path")
-        wheres.append(_path(w.get("path"), f"{p}where[{i}].path"))
-    constants = dict(_constant_value(c, f"{p}constant[{i}]") for i, c in enumerate(definition.get("constant") or []))
+        wheres.append((_path(w.get("path"), f"{p}where[{i}].path", constants),
+                       f"where[{i}].path gives a value that is not a boolean"))
 
     if schema is not None:
         missing = [f.name for f in schema if f.name not in names]
@@ -353,10 +431,14 @@ def compile_view(definition: dict, *, schema: pa.Schema | None = None, where: st
         env.constants = constants
         if wheres_t:
             focus = [resource]
-            for w in wheres_t:
+            for w, not_boolean in wheres_t:
                 env.this = resource
                 r = w(focus, env)
-                if not (len(r) == 1 and r[0] is True):
+                if not r:
+                    return []
+                if len(r) != 1 or type(r[0]) is not bool:
+                    raise BadResource(not_boolean)
+                if r[0] is False:
                     return []
         out = top_fn(resource, env)
         if reorder is not None:

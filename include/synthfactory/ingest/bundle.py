@@ -7,10 +7,13 @@ the ones an NDJSON export of the same data gives. An entry without ``resource.id
 takes its id from ``request.url`` (``PUT Patient/123``) or from its ``urn:uuid:`` fullUrl. A reference to a
 ``urn:uuid:`` that no entry carries is counted as unresolved (keyed by the uuid, as NDJSON would).
 
-Bundles are read whole (they are single JSON documents): a file larger than ``max_bundle_bytes``, one that
-is not valid JSON, and an entry without a resource are quarantined; the rest of the extract still loads.
-Patients of every file are flattened first (pass 1), the other resources after (pass 2), so the
-dangling-reference check sees all patients.
+Each Bundle is read and parsed once (a file larger than ``max_bundle_bytes``, one that is not valid JSON, and
+an entry without a resource are quarantined; the rest of the extract still loads). Its entries become compact
+JSON lines, references rewritten in the bytes, and go through the NDJSON hot loop, so the compiled flatten
+(:mod:`.native`) takes the plain ones and every check is the NDJSON path's. A file's Patients are read before
+its other resources; a resource naming a Patient of a later file is held back (memory, then a temporary
+file) until every file has been read, so the dangling-reference check sees all patients. The validation
+sample's "first 20" counts per file and type (within the per-type cap).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import gzip
 import io
 import hashlib
 import logging
+import re
+import tempfile
 from typing import Any, Iterable, Iterator
 
 import orjson
@@ -26,8 +31,9 @@ import orjson
 from synthfactory.keys import Keyer
 from synthfactory.storage import Store
 
-from synthfactory.fhir.normalize import ExtractError
-from .session import DEFAULT_MAX_LINE_BYTES, IngestSession, check_resources, gc_paused, relative_name, scan_source
+from synthfactory.fhir.normalize import ExtractError, parse_reference
+from .fhir_ndjson import _ingest_lines, processing_order
+from .session import ALWAYS_VALIDATE_FIRST, DEFAULT_MAX_LINE_BYTES, IngestSession, check_resources, gc_paused, relative_name, scan_source
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +189,16 @@ def ingest_bundles(
     extra_report: dict | None = None,
     validate_max_per_type: int = 0,
     value_rules: Any = None,
+    validate_first: int = ALWAYS_VALIDATE_FIRST,
 ) -> dict:
-    """Flatten a folder of Bundle files into the same tables as :func:`.fhir_ndjson.ingest_extract`."""
+    """Flatten a folder of Bundle files into the same tables as :func:`.fhir_ndjson.ingest_extract`.
+
+    Each file is read and parsed once. Its entries, references resolved, become compact JSON lines that go
+    through the NDJSON hot loop (:func:`.fhir_ndjson._ingest_lines`: the compiled flatten for the types it
+    covers, the same checks, quarantine records carrying the entry position). Per file and type, the first
+    ``validate_first`` (20) resources are always validated, within the per-type cap. A resource whose
+    ``subject``/``patient`` names a Patient not read yet (in a later file) is held back, spilled to a
+    temporary file, until every file's Patients are in, so the dangling-reference check sees them all."""
     with gc_paused():
         store = store or Store()
         source_uri, out_uri = str(source_uri), str(out_uri)
@@ -198,44 +212,98 @@ def ingest_bundles(
         session = IngestSession(out_uri, keyer=keyer, store=store, resources=resources, views=views,
                                 validate_sample_rate=validate_sample_rate, batch_rows=batch_rows, engine=engine,
                                 max_line_bytes=DEFAULT_MAX_LINE_BYTES, on_dangling=on_dangling,
-                                validate_max_per_type=validate_max_per_type, value_rules=value_rules)
+                                validate_max_per_type=validate_max_per_type, validate_first=validate_first,
+                                value_rules=value_rules)
         totals = {"bundles": 0, "deleted": 0, "unresolved_references": 0, "entries_without_resource": 0}
         for name, reason in refused.items():
             log.warning("ingest: %s refused: %s", name, reason)
             session.skip_file(name, reason, outcome="refused")
+        held = _HeldBack()
         try:
-            for pass_no in (1, 2):
-                for name, uri in files:
-                    entries = _load(session, store, name, uri, max_bundle_bytes, totals, first=pass_no == 1)
-                    if entries is None:
-                        continue
-                    fname = name.rsplit("/", 1)[-1]
-                    if pass_no == 1:
-                        session.ingest_resources(fname, _only(entries, patients=True))
-                    else:
-                        session.ingest_resources(fname, _only(entries, patients=False))
+            for name, uri in files:
+                _ingest_file(session, store, name, uri, max_bundle_bytes, totals, held)
+            for fname, rtype, positions, lines in held.replay():
+                _ingest_group(session, fname, rtype, positions, lines)
         except BaseException:
             session.abort()
             raise
+        finally:
+            held.close()
         return session.finish(source=source_uri, skipped_files=skipped,
-                              extra={"source_kind": "fhir_bundle", "bundle_stats": totals, **(extra_report or {})})
+                              extra={"source_kind": "fhir_bundle", "bundle_stats": totals,
+                                     "bundle_resources_held_back": held.count, **(extra_report or {})})
 
 
-def _only(entries: list[tuple[int, Any]], *, patients: bool) -> Iterator[tuple[int, Any]]:
-    for pos, res in entries:
-        is_patient = isinstance(res, dict) and res.get("resourceType") == "Patient"
-        if is_patient == patients:
-            yield pos, res
+_REF_RE = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
+_GROUP_LINES = 4096  # lines per block handed to the hot loop (the compiled flatten's unit of work)
 
 
-def _load(session: IngestSession, store: Store, name: str, uri: str, max_bytes: int, totals: dict,
-          first: bool) -> list[tuple[int, Any]] | None:
+def _ingest_group(session: IngestSession, fname: str, rtype: str, positions: list[int], lines: list[bytes]) -> None:
+    """One file's resources of one type (compact JSON lines, their entry positions) through the hot loop."""
+    first = session.validate_first
+    cap = session.validate_cap
+    if cap is not None:  # the "first N per file" stays within the per-type cap
+        first = max(min(first, cap - session.validated_by_type[rtype]), 0)
+    blocks = [lines[k:k + _GROUP_LINES] for k in range(0, len(lines), _GROUP_LINES)]
+    _ingest_lines(session, fname, rtype, blocks, positions=positions, validate_first=first)
+
+
+def _patient_id(res: dict, mapping: dict[str, str], file_patients: set) -> str | None:
+    """The Patient id a resource's ``subject`` or ``patient`` names (after fullUrl resolution), or None; None
+    too for a Patient of this file (read before the file's other resources)."""
+    for field_ in ("subject", "patient"):
+        ref = res.get(field_)
+        if type(ref) is not dict:
+            continue
+        ref = ref.get("reference")
+        if type(ref) is str and ref:
+            target = mapping.get(ref)
+            if target is not None and target[:8] == "Patient/" and target[8:] in file_patients:
+                return None
+            t, rid = parse_reference(target or ref)
+            if t == "Patient" and rid:
+                return None if rid in file_patients else rid
+    return None
+
+
+_REF = b'"reference":"'
+
+
+def _rewrite(line: bytes, mapping_b: dict[bytes, bytes], mapping: dict[str, str], counts: list[int]) -> bytes:
+    """Rewrite the ``"reference":"<fullUrl>"`` values of a compact JSON line to ``Type/id`` (counting the
+    ``urn:uuid:`` ones that no entry carries in ``counts[0]``)."""
+    parts = line.split(_REF)
+    changed = False
+    for k in range(1, len(parts)):
+        part = parts[k]
+        end = part.find(b'"')
+        val = part[:end]
+        if b"\\" in val:  # an escaped reference: the whole line the careful way
+            return _REF_RE.sub(lambda m: _rewrite_match(m, mapping, counts), line)
+        target = mapping_b.get(val)
+        if target is not None:
+            parts[k] = target + part[end:]
+            changed = True
+        elif val[:9] == b"urn:uuid:":
+            counts[0] += 1
+    return _REF.join(parts) if changed else line
+
+
+def _rewrite_match(m: "re.Match[bytes]", mapping: dict[str, str], counts: list[int]) -> bytes:
+    text = orjson.loads(b'"' + m.group(1) + b'"')
+    target = mapping.get(text)
+    if target is not None:
+        return b'"reference":' + orjson.dumps(target)
+    if text.startswith("urn:uuid:"):
+        counts[0] += 1
+    return m.group(0)
+
+
+def _ingest_file(session: IngestSession, store: Store, name: str, uri: str, max_bytes: int, totals: dict,
+                 held: "_HeldBack") -> None:
     fname = name.rsplit("/", 1)[-1]
-    if not first and session.file_outcomes.get(name, {}).get("outcome") == "quarantined":
-        return None  # quarantined whole in pass 1 (one record, not two)
     raw, sha = _read_bundle(store, name, uri, max_bytes)
     reason = None
-    doc: Any = None
     if raw is None:
         reason = f"bundle larger than {max_bytes} bytes"
     else:
@@ -243,18 +311,152 @@ def _load(session: IngestSession, store: Store, name: str, uri: str, max_bytes: 
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:
             reason = "invalid JSON"
-    if reason is not None:
-        if first:
-            session.record_file(name, sha, outcome="quarantined", reason=reason)
-            session.quarantine(fname, 0, "Bundle", reason)
-        return None
-    entries, stats = resolve_bundle(doc)
-    if first:
-        session.record_file(name, sha, resources=len(entries))
-        totals["bundles"] += 1
-        for k, v in stats.items():
-            totals[k] += v
-        for pos, res in entries:
-            if res is None:
-                session.quarantine(fname, pos, "Bundle", "entry without a resource")
-    return [(p, r) for p, r in entries if r is not None]
+    if reason is not None:  # the whole file: one quarantine record, its outcome in the report
+        session.record_file(name, sha, outcome="quarantined", reason=reason)
+        session.quarantine(fname, 0, "Bundle", reason)
+        return
+    del raw
+    totals["bundles"] += 1
+    if not isinstance(doc, dict):
+        session.record_file(name, sha, resources=1)
+        session.quarantine(fname, 1, None, "not a JSON object")
+        return
+    if doc.get("resourceType") != "Bundle":
+        entries: list = [{"resource": doc}]
+    else:
+        entries = doc.get("entry") or []
+        if not isinstance(entries, list):
+            entries = [None]
+    del doc
+    session.record_file(name, sha, resources=len(entries))
+
+    # fullUrl -> Type/id, ids filled in (as resolve_bundle does)
+    mapping: dict[str, str] = {}
+    file_patients: set = set()  # this file's Patients are read before its other resources
+    kept: list[tuple[int, dict]] = []
+    for pos, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            session.quarantine(fname, pos, "Bundle", "entry without a resource")
+            continue
+        request = entry.get("request")
+        if isinstance(request, dict) and request.get("method") == "DELETE":
+            totals["deleted"] += 1
+            continue
+        res = entry.get("resource")
+        if not isinstance(res, dict):
+            totals["entries_without_resource"] += 1
+            session.quarantine(fname, pos, "Bundle", "entry without a resource")
+            continue
+        rtype, full, rid = res.get("resourceType"), entry.get("fullUrl"), res.get("id")
+        if not (type(rid) is str and rid):
+            url = request.get("url") if isinstance(request, dict) else None
+            if type(url) is str and "/" in url and "?" not in url and url.split("/", 1)[0] == rtype:
+                rid = url.split("/", 2)[1]
+            elif type(full) is str and full.startswith("urn:uuid:"):
+                rid = full[9:]
+            elif type(full) is str and full.startswith("urn:oid:"):
+                rid = full[8:]
+            if type(rid) is str and rid:
+                res["id"] = rid
+        if type(full) is str and full and type(rtype) is str and type(rid) is str and rid:
+            mapping[full] = f"{rtype}/{rid}"
+        if rtype == "Patient":
+            file_patients.add(rid)
+        kept.append((pos, res))
+    del entries
+
+    # compact lines per type, references rewritten in the bytes; the parsed entries are freed as we go
+    mapping_b = {k.encode(): v.encode() for k, v in mapping.items()}
+    counts = [0]  # unresolved urn:uuid references
+    producers = session.producers
+    seen_patients = session.seen.get("Patient")
+    check_patients = seen_patients is not None
+    groups: dict[str, tuple[list[int], list[bytes]]] = {}
+    dumps = orjson.dumps
+    skipped = session.skipped_resources
+    kept.reverse()
+    while kept:
+        pos, res = kept.pop()
+        rtype = res.get("resourceType")
+        if rtype not in producers:
+            if type(rtype) is not str:
+                session.quarantine(fname, pos, None, "missing resourceType")
+            else:
+                skipped[rtype] = skipped.get(rtype, 0) + 1
+            continue
+        line = dumps(res)
+        if _REF in line and (mapping_b or b"urn:uuid:" in line):
+            line = _rewrite(line, mapping_b, mapping, counts)
+        if check_patients and rtype != "Patient":
+            pid = _patient_id(res, mapping, file_patients)
+            if pid is not None and pid not in seen_patients:
+                held.add(fname, rtype, pos, line)
+                continue
+        g = groups.get(rtype)
+        if g is None:
+            g = groups[rtype] = ([], [])
+        g[0].append(pos)
+        g[1].append(line)
+    unresolved = counts[0]
+    totals["unresolved_references"] += unresolved
+    for rtype in sorted(groups, key=processing_order):  # this file's Patients first
+        positions, lines = groups[rtype]
+        _ingest_group(session, fname, rtype, positions, lines)
+
+
+HELD_BACK_MEMORY = 32 << 20  # bytes of held-back lines kept in memory; more go to a temporary file
+
+
+class _HeldBack:
+    """Resources held back until every file's Patients are read: in memory up to ``limit`` bytes, then in a
+    temporary file (bounded memory whatever the order of the files)."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = HELD_BACK_MEMORY if limit is None else limit
+        self.count = 0
+        self.size = 0
+        self.items: list[tuple[str, str, int, bytes]] = []
+        self.spill: Any = None
+
+    def add(self, fname: str, rtype: str, pos: int, line: bytes) -> None:
+        self.count += 1
+        self.items.append((fname, rtype, pos, line))
+        self.size += len(line)
+        if self.size > self.limit:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.spill is None:
+            self.spill = tempfile.TemporaryFile(prefix="synthfactory-bundle-held-")
+        w = self.spill.write
+        for fname, rtype, pos, line in self.items:
+            w(orjson.dumps([fname, rtype, pos]) + b"\n" + line + b"\n")
+        self.items, self.size = [], 0
+
+    def _all(self) -> Iterator[tuple[str, str, int, bytes]]:
+        if self.spill is not None:
+            self.spill.seek(0)
+            for head in self.spill:
+                fname, rtype, pos = orjson.loads(head)
+                yield fname, rtype, pos, self.spill.readline()[:-1]
+        yield from self.items
+
+    def replay(self) -> Iterator[tuple[str, str, list[int], list[bytes]]]:
+        """(file, type, positions, lines) runs, in the order they were held."""
+        key: tuple[str, str] | None = None
+        positions: list[int] = []
+        lines: list[bytes] = []
+        for fname, rtype, pos, line in self._all():
+            if key != (fname, rtype) or len(lines) >= _GROUP_LINES:
+                if lines:
+                    yield key[0], key[1], positions, lines  # type: ignore[index]
+                key, positions, lines = (fname, rtype), [], []
+            positions.append(pos)
+            lines.append(line)
+        if lines:
+            yield key[0], key[1], positions, lines  # type: ignore[index]
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None

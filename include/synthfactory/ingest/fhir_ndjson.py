@@ -216,11 +216,19 @@ def ingest_ndjson(session: IngestSession, name: str, uri: str, rtype: str) -> No
     log.info("ingested %s: %d resources, %d quarantined, %.2fs", fname, n_read, n_bad, time.perf_counter() - tf)
 
 
-def _ingest_lines(session: IngestSession, fname: str, rtype: str, blocks: Iterable[list]) -> tuple[int, int]:
-    """The hot loop: every line of one file, in order. Returns (resources read, quarantined)."""
+def _ingest_lines(session: IngestSession, fname: str, rtype: str, blocks: Iterable[list],
+                  positions: list[int] | None = None, validate_first: int | None = None) -> tuple[int, int]:
+    """The hot loop: every line of one file, in order. Returns (resources read, quarantined).
+
+    The Bundle reader (:mod:`.bundle`) passes its entries as lines too: ``positions`` (the entry position of
+    each line, recorded in the quarantine instead of the line number) and ``validate_first`` (the first N
+    resources of this call always validated, counted from this call: the sample's "first N per file")."""
     loads = orjson.loads
     decode_error = orjson.JSONDecodeError
     quarantine = session.quarantine
+    if positions is not None:
+        def quarantine(f: str, ln: int, rt: str | None, reason: str, _q=session.quarantine) -> None:  # noqa: F811
+            _q(f, positions[ln - 1], rt, reason)
     producers = session.producers[rtype]
     single = producers[0] if len(producers) == 1 else None
     flat = single.fn if single else None
@@ -236,19 +244,25 @@ def _ingest_lines(session: IngestSession, fname: str, rtype: str, blocks: Iterab
     add_ident = session.identifiers.add
     ids_chunk = session.identifiers.chunk
     threshold = session.threshold
-    validate_first = session.validate_first
+    n_cand0 = session.candidates[rtype] if validate_first is None else 0
+    if validate_first is None:
+        validate_first = session.validate_first
     vcap = session.validate_cap
     vdone = session.validated_by_type[rtype]
     file_salt = zlib.crc32(fname.encode())
     key = session.key
     n_read = n_bad = 0
-    n_cand = session.candidates[rtype]
+    n_cand = n_cand0
     validated = 0
     lineno = 0
     native = session.native.get(rtype) if single is not None else None
     commit = native.commit if native is not None else None
-    pairs: Iterable[tuple[list, Any]] = native_flatten.prepared(blocks, native, session.prepare_pool()) \
-        if native is not None else ((b, None) for b in blocks)
+    if native is None:
+        pairs: Iterable[tuple[list, Any]] = ((b, None) for b in blocks)
+    elif type(blocks) is list and len(blocks) == 1:  # one block (a Bundle's entries): nothing to overlap
+        pairs = [(blocks[0], native.prepare(blocks[0]))]
+    else:
+        pairs = native_flatten.prepared(blocks, native, session.prepare_pool())
     n_native = 0
     for block, prep in pairs:
         if len(ids_chunk) >= IDENTIFIER_CHUNK_ROWS:
@@ -367,7 +381,7 @@ def _ingest_lines(session: IngestSession, fname: str, rtype: str, blocks: Iterab
                         quarantine(fname, lineno, rtype, reason)
                         continue
                     seen_ids.add(rid)
-    session.candidates[rtype] = n_cand
+    session.candidates[rtype] += n_cand - n_cand0
     session.native_lines[rtype] += n_native
     session.validated += validated
     session.validated_by_type[rtype] = vdone
