@@ -215,7 +215,8 @@ def prepare_table(table: pd.DataFrame, columns: dict, spec: Any, key: str) -> tu
         rules += [r for r in detect_rules(df, types, truth) if _key(r) not in have]
     values = {c: sorted((_py(v) for v in pd.unique(df[c].dropna())), key=lambda v: (str(type(v)), v))
               for c, t in types.items() if t in CATEGORY_TYPES}
-    plan = {"types": types, "dtypes": {c: str(df[c].dtype) for c in df.columns}, "truth": truth,
+    plan = {"columns": list(df.columns), "types": types, "dtypes": {c: str(df[c].dtype) for c in df.columns},
+            "truth": truth,
             "values": values, "rules": [r.to_dict() for r in rules], "dropped": columns.get("dropped", [])}
     if rules:
         log.info("table: %d logic rule(s): %s", len(rules), "; ".join(r.describe() for r in rules[:10]))
@@ -230,7 +231,8 @@ def metadata_overrides(plan: dict) -> dict[str, dict]:
 def conform(df: pd.DataFrame, plan: dict) -> pd.DataFrame:
     """A synthetic batch in the real table's dtypes and column order."""
     out = {}
-    for col, dtype in plan["dtypes"].items():
+    for col in plan.get("columns") or list(plan["dtypes"]):  # the real order (JSON may sort the dtypes' keys)
+        dtype = plan["dtypes"][col]
         s = df[col]
         try:
             if dtype.startswith(("int", "uint")) and s.isna().any():
