@@ -6,7 +6,6 @@ the same release; the gate refuses a copy of the table."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -69,7 +68,7 @@ def test_minimal_spec_releases_the_input_columns(runs):
 
 
 def test_parquet_and_csv_copies_give_the_same_result(runs):
-    (c_ctx, c), (p_ctx, p) = runs["csv"], runs["parquet"]
+    (_, c), (_, p) = runs["csv"], runs["parquet"]
     assert c["ingest"]["extract_sha256"] != p["ingest"]["extract_sha256"]     # two different files
     for uri in ("train_uri", "holdout_uri"):
         pd.testing.assert_frame_equal(pd.read_parquet(c["prepare"][uri]), pd.read_parquet(p["prepare"][uri]))
