@@ -322,8 +322,11 @@ def quality(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary) -
         metadata = ctx.store.read_json(prepared["metadata_uri"])
         docs_uri = ctx.uri("reports", "data_docs")
         with tempfile.TemporaryDirectory(prefix="sf-data-docs-") as docs:
+            utility = qt.utility
+            if utility is not None and utility.keep_leaking_features is None:  # left out for flat tables
+                utility = utility.model_copy(update={"keep_leaking_features": ctx.spec.source.kind != "table"})
             result = evaluate_quality(real, synthetic, suite=suite, metadata=metadata, keys=[SYNTHETIC_ID],
-                                      holdout=holdout, relationships=qt.relationships, utility=qt.utility,
+                                      holdout=holdout, relationships=qt.relationships, utility=utility,
                                       seed=ctx.spec.synthesizer.seed, data_docs_dir=docs)
             index = result["expectations"].pop("data_docs_index", None)
             if index:

@@ -602,9 +602,10 @@ class UtilitySpec(_Model):
     leak_auc: float = Field(
         default=0.98, ge=0.5, le=1.0, description="A feature that alone predicts a binary target with a real-data "
                                                   "ROC AUC at least this high is flagged as leaking the outcome")
-    keep_leaking_features: bool = Field(
-        default=False, description="Keep flagged outcome-leaking features in the utility models (default: "
-                                   "left out, and the report says so)")
+    keep_leaking_features: bool | None = Field(
+        default=None, description="Keep flagged outcome-leaking features in the utility models; default (null): "
+                                  "left out for a flat table (source.kind: table), kept (and flagged) for the "
+                                  "FHIR/EHR modelling table, whose benches are anchored with them")
 
 
 class ReferenceSpec(_Model):

@@ -197,11 +197,16 @@ def test_utility_flags_and_leaves_out_single_feature_predictors():
 
     df = real("ACTG175.csv").drop(columns=["pidnum"])
     train, hold = df.iloc[:1500], df.iloc[1500:]
-    out = ml_utility(train, hold, train.sample(frac=1.0, random_state=0), target="treat", seed=0)
+    out = ml_utility(train, hold, train.sample(frac=1.0, random_state=0), target="treat", seed=0,
+                     keep_leaking_features=False)
     assert [d["feature"] for d in out["leaking_features"]] == ["arms"] and out["leaking_features"][0]["auc"] == 1.0
     assert out["leaking_features_dropped"] and "arms" not in out["features"] and "arms" in out["note"]
-    kept = ml_utility(train, hold, train, target="treat", seed=0, keep_leaking_features=True)
-    assert "arms" in kept["features"] and kept["trtr"] > out["trtr"]
+    kept = ml_utility(train, hold, train, target="treat", seed=0)             # flagged, kept (the default)
+    assert "arms" in kept["features"] and kept["trtr"] > out["trtr"] and kept["leaking_features"]
+    # the spec's default (null): left out for a flat table, kept for the FHIR modelling table
+    from synthfactory.spec import UtilitySpec
+
+    assert UtilitySpec(target="treat").keep_leaking_features is None
 
 
 def test_validate_warns_on_a_small_holdout(tmp_path, capsys):

@@ -13,8 +13,9 @@ reads is ``ratio = TSTR / TRTR`` (1.0 = the synthetic data is as useful as the r
 A feature that alone predicts a binary target on the real train split with a ROC AUC of at least ``leak_auc``
 (0.98; the better of the two directions, missing values as a level of their own) says the outcome, rather
 than predicting it (a follow-up field filled only for the dead, a date of death): it inflates both scores and
-hides what the synthetic data lose. Such features are flagged (``leaking_features``) and left out of both
-models by default (``keep_leaking_features`` keeps them); the note says which.
+hides what the synthetic data lose. Such features are flagged (``leaking_features``) and, with
+``keep_leaking_features=False`` (the quality stage's default for a flat table), left out of both models; the
+note says which.
 
 scikit-learn is imported lazily. Only scores and counts are returned and logged.
 """
@@ -169,7 +170,7 @@ def ml_utility(
     min_class_rows: int = 10,
     seed: int = 0,
     leak_auc: float | None = 0.98,
-    keep_leaking_features: bool = False,
+    keep_leaking_features: bool = True,
 ) -> dict:
     """TSTR vs TRTR for ``target`` (see the module docstring).
 
