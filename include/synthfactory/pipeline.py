@@ -99,7 +99,8 @@ def extract_digest(source_uri: str, store: Store) -> str:
     h = hashlib.sha256()
     base = source_uri.rstrip("/")
     files = store.listdir(source_uri)
-    if not files and store.exists(source_uri):  # one file (a flat table)
+    if not files and (Path(source_uri).is_file() if not is_s3(source_uri) else store.exists(source_uri)):
+        # one file (a flat table)
         files, base = [source_uri], source_uri.rsplit("/", 1)[0]
     for uri in files:
         h.update(uri[len(base):].lstrip("/").encode() + b"\0")
