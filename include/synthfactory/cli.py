@@ -193,6 +193,8 @@ def _validate(spec, args) -> int:  # noqa: ANN001
     folder with a throwaway salt, deleted afterwards)."""
     from synthfactory.features import unresolvable_columns
 
+    if spec.source.kind == "table":
+        return _validate_table(spec, args)
     for where, col in unresolvable_columns(spec):
         print(f"warning: {where}: {col!r} is not a column the features can produce (labs, features.conditions "
               f"as cond_<name>, demographics and counts)", file=sys.stderr)
@@ -210,6 +212,77 @@ def _validate(spec, args) -> int:  # noqa: ANN001
           f"{info['patients']} patients, {len(info['columns'])} columns; labs (patients): {labs}; "
           f"condition concepts (patients): {conds}; top condition flags: "
           f"{', '.join(info['condition_flags']) or 'none'}")
+    return EXIT_OK
+
+
+def holdout_warnings(spec, rows: int) -> list[str]:  # noqa: ANN001
+    """What a holdout of ``rows`` x holdout_fraction real rows cannot resolve: the anonymeter risks (their 95 %
+    interval needs about (1.96 x 0.5 / (max_risk / 2))^2 attacks, capped by the holdout, to certify the
+    threshold) and the DCR share (its sampling sd is about 0.5 / sqrt(holdout); ideal 0.5 + noise_z sd must stay
+    under the cap max_dcr_share for a copy to be told from a fresh sample)."""
+    import math
+
+    pt = spec.privacy
+    holdout = max(1, int(round(rows * spec.synthesizer.holdout_fraction)))
+    out = []
+    need = math.ceil((1.96 * 0.5 / (pt.max_anonymeter_risk / 2)) ** 2)
+    if pt.anonymeter_attacks and holdout < max(need, pt.anonymeter_min_attacks):
+        out.append(f"holdout of {holdout} rows ({rows} x {spec.synthesizer.holdout_fraction}): too small to certify "
+                   f"anonymeter risks at {pt.max_anonymeter_risk} (about {need} attacks needed, capped by the "
+                   f"holdout); the gate will only refuse significant evidence of risk"
+                   + ("; require_anonymeter_certification will refuse every run" if
+                      pt.require_anonymeter_certification else ""))
+    band = pt.noise_z * 0.5 / math.sqrt(holdout)
+    if 0.5 + band > pt.max_dcr_share:
+        out.append(f"holdout of {holdout} rows: the DCR share cannot be resolved (sampling sd about "
+                   f"{0.5 / math.sqrt(holdout):.3f}; 0.5 + {pt.noise_z} sd = {0.5 + band:.3f} exceeds "
+                   f"max_dcr_share {pt.max_dcr_share}): a copy of the table may not be told from fresh rows")
+    return out
+
+
+def _validate_table(spec, args) -> int:  # noqa: ANN001
+    """A flat table: read it (--extract, else source.uri when it is a local file or a SQLAlchemy URL), show the
+    column types and logic rules found, and warn where the holdout is too small for the privacy figures."""
+    import secrets
+    import tempfile
+
+    from synthfactory.context import project_root, resolve
+    from synthfactory.ingest.table import is_sql_url
+    from synthfactory.storage import Store, is_s3
+
+    uri = args.extract or spec.source.uri
+    base = project_root(args.spec)
+    uri = resolve(uri, base) if uri else uri
+    readable = uri and ((not is_s3(uri) and "://" not in uri and Path(uri).exists()) or
+                        (spec.source.query and is_sql_url(uri)))
+    if not readable:
+        print(f"ok: {spec.name} ({args.spec}) spec_sha256={spec.spec_hash()[:12]} (table not read: give --extract "
+              f"<file or SQLAlchemy URL> to check its columns and holdout)")
+        return EXIT_OK
+    from synthfactory.ingest.table import ingest_table
+    from synthfactory.keys import Keyer
+    from synthfactory.synthesize.flat import prepare_table
+    from synthfactory.synthesize.modelling import KEY
+
+    store = Store()
+    try:
+        with tempfile.TemporaryDirectory(prefix="synthfactory-validate-") as tmp:
+            report = ingest_table(spec.source, uri, tmp, keyer=Keyer(secrets.token_bytes(32)), store=store)
+            table = store.read_df(report["tables"]["table"])
+            _, plan = prepare_table(table, {"types": report["column_types"], "dropped": report["dropped"]}, spec,
+                                    KEY)
+    except SynthFactoryError as err:
+        print(describe(err), file=sys.stderr)
+        return exit_code_for(err)
+    rows = len(table)
+    for w in holdout_warnings(spec, rows):
+        print(f"warning: {w}", file=sys.stderr)
+    types = ", ".join(f"{c}: {t}" for c, t in report["column_types"].items())
+    from synthfactory.synthesize.flat import rules_of
+
+    rules = "; ".join(r.describe() for r in rules_of(plan)) or "none"
+    print(f"ok: {spec.name} ({args.spec}) spec_sha256={spec.spec_hash()[:12]}; table: {rows} rows; column types: "
+          f"{types}; logic rules: {rules}")
     return EXIT_OK
 
 

@@ -63,6 +63,7 @@ class RunContext:
     force_ingest: bool = False                            # ignore a reusable previous ingest output
     fhir_auth: Any = None                                 # ingest.smart.AuthConfig of a FHIR server (fhir_bulk/search)
     fhir_base_url: str | None = None                      # the FHIR server, when it comes from a connection
+    sql_reader: Any = None                                # table source: query -> DataFrame (an Airflow DbApiHook)
     signing_key: str | bytes | None = None                # release signing key (release.signing_connection_id); None:
                                                           # $SYNTHFACTORY_SIGNING_KEY, else a key file in local staging
 

@@ -98,7 +98,11 @@ def extract_digest(source_uri: str, store: Store) -> str:
     """sha256 over every file under the extract (relative name, size, bytes), streamed in sorted order."""
     h = hashlib.sha256()
     base = source_uri.rstrip("/")
-    for uri in store.listdir(source_uri):
+    files = store.listdir(source_uri)
+    if not files and (Path(source_uri).is_file() if not is_s3(source_uri) else store.exists(source_uri)):
+        # one file (a flat table)
+        files, base = [source_uri], source_uri.rsplit("/", 1)[0]
+    for uri in files:
         h.update(uri[len(base):].lstrip("/").encode() + b"\0")
         with store.open_read(uri) as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -137,7 +141,8 @@ def ingest(ctx: RunContext) -> IngestSummary:
         salt = resolve_salt(ctx.salt, ctx.staging_root)
         index_uri = None
         cached = None
-        if ctx.spec.operations.reuse_ingest and ctx.spec.source.kind not in ("fhir_bulk", "fhir_search"):
+        if ctx.spec.operations.reuse_ingest and ctx.spec.source.kind not in ("fhir_bulk", "fhir_search") \
+                and not ctx.spec.source.query:
             digest = extract_digest(ctx.source_uri, ctx.store)
             index_uri = join(ctx.staging_root, ctx.spec.name, "ingest_index",
                              ingest_cache_key(digest, ctx.spec, salt) + ".json")
@@ -210,11 +215,21 @@ def _ingest_fresh(ctx: RunContext, salt: bytes, m: dict) -> None:
 # -- 2. prepare: modelling table + train/holdout split ----------------------------------------------
 def prepare(ctx: RunContext, ingested: IngestSummary) -> PrepareSummary:
     from synthfactory.synthesize.engine import metadata_dict
-    from synthfactory.synthesize.modelling import KEY, build_modelling_table, check_features, split_train_holdout
+    from synthfactory.synthesize.modelling import (KEY, build_modelling_table, check_features, split_train_holdout,
+                                                   table_info)
 
     with _stage("prepare", ctx) as m:
         tables = {name: ctx.store.read_df(uri) for name, uri in ingested["tables"].items()}
-        table, info = build_modelling_table(tables, ctx.spec.features)
+        table_plan = None
+        if ctx.spec.source.kind == "table":  # one flat table: its own columns (synthesize/flat.py)
+            from synthfactory.ingest.table import read_types
+            from synthfactory.synthesize.flat import prepare_table
+
+            table, table_plan = prepare_table(tables["table"], read_types(ingested["tables"], ctx.store), ctx.spec,
+                                              KEY)
+            info = table_info(table, ctx.spec)
+        else:
+            table, info = build_modelling_table(tables, ctx.spec.features)
         # before fit: every lab, condition concept and column the spec names must be in the table (FeatureError)
         check_features(ctx.spec, table, info, tables)
         train, holdout = split_train_holdout(table, ctx.spec.synthesizer.holdout_fraction, ctx.spec.synthesizer.seed)
@@ -222,7 +237,16 @@ def prepare(ctx: RunContext, ingested: IngestSummary) -> PrepareSummary:
                 "metadata_uri": ctx.uri("model", "metadata.json")}
         ctx.store.write_df(uris["train_uri"], train)
         ctx.store.write_df(uris["holdout_uri"], holdout)
-        metadata = metadata_dict(train, exclude=(KEY,), overrides=ctx.spec.synthesizer.metadata)
+        overrides = dict(ctx.spec.synthesizer.metadata)
+        if table_plan is not None:
+            from synthfactory.synthesize.flat import TABLE_PLAN, metadata_overrides
+
+            overrides = {**metadata_overrides(table_plan), **overrides}
+            uris["table_plan_uri"] = ctx.uri("model", TABLE_PLAN)
+            ctx.store.write_json(uris["table_plan_uri"], table_plan)
+            m["column_types"] = table_plan["types"]
+            m["table_rules"] = len(table_plan["rules"])
+        metadata = metadata_dict(train, exclude=(KEY,), overrides=overrides)
         ctx.store.write_json(uris["metadata_uri"], metadata)
         m.update(uris)
         m.update(_real_reference(ctx, train, holdout, metadata))
@@ -316,6 +340,12 @@ def quality(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary) -
         suite = derive_suite(real, name=f"{ctx.spec.name}_derived", key_columns=[SYNTHETIC_ID],
                              range_tolerance=qt.range_tolerance, quantile_tolerance=qt.quantile_tolerance,
                              null_tolerance=qt.null_tolerance)
+        if prepared.get("table_plan_uri"):  # a flat table: its value sets and one expectation per logic rule
+            from synthfactory.quality.expectations import (add_expectations, table_rule_expectations,
+                                                           table_value_set_expectations)
+
+            plan = ctx.store.read_json(prepared["table_plan_uri"])
+            suite = add_expectations(suite, [*table_value_set_expectations(plan), *table_rule_expectations(plan)])
         suite_uri = ctx.uri("quality", "suite.json")
         ctx.store.write_json(suite_uri, suite)
         frozen = frozen_suite_path(ctx)
@@ -327,8 +357,11 @@ def quality(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary) -
         metadata = ctx.store.read_json(prepared["metadata_uri"])
         docs_uri = ctx.uri("reports", "data_docs")
         with tempfile.TemporaryDirectory(prefix="sf-data-docs-") as docs:
+            utility = qt.utility
+            if utility is not None and utility.keep_leaking_features is None:  # left out for flat tables
+                utility = utility.model_copy(update={"keep_leaking_features": ctx.spec.source.kind != "table"})
             result = evaluate_quality(real, synthetic, suite=suite, metadata=metadata, keys=[SYNTHETIC_ID],
-                                      holdout=holdout, relationships=qt.relationships, utility=qt.utility,
+                                      holdout=holdout, relationships=qt.relationships, utility=utility,
                                       seed=ctx.spec.synthesizer.seed, data_docs_dir=docs)
             index = result["expectations"].pop("data_docs_index", None)
             if index:

@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["EhrTableMapping", "EhrSpec", "BulkSpec", "SearchSpec", "EHR_TABLES"]
+__all__ = ["EhrTableMapping", "EhrSpec", "BulkSpec", "SearchSpec", "EHR_TABLES", "COLUMN_TYPES", "ColumnType",
+           "TableRule"]
 
 _COL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .\-]{0,127}$")
 #: resource types with a built-in table (kept here, import-light, for spec validation)
@@ -137,3 +138,33 @@ class SearchSpec(_M):
                                           "{Observation: {category: laboratory}}")
     page_size: int = Field(default=500, ge=1, le=10_000, description="_count")
     max_pages: int = Field(default=10_000, ge=1, description="Stop following next links after this many pages")
+
+
+#: column types of a flat table (``source.kind: table``, ``source.columns``)
+COLUMN_TYPES = ("numeric", "integer", "ordinal", "categorical", "boolean", "date", "age", "sex", "identifier",
+                "exclude")
+ColumnType = Literal["numeric", "integer", "ordinal", "categorical", "boolean", "date", "age", "sex", "identifier",
+                     "exclude"]
+
+
+class TableRule(_M):
+    """A logic rule of a flat table, kept at sampling and checked by a GX expectation on the output.
+
+    * ``only_when``: ``column`` is set (has a value; a boolean column: is true) only when ``other`` takes one of
+      ``values`` (``values`` unset: only when ``other`` has a value), e.g. cause of death only if dead;
+    * ``required_when``: ``column`` is set whenever ``other`` takes one of ``values`` (unset: has a value);
+    * ``exclusive``: ``column`` and ``other`` are never set together (mutually exclusive flags).
+    """
+
+    type: Literal["only_when", "required_when", "exclusive"]
+    column: str
+    other: str
+    values: list[Any] | None = Field(default=None, description="Values of 'other' (only_when/required_when)")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "TableRule":
+        if self.column == self.other:
+            raise ValueError("other: must differ from column")
+        if self.type == "exclusive" and self.values is not None:
+            raise ValueError("values: not used by an exclusive rule")
+        return self

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synthfactory import kinds
-from synthfactory.source_specs import BUILTIN_RESOURCES, BulkSpec, EhrSpec, SearchSpec
+from synthfactory.source_specs import BUILTIN_RESOURCES, BulkSpec, ColumnType, EhrSpec, SearchSpec, TableRule
 from synthfactory.errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
@@ -44,9 +44,11 @@ class SourceSpec(_Model):
 
     ``kind``: ``fhir_ndjson`` (folder/s3 of <Type>.ndjson[.gz], the default), ``fhir_bundle`` (Bundle JSON
     files), ``fhir_bulk`` (a Bulk Data $export), ``fhir_search`` (REST search), ``ehr_csv``/``ehr_parquet``
-    (flat EHR tables with a column mapping). See :mod:`synthfactory.ingest.sources`."""
+    (flat EHR tables with a column mapping), ``table`` (one flat clinical table, one row per patient: a CSV or
+    Parquet file, or a SQL query). See :mod:`synthfactory.ingest.sources`."""
 
-    kind: Literal["fhir_ndjson", "fhir_bundle", "fhir_bulk", "fhir_search", "ehr_csv", "ehr_parquet"] = "fhir_ndjson"
+    kind: Literal["fhir_ndjson", "fhir_bundle", "fhir_bulk", "fhir_search", "ehr_csv", "ehr_parquet",
+                  "table"] = "fhir_ndjson"
     uri: str | None = Field(
         default=None, description="Local folder or s3://bucket/prefix of the extract files (file kinds); for "
                                   "fhir_bulk/fhir_search it defaults to base_url")
@@ -95,6 +97,27 @@ class SourceSpec(_Model):
                                           "outside is quarantined with the reason")
     value_range_default: tuple[float, float] = Field(
         default=(-1e12, 1e12), description="Plausible [low, high] of a value in any other unit or without one")
+    # -- kind: table (one flat clinical table) -----------------------------------------------------
+    query: str | None = Field(
+        default=None, description="table: a SQL query giving one row per patient, run on sql_connection_id (an "
+                                  "Airflow SQL connection) or, in the CLI, on the SQLAlchemy URL in uri/--extract")
+    sql_connection_id: str | None = Field(
+        default=None, description="table: Airflow SQL connection (any DbApiHook) the query runs on")
+    id_column: str | None = Field(
+        default=None, description="table: the column that identifies a patient (replaced by a fresh synthetic id "
+                                  "in the output; its values are leak-scanned); unset = row numbers")
+    format: Literal["auto", "csv", "parquet"] = Field(
+        default="auto", description="table: file format; auto = from the file name (.csv[.gz], .tsv, .parquet)")
+    delimiter: str | None = Field(default=None, min_length=1, max_length=1,
+                                  description="table: CSV delimiter; default ',' (tab for .tsv)")
+    columns: dict[str, ColumnType] = Field(
+        default_factory=dict, description="table: column type overrides (numeric, integer, ordinal, categorical, "
+                                          "boolean, date, age, sex, identifier, exclude); others are detected")
+    rules: list[TableRule] = Field(
+        default_factory=list, description="table: logic rules kept at sampling (only_when, required_when, "
+                                          "exclusive), on top of the ones detected from the data")
+    detect_rules: bool = Field(default=True, description="table: detect conditional columns and mutually "
+                                                         "exclusive flags from the data")
 
     @field_validator("value_ranges")
     @classmethod
@@ -113,6 +136,9 @@ class SourceSpec(_Model):
             data = dict(data)
             data["uri"] = data.get("base_url") or (
                 f"fhir-connection://{data['fhir_connection_id']}" if data.get("fhir_connection_id") else None)
+        if isinstance(data, dict) and data.get("kind") == "table" and data.get("sql_connection_id") \
+                and not data.get("uri"):
+            data = {**data, "uri": f"sql-connection://{data['sql_connection_id']}"}
         return data
 
     @field_validator("uri")
@@ -165,6 +191,21 @@ class SourceSpec(_Model):
 
     @model_validator(mode="after")
     def _needs(self) -> "SourceSpec":
+        table_only = [f for f in ("query", "sql_connection_id", "id_column", "delimiter")
+                      if getattr(self, f) is not None] + [f for f in ("columns", "rules") if getattr(self, f)]
+        if self.kind != "table" and table_only:
+            raise ValueError(f"{table_only[0]}: only used with kind: table")
+        if self.kind == "table":
+            if self.query and self.uri and not re.match(r"^[a-z][a-z0-9+.-]*://", self.uri):
+                raise ValueError("uri: with a query, uri is a SQLAlchemy URL (e.g. postgresql://host/db, "
+                                 "sqlite:///file.db); or leave it out and set sql_connection_id")
+            if not self.query and not self.uri:
+                raise ValueError("uri: kind table needs uri (a CSV/Parquet file) or query (SQL)")
+            if self.sql_connection_id and not self.query:
+                raise ValueError("query: sql_connection_id needs a query")
+            if self.id_column and self.columns.get(self.id_column, "identifier") != "identifier":
+                raise ValueError(f"columns.{self.id_column}: the id_column is an identifier")
+            return self
         if self.kind in ("fhir_bulk", "fhir_search"):
             if not (self.base_url or self.fhir_connection_id):
                 raise ValueError(f"base_url: {self.kind} needs base_url or fhir_connection_id")
@@ -578,6 +619,13 @@ class UtilitySpec(_Model):
     min_class_rows: int = Field(
         default=10, ge=1, description="A binary target needs this many holdout rows of each class (numeric: 3x "
                                       "this many rows) to be scored; otherwise utility is reported as skipped")
+    leak_auc: float = Field(
+        default=0.98, ge=0.5, le=1.0, description="A feature that alone predicts a binary target with a real-data "
+                                                  "ROC AUC at least this high is flagged as leaking the outcome")
+    keep_leaking_features: bool | None = Field(
+        default=None, description="Keep flagged outcome-leaking features in the utility models; default (null): "
+                                  "left out for a flat table (source.kind: table), kept (and flagged) for the "
+                                  "FHIR/EHR modelling table, whose benches are anchored with them")
 
 
 class ReferenceSpec(_Model):
@@ -966,10 +1014,21 @@ class DatasetSpec(_Model):
     quality: QualityThresholds = Field(default_factory=QualityThresholds)
     privacy: PrivacyThresholds = Field(default_factory=PrivacyThresholds)
     profiles: dict[str, Profile] = Field(default_factory=dict, description="Named threshold overrides")
-    release: ReleaseSpec
+    release: ReleaseSpec = Field(description="Where approved releases go; default: bucket "
+                                             "$SYNTHFACTORY_SANDBOX_BUCKET (else synthfactory-sandbox)")
     staging: StagingSpec = Field(default_factory=StagingSpec)
     trigger: TriggerSpec = Field(default_factory=TriggerSpec)
     operations: OperationsSpec = Field(default_factory=OperationsSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_release(cls, data: Any) -> Any:
+        """No ``release`` block: the sandbox bucket is ``$SYNTHFACTORY_SANDBOX_BUCKET`` (default
+        ``synthfactory-sandbox``) with every other release default (the minimal spec: name and source)."""
+        if isinstance(data, dict) and "release" not in data:
+            data = {**data, "release": {"bucket": os.environ.get("SYNTHFACTORY_SANDBOX_BUCKET",
+                                                                 "synthfactory-sandbox")}}
+        return data
 
     @model_validator(mode="after")
     def _sandbox_writer_is_not_phi_side(self) -> "DatasetSpec":

@@ -20,7 +20,8 @@ __all__ = ["run_context"]
 def run_context(spec_path: str) -> Any:
     """The library's RunContext for the running task instance (spec re-read, params applied)."""
     # the library's context and the hooks load storage (pyarrow): at run time, never while parsing DAGs
-    from synthfactory.airflow.hooks import HmacSaltHook, ReleaseSigningKeyHook, fhir_credentials, phi_store
+    from synthfactory.airflow.hooks import (HmacSaltHook, ReleaseSigningKeyHook, fhir_credentials, phi_store,
+                                            sql_reader)
     from synthfactory.context import RunContext, project_root, version_for
 
     ctx = get_current_context()
@@ -34,7 +35,7 @@ def run_context(spec_path: str) -> Any:
     signing_key = ReleaseSigningKeyHook(signing).get_key() if signing else None
     fhir_auth, fhir_base_url = fhir_credentials(spec)  # FHIR server auth (fhir_bulk/fhir_search sources)
     return RunContext(
-        fhir_auth=fhir_auth, fhir_base_url=fhir_base_url,
+        fhir_auth=fhir_auth, fhir_base_url=fhir_base_url, sql_reader=sql_reader(spec),
         spec=spec, run_id=ctx["run_id"], version=version_for(when), store=phi_store(spec), salt=salt,
         signing_key=signing_key,
         profile=params.get("profile") or "default", rows=int(params.get("rows") or 0) or None,

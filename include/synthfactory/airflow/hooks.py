@@ -8,6 +8,9 @@
 - ``SandboxWriter``: the release target, writing through Airflow's ``S3Hook`` (boto3 underneath) on the
   sandbox writer's own connection, never the PHI/staging one.
 - ``phi_store``: a :class:`synthfactory.storage.Store` for the extract and staging side.
+- ``SqlTableHook`` / ``sql_reader``: the query of a flat table (``source.kind: table``) on an Airflow SQL
+  connection: the connection's own ``DbApiHook`` (postgres, mysql, ... providers), else a generic ``DbApiHook``
+  over SQLAlchemy (``extra.sqlalchemy_url``, or the connection's URI).
 - ``report_lineage``: hook-level lineage for an installed OpenLineage provider.
 
 FHIR connection (conn_type ``fhir``):
@@ -30,8 +33,8 @@ from synthfactory.release.publish import Boto3Writer
 from synthfactory.spec import DatasetSpec
 from synthfactory.storage import Store, is_s3
 
-__all__ = ["FhirHook", "HmacSaltHook", "ReleaseSigningKeyHook", "SandboxWriter", "asset_uri", "fhir_credentials",
-           "phi_store",
+__all__ = ["FhirHook", "HmacSaltHook", "ReleaseSigningKeyHook", "SandboxWriter", "SqlTableHook", "asset_uri",
+           "fhir_credentials", "phi_store", "sql_reader",
            "report_lineage"]
 
 
@@ -235,3 +238,72 @@ def phi_store(spec: DatasetSpec) -> Store:
 
         return Store(s3=S3Hook(aws_conn_id=conn_ids.pop()).get_conn())
     return Store()
+
+
+def _db_api_hook_class() -> Any:
+    from airflow.providers.common.sql.hooks.sql import DbApiHook
+
+    return DbApiHook
+
+
+class SqlTableHook(_db_api_hook_class()):  # type: ignore[misc]
+    """A generic ``DbApiHook`` on a SQLAlchemy URL: the connection's ``extra.sqlalchemy_url``, else its URI
+    (``sqlite:///...``, ``duckdb:///...`` with a dialect installed, ``postgresql://...``)."""
+
+    conn_name_attr = "sql_conn_id"
+    default_conn_name = "synthfactory_sql"
+    conn_type = "synthfactory_sql"
+    hook_name = "Synthfactory SQL table (SQLAlchemy URL)"
+
+    def __init__(self, sql_conn_id: str = default_conn_name, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.sql_conn_id = sql_conn_id
+
+    @property
+    def sqlalchemy_url(self) -> Any:
+        from sqlalchemy.engine import make_url
+
+        conn = self.get_connection(self.sql_conn_id)
+        return make_url(conn.extra_dejson.get("sqlalchemy_url") or conn.get_uri())
+
+    def get_conn(self) -> Any:
+        return self.get_sqlalchemy_engine().raw_connection()
+
+    def get_pandas(self, sql: str) -> Any:
+        import pandas as pd
+        import sqlalchemy
+
+        engine = self.get_sqlalchemy_engine()
+        try:
+            with engine.connect() as conn:
+                return pd.read_sql_query(sqlalchemy.text(sql), conn)
+        finally:
+            engine.dispose()
+
+
+def sql_hook(conn_id: str) -> Any:
+    """The ``DbApiHook`` of an Airflow SQL connection: its provider's hook, else :class:`SqlTableHook`."""
+    DbApiHook = _db_api_hook_class()
+    conn = BaseHook.get_connection(conn_id)
+    hook = None
+    if conn.conn_type != SqlTableHook.conn_type:
+        try:
+            hook = conn.get_hook()
+        except Exception:  # noqa: BLE001 - no provider installed for this connection type
+            hook = None
+    if not isinstance(hook, DbApiHook):
+        hook = SqlTableHook(conn_id)
+    return hook
+
+
+def sql_reader(spec: DatasetSpec) -> Any:
+    """``query -> DataFrame`` on ``source.sql_connection_id`` (None for other sources)."""
+    conn_id = spec.source.sql_connection_id
+    if spec.source.kind != "table" or not conn_id:
+        return None
+    hook = sql_hook(conn_id)
+    if isinstance(hook, SqlTableHook):
+        return hook.get_pandas
+    if hasattr(hook, "get_df"):
+        return lambda sql: hook.get_df(sql, df_type="pandas")
+    return hook.get_pandas_df

@@ -10,6 +10,7 @@ fhir_bulk      a FHIR Bulk Data ``$export`` (kick-off, polling, resumable downlo
 fhir_search    FHIR REST search per type, following ``next`` links
 ehr_csv        CSV tables with a column mapping (``source.ehr``; preset ``clinosim``)
 ehr_parquet    Parquet tables with a column mapping
+table          one flat clinical table (CSV/Parquet file or SQL query), one row per patient (:mod:`.table`)
 =============  ===================================================================================
 
 A new kind is one :class:`Source` subclass (its ``kind`` and :meth:`Source.run`) and one entry in
@@ -187,6 +188,19 @@ class EhrParquetSource(EhrSource):
     file_format = "parquet"
 
 
+class TableSource(Source):
+    """One flat table, one row per patient (:mod:`.table`): a file, or ``source.query`` on the run's SQL reader
+    (``ctx.sql_reader``: the Airflow task's DbApiHook) or on the SQLAlchemy URL in ``source.uri``."""
+
+    kind = "table"
+
+    def ingest(self, ctx: RunContext, keyer: Keyer) -> dict:
+        from .table import ingest_table
+
+        return ingest_table(ctx.spec.source, ctx.source_uri, ctx.uri("ingest"), keyer=keyer, store=ctx.store,
+                            sql_reader=getattr(ctx, "sql_reader", None))
+
+
 class FhirServerSource(Source):
     """A FHIR server (``source.base_url``, or the connection's): a client for :meth:`fetch`, closed after."""
 
@@ -289,7 +303,7 @@ class SearchSource(FhirServerSource):
 
 #: ``source.kind`` -> its :class:`Source`
 SOURCES: dict[str, type[Source]] = {cls.kind: cls for cls in (
-    NdjsonSource, BundleSource, BulkSource, SearchSource, EhrCsvSource, EhrParquetSource)}
+    NdjsonSource, BundleSource, BulkSource, SearchSource, EhrCsvSource, EhrParquetSource, TableSource)}
 HTTP_KINDS = frozenset(k for k, cls in SOURCES.items() if issubclass(cls, FhirServerSource))
 FILE_KINDS = frozenset(SOURCES) - HTTP_KINDS
 

@@ -306,8 +306,14 @@ def _build_index(identifiers: Iterable[str], min_len: int,
     )
 
 
-def _match(tokens: list[str], index: _Index, found: Counter) -> None:
-    """Count occurrences of identifier n-grams in ``tokens`` into ``found`` (canonical tuples)."""
+#: identifier kinds that are numbers of a table's id column: never matched as part of a decimal number
+_NUMBER_ID_KINDS = frozenset({"table_id"})
+
+
+def _match(tokens: list[str], index: _Index, found: Counter, decimals: set[int] | None = None) -> None:
+    """Count occurrences of identifier n-grams in ``tokens`` into ``found`` (canonical tuples). ``decimals``:
+    positions of tokens that are a part of a decimal number ("105.140769"), where a digits-only table id
+    ("140769", kind ``table_id``) is not matched (a plot coordinate or a figure, not an id)."""
     starts = index.starts
     canonical = index.canonical
     n_tok = len(tokens)
@@ -321,6 +327,9 @@ def _match(tokens: list[str], index: _Index, found: Counter) -> None:
             gram = (t,) if n == 1 else tuple(tokens[i:i + n])
             hit = canonical.get(gram)
             if hit is not None:
+                if n == 1 and decimals and i in decimals and t.isdigit() and \
+                        index.kinds.get(hit, set()) <= _NUMBER_ID_KINDS:
+                    continue
                 found[hit] += 1
 
 
@@ -398,12 +407,27 @@ def _parquet_tokens(data: bytes) -> list[str]:
 
 
 def _raw_tokens(data: bytes) -> list[str]:
+    return _raw_tokens_decimals(data)[0]
+
+
+def _raw_tokens_decimals(data: bytes) -> tuple[list[str], set[int]]:
+    """The tokens of a raw file and the positions of those that are a part of a decimal number."""
     if data[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError):
             pass  # not really gzip: scan the bytes as they are
-    return tokenize(data.decode("utf-8", "replace"))
+    text = data.decode("utf-8", "replace").lower()
+    tokens: list[str] = []
+    decimals: set[int] = set()
+    n = len(text)
+    for m in _TOKEN.finditer(text):
+        a, b = m.span()
+        if (a >= 2 and text[a - 1] == "." and text[a - 2].isdigit()) or \
+                (b + 1 < n and text[b] == "." and text[b + 1].isdigit()):
+            decimals.add(len(tokens))
+        tokens.append(m.group())
+    return tokens, decimals
 
 
 def _is_parquet(data: bytes) -> bool:
@@ -457,11 +481,12 @@ def leak_scan(
             except Exception as exc:  # corrupt / unreadable parquet: fall back to the raw bytes
                 log.warning("leak scan: %s not readable as Parquet (%s); scanning raw bytes",
                             uri, type(exc).__name__)
+        decimals: set[int] | None = None
         if tokens is None:
-            tokens = _raw_tokens(data)
+            tokens, decimals = _raw_tokens_decimals(data)
         scanned += 1
         found: Counter = Counter()
-        _match(tokens, index, found)
+        _match(tokens, index, found, decimals)
         if found:
             kinds = sorted({k for toks in found for k in index.kinds.get(toks, {"unknown"})})
             hit: dict[str, Any] = {

@@ -540,3 +540,66 @@ def run_suite(suite: Mapping[str, Any], df: pd.DataFrame, *, data_docs_dir: str 
         suite_dict["name"], len(df), df.shape[1], successful, evaluated,
     )  # fmt: skip
     return out
+
+
+# --------------------------------------------------------------------------- flat tables
+def _q(col: str) -> str:
+    return "`" + str(col).replace("`", "") + "`"
+
+
+def _lit(values: Iterable[Any]) -> str:
+    return "[" + ", ".join(repr(to_jsonable(v)) for v in values) + "]"
+
+
+def table_rule_expectations(plan: Mapping[str, Any]) -> list[dict]:
+    """One GX expectation per logic rule of a flat table's plan (:mod:`synthfactory.synthesize.flat`): the rows
+    where the rule's condition holds (a pandas ``row_condition``) must have the column unset (null, or the
+    other value of a boolean) or set. Each carries ``meta.synthfactory_rule`` with the rule in words."""
+    _quiet_gx_env()
+    import great_expectations as gx
+
+    E = gx.expectations
+    types, truth = plan.get("types", {}), plan.get("truth", {})
+    values_of = plan.get("values", {})
+
+    def is_set(col: str) -> str:
+        return f"({_q(col)} == {truth[col]!r})" if types.get(col) == "boolean" else f"{_q(col)}.notna()"
+
+    def cond(col: str, values: Any) -> str:
+        return f"{_q(col)}.notna()" if values is None else f"{_q(col)}.isin({_lit(values)})"
+
+    def must_be_unset(col: str, row_condition: str) -> Any:
+        if types.get(col) == "boolean":
+            others = [v for v in values_of.get(col, []) if v != truth[col]]
+            return E.ExpectColumnValuesToBeInSet(column=col, value_set=others, row_condition=row_condition,
+                                                 condition_parser="pandas")
+        return E.ExpectColumnValuesToBeNull(column=col, row_condition=row_condition, condition_parser="pandas")
+
+    def must_be_set(col: str, row_condition: str) -> Any:
+        if types.get(col) == "boolean":
+            return E.ExpectColumnValuesToBeInSet(column=col, value_set=[truth[col]], row_condition=row_condition,
+                                                 condition_parser="pandas")
+        return E.ExpectColumnValuesToNotBeNull(column=col, row_condition=row_condition, condition_parser="pandas")
+
+    out = []
+    for r in plan.get("rules", []):
+        if r["type"] == "only_when":
+            exp = must_be_unset(r["column"], f"~({cond(r['other'], r['values'])})")
+        elif r["type"] == "required_when":
+            exp = must_be_set(r["column"], cond(r["other"], r["values"]))
+        else:
+            exp = must_be_unset(r["other"], is_set(r["column"]))
+        cfg = _config(exp)
+        cfg["meta"] = {"synthfactory_rule": {k: to_jsonable(r[k]) for k in ("type", "column", "other", "values")}}
+        out.append(cfg)
+    return out
+
+
+def table_value_set_expectations(plan: Mapping[str, Any]) -> list[dict]:
+    """The value set of every category-typed column of a flat table (ordinal, categorical, boolean, sex),
+    numbers included: synthetic values come from the real set, never in between."""
+    _quiet_gx_env()
+    import great_expectations as gx
+
+    return [_config(gx.expectations.ExpectColumnValuesToBeInSet(column=c, value_set=list(v)))
+            for c, v in (plan.get("values") or {}).items() if v]

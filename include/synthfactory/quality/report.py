@@ -270,7 +270,9 @@ def evaluate_quality(
         util_future = pool.submit(ml_utility, real_x, hold_x, synth_x, target=get("target"),
                                   features=list(get("features") or ()),
                                   max_train_rows=int(get("max_train_rows", 25_000)),
-                                  min_class_rows=int(get("min_class_rows", 10)), seed=seed)
+                                  min_class_rows=int(get("min_class_rows", 10)), seed=seed,
+                                  leak_auc=get("leak_auc", 0.98),
+                                  keep_leaking_features=get("keep_leaking_features") is not False)
     try:
         expectations = run_suite(suite, synth_suite, data_docs_dir=data_docs_dir)
         md = metadata if metadata is not None else infer_sdtypes(real_x)

@@ -10,6 +10,13 @@ reads is ``ratio = TSTR / TRTR`` (1.0 = the synthetic data is as useful as the r
 * numeric target: R²;
 * other categorical targets: balanced accuracy.
 
+A feature that alone predicts a binary target on the real train split with a ROC AUC of at least ``leak_auc``
+(0.98; the better of the two directions, missing values as a level of their own) says the outcome, rather
+than predicting it (a follow-up field filled only for the dead, a date of death): it inflates both scores and
+hides what the synthetic data lose. Such features are flagged (``leaking_features``) and, with
+``keep_leaking_features=False`` (the quality stage's default for a flat table), left out of both models; the
+note says which.
+
 scikit-learn is imported lazily. Only scores and counts are returned and logged.
 """
 
@@ -111,6 +118,47 @@ def _fit_score(task: str, x_train: pd.DataFrame, y_train: np.ndarray, x_test: pd
     return float(balanced_accuracy_score(y_test, model.predict(x_test)))
 
 
+def single_feature_auc(x: pd.Series, y: np.ndarray) -> float | None:
+    """ROC AUC of one feature alone for a 0/1 label (the better direction; a category scores by its rate of
+    positives, a missing value is a level of its own); None when the label has one class."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(y)) < 2:
+        return None
+    if pd.api.types.is_numeric_dtype(x.dtype) or pd.api.types.is_bool_dtype(x.dtype) or \
+            pd.api.types.is_datetime64_any_dtype(x.dtype):
+        v = pd.to_numeric(x.astype("int64") if pd.api.types.is_datetime64_any_dtype(x.dtype) else x,
+                          errors="coerce").astype("float64")
+        if v.isna().any():  # missing as its own level: below and above every value, the better of the two
+            lo, hi = v.min() - 1, v.max() + 1
+            scores = [v.fillna(lo).to_numpy(), v.fillna(hi).to_numpy()]
+        else:
+            scores = [v.to_numpy()]
+    else:
+        levels = x.astype(object).map(lambda t: "\0missing" if pd.isna(t) else str(t))
+        rate = pd.Series(y, index=x.index).groupby(levels).mean()
+        scores = [levels.map(rate).to_numpy(dtype="float64")]
+    best = 0.5
+    for s in scores:
+        if np.nanstd(s) == 0:
+            continue
+        auc = float(roc_auc_score(y, s))
+        best = max(best, auc, 1.0 - auc)
+    return best
+
+
+def leaking_features(train: pd.DataFrame, target: str, features: Sequence[str], positive: Any,
+                     threshold: float) -> list[dict]:
+    """Features whose AUC alone on the real train split is at least ``threshold``, best first."""
+    y = (train[target] == positive).to_numpy().astype(int)
+    out = []
+    for col in features:
+        auc = single_feature_auc(train[col], y)
+        if auc is not None and auc >= threshold:
+            out.append({"feature": col, "auc": round(auc, 4)})
+    return sorted(out, key=lambda d: -d["auc"])
+
+
 def ml_utility(
     train: pd.DataFrame,
     holdout: pd.DataFrame,
@@ -121,6 +169,8 @@ def ml_utility(
     max_train_rows: int = 25_000,
     min_class_rows: int = 10,
     seed: int = 0,
+    leak_auc: float | None = 0.98,
+    keep_leaking_features: bool = True,
 ) -> dict:
     """TSTR vs TRTR for ``target`` (see the module docstring).
 
@@ -154,6 +204,21 @@ def ml_utility(
 
     if task == "binary":
         pos = _positive(train[target])
+        if leak_auc is not None:
+            leaks = leaking_features(train, target, kept, pos, float(leak_auc))
+            out["leaking_features"] = leaks
+            out["leaking_features_dropped"] = bool(leaks) and not keep_leaking_features
+            if leaks:
+                names = ", ".join(f"{d['feature']} (AUC {d['auc']:.3f})" for d in leaks)
+                if keep_leaking_features:
+                    out["note"] = f"kept features that alone predict {target} (outcome leaks): {names}"
+                else:
+                    dropped = {d["feature"] for d in leaks}
+                    kept = [c for c in kept if c not in dropped]
+                    out["features"] = kept
+                    out["note"] = (f"left out features that alone predict {target} with AUC >= {leak_auc} (they "
+                                   f"say the outcome; keep_leaking_features keeps them): {names}")
+                log.warning("utility %s: %s", target, out["note"])
 
         def labels(df: pd.DataFrame) -> np.ndarray:
             return (df[target] == pos).to_numpy().astype(int)

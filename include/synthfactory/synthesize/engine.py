@@ -125,18 +125,19 @@ def make_synthesizer(kind: str, metadata: dict, params: dict[str, Any] | None = 
 
 def fit(train: pd.DataFrame | dict[str, pd.DataFrame], kind: str, params: dict[str, Any] | None, metadata: dict,
         *, plan: Any = None, constraints: list | None = None, transforms: str = "none",
-        seed: int = 0) -> tuple[Any, float]:
+        seed: int = 0, column_types: dict[str, str] | None = None) -> tuple[Any, float]:
     """Fit ``kind`` on ``train`` (one table, or ``{table: df}`` for HMA). Neural kinds with a
     :class:`~synthfactory.synthesize.training.TrainPlan` train resumably (epochs, checkpoints, time budget).
     ``transforms="ehr"`` puts the EHR-aware transforms (:mod:`synthfactory.synthesize.transforms`) between
     the table and the model: the result is then a
     :class:`~synthfactory.synthesize.transforms.ClinicalSynthesizer` whose samples have the table's own
-    columns. ``seed`` seeds the transforms and the model's fit."""
+    columns. ``seed`` seeds the transforms and the model's fit; ``column_types`` (a flat table's typed columns)
+    tell the transforms which numeric columns are levels and which are dates."""
     transformer = None
     if transforms == "ehr" and isinstance(train, pd.DataFrame):
         from synthfactory.synthesize.transforms import EhrTransformer
 
-        transformer = EhrTransformer(seed=seed).fit(train)
+        transformer = EhrTransformer(seed=seed, types=column_types).fit(train)
         train = transformer.transform(train)
         table = next(iter(metadata["tables"]))
         metadata = {**metadata, "tables": {table: {**metadata["tables"][table], "columns": transformer.sdtypes(

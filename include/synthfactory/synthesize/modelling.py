@@ -207,6 +207,17 @@ def build_modelling_table(tables: dict[str, pd.DataFrame], spec: FeatureSpec) ->
     return out.reset_index(drop=True), info
 
 
+def table_info(table: pd.DataFrame, spec: "DatasetSpec") -> dict:
+    """The modelling-table info of a flat table (``source.kind: table``): its own columns, no labs or flags;
+    refused (:class:`ModellingError`) below ``features.min_patients`` rows."""
+    if len(table) < spec.features.min_patients:
+        raise ModellingError(f"only {len(table)} rows in the table; features.min_patients is "
+                             f"{spec.features.min_patients}")
+    return {"patients": int(len(table)), "columns": [c for c in table.columns if c != KEY], "reference_date": None,
+            "condition_flags": [], "concepts": [], "labs": [], "lab_units": {}, "conditions_missing": [],
+            "labs_missing": [], "features": spec.features.model_dump(mode="json")}
+
+
 def split_train_holdout(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Seeded split of real rows BEFORE training: the holdout is never seen by the synthesizer and
     serves as the control population of the privacy audit and the quality baseline."""

@@ -128,8 +128,10 @@ def fit_model(ctx: Any, prepared: dict, m: dict) -> None:
                                                                                           "patients")
         plan = _plan(ctx, kind, params, _fingerprint(ctx, [prepared["train_uri"]], kind, params, metadata))
         transforms = spec.transforms_for(kind)
+        table_plan = ctx.store.read_json(prepared["table_plan_uri"]) if prepared.get("table_plan_uri") else None
         synth, seconds = engine.fit(train, kind, params, metadata, plan=plan, constraints=constraints,
-                                    transforms=transforms, seed=spec.seed)
+                                    transforms=transforms, seed=spec.seed,
+                                    column_types=(table_plan or {}).get("types"))
         size = engine.save(synth, model_uri, ctx.store)
         m.update({"mode": "patient_table", "rows_train": len(train), "transforms": transforms})
         if hasattr(synth, "transformer"):
@@ -226,6 +228,11 @@ def _sample_patient_table(ctx: Any, fitted: dict, prepared: dict, m: dict) -> No
     sampler = bounded_sampler(sampler or (lambda s, n: engine.sample_plain(s, n)),
                               bounds_for(spec.constraints, "patients"), fixes) \
         if bounds_for(spec.constraints, "patients") else sampler
+    table_plan = ctx.store.read_json(prepared["table_plan_uri"]) if prepared.get("table_plan_uri") else None
+    if table_plan is not None:  # a flat table: its logic rules kept, its own dtypes (synthesize/flat.py)
+        from synthfactory.synthesize.flat import rule_sampler
+
+        sampler = rule_sampler(sampler or (lambda s, n: engine.sample_plain(s, n)), table_plan, fixes)
     pii = _pii_columns(ctx.store.read_json(prepared["metadata_uri"]))
     guard = None
     if pii:
@@ -246,6 +253,11 @@ def _sample_patient_table(ctx: Any, fitted: dict, prepared: dict, m: dict) -> No
               "sample_seconds": round(time.perf_counter() - t0, 3), "sample_batches": out["batches"],
               "constraints": [c.model_dump(exclude_none=True) for c in spec.constraints], "fixes": fixes,
               "pii_columns": pii}
+    if table_plan is not None:
+        from synthfactory.synthesize.flat import rules_of
+
+        report["table_rules"] = [{"rule": r.describe(), "source": r.source} for r in rules_of(table_plan)]
+        m["table_rules"] = len(report["table_rules"])
     if target:
         report["conditional"] = target.report()
         m["conditional"] = {"column": target.column, "mode": target.mode,

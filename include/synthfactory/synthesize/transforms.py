@@ -18,6 +18,9 @@ spirit of RDT's HyperTransformer but clinical:
 * **zero-inflated count** (many zeros, many values): a ``<col>__zero`` flag plus the positive part
   (zeros filled from positive values of similar patients). The inverse gives 0 or a positive integer.
 * **integers** stay integers and every numeric column stays within its real range (ages stay top-coded).
+* **typed columns** (a flat table's ``types``, :mod:`synthfactory.synthesize.flat`): a numeric column typed
+  ordinal, categorical, boolean or sex is a set of *levels* (edema 0, 0.5, 1 is sampled as one of those, never
+  0.3); a date is modelled as days since 1970 (with its own "measured" flag where missing) and comes back a date.
 
 The fitted state holds column plans, ranges and category lists only, no rows: it is saved beside the model
 and applied to every sampled batch. Column names of the synthetic output equal the input's.
@@ -41,8 +44,9 @@ ZERO = "__zero"
 @dataclass
 class ColumnPlan:
     name: str
-    kind: str                      # "passthrough" | "sparse" | "category" | "zero_inflated" | "numeric"
+    kind: str                      # "passthrough" | "sparse" | "category" | "zero_inflated" | "numeric" | "levels"
     integer: bool = False
+    date: bool = False             # a date column, modelled as days since 1970
     nullable: bool = False         # the real column had missing values
     low: float | None = None
     high: float | None = None
@@ -54,7 +58,8 @@ class EhrTransformer:
     sampled batch back to the table's own columns, types and ranges."""
 
     def __init__(self, *, max_categories: int = 0, zero_share: float = 0.3, min_missing: float = 0.0,
-                 neighbours: int = 5, seed: int = 0):
+                 neighbours: int = 5, seed: int = 0, types: dict[str, str] | None = None):
+        self.types = dict(types or {})
         self.max_categories = int(max_categories)
         self.zero_share = float(zero_share)
         self.min_missing = float(min_missing)
@@ -66,12 +71,43 @@ class EhrTransformer:
     # -- fitting ---------------------------------------------------------------------------------
     def fit(self, df: pd.DataFrame, exclude: tuple[str, ...] = ()) -> "EhrTransformer":
         self.columns = [c for c in df.columns if c not in exclude]
+        df = self._days(df)
         self.plans = {c: self._plan(c, df[c]) for c in self.columns}
+        for c in self.columns:
+            if self.types.get(c) == "date" or c in self._date_columns:
+                self.plans[c].date = True
         kinds = pd.Series([p.kind for p in self.plans.values()]).value_counts().to_dict()
         log.info("EHR-aware transforms: %s", ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())))
         return self
 
+    _date_columns: frozenset = frozenset()
+
+    def _days(self, df: pd.DataFrame) -> pd.DataFrame:
+        """``df`` with its date columns as float days since 1970 (the columns noted in ``_date_columns``)."""
+        dates = [c for c in df.columns if pd.api.types.is_datetime64_any_dtype(df[c].dtype)]
+        if not dates:
+            return df
+        self._date_columns = frozenset(self._date_columns | set(dates))
+        out = df.copy()
+        for c in dates:
+            s = df[c].dt.tz_convert(None) if getattr(df[c].dt, "tz", None) is not None else df[c]
+            out[c] = (s - pd.Timestamp("1970-01-01")) / pd.Timedelta(days=1)
+        return out
+
+    @staticmethod
+    def _level(v: Any) -> str | None:
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return None
+        f = float(v)
+        return str(int(f)) if f.is_integer() else repr(f)
+
     def _plan(self, name: str, s: pd.Series) -> ColumnPlan:
+        if self.types.get(name) in ("ordinal", "categorical", "boolean", "sex") and \
+                pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype):
+            observed = pd.to_numeric(s, errors="coerce").dropna()
+            levels = sorted(observed.unique())
+            return ColumnPlan(name, "levels", integer=_all_integer(observed), nullable=bool(s.isna().any()),
+                              categories=[self._level(v) for v in levels])
         if pd.api.types.is_bool_dtype(s.dtype):
             return ColumnPlan(name, "passthrough")
         if not pd.api.types.is_numeric_dtype(s.dtype):
@@ -99,11 +135,14 @@ class EhrTransformer:
     # -- forward ---------------------------------------------------------------------------------
     def transform(self, df: pd.DataFrame) -> pd.DataFrame:
         """The table the synthesizer is fitted on (flags added, gaps and zeros filled by hot-deck)."""
+        df = self._days(df)
         out = df.copy()
         complete = self._complete_features(df)
         rng = np.random.default_rng(self.seed)
         for name, plan in self.plans.items():
-            if plan.kind == "flag":
+            if plan.kind == "levels":
+                out[name] = df[name].map(self._level).astype(object)
+            elif plan.kind == "flag":
                 out[name] = np.where(df[name].astype(bool).to_numpy(), "yes", "no").astype(object)
             elif plan.kind == "category":
                 out[name] = df[name].map(lambda v: None if pd.isna(v) else str(int(round(float(v))))).astype(object)
@@ -170,6 +209,11 @@ class EhrTransformer:
         for name, plan in self.plans.items():
             if name not in out.columns:
                 continue
+            if plan.kind == "levels":
+                out[name] = pd.to_numeric(out[name].astype(object), errors="coerce").astype("float64")
+                if plan.integer and not out[name].isna().any():
+                    out[name] = out[name].astype("int64")
+                continue
             if plan.kind == "flag":
                 out[name] = out[name].astype(str).eq("yes").to_numpy()
                 continue
@@ -190,7 +234,10 @@ class EhrTransformer:
             elif plan.kind == "zero_inflated":
                 zero = out.pop(name + ZERO).astype(bool) if name + ZERO in out else False
                 vals = vals.where(~zero, 0.0)
-            if plan.integer and not vals.isna().any():
+            if plan.date:
+                out[name] = (pd.Timestamp("1970-01-01") + pd.to_timedelta(vals.round(), unit="D")).astype(
+                    "datetime64[ns]")
+            elif plan.integer and not vals.isna().any():
                 out[name] = vals.astype("int64")
             else:
                 out[name] = vals
@@ -201,8 +248,12 @@ class EhrTransformer:
         """SDV column metadata for the transformed table from the real table's (``columns``)."""
         out = dict(columns)
         for name, plan in self.plans.items():
-            if plan.kind in ("category", "flag"):
+            if plan.kind in ("category", "flag", "levels"):
                 out[name] = {"sdtype": "categorical"}
+            elif plan.date:
+                out[name] = {"sdtype": "numerical"}
+            if plan.kind in ("category", "flag", "levels"):
+                pass
             elif plan.kind == "sparse":
                 out[name + MEASURED] = {"sdtype": "boolean"}
             elif plan.kind == "zero_inflated":
@@ -212,7 +263,8 @@ class EhrTransformer:
     def to_dict(self) -> dict[str, Any]:
         return {"version": 1, "columns": self.columns, "plans": [asdict(p) for p in self.plans.values()],
                 "settings": {"max_categories": self.max_categories, "zero_share": self.zero_share,
-                             "min_missing": self.min_missing, "neighbours": self.neighbours, "seed": self.seed}}
+                             "min_missing": self.min_missing, "neighbours": self.neighbours, "seed": self.seed,
+                             "types": self.types}}
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> "EhrTransformer":
@@ -228,6 +280,11 @@ class EhrTransformer:
             if plan.kind not in ("passthrough", "numeric"):
                 out.setdefault(plan.kind, []).append(name)
         return out
+
+
+def _all_integer(values: pd.Series) -> bool:
+    v = values.astype("float64")
+    return bool(np.all(np.isclose(v, np.round(v))))
 
 
 class ClinicalSynthesizer:
