@@ -178,12 +178,27 @@ def _ingest_fresh(ctx: RunContext, salt: bytes, m: dict) -> None:
 
 
 # -- 2. prepare: modelling table + train/holdout split ----------------------------------------------
+def modelling_frame(table: Any, keep_keys: bool = False) -> Any:
+    """An ingested table as pandas for the modelling table: without the row keys of other tables
+    (``<table>_key`` columns other than ``patient_key``, which the modelling table never reads: unique 32-hex
+    HMACs, most of a large table's memory as Python strings) unless ``keep_keys``."""
+    from synthfactory.synthesize.modelling import KEY
+
+    if not keep_keys:
+        table = table.drop_columns([c for c in table.column_names if c != KEY and c.endswith("_key")])
+    return table.to_pandas()
+
+
 def prepare(ctx: RunContext, ingested: IngestSummary) -> PrepareSummary:
     from synthfactory.synthesize.engine import metadata_dict
     from synthfactory.synthesize.modelling import KEY, build_modelling_table, check_features, split_train_holdout
 
     with _stage("prepare", ctx) as m:
-        tables = {name: ctx.store.read_df(uri) for name, uri in ingested["tables"].items()}
+        relational = ctx.spec.synthesizer.mode == "relational"
+        # the modelling table never reads the tables' own row keys (unique 32-hex HMACs: most of a large table's
+        # memory as Python strings); only the relational mode keeps them, for its per-table record
+        tables = {name: modelling_frame(ctx.store.read_table(uri), keep_keys=relational)
+                  for name, uri in ingested["tables"].items()}
         table, info = build_modelling_table(tables, ctx.spec.features)
         # before fit: every lab, condition concept and column the spec names must be in the table (FeatureError)
         check_features(ctx.spec, table, info, tables)
