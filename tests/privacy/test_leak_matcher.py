@@ -25,7 +25,8 @@ IDENTS = [
     Identifier("to", "id"), Identifier("-", "id"), Identifier("Li", "given"), Identifier("Anne", "given"),
     Identifier("x\x1f", "id"), Identifier("  Bob  ", "name"), Identifier("１２３４５６７", "telecom"),
     Identifier("Amy Lee Ward", "name"), Identifier("Annabel Smith", ""),
-    HMAC, "a_b c", "Straße 7", "ǅemal Ǆ",
+    HMAC, "a_b c", "Straße 7", "ǅemal Ǆ", Identifier("42 the", "id"), Identifier("１２", "identifier"),
+    Identifier("7 to", "id"),
 ]
 
 TEXTS = [
@@ -63,7 +64,7 @@ def store():
     return Store()
 
 
-@pytest.mark.parametrize("kw", [{}, {"common_words": False}, {"min_len": 2},
+@pytest.mark.parametrize("kw", [{}, {"common_words": False}, {"min_len": 2}, {"min_len": 8},
                                 {"vocabulary": {("ward",), ("smith",)}}])
 def test_compact_matcher_agrees_with_reference(tmp_path, store, kw):
     files = _files(tmp_path)

@@ -620,7 +620,11 @@ def _compact_batch(values: Any, kinds: Any, salt: str, row0: int, entry0: int) -
     common[digits] = True
     from synthfactory.privacy._words import COMMON_WORDS
 
-    maybe = pc.is_in(first, value_set=pa.array(sorted(COMMON_WORDS), pa.string())).to_numpy(zero_copy_only=False)
+    # a value is only digits / common words only if its first token is one (ASCII: [0-9]+ is isdigit())
+    maybe = (pc.fill_null(pc.is_in(first, value_set=pa.array(sorted(COMMON_WORDS), pa.string())), False)
+             .to_numpy(zero_copy_only=False)
+             | pc.fill_null(pc.match_substring_regex(first, r"^[0-9]+$"), False).to_numpy(zero_copy_only=False))
+    maybe[odd] = True  # non-ASCII: Python's isdigit() (fullwidth digits...) decides, below
     for i in np.nonzero((slen < _COMMON_MAX) & ~digits & (ntok > 0) & maybe)[0]:
         common[i] = _is_common(joined[i])
     h = _salted_hash(joined, salt)
