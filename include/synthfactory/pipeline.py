@@ -210,18 +210,38 @@ def _ingest_fresh(ctx: RunContext, salt: bytes, m: dict) -> None:
     if report["quarantined_total"]:
         log.warning("ingest quarantined %d resource(s); see %s", report["quarantined_total"],
                     report["quarantine_uri"])
+    from synthfactory.privacy.leak import write_identifier_index
+
+    # the leak scan's compact index (salted hashes), written once here and reused by privacy and gate
+    write_identifier_index(report["identifiers_uri"], ctx.store)
 
 
 # -- 2. prepare: modelling table + train/holdout split ----------------------------------------------
+def modelling_frame(table: Any, keep_keys: bool = False) -> Any:
+    """An ingested table as pandas for the modelling table: without the row keys of other tables
+    (``<table>_key`` columns other than ``patient_key``, which the modelling table never reads: unique 32-hex
+    HMACs, most of a large table's memory as Python strings) unless ``keep_keys``."""
+    from synthfactory.synthesize.modelling import KEY
+
+    if not keep_keys:
+        table = table.drop_columns([c for c in table.column_names if c != KEY and c.endswith("_key")])
+    return table.to_pandas()
+
+
 def prepare(ctx: RunContext, ingested: IngestSummary) -> PrepareSummary:
     from synthfactory.synthesize.engine import metadata_dict
     from synthfactory.synthesize.modelling import (KEY, build_modelling_table, check_features, split_train_holdout,
                                                    table_info)
 
     with _stage("prepare", ctx) as m:
-        tables = {name: ctx.store.read_df(uri) for name, uri in ingested["tables"].items()}
+        relational = ctx.spec.synthesizer.mode == "relational"
+        flat = ctx.spec.source.kind == "table"
+        # the modelling table never reads the tables' own row keys (unique 32-hex HMACs: most of a large table's
+        # memory as Python strings); only the relational mode (its per-table record) and a flat table keep them
+        tables = {name: modelling_frame(ctx.store.read_table(uri), keep_keys=relational or flat)
+                  for name, uri in ingested["tables"].items()}
         table_plan = None
-        if ctx.spec.source.kind == "table":  # one flat table: its own columns (synthesize/flat.py)
+        if flat:  # one flat table: its own columns (synthesize/flat.py)
             from synthfactory.ingest.table import read_types
             from synthfactory.synthesize.flat import prepare_table
 
@@ -437,7 +457,7 @@ def _reference_summary(reference: dict) -> dict:
 # -- 6. privacy -----------------------------------------------------------------------------------
 def privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, ingested: IngestSummary,
             quality_summary: QualitySummary) -> PrivacySummary:
-    from synthfactory.privacy.leak import leak_scan, load_identifiers, public_vocabulary
+    from synthfactory.privacy.leak import LeakMatcher, leak_scan, public_vocabulary
     from synthfactory.privacy.metrics import privacy_metrics
     from synthfactory.synthesize.engine import SYNTHETIC_ID
     from synthfactory.synthesize.modelling import KEY
@@ -457,16 +477,17 @@ def privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, i
         report = {"dataset": ctx.spec.name, "run_id": ctx.run_id, "profile": ctx.profile,
                   "thresholds": pt.model_dump(mode="json"), "gate_rules": audit.pop("gate_rules"), **metrics}
         ctx.store.write_json(report_uri, report)
-        # Leak scan over every file that would be released, the privacy report itself included.
-        identifiers = load_identifiers(ingested["identifiers_uri"], ctx.store)
-        real_keys = list(train[KEY]) + list(holdout[KEY])
+        # Leak scan over every file that would be released, the privacy report itself included: one matcher
+        # (ingest's compact identifier index plus the real keys) for every file.
         from synthfactory.synthesize.stages import extra_release_files
 
+        matcher = LeakMatcher.for_ingest(
+            ingested["identifiers_uri"], ctx.store, extra=[*train[KEY], *holdout[KEY]],
+            vocabulary=public_vocabulary(train, min_count=pt.min_k_anonymity,
+                                         tables=(ingested.get("tables") or {}).values(), store=ctx.store))
         scan = leak_scan([sampled["synthetic_uri"], *extra_release_files(sampled).values(),
-                          quality_summary["report_uri"], report_uri],
-                         [*identifiers, *real_keys], ctx.store,
-                         vocabulary=public_vocabulary(train, min_count=pt.min_k_anonymity,
-                                                      tables=(ingested.get("tables") or {}).values(), store=ctx.store))
+                          quality_summary["report_uri"], report_uri], matcher, ctx.store)
+        del matcher
         report["leak_scan"] = scan
         ctx.store.write_json(report_uri, report)
         m.update({
@@ -599,18 +620,18 @@ def _datacard(ctx: RunContext, decision: dict, sampled: dict, quality_summary: d
         description=ctx.spec.description, generated_at=decision.get("decided_at"), plot_cache=frames["plot_cache"])
 
 
-def _card_identifiers(ctx: RunContext, quality_summary: dict, ingested: dict | None) -> list | None:
-    """The identifiers the privacy stage scans for (ingest's identifier list and the real HMAC keys), or
-    None when the ingest summary is not available."""
-    from synthfactory.privacy.leak import load_identifiers
+def _card_matcher(ctx: RunContext, ingested: dict | None, vocabulary: set) -> Any:
+    """The leak matcher of the identifiers the privacy stage scans for (ingest's compact identifier index and
+    the real HMAC keys), built once for the gate task, or None when the ingest summary is not available."""
+    from synthfactory.privacy.leak import LeakMatcher
     from synthfactory.synthesize.modelling import KEY
 
     if not (ingested or {}).get("identifiers_uri"):
         return None
     keys: list = []
     for uri in (ctx.train_uri, ctx.holdout_uri):
-        keys += list(ctx.store.read_df(uri, columns=[KEY])[KEY])
-    return [*load_identifiers(ingested["identifiers_uri"], ctx.store), *keys]
+        keys += ctx.store.read_table(uri, columns=[KEY]).column(KEY).to_pylist()
+    return LeakMatcher.for_ingest(ingested["identifiers_uri"], ctx.store, extra=keys, vocabulary=vocabulary)
 
 
 def gate(ctx: RunContext, sampled: SampleSummary, quality_summary: QualitySummary,
@@ -635,23 +656,24 @@ def gate(ctx: RunContext, sampled: SampleSummary, quality_summary: QualitySummar
         # The card shows the decision, and the decision carries the card's leak scan: render, scan, decide again
         # with the scan as a privacy check, render the final card and scan that too.
         card_uri = ctx.uri("reports", "datacard.html")
-        identifiers = _card_identifiers(ctx, quality_summary, ingested)
         frames: dict = {}
         scan: dict = {"clean": None, "hits": []}
-        for _ in range(2):
+        matcher = None
+        for i in range(2):
             html = _datacard(ctx, decision, sampled, quality_summary, privacy_summary, ingested, frames)
             ctx.store.write_bytes(card_uri, html.encode("utf-8"))
-            if identifiers is not None:  # the real table the card was rendered from gives the vocabulary
-                scan = leak_scan([card_uri], identifiers, ctx.store,
-                                 vocabulary=public_vocabulary(frames["real"], min_count=pt.min_k_anonymity,
-                                                              tables=((ingested or {}).get("tables") or {}).values(),
-                                                              store=ctx.store))
+            if i == 0:  # one matcher for both scans; the real table the card was rendered from gives the vocabulary
+                matcher = _card_matcher(ctx, ingested, public_vocabulary(
+                    frames["real"], min_count=pt.min_k_anonymity,
+                    tables=((ingested or {}).get("tables") or {}).values(), store=ctx.store))
+            if matcher is not None:
+                scan = leak_scan([card_uri], matcher, ctx.store)
             card_check = {"gate": "privacy", "name": "datacard_leak_scan_clean", "value": scan["clean"], "op": "==",
                           "threshold": True, "passed": scan["clean"] is True}
             extra = [*privacy_summary.get("extra_checks", []), card_check]
             decision = {**decide(quality_summary, {**privacy_summary, "extra_checks": extra}, qt, pt, audited,
                                  profile=ctx.profile), **stamp}
-        if identifiers is None:
+        if matcher is None:
             log.error("gate: no ingest summary, so the data card could not be leak-scanned; refusing")
         decision["audited_files"] = dict(sorted({**audited, RELEASE_DATACARD: sha256_bytes(
             ctx.store.read_bytes(card_uri))}.items()))

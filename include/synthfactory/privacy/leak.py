@@ -71,7 +71,7 @@ if TYPE_CHECKING:  # storage imports pyarrow; keep this module importable withou
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Identifier", "load_identifiers", "leak_scan", "tokenize", "infer_kind", "public_vocabulary"]
+__all__ = ["Identifier", "LeakMatcher", "load_identifiers", "leak_scan", "write_identifier_index", "tokenize", "infer_kind", "public_vocabulary"]
 
 #: identifier kinds that a one-word common / product / public word may excuse (see the module doc)
 _WORD_KINDS = frozenset({"family", "name", "given"})
@@ -441,7 +441,48 @@ def _fingerprint(toks: tuple[str, ...]) -> str:
 # ------------------------------------------------------------------------------------------------
 # scan
 # ------------------------------------------------------------------------------------------------
+def _file_tokens(uri: str, store: "Store") -> list[str]:
+    """The token stream of one file (Parquet values cell by cell, else the raw text); fails closed."""
+    data = store.read_bytes(uri)
+    if _is_parquet(data):
+        try:
+            return _parquet_tokens(data)
+        except Exception as exc:  # corrupt / unreadable parquet: fall back to the raw bytes
+            log.warning("leak scan: %s not readable as Parquet (%s); scanning raw bytes", uri, type(exc).__name__)
+    return _raw_tokens(data)
+
+
 def leak_scan(
+    file_uris: list[str],
+    identifiers: "Iterable[str] | LeakMatcher",
+    store: "Store",
+    *,
+    min_len: int = 4,
+    fingerprints: bool = False,
+    vocabulary: set[tuple[str, ...]] | None = None,
+    common_words: bool = True,
+) -> dict:
+    """Scan ``file_uris`` for any of ``identifiers`` (or with a :class:`LeakMatcher` already built, which then
+    carries ``min_len``, ``vocabulary`` and ``common_words``).
+
+    Returns ``{"clean", "complete", "files_scanned", "identifiers", "identifiers_skipped",
+    "identifiers_unscanned", "unscanned_kinds", "identifiers_vocabulary", "hits"}`` where ``identifiers`` is
+    the number of distinct (normalised) identifiers checked and each hit is ``{"file", "count" (distinct
+    identifiers found), "occurrences", "kinds"}`` (plus ``"fingerprints"`` when asked). ``clean`` is
+    ``False`` when there are hits, else ``None`` when some identifiers could not be scanned (short numbers
+    or common words under ``min_len`` characters; ``complete`` is then false and ``unscanned_kinds`` counts
+    them by kind), else ``True``. ``identifiers_skipped`` counts everything not searched (unscanned, and
+    values without a letter or digit). Identifier values never appear in the result or the log. A file that
+    cannot be read raises (the scan fails closed). One-word names that are common words, words of the
+    product's own text (``common_words``) or of ``vocabulary`` (from :func:`public_vocabulary`) are not
+    searched on their own; their number is ``identifiers_vocabulary``.
+    """
+    matcher = identifiers if isinstance(identifiers, LeakMatcher) else LeakMatcher.from_identifiers(
+        identifiers, min_len=min_len, vocabulary=vocabulary, common_words=common_words)
+    return matcher.scan(file_uris, store, fingerprints=fingerprints, min_len=matcher.min_len)
+
+
+def _leak_scan_reference(
     file_uris: list[str],
     identifiers: Iterable[str],
     store: "Store",
@@ -451,7 +492,8 @@ def leak_scan(
     vocabulary: set[tuple[str, ...]] | None = None,
     common_words: bool = True,
 ) -> dict:
-    """Scan ``file_uris`` for any of ``identifiers``.
+    """The original implementation of :func:`leak_scan` (token-tuple dict, index built per call), kept as
+    the reference the compact matcher is tested and benchmarked against.
 
     Returns ``{"clean", "complete", "files_scanned", "identifiers", "identifiers_skipped",
     "identifiers_unscanned", "unscanned_kinds", "identifiers_vocabulary", "hits"}`` where ``identifiers`` is
@@ -516,3 +558,515 @@ def leak_scan(
              "excused as common words), %d file(s) with hits", scanned, index.checked, index.skipped,
              sum(index.unscanned.values()), index.vocabulary, len(hits))
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# compact identifier index and a matcher built once per task
+# ------------------------------------------------------------------------------------------------
+#: file name of the compact index beside ingest's identifiers.parquet
+INDEX_SUFFIX = ".index.parquet"
+#: identifiers at least this long (after stripping) are never "unscannable": the common-word check is
+#: precomputed only below it, so ``min_len`` may not exceed it
+_COMMON_MAX = 32
+_INDEX_VERSION = "1"
+_PY_WS = " \t\n\x0b\x0c\r\x1c\x1d\x1e\x1f"  # what str.strip() removes from an ASCII string
+_BATCH = 262_144
+
+
+def _salted_hash(values: Any, salt: str) -> Any:
+    """uint64 keyed SipHash (pandas' ``hash_array``, 16-byte key ``salt``) of each string of ``values``."""
+    import numpy as np
+    import pandas as pd
+
+    arr = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=object)
+    if not len(arr):
+        return np.zeros(0, dtype=np.uint64)
+    return pd.util.hash_array(arr.astype(object, copy=False), encoding="utf8", hash_key=salt, categorize=False)
+
+
+def _index_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([
+        pa.field("h", pa.uint64()),        # salted hash of the normalised token string ("amy jo ward")
+        pa.field("first", pa.uint64()),    # salted hash of its first token
+        pa.field("ntok", pa.int32()),      # number of tokens (0: no letter or digit)
+        pa.field("kind", pa.string()),
+        pa.field("slen", pa.int32()),      # length of the stripped value
+        pa.field("common", pa.bool_()),    # only digits / common words (computed when slen < _COMMON_MAX)
+        pa.field("row", pa.int64()),       # row of the value in its source (for fingerprints)
+        pa.field("src", pa.int64()),       # -1: an identifier; else the entry index this variant belongs to
+    ])
+
+
+def _is_common(joined: str) -> bool:
+    from synthfactory.privacy._words import COMMON_WORDS
+
+    return all(t.isdigit() or t in COMMON_WORDS for t in joined.split(" "))
+
+
+def _compact_batch(values: Any, kinds: Any, salt: str, row0: int, entry0: int) -> tuple[Any, Any]:
+    """The index rows (identifiers, then their variants) of one batch of (value, kind) arrays (pyarrow)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = len(values)
+    values = values.cast(pa.string()) if not pa.types.is_string(values.type) else values
+    ascii_ = pc.fill_null(pc.string_is_ascii(values), True).to_numpy(zero_copy_only=False)
+    low = pc.ascii_lower(values)
+    joined_a = pc.utf8_trim(pc.replace_substring_regex(low, r"[^a-z0-9]+", " "), " ")
+    slen_a = pc.utf8_length(pc.utf8_trim(values, _PY_WS))
+    joined = joined_a.to_numpy(zero_copy_only=False).astype(object)
+    slen = slen_a.to_numpy(zero_copy_only=False).astype(np.int32)
+    kind = (kinds.to_numpy(zero_copy_only=False).astype(object) if kinds is not None
+            else np.full(n, None, dtype=object))
+    odd = np.nonzero(~ascii_)[0]
+    if len(odd):  # non-ASCII values: Python's own lower() and \w, exactly as tokenize()
+        pyvals = values.take(pa.array(odd)).to_pylist()
+        for i, v in zip(odd, pyvals):
+            joined[i] = " ".join(tokenize(v))
+            slen[i] = len(v.strip())
+    if kinds is None:
+        nokind = list(range(n))
+    else:
+        nokind = np.nonzero(pc.fill_null(pc.equal(kinds.cast(pa.string()), ""), True).to_numpy(
+            zero_copy_only=False))[0].tolist()
+    if nokind:
+        pyvals = values.take(pa.array(nokind, pa.int64())).to_pylist()
+        for i, v in zip(nokind, pyvals):
+            kind[i] = infer_kind(v)
+    jarr = pa.array(joined, pa.string())
+    ntok = np.where(pc.equal(jarr, "").to_numpy(zero_copy_only=False), 0,
+                    pc.count_substring(jarr, " ").to_numpy(zero_copy_only=False) + 1).astype(np.int32)
+    first = pc.list_element(pc.split_pattern(jarr, " ", max_splits=1), 0)
+    common = np.zeros(n, dtype=bool)
+    digits = pc.match_substring_regex(jarr, r"^[0-9 ]+$").to_numpy(zero_copy_only=False)
+    common[digits] = True
+    from synthfactory.privacy._words import COMMON_WORDS
+
+    # a value is only digits / common words only if its first token is one (ASCII: [0-9]+ is isdigit())
+    maybe = (pc.fill_null(pc.is_in(first, value_set=pa.array(sorted(COMMON_WORDS), pa.string())), False)
+             .to_numpy(zero_copy_only=False)
+             | pc.fill_null(pc.match_substring_regex(first, r"^[0-9]+$"), False).to_numpy(zero_copy_only=False))
+    maybe[odd] = True  # non-ASCII: Python's isdigit() (fullwidth digits...) decides, below
+    for i in np.nonzero((slen < _COMMON_MAX) & ~digits & (ntok > 0) & maybe)[0]:
+        common[i] = _is_common(joined[i])
+    h = _salted_hash(joined, salt)
+    fh = _salted_hash(first.to_numpy(zero_copy_only=False).astype(object), salt)
+    entries = {"h": h, "first": fh, "ntok": ntok, "kind": kind, "slen": slen, "common": common,
+               "row": np.arange(row0, row0 + n, dtype=np.int64), "src": np.full(n, -1, dtype=np.int64)}
+    # variants, in the order _build_index registers them: joined phone digits, then the name orders
+    v_text: list[Any] = []
+    v_src: list[Any] = []
+    v_ntok: list[Any] = []
+    ascii_multi = ascii_ & (ntok > 1)
+    # all-digit multi-token values with >= 7 digits ("555 123 4567" -> "5551234567")
+    phone = ascii_multi & digits
+    if phone.any():
+        idx = np.nonzero(phone)[0]
+        glued = pc.replace_substring(jarr.take(pa.array(idx)), " ", "")
+        cnt = pc.utf8_length(glued).to_numpy(zero_copy_only=False)
+        keep = cnt >= 7
+        v_text.append(glued.filter(pa.array(keep)).to_numpy(zero_copy_only=False).astype(object))
+        v_src.append(idx[keep])
+        v_ntok.append(np.ones(int(keep.sum()), dtype=np.int32))
+    is_name = pc.is_in(pa.array(kind, pa.string()), value_set=pa.array(sorted(_NAME_KINDS))).to_numpy(
+        zero_copy_only=False)
+    name2 = ascii_multi & is_name
+    if name2.any():
+        idx = np.nonzero(name2)[0]
+        sub = jarr.take(pa.array(idx))
+        v_text.append(pc.replace_substring_regex(sub, r"^(.*) ([^ ]+)$", r"\2 \1").to_numpy(
+            zero_copy_only=False).astype(object))
+        v_src.append(idx)
+        v_ntok.append(ntok[idx])
+        idx3 = np.nonzero(ascii_multi & is_name & (ntok > 2))[0]
+        if len(idx3):
+            sub = jarr.take(pa.array(idx3))
+            for rep in (r"\1 \2", r"\2 \1"):
+                v_text.append(pc.replace_substring_regex(sub, r"^([^ ]+) .* ([^ ]+)$", rep).to_numpy(
+                    zero_copy_only=False).astype(object))
+                v_src.append(idx3)
+                v_ntok.append(np.full(len(idx3), 2, dtype=np.int32))
+    for i in odd:  # non-ASCII: Python's isdigit(), as _build_index
+        if ntok[i] < 2:
+            continue
+        toks = joined[i].split(" ")
+        if all(t.isdigit() for t in toks) and sum(map(len, toks)) >= 7:
+            v_text.append(np.array(["".join(toks)], dtype=object))
+            v_src.append(np.array([i]))
+            v_ntok.append(np.ones(1, dtype=np.int32))
+        if kind[i] in _NAME_KINDS:
+            vs = [(toks[-1], *toks[:-1])]
+            if len(toks) > 2:
+                vs += [(toks[0], toks[-1]), (toks[-1], toks[0])]
+            for v in vs:
+                v_text.append(np.array([" ".join(v)], dtype=object))
+                v_src.append(np.array([i]))
+                v_ntok.append(np.array([len(v)], dtype=np.int32))
+    if v_text:
+        vt = np.concatenate(v_text)
+        vs = np.concatenate(v_src).astype(np.int64)
+        vn = np.concatenate(v_ntok)
+        order = np.argsort(vs, kind="stable")  # by source row; per row in registration order
+        vt, vs, vn = vt[order], vs[order], vn[order]
+        vfirst = pc.list_element(pc.split_pattern(pa.array(vt, pa.string()), " ", max_splits=1), 0)
+        variants = {"h": _salted_hash(vt, salt),
+                    "first": _salted_hash(vfirst.to_numpy(zero_copy_only=False).astype(object), salt),
+                    "ntok": vn, "kind": kind[vs], "slen": slen[vs], "common": common[vs],
+                    "row": vs + row0, "src": vs + entry0}
+    else:
+        variants = None
+    return entries, variants
+
+
+def _to_table(cols: dict) -> Any:
+    import pyarrow as pa
+
+    schema = _index_schema()
+    return pa.table({f.name: pa.array(cols[f.name], f.type) for f in schema}, schema=schema)
+
+
+def compact_identifiers(values: Any, kinds: Any, salt: str, *, row0: int = 0, dedup: bool = False) -> Any:
+    """The compact index (a pyarrow Table, see :func:`_index_schema`) of the identifier ``values`` (a pyarrow
+    string array) and their ``kinds`` (a string array or None: inferred from the shape): per identifier the
+    salted hashes of its normalised token string and of its first token, its token count, kind, stripped
+    length, whether it is only digits / common words, and one row per match variant (joined phone digits,
+    name orders) pointing at its identifier. ``dedup`` drops repeated (value, kind) pairs (first kept)."""
+    import numpy as np
+    import pyarrow as pa
+
+    values = pa.array(values, pa.string()) if not isinstance(values, (pa.Array, pa.ChunkedArray)) else values
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if kinds is not None and isinstance(kinds, pa.ChunkedArray):
+        kinds = kinds.combine_chunks()
+    keep = values.is_valid()
+    if not pa.compute.all(keep).as_py():
+        values, kinds = values.filter(keep), (kinds.filter(keep) if kinds is not None else None)
+    rows = np.arange(row0, row0 + len(values), dtype=np.int64)
+    if dedup and len(values):
+        parts = []
+        for start in range(0, len(values), _BATCH):  # batch by batch: never all values as Python strings
+            k = _salted_hash(values.slice(start, _BATCH).to_numpy(zero_copy_only=False).astype(object), salt)
+            if kinds is not None:
+                k = k ^ (_salted_hash(kinds.slice(start, _BATCH).fill_null("\x00").to_numpy(
+                    zero_copy_only=False).astype(object), salt) * np.uint64(0x9E3779B97F4A7C15))
+            parts.append(k)
+        key = np.concatenate(parts)
+        _, first_at = np.unique(key, return_index=True)
+        first_at.sort()
+        if len(first_at) < len(values):
+            values = values.take(pa.array(first_at))
+            kinds = kinds.take(pa.array(first_at)) if kinds is not None else None
+            rows = rows[first_at]
+    parts_e, parts_v = [], []
+    for start in range(0, len(values), _BATCH):
+        e, v = _compact_batch(values.slice(start, _BATCH),
+                              kinds.slice(start, _BATCH) if kinds is not None else None, salt, 0, start)
+        e["row"] = rows[start:start + len(e["h"])]
+        parts_e.append(_to_table(e))
+        if v is not None:
+            v["row"] = rows[v["src"]]
+            parts_v.append(_to_table(v))
+    if not parts_e:
+        return _index_schema().empty_table()
+    return pa.concat_tables(parts_e + parts_v)
+
+
+def _read_index(uri: str, store: "Store") -> Any:
+    import pyarrow.parquet as pq
+
+    from synthfactory.storage import is_s3
+
+    with pq.ParquetFile(io.BytesIO(store.read_bytes(uri)) if is_s3(uri) else uri) as pf:
+        return pf.read()
+
+
+def _sha256_of(uri: str, store: "Store") -> str:
+    h = hashlib.sha256()
+    with store.open_read(uri) as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def identifier_index_uri(identifiers_uri: str) -> str:
+    return identifiers_uri[:-len(".parquet")] + INDEX_SUFFIX if identifiers_uri.endswith(".parquet") \
+        else identifiers_uri + INDEX_SUFFIX
+
+
+def write_identifier_index(identifiers_uri: str, store: "Store") -> str:
+    """Build the compact index of ingest's ``identifiers.parquet`` (read batch by batch) and write it beside it
+    (``identifiers.index.parquet``, with its random salt and the source's sha256 in the file metadata).
+    Returns its URI. Done once per ingest; :meth:`LeakMatcher.for_ingest` reuses it."""
+    import secrets
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from synthfactory.storage import is_s3
+
+    data = store.read_bytes(identifiers_uri) if is_s3(identifiers_uri) else None
+    source = io.BytesIO(data) if data is not None else identifiers_uri
+    digest = _sha256_of(identifiers_uri, store)
+    salt = secrets.token_hex(8)  # 16 characters: the SipHash key
+    with pq.ParquetFile(source) as pf:
+        names = pf.schema_arrow.names
+        if "value" not in names:
+            raise ValueError(f"{identifiers_uri}: identifiers file has no 'value' column")
+        cols = ["value", "kind"] if "kind" in names else ["value"]
+        table = pf.read(columns=cols)
+    values = table.column("value")
+    if not pa.types.is_string(values.type):
+        values = pa.array([None if v is None else (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
+                           for v in values.to_pylist()], pa.string())
+    kinds = table.column("kind").cast(pa.string()) if "kind" in cols else None
+    del table
+    index = compact_identifiers(values, kinds, salt, dedup=True)
+    index = index.replace_schema_metadata({b"salt": salt.encode(), b"source_sha256": digest.encode(),
+                                           b"version": _INDEX_VERSION.encode()})
+    uri = identifier_index_uri(identifiers_uri)
+    buf = io.BytesIO()
+    pq.write_table(index, buf, compression="zstd")
+    store.write_bytes(uri, buf.getvalue())
+    log.info("identifier index: %d entries written to %s", index.num_rows, uri)
+    return uri
+
+
+class LeakMatcher:
+    """The leak scan's matcher, built once per task from the compact index and reused for every file (and the
+    data card): sorted arrays of salted 64-bit hashes of identifier token strings, their canonical identifier,
+    and, per first-token hash, a bit mask of the n-gram lengths to try. It matches exactly what
+    :func:`_build_index` / :func:`_match` match (a hash collision, about 1 in 2**64 per lookup, could only add a
+    hit, never lose one)."""
+
+    def __init__(self, index: Any, salt: str, *, min_len: int = 4, vocabulary: set[tuple[str, ...]] | None = None,
+                 common_words: bool = True, texts: Any = None) -> None:
+        import numpy as np
+
+        if min_len > _COMMON_MAX:
+            raise ValueError(f"leak scan: min_len may not exceed {_COMMON_MAX}")
+        self.salt = salt
+        self.min_len = min_len
+        self._texts = texts  # callable(rows) -> values, for fingerprints
+        h = index.column("h").to_numpy()
+        first = index.column("first").to_numpy()
+        ntok = index.column("ntok").to_numpy()
+        kind = index.column("kind").combine_chunks().dictionary_encode()
+        kcode = kind.indices.to_numpy(zero_copy_only=False)
+        self.kind_names = kind.dictionary.to_pylist()
+        slen = index.column("slen").to_numpy()
+        common = index.column("common").to_numpy(zero_copy_only=False)
+        row = index.column("row").to_numpy()
+        src = index.column("src").to_numpy()
+        is_e = src < 0
+        word_kind = np.isin(kcode, [i for i, k in enumerate(self.kind_names) if k in _WORD_KINDS])
+        excuse = _salted_hash(np.array(sorted(_excuse_words(vocabulary, common_words)), dtype=object), salt)
+        valid = is_e & (ntok > 0)
+        excused = valid & (ntok == 1) & word_kind & np.isin(h, excuse)
+        unsc = valid & ~excused & (slen < min_len) & common
+        active = valid & ~excused & ~unsc
+        # counts exactly as _build_index reports them
+        self.unscanned = Counter({self.kind_names[c]: int(n) for c, n in zip(*np.unique(kcode[unsc], return_counts=True))})
+        own = np.unique(h[active])
+        self.checked = int(len(own))
+        self.skipped = int((is_e & (ntok == 0)).sum() + unsc.sum())
+        self.vocabulary = int(len(np.setdiff1d(np.unique(h[excused]), own)))
+        # per own hash: its kinds (sorted by hash) and a source row (for fingerprints)
+        order = np.argsort(h[active], kind="stable")
+        self._kh = h[active][order]
+        self._kc = kcode[active][order]
+        self._krow = row[active][order]
+        # variants of active identifiers, first registered wins, never over an identifier's own string
+        entry_idx = np.nonzero(is_e)[0]
+        e_active = np.zeros(int(is_e.sum()), dtype=bool)
+        e_active[:] = active[entry_idx]
+        v = ~is_e
+        vsrc = src[v]
+        vok = e_active[vsrc]
+        vh, vfirst, vn, vsrc = h[v][vok], first[v][vok], ntok[v][vok], vsrc[vok]
+        notown = ~np.isin(vh, own)
+        vh, vfirst, vn, vsrc = vh[notown], vfirst[notown], vn[notown], vsrc[notown]
+        ukeys, at = np.unique(vh, return_index=True)  # vh is in registration order: return_index = first
+        canon_v = h[entry_idx[vsrc[at]]]
+        keys = np.concatenate([own, ukeys])
+        canon = np.concatenate([own, canon_v])
+        o = np.argsort(keys)
+        self._keys, self._canon = keys[o], canon[o]
+        # first-token hash -> bit mask of n-gram lengths (lengths >= 64 kept aside)
+        sf = np.concatenate([first[active], vfirst])
+        sn = np.concatenate([ntok[active], vn]).astype(np.int64)
+        long_ = sn >= 64
+        self._long: dict[int, set[int]] = defaultdict(set)
+        for f, n in zip(sf[long_], sn[long_]):
+            self._long[int(f)].add(int(n))
+        sf, sn = sf[~long_], sn[~long_]
+        bits = np.left_shift(np.uint64(1), sn.astype(np.uint64))
+        o = np.argsort(sf, kind="stable")
+        sf, bits = sf[o], bits[o]
+        self._starts, at = np.unique(sf, return_index=True)
+        self._masks = np.bitwise_or.reduceat(bits, at) if len(at) else np.zeros(0, dtype=np.uint64)
+        if self._long:
+            extra = np.array(sorted(self._long), dtype=np.uint64)
+            allst = np.union1d(self._starts, extra)
+            masks = np.zeros(len(allst), dtype=np.uint64)
+            masks[np.searchsorted(allst, self._starts)] = self._masks
+            self._starts, self._masks = allst, masks
+        lens = set()
+        m = int(np.bitwise_or.reduce(self._masks)) if len(self._masks) else 0
+        for n in range(64):
+            if m >> n & 1:
+                lens.add(n)
+        for ns in self._long.values():
+            lens |= ns
+        self._lengths = sorted(lens)
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_identifiers(cls, identifiers: Iterable[str], **kw: Any) -> "LeakMatcher":
+        """From an iterable of identifiers (``str`` or :class:`Identifier`, ``None`` skipped), as
+        :func:`leak_scan` takes them."""
+        import secrets
+
+        import pyarrow as pa
+
+        vals, kinds = [], []
+        for ident in identifiers:
+            if ident is None:
+                continue
+            vals.append(str(ident))
+            kinds.append(getattr(ident, "kind", None))
+        salt = secrets.token_hex(8)
+        index = compact_identifiers(pa.array(vals, pa.string()), pa.array(kinds, pa.string()), salt)
+        return cls(index, salt, texts=lambda rows: [vals[r] for r in rows], **kw)
+
+    @classmethod
+    def for_ingest(cls, identifiers_uri: str, store: "Store", extra: Iterable[str] = (), **kw: Any) -> "LeakMatcher":
+        """From ingest's identifier list (its compact index, built and written beside it when missing or stale)
+        plus ``extra`` identifiers (the real HMAC keys)."""
+        import pyarrow as pa
+
+        idx_uri = identifier_index_uri(identifiers_uri)
+        index = None
+        if store.exists(idx_uri):
+            index = _read_index(idx_uri, store)
+            meta = index.schema.metadata or {}
+            digest = _sha256_of(identifiers_uri, store)
+            if meta.get(b"source_sha256", b"").decode() != digest or meta.get(b"version") != _INDEX_VERSION.encode():
+                index = None
+        if index is None:
+            write_identifier_index(identifiers_uri, store)
+            index = _read_index(idx_uri, store)
+        salt = index.schema.metadata[b"salt"].decode()
+        n_src = int(index.column("row").to_numpy().max()) + 1 if index.num_rows else 0
+        extra = [str(v) for v in extra if v is not None]
+        if extra:
+            more = compact_identifiers(pa.array(extra, pa.string()), None, salt, row0=n_src)
+            src = more.column("src").to_numpy()
+            n_e = int((index.column("src").to_numpy() < 0).sum())
+            # variant rows point at entries: shift past the identifiers' entries... and keep entries first
+            more_e = more.filter(pa.array(src < 0))
+            more_v = more.filter(pa.array(src >= 0))
+            base_e = index.filter(pa.array(index.column("src").to_numpy() < 0))
+            base_v = index.filter(pa.array(index.column("src").to_numpy() >= 0))
+            if more_v.num_rows:
+                more_v = more_v.set_column(more_v.schema.get_field_index("src"), "src",
+                                           pa.array(more_v.column("src").to_numpy() + n_e, pa.int64()))
+            index = pa.concat_tables([base_e.cast(_index_schema()), more_e, base_v.cast(_index_schema()), more_v])
+
+        def texts(rows: list[int]) -> list[str]:
+            import pyarrow.parquet as pq
+
+            values = pq.read_table(io.BytesIO(store.read_bytes(identifiers_uri)), columns=["value"]).column("value")
+            return [values[r].as_py() if r < n_src else extra[r - n_src] for r in rows]
+
+        return cls(index, salt, texts=texts, **kw)
+
+    # -- matching ----------------------------------------------------------------------------------
+    def _match(self, tokens: list[str]) -> Counter:
+        """Canonical identifier hash -> occurrences in ``tokens`` (as :func:`_match`)."""
+        import numpy as np
+
+        found: Counter = Counter()
+        n_tok = len(tokens)
+        if not n_tok or not len(self._starts):
+            return found
+        th = _salted_hash(np.array(tokens, dtype=object), self.salt)
+        pos = np.searchsorted(self._starts, th)
+        pos[pos >= len(self._starts)] = 0
+        ok = self._starts[pos] == th
+        cand = np.nonzero(ok)[0]
+        if not len(cand):
+            return found
+        masks = self._masks[pos[cand]]
+        keys, canon = self._keys, self._canon
+        for n in self._lengths:
+            if n < 64:
+                sel = cand[((masks >> np.uint64(n)) & np.uint64(1)).astype(bool) & (cand + n <= n_tok)]
+            else:
+                sel = np.array([i for i in cand if n in self._long.get(int(th[i]), ()) and i + n <= n_tok],
+                               dtype=np.int64)
+            if not len(sel):
+                continue
+            gh = th[sel] if n == 1 else _salted_hash(
+                np.array([" ".join(tokens[i:i + n]) for i in sel], dtype=object), self.salt)
+            p = np.searchsorted(keys, gh)
+            p[p >= len(keys)] = 0
+            hit = keys[p] == gh
+            if hit.any():
+                found.update(canon[p[hit]].tolist())
+        return found
+
+    def _kinds(self, h: int) -> set[str]:
+        import numpy as np
+
+        lo, hi = np.searchsorted(self._kh, np.uint64(h), "left"), np.searchsorted(self._kh, np.uint64(h), "right")
+        return {self.kind_names[c] for c in self._kc[lo:hi]} or {"unknown"}
+
+    def _fingerprints(self, found: Iterable[int]) -> list[str]:
+        import numpy as np
+
+        rows = [int(self._krow[np.searchsorted(self._kh, np.uint64(h))]) for h in found]
+        texts = self._texts(rows) if self._texts else []
+        return sorted(_fingerprint(tuple(tokenize(t))) for t in texts)
+
+    def scan(self, file_uris: list[str], store: "Store", *, fingerprints: bool = False, min_len: int = 4) -> dict:
+        """Scan ``file_uris``: the result of :func:`leak_scan`."""
+        if self.unscanned:
+            log.error("leak scan: %d identifier(s) of kind(s) %s are shorter than %d characters and only digits "
+                      "or common words, so no text search can find them: the scan cannot say the files are clean",
+                      sum(self.unscanned.values()), ", ".join(sorted(self.unscanned)), min_len)
+        hits: list[dict[str, Any]] = []
+        scanned = 0
+        for uri in file_uris:
+            tokens = _file_tokens(uri, store)
+            scanned += 1
+            found = self._match(tokens)
+            del tokens
+            if found:
+                kinds = sorted({k for h in found for k in self._kinds(h)})
+                hit: dict[str, Any] = {"file": uri, "count": len(found), "occurrences": int(sum(found.values())),
+                                       "kinds": kinds}
+                if fingerprints:
+                    hit["fingerprints"] = self._fingerprints(found)
+                hits.append(hit)
+                log.warning("leak scan: %s contains %d real identifier(s) of kind(s) %s",
+                            uri, len(found), ", ".join(kinds))
+        complete = not self.unscanned
+        result = {
+            "clean": False if hits else (True if complete else None),
+            "complete": complete,
+            "files_scanned": scanned,
+            "identifiers": self.checked,
+            "identifiers_skipped": self.skipped,
+            "identifiers_unscanned": sum(self.unscanned.values()),
+            "unscanned_kinds": dict(sorted(self.unscanned.items())),
+            "identifiers_vocabulary": self.vocabulary,
+            "hits": hits,
+        }
+        log.info("leak scan: %d files, %d identifiers checked (%d skipped, %d of them unscannable, %d one-word "
+                 "names excused as common words), %d file(s) with hits", scanned, self.checked, self.skipped,
+                 sum(self.unscanned.values()), self.vocabulary, len(hits))
+        return result

@@ -1,0 +1,134 @@
+"""Peak RSS and CPU seconds of the parts of prepare, privacy and gate that issue 22 found holding whole tables or the
+identifier list, before and after, each in its own fresh process, on one ingest output (the ``ingest/`` folder of a
+run: its Parquet tables and identifiers.parquet).
+
+* ``prepare_before``: every ingested table read whole into pandas, then the modelling table (the code before);
+* ``prepare_after``: the same tables without other tables' row keys (``pipeline.modelling_frame``), same table;
+* ``index_write``: ingest's one-off compact identifier index (``identifiers.index.parquet``);
+* ``leak_before``: the identifier list and the real keys as Python objects, the token-tuple index built per scan,
+  ``--scans`` scans of ``--file`` (the gate scans its data card twice; privacy builds once more);
+* ``leak_after``: one :class:`LeakMatcher` from the compact index and the keys, ``--scans`` scans.
+
+Each child reports ``ru_maxrss`` (its whole peak, interpreter and imports included: ~250-300 MiB) and CPU seconds
+(user + system: robust when other jobs share the cores). The modelling tables must be equal and the leak results
+equal (checked).
+
+    .venv/bin/python bench/memory_probe.py --ingest-dir RUN/ingest --file RUN/reports/datacard.html \\
+        --out bench/results/memory_probe_20k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, machine_info  # noqa: E402
+
+PARTS = ("prepare_before", "prepare_after", "index_write", "leak_before", "leak_after")
+
+
+def _spec_features():
+    import yaml
+
+    from synthfactory.spec import parse_spec
+
+    data = yaml.safe_load((ROOT / "include/datasets/cohort_demo.yaml").read_text())
+    data["features"]["min_patients"] = 2
+    return parse_spec(data).features
+
+
+def child(part: str, ingest: Path, file: str, scans: int) -> dict:
+    import pyarrow.parquet as pq
+
+    from synthfactory.storage import Store
+
+    store = Store()
+    tables = {p.stem: str(p) for p in ingest.glob("*.parquet") if p.stem not in ("identifiers",)
+              and not p.name.endswith(".index.parquet")}
+    ids = str(ingest / "identifiers.parquet")
+    out: dict = {}
+    if part.startswith("prepare"):
+        from synthfactory.pipeline import modelling_frame
+        from synthfactory.synthesize.modelling import build_modelling_table
+
+        features = _spec_features()
+    if part.startswith("leak"):
+        from synthfactory.privacy import leak
+
+        keys = pq.read_table(tables["patient"], columns=["patient_key"]).column("patient_key").to_pylist()
+        leak.product_words()
+    t0, c0 = time.perf_counter(), time.process_time()
+    if part == "prepare_before":
+        frames = {n: pq.read_table(u).to_pandas() for n, u in tables.items()}
+        table, _ = build_modelling_table(frames, features)
+        out["table_sha256"] = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()
+    elif part == "prepare_after":
+        frames = {n: modelling_frame(pq.read_table(u)) for n, u in tables.items()}
+        table, _ = build_modelling_table(frames, features)
+        out["table_sha256"] = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()
+    elif part == "index_write":
+        from synthfactory.privacy.leak import write_identifier_index
+
+        write_identifier_index(ids, store)
+    elif part == "leak_before":
+        identifiers = [*leak.load_identifiers(ids, store), *keys]
+        for _ in range(scans):
+            res = leak._leak_scan_reference([file], identifiers, store)
+        out["result"] = res
+    elif part == "leak_after":
+        matcher = leak.LeakMatcher.for_ingest(ids, store, extra=keys)
+        for _ in range(scans):
+            res = leak.leak_scan([file], matcher, store)
+        out["result"] = res
+    return {"part": part, "seconds": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), **out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ingest-dir", type=Path, required=True)
+    ap.add_argument("--file", required=True, help="a file to leak-scan (e.g. a data card)")
+    ap.add_argument("--scans", type=int, default=3, help="scans per process (privacy 1 + gate 2 before)")
+    ap.add_argument("--parts", nargs="+", default=list(PARTS))
+    ap.add_argument("--child")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.ingest_dir, args.file, args.scans)))
+        return 0
+    import pyarrow.parquet as pq
+
+    res = {}
+    for part in args.parts:
+        p = subprocess.run([sys.executable, __file__, "--ingest-dir", str(args.ingest_dir), "--file", args.file,
+                            "--scans", str(args.scans), "--child", part], capture_output=True, text=True)
+        if p.returncode:
+            print(p.stderr[-3000:], file=sys.stderr)
+            return 1
+        res[part] = json.loads(p.stdout.strip().splitlines()[-1])
+        print(json.dumps({k: v for k, v in res[part].items() if k != "result"}), flush=True)
+    checks = {}
+    if "prepare_before" in res and "prepare_after" in res:
+        checks["modelling_table_equal"] = res["prepare_before"]["table_sha256"] == res["prepare_after"]["table_sha256"]
+    if "leak_before" in res and "leak_after" in res:
+        checks["leak_result_equal"] = res["leak_before"].pop("result") == res["leak_after"].pop("result")
+    result = {"bench": "memory_probe", "machine": machine_info(), "ingest_dir": str(args.ingest_dir),
+              "patients": pq.ParquetFile(args.ingest_dir / "patient.parquet").metadata.num_rows,
+              "identifiers": pq.ParquetFile(args.ingest_dir / "identifiers.parquet").metadata.num_rows,
+              "scans": args.scans, "parts": res, "checks": checks}
+    print(json.dumps(checks))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
