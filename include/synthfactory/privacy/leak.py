@@ -441,15 +441,16 @@ def _fingerprint(toks: tuple[str, ...]) -> str:
 # ------------------------------------------------------------------------------------------------
 # scan
 # ------------------------------------------------------------------------------------------------
-def _file_tokens(uri: str, store: "Store") -> list[str]:
-    """The token stream of one file (Parquet values cell by cell, else the raw text); fails closed."""
+def _file_tokens(uri: str, store: "Store") -> tuple[list[str], set[int] | None]:
+    """The token stream of one file (Parquet values cell by cell, else the raw text, with the positions of
+    tokens that are a part of a decimal number); fails closed."""
     data = store.read_bytes(uri)
     if _is_parquet(data):
         try:
-            return _parquet_tokens(data)
+            return _parquet_tokens(data), None
         except Exception as exc:  # corrupt / unreadable parquet: fall back to the raw bytes
             log.warning("leak scan: %s not readable as Parquet (%s); scanning raw bytes", uri, type(exc).__name__)
-    return _raw_tokens(data)
+    return _raw_tokens_decimals(data)
 
 
 def leak_scan(
@@ -985,8 +986,8 @@ class LeakMatcher:
         return cls(index, salt, texts=texts, **kw)
 
     # -- matching ----------------------------------------------------------------------------------
-    def _match(self, tokens: list[str]) -> Counter:
-        """Canonical identifier hash -> occurrences in ``tokens`` (as :func:`_match`)."""
+    def _match(self, tokens: list[str], decimals: set[int] | None = None) -> Counter:
+        """Canonical identifier hash -> occurrences in ``tokens`` (as :func:`_match`, ``decimals`` included)."""
         import numpy as np
 
         found: Counter = Counter()
@@ -1015,8 +1016,13 @@ class LeakMatcher:
             p = np.searchsorted(keys, gh)
             p[p >= len(keys)] = 0
             hit = keys[p] == gh
-            if hit.any():
-                found.update(canon[p[hit]].tolist())
+            if not hit.any():
+                continue
+            hashes = canon[p[hit]].tolist()
+            if n == 1 and decimals:  # a digits-only table id inside a decimal number is a figure, not an id
+                hashes = [h for i, h in zip(sel[hit].tolist(), hashes)
+                          if not (i in decimals and tokens[i].isdigit() and self._kinds(h) <= _NUMBER_ID_KINDS)]
+            found.update(hashes)
         return found
 
     def _kinds(self, h: int) -> set[str]:
@@ -1041,10 +1047,10 @@ class LeakMatcher:
         hits: list[dict[str, Any]] = []
         scanned = 0
         for uri in file_uris:
-            tokens = _file_tokens(uri, store)
+            tokens, decimals = _file_tokens(uri, store)
             scanned += 1
-            found = self._match(tokens)
-            del tokens
+            found = self._match(tokens, decimals)
+            del tokens, decimals
             if found:
                 kinds = sorted({k for h in found for k in self._kinds(h)})
                 hit: dict[str, Any] = {"file": uri, "count": len(found), "occurrences": int(sum(found.values())),
