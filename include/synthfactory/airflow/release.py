@@ -31,13 +31,20 @@ def _reference(ref: dict | None) -> str:
     return f"{_fmt(ref['mean'])} ± {_fmt(ref.get('sd') or 0.0)}"
 
 
+def _result(check: dict) -> str:
+    """pass, FAIL, or not certified (passed on a bound that cannot certify: see ``gate.Check.result``)."""
+    if not check.get("passed"):
+        return "FAIL"
+    return check.get("result") or ("not certified" if check.get("certified") is False else "pass")
+
+
 def approval_text(spec: DatasetSpec, version: str, decision: dict, gated: dict,
                   datacard_url: str | None = None) -> tuple[str, str]:
     """Subject and Markdown body of the approval request: figures only, never data."""
     target = SandboxLayout.for_spec(spec).version_uri(version)
     rows = "\n".join(
         f"| {c.get('gate')} | {c.get('name')} | {_fmt(c.get('value'))} | {_reference(c.get('reference'))} "
-        f"| {c.get('op')} {_fmt(c.get('threshold'))} | {'pass' if c.get('passed') else 'FAIL'} |"
+        f"| {c.get('op')} {_fmt(c.get('threshold'))} | {_result(c)} |"
         for c in decision.get("checks", []))
     files = "\n".join(f"- `{rel}` sha256 `{sha[:16]}…`" for rel, sha in (decision.get("audited_files") or {}).items())
     card = ""
