@@ -49,8 +49,9 @@ def approval_text(spec: DatasetSpec, version: str, decision: dict, gated: dict,
     files = "\n".join(f"- `{rel}` sha256 `{sha[:16]}…`" for rel, sha in (decision.get("audited_files") or {}).items())
     card = ""
     if datacard_url or gated.get("datacard_uri"):
-        card = "\n**Data card:** " + (f"[open]({datacard_url})" if datacard_url else "") + \
-               (f" (`{gated['datacard_uri']}`)" if gated.get("datacard_uri") else "") + "\n"
+        card = ("\n**Data card:** " + (f"[open the data card of this run]({datacard_url}) (what the figures mean, "
+                                       f"their intervals, the data dictionary)" if datacard_url else "")
+                + (f" · in staging: `{gated['datacard_uri']}`" if gated.get("datacard_uri") else "") + "\n")
     timeout = spec.release.approval_timeout_hours
     body = f"""**Dataset** `{spec.name}` · version `{version}` · gate profile `{decision.get('profile', 'default')}`
 
