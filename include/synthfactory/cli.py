@@ -137,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
 def _validate(spec, args) -> int:  # noqa: ANN001
     """The spec is valid; with ``--extract``, its features resolve on that extract (ingested to a temporary
     folder with a throwaway salt, deleted afterwards)."""
-    from synthfactory.features import unresolvable_columns
+    from synthfactory.features import column_problems
 
-    for where, col in unresolvable_columns(spec):
-        print(f"warning: {where}: {col!r} is not a column the features can produce (labs, features.conditions "
-              f"as cond_<name>, demographics and counts)", file=sys.stderr)
+    problems = column_problems(spec)
+    if problems:  # these would fail in prepare, after the ingest: refuse now, naming the field
+        print(f"invalid spec: {args.spec}: " + "; ".join(problems), file=sys.stderr)
+        return EXIT_SPEC
     if not args.extract:
         print(f"ok: {spec.name} ({args.spec}) spec_sha256={spec.spec_hash()[:12]}")
         return EXIT_OK
