@@ -257,7 +257,7 @@ th{background:#eef1f5} td.num{text-align:right;font-variant-numeric:tabular-nums
 svg{max-width:100%;height:auto}
 code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.85em;word-break:break-all}
 .reason{background:#fff5f5;border-left:4px solid #c53030;padding:6px 10px;margin:4px 0}
-.warn{color:#b7791f;font-weight:700}
+.warn{color:#b7791f;font-weight:700} td code{word-break:normal;white-space:nowrap}
 </style></head>
 <body><main>
 <header>
