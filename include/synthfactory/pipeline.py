@@ -542,7 +542,8 @@ def _datacard(ctx: RunContext, decision: dict, sampled: dict, quality_summary: d
         description=ctx.spec.description, generated_at=decision.get("decided_at"), plot_cache=frames["plot_cache"],
         about={"intended_use": ctx.spec.intended_use, "owner": ctx.spec.owner, "contact": ctx.spec.contact,
                "licence": ctx.spec.licence},
-        dictionary=frames["dictionary"], privacy_thresholds=ctx.spec.thresholds(ctx.profile)[1].model_dump(mode="json"),
+        dictionary={**(frames["dictionary"] or {}), "id_columns": [SYNTHETIC_ID]},
+        privacy_thresholds=ctx.spec.thresholds(ctx.profile)[1].model_dump(mode="json"),
         privacy_notes=frames["privacy_notes"])
 
 

@@ -268,11 +268,14 @@ def _codes_text(codes: Mapping[str, Sequence[str]]) -> str:
 
 def data_dictionary(synthetic: Any, dictionary: Mapping[str, Any] | None) -> list[dict]:
     """One row per released column: ``column``, ``type``, ``meaning``, ``codes``, ``unit``. ``dictionary`` is
-    the prepare stage's ``model/columns.json`` (conditions and labs with codes, displays and units)."""
+    the prepare stage's ``model/columns.json`` (conditions and labs with codes, displays and units), plus
+    ``id_columns``: released identifier columns the card's table leaves out (the synthetic row id)."""
     d = dict(dictionary or {})
     conds, labs = dict(d.get("conditions") or {}), dict(d.get("labs") or {})
     ref = f" ({d['reference_date']})" if d.get("reference_date") else ""
-    out = []
+    out = [{"column": col, "type": "identifier", "meaning": "Row identifier of the synthetic patient (random: it links "
+            "to nothing real).", "codes": "", "unit": ""} for col in d.get("id_columns") or []
+           if col not in synthetic.columns]
     for col in synthetic.columns:
         s = synthetic[col]
         is_cat = not any(f(s.dtype) for f in (_is_bool, _is_num, _is_dt))
