@@ -26,6 +26,7 @@ def main() -> int:
     ap.add_argument("--patients", type=int, default=600, help="patients in the generated sample extract")
     ap.add_argument("--conf", default="{}", help="DAG run conf (Params) as JSON, e.g. '{\"rows\": 2000}'")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, on a terminal or piped to a file
 
     spec = load_spec(args.spec)
     dag_id = f"synthfactory_{spec.name}"

@@ -171,7 +171,7 @@ def generate_sample_extract(dest: Path, patients: int = 500, seed: int = 42) -> 
     dest.mkdir(parents=True, exist_ok=True)
     subprocess.run([venv_bin("carebundle"), "generate", "--profile", "mixed", "--count", str(patients),
                     "--seed", str(seed), "--sex", "mixed", "--format", "ndjson", "--out", str(dest)],
-                   check=True, stdout=subprocess.DEVNULL)
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # its stderr only on failure
     return dest
 
 
