@@ -230,3 +230,13 @@ def test_headless_chromium_shows_the_figures(card, tmp_path):
     synthetic_bars = sum(n for n, c in colours if near(c, (0xDD, 0x84, 0x52)))
     assert red_badge > 200  # the REFUSED badge was painted
     assert synthetic_bars > 500  # plots were painted (the synthetic series' colour)
+
+
+def test_k_anonymity_note_when_the_rare_record_test_could_not_run():
+    from synthfactory.quality.cardtext import k_anonymity_note
+
+    pt = {"min_k_anonymity": 5, "quasi_identifiers": ["age", "gender"]}
+    note = k_anonymity_note({"k_anonymity": 3, "rare_record_mia_status": "skipped"}, pt, [], approved=True)
+    assert "test was skipped" in note and "approved on the other privacy checks" in note
+    assert "that test and every other" not in note
+    assert k_anonymity_note({"k_anonymity": 5}, pt, [], approved=True) is None  # at the spec's k: no note

@@ -220,8 +220,13 @@ def k_anonymity_note(summary: Mapping[str, Any] | None, thresholds: Mapping[str,
         test = "the rare-record membership test was skipped (too few rare patients to test)"
     else:
         test = "the rare-record membership test did not run"
-    why = ("The release was approved because that test and every other privacy check passed."
-           if approved else "The release was refused (see the gate decision).")
+    if not approved:
+        why = "The release was refused (see the gate decision)."
+    elif rare and rare[0].get("passed"):
+        why = "The release was approved because that test and every other privacy check passed."
+    else:
+        why = ("The release was approved on the other privacy checks; with so few rare patients there was nothing "
+               "to test them on (the anonymeter risks above show what could and could not be certified).")
     return (f"k-anonymity is {int(k)}, below min_k_anonymity {int(min_k)}: some combination of {qis} appears in "
             f"fewer than {int(min_k)} synthetic rows. The spec's min_k_anonymity is not a requirement on the "
             f"synthetic table (its rows are not people): it marks which real patients are rare (their combination "
