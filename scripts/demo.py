@@ -26,6 +26,7 @@ def main() -> int:
     ap.add_argument("--patients", type=int, default=600, help="patients in the generated sample extract")
     ap.add_argument("--conf", default="{}", help="DAG run conf (Params) as JSON, e.g. '{\"rows\": 2000}'")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, on a terminal or piped to a file
 
     spec = load_spec(args.spec)
     dag_id = f"synthfactory_{spec.name}"
@@ -39,11 +40,13 @@ def main() -> int:
 
         env = dev.airflow_env(ROOT, ROOT / ".airflow", s3.endpoint)
         dev.ensure_airflow_db(env)
-        print(f"[3/5] Airflow home {ROOT / '.airflow'} (SQLite), connection {dev.SANDBOX_CONN_ID} -> emulator")
+        print(f"[3/5] Airflow home .airflow/ (SQLite), connection {dev.SANDBOX_CONN_ID} -> emulator")
 
         log_path = ROOT / ".airflow" / "demo_dag_test.log"
-        print(f"[4/5] airflow dags test {dag_id}  (log: {log_path})")
-        proc = dev.dags_test(dag_id, env, conf=json.loads(args.conf), log_path=log_path)
+        print(f"[4/5] airflow dags test {dag_id}: every task for real, about 1-2 minutes (full log: "
+              f"{log_path.relative_to(ROOT)})", flush=True)
+        proc = dev.dags_test(dag_id, env, conf=json.loads(args.conf), log_path=log_path,
+                             on_line=dev.TaskProgress(lambda text: print(text, flush=True)))
         dataset_prefix = f"{spec.release.prefix}/{spec.name}".strip("/")
         versions = dev.list_versions(client, spec.release.bucket, dataset_prefix)
         if proc.returncode != 0 or not versions:
@@ -85,7 +88,10 @@ def main() -> int:
               f"{risks or 'not run'}{note}")
     print(f"      latest: s3://{spec.release.bucket}/{dataset_prefix}/latest.json -> {version} "
           f"(SSE {manifest.get('encryption') or 'n/a'}, tags dataset/version/synthetic=true)")
-    print(f"      mirrored {len(files)} files to {local}")
+    print(f"      mirrored {len(files)} files to {local.relative_to(ROOT)}/")
+    card = local / "reports" / "datacard.html"
+    if card.is_file():
+        print(f"      data card: {card}  (open it in a browser: figures, their meaning, the data dictionary)")
     return 0
 
 

@@ -64,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
                                   "(boto3's default credential chain; AWS_ENDPOINT_URL is honoured)")
     ls.add_argument("--limit", type=int, default=20, help="newest N versions (default 20; 0 = all)")
     ls.add_argument("--json", action="store_true", help="print the releases as JSON")
+    pl = sub.add_parser("pull", help="download a release and verify every file against its manifest's sha256")
+    pl.add_argument("spec", help=SPEC_HELP)
+    pl.add_argument("--version", dest="release_version", default="latest", metavar="VERSION",
+                    help="the release version (v<YYYYMMDD>T<HHMMSS>Z), or latest (default)")
+    pl.add_argument("--to", required=True, metavar="DIR",
+                    help="a new (or empty) folder for the release's files and its manifest.json")
+    pl.add_argument("--out", help="the local folder a 'run --out' released into, instead of the spec's bucket "
+                                  "(boto3's default credential chain; AWS_ENDPOINT_URL is honoured)")
     f = sub.add_parser("freeze-suite", help="freeze a run's derived GX expectation suite into "
                                             "include/expectations/<dataset>.json (a frozen suite wins)")
     f.add_argument("spec", help=SPEC_HELP)
@@ -140,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         return _freeze_suite(spec, args)
     if args.cmd == "releases":
         return _releases(spec, args)
+    if args.cmd == "pull":
+        return _pull(spec, args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     return _run(spec, args)
@@ -191,13 +201,14 @@ def _view(args) -> int:  # noqa: ANN001
 def _validate(spec, args) -> int:  # noqa: ANN001
     """The spec is valid; with ``--extract``, its features resolve on that extract (ingested to a temporary
     folder with a throwaway salt, deleted afterwards)."""
-    from synthfactory.features import unresolvable_columns
+    from synthfactory.features import column_problems
 
-    if spec.source.kind == "table":
+    if spec.source.kind == "table":  # a flat table's columns are its own: checked against the table
         return _validate_table(spec, args)
-    for where, col in unresolvable_columns(spec):
-        print(f"warning: {where}: {col!r} is not a column the features can produce (labs, features.conditions "
-              f"as cond_<name>, demographics and counts)", file=sys.stderr)
+    problems = column_problems(spec)
+    if problems:  # these would fail in prepare, after the ingest: refuse now, naming the field
+        print(f"invalid spec: {args.spec}: " + "; ".join(problems), file=sys.stderr)
+        return EXIT_SPEC
     if not args.extract:
         print(f"ok: {spec.name} ({args.spec}) spec_sha256={spec.spec_hash()[:12]}")
         return EXIT_OK
@@ -341,6 +352,34 @@ def _releases(spec, args) -> int:  # noqa: ANN001
     print(f"{spec.name}: {len(rows)} release(s) in {where}")
     if rows:
         print(catalog.format_table(rows))
+    return EXIT_OK
+
+
+def _pull(spec, args) -> int:  # noqa: ANN001
+    """Download a release (latest by default) into --to and verify each file by the manifest's sha256."""
+    from synthfactory.release.catalog import local_root
+    from synthfactory.release.layout import SandboxLayout
+    from synthfactory.release.pull import pull
+    from synthfactory.release.sandbox import BucketReader, FolderReader
+
+    layout = SandboxLayout.for_spec(spec)
+    if args.out:
+        reader: Any = FolderReader(local_root(args.out))
+        where = str(local_root(args.out) / layout.dataset_prefix) + "/"
+    else:
+        import boto3  # default credential chain; AWS_ENDPOINT_URL points it at a non-AWS endpoint
+
+        reader, where = BucketReader(boto3.client("s3"), spec.release.bucket), layout.dataset_uri
+    try:
+        got = pull(reader, layout, args.to, args.release_version)
+    except SynthFactoryError as err:
+        print(describe(err), file=sys.stderr)
+        return exit_code_for(err)
+    except Exception as err:  # noqa: BLE001 - unreachable endpoint, no credentials, access denied
+        print(f"error: cannot pull {spec.name} from {where}: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"pulled {spec.name} {got['version']} from {where} to {got['dir']}: {got['files']} file(s), "
+          f"{got['bytes']:,} bytes, each matching the manifest's sha256")
     return EXIT_OK
 
 

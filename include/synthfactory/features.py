@@ -275,11 +275,39 @@ def referenced_columns(spec: "DatasetSpec") -> list[tuple[str, str]]:
 
 
 def unresolvable_columns(spec: "DatasetSpec") -> list[tuple[str, str]]:
-    """Referenced columns that no feature of the spec can produce, whatever the extract (static check): a
-    cond_* name may be a top_conditions flag, and with features.auto any name may be a discovered lab."""
+    """Referenced columns that no feature of the spec can produce, whatever the extract (static check). A
+    ``cond_<code>`` name may be a top_conditions flag, but condition codes have digits and no word in them
+    (ICD-10-CM E11.9 -> cond_e11_9, SNOMED CT 44054006): any other ``cond_`` name can only be a concept's
+    column. With features.auto any name may be a discovered lab or condition."""
     f = spec.features
     if f.auto:
         return []
     known = set(BASE_FEATURE_COLUMNS) | f.columns()
-    return [(w, c) for w, c in referenced_columns(spec)
-            if c not in known and not (c.startswith("cond_") and f.top_conditions > 0)]
+
+    def possible(c: str) -> bool:
+        return c in known or (c.startswith("cond_") and f.top_conditions > 0 and _code_like(c[len("cond_"):]))
+
+    return [(w, c) for w, c in referenced_columns(spec) if not possible(c)]
+
+
+def _code_like(name: str) -> bool:
+    """Could ``name`` be a condition code in column form (a digit, and no run of three letters: e11_9, 44054006,
+    s72_001a), rather than a word (t2_diabetes)?"""
+    return any(ch.isdigit() for ch in name) and re.search(r"[a-z]{3}", name) is None
+
+
+def column_problems(spec: "DatasetSpec") -> list[str]:
+    """:func:`unresolvable_columns` as messages naming the field, the column and the closest known column."""
+    import difflib
+
+    f = spec.features
+    known = sorted(set(BASE_FEATURE_COLUMNS) | f.columns())
+    out = []
+    for where, col in unresolvable_columns(spec):
+        close = difflib.get_close_matches(col, known, n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        what = ("a concept in features.conditions (cond_<name>), or a condition code in features.condition_codes"
+                if col.startswith("cond_") else "a lab in features.labs, a condition column (cond_...) or one of "
+                f"{', '.join(BASE_FEATURE_COLUMNS)}")
+        out.append(f"{where}: {col!r} is not a column the features can produce (it needs {what}){hint}")
+    return out

@@ -216,6 +216,11 @@ def _ingest_fresh(ctx: RunContext, salt: bytes, m: dict) -> None:
     write_identifier_index(report["identifiers_uri"], ctx.store)
 
 
+def columns_uri(ctx: RunContext) -> str:
+    """The run's column descriptions (written by prepare, read by the data card)."""
+    return ctx.uri("model", "columns.json")
+
+
 # -- 2. prepare: modelling table + train/holdout split ----------------------------------------------
 def modelling_frame(table: Any, keep_keys: bool = False) -> Any:
     """An ingested table as pandas for the modelling table: without the row keys of other tables
@@ -265,6 +270,7 @@ def prepare(ctx: RunContext, ingested: IngestSummary) -> PrepareSummary:
             uris["table_plan_uri"] = ctx.uri("model", TABLE_PLAN)
             ctx.store.write_json(uris["table_plan_uri"], table_plan)
             m["column_types"] = table_plan["types"]
+            info["dictionary"]["table_columns"] = table_plan["types"]  # the data card's dictionary
             m["table_rules"] = len(table_plan["rules"])
         metadata = metadata_dict(train, exclude=(KEY,), overrides=overrides)
         ctx.store.write_json(uris["metadata_uri"], metadata)
@@ -276,6 +282,8 @@ def prepare(ctx: RunContext, ingested: IngestSummary) -> PrepareSummary:
         # the resolved features (top/auto choices made explicit): the relational sampler rebuilds the same columns
         m["features_uri"] = ctx.uri("model", "features.json")
         ctx.store.write_json(m["features_uri"], info["features"])
+        # what each column means (codes, displays, LOINC units, reference date): the data card's data dictionary
+        ctx.store.write_json(columns_uri(ctx), {**info["dictionary"], "reference_date": info["reference_date"]})
         if ctx.spec.synthesizer.mode == "relational":  # the training patients' flattened tables, for the record
             keep = set(train[KEY])
             m["relational_uris"] = {}
@@ -603,6 +611,9 @@ def _datacard(ctx: RunContext, decision: dict, sampled: dict, quality_summary: d
                                                                                  errors="ignore")
         frames["quality_report"] = ctx.store.read_json(quality_summary["report_uri"])
         frames["plot_cache"] = {}
+        frames["dictionary"] = ctx.store.read_json(columns_uri(ctx)) if ctx.store.exists(columns_uri(ctx)) else None
+        report = ctx.store.read_json(privacy_summary["report_uri"]) if privacy_summary.get("report_uri") else {}
+        frames["privacy_notes"] = (report.get("gate_rules") or {}).get("anonymeter")
     kind = ctx.synthesizer_kind
     params = ctx.spec.synthesizer.params if kind == ctx.spec.synthesizer.kind else {}
     synthesizer = {"kind": kind, "params": params, "seed": ctx.spec.synthesizer.seed,
@@ -617,7 +628,12 @@ def _datacard(ctx: RunContext, decision: dict, sampled: dict, quality_summary: d
         real=frames["real"], synthetic=frames["synthetic"], synthesizer=synthesizer, lineage=lineage,
         rows={"synthetic": sampled.get("rows"), "real": quality_summary.get("rows_real"),
               "holdout": quality_summary.get("rows_holdout")},
-        description=ctx.spec.description, generated_at=decision.get("decided_at"), plot_cache=frames["plot_cache"])
+        description=ctx.spec.description, generated_at=decision.get("decided_at"), plot_cache=frames["plot_cache"],
+        about={"intended_use": ctx.spec.intended_use, "owner": ctx.spec.owner, "contact": ctx.spec.contact,
+               "licence": ctx.spec.licence},
+        dictionary={**(frames["dictionary"] or {}), "id_columns": [SYNTHETIC_ID]},
+        privacy_thresholds=ctx.spec.thresholds(ctx.profile)[1].model_dump(mode="json"),
+        privacy_notes=frames["privacy_notes"])
 
 
 def _card_matcher(ctx: RunContext, ingested: dict | None, vocabulary: set) -> Any:
@@ -783,6 +799,11 @@ def release(ctx: RunContext, gated: GateSummary, sampled: SampleSummary, quality
             "synthetic": True,
             "rows": sampled["rows"],
             "synthesizer": ctx.synthesizer_kind,
+            "description": ctx.spec.description,
+            "intended_use": ctx.spec.intended_use or None,
+            "owner": ctx.spec.owner,
+            "contact": ctx.spec.contact,
+            "licence": ctx.spec.licence,
             "spec_sha256": ctx.spec.spec_hash(),
             "source_extract_sha256": ingested["extract_sha256"],
             "figures": {

@@ -1005,7 +1005,16 @@ DEFAULT_TIMEOUT_MINUTES = {"ingest": 60.0, "prepare": 30.0, "fit": 240.0, "sampl
 class DatasetSpec(_Model):
     name: str
     description: str = ""
-    owner: str = "data-platform"
+    owner: str = Field(default="data-platform", description="Team that owns the dataset (card, manifest, DAG owner)")
+    contact: str | None = Field(
+        default=None, description="Who answers researchers' questions about the dataset (e-mail or team channel); "
+                                  "on the data card and in the release manifest")
+    licence: str | None = Field(
+        default=None, description="Terms the release may be used under (e.g. CC-BY-4.0, or the name of an "
+                                  "internal data use agreement); on the data card and in the release manifest")
+    intended_use: str = Field(
+        default="", description="What the synthetic data is for, and what it is not for (e.g. method development, "
+                                "teaching; not clinical decisions); on the data card and in the release manifest")
     tags: list[str] = Field(default_factory=list)
     schedule: str | None = Field(default=None, description="cron expression or preset (@daily); null = manual only")
     source: SourceSpec

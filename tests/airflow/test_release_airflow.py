@@ -151,15 +151,24 @@ def test_approval_request_shows_the_gate_figures_and_the_data_card(tmp_path):
     _, spec = _spec(tmp_path)
     decision = decide({"quality_score": 0.8912, "expectation_success_ratio": 1.0,
                        "reference": {"quality_score": {"mean": 0.9, "sd": 0.01}}},
-                      {"exact_match_rate": 0.0, "dcr_share": 0.5021, "dcr_ratio": 0.97, "leak_clean": True},
-                      QualityThresholds(), PrivacyThresholds(), {"data/patients.parquet": "ab" * 32})
-    subject, body = approval_text(spec, V1, decision, {"datacard_uri": "s3://stage/datacard.html"},
-                                  "http://airflow/synthfactory/datasets/rel_ds/v1/datacard")
+                      {"exact_match_rate": 0.0, "dcr_share": 0.5021, "dcr_ratio": 0.97, "leak_clean": True,
+                       "anonymeter_risks": {"singling_out": {"risk": 0.02, "ci_low": 0.0, "ci_high": 0.257,
+                                                             "error": 0.129, "n": 120}}},
+                      QualityThresholds(), PrivacyThresholds(quasi_identifiers=["age"]),
+                      {"data/patients.parquet": "ab" * 32})
+    from synthfactory.airflow.operators import _datacard_url
+
+    url = _datacard_url("rel_ds", "manual__2026-01-01T00:00:00+00:00")
+    assert url.endswith("/synthfactory/datasets/rel_ds/runs/manual__2026-01-01T00%3A00%3A00%2B00%3A00/datacard")
+    subject, body = approval_text(spec, V1, decision, {"datacard_uri": "s3://stage/datacard.html"}, url)
     assert subject == f"Release rel_ds {V1} to the sandbox?"
     assert "| quality | quality_score | 0.8912 | 0.9 ± 0.01 | >= 0.835 | pass |" in body  # 0.95 x 0.9 - 2 x 0.01
     assert "| privacy | dcr_share | 0.5021 | – | <= 0.7 | pass |" in body  # no reference: the cap
     assert f"s3://{BUCKET}/{PREFIX}/rel_ds/{V1}/" in body and "72 h" in body
-    assert "[open](http://airflow/synthfactory/datasets/rel_ds/v1/datacard)" in body and "datacard.html" in body
+    assert f"[open the data card of this run]({url})" in body and "datacard.html" in body
+    # an anonymeter risk passed on the lower end of a wide interval is not certified, never "pass"
+    assert "| privacy | anonymeter.singling_out.ci_low | 0 | – | <= 0.1 | not certified |" in body
+    assert decision["not_certified"] == ["anonymeter.singling_out.ci_low"]
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from synthfactory.cli import main
-from synthfactory.errors import EXIT_INPUT, EXIT_OK
+from synthfactory.errors import EXIT_INPUT, EXIT_OK, EXIT_SPEC
 from tests.conftest import write_spec
 
 
@@ -18,17 +18,18 @@ def test_validate_extract_ok(tmp_path, small_extract, capsys):
 
 def test_validate_extract_refuses_what_the_extract_cannot_produce(tmp_path, small_extract, capsys):
     labs = [{"name": "hba1c", "loinc": "4548-4"}, {"name": "egfr", "loinc": "48642-3"}]  # clinosim's eGFR code
-    spec = write_spec(tmp_path / "specs", "val_bad", tmp_path / "nowhere", tmp_path / "staging",
-                      features__labs=labs, privacy__quasi_identifiers=["age", "gender", "postcode"])
-    # without --extract the spec is valid as before (a column no feature produces is only a warning)
+    unknown = write_spec(tmp_path / "specs", "val_unknown", tmp_path / "nowhere", tmp_path / "staging",
+                         features__labs=labs, privacy__quasi_identifiers=["age", "gender", "postcode"])
+    # a column no feature can produce is refused on the spec alone (#21 item 4), before any extract is read
+    assert main(["validate", str(unknown), "--extract", str(small_extract)]) == EXIT_SPEC
+    assert "privacy.quasi_identifiers: 'postcode' is not a column" in capsys.readouterr().err
+    spec = write_spec(tmp_path / "specs", "val_bad", tmp_path / "nowhere", tmp_path / "staging", features__labs=labs)
     assert main(["validate", str(spec)]) == EXIT_OK
-    captured = capsys.readouterr()
-    assert captured.out.startswith("ok: val_bad") and "'postcode' is not a column" in captured.err
+    assert capsys.readouterr().out.startswith("ok: val_bad")
     assert main(["validate", str(spec), "--extract", str(small_extract)]) == EXIT_INPUT
     err = capsys.readouterr().err
-    assert "\nbad input: the extract cannot produce what the spec asks for" in err
+    assert "bad input: the extract cannot produce what the spec asks for" in err
     assert "features.labs.egfr: no numeric values for LOINC 48642-3; the extract has this lab as loinc 98979-8" in err
-    assert "privacy.quasi_identifiers: 'postcode'" in err
     assert "quality.relationships.egfr_by_sex.measure: 'egfr'" in err
     assert "conditions (top" in err and "icd10cm I10" in err and "numeric labs (top" in err
 

@@ -9,6 +9,7 @@ the test answers from outside, against the same metadata DB, exactly as Airflow 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -51,6 +52,45 @@ else:  # what the HITL REST API does for a reviewer's answer
 """
 
 
+# While the approval waits: the link in the request, through Airflow's real API server app (the plugin mounted,
+# SimpleAuthManager tokens): no login 401, a viewer (may not answer) 403, a user (may answer) the card. Then the
+# same link in headless Chromium against that app served over HTTP (all-admins login), as a reviewer clicks it.
+PEEK = """
+import json, os, re, socket, subprocess, sys, threading, time
+from fastapi.testclient import TestClient
+from airflow.api_fastapi.app import create_app, get_auth_manager
+from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+link, chromium, profile = sys.argv[1:4]
+out = {}
+client = TestClient(create_app())
+manager = get_auth_manager()
+out["anonymous"] = client.get(link).status_code
+for role in ("viewer", "user"):
+    token = manager.generate_jwt(SimpleAuthManagerUser(username=role, role=role))
+    r = client.get(link, headers={"Authorization": f"Bearer {token}"})
+    out[role] = r.status_code
+    if r.status_code == 200:
+        out["card"] = r.text
+escape = re.sub(r"/runs/[^/]+/", "/runs/%2E%2E/", link)
+out["escape"] = client.get(escape, headers={"Authorization": f"Bearer {token}"}).status_code
+os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] = "True"
+import uvicorn
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+threading.Thread(target=server.run, daemon=True).start()
+while not server.started:
+    time.sleep(0.1)
+dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                      f"--user-data-dir={profile}", "--dump-dom", f"http://127.0.0.1:{port}{link}"],
+                     capture_output=True, text=True, timeout=120).stdout
+server.should_exit = True
+out["chromium_dom"] = dom
+print("PEEK" + json.dumps(out))
+"""
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, small_extract):
     base = tmp_path_factory.mktemp("e2e_hitl")
@@ -79,9 +119,9 @@ def _state(stack, dag_id: str, task_id: str) -> str | None:
     return row[0] if row else None
 
 
-def _run_until_answered(stack, dag_id: str, mode: str, reason: str = "") -> tuple[int, str]:
-    """Start ``dags test``, wait for the approval request, answer it (``mode``: Approve, Reject or sweep), and
-    wait for the run to finish. Everything bounded."""
+def _run_until_answered(stack, dag_id: str, mode: str, reason: str = "", while_waiting=None) -> tuple[int, str]:
+    """Start ``dags test``, wait for the approval request, call ``while_waiting()``, answer it (``mode``: Approve,
+    Reject or sweep), and wait for the run to finish. Everything bounded."""
     log = stack["base"] / f"{dag_id}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([dev.venv_bin("airflow"), "dags", "test", dag_id, "--conf", json.dumps({"rows": 200})],
@@ -92,6 +132,8 @@ def _run_until_answered(stack, dag_id: str, mode: str, reason: str = "") -> tupl
                 assert proc.poll() is None, log.read_text()[-4000:]
                 assert time.monotonic() < deadline, "approval task never asked"
                 time.sleep(1)
+            if while_waiting is not None:
+                while_waiting()
             if mode == "sweep":
                 time.sleep(3)  # past the 1.8 s response timeout
             answer = subprocess.run([sys.executable, "-c", RESPOND, dag_id, mode, reason], env=stack["env"],
@@ -111,9 +153,27 @@ def _request(stack, dag_id: str) -> tuple[str, str]:
                           "where t.dag_id = ? and t.task_id = 'approve'", (dag_id,)).fetchone()
 
 
-def test_approved_run_is_released_with_the_approval_in_its_manifest(stack):
-    code, log = _run_until_answered(stack, "synthfactory_e2e_approved", "Approve", "figures look right")
+def test_approved_run_is_released_with_the_approval_in_its_manifest(stack, tmp_path):
+    from tests.quality.test_datacard import CHROMIUM
+
+    seen: dict = {}
+
+    def peek() -> None:  # the reviewer opens the data card link of the request before answering
+        _, body = _request(stack, "synthfactory_e2e_approved")
+        link = re.search(r"\[open the data card of this run\]\(([^)]+)\)", body).group(1)
+        assert link.startswith("/synthfactory/datasets/e2e_approved/runs/"), link  # no base_url: relative
+        res = subprocess.run([sys.executable, "-c", PEEK, link, CHROMIUM or "chromium", str(tmp_path / "profile")],
+                             env=stack["env"], timeout=300, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-4000:]
+        seen.update(json.loads(res.stdout.split("PEEK", 1)[1]))
+
+    code, log = _run_until_answered(stack, "synthfactory_e2e_approved", "Approve", "figures look right",
+                                    while_waiting=peek)
     assert code == 0, log[-4000:]
+    # the pending card through Airflow's own auth: login required, only who may answer, no path escape
+    assert (seen["anonymous"], seen["viewer"], seen["user"], seen["escape"]) == (401, 403, 200, 404)
+    assert "Data card: e2e_approved" in seen["card"] and 'id="privacy-figures"' in seen["card"]
+    assert "Data card: e2e_approved" in seen["chromium_dom"] and "Data dictionary" in seen["chromium_dom"]
     subject, body = _request(stack, "synthfactory_e2e_approved")
     assert subject.startswith("Release e2e_approved v") and "| quality | quality_score |" in body
     assert _state(stack, "synthfactory_e2e_approved", "release") == "success"

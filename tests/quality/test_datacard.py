@@ -24,9 +24,12 @@ def quality_report(real: pd.DataFrame, synthetic: pd.DataFrame) -> dict:
         "quality_score": 0.8123, "expectation_success_ratio": 0.9565, "suite_source": "derived",
         "expectations": {"evaluated": 46, "successful": 44, "failed": [
             {"expectation": "expect_column_quantile_values_to_be_between", "column": "glucose",
-             "observed": {"observed_value": {"quantiles": [0.5], "values": [131.0]}}},
+             "observed": {"observed_value": {"quantiles": [0.25, 0.5], "values": [99.0, 131.0]}},
+             "expected": {"quantile_ranges": {"quantiles": [0.25, 0.5], "value_ranges": [[90, 110], [112, 128]]}}},
             {"expectation": "expect_column_values_to_be_in_set", "column": "gender",
-             "observed": {"partial_unexpected_list": ["<b>unknown</b>"]}}]},
+             "observed": {"partial_unexpected_list": ["<b>unknown</b>"], "unexpected_percent": 1.25,
+                          "unexpected_count": 10},
+             "expected": {"value_set": ["female", "male"], "mostly": 0.99}}]},
         "sdmetrics": {"columns": [{"column": "glucose", "metric": "KSComplement", "score": 0.6021},
                                   {"column": "age", "metric": "KSComplement", "score": 0.9377}]},
         "fidelity": {"column_shapes": 0.9012, "column_pair_trends": 0.7234, "min_column_score": 0.6021,
@@ -46,9 +49,35 @@ DECISION = {
         {"gate": "quality", "name": "relationship.hba1c_by_diabetes", "value": 1.734, "op": "<=", "threshold": 0.4,
          "passed": False},
         {"gate": "privacy", "name": "dcr_share", "value": 0.5123, "op": "<=", "threshold": 0.6, "passed": True},
+        {"gate": "privacy", "name": "mia_auc", "value": 0.5071, "op": "<=", "threshold": 0.6, "passed": True},
+        {"gate": "privacy", "name": "anonymeter.singling_out.ci_low", "value": 0.0, "op": "<=", "threshold": 0.1,
+         "passed": True, "certified": False, "result": "not certified"},
+        {"gate": "privacy", "name": "rare_record_mia_auc.lower_bound", "value": 0.48, "op": "<=", "threshold": 0.55,
+         "passed": True},
     ],
+    "not_certified": ["anonymeter.singling_out.ci_low"],
     "audited_files": {"data/patients.parquet": "a" * 64, "reports/quality.json": "b" * 64},
 }
+
+
+PRIVACY = {"exact_match_rate": 0.0, "dcr_share": 0.5123, "dcr_ratio": 1.042, "leak_clean": True,
+           "report_uri": "/staging/x/privacy.json", "seconds": 1.2, "mia_auc": 0.5071, "mia_auc_ci": [0.4712, 0.5433],
+           "k_anonymity": 3, "rare_record_mia_auc": 0.51, "rare_record_mia_se": 0.012,
+           "anonymeter_risks": {"singling_out": {"risk": 0.02, "ci_low": 0.0, "ci_high": 0.257, "error": 0.129,
+                                                 "n": 120}},
+           "reference": {"mia_auc": {"mean": 0.503, "sd": 0.011}},
+           # a figure family another stage may add: rendered generically, its meaning from a pattern
+           "mia_attacks": {"domias": {"auc": 0.55, "auc_ci": [0.52, 0.58], "tpr_at_fpr_0p01": 0.021,
+                                      "tpr_at_fpr_0p01_ci": [0.01, 0.04]}}}
+
+DICTIONARY = {"reference_date": "2025-06-30",
+              "conditions": {"cond_e11_9": {"code": "E11.9", "system": "icd10cm",
+                                            "display": "Type 2 diabetes mellitus without complications"},
+                             "cond_i10": {"concept": "i10", "description": "Essential hypertension",
+                                          "codes": {"icd10cm": ["I10*"], "snomed": ["59621000"]}}},
+              "labs": {"hba1c": {"loinc": ["4548-4"], "agg": "last", "units": ["%"],
+                                 "display": "Hemoglobin A1c/Hemoglobin.total in Blood"},
+                       "glucose": {"loinc": ["2345-7"], "agg": "last", "units": ["mg/dL"], "display": None}}}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +88,12 @@ def card() -> str:
     return render_datacard(
         dataset="cohort_x", version="v20260101T000000Z", run_id="run_1", decision=DECISION,
         quality_report=quality_report(real, synthetic),
-        privacy_summary={"exact_match_rate": 0.0, "dcr_share": 0.5123, "dcr_ratio": 1.042, "leak_clean": True,
-                         "report_uri": "/staging/x/privacy.json", "seconds": 1.2},
+        privacy_summary=PRIVACY,
+        privacy_thresholds={"min_k_anonymity": 5, "quasi_identifiers": ["age", "gender"]},
+        privacy_notes={"singling_out": {"note": "120 attacks, 95 % CI [0.000, 0.257] (half-width 0.129 > 0.050)"}},
+        about={"intended_use": "Method development and teaching; not for clinical decisions.", "owner": "data-platform",
+               "contact": "synthetic-data@example.org", "licence": "CC-BY-4.0"},
+        dictionary=DICTIONARY,
         real=real, synthetic=synthetic,
         synthesizer={"kind": "gaussian_copula", "params": {"default_distribution": "truncnorm"}, "seed": 42},
         lineage={"extract_sha256": "e" * 64, "spec_sha256": "5" * 64,
@@ -102,6 +135,68 @@ def test_render_is_deterministic():
     assert plot_columns(kw["quality_report"], real, syn)[:4] == ["hba1c", "cond_e11_9", "cond_i10", "age"]
 
 
+def _section(card: str, name: str) -> str:
+    start = card.index(f'<section id="{name}">')
+    return card[start:card.index("</section>", start)]
+
+
+def test_every_privacy_figure_has_a_meaning_and_its_interval(card):
+    from synthfactory.quality.cardtext import NO_MEANING, privacy_rows
+
+    privacy = _section(card, "privacy")
+    assert NO_MEANING not in privacy
+    rows = {r["name"]: r for r in privacy_rows(PRIVACY, DECISION["checks"])}
+    assert rows["mia_auc"]["interval"] == (0.4712, 0.5433)
+    assert "[0.4712, 0.5433]" in privacy and "0.503 ± 0.011" in privacy  # MIA AUC with interval and reference
+    assert rows["rare_record_mia_auc"]["interval"][0] == pytest.approx(0.51 - 1.96 * 0.012)
+    assert "rare_record_mia_se" not in rows  # folded into the AUC's interval
+    assert rows["mia_attacks.domias.auc"]["interval"] == (0.52, 0.58)
+    assert "1 %" in rows["mia_attacks.domias.tpr_at_fpr_0p01"]["meaning"]
+    for name in ("exact_match_rate", "dcr_share", "dcr_ratio", "leak_clean", "k_anonymity",
+                 "anonymeter.singling_out"):
+        assert rows[name]["meaning"] != NO_MEANING, name
+    assert "/staging/x/privacy.json" not in privacy
+
+
+def test_an_uncertified_risk_never_shows_pass(card):
+    from synthfactory.quality.cardtext import privacy_rows
+
+    (row,) = [r for r in privacy_rows(PRIVACY, DECISION["checks"]) if r["name"] == "anonymeter.singling_out"]
+    assert row["status"] == "not certified" and row["interval"] == (0.0, 0.257)
+    gate = _section(card, "gate")
+    i = gate.index("anonymeter.singling_out.ci_low")
+    row = gate[i:gate.index("</tr>", i)]
+    assert ">not certified<" in row and ">pass<" not in row
+    assert re.search(r"<code>anonymeter.singling_out</code>.*?\[0, 0.257\].*?not certified", _section(card, "privacy"),
+                     re.S)
+
+
+def test_k_anonymity_below_the_spec_is_explained(card):
+    note = re.search(r'<p id="k-anonymity-note"[^>]*>(.*?)</p>', card, re.S).group(1)
+    assert "k-anonymity is 3, below min_k_anonymity 5" in note and "age, gender" in note
+    assert "rare-record membership test passed" in note and "refused" in note  # this decision refused the run
+
+
+def test_data_dictionary_and_about(card):
+    d = _section(card, "dictionary")
+    assert "ICD-10-CM E11.9: Type 2 diabetes mellitus without complications" in d
+    assert "Essential hypertension" in d and "ICD-10-CM I10*; SNOMED CT 59621000" in d
+    assert "LOINC 4548-4" in d and "<td>%</td>" in d and "mg/dL" in d
+    assert "2025-06-30" in d and "<td>yes/no</td>" in d and "<td>integer</td>" in d
+    real_cols = cohort_table(20, seed=1, key=None).columns
+    assert all(f"<code>{c}</code>" in d for c in real_cols)
+    for text in ("Method development and teaching", "synthetic-data@example.org", "CC-BY-4.0"):
+        assert text in card
+
+
+def test_failed_expectations_read_as_text(card):
+    q = _section(card, "quality")
+    assert "median = 131" in q and "median in [112, 128]" in q
+    assert "25th percentile" not in q  # within its range: not listed as a failure
+    assert "1.25 % of rows unexpected (10 rows)" in q and "one of female, male" in q
+    assert "{&#34;" not in q and '{"' not in q  # no raw JSON
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 def test_headless_chromium_shows_the_figures(card, tmp_path):
     page = tmp_path / "datacard.html"
@@ -112,6 +207,11 @@ def test_headless_chromium_shows_the_figures(card, tmp_path):
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120,
                          check=True).stdout
     assert "REFUSED" in dom and "relationship.hba1c_by_diabetes" in dom and "0.8836" in dom
+    # what a reader sees: the figures explained, the MIA interval, "not certified", the dictionary, the terms
+    for text in ("Membership inference: how well an attacker", "[0.4712, 0.5433]", "not certified",
+                 "k-anonymity is 3, below min_k_anonymity 5", "Type 2 diabetes mellitus without complications",
+                 "LOINC 4548-4", "CC-BY-4.0", "median = 131"):
+        assert text in dom, text
     assert dom.count("<svg") >= 17 and "Clinical relationships" in dom
 
     shot = tmp_path / "card.png"
@@ -130,3 +230,13 @@ def test_headless_chromium_shows_the_figures(card, tmp_path):
     synthetic_bars = sum(n for n, c in colours if near(c, (0xDD, 0x84, 0x52)))
     assert red_badge > 200  # the REFUSED badge was painted
     assert synthetic_bars > 500  # plots were painted (the synthetic series' colour)
+
+
+def test_k_anonymity_note_when_the_rare_record_test_could_not_run():
+    from synthfactory.quality.cardtext import k_anonymity_note
+
+    pt = {"min_k_anonymity": 5, "quasi_identifiers": ["age", "gender"]}
+    note = k_anonymity_note({"k_anonymity": 3, "rare_record_mia_status": "skipped"}, pt, [], approved=True)
+    assert "test was skipped" in note and "approved on the other privacy checks" in note
+    assert "that test and every other" not in note
+    assert k_anonymity_note({"k_anonymity": 5}, pt, [], approved=True) is None  # at the spec's k: no note

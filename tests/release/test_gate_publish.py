@@ -50,6 +50,26 @@ def test_gate_puts_the_privacy_reference_beside_each_check():
                               "(by 0.38; real data itself: 0.5 ± 0.04)"]
 
 
+def test_an_uncertified_anonymeter_risk_passes_but_is_never_called_pass():
+    """Too few attacks to certify (upper bound 0.257 > 0.1): the gate refuses only on significant evidence of
+    risk (lower bound), and says the risk is not certified rather than passed."""
+    wide = {"risk": 0.02, "ci_low": 0.0, "ci_high": 0.257, "error": 0.129, "n": 120}
+    pt = PrivacyThresholds(quasi_identifiers=["age"], anonymeter_attacks=100)
+    p = {**GOOD_P, "rare_record_mia_status": "skipped"}
+    d = decide(GOOD_Q, {**p, "anonymeter_risks": {"singling_out": wide}}, QualityThresholds(), pt, {})
+    (check,) = [c for c in d["checks"] if c["name"].startswith("anonymeter.")]
+    assert d["approved"] and check["name"] == "anonymeter.singling_out.ci_low" and check["passed"]
+    assert check["certified"] is False and check["result"] == "not certified"
+    assert d["message"] == "all gates passed (1 not certified: anonymeter.singling_out.ci_low)"
+    narrow = {"risk": 0.01, "ci_low": 0.0, "ci_high": 0.04, "error": 0.02, "n": 500}
+    d = decide(GOOD_Q, {**p, "anonymeter_risks": {"singling_out": narrow}}, QualityThresholds(), pt, {})
+    (check,) = [c for c in d["checks"] if c["name"].startswith("anonymeter.")]
+    assert check["name"] == "anonymeter.singling_out.ci_high" and check["result"] == "pass"
+    strict = pt.model_copy(update={"require_anonymeter_certification": True})
+    d = decide(GOOD_Q, {**p, "anonymeter_risks": {"singling_out": wide}}, QualityThresholds(), strict, {})
+    assert not d["approved"] and "anonymeter.singling_out.certified is False" in d["message"]
+
+
 def test_gate_treats_missing_figure_as_failure():
     d = decide({}, GOOD_P, QualityThresholds(), PrivacyThresholds(), {})
     assert not d["approved"] and "quality_score could not be measured" in d["message"]

@@ -4,7 +4,8 @@
   triggerer (:class:`~synthfactory.airflow.triggers.BulkExportTrigger`), holding no worker slot.
 - :class:`ReleaseApprovalOperator`: an Airflow 3 human-in-the-loop ``ApprovalOperator`` between the gate and
   the release (only when the spec sets ``release.require_approval``). The reviewer sees the gate's figures
-  (every check with its threshold and margin) and the data card link when there is one. *Approve* records
+  (every check with its threshold and margin) and a link to the run's data card, served from staging by the
+  plugin app to whoever may answer the request (:func:`synthfactory.airflow.webapp.airflow_approval_access`). *Approve* records
   the approval (bound to the audited file hashes) and the release runs; *Reject*, or no answer before
   ``release.approval_timeout_hours`` (the default option is Reject), quarantines the run in staging with the
   reasons and skips the release. The publisher itself refuses a spec that requires approval without one.
@@ -107,7 +108,8 @@ class ReleaseApprovalOperator(ApprovalOperator):
         ctx = run_context(self.spec_path)
         gated = self._pull(context)["gate"]
         decision = ctx.store.read_json(gated["decision_uri"])
-        self.subject, self.body = approval_text(ctx.spec, ctx.version, decision, gated, _datacard_url(ctx))
+        self.subject, self.body = approval_text(ctx.spec, ctx.version, decision, gated,
+                                                _datacard_url(ctx.spec.name, str(context["run_id"])))
         return super().execute(context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
@@ -132,14 +134,13 @@ class ReleaseApprovalOperator(ApprovalOperator):
                         timed_out=bool(event.get("timedout")))
 
 
-def _datacard_url(ctx: Any) -> str | None:
-    try:
-        from synthfactory.airflow.links import _base_url, datacard_path
+def _datacard_url(dataset: str, run_id: str) -> str:
+    """The pending run's data card in the plugin app (served from staging to whoever may answer the request):
+    absolute with ``[api] base_url``, else relative to the Airflow UI the reviewer is in."""
+    from synthfactory.airflow.links import _base_url
+    from synthfactory.airflow.webapp import pending_datacard_path
 
-        base = _base_url()
-        return f"{base}{datacard_path(ctx.spec.name, ctx.version)}" if base else None
-    except Exception:  # the data card web app is optional
-        return None
+    return _base_url() + pending_datacard_path(dataset, run_id)
 
 
 def approval_task(spec: DatasetSpec, spec_path: str) -> ReleaseApprovalOperator:

@@ -31,19 +31,27 @@ def _reference(ref: dict | None) -> str:
     return f"{_fmt(ref['mean'])} ± {_fmt(ref.get('sd') or 0.0)}"
 
 
+def _result(check: dict) -> str:
+    """pass, FAIL, or not certified (passed on a bound that cannot certify: see ``gate.Check.result``)."""
+    if not check.get("passed"):
+        return "FAIL"
+    return check.get("result") or ("not certified" if check.get("certified") is False else "pass")
+
+
 def approval_text(spec: DatasetSpec, version: str, decision: dict, gated: dict,
                   datacard_url: str | None = None) -> tuple[str, str]:
     """Subject and Markdown body of the approval request: figures only, never data."""
     target = SandboxLayout.for_spec(spec).version_uri(version)
     rows = "\n".join(
         f"| {c.get('gate')} | {c.get('name')} | {_fmt(c.get('value'))} | {_reference(c.get('reference'))} "
-        f"| {c.get('op')} {_fmt(c.get('threshold'))} | {'pass' if c.get('passed') else 'FAIL'} |"
+        f"| {c.get('op')} {_fmt(c.get('threshold'))} | {_result(c)} |"
         for c in decision.get("checks", []))
     files = "\n".join(f"- `{rel}` sha256 `{sha[:16]}…`" for rel, sha in (decision.get("audited_files") or {}).items())
     card = ""
     if datacard_url or gated.get("datacard_uri"):
-        card = "\n**Data card:** " + (f"[open]({datacard_url})" if datacard_url else "") + \
-               (f" (`{gated['datacard_uri']}`)" if gated.get("datacard_uri") else "") + "\n"
+        card = ("\n**Data card:** " + (f"[open the data card of this run]({datacard_url}) (what the figures mean, "
+                                       f"their intervals, the data dictionary)" if datacard_url else "")
+                + (f" · in staging: `{gated['datacard_uri']}`" if gated.get("datacard_uri") else "") + "\n")
     timeout = spec.release.approval_timeout_hours
     body = f"""**Dataset** `{spec.name}` · version `{version}` · gate profile `{decision.get('profile', 'default')}`
 

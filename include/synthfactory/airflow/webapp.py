@@ -6,7 +6,15 @@ Routes (below ``/synthfactory``):
   synthesizer, gate profile and figures, and a link to each version's data card and manifest;
 - ``GET /api/releases``: the same as JSON;
 - ``GET /datasets/{dataset}/{version}/datacard``: the release's ``reports/datacard.html``;
-- ``GET /datasets/{dataset}/{version}/manifest.json``: the release's manifest.
+- ``GET /datasets/{dataset}/{version}/manifest.json``: the release's manifest;
+- ``GET /datasets/{dataset}/runs/{run_id}/datacard``: the data card of a run **awaiting approval**, read from
+  staging (``<staging>/<dataset>/runs/<run id>/reports/datacard.html``, the card the gate rendered and
+  leak-scanned), for the approver: the link in the approval request. Only to a signed-in user Airflow lets
+  respond to that run's approval (``is_authorized_dag(PUT, HITL_DETAIL)`` on the dataset's DAG, and one of
+  its assigned users when it names any, as Airflow's own HITL endpoint checks), only for a run that has an
+  approval request, and only that one file (a run id that is not a plain Airflow run id is refused). Staging
+  is read with ``$SYNTHFACTORY_STAGING_READER_CONN`` when set (a read-only connection to the staging
+  bucket), else the spec's ``staging.connection_id`` (S3), else the local staging folder.
 
 The specs are found as the DAG file finds them (:mod:`synthfactory.airflow.specs_folder`:
 ``$SYNTHFACTORY_SPECS_DIR``, else ``<[core] dags_folder>/../include/datasets``, ...). A spec that does not load
@@ -25,6 +33,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +48,11 @@ from synthfactory.spec import NAME_RE, DatasetSpec, SpecError, discover_specs, l
 log = logging.getLogger(__name__)
 
 URL_PREFIX = "/synthfactory"
+DAG_PREFIX = "synthfactory_"
+APPROVAL_TASK_ID = "approve"  # synthfactory.airflow.operators.APPROVAL_TASK_ID (that module imports the SDK)
+STAGING_READER_ENV = "SYNTHFACTORY_STAGING_READER_CONN"
+#: an Airflow run id as a single path segment: word characters and . : + - ~ @, never '..', '/' or '\'
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+~@-]{0,249}$")
 READER_ENV = "SYNTHFACTORY_SANDBOX_READER_CONN"
 READER_CONN_ID = "sandbox_s3_reader"
 # A data card is a standalone, self-contained HTML report: let it show its own inline styles and images,
@@ -109,6 +123,66 @@ async def airflow_user(request: Request) -> Any:
     return await get_user(request, None, await bearer_scheme(request))
 
 
+def pending_datacard_path(dataset: str, run_id: str) -> str:
+    """The route of a run's pending data card (the Airflow run id percent-encoded as one path segment)."""
+    from urllib.parse import quote
+
+    return f"{URL_PREFIX}/datasets/{dataset}/runs/{quote(run_id, safe='')}/datacard"
+
+
+def is_run_id(run_id: str) -> bool:
+    return bool(RUN_ID_RE.match(run_id)) and ".." not in run_id
+
+
+async def airflow_approval_access(request: Request, dataset: str, run_id: str) -> None:
+    """Allow only a user who may respond to the approval request of ``run_id`` (Airflow's HITL rule): 401 without
+    a login, 403 when the auth manager does not let the user update the DAG's HITL details or the request is
+    assigned to other users, 404 when the run has no approval request."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+    from airflow.models.dag import DagModel
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+    from sqlalchemy.orm import joinedload
+    from starlette.concurrency import run_in_threadpool
+
+    user = await airflow_user(request)
+    dag_id = DAG_PREFIX + dataset
+    manager = get_auth_manager()
+
+    def check() -> None:
+        details = DagDetails(id=dag_id, team_name=DagModel.get_team_name(dag_id))
+        if not manager.is_authorized_dag(method="PUT", access_entity=DagAccessEntity.HITL_DETAIL, details=details,
+                                         user=user):
+            raise HTTPException(403, "Forbidden: you may not respond to this DAG's approval requests")
+        with create_session() as session:
+            ti = session.scalar(select(TaskInstance).where(
+                TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id,
+                TaskInstance.task_id == APPROVAL_TASK_ID).options(joinedload(TaskInstance.hitl_detail)))
+            detail = getattr(ti, "hitl_detail", None)
+            if detail is None:
+                raise HTTPException(404, "this run has no approval request")
+            assigned = {str(u["id"]) for u in detail.assigned_users or []}
+        if assigned and not manager.is_authorized_hitl_task(assigned_users=assigned, user=user):
+            raise HTTPException(403, "Forbidden: this approval request is assigned to other users")
+
+    await run_in_threadpool(check)
+
+
+def staging_store(spec: DatasetSpec) -> Any:
+    """The store the page reads a pending card from: ``$SYNTHFACTORY_STAGING_READER_CONN`` (S3, read-only), else
+    the PHI-side store the tasks use (the spec's staging connection, or the local staging folder)."""
+    from synthfactory.storage import Store, is_s3
+
+    reader = os.environ.get(STAGING_READER_ENV)
+    if reader and is_s3(spec.staging.uri):
+        return Store(s3=s3hook_client(reader))
+    from synthfactory.airflow.hooks import phi_store
+
+    return phi_store(spec)
+
+
 def _without_paths(message: str, path: Path) -> str:
     """A spec error as the page shows it: the file's name instead of the server's path to it."""
     for full in sorted({str(path), str(path.resolve())}, key=len, reverse=True):
@@ -118,20 +192,21 @@ def _without_paths(message: str, path: Path) -> str:
     return message
 
 
-def _load_specs(folder: Path) -> tuple[dict[str, DatasetSpec], dict[str, str]]:
-    """The folder's specs by name, and the file name → error of each one that does not load (invalid, not
-    UTF-8, unreadable): one bad file never hides the others."""
-    specs, errors = {}, {}
+def _load_specs(folder: Path) -> tuple[dict[str, DatasetSpec], dict[str, str], dict[str, Path]]:
+    """The folder's specs by name, the file name → error of each one that does not load (invalid, not
+    UTF-8, unreadable): one bad file never hides the others; and each spec's file."""
+    specs, errors, paths = {}, {}, {}
     for path in discover_specs(folder):
         try:
             spec = load_spec(path)
             specs[spec.name] = spec
+            paths[spec.name] = path
         except SpecError as err:
             errors[path.name] = _without_paths(str(err), path)
         except (OSError, ValueError) as err:  # e.g. UnicodeDecodeError, PermissionError
             errors[path.name] = f"{path.name}: cannot read it ({type(err).__name__})"
             log.warning("synthfactory page: spec %s: %s", path, err)
-    return specs, errors
+    return specs, errors, paths
 
 
 def _fmt(v: Any) -> str:
@@ -203,11 +278,17 @@ def _render(datasets: list[dict], root: str, spec_errors: dict[str, str], notice
 
 def create_app(*, specs_folder: str | Path | None = None, client_factory: ClientFactory | None = None,
                connection_exists: Callable[[str], bool] | None = None, require_auth: bool = True,
-               limit: int = 25) -> FastAPI:
+               limit: int = 25, approval_access: Callable[..., Any] | None = None,
+               staging_factory: Callable[[DatasetSpec], Any] | None = None) -> FastAPI:
     """The app. ``client_factory(conn_id)`` returns a boto3 S3 client (default: S3Hook on that connection);
     ``connection_exists(conn_id)`` says whether Airflow defines a connection (for the reader's fallback);
-    ``require_auth=False`` is for tests and for running the app outside Airflow."""
+    ``require_auth=False`` is for tests and for running the app outside Airflow. ``approval_access(request,
+    dataset, run_id)`` (awaitable) allows or refuses (HTTPException) the pending card (default: Airflow's HITL
+    rule, :func:`airflow_approval_access`; with ``require_auth=False`` and none given, no check);
+    ``staging_factory(spec)`` returns the store staging is read with (default :func:`staging_store`)."""
     factory = client_factory or s3hook_client
+    access = approval_access or (airflow_approval_access if require_auth else None)
+    staging_for = staging_factory or staging_store
     readers = ReaderConnection(connection_exists or airflow_connection_exists)
     deps = [Depends(airflow_user)] if require_auth else []
     app = FastAPI(title="synthfactory: synthetic datasets", dependencies=deps, docs_url=None, redoc_url=None,
@@ -218,7 +299,7 @@ def create_app(*, specs_folder: str | Path | None = None, client_factory: Client
 
     def load() -> tuple[dict[str, DatasetSpec], dict[str, str], str | None]:
         try:
-            specs, errors = _load_specs(folder())
+            specs, errors, _ = _load_specs(folder())
         except specs_location.NoSpecsFound as err:
             log.warning("synthfactory page: %s", err)
             return {}, {}, (f"no dataset specs found: set ${specs_location.ENV} on the API server to the specs "
@@ -282,6 +363,43 @@ def create_app(*, specs_folder: str | Path | None = None, client_factory: Client
                                 f"before data cards existed).</p>", status_code=404)
         return Response(data, media_type="text/html; charset=utf-8",
                         headers={"Content-Security-Policy": DATACARD_CSP, "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/datasets/{dataset}/runs/{run_id}/datacard", response_class=HTMLResponse)
+    async def pending_datacard(request: Request, dataset: str, run_id: str) -> Response:
+        if not NAME_RE.match(dataset) or not is_run_id(run_id):
+            raise HTTPException(404, "no such run")
+        if access is not None:
+            await access(request, dataset, run_id)
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(_pending_card, dataset, run_id)
+
+    def _pending_card(dataset: str, run_id: str) -> Response:
+        from synthfactory.context import project_root, resolve, safe_id
+        from synthfactory.storage import join
+
+        try:
+            specs, _, paths = _load_specs(folder())
+        except specs_location.NoSpecsFound:
+            specs, paths = {}, {}
+        spec = specs.get(dataset)
+        if spec is None:
+            raise HTTPException(404, f"no dataset spec named {dataset!r}")
+        root = resolve(spec.staging.uri, project_root(paths[dataset]))
+        uri = join(root, spec.name, "runs", safe_id(run_id), *catalog.DATACARD.split("/"))
+        store = staging_for(spec)
+        try:
+            data = store.read_bytes(uri) if store.exists(uri) else None
+        except Exception as err:  # noqa: BLE001 - unreachable staging: say so, never a traceback or the path
+            log.warning("synthfactory page: pending card of %s run %s: %s", dataset, run_id, err)
+            raise HTTPException(503, f"cannot read staging ({type(err).__name__})") from None
+        if data is None:
+            return HTMLResponse(f"<!doctype html><p>{html.escape(dataset)} run {html.escape(run_id)} has no data "
+                                f"card in staging (the gate has not run, or refused before rendering it).</p>",
+                                status_code=404)
+        return Response(data, media_type="text/html; charset=utf-8",
+                        headers={"Content-Security-Policy": DATACARD_CSP, "X-Content-Type-Options": "nosniff",
+                                 "Cache-Control": "no-store"})
 
     return app
 

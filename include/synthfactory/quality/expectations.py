@@ -455,6 +455,19 @@ def _observed(result: Mapping[str, Any], exception_info: Any) -> dict:
     return to_jsonable(obs)
 
 
+def _expected(kwargs: Mapping[str, Any]) -> dict:
+    """What an expectation asked for (its kwargs without the column and GX's options), JSON-able and short."""
+    skip = {"column", "column_A", "column_B", "result_format", "catch_exceptions", "meta", "batch_id"}
+    out = {}
+    for k, v in kwargs.items():
+        if k in skip or v is None:
+            continue
+        if isinstance(v, (list, tuple, set)):
+            v = list(v)[:50]
+        out[k] = v
+    return to_jsonable(out)
+
+
 def _build_data_docs(context: Any, folder: str) -> str | None:
     """Render GX Data Docs (index, suite and validation pages) for this context into ``folder``;
     returns the index.html path, or None when GX could not build them (logged, never fatal)."""
@@ -521,6 +534,7 @@ def run_suite(suite: Mapping[str, Any], df: pd.DataFrame, *, data_docs_dir: str 
                 "expectation": str(cfg.type),
                 "column": column,
                 "observed": _observed(dict(r.result or {}), r.exception_info),
+                "expected": _expected(kwargs),
             }
         )
     failed.sort(key=lambda f: (f["column"] is not None, str(f["column"]), f["expectation"]))

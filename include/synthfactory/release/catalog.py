@@ -41,6 +41,10 @@ def summarize(manifest: dict, version: str | None = None) -> dict:
             k: v for k, v in figures.items() if k not in FIGURES},
         "datacard": DATACARD in files,
         "files": sorted(files),
+        "intended_use": manifest.get("intended_use"),
+        "owner": manifest.get("owner"),
+        "contact": manifest.get("contact"),
+        "licence": manifest.get("licence"),
         "spec_sha256": manifest.get("spec_sha256"),
         "source_extract_sha256": manifest.get("source_extract_sha256"),
     }

@@ -32,6 +32,15 @@ class Check:
     threshold: float | bool
     passed: bool
     reference: dict | None = None  # what real data itself scores on this figure: {mean, sd, ...}
+    certified: bool | None = None  # None: not a certification; False: passed without certifying (see result)
+
+    @property
+    def result(self) -> str:
+        """``pass``, ``FAIL``, or ``not certified``: a check that passed on a bound that cannot certify (an
+        anonymeter risk judged on the lower end of a wide interval: no evidence of risk, no proof of safety)."""
+        if not self.passed:
+            return "FAIL"
+        return "not certified" if self.certified is False else "pass"
 
     def describe(self) -> str:
         if self.op == "==":
@@ -203,7 +212,8 @@ def anonymeter_checks(privacy: dict, pt: PrivacyThresholds) -> list[Check]:
         risk = measured.get(name)
         rule = anonymeter_rule(risk, pt)
         value = (risk or {}).get(rule["bound"])
-        checks.append(le("privacy", f"anonymeter.{name}.{rule['bound']}", value, pt.max_anonymeter_risk))
+        c = le("privacy", f"anonymeter.{name}.{rule['bound']}", value, pt.max_anonymeter_risk)
+        checks.append(Check(**{**asdict(c), "certified": rule["certified"]}))
         if pt.require_anonymeter_certification:
             checks.append(is_true("privacy", f"anonymeter.{name}.certified", rule["certified"]))
     return checks
@@ -216,13 +226,17 @@ def decide(quality: dict, privacy: dict, qt: QualityThresholds, pt: PrivacyThres
     summary's ``extra_checks`` (list of Check dicts) is evaluated as recorded."""
     checks = [*quality_checks(quality, qt), *privacy_checks(privacy, pt)]
     for summary in (quality, privacy):
-        checks += [Check(**c) for c in summary.get("extra_checks", [])]
+        checks += [Check(**{k: v for k, v in c.items() if k != "result"}) for c in summary.get("extra_checks", [])]
     failed = [c for c in checks if not c.passed]
+    uncertified = [c.name for c in checks if c.result == "not certified"]
+    passed = "all gates passed" + (f" ({len(uncertified)} not certified: {', '.join(uncertified)})"
+                                   if uncertified else "")
     return {
         "approved": not failed,
         "profile": profile,
-        "checks": [asdict(c) for c in checks],
+        "checks": [{**asdict(c), "result": c.result} for c in checks],
         "failed": [c.describe() for c in failed],
-        "message": "; ".join(c.describe() for c in failed) if failed else "all gates passed",
+        "not_certified": uncertified,
+        "message": "; ".join(c.describe() for c in failed) if failed else passed,
         "audited_files": dict(sorted(audited_files.items())),
     }

@@ -138,6 +138,10 @@ def build_modelling_table(tables: dict[str, pd.DataFrame], spec: FeatureSpec) ->
     else:
         cond, per_patient = None, None
         out["n_conditions"] = 0
+    dictionary: dict[str, dict] = {"conditions": {}, "labs": {}}
+    for concept in resolved.conditions:
+        dictionary["conditions"][concept.column] = {"concept": concept.name, "description": concept.description,
+                                                    "codes": concept.codes}
     if resolved.conditions:
         systems = features._systems(cond) if cond is not None else None
         for concept in resolved.conditions:
@@ -153,6 +157,9 @@ def build_modelling_table(tables: dict[str, pd.DataFrame], spec: FeatureSpec) ->
         holders = set(per_patient.loc[per_patient["code"] == code, KEY]) if per_patient is not None else set()
         out[col] = out[KEY].isin(holders)
         flags.append(code)
+        rows = per_patient[per_patient["code"] == code] if per_patient is not None else None
+        dictionary["conditions"][col] = {"code": code, "system": _most_common(rows, "code_system"),
+                                         "display": _most_common(rows, "display")}
 
     # -- labs -------------------------------------------------------------------------------------
     obs = tables.get("observation")
@@ -177,9 +184,12 @@ def build_modelling_table(tables: dict[str, pd.DataFrame], spec: FeatureSpec) ->
                 agg = sel.groupby(KEY)["value_num"].agg(lab.agg)
             out[lab.name] = out[KEY].map(agg).astype("float64")
             labs_used.append(lab.name)
+            dictionary["labs"][lab.name] = {"loinc": list(lab.loinc), "agg": lab.agg,
+                                            "display": _most_common(sel, "display"), "units": []}
             if "unit" in sel:
                 units = sel["unit"].fillna("").astype(str).value_counts()
                 lab_units[lab.name] = {str(k): int(v) for k, v in units.items()}
+                dictionary["labs"][lab.name]["units"] = [str(k) for k in units.index if str(k)]
                 if len(units) > 1:
                     log.warning("lab %s pools values in %d units %s without conversion; list only LOINC codes "
                                 "reported in the same unit", lab.name, len(units), sorted(units.index))
@@ -200,6 +210,7 @@ def build_modelling_table(tables: dict[str, pd.DataFrame], spec: FeatureSpec) ->
         "concepts": [c.name for c in resolved.conditions],
         "labs": labs_used,
         "lab_units": lab_units,
+        "dictionary": dictionary,
         "conditions_missing": missing_conditions,
         "labs_missing": missing_labs,
         "features": resolved.model_dump(mode="json"),
@@ -215,7 +226,17 @@ def table_info(table: pd.DataFrame, spec: "DatasetSpec") -> dict:
                              f"{spec.features.min_patients}")
     return {"patients": int(len(table)), "columns": [c for c in table.columns if c != KEY], "reference_date": None,
             "condition_flags": [], "concepts": [], "labs": [], "lab_units": {}, "conditions_missing": [],
-            "labs_missing": [], "features": spec.features.model_dump(mode="json")}
+            "labs_missing": [], "features": spec.features.model_dump(mode="json"),
+            "dictionary": {"conditions": {}, "labs": {}}}
+
+
+def _most_common(rows: pd.DataFrame | None, column: str) -> str | None:
+    """The most frequent non-empty value of ``column`` (a code's display, system), or None."""
+    if rows is None or column not in rows or rows.empty:
+        return None
+    values = rows[column].dropna().astype(str)
+    values = values[values.str.strip() != ""]
+    return None if values.empty else str(values.value_counts().index[0])
 
 
 def split_train_holdout(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

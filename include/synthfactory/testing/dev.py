@@ -7,12 +7,15 @@ Nothing here is used by production code paths; it never imports Airflow (Airflow
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 SANDBOX_CONN_ID = "sandbox_s3"
 REGION = "us-east-1"
@@ -41,6 +44,9 @@ class S3Emulator:
         self.stop()
 
     def start(self) -> str:
+        # moto's werkzeug server logs every request ("127.0.0.1 - - [...] GET ... 200", ANSI-coloured on a
+        # terminal) through the werkzeug logger, adding its own stderr handler when it has none: keep it quiet
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"
@@ -102,19 +108,60 @@ def ensure_airflow_db(env: dict[str, str]) -> None:
 
 
 def dags_test(dag_id: str, env: dict[str, str], conf: dict | None = None,
-              logical_date: str | None = None, log_path: Path | None = None) -> subprocess.CompletedProcess:
-    """``airflow dags test`` (the whole DAG in-process, real task runner). Output goes to ``log_path``."""
+              logical_date: str | None = None, log_path: Path | None = None,
+              on_line: Callable[[str], None] | None = None) -> subprocess.CompletedProcess:
+    """``airflow dags test`` (the whole DAG in-process, real task runner). Output goes to ``log_path``;
+    ``on_line(line)`` sees each line as it is written (progress), when given with ``log_path``."""
     cmd = [venv_bin("airflow"), "dags", "test", dag_id]
     if logical_date:
         cmd.append(logical_date)
     if conf:
         cmd += ["--conf", json.dumps(conf)]
+    if on_line is not None and log_path:
+        with open(log_path, "w") as log, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                                          stderr=subprocess.STDOUT, text=True,
+                                                          errors="replace") as proc:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                log.write(line)
+                log.flush()
+                on_line(line)
+            code = proc.wait()
+        return subprocess.CompletedProcess(cmd, code)
     out = open(log_path, "w") if log_path else subprocess.PIPE  # noqa: SIM115
     try:
         return subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     finally:
         if log_path:
             out.close()  # type: ignore[union-attr]
+
+
+_TASK_RUNNING = re.compile(r"\[DAG TEST\] running task <TaskInstance: [\w.-]+?\.(?P<task>\w+) ")
+_TASK_STATE = re.compile(r"Task instance state updated .*new_state=(?P<state>\w+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class TaskProgress:
+    """Turns ``airflow dags test`` log lines into one short line per finished task (``ingest  success  0.6 s``),
+    for the demo; the full log stays in its file."""
+
+    def __init__(self, emit: Callable[[str], None], indent: str = "      "):
+        self.emit, self.indent = emit, indent
+        self.task: str | None = None
+        self.started = time.monotonic()
+        self.finished: list[tuple[str, str]] = []
+
+    def __call__(self, line: str) -> None:
+        line = _ANSI.sub("", line)
+        mo = _TASK_RUNNING.search(line)
+        if mo:
+            self.task, self.started = mo.group("task"), time.monotonic()
+            return
+        mo = _TASK_STATE.search(line)
+        if mo and self.task:
+            state = mo.group("state")
+            self.finished.append((self.task, state))
+            self.emit(f"{self.indent}{self.task:<10} {state:<15} {time.monotonic() - self.started:5.1f} s")
+            self.task = None
 
 
 def generate_sample_extract(dest: Path, patients: int = 500, seed: int = 42) -> Path:
@@ -124,7 +171,7 @@ def generate_sample_extract(dest: Path, patients: int = 500, seed: int = 42) -> 
     dest.mkdir(parents=True, exist_ok=True)
     subprocess.run([venv_bin("carebundle"), "generate", "--profile", "mixed", "--count", str(patients),
                     "--seed", str(seed), "--sex", "mixed", "--format", "ndjson", "--out", str(dest)],
-                   check=True, stdout=subprocess.DEVNULL)
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # its stderr only on failure
     return dest
 
 
