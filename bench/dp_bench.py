@@ -171,6 +171,8 @@ def main() -> int:
     ap.add_argument("--eps", type=float, nargs="+", default=[1.0, 3.0, 10.0], help="ε of the MST candidates")
     ap.add_argument("--aim-eps", type=float, nargs="*", default=[3.0], help="ε of the AIM candidates (none: skip)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dp.md"))
+    ap.add_argument("--only", nargs="*", default=[], help="run only candidates whose name contains one of these "
+                                                        "(e.g. smartnoise), for a second process beside the first")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
@@ -188,6 +190,8 @@ def main() -> int:
                              (f"smartnoise {mech.upper()} direct (inferred bounds)", smartnoise(mech, eps, False)),
                              (f"smartnoise {mech.upper()} direct (public bounds, 10 bins)",
                               smartnoise(mech, eps, True))):
+                if args.only and not any(o in name for o in args.only):
+                    continue
                 row = score(name, eps, fn, real)
                 rows.append(row)
                 print({k: row.get(k) for k in ("candidate", "epsilon", "status", "quality_score", "column_pair_trends",

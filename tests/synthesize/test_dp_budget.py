@@ -73,8 +73,11 @@ def test_a_racing_run_that_overshoots_withdraws(tmp_path, monkeypatch):
 
 def test_dp_bounds_and_data_independent_bins():
     rng = np.random.default_rng(0)
-    lo, hi = dp_bounds(rng.normal(7.0, 1.0, 2000), 1.0)
-    assert 2 <= lo <= 5 and 8 <= hi <= 16  # power-of-two cells around the bulk
+    values = rng.normal(7.0, 1.0, 2000)
+    lo, hi = dp_bounds(values, 1.0)
+    assert 1 <= lo <= 4 and 8 <= hi <= 32  # power-of-two cells around the bulk, one cell of margin
+    assert dp_bounds(np.append(values, [1e9, -1e9]), 1.0)[1] <= 32  # stray values do not stretch them
+    assert dp_bounds(np.concatenate([np.zeros(500), values]), 1.0)[0] == 0.0  # zeros of a count kept
     assert dp_bounds(np.array([5.0, 6.0, np.nan]), 0.01) is None  # too few rows for that ε
     assert list(bin_edges(0, 5, integer=True, bins=10)) == [-0.5, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5]
     counts = bin_edges(0, 200, integer=True, bins=10, count=True)

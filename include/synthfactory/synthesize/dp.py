@@ -59,7 +59,7 @@ def _grid_edges() -> np.ndarray:
     return np.concatenate([-pos[::-1], [0.0], pos])
 
 
-def dp_bounds(values: np.ndarray, epsilon: float, *, failure: float = 0.05) -> tuple[float, float] | None:
+def dp_bounds(values: np.ndarray, epsilon: float, *, failure: float = 0.01) -> tuple[float, float] | None:
     """(lower, upper) of ``values`` (NaN ignored) by an ε-DP noisy histogram over a data-independent grid; None
     when no cell's noisy count clears the threshold. One row changes one cell by one: L1 sensitivity 1."""
     import opendp.prelude as dp
@@ -72,13 +72,24 @@ def dp_bounds(values: np.ndarray, epsilon: float, *, failure: float = 0.05) -> t
     meas = dp.m.make_laplace(dp.vector_domain(dp.atom_domain(T=float, nan=False)), dp.l1_distance(T=float),
                              1.0 / epsilon)
     noisy = np.asarray(meas(counts.tolist()))
-    # an empty cell clears the threshold with probability <= failure / cells (Laplace tail): a false hit only widens
-    # the bounds; cells below it are the tails, clipped into the edge bins
+    # an empty cell clears the threshold with probability <= failure / cells (Laplace tail); the bounds are the run
+    # of cells around the noisy mode that clear it (one-cell gaps bridged) plus one cell each side, and zero when its
+    # cell clears it, so a stray noisy cell far out (2^40) cannot stretch them; values beyond fall in the edge bins
     threshold = math.log(len(counts) / (2 * failure)) / epsilon
-    hit = np.flatnonzero(noisy > threshold)
-    if not len(hit):
+    top = int(np.argmax(noisy))
+    if noisy[top] <= threshold:
         return None
-    return float(edges[hit[0]]), float(edges[hit[-1] + 1])
+    lo = hi = top
+    while lo > 0 and (noisy[lo - 1] > threshold or (lo > 1 and noisy[lo - 2] > threshold)):
+        lo -= 1 if noisy[lo - 1] > threshold else 2
+    while hi < len(noisy) - 1 and (noisy[hi + 1] > threshold or (hi < len(noisy) - 2 and noisy[hi + 2] > threshold)):
+        hi += 1 if noisy[hi + 1] > threshold else 2
+    lo, hi = max(lo - 1, 0), min(hi + 1, len(noisy) - 1)  # one cell of margin: the tails of the bulk
+    lower, upper = float(edges[lo]), float(edges[hi + 1])
+    zero = int(np.searchsorted(edges, 0.0, side="right")) - 1  # the cell [0, 2^-8): zeros of a count or a flag
+    if noisy[zero] > threshold:
+        lower, upper = min(lower, 0.0), max(upper, float(edges[zero + 1]))
+    return lower, upper
 
 
 def is_count(column: str) -> bool:
