@@ -173,7 +173,11 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dp.md"))
     ap.add_argument("--only", nargs="*", default=[], help="run only candidates whose name contains one of these "
                                                         "(e.g. smartnoise), for a second process beside the first")
+    ap.add_argument("--merge", nargs="*", default=[], help="JSON outputs of processes run side by side (--only): "
+                                                         "write their rows as one table to --out, and exit")
     args = ap.parse_args()
+    if args.merge:
+        return merge([Path(p) for p in args.merge], Path(args.out))
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
 
@@ -199,6 +203,28 @@ def main() -> int:
                       flush=True)
                 _write(Path(args.out), rows, real, trtr)  # after every row: a long run keeps what it measured
         print(Path(args.out).read_text())
+    return 0
+
+
+def merge(parts: list[Path], out: Path) -> int:
+    """One table from the JSON of processes started side by side on the same machine (same extract, same
+    deterministic prepare: the same split and reference), ordered by ε then candidate."""
+    import json
+
+    docs = [json.loads(p.read_text()) for p in parts]
+    order = ["synthfactory dp_mst (DP bounds)", "synthfactory dp_mst (public bounds)",
+             "smartnoise MST direct (inferred bounds)", "smartnoise MST direct (public bounds, 10 bins)"]
+    rows = sorted((r for d in docs for r in d["rows"]),
+                  key=lambda r: (r["epsilon"], order.index(r["candidate"]) if r["candidate"] in order else 99))
+    meta = {**docs[0]["meta"], "command": "; ".join(sorted({d["meta"]["command"] for d in docs}))}
+    text = markdown(rows, docs[0]["reference"], docs[0]["trtr"], meta)
+    text = text.replace("One run, ", f"Processes started side by side on one machine ({len(parts)} JSON parts in "
+                                      "bench/results/raw/dp/; same extract, same deterministic prepare: one split, one "
+                                      "reference), from ", 1)
+    out.write_text(text)
+    write_json(out.with_suffix(".json"), {"meta": meta, "reference": docs[0]["reference"], "trtr": docs[0]["trtr"],
+                                          "rows": rows, "merged_from": [p.name for p in parts]})
+    print(out.read_text())
     return 0
 
 
