@@ -1,5 +1,7 @@
 """The synthfactory command: run the factory for a spec without Airflow, or validate a spec.
 
+``synthfactory audit`` vets a synthetic table made elsewhere: 0 approved · 4 refused · 2 bad input.
+
 Exit codes: 0 released (or spec valid) · 2 invalid spec or usage · 3 bad input (extract missing,
 empty, too few patients) · 4 a gate refused (dataset quarantined, nothing released) · 5 the publisher
 refused · 1 anything else (a lost connection during the publish says "re-run to resume").
@@ -88,6 +90,17 @@ def _parser() -> argparse.ArgumentParser:
                     help="output format (default ndjson)")
     vw.add_argument("--out", help="write to this file instead of stdout")
     vw.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr (problems are still listed)")
+    a = sub.add_parser("audit", help="run quality, privacy and the gate on a synthetic table made elsewhere, against "
+                                     "a run's real train and holdout split (exit 0 approved, 4 refused, 2 bad input)")
+    a.add_argument("spec", help=SPEC_HELP)
+    a.add_argument("--run-dir", required=True,
+                   help="the run whose real split to audit against: <staging>/<dataset>/runs/<run_id> (local or s3://)")
+    a.add_argument("--synthetic", required=True, help="the synthetic table, a Parquet file with the real table's "
+                                                      "columns (local or s3://)")
+    a.add_argument("--profile", default="default", metavar="PROFILE", help="gate threshold profile (as for run)")
+    a.add_argument("--audit-id", help="name of the audit folder under <run>/audits/ (default: a UTC timestamp)")
+    a.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    a.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result")
     return p
 
 
@@ -152,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         return _pull(spec, args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.cmd == "audit":
+        return _audit(spec, args)
     return _run(spec, args)
 
 
@@ -196,6 +211,39 @@ def _view(args) -> int:  # noqa: ANN001
               f"{f'; {report.refused} refused ({refused})' if report.refused else ''}"
               f"{f' -> {args.out}' if args.out else ''}", file=sys.stderr)
     return EXIT_OK
+
+
+def _audit(spec, args) -> int:  # noqa: ANN001
+    """Quality, privacy and the gate on ``--synthetic`` against ``--run-dir``'s real split (synthfactory.audit)."""
+    from synthfactory.audit import audit
+    from synthfactory.context import project_root
+    from synthfactory.errors import EXIT_GATE
+
+    def local(path: str) -> str:
+        return path if "://" in path else str(Path(path).resolve())
+
+    try:
+        result = audit(spec, local(args.run_dir), local(args.synthetic), profile=args.profile,
+                       audit_id=args.audit_id, base_dir=str(project_root(args.spec)))
+    except SynthFactoryError as err:
+        print(describe(err), file=sys.stderr)
+        return exit_code_for(err)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    q, p = result["quality"], result["privacy"]
+    figures = (f"rows={result['rows']} quality={q.get('quality_score')} min_column={q.get('min_column_score')} "
+               f"pair_trends={q.get('column_pair_trends')} exact_match={p.get('exact_match_rate')} "
+               f"dcr_share={p.get('dcr_share')} mia_auc={p.get('mia_auc')}")
+    out = sys.stderr if args.json else sys.stdout
+    if result["approved"]:
+        print(f"approved: {spec.name} audit {result['audit_id']} against run {result['run_id']} ({figures}); "
+              f"reports in {result['audit_uri']}", file=out)
+        return EXIT_OK
+    print(f"refused: {spec.name} audit {result['audit_id']} against run {result['run_id']} ({figures}); "
+          f"reports in {result['audit_uri']}", file=out)
+    for reason in result["failed"]:
+        print(f"  - {reason}", file=out)
+    return EXIT_GATE
 
 
 def _validate(spec, args) -> int:  # noqa: ANN001

@@ -24,6 +24,7 @@ __all__ = [
     "RELATIONAL_CHILD_KINDS",
     "SINGLE_TABLE",
     "SynthesizerKind",
+    "foreign_params",
     "get",
 ]
 
@@ -50,6 +51,7 @@ class SynthesizerKind:
     device_param: str | None = None
     sdv_class: str | None = None      # "module.Class" under sdv, e.g. "single_table.CTGANSynthesizer"
     dp_mechanism: str | None = None   # smartnoise-synth's synthesizer name
+    params: frozenset[str] = frozenset()  # the keyword arguments ``synthesizer.params`` may give this kind
 
     @property
     def gpu_capable(self) -> bool:
@@ -57,22 +59,54 @@ class SynthesizerKind:
         return self.device_param is not None
 
 
+# keyword arguments per kind (SDV 1.x constructors, smartnoise-synth's MST/AIM, our wrappers)
+_SDV = ("enforce_min_max_values", "enforce_rounding", "locales")
+_GAN = ("embedding_dim", "generator_dim", "discriminator_dim", "generator_lr", "generator_decay", "discriminator_lr",
+        "discriminator_decay", "batch_size", "discriminator_steps", "log_frequency", "verbose", "epochs", "pac",
+        "enable_gpu")
+_COPULA = ("numerical_distributions", "default_distribution")
+_DP = ("epsilon", "delta", "preprocessor_epsilon", "bins", "bounds")  # DPSynthesizer's own (spec: synthesizer.dp)
+
 REGISTRY: tuple[SynthesizerKind, ...] = (
-    SynthesizerKind("gaussian_copula", "sdv", sdv_class="single_table.GaussianCopulaSynthesizer"),
-    SynthesizerKind("cart", "cart"),
+    SynthesizerKind("gaussian_copula", "sdv", sdv_class="single_table.GaussianCopulaSynthesizer",
+                    params=frozenset(_SDV + _COPULA)),
+    SynthesizerKind("cart", "cart", params=frozenset(("min_leaf", "max_depth", "smooth", "smooth_scale",
+                                                      "visit_sequence", "seed"))),
     SynthesizerKind("ctgan", "sdv", neural=True, device_param="enable_gpu",
-                    sdv_class="single_table.CTGANSynthesizer"),
-    SynthesizerKind("tvae", "sdv", neural=True, device_param="enable_gpu", sdv_class="single_table.TVAESynthesizer"),
+                    sdv_class="single_table.CTGANSynthesizer", params=frozenset(_SDV + _GAN)),
+    SynthesizerKind("tvae", "sdv", neural=True, device_param="enable_gpu", sdv_class="single_table.TVAESynthesizer",
+                    params=frozenset(("enforce_min_max_values", "enforce_rounding", "embedding_dim", "compress_dims",
+                                      "decompress_dims", "l2scale", "batch_size", "verbose", "epochs", "loss_factor",
+                                      "enable_gpu"))),
     SynthesizerKind("copulagan", "sdv", neural=True, device_param="enable_gpu",
-                    sdv_class="single_table.CopulaGANSynthesizer"),
-    SynthesizerKind("dp_mst", "dp", dp_mechanism="mst"),
-    SynthesizerKind("dp_aim", "dp", dp_mechanism="aim"),
-    SynthesizerKind("tabular_argn", "argn"),
+                    sdv_class="single_table.CopulaGANSynthesizer", params=frozenset(_SDV + _GAN + _COPULA)),
+    SynthesizerKind("dp_mst", "dp", dp_mechanism="mst", params=frozenset(_DP + ("verbose",))),
+    SynthesizerKind("dp_aim", "dp", dp_mechanism="aim",
+                    params=frozenset(_DP + ("max_model_size", "degree", "num_marginals", "max_cells", "rounds",
+                                            "verbose"))),
+    SynthesizerKind("tabular_argn", "argn", params=frozenset(("python", "epochs", "max_minutes", "batch_size", "seed",
+                                                              "device", "model", "value_protection",
+                                                              "sample_batch_size", "timeout_s"))),
     SynthesizerKind("hma", "sdv", single_table=False, sdv_class="multi_table.HMASynthesizer"),
     SynthesizerKind("par", "sdv", single_table=False, device_param="cuda", sdv_class="sequential.PARSynthesizer"),
 )
 
 _BY_NAME = {k.name: k for k in REGISTRY}
+
+
+def foreign_params(kind: str, params: "dict | list") -> list[str]:
+    """``params`` names this kind does not take, each with the kinds that do, e.g.
+    ``"default_distribution (a parameter of gaussian_copula, copulagan)"``; ``[]`` when all fit."""
+    entry = _BY_NAME.get(kind)
+    if entry is None or not entry.params:
+        return []
+    out = []
+    for name in params:
+        if name in entry.params:
+            continue
+        owners = [k.name for k in REGISTRY if name in k.params]
+        out.append(f"{name} (a parameter of {', '.join(owners)})" if owners else f"{name} (no kind takes it)")
+    return out
 
 
 def get(name: str) -> SynthesizerKind | None:

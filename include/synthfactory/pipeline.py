@@ -618,6 +618,11 @@ def _datacard(ctx: RunContext, decision: dict, sampled: dict, quality_summary: d
     params = ctx.spec.synthesizer.params if kind == ctx.spec.synthesizer.kind else {}
     synthesizer = {"kind": kind, "params": params, "seed": ctx.spec.synthesizer.seed,
                    "holdout_fraction": ctx.spec.synthesizer.holdout_fraction}
+    if sampled.get("synthesis_report_uri"):  # a DP fit: its ε/δ and the dataset's budget after it (budget.py)
+        fit = ctx.store.read_json(sampled["synthesis_report_uri"]).get("fit") or {}
+        if fit.get("dp_budget"):
+            synthesizer["dp_budget"] = {**fit["dp_budget"], "epsilon": (fit.get("dp") or {}).get("epsilon"),
+                                        "delta": (fit.get("dp") or {}).get("delta")}
     lineage = {"extract_sha256": (ingested or {}).get("extract_sha256"), "spec_sha256": ctx.spec.spec_hash(),
                "code_versions": code_version(), "run_id": ctx.run_id}
     if (ingested or {}).get("reused_from_run"):

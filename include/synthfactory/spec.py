@@ -435,10 +435,23 @@ class DPSpec(_Model):
     delta: float | None = Field(default=None, gt=0, lt=1, description="null = 1/(n*sqrt(n)) for n training rows")
     preprocessor_epsilon: float | None = Field(
         default=None, gt=0, description="Part of epsilon spent estimating bin bounds of numeric columns without "
-                                        "public bounds; null = 10% of epsilon")
-    bins: int = Field(default=10, ge=2, le=1000, description="Bins per numeric column")
+                                        "public bounds (DP estimates, split evenly over them); null = 25% of epsilon")
+    bins: int = Field(default=20, ge=2, le=1000, description="Equal-width bins of a measurement (integer columns: "
+                      "one bin per value up to 2 x bins values, else geometric count bins 0, 1, 2, 3, 4, 6, 8, ...)")
     bounds: dict[str, tuple[float, float]] = Field(
         default_factory=dict, description="Public bounds per numeric column (spend no budget), e.g. hba1c: [3, 20]")
+    estimate_bounds: bool = Field(
+        default=True, description="Estimate the bounds of numeric columns without public bounds with DP "
+                                  "(preprocessor_epsilon); false: validate refuses such columns, naming them")
+
+    @model_validator(mode="after")
+    def _bounds_order(self) -> "DPSpec":
+        bad = sorted(c for c, (lo, hi) in self.bounds.items() if not lo < hi)
+        if bad:
+            raise ValueError(f"bounds: lower must be below upper for {bad}")
+        if self.preprocessor_epsilon is not None and self.preprocessor_epsilon >= self.epsilon:
+            raise ValueError("preprocessor_epsilon: must be below epsilon (it is a share of it)")
+        return self
 
 
 class RelationalSpec(_Model):
@@ -530,6 +543,9 @@ class SynthesizerSpec(_Model):
     def _synth_checks(self) -> "SynthesizerSpec":
         if self.rebalance and self.oversample:
             raise ValueError("rebalance: set either rebalance or oversample, not both")
+        foreign = kinds.foreign_params(self.kind, self.params)
+        if foreign:  # e.g. gaussian_copula's default_distribution left behind when the kind became dp_mst
+            raise ValueError(f"params: {self.kind} does not take {', '.join(foreign)}; remove them or change kind")
         if self.kind in DP_KINDS and self.mode == "relational":
             raise ValueError("kind: dp_mst/dp_aim cover one table; use mode: patient_table for differential privacy")
         if self.kind in DP_KINDS and (self.constraints or self.metadata):
@@ -693,6 +709,17 @@ class QualityThresholds(_Model):
         return self
 
 
+class DPBudgetSpec(_Model):
+    """The dataset's privacy budget across recurring DP releases (synthesize/budget.py): every DP fit is charged
+    to a ledger in staging; fits compose by basic composition (the ε add up, the δ add up) over ``window``."""
+
+    epsilon: float | None = Field(default=None, gt=0, le=1000, description="Cap on the total ε of the dataset's "
+                                  "DP fits within the window; null = no cap (the ledger still records every fit)")
+    delta: float | None = Field(default=None, gt=0, lt=1, description="Cap on their total δ; null = no cap")
+    window: int | None = Field(default=None, ge=1, le=36_500, description="Days over which fits compose (a fit "
+                               "older than this no longer counts); null = every fit ever")
+
+
 class PrivacyThresholds(_Model):
     """The privacy gate. Every gated figure is judged against what *fresh real rows* score on it (the
     real-data reference, see :mod:`synthfactory.privacy.reference`): it fails when it lies more than
@@ -770,6 +797,11 @@ class PrivacyThresholds(_Model):
                     "synthetic row. Refused when its one-sided lower bound (AUC - noise_z x standard error) "
                     "exceeds this: members significantly *and* materially closer (0.5 = any significant "
                     "effect, which at thousands of rare records refuses trivial ones)")
+    dp_budget: DPBudgetSpec = Field(
+        default_factory=DPBudgetSpec,
+        description="Privacy budget of the dataset's DP releases (dp_mst, dp_aim) across runs: a DP fit that "
+                    "would take the window's composed ε or δ past the cap is refused before fit. Per dataset: "
+                    "not in a profile")
 
     @model_validator(mode="before")
     @classmethod
@@ -797,6 +829,13 @@ class PrivacyThresholds(_Model):
 class Profile(_Model):
     quality: QualityThresholds | None = None
     privacy: PrivacyThresholds | None = None
+
+    @model_validator(mode="after")
+    def _no_budget(self) -> "Profile":
+        if self.privacy is not None and "dp_budget" in self.privacy.model_fields_set:
+            raise ValueError("privacy.dp_budget: the privacy budget is the dataset's, whatever the profile; set it "
+                             "in the spec's privacy section, not in a profile")
+        return self
 
 
 class ReleaseSpec(_Model):
@@ -1061,6 +1100,18 @@ class DatasetSpec(_Model):
         if "fhir_ndjson" in self.release.formats and self.synthesizer.mode != "relational":
             raise ValueError("release.formats: fhir_ndjson needs synthesizer.mode: relational (FHIR resources are "
                              "written from the synthetic patient, encounter, condition, ... tables)")
+        return self
+
+    @model_validator(mode="after")
+    def _dp_public_bounds(self) -> "DatasetSpec":
+        """A DP kind with ``dp.estimate_bounds: false``: every numeric feature needs public bounds."""
+        syn = self.synthesizer
+        if syn.kind in DP_KINDS and not syn.dp.estimate_bounds:
+            numeric = ["n_encounters", "n_conditions", *(lab.name for lab in self.features.labs)]
+            missing = [c for c in numeric if c not in syn.dp.bounds]
+            if missing:
+                raise ValueError(f"synthesizer.dp.bounds: no public bounds for the numeric column(s) {missing}, and "
+                                 f"dp.estimate_bounds is false; give [low, high] for each, or let DP estimate them")
         return self
 
     @model_validator(mode="after")

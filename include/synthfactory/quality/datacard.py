@@ -291,6 +291,20 @@ compare it with the real training data, which stays in the secure staging area.<
 {% for k, v in synthesizer.extra %}<tr><th>{{ k }}</th><td>{{ v }}</td></tr>{% endfor %}
 </table>
 </section>
+{% if dp_budget %}
+
+<section id="dp_budget"><h2>Privacy budget</h2>
+<table>
+<tr><th>this release</th><td>ε {{ fmt(dp_budget.epsilon) }}, δ {{ fmt(dp_budget.delta) }}</td></tr>
+<tr><th>spent in {{ ("the last " ~ dp_budget.window_days ~ " days") if dp_budget.window_days else "all time" }} (this release included, {{ dp_budget.releases_in_window }} DP fit(s))</th>
+<td>ε {{ fmt(dp_budget.spent_epsilon) }}, δ {{ fmt(dp_budget.spent_delta) }}</td></tr>
+<tr><th>budget</th><td>ε {{ fmt(dp_budget.epsilon_cap) if dp_budget.epsilon_cap is not none else "no cap" }}, δ {{ fmt(dp_budget.delta_cap) if dp_budget.delta_cap is not none else "no cap" }}</td></tr>
+<tr><th>remaining</th><td>ε {{ fmt(dp_budget.remaining_epsilon) if dp_budget.remaining_epsilon is not none else "—" }}, δ {{ fmt(dp_budget.remaining_delta) if dp_budget.remaining_delta is not none else "—" }}</td></tr>
+</table>
+<p class="muted">Every differentially private fit of this dataset is charged to one budget when the model is fitted on
+real data, published or not; {{ dp_budget.composition }}.</p>
+</section>
+{% endif %}
 
 <section id="gate"><h2>Gate decision</h2>
 {% for r in decision.failed or [] %}<div class="reason">{{ r }}</div>{% endfor %}
@@ -525,7 +539,8 @@ def render_datacard(
         "n_columns": synthetic.shape[1],
         "synthesizer": {"kind": syn.get("kind", "—"),
                         "params_json": json.dumps(syn.get("params") or {}, sort_keys=True, default=str),
-                        "extra": [(k, fmt(v)) for k, v in syn.items() if k not in {"kind", "params"}]},
+                        "extra": [(k, fmt(v)) for k, v in syn.items() if k not in {"kind", "params", "dp_budget"}]},
+        "dp_budget": syn.get("dp_budget"),
         "q": q, "fid": fid, "exp": exp, "relationships": rels, "util": util, "columns": sdm.get("columns") or [],
         "privacy_rows": cardtext.privacy_rows(ps, decision.get("checks") or [], privacy_notes),
         "k_note": cardtext.k_anonymity_note(ps, privacy_thresholds, decision.get("checks") or [],

@@ -63,6 +63,19 @@ def _params(ctx: Any, m: dict) -> dict:
     return params
 
 
+def _charge_budget(ctx: Any, kind: str, params: dict, rows: int) -> dict:
+    """Fix δ (the spec's, else 1/(n·√n)) and charge ε, δ to the dataset's privacy budget ledger (budget.py)."""
+    import math
+
+    from synthfactory.synthesize import budget
+
+    if params.get("delta") is None:
+        params["delta"] = 1.0 / (rows * math.sqrt(rows))
+    return budget.charge(ctx.store, str(ctx.staging_root), ctx.spec.name, ctx.run_id,
+                         epsilon=float(params.get("epsilon", 3.0)), delta=float(params["delta"]), kind=kind,
+                         budget=ctx.spec.privacy.dp_budget)
+
+
 def _fingerprint(ctx: Any, uris: list[str], kind: str, params: dict, extra: Any = None) -> str:
     h = hashlib.sha256()
     for uri in uris:
@@ -129,6 +142,8 @@ def fit_model(ctx: Any, prepared: dict, m: dict) -> None:
         plan = _plan(ctx, kind, params, _fingerprint(ctx, [prepared["train_uri"]], kind, params, metadata))
         transforms = spec.transforms_for(kind)
         table_plan = ctx.store.read_json(prepared["table_plan_uri"]) if prepared.get("table_plan_uri") else None
+        if kind in kinds.DP:  # charged to the dataset's budget before the mechanism sees the data (or refused)
+            m["dp_budget"] = _charge_budget(ctx, kind, params, len(train))
         synth, seconds = engine.fit(train, kind, params, metadata, plan=plan, constraints=constraints,
                                     transforms=transforms, seed=spec.seed,
                                     column_types=(table_plan or {}).get("types"))
@@ -208,7 +223,7 @@ def _write_report(ctx: Any, report: dict) -> str:
 
 def _fit_summary(fitted: dict) -> dict:
     keys = ("synthesizer", "mode", "engine", "fit_seconds", "fit_seconds_by_table", "device", "epochs", "training",
-            "dp", "rows_train", "model_bytes", "transforms", "transformed_columns")
+            "dp", "dp_budget", "rows_train", "model_bytes", "transforms", "transformed_columns")
     return {k: fitted[k] for k in keys if k in fitted}
 
 
