@@ -29,11 +29,13 @@ LABS = ("hba1c", "bmi", "systolic_bp", "ldl", "egfr", "glucose")
 
 @pytest.fixture(scope="module")
 def demo_pt() -> PrivacyThresholds:
-    """The demo spec's privacy thresholds (anonymeter off: these tests are about the other checks)."""
+    """The demo spec's privacy thresholds (anonymeter and the membership-inference battery off: these tests are
+    about the other checks; the battery is tested in test_mia.py)."""
     _, pt = load_spec(ROOT / "include/datasets/cohort_demo.yaml").thresholds()
     # cohort_table names the diabetes flag by its ICD-10-CM code, the demo spec by concept
     sensitive = ["cond_e11_9" if c == "cond_t2_diabetes" else c for c in pt.sensitive_attributes]
-    return pt.model_copy(update={"anonymeter_attacks": 0, "sensitive_attributes": sensitive})
+    return pt.model_copy(update={"anonymeter_attacks": 0, "sensitive_attributes": sensitive,
+                                 "mia": pt.mia.model_copy(update={"attacks": []})})
 
 
 @pytest.fixture(scope="module")
