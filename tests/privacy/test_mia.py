@@ -75,7 +75,7 @@ def test_roc_figures_equal_sklearn_and_cover_chance():
     assert same["tpr_at_fpr_01_ci"][0] <= 0.01 <= same["tpr_at_fpr_01_ci"][1]
     assert same["tpr_at_fpr_10_ci"][0] <= 0.10 <= same["tpr_at_fpr_10_ci"][1]
     sep = roc_figures(np.full(50, 1.0), np.zeros(50), bootstrap=50)
-    assert sep["auc"] == 1.0 and sep["tpr_at_fpr_01"] == 1.0 and not sep["fpr_01_resolved"]
+    assert sep["auc"] == 1.0 and sep["tpr_at_fpr_01"] == 1.0 and not sep["tpr_at_fpr_01_resolved"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,6 +221,12 @@ def test_gate_uses_the_largest_lower_bound_and_certifies_only_narrow_intervals()
     assert "mia.shadow" in checks and not checks["mia.shadow"].passed
     rule, checks = run({**narrow["attacks"], "shadow": {"status": "skipped", "reason": "too few rows"}})
     assert all(c.passed for c in checks.values()) and rule["skipped"] == ["shadow"] and not rule["certified"]
+    # a TPR at 1 % FPR over fewer than 100 non-members is not a measurement: not gated, never certified
+    few = {**_attack(0.52, (0.45, 0.58), tpr=0.28, tci=(0.17, 0.44)), "tpr_at_fpr_01_resolved": False}
+    rule, checks = run({"distance": _attack(0.51, (0.49, 0.53)), "shadow": few})
+    assert checks["mia.max_tpr_at_fpr_01.ci_low"].passed and checks["mia.max_tpr_at_fpr_01.ci_low"].value == 0.0
+    assert "shadow.tpr_at_fpr_01" in rule["uncertain"] and not rule["certified"]
+    assert roc_figures(np.ones(40), np.zeros(40), bootstrap=0)["tpr_at_fpr_01_resolved"] is False
     # no battery at all in the summary: refused; no attacks configured: no check
     assert not mia_checks({}, pt)[0].passed
     assert mia_checks({}, PrivacyThresholds(mia=MiaThresholds(attacks=[]))) == []

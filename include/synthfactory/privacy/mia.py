@@ -42,8 +42,11 @@ scores real records, *members* (rows of ``train``, which the synthesizer saw) ag
 Figures (:func:`roc_figures`): the AUC (ties count half) and the TPR at FPR 1 % and 10 % read off the ROC
 curve (linear interpolation between its points: ties broken at random, in expectation); each with a 95 %
 percentile interval from a stratified bootstrap (members and non-members resampled separately,
-``bootstrap`` times). With fewer than 100 non-members an FPR of 1 % is below one non-member and the
-interval says so by its width. Chance is AUC 0.5 and TPR = FPR.
+``bootstrap`` times). With fewer than 100 non-members an FPR of 1 % is below one non-member: the TPR there
+is the share of members scoring above *every* non-member, an extreme order statistic whose bootstrap
+interval is biased (resampling thins the non-members); such a figure is reported but flagged
+``tpr_at_fpr_01_resolved: false`` (10 % FPR: fewer than 10 non-members), left out of the maximum the gate
+checks, and never certified. Chance is AUC 0.5 and TPR = FPR.
 
 The real-data reference of the distance and DOMIAS attacks (fresh real rows playing the synthetic table) is
 computed by :mod:`.reference`; the shadow attack's reference is chance by construction (it is validated on
@@ -130,7 +133,7 @@ def roc_figures(member: np.ndarray, nonmember: np.ndarray, *, bootstrap: int = 2
         out[key] = round(float(tprs[i]), 4)
         out[f"{key}_ci"] = [r(lo[i + 1]), r(hi[i + 1])]
     out.update({"members": int(n1), "nonmembers": int(n0), "bootstrap": int(bootstrap),
-                "fpr_01_resolved": bool(n0 >= 100)})
+                **{f"{k}_resolved": bool(n0 >= round(1 / f)) for k, f in zip(FPR_KEYS, FPRS)}})
     return out
 
 
@@ -438,9 +441,11 @@ def mia_battery(
 
 def _maximum(results: dict[str, dict]) -> dict:
     """Per figure, the largest value over the measured attacks, with its interval and the attack's name."""
-    measured = {k: v for k, v in results.items() if v.get("status") == "measured" and v.get("auc") is not None}
+    measured_all = {k: v for k, v in results.items() if v.get("status") == "measured" and v.get("auc") is not None}
     out: dict[str, Any] = {}
     for key in ("auc", *FPR_KEYS):
+        # a TPR at an FPR below one non-member is not a measurement: left out of the maximum
+        measured = {k: v for k, v in measured_all.items() if key == "auc" or v.get(f"{key}_resolved", True)}
         if not measured:
             out[key] = None
             continue
@@ -473,6 +478,8 @@ def summarise_battery(battery: dict, reference: dict | None = None) -> dict:
         for key in ("auc", *FPR_KEYS):
             a[key] = res.get(key)
             a[f"{key}_ci"] = res.get(f"{key}_ci")
+            if key != "auc":
+                a[f"{key}_resolved"] = res.get(f"{key}_resolved", True)
             rk = ref_keys.get(name, {}).get(key)
             if rk and isinstance(ref.get(rk), dict):
                 a[f"{key}_reference"] = {s: ref[rk].get(s) for s in ("mean", "sd") if s in ref[rk]}

@@ -176,8 +176,10 @@ def mia_rule(battery: dict | None, pt: PrivacyThresholds) -> dict:
     """How the membership-inference battery is judged (see :class:`~synthfactory.spec.MiaThresholds`): per
     gated figure, the largest lower 95 % bound over the measured attacks must not exceed its threshold
     (significant evidence from any one attack refuses). ``certified``: every expected attack measured and
-    every upper bound within its threshold; otherwise the intervals are too wide to conclude ("not
-    certified"), which refuses only with ``require_certification``. ``missing``: expected attacks that were
+    every upper bound within its threshold and every gated TPR resolved (at least 1/FPR non-members: a TPR at
+    1 % FPR over 40 non-members is not a measurement, and it is left out of the gated maximum); otherwise
+    the intervals are too wide to conclude ("not certified"), which refuses only with
+    ``require_certification``. ``missing``: expected attacks that were
     neither measured nor skipped for a stated reason (refused)."""
     battery = battery or {}
     attacks = battery.get("attacks") or {}
@@ -191,7 +193,7 @@ def mia_rule(battery: dict | None, pt: PrivacyThresholds) -> dict:
             continue
         for a, v in measured.items():
             hi = (v.get(f"{fig}_ci") or [None, None])[1]
-            if hi is None or hi > limit:
+            if hi is None or hi > limit or v.get(f"{fig}_resolved") is False:
                 uncertain.append(f"{a}.{fig}")
     skipped = [a for a in mt.attacks if a in attacks and a not in measured]
     certified = bool(measured) and not missing and not skipped and not uncertain
@@ -213,8 +215,8 @@ def mia_checks(privacy: dict, pt: PrivacyThresholds) -> list[Check]:
     any_measured = any(v.get("status") == "measured" for v in (battery.get("attacks") or {}).values())
     for fig, limit_name in MIA_FIGURES:
         limit = getattr(mt, limit_name)
-        if limit is None or not any_measured:
-            continue
+        if limit is None or not any_measured or battery.get(f"max_{fig}") is None:
+            continue  # no attack measured, or (a TPR) none with enough non-members: not certified
         ref = None
         attack = battery.get(f"max_{fig}_attack")
         if attack:
