@@ -619,7 +619,8 @@ def privacy_metrics(
         h_train, h_hold = row_hashes(train, holdout, cols)
         out["reference"] = privacy_reference(x_train, x_hold, h_train, h_hold,
                                              rare_train=rare_tr, rare_hold=rare_ho,
-                                             resplits=reference_resplits, seed=seed)
+                                             resplits=reference_resplits, seed=seed,
+                                             domias="domias" in mia_attacks)
     else:
         out["reference"] = {"skipped": "reference_resplits is 0"}
     lap("reference")
