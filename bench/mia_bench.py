@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overfit-kind", default="ctgan")
     ap.add_argument("--overfit-epochs", type=int, default=300)
     ap.add_argument("--overfit-rows", type=int, default=200)
+    ap.add_argument("--overfit-params", default=None,
+                    help='JSON parameters of the overfitted kind (default {"epochs": --overfit-epochs}); e.g. '
+                         '\'{"min_leaf": 1, "smooth": false}\' with --overfit-kind cart')
     ap.add_argument("--overfit-shadow-models", type=int, default=0,
                     help="shadow models for the overfitted kind (each is a full fit: costly for neural kinds)")
     ap.add_argument("--anonymeter-attacks", type=int, default=500)
@@ -260,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     if "overfit" not in args.skip:
         o_train, o_hold = _data(args.overfit_rows, 4 * args.overfit_rows, args.seed + 41)
         cases: dict[str, Any] = {}
-        for label, kind, params in ((f"{args.overfit_kind} {args.overfit_epochs} epochs (overfitted)",
-                                     args.overfit_kind, {"epochs": args.overfit_epochs}),
+        o_params = json.loads(args.overfit_params) if args.overfit_params else {"epochs": args.overfit_epochs}
+        o_label = (f"{args.overfit_kind} {args.overfit_epochs} epochs (overfitted)" if not args.overfit_params
+                   else f"{args.overfit_kind} {o_params} (overfitted)")
+        for label, kind, params in ((o_label, args.overfit_kind, o_params),
                                     ("gaussian_copula (control)", "gaussian_copula", {})):
             t0 = time.perf_counter()
             syn = _fit_sample(kind, params, o_train, 4 * args.overfit_rows, args.seed)
