@@ -81,6 +81,8 @@ def open_gates() -> dict:
                             ("reference_resplits", 0)):  # no privacy reference: only the (open) caps apply
             if name in fields:
                 out[f"{section}__{name}"] = value
+    # the membership-inference battery: its cheapest attack only (no shadow models), thresholds wide open
+    out["privacy__mia"] = {"attacks": ["distance"], "max_auc": 1.0, "max_tpr_at_fpr_01": 1.0, "bootstrap": 20}
     # the quality figures judged against the real-data reference: the smallest fractions, the fewest re-splits
     out["quality__reference"] = {"resplits": 2, "matched_repeats": 1, "quality_fraction": 1e-6,
                                  "pair_trends_fraction": 1e-6, "column_fraction": 1e-6}

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from synthfactory import __version__
+from synthfactory import __version__, kinds
 from synthfactory.context import RunContext, project_root, resolve, safe_id, version_for  # noqa: F401 (re-exported)
 from synthfactory.spec import DatasetSpec
 from synthfactory.storage import Store, is_s3, join, private_umask
@@ -475,11 +475,14 @@ def privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, i
         holdout = ctx.store.read_df(prepared["holdout_uri"])
         synthetic = ctx.store.read_df(sampled["synthetic_uri"])
         _, pt = ctx.spec.thresholds(ctx.profile)
+        metadata = ctx.store.read_json(prepared["metadata_uri"])
         metrics = privacy_metrics(
             train, holdout, synthetic, exclude=[KEY, SYNTHETIC_ID], seed=ctx.spec.synthesizer.seed,
             quasi_identifiers=pt.quasi_identifiers, sensitive_attributes=pt.sensitive_attributes,
             k_anonymity=pt.min_k_anonymity, anonymeter_attacks=pt.anonymeter_attacks,
-            metadata=ctx.store.read_json(prepared["metadata_uri"]), reference_resplits=pt.reference_resplits)
+            metadata=metadata, reference_resplits=pt.reference_resplits,
+            mia_attacks=pt.mia.attacks, mia_options=mia_options(pt),
+            fit_sample=_shadow_fit_sample(ctx, train.drop(columns=[KEY]), metadata) if pt.mia.shadow else None)
         report_uri = ctx.uri("reports", "privacy.json")
         audit = _privacy_audit_figures(metrics, pt)
         report = {"dataset": ctx.spec.name, "run_id": ctx.run_id, "profile": ctx.profile,
@@ -511,6 +514,30 @@ def privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, i
             **audit,
         })
     return m
+
+
+def mia_options(pt: Any) -> dict:
+    """The battery's cost knobs from ``privacy.mia`` (keyword arguments of privacy.mia.mia_battery)."""
+    m = pt.mia
+    return {"max_targets": m.max_targets, "bandwidth": m.bandwidth, "shadow_models": m.shadow_models,
+            "shadow_targets": m.shadow_targets, "shadow_rows": m.shadow_rows, "bootstrap": m.bootstrap}
+
+
+def _shadow_fit_sample(ctx: RunContext, train: Any, metadata: dict) -> Any:
+    """The spec's synthesizer as the shadow attack trains it: the run's kind, the fit stage's parameters,
+    transforms and constraints (None in relational mode: the attack is then skipped, and says so)."""
+    from synthfactory.privacy.mia import spec_fit_sample
+    from synthfactory.synthesize import stages
+    from synthfactory.synthesize.constraints import sdv_constraints
+
+    spec = ctx.spec.synthesizer
+    kind = ctx.synthesizer_kind
+    if spec.mode == "relational":
+        return None
+    params = stages._params(ctx, {})
+    constraints = ([] if kind in kinds.DP or kind == kinds.ARGN
+                   else sdv_constraints(spec.constraints, train, "patients"))
+    return spec_fit_sample(kind, params, metadata, transforms=spec.transforms_for(kind), constraints=constraints)
 
 
 def _privacy_audit_figures(metrics: dict, pt: Any) -> dict:
@@ -545,6 +572,17 @@ def _privacy_audit_figures(metrics: dict, pt: Any) -> dict:
         out["reference"] = {k: {s: r4(v[s]) for s in ("mean", "sd", "p05", "p95") if s in v}
                             for k, v in ref.items() if isinstance(v, dict) and "mean" in v}
         out["reference"]["resplits"] = ref.get("resplits")
+    battery = metrics.get("mia_battery") or {}
+    if "attacks" in battery:
+        from synthfactory.privacy.mia import summarise_battery
+        from synthfactory.release.gate import mia_rule
+
+        mb = summarise_battery(battery, metrics.get("reference"))
+        out["mia_battery"] = mb
+        out["mia_max_auc"] = mb.get("max_auc")
+        out["mia_max_tpr_at_fpr_01"] = mb.get("max_tpr_at_fpr_01")
+        out["mia_max_tpr_at_fpr_10"] = mb.get("max_tpr_at_fpr_10")
+        out["mia_certified"] = mia_rule(mb, pt)["certified"]
     sdm = metrics.get("sdmetrics_dcr_baseline_protection")
     if sdm:
         out["sdmetrics_dcr_baseline_protection"] = r4(sdm["score"])

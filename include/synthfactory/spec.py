@@ -720,6 +720,55 @@ class DPBudgetSpec(_Model):
                                "older than this no longer counts); null = every fit ever")
 
 
+class MiaThresholds(_Model):
+    """The membership-inference battery (:mod:`synthfactory.privacy.mia`) and its gate. Each attack scores
+    train members against holdout non-members; the gate takes, per figure, the largest lower end of the 95 %
+    intervals over the attacks (significant evidence from any one attack refuses) and certifies the release
+    only when every attack's upper end is within the threshold ("not certified": the intervals are too wide
+    to conclude; refused only with ``require_certification``)."""
+
+    attacks: list[Literal["distance", "domias", "shadow"]] = Field(
+        default_factory=lambda: ["distance", "domias", "shadow"],
+        description="Attacks to run: distance (to the closest synthetic record), domias (density ratio of "
+                    "synthetic data to the holdout population), shadow (TAPAS-style shadow models of the spec's "
+                    "synthesizer on the most exposed records); [] = no battery")
+    max_auc: float = Field(
+        default=0.6, ge=0.5, le=1.0,
+        description="Refused when the largest lower 95 % bound of the attacks' ROC AUC exceeds this (0.5 = chance)")
+    max_tpr_at_fpr_01: float = Field(
+        default=0.05, ge=0.0, le=1.0,
+        description="Refused when the largest lower 95 % bound of the attacks' true-positive rate at a 1 % "
+                    "false-positive rate exceeds this (0.01 = chance)")
+    max_tpr_at_fpr_10: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Optional: the same at a 10 % false-positive rate (0.10 = chance); null = reported only")
+    require_certification: bool = Field(
+        default=False,
+        description="Refuse unless every attack's upper 95 % bounds are within the thresholds (needs many "
+                    "targets: a few hundred non-members at least for the TPR at 1 % FPR)")
+    shadow_models: int = Field(
+        default=8, ge=2, le=256,
+        description="Shadow models of the spec's synthesizer (the attack's cost: this many fits; neural kinds "
+                    "on the GPU queue)")
+    shadow_targets: int = Field(
+        default=50, ge=5, le=5000, description="Most exposed records attacked per side (members, non-members)")
+    shadow_rows: int = Field(
+        default=2000, ge=50, le=1_000_000,
+        description="Rows of each shadow training set (at most the train size)")
+    max_targets: int = Field(
+        default=5000, ge=10, le=1_000_000,
+        description="Members and non-members scored by the distance and DOMIAS attacks (seeded subsample)")
+    bandwidth: Literal["nn", "scott"] = Field(
+        default="nn", description="DOMIAS kernel bandwidth: nn = median holdout-to-train nearest distance; "
+                                  "scott = Scott's rule on the holdout")
+    bootstrap: int = Field(default=200, ge=0, le=10_000, description="Bootstrap draws for the 95 % intervals")
+
+    @property
+    def shadow(self) -> bool:
+        """The shadow-model attack is on (it trains the synthesizer ``shadow_models`` times)."""
+        return "shadow" in self.attacks
+
+
 class PrivacyThresholds(_Model):
     """The privacy gate. Every gated figure is judged against what *fresh real rows* score on it (the
     real-data reference, see :mod:`synthfactory.privacy.reference`): it fails when it lies more than
@@ -802,6 +851,10 @@ class PrivacyThresholds(_Model):
         description="Privacy budget of the dataset's DP releases (dp_mst, dp_aim) across runs: a DP fit that "
                     "would take the window's composed ε or δ past the cap is refused before fit. Per dataset: "
                     "not in a profile")
+
+    mia: MiaThresholds = Field(
+        default_factory=MiaThresholds,
+        description="The membership-inference battery: attacks, thresholds on their maximum, cost knobs")
 
     @model_validator(mode="before")
     @classmethod

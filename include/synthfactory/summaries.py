@@ -104,6 +104,15 @@ class PrivacySummary(_Timed, total=False):
     mia_auc: float | None
     anonymeter_risks: dict[str, dict[str, Any]]
     anonymeter_certified: bool
+    # the membership-inference battery (privacy/mia.py): per attack (distance, domias, shadow) its status,
+    # auc / tpr_at_fpr_01 / tpr_at_fpr_10 with *_ci [low, high] and *_reference {mean, sd}; and the maximum
+    # over attacks: max_<figure>, max_<figure>_ci, max_<figure>_attack, max_<figure>_ci_low (gated),
+    # max_<figure>_ci_high
+    mia_battery: dict[str, Any]
+    mia_max_auc: float | None           # largest AUC over the attacks (0.5 = chance)
+    mia_max_tpr_at_fpr_01: float | None  # largest true-positive rate at 1 % false positives (0.01 = chance)
+    mia_max_tpr_at_fpr_10: float | None  # largest true-positive rate at 10 % false positives (0.10 = chance)
+    mia_certified: bool                 # every attack's upper 95 % bound within the thresholds
     extra_checks: list[dict[str, Any]]
 
 

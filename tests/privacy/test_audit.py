@@ -32,11 +32,12 @@ from synthfactory.privacy.metrics import (
 from synthfactory.privacy.neighbors import nearest_neighbors
 from synthfactory.testing.cohorts import cohort_table
 from synthfactory.release.gate import anonymeter_rule, decide, expected_anonymeter_risks, privacy_checks
-from synthfactory.spec import PrivacyThresholds, QualityThresholds, SpecError, parse_spec
+from synthfactory.spec import MiaThresholds, PrivacyThresholds, QualityThresholds, SpecError, parse_spec
 
 QIS = ["age", "gender"]
 SENSITIVE = ["cond_e11_9", "hba1c"]
-PT = PrivacyThresholds(quasi_identifiers=QIS, sensitive_attributes=SENSITIVE)
+# the membership-inference battery is tested in test_mia.py
+PT = PrivacyThresholds(quasi_identifiers=QIS, sensitive_attributes=SENSITIVE, mia=MiaThresholds(attacks=[]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,7 +148,8 @@ def test_rare_combinations_and_k_anonymity():
 # the gate's anonymeter rule
 # ------------------------------------------------------------------------------------------------
 def test_anonymeter_gate_rule_certifies_only_with_enough_evidence():
-    pt = PrivacyThresholds(quasi_identifiers=QIS, sensitive_attributes=SENSITIVE, max_anonymeter_risk=0.1)
+    pt = PrivacyThresholds(quasi_identifiers=QIS, sensitive_attributes=SENSITIVE, max_anonymeter_risk=0.1,
+                           mia=MiaThresholds(attacks=[]))
     assert expected_anonymeter_risks(pt) == ["singling_out", "linkability", "inference:cond_e11_9",
                                              "inference:hba1c"]
     small_noisy = {"risk": 0.22, "ci_low": 0.0, "ci_high": 0.52, "error": 0.3, "n": 120}

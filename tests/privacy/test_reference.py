@@ -20,7 +20,7 @@ from synthfactory.privacy.metrics import (
 )
 from synthfactory.privacy.reference import pairwise_distances, privacy_reference
 from synthfactory.release.gate import Check, privacy_checks
-from synthfactory.spec import PrivacyThresholds, load_spec
+from synthfactory.spec import MiaThresholds, PrivacyThresholds, load_spec
 from synthfactory.testing.cohorts import cohort_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,11 +29,13 @@ LABS = ("hba1c", "bmi", "systolic_bp", "ldl", "egfr", "glucose")
 
 @pytest.fixture(scope="module")
 def demo_pt() -> PrivacyThresholds:
-    """The demo spec's privacy thresholds (anonymeter off: these tests are about the other checks)."""
+    """The demo spec's privacy thresholds (anonymeter and the membership-inference battery off: these tests are
+    about the other checks; the battery is tested in test_mia.py)."""
     _, pt = load_spec(ROOT / "include/datasets/cohort_demo.yaml").thresholds()
     # cohort_table names the diabetes flag by its ICD-10-CM code, the demo spec by concept
     sensitive = ["cond_e11_9" if c == "cond_t2_diabetes" else c for c in pt.sensitive_attributes]
-    return pt.model_copy(update={"anonymeter_attacks": 0, "sensitive_attributes": sensitive})
+    return pt.model_copy(update={"anonymeter_attacks": 0, "sensitive_attributes": sensitive,
+                                 "mia": pt.mia.model_copy(update={"attacks": []})})
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +216,8 @@ REF = {"exact_match_rate": {"mean": 0.01, "sd": 0.004}, "dcr_share": {"mean": 0.
 GOOD = {"exact_match_rate": 0.0, "dcr_share": 0.52, "dcr_ratio": 0.97, "leak_clean": True, "mia_auc": 0.51,
         "rare_record_mia_status": "measured", "rare_record_mia_auc": 0.55, "rare_record_mia_se": 0.04,
         "reference": REF}
-QPT = PrivacyThresholds(quasi_identifiers=["age", "gender"], anonymeter_attacks=0)
+QPT = PrivacyThresholds(quasi_identifiers=["age", "gender"], anonymeter_attacks=0,
+                        mia=MiaThresholds(attacks=[]))  # the battery's gate: tests/privacy/test_mia.py
 
 
 def test_gate_is_relative_and_two_sided():
@@ -250,7 +253,8 @@ def test_gate_rare_record_skipped_or_missing():
     assert "rare_record_mia_auc.lower_bound" not in {c.name for c in privacy_checks(skipped, QPT)}
     missing = {k: v for k, v in GOOD.items() if not k.startswith("rare_record")}
     assert failed(privacy_checks(missing, QPT)) == {"rare_record_mia_auc.lower_bound"}  # configured, not measured
-    assert "rare_record_mia_auc.lower_bound" not in {c.name for c in privacy_checks(missing, PrivacyThresholds())}
+    assert "rare_record_mia_auc.lower_bound" not in {c.name for c in privacy_checks(
+        missing, PrivacyThresholds(mia=MiaThresholds(attacks=[])))}
 
 
 def test_removed_rare_combination_excess_is_a_clear_error():

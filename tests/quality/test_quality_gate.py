@@ -53,7 +53,9 @@ def world(tmp_path_factory):
     privacy_uri = ctx.uri("reports", "privacy.json")
     ctx.store.write_json(privacy_uri, {"dataset": "qgate", "note": "stand-in privacy report"})
     privacy_summary = {"report_uri": privacy_uri, "exact_match_rate": 0.0, "dcr_share": 0.5, "dcr_ratio": 1.0,
-                       "leak_clean": True, "leak_hits": 0, "mia_auc": 0.5}
+                       "leak_clean": True, "leak_hits": 0, "mia_auc": 0.5,
+                       "mia_battery": {"attacks": {a: {"status": "skipped", "reason": "stand-in"}
+                                                   for a in ("distance", "domias", "shadow")}}}
     # stand-in figures for whatever other privacy checks the spec's defaults hold: exactly at their threshold
     from synthfactory.release.gate import privacy_checks
 

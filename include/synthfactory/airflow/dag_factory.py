@@ -23,9 +23,10 @@ SYNTHESIZERS = list(SYNTHESIZER_KINDS)  # the spec's kinds (incl. dp_mst, dp_aim
 
 
 def task_kwargs(spec: DatasetSpec, stage: str) -> dict[str, Any]:
-    """Per-stage task arguments: the spec's timeout, and for fit/sample the queue/pool (GPU routing)."""
+    """Per-stage task arguments: the spec's timeout, and for fit/sample (and privacy when it trains shadow
+    models of a neural synthesizer) the queue/pool (GPU routing)."""
     kw: dict[str, Any] = {"execution_timeout": timedelta(minutes=spec.operations.timeout_minutes(stage))}
-    if stage in routing.GPU_STAGES:
+    if routing.stage_gpu_routed(spec, stage):
         kw.update(routing.training_route(spec).task_kwargs())
     return kw
 

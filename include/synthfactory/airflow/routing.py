@@ -6,6 +6,9 @@ the ``synthesizer`` Param is only known when a run starts. So routing follows th
 - ``fit`` and ``sample`` go to ``synthesizer.queue`` / ``synthesizer.pool``; unset, that is queue ``gpu``
   and pool ``gpu`` (slots = GPUs) for neural training (kinds ctgan, tvae, copulagan; relational mode with
   the PAR engine or neural child models), else the default queue and ``default_pool``. ``sample`` follows ``fit`` because a model fitted on CUDA is loaded where CUDA is.
+- ``privacy`` follows ``fit`` when the membership-inference battery trains shadow models
+  (``privacy.mia.attacks`` includes ``shadow``) of a neural synthesizer: the shadow models are the spec's
+  synthesizer, so they train where it trains (:func:`stage_gpu_routed`).
 - Every other stage stays on the default queue.
 - A run whose Param asks for a neural synthesizer on a DAG whose fit task was routed to the CPU queue
   (the spec chose a CPU kind and no queue) fails at once, in its first task, with a message saying
@@ -31,6 +34,17 @@ GPU_QUEUE = "gpu"
 GPU_POOL = "gpu"
 DEFAULT_POOL = "default_pool"
 GPU_STAGES = ("fit", "sample")
+
+
+def stage_gpu_routed(spec: DatasetSpec, stage: str) -> bool:
+    """Whether ``stage`` takes the training route: fit and sample always; privacy when its battery trains
+    shadow models of a neural synthesizer (any profile's thresholds asking for the shadow attack)."""
+    if stage in GPU_STAGES:
+        return True
+    if stage != "privacy" or not spec.synthesizer.neural:
+        return False
+    pts = [spec.privacy, *(p.privacy for p in spec.profiles.values() if p.privacy is not None)]
+    return any(pt.mia.shadow for pt in pts)
 
 
 def default_queue() -> str:

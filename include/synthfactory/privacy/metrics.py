@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -533,6 +533,9 @@ def privacy_metrics(
     sdmetrics_baseline: bool = True,
     metadata: dict | None = None,
     reference_resplits: int = 20,
+    mia_attacks: Sequence[str] = (),
+    mia_options: dict | None = None,
+    fit_sample: Any = None,
 ) -> dict:
     """The privacy audit of a synthetic table, all against the real ``train`` split with the real
     ``holdout`` as control, over the columns common to all three frames minus ``exclude`` (e.g. the
@@ -551,7 +554,11 @@ def privacy_metrics(
     * ``anonymeter``: singling-out, linkability and inference risks with confidence intervals
       (see :mod:`.attacks`; skipped when ``anonymeter_attacks`` is 0 or no columns are named);
     * ``sdmetrics_dcr_baseline_protection``: SDMetrics' DCRBaselineProtection score on the fast exact
-      search (see :func:`dcr_baseline_protection`), for comparison with SDMetrics-based reports.
+      search (see :func:`dcr_baseline_protection`), for comparison with SDMetrics-based reports;
+    * ``mia_battery``: the membership-inference battery (:func:`~.mia.mia_battery`) with ``mia_attacks``
+      (distance, domias, shadow), ``mia_options`` (its keyword arguments: cost knobs, bootstrap) and
+      ``fit_sample`` (the spec's synthesizer for the shadow models, :func:`~.mia.spec_fit_sample`);
+      skipped when ``mia_attacks`` is empty.
 
     ``seconds`` records the time each part took.
     """
@@ -597,13 +604,23 @@ def privacy_metrics(
         out["quasi_identifiers"] = {"skipped": "no quasi_identifiers configured"}
         out["rare_record_mia"] = {"status": "skipped", "reason": "no quasi_identifiers configured"}
     lap("quasi_identifiers")
+    if mia_attacks:
+        from synthfactory.privacy.mia import mia_battery
+
+        out["mia_battery"] = mia_battery(train, holdout, synthetic, cols, attacks=list(mia_attacks),
+                                         fit_sample=fit_sample, encoded=(x_train, x_hold, x_syn, layout),
+                                         rare_train=rare_tr, rare_hold=rare_ho, seed=seed, **(mia_options or {}))
+    else:
+        out["mia_battery"] = {"skipped": "no attacks configured"}
+    lap("mia_battery")
     if reference_resplits > 0:
         from synthfactory.privacy.reference import privacy_reference
 
         h_train, h_hold = row_hashes(train, holdout, cols)
         out["reference"] = privacy_reference(x_train, x_hold, h_train, h_hold,
                                              rare_train=rare_tr, rare_hold=rare_ho,
-                                             resplits=reference_resplits, seed=seed)
+                                             resplits=reference_resplits, seed=seed,
+                                             domias="domias" in mia_attacks)
     else:
         out["reference"] = {"skipped": "reference_resplits is 0"}
     lap("reference")

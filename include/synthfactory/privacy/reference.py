@@ -15,7 +15,12 @@ against train with the holdout as control (the DCR share size-adjusted for T's a
 * ``mia_auc``: distance-to-closest-"synthetic"-record AUC of T members vs H non-members, F as the
   synthetic table;
 * ``rare_record_mia_auc``: the same AUC restricted to rare records (quasi-identifier combination shared by
-  fewer than k real records, see :func:`~.metrics.rare_record_membership`).
+  fewer than k real records, see :func:`~.metrics.rare_record_membership`);
+* ``mia_tpr_at_fpr_01`` / ``mia_tpr_at_fpr_10``: that distance attack's true-positive rate at 1 % / 10 %
+  false-positive rate (:mod:`.mia`);
+* ``domias_auc``, ``domias_tpr_at_fpr_01``, ``domias_tpr_at_fpr_10``: the DOMIAS density-ratio attack of
+  :mod:`.mia` (F as the synthetic table, H as the reference population, leave-one-out for H's own rows;
+  bandwidth: the median distance of H to its nearest T row, the battery's ``nn`` rule).
 
 Each figure is summarised as ``{mean, sd, p05, p50, p95, min, max, n}`` over the re-splits. Re-splitting
 all real rows (not only halving the holdout) puts the variation from *which* rows landed in train and
@@ -65,6 +70,19 @@ def _adjusted_share(d_train: np.ndarray, d_hold: np.ndarray, n_train: int, n_hol
     return float(num / den) if den > 0 else 0.5
 
 
+def _log_kde_d(dist: np.ndarray, h: float) -> np.ndarray:
+    """Row-wise log Gaussian KDE from a distance block (inf = left out), up to the bandwidth's constant."""
+    e = dist * dist
+    e *= -1.0 / (2.0 * h * h)          # inf (left out) -> -inf
+    n = np.isfinite(dist).sum(axis=1).astype(np.float64)
+    m = e.max(axis=1)
+    m[~np.isfinite(m)] = 0.0
+    e -= m[:, None]
+    np.exp(e, out=e)
+    with np.errstate(divide="ignore"):
+        return m + np.log(e.sum(axis=1)) - np.log(np.maximum(n, 1.0))
+
+
 def privacy_reference(
     x_train: np.ndarray,
     x_hold: np.ndarray,
@@ -76,6 +94,7 @@ def privacy_reference(
     resplits: int = 20,
     seed: int = 0,
     max_rows: int = MAX_ROWS,
+    domias: bool = True,
 ) -> dict:
     """The privacy figures of fresh real rows (see the module docstring) over ``resplits`` random re-splits
     of the real rows. ``x_*``: the ``encode`` space; ``h_*``: row hashes over the audited columns;
@@ -96,8 +115,11 @@ def privacy_reference(
     if rare_train is not None and rare_hold is not None:
         rare = np.concatenate([np.asarray(rare_train, bool), np.asarray(rare_hold, bool)])[pool]
     d = pairwise_distances(x, x)
+    from synthfactory.privacy.mia import _roc
+
     figures: dict[str, list] = {"exact_match_rate": [], "dcr_share": [], "dcr_ratio": [], "mia_auc": [],
-                                "rare_record_mia_auc": []}
+                                "rare_record_mia_auc": [], "mia_tpr_at_fpr_01": [], "mia_tpr_at_fpr_10": [],
+                                "domias_auc": [], "domias_tpr_at_fpr_01": [], "domias_tpr_at_fpr_10": []}
     n_t = n_pool - 2 * n_part
     for _ in range(int(resplits)):
         perm = rng.permutation(n_pool)
@@ -113,6 +135,22 @@ def privacy_reference(
         d_mem = d[np.ix_(tr, f)].min(axis=1)  # members: distance to the closest "synthetic" (F) row
         d_non = d_fh.min(axis=0)               # non-members (H) likewise
         figures["mia_auc"].append(auc_with_ci(-d_mem, -d_non)["auc"])
+        _, tprs = _roc(-d_mem, -d_non)
+        figures["mia_tpr_at_fpr_01"].append(float(tprs[0]))
+        figures["mia_tpr_at_fpr_10"].append(float(tprs[1]))
+        if domias and n_part >= 10:
+            pos = d_ht[d_ht > 0]
+            bw = max(float(np.median(d_ht)) if np.median(d_ht) > 0 else (float(np.median(pos)) if pos.size else 0.1),
+                     1e-3)
+            d_hh = d[np.ix_(ho, ho)].copy()
+            np.fill_diagonal(d_hh, np.inf)  # leave-one-out: a holdout row is not its own population
+            lm = _log_kde_d(d[np.ix_(tr, f)], bw) - _log_kde_d(d[np.ix_(tr, ho)], bw)
+            ln = _log_kde_d(d_fh.T, bw) - _log_kde_d(d_hh, bw)
+            auc_d, tprs_d = _roc(np.nan_to_num(lm, posinf=1e6, neginf=-1e6), np.nan_to_num(ln, posinf=1e6,
+                                                                                             neginf=-1e6))
+            figures["domias_auc"].append(auc_d)
+            figures["domias_tpr_at_fpr_01"].append(float(tprs_d[0]))
+            figures["domias_tpr_at_fpr_10"].append(float(tprs_d[1]))
         if rare is not None:
             rm, rn = rare[tr], rare[ho]
             if int(rm.sum()) >= RARE_MIN_RECORDS and int(rn.sum()) >= RARE_MIN_RECORDS:

@@ -174,6 +174,65 @@ def privacy_checks(privacy: dict, pt: PrivacyThresholds) -> list[Check]:
         checks.append(le("privacy", "rare_record_mia_auc.lower_bound", lower, pt.max_rare_record_mia_auc,
                          ref.get("rare_record_mia_auc")))
     checks += anonymeter_checks(privacy, pt)
+    checks += mia_checks(privacy, pt)
+    return checks
+
+
+MIA_FIGURES = (("auc", "max_auc"), ("tpr_at_fpr_01", "max_tpr_at_fpr_01"), ("tpr_at_fpr_10", "max_tpr_at_fpr_10"))
+
+
+def mia_rule(battery: dict | None, pt: PrivacyThresholds) -> dict:
+    """How the membership-inference battery is judged (see :class:`~synthfactory.spec.MiaThresholds`): per
+    gated figure, the largest lower 95 % bound over the measured attacks must not exceed its threshold
+    (significant evidence from any one attack refuses). ``certified``: every expected attack measured and
+    every upper bound within its threshold and every gated TPR resolved (at least 1/FPR non-members: a TPR at
+    1 % FPR over 40 non-members is not a measurement, and it is left out of the gated maximum); otherwise
+    the intervals are too wide to conclude ("not certified"), which refuses only with
+    ``require_certification``. ``missing``: expected attacks that were
+    neither measured nor skipped for a stated reason (refused)."""
+    battery = battery or {}
+    attacks = battery.get("attacks") or {}
+    mt = pt.mia
+    measured = {a: v for a, v in attacks.items() if v.get("status") == "measured"}
+    missing = [a for a in mt.attacks if a not in attacks]
+    uncertain: list[str] = []
+    for fig, limit_name in MIA_FIGURES:
+        limit = getattr(mt, limit_name)
+        if limit is None:
+            continue
+        for a, v in measured.items():
+            hi = (v.get(f"{fig}_ci") or [None, None])[1]
+            if hi is None or hi > limit or v.get(f"{fig}_resolved") is False:
+                uncertain.append(f"{a}.{fig}")
+    skipped = [a for a in mt.attacks if a in attacks and a not in measured]
+    certified = bool(measured) and not missing and not skipped and not uncertain
+    return {"certified": certified, "uncertain": uncertain, "missing": missing, "skipped": skipped}
+
+
+def mia_checks(privacy: dict, pt: PrivacyThresholds) -> list[Check]:
+    """The battery's checks: ``mia.max_<figure>.ci_low`` (largest lower bound over the attacks) against
+    ``privacy.mia.max_<figure>``, an expected attack that is not in the summary fails, and with
+    ``require_certification`` ``mia.certified``."""
+    mt = pt.mia
+    if not mt.attacks:
+        return []
+    battery = privacy.get("mia_battery")
+    if not battery:
+        return [le("privacy", "mia.max_auc.ci_low", None, mt.max_auc)]
+    rule = mia_rule(battery, pt)
+    checks = [le("privacy", f"mia.{a}", None, mt.max_auc) for a in rule["missing"]]
+    any_measured = any(v.get("status") == "measured" for v in (battery.get("attacks") or {}).values())
+    for fig, limit_name in MIA_FIGURES:
+        limit = getattr(mt, limit_name)
+        if limit is None or not any_measured or battery.get(f"max_{fig}") is None:
+            continue  # no attack measured, or (a TPR) none with enough non-members: not certified
+        ref = None
+        attack = battery.get(f"max_{fig}_attack")
+        if attack:
+            ref = (battery["attacks"].get(attack) or {}).get(f"{fig}_reference")
+        checks.append(le("privacy", f"mia.max_{fig}.ci_low", battery.get(f"max_{fig}_ci_low"), limit, ref))
+    if mt.require_certification:
+        checks.append(is_true("privacy", "mia.certified", rule["certified"]))
     return checks
 
 
