@@ -19,7 +19,7 @@ def real():
 
 @pytest.fixture(scope="module")
 def model(real):
-    return relational.fit(real, root_params={"default_distribution": "norm"},
+    return relational.fit(real, root_params={"default_distribution": "norm"}, child_kind="gaussian_copula",
                           child_params={"default_distribution": "norm"})
 
 

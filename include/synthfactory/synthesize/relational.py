@@ -404,6 +404,114 @@ def _metadata(df: pd.DataFrame, table: str, categorical: tuple[str, ...] = ()) -
     return {"tables": {table: {"columns": cols}}, "METADATA_SPEC_VERSION": "V2"}
 
 
+# -- CART children (child_kind: cart, the default) ----------------------------------------------------
+EPOCH = pd.Timestamp("1970-01-01")
+
+
+class CartChild:
+    """One child table's model: sequential CART (:mod:`synthfactory.synthesize.cart`) over the patient's
+    context first, then the concept code, then the other columns, behind the EHR-aware transforms (a value
+    measured for some codes only is a ``__measured`` flag plus hot-deck filled values). The main event time is
+    days before the reference date, later times are seconds after it. ``sample_given`` draws rows given
+    the context (and, for flagged conditions, the code): no pools, no rejection."""
+
+    def __init__(self, context: list[str], code: str | None, time: str | None, later: list[str],
+                 reference: pd.Timestamp, seed: int = 0, min_leaf: int | str = "auto"):
+        self.context = list(context)
+        self.code = code
+        self.time = time
+        self.later = list(later)
+        self.reference = reference.tz_convert(None) if reference.tzinfo else reference
+        self.seed = int(seed)
+        self.min_leaf = min_leaf
+        self.cart: Any = None
+        self.transformer: Any = None
+        self.code_values: tuple[np.ndarray, np.ndarray] | None = None  # real codes and their shares
+        self.fit_info: dict[str, Any] = {}
+
+    def _numbers(self, df: pd.DataFrame) -> pd.DataFrame:
+        out = df.copy()
+        if self.time and self.time in out:
+            t = pd.to_datetime(out[self.time])
+            out[self.time] = (self.reference - t).dt.total_seconds() / 86400.0
+            for c in self.later:
+                out[c] = (pd.to_datetime(out[c]) - t).dt.total_seconds()
+        return out
+
+    def fit(self, frame: pd.DataFrame) -> "CartChild":
+        from synthfactory.synthesize.cart import CartSynthesizer
+        from synthfactory.synthesize.transforms import EhrTransformer
+
+        first = [c for c in self.context if c in frame] + ([self.code] if self.code in frame else [])
+        enc = self._numbers(frame)
+        self.transformer = EhrTransformer(seed=self.seed).fit(enc, exclude=tuple(first))
+        t = self.transformer.transform(enc)
+        rest = [c for c in t.columns if c not in first]
+        cats = [c for c in rest if not pd.api.types.is_numeric_dtype(t[c]) and not pd.api.types.is_bool_dtype(t[c])]
+        flags = [c for c in rest if pd.api.types.is_bool_dtype(t[c])]
+        nums = [c for c in rest if c not in cats and c not in flags]
+        order = first + cats + flags + nums
+        self.cart = CartSynthesizer(min_leaf=self.min_leaf, seed=self.seed, visit_sequence=order).fit(t[order])
+        self.fit_info = dict(self.cart.fit_info)
+        if self.code in frame:
+            vc = frame[self.code].astype(object).dropna().value_counts(normalize=True)
+            self.code_values = (vc.index.to_numpy(dtype=object), vc.to_numpy(dtype=float))
+        return self
+
+    def reseed(self, seed: int) -> None:
+        self.cart.reseed(seed)
+
+    def sample_given(self, given: pd.DataFrame) -> pd.DataFrame:
+        if given.empty:
+            return pd.DataFrame(columns=self.cart.columns)
+        raw = self.cart.sample_given(given.reset_index(drop=True))
+        out = self.transformer.inverse_transform(raw)
+        if self.time and self.time in out:
+            t = self.reference - pd.to_timedelta(out[self.time].astype(float), unit="D")
+            out[self.time] = t
+            for c in self.later:
+                out[c] = t + pd.to_timedelta(out[c].astype(float), unit="s")
+        return out
+
+    def sample(self, num_rows: int) -> pd.DataFrame:  # unconditional (HMA-free benchmarks, smoke checks)
+        first = self.cart.models[0]
+        return self.sample_given(pd.DataFrame({first.name: self.cart.sample(num_rows)[first.name]}))
+
+
+class DatesAsDays:
+    """A root model fitted with dates as days since 1970 (so CART draws dates, never copies a real one as a
+    category); ``sample`` gives dates back, a death never before the birth."""
+
+    def __init__(self, inner: Any, dates: list[str]):
+        self.inner = inner
+        self.dates = list(dates)
+
+    @staticmethod
+    def encode(df: pd.DataFrame, dates: list[str]) -> pd.DataFrame:
+        out = df.copy()
+        for c in dates:
+            out[c] = (pd.to_datetime(out[c]) - EPOCH).dt.days.astype("float64")
+        return out
+
+    def sample(self, num_rows: int) -> pd.DataFrame:
+        df = self.inner.sample(num_rows=num_rows)
+        for c in self.dates:
+            df[c] = EPOCH + pd.to_timedelta(pd.to_numeric(df[c], errors="coerce").round(), unit="D")
+        if {"birth_date", "deceased_date"} <= set(self.dates):
+            early = df["deceased_date"].notna() & (df["deceased_date"] < df["birth_date"])
+            df.loc[early, "deceased_date"] = df.loc[early, "birth_date"]
+        return df
+
+    def members(self) -> list[Any]:
+        return [self.inner]
+
+    def __getattr__(self, name: str) -> Any:
+        inner = self.__dict__.get("inner")
+        if inner is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+
 # -- the model ------------------------------------------------------------------------------------
 @dataclass
 class RelationalModel:
@@ -447,9 +555,9 @@ def _child_constraints(cl: ChildLayout, df: pd.DataFrame) -> list:
 
 
 def fit(tables: dict[str, pd.DataFrame], *, engine: str = "patient_centred", root_kind: str = "gaussian_copula",
-        root_params: dict | None = None, child_kind: str = "gaussian_copula", child_params: dict | None = None,
+        root_params: dict | None = None, child_kind: str = "cart", child_params: dict | None = None,
         flags_top: int = 3, age_band_years: int = 20, reference: str | None = None, plan: Any = None,
-        par_epochs: int = 64, constraint_specs: list | None = None) -> RelationalModel:
+        par_epochs: int = 64, constraint_specs: list | None = None, seed: int = 0) -> RelationalModel:
     """Fit the relational model on the (training) flattened tables. ``constraint_specs`` (the spec's
     ``synthesizer.constraints``) add SDV constraints per table (``table: patient`` or a child table name)."""
     from synthfactory.kinds import DP
@@ -480,9 +588,18 @@ def fit(tables: dict[str, pd.DataFrame], *, engine: str = "patient_centred", roo
             dists.setdefault(count_column(name), "gaussian_kde")
         root_params["numerical_distributions"] = dists
     t0 = time.perf_counter()
-    model.root, _ = eng.fit(root_train, root_kind, root_params, _metadata(root_train, "patients"),
-                            plan=plan, constraints=_root_constraints(root_train) + sdv_constraints(specs, root_train,
-                                                                                                  ROOT))
+    if root_kind == "cart":  # dates as numbers (never a real date copied as a category), EHR-aware transforms
+        if any(c.table == ROOT for c in specs):
+            raise RelationalError("synthesizer.constraints on the patient table: not available with kind cart in "
+                                  "relational mode; use kind gaussian_copula")
+        dates = [c for c in root_train.columns if pd.api.types.is_datetime64_any_dtype(root_train[c])]
+        enc = DatesAsDays.encode(root_train, dates)
+        inner, _ = eng.fit(enc, "cart", root_params, _metadata(enc, "patients"), transforms="ehr", seed=seed)
+        model.root = DatesAsDays(inner, dates)
+    else:
+        model.root, _ = eng.fit(root_train, root_kind, root_params, _metadata(root_train, "patients"),
+                                plan=plan, constraints=_root_constraints(root_train) + sdv_constraints(
+                                    specs, root_train, ROOT))
     if plan is not None and getattr(plan, "info", None):
         model.train_info = dict(plan.info)
     model.fit_seconds[ROOT] = round(time.perf_counter() - t0, 3)
@@ -495,6 +612,17 @@ def fit(tables: dict[str, pd.DataFrame], *, engine: str = "patient_centred", roo
             model.children[name] = _fit_par(tables, layout, name, ctx, par_epochs)
             model.context_values[name] = {c: (list(frame[c].unique()), frame[c].mode().iloc[0])
                                           for c in layout.context if c in frame}
+        elif child_kind == "cart":
+            if any(c.table == name for c in specs):
+                raise RelationalError(f"synthesizer.constraints on table {name}: not available with "
+                                      "relational.child_kind cart; use child_kind gaussian_copula")
+            try:
+                child = CartChild(layout.context, "code" if "code" in cl.columns else None, cl.time,
+                                  cl.later_times, layout.reference, seed=seed, **(child_params or {}))
+            except TypeError as err:
+                raise RelationalError(f"synthesizer.relational.child_params: {err} (child_kind cart takes "
+                                      "min_leaf)") from None
+            model.children[name] = child.fit(frame)
         else:
             params = dict(child_params) if child_params is not None else (
                 {"default_distribution": "truncnorm"} if child_kind == "gaussian_copula" else {})
@@ -714,6 +842,79 @@ def _child_rows_pc(model: RelationalModel, name: str, root: pd.DataFrame, ctx: p
     return out
 
 
+def _destandardise(df: pd.DataFrame, cl: ChildLayout) -> pd.DataFrame:
+    """Undo the within-code standardisation; values stay inside their code's real range (clipped)."""
+    if not cl.code_stats or df.empty:
+        return df
+    code = df["code"].astype(str)
+    for c, st in cl.code_stats.items():
+        mean, sd = code.map({k: v[0] for k, v in st.items()}), code.map({k: v[1] for k, v in st.items()})
+        lo, hi = code.map({k: v[2] for k, v in st.items()}), code.map({k: v[3] for k, v in st.items()})
+        val = (pd.to_numeric(df[c], errors="coerce") * sd + mean).clip(lower=lo, upper=hi)
+        df[c] = val.round(cl.decimals.get(c, 6)).where(mean.notna(), df[c])
+    return df
+
+
+def _child_rows_cart(model: RelationalModel, name: str, root: pd.DataFrame, ctx: pd.DataFrame, stats: dict,
+                     rng: np.random.Generator) -> pd.DataFrame:
+    """``n_<name>`` rows per synthetic patient, drawn by the table's CART model given the patient's context;
+    conditions honour the root's flags (one row per flagged code, no flagged code among the other rows)."""
+    layout = model.layout
+    cl = layout.children[name]
+    synth: CartChild = model.children[name]
+    counts = root[count_column(name)].clip(lower=0).astype(int).to_numpy().copy()
+    ctx = ctx.reset_index(drop=True)
+    cols = [c for c in layout.context if c in synth.cart.columns]
+    flagged: list[tuple[int, str]] = []
+    if cl.code_column and layout.flags and synth.code:
+        held = np.column_stack([root[flag_column(c)].astype(bool).to_numpy() for c in layout.flags])
+        n_flags = held.sum(axis=1)
+        stats[f"{name}_count_raised_to_flags"] = int((n_flags > counts).sum())
+        counts = np.maximum(counts, n_flags)
+        flagged = [(i, str(layout.flags[j])) for i, j in zip(*np.nonzero(held))]
+        free = counts - n_flags
+    else:
+        free = counts
+    parts, owners = [], []
+    if flagged:
+        idx = np.array([i for i, _ in flagged])
+        given = ctx.loc[idx, cols].reset_index(drop=True)
+        given[synth.code] = [c for _, c in flagged]
+        parts.append(synth.sample_given(given))
+        owners.append(idx)
+    idx = np.repeat(np.arange(len(root)), free)
+    if len(idx):
+        got = synth.sample_given(ctx.loc[idx, cols].reset_index(drop=True))
+        if flagged:  # other rows never carry a flagged code: drawn again, then given a non-flagged code
+            flags = set(map(str, layout.flags))
+            for _ in range(5):
+                bad = np.flatnonzero(got[synth.code].astype(str).isin(flags).to_numpy())
+                if not bad.size:
+                    break
+                again = synth.sample_given(ctx.loc[idx[bad], cols].reset_index(drop=True))[got.columns]
+                again.index = got.index[bad]
+                got.loc[again.index, again.columns] = again
+            bad = np.flatnonzero(got[synth.code].astype(str).isin(flags).to_numpy())
+            if bad.size and synth.code_values is not None:
+                values, p = synth.code_values
+                keep = ~pd.Series(values).astype(str).isin(flags).to_numpy()
+                if keep.any():
+                    given = ctx.loc[idx[bad], cols].reset_index(drop=True)
+                    given[synth.code] = rng.choice(values[keep], size=bad.size, p=p[keep] / p[keep].sum())
+                    again = synth.sample_given(given)[got.columns]
+                    again.index = got.index[bad]
+                    got.loc[again.index, again.columns] = again
+            stats[f"{name}_flagged_code_redrawn"] = int(bad.size)
+        parts.append(got)
+        owners.append(idx)
+    if not parts:
+        return pd.DataFrame(columns=[KEY, *cl.columns])
+    out = pd.concat(parts, ignore_index=True)
+    out.insert(0, KEY, root[KEY].to_numpy()[np.concatenate(owners)])
+    out = _destandardise(out, cl)
+    return out[[KEY, *cl.columns]]
+
+
 def _child_rows_par(model: RelationalModel, name: str, root: pd.DataFrame, ctx: pd.DataFrame,
                     stats: dict) -> pd.DataFrame:
     synth = model.children[name]
@@ -864,8 +1065,15 @@ def sample_batches(model: RelationalModel, patients: int, batch_size: int = 20_0
     all their child rows. Keys are fresh and unique across batches."""
     from synthfactory.synthesize.engine import sample_plain
 
+    from synthfactory.synthesize.engine import reseed
+
     layout = model.layout
     rng = np.random.default_rng(seed)
+    for k, child in enumerate(model.children.values()):
+        if isinstance(child, CartChild):
+            child.reseed(seed * 1000 + k + 1)
+    if model.root is not None and isinstance(model.root, DatesAsDays):
+        reseed(model.root, seed)
     starts = {name: 0 for name in [ROOT, *layout.children]}
     done = 0
     while done < patients:
@@ -895,6 +1103,8 @@ def sample_batches(model: RelationalModel, patients: int, batch_size: int = 20_0
                 df = tables[name][[KEY, *cl.columns]].copy()
             elif model.engine == "par":
                 df = _child_rows_par(model, name, root, ctx, stats)
+            elif isinstance(model.children[name], CartChild):
+                df = _child_rows_cart(model, name, root, ctx, stats, rng)
             else:
                 df = _child_rows_pc(model, name, root, ctx, stats)
             df = _postfix_times(df, cl, birth, death, layout.reference, stats)
