@@ -491,7 +491,6 @@ class SynthesizerSpec(_Model):
                                  "(it models one patient table; use an SDV kind for these)")
         if self.kind == "cart":
             unsupported = [name for name, v in (
-                ("mode: relational", self.mode == "relational"),
                 ("SDV constraints (inequality/range/fixed_combinations; bounds work)",
                  [c for c in self.constraints if c.type != "bounds"]),
                 ("metadata overrides", self.metadata), ("transforms: none", self.transforms == "none")) if v]
