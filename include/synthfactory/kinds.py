@@ -118,8 +118,10 @@ def get(name: str) -> SynthesizerKind | None:
 KINDS: tuple[str, ...] = tuple(k.name for k in REGISTRY)
 #: the kinds a dataset spec names as ``synthesizer.kind``
 SINGLE_TABLE: tuple[str, ...] = tuple(k.name for k in REGISTRY if k.single_table)
-#: child models of relational mode: the single-table SDV kinds
-RELATIONAL_CHILD_KINDS: tuple[str, ...] = tuple(k.name for k in REGISTRY if k.single_table and k.family == "sdv")
+#: child models of relational mode: cart (the default: drawn given the patient's context) and the single-table
+#: SDV kinds
+RELATIONAL_CHILD_KINDS: tuple[str, ...] = ("cart",) + tuple(k.name for k in REGISTRY
+                                                           if k.single_table and k.family == "sdv")
 NEURAL: frozenset[str] = frozenset(k.name for k in REGISTRY if k.neural)
 DP: frozenset[str] = frozenset(k.name for k in REGISTRY if k.family == "dp")
 GPU_CAPABLE: frozenset[str] = frozenset(k.name for k in REGISTRY if k.gpu_capable)

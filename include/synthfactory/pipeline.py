@@ -417,6 +417,8 @@ def quality(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary) -
                                             metadata=metadata, rows=reference["rows_holdout"],
                                             eligible=reference["eligible_columns"],
                                             repeats=qt.reference.matched_repeats, seed=ctx.spec.synthesizer.seed)
+        if sampled.get("tables"):  # relational mode: every table beside its real-data reference, gated per table
+            result["tables"] = _relational_quality(ctx, prepared, sampled)
         report_uri = ctx.uri("reports", "quality.json")
         result["suite_source"] = suite_source
         ctx.store.write_json(report_uri, {"dataset": ctx.spec.name, "run_id": ctx.run_id, **result})
@@ -440,7 +442,26 @@ def quality(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary) -
                   "utility_status": util.get("status"), "utility_metric": util.get("metric"),
                   "utility_tstr": _r(util.get("tstr")), "utility_trtr": _r(util.get("trtr")),
                   "utility_ratio": _r(util.get("ratio"))})
+        if result.get("tables"):
+            m["tables"] = result["tables"]["gate"]
     return m
+
+
+def _relational_quality(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary) -> dict:
+    """Per-table and cross-table fidelity of the relational tables (:mod:`synthfactory.quality.tables`): each
+    table's figures against the real train patients' tables, beside real held-out vs real train patients."""
+    from synthfactory.quality import tables as qtab
+
+    uris = prepared.get("relational_uris") or {}
+    syn = {n: ctx.store.read_df(u) for n, u in (sampled.get("tables") or {}).items() if n in uris}
+    real = {n: ctx.store.read_df(uris[n]) for n in syn}
+    seed = ctx.spec.synthesizer.seed
+    ref = qtab.relational_reference(real, holdout_fraction=ctx.spec.synthesizer.holdout_fraction, seed=seed)
+    fig = qtab.synthetic_figures(real, syn, patients=ref["holdout_patients"], seed=seed)
+    checks = qtab.run_table_checks(real, syn)
+    qt, _ = ctx.spec.thresholds(ctx.profile)
+    gate = qtab.gate_tables(fig, ref, checks, noise_z=qt.reference.noise_z)  # the patient table's noise rule
+    return {"reference": ref, "figures": fig, "checks": checks, "gate": gate}
 
 
 def _effect_summary(effect: dict | None) -> dict | None:

@@ -19,7 +19,7 @@ def real():
 
 @pytest.fixture(scope="module")
 def model(real):
-    return relational.fit(real, root_params={"default_distribution": "norm"},
+    return relational.fit(real, root_params={"default_distribution": "norm"}, child_kind="gaussian_copula",
                           child_params={"default_distribution": "norm"})
 
 
@@ -113,3 +113,10 @@ def test_fhir_writer_refuses_a_dangling_reference(synthetic, tmp_path):
     broken = {"patient": syn["patient"], "encounter": syn["encounter"].assign(patient_key="syn-p99999999")}
     with pytest.raises(fhir_out.FhirOutputError, match="subject reference .* does not resolve"):
         fhir_out.write_fhir_ndjson(broken, str(tmp_path / "bad"))
+
+
+def test_the_default_kind_cart_takes_relational_mode_with_cart_children():
+    from synthfactory.spec import SynthesizerSpec
+
+    spec = SynthesizerSpec(kind="cart", mode="relational")
+    assert spec.relational.child_kind == "cart"

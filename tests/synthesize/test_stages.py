@@ -34,7 +34,8 @@ def _ctx(tmp_path: Path, extract: Path, name: str, **overrides) -> p.RunContext:
 def test_relational_mode_writes_every_table_fhir_and_the_synthesis_report(tmp_path, extract):
     ctx = _ctx(tmp_path, extract, "rel_stage", synthesizer__mode="relational", synthesizer__kind="gaussian_copula",
                synthesizer__params={"default_distribution": "norm"},
-               synthesizer__relational={"child_params": {"default_distribution": "norm"}},
+               synthesizer__relational={"child_kind": "gaussian_copula",
+                                        "child_params": {"default_distribution": "norm"}},
                synthesizer__rebalance={"column": "gender", "proportions": {"female": 0.5, "male": 0.5}},
                release__formats=["parquet", "fhir_ndjson"])
     prepared = p.prepare(ctx, p.ingest(ctx))

@@ -560,4 +560,38 @@ def render_datacard(
         "fmt": fmt,
     }
     env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(_TEMPLATE).render(**ctx)
+    html = env.from_string(_TEMPLATE).render(**ctx)
+    tables = quality_report.get("tables")
+    if tables:  # relational mode: one short section per table, before the lineage
+        section = env.from_string(_TABLES_SECTION).render(rows=_table_rows(tables), fmt=fmt)
+        html = html.replace('<section id="lineage">', section + '<section id="lineage">', 1)
+    return html
+
+
+_TABLES_SECTION = """<section id="tables"><h2>Tables (relational mode)</h2>
+<p>Each table of the synthetic record beside its real-data reference (real held-out vs real train patients).
+Gate: quality at least 0.95 of the reference, children-per-patient KS at most the reference's + 0.05, the
+table's GX checks (keys, references, date order, codes) passed.</p>
+{% for r in rows %}<h3>{{ r.name }}</h3>
+<table><tr><th>figure</th><th>synthetic</th><th>real reference</th><th>threshold</th><th>result</th></tr>
+{% for c in r.checks %}<tr><td>{{ c.figure }}</td><td>{{ fmt(c.value, 3) }}</td><td>{{ fmt(c.reference, 3) }}</td>
+<td>{{ c.op }} {{ fmt(c.threshold, 3) }}</td><td>{{ "pass" if c.passed else "FAIL" }}</td></tr>
+{% endfor %}{% for k, v in r.extra %}<tr><td>{{ k }}</td><td>{{ fmt(v[0], 3) }}</td><td>{{ fmt(v[1], 3) }}</td>
+<td></td><td></td></tr>{% endfor %}</table>
+{% endfor %}</section>
+"""
+
+
+def _table_rows(tables: Mapping[str, Any]) -> list[dict]:
+    gate = (tables.get("gate") or {}).get("tables") or {}
+    figs = (tables.get("figures") or {}).get("tables") or {}
+    refs = (tables.get("reference") or {}).get("tables") or {}
+    rows = []
+    for name, g in gate.items():
+        extra = []
+        for k in ("column_shapes", "column_pair_trends", "value_ks_median", "value_ks_worst"):
+            v, r = (figs.get(name, {}).get(k) or {}).get("mean"), (refs.get(name, {}).get(k) or {}).get("mean")
+            if v is not None or r is not None:
+                extra.append((k, (v, r)))
+        rows.append({"name": name, "checks": g.get("checks") or [], "extra": extra})
+    return rows

@@ -121,6 +121,17 @@ def quality_checks(quality: dict, qt: QualityThresholds) -> list[Check]:
                              rel.min_effect_kept, ref))
             checks.append(le("quality", f"relationship.{rel.name}.effect_kept.ci_low", effect.get("ci_low"),
                              rel.max_effect_kept, ref))
+    # relational mode: every table gated beside its own real-data reference (quality.tables.gate_tables)
+    for name, table in ((quality.get("tables") or {}).get("tables") or {}).items():
+        for row in table.get("checks") or []:
+            label = f"table.{name}.{row['figure']}"
+            ref = None if row.get("reference") is None else {"mean": row["reference"]}
+            if row["op"] == ">=":
+                checks.append(ge("quality", label, row.get("value"), row["threshold"], ref))
+            elif row["op"] == "<=":
+                checks.append(le("quality", label, row.get("value"), row["threshold"], ref))
+            else:
+                checks.append(is_true("quality", label, row.get("value")))
     if qt.utility is not None and quality.get("utility_status") != "skipped":
         checks.append(ge("quality", f"utility_ratio.{qt.utility.target}", quality.get("utility_ratio"),
                          qt.min_utility_ratio))

@@ -595,6 +595,9 @@ def publish(files: dict[str, str], *, decision: dict, store: Store, writer: Obje
         **manifest_extra,
         "version": version,
         "files": entries,
+        # every released table (relational mode: one per table) with its row count and hash
+        "tables": {e["path"][5:-8]: {"path": e["path"], "rows": e.get("rows"), "sha256": e["sha256"]}
+                   for e in entries if e["path"].startswith("data/") and e["path"].endswith(".parquet")},
         "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "code_version": code_version(),
         "gate": {"approved": True, "profile": decision.get("profile"), "checks": decision.get("checks")},

@@ -164,11 +164,31 @@ class CartSynthesizer:
         restart it)."""
         if seed is not None:
             self.reseed(seed)
+        return self._draw(int(num_rows), {})
+
+    def sample_given(self, given: pd.DataFrame, seed: int | None = None) -> pd.DataFrame:
+        """One synthetic row per row of ``given``, whose columns must open the visit sequence: those values are
+        kept, every later column is drawn given them (a child table's rows given the patient's context)."""
+        if seed is not None:
+            self.reseed(seed)
+        order = [m.name for m in self.models]
+        k = len(given.columns)
+        if list(given.columns) != order[:k]:
+            raise ValueError(f"cart: given columns {list(given.columns)} do not open the visit sequence {order[:k]}")
+        fixed = {j: self._encode(self.models[j], given.iloc[:, j].reset_index(drop=True)) for j in range(k)}
+        out = self._draw(len(given), fixed)
+        for c in given.columns:  # the given values themselves (also one the model never saw)
+            out[c] = given[c].to_numpy()
+        return out
+
+    def _draw(self, n: int, fixed: dict[int, np.ndarray]) -> pd.DataFrame:
         rng = getattr(self, "_rng", None) or np.random.default_rng(self.seed)
         self._rng = rng
-        n = int(num_rows)
         out = np.empty((n, len(self.models)), dtype="float64")
         for j, col in enumerate(self.models):
+            if j in fixed:
+                out[:, j] = fixed[j]
+                continue
             if col.tree is None:
                 out[:, j] = rng.choice(col.marginal, size=n, replace=True)
             else:

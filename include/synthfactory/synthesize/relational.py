@@ -58,6 +58,15 @@ ABBREV = {"patient": "p", "encounter": "e", "condition": "c", "observation": "o"
           "procedure": "x"}
 OTHER = "__other__"
 ENGINES = ("patient_centred", "hma", "par")
+#: free-text fields (by column name): never a model input, never copied to the output (left empty)
+FREE_TEXT = re.compile(r"(^|_)(note|notes|text|narrative|comment|comments|description|name|names|address|"
+                       r"value_string|string|instruction|instructions)($|_)")
+#: what a coded value looks like (a numeric or upper-case code, a boolean); anything else in ``value_code``
+#: may be a ``valueString`` (free text: "No growth", "nasal_cannula", an address) and is not modelled
+CODE_LIKE = re.compile(r"^(true|false|[0-9][0-9.\-]{0,31}|[A-Z][A-Za-z0-9.\-]{0,31})$")
+#: a concept without a code (only CodeableConcept.text) is kept only when at least this many patients share it
+TEXT_CONCEPT_MIN_PATIENTS = 5
+TEXT_TOKEN = "text:"
 
 
 class RelationalError(ConfigError, ValueError):
@@ -88,6 +97,11 @@ class ChildLayout:
     code_column: str | None = None             # the coded table whose top codes become root flags
     code_stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # col -> code -> mean, sd, lo, hi
     decimals: dict[str, int] = field(default_factory=dict)
+    # code column -> {"columns": companions (system, display, unit), "map": token -> {column: value}}: a coded
+    # concept is one unit, its display/system/unit the most frequent real ones of its code (never recombined)
+    concepts: dict[str, dict] = field(default_factory=dict)
+    free_text: list[str] = field(default_factory=list)       # columns left empty (never modelled)
+    value_codes: dict[str, list[str]] = field(default_factory=dict)  # code -> its real coded values
 
 
 @dataclass
@@ -129,6 +143,78 @@ def _dependency_map(df: pd.DataFrame, col: str, candidates: list[str]) -> tuple[
     return None
 
 
+def is_free_text_column(name: str) -> bool:
+    return bool(FREE_TEXT.search(name.lower())) and not name.endswith(("_key", "_code", "_display", "_system"))
+
+
+def concept_groups(columns: list[str]) -> dict[str, list[str]]:
+    """Code column -> its companion columns (system, display, and for ``code`` the unit): one concept unit."""
+    out = {}
+    for c in columns:
+        if c != "code" and not c.endswith("_code") or c == "value_code":
+            continue
+        prefix = c[:-4]
+        comp = [x for x in (f"{prefix}code_system", f"{prefix}system", f"{prefix}display") if x in columns]
+        if c == "code":
+            comp += [x for x in ("unit", "dose_unit") if x in columns]
+        if comp:
+            out[c] = comp
+    return out
+
+
+def concept_tokens(df: pd.DataFrame, code: str, companions: list[str]) -> pd.Series:
+    """The modelled concept of each row: its code, or ``text:<display>`` for a code-less concept that at least
+    :data:`TEXT_CONCEPT_MIN_PATIENTS` patients share (rarer code-less texts may be free text: None)."""
+    tok = df[code].astype(object).where(df[code].notna(), None)
+    disp = next((c for c in companions if c.endswith("display")), None)
+    if disp is not None:
+        textual = df[code].isna() & df[disp].notna()
+        if textual.any():
+            shared = df.loc[textual].groupby(disp)[KEY].nunique()
+            keep = set(shared[shared >= TEXT_CONCEPT_MIN_PATIENTS].index)
+            t = df.loc[textual, disp]
+            tok.loc[textual] = t.map(lambda v: TEXT_TOKEN + str(v) if v in keep else None)
+    return tok
+
+
+def concept_map(df: pd.DataFrame, code: str, companions: list[str]) -> dict[str, dict]:
+    """token -> the most frequent real (code, system, display, unit) of that token."""
+    cols = [code, *companions]
+    sub = df[cols].copy()
+    sub["__tok"] = concept_tokens(df, code, companions).values
+    sub = sub[sub["__tok"].notna()]
+    if sub.empty:
+        return {}
+    counts: dict[str, dict[tuple, int]] = {}
+    values = sub[cols].astype(object).where(sub[cols].notna(), None).values.tolist()
+    for tok, row in zip(sub["__tok"].astype(str), values):
+        c = counts.setdefault(tok, {})
+        c[tuple(row)] = c.get(tuple(row), 0) + 1
+    out = {}
+    for tok, c in counts.items():
+        best = max(c.items(), key=lambda kv: kv[1])[0]  # the most frequent; ties: the first seen
+        out[tok] = dict(zip(cols, best))
+    return out
+
+
+def clean_value_codes(s: pd.Series) -> pd.Series:
+    """``value_code`` with anything that does not look like a code (a valueString's free text) removed."""
+    ok = s.astype(object).map(lambda v: isinstance(v, str) and bool(CODE_LIKE.match(v)))
+    return s.astype(object).where(ok & s.notna(), None)
+
+
+def _prepared(df: pd.DataFrame, concepts: dict[str, dict], free: list[str]) -> pd.DataFrame:
+    """The real child rows as the models see them: concept tokens in the code columns, free text removed."""
+    df = df.copy()
+    for code, c in concepts.items():
+        df[code] = concept_tokens(df, code, c["columns"]).values
+    if "value_code" in df:
+        df["value_code"] = clean_value_codes(df["value_code"])
+    for c in free:
+        df[c] = None
+    return df
+
+
 def _decimals(s: pd.Series) -> int:
     v = s.dropna().to_numpy(dtype=float)
     for k in range(7):
@@ -144,7 +230,7 @@ def derive_layout(tables: dict[str, pd.DataFrame], *, flags_top: int = 3, age_ba
     patient = tables[ROOT]
     consts = {c: patient[c].dropna().iloc[0] if patient[c].notna().any() else None
               for c in patient.columns if c != KEY and patient[c].nunique(dropna=False) <= 1}
-    root_cols = [c for c in patient.columns if c != KEY and c not in consts]
+    root_cols = [c for c in patient.columns if c != KEY and c not in consts and not is_free_text_column(c)]
     times = []
     for name, df in tables.items():
         for c in df.columns:
@@ -163,7 +249,13 @@ def derive_layout(tables: dict[str, pd.DataFrame], *, flags_top: int = 3, age_ba
         main = next((c for c in TIME_PREFERENCE if c in tcols), tcols[0] if tcols else None)
         later = [c for c in tcols if c != main and main is not None
                  and bool((df[c].isna() | df[main].isna() | (df[c] >= df[main])).all())]
-        skip = {own_key, KEY, ENC_KEY}
+        raw = df
+        groups = concept_groups(list(df.columns))
+        concepts = {code: {"columns": comp, "map": concept_map(df, code, comp)} for code, comp in groups.items()}
+        companions = {c for comp in groups.values() for c in comp}
+        free = [c for c in df.columns if is_free_text_column(c) and c not in companions and c not in groups]
+        df = _prepared(df, concepts, free)
+        skip = {own_key, KEY, ENC_KEY} | companions | set(free)
         constants = {c: (df[c].dropna().iloc[0] if df[c].notna().any() else None)
                      for c in df.columns if c not in skip and df[c].nunique(dropna=False) <= 1}
         modelled = [c for c in df.columns if c not in skip and c not in constants
@@ -177,6 +269,10 @@ def derive_layout(tables: dict[str, pd.DataFrame], *, flags_top: int = 3, age_ba
             if dep:
                 derived[col] = dep
         modelled = [c for c in modelled if c not in derived]
+        value_codes: dict[str, list[str]] = {}
+        if "code" in df and "value_code" in modelled:
+            vc = df.dropna(subset=["code", "value_code"])
+            value_codes = {str(k): sorted(map(str, g.unique())) for k, g in vc.groupby("code")["value_code"]}
         code_stats: dict[str, dict[str, list[float]]] = {}
         decimals: dict[str, int] = {}
         if "code" in modelled:
@@ -199,7 +295,9 @@ def derive_layout(tables: dict[str, pd.DataFrame], *, flags_top: int = 3, age_ba
                                      derived=derived, constants=constants, all_columns=list(df.columns),
                                      link_rate=link_rate, snap_rate=snap_rate,
                                      code_column="code" if name == "condition" and "code" in df else None,
-                                     code_stats=code_stats, decimals=decimals)
+                                     code_stats=code_stats, decimals=decimals, concepts=concepts,
+                                     free_text=free, value_codes=value_codes)
+        del raw
     flags: list[str] = []
     cond = tables.get("condition")
     if flags_top and cond is not None and "code" in cond and not cond.empty and "condition" in children:
@@ -258,7 +356,7 @@ def context_frame(root: pd.DataFrame, layout: Layout) -> pd.DataFrame:
 
 def child_frame(tables: dict[str, pd.DataFrame], layout: Layout, name: str, ctx: pd.DataFrame) -> pd.DataFrame:
     cl = layout.children[name]
-    df = tables[name]
+    df = _prepared(tables[name], cl.concepts, cl.free_text)
     out = df[[KEY, *cl.columns]].copy()
     for c in cl.columns:
         if _is_time(out[c]):
@@ -306,6 +404,114 @@ def _metadata(df: pd.DataFrame, table: str, categorical: tuple[str, ...] = ()) -
     return {"tables": {table: {"columns": cols}}, "METADATA_SPEC_VERSION": "V2"}
 
 
+# -- CART children (child_kind: cart, the default) ----------------------------------------------------
+EPOCH = pd.Timestamp("1970-01-01")
+
+
+class CartChild:
+    """One child table's model: sequential CART (:mod:`synthfactory.synthesize.cart`) over the patient's
+    context first, then the concept code, then the other columns, behind the EHR-aware transforms (a value
+    measured for some codes only is a ``__measured`` flag plus hot-deck filled values). The main event time is
+    days before the reference date, later times are seconds after it. ``sample_given`` draws rows given
+    the context (and, for flagged conditions, the code): no pools, no rejection."""
+
+    def __init__(self, context: list[str], code: str | None, time: str | None, later: list[str],
+                 reference: pd.Timestamp, seed: int = 0, min_leaf: int | str = "auto"):
+        self.context = list(context)
+        self.code = code
+        self.time = time
+        self.later = list(later)
+        self.reference = reference.tz_convert(None) if reference.tzinfo else reference
+        self.seed = int(seed)
+        self.min_leaf = min_leaf
+        self.cart: Any = None
+        self.transformer: Any = None
+        self.code_values: tuple[np.ndarray, np.ndarray] | None = None  # real codes and their shares
+        self.fit_info: dict[str, Any] = {}
+
+    def _numbers(self, df: pd.DataFrame) -> pd.DataFrame:
+        out = df.copy()
+        if self.time and self.time in out:
+            t = pd.to_datetime(out[self.time])
+            out[self.time] = (self.reference - t).dt.total_seconds() / 86400.0
+            for c in self.later:
+                out[c] = (pd.to_datetime(out[c]) - t).dt.total_seconds()
+        return out
+
+    def fit(self, frame: pd.DataFrame) -> "CartChild":
+        from synthfactory.synthesize.cart import CartSynthesizer
+        from synthfactory.synthesize.transforms import EhrTransformer
+
+        first = [c for c in self.context if c in frame] + ([self.code] if self.code in frame else [])
+        enc = self._numbers(frame)
+        self.transformer = EhrTransformer(seed=self.seed).fit(enc, exclude=tuple(first))
+        t = self.transformer.transform(enc)
+        rest = [c for c in t.columns if c not in first]
+        cats = [c for c in rest if not pd.api.types.is_numeric_dtype(t[c]) and not pd.api.types.is_bool_dtype(t[c])]
+        flags = [c for c in rest if pd.api.types.is_bool_dtype(t[c])]
+        nums = [c for c in rest if c not in cats and c not in flags]
+        order = first + cats + flags + nums
+        self.cart = CartSynthesizer(min_leaf=self.min_leaf, seed=self.seed, visit_sequence=order).fit(t[order])
+        self.fit_info = dict(self.cart.fit_info)
+        if self.code in frame:
+            vc = frame[self.code].astype(object).dropna().value_counts(normalize=True)
+            self.code_values = (vc.index.to_numpy(dtype=object), vc.to_numpy(dtype=float))
+        return self
+
+    def reseed(self, seed: int) -> None:
+        self.cart.reseed(seed)
+
+    def sample_given(self, given: pd.DataFrame) -> pd.DataFrame:
+        if given.empty:
+            return pd.DataFrame(columns=self.cart.columns)
+        raw = self.cart.sample_given(given.reset_index(drop=True))
+        out = self.transformer.inverse_transform(raw)
+        if self.time and self.time in out:
+            t = self.reference - pd.to_timedelta(out[self.time].astype(float), unit="D")
+            out[self.time] = t
+            for c in self.later:
+                out[c] = t + pd.to_timedelta(out[c].astype(float), unit="s")
+        return out
+
+    def sample(self, num_rows: int) -> pd.DataFrame:  # unconditional (HMA-free benchmarks, smoke checks)
+        first = self.cart.models[0]
+        return self.sample_given(pd.DataFrame({first.name: self.cart.sample(num_rows)[first.name]}))
+
+
+class DatesAsDays:
+    """A root model fitted with dates as days since 1970 (so CART draws dates, never copies a real one as a
+    category); ``sample`` gives dates back, a death never before the birth."""
+
+    def __init__(self, inner: Any, dates: list[str]):
+        self.inner = inner
+        self.dates = list(dates)
+
+    @staticmethod
+    def encode(df: pd.DataFrame, dates: list[str]) -> pd.DataFrame:
+        out = df.copy()
+        for c in dates:
+            out[c] = (pd.to_datetime(out[c]) - EPOCH).dt.days.astype("float64")
+        return out
+
+    def sample(self, num_rows: int) -> pd.DataFrame:
+        df = self.inner.sample(num_rows=num_rows)
+        for c in self.dates:
+            df[c] = EPOCH + pd.to_timedelta(pd.to_numeric(df[c], errors="coerce").round(), unit="D")
+        if {"birth_date", "deceased_date"} <= set(self.dates):
+            early = df["deceased_date"].notna() & (df["deceased_date"] < df["birth_date"])
+            df.loc[early, "deceased_date"] = df.loc[early, "birth_date"]
+        return df
+
+    def members(self) -> list[Any]:
+        return [self.inner]
+
+    def __getattr__(self, name: str) -> Any:
+        inner = self.__dict__.get("inner")
+        if inner is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+
 # -- the model ------------------------------------------------------------------------------------
 @dataclass
 class RelationalModel:
@@ -349,9 +555,9 @@ def _child_constraints(cl: ChildLayout, df: pd.DataFrame) -> list:
 
 
 def fit(tables: dict[str, pd.DataFrame], *, engine: str = "patient_centred", root_kind: str = "gaussian_copula",
-        root_params: dict | None = None, child_kind: str = "gaussian_copula", child_params: dict | None = None,
+        root_params: dict | None = None, child_kind: str = "cart", child_params: dict | None = None,
         flags_top: int = 3, age_band_years: int = 20, reference: str | None = None, plan: Any = None,
-        par_epochs: int = 64, constraint_specs: list | None = None) -> RelationalModel:
+        par_epochs: int = 64, constraint_specs: list | None = None, seed: int = 0) -> RelationalModel:
     """Fit the relational model on the (training) flattened tables. ``constraint_specs`` (the spec's
     ``synthesizer.constraints``) add SDV constraints per table (``table: patient`` or a child table name)."""
     from synthfactory.kinds import DP
@@ -382,9 +588,18 @@ def fit(tables: dict[str, pd.DataFrame], *, engine: str = "patient_centred", roo
             dists.setdefault(count_column(name), "gaussian_kde")
         root_params["numerical_distributions"] = dists
     t0 = time.perf_counter()
-    model.root, _ = eng.fit(root_train, root_kind, root_params, _metadata(root_train, "patients"),
-                            plan=plan, constraints=_root_constraints(root_train) + sdv_constraints(specs, root_train,
-                                                                                                  ROOT))
+    if root_kind == "cart":  # dates as numbers (never a real date copied as a category), EHR-aware transforms
+        if any(c.table == ROOT for c in specs):
+            raise RelationalError("synthesizer.constraints on the patient table: not available with kind cart in "
+                                  "relational mode; use kind gaussian_copula")
+        dates = [c for c in root_train.columns if pd.api.types.is_datetime64_any_dtype(root_train[c])]
+        enc = DatesAsDays.encode(root_train, dates)
+        inner, _ = eng.fit(enc, "cart", root_params, _metadata(enc, "patients"), transforms="ehr", seed=seed)
+        model.root = DatesAsDays(inner, dates)
+    else:
+        model.root, _ = eng.fit(root_train, root_kind, root_params, _metadata(root_train, "patients"),
+                                plan=plan, constraints=_root_constraints(root_train) + sdv_constraints(
+                                    specs, root_train, ROOT))
     if plan is not None and getattr(plan, "info", None):
         model.train_info = dict(plan.info)
     model.fit_seconds[ROOT] = round(time.perf_counter() - t0, 3)
@@ -397,6 +612,17 @@ def fit(tables: dict[str, pd.DataFrame], *, engine: str = "patient_centred", roo
             model.children[name] = _fit_par(tables, layout, name, ctx, par_epochs)
             model.context_values[name] = {c: (list(frame[c].unique()), frame[c].mode().iloc[0])
                                           for c in layout.context if c in frame}
+        elif child_kind == "cart":
+            if any(c.table == name for c in specs):
+                raise RelationalError(f"synthesizer.constraints on table {name}: not available with "
+                                      "relational.child_kind cart; use child_kind gaussian_copula")
+            try:
+                child = CartChild(layout.context, "code" if "code" in cl.columns else None, cl.time,
+                                  cl.later_times, layout.reference, seed=seed, **(child_params or {}))
+            except TypeError as err:
+                raise RelationalError(f"synthesizer.relational.child_params: {err} (child_kind cart takes "
+                                      "min_leaf)") from None
+            model.children[name] = child.fit(frame)
         else:
             params = dict(child_params) if child_params is not None else (
                 {"default_distribution": "truncnorm"} if child_kind == "gaussian_copula" else {})
@@ -418,7 +644,7 @@ def _hma_frames(tables: dict[str, pd.DataFrame], layout: Layout) -> tuple[dict[s
     rels = []
     for name in layout.order:
         cl = layout.children[name]
-        df = tables[name][[cl.key, KEY, *cl.columns]].copy()
+        df = _prepared(tables[name], cl.concepts, cl.free_text)[[cl.key, KEY, *cl.columns]].copy()
         for c in cl.columns:
             if _is_time(df[c]):
                 df[c] = _naive_utc(df[c])
@@ -453,7 +679,7 @@ def _fit_par(tables: dict[str, pd.DataFrame], layout: Layout, name: str, ctx: pd
     from synthfactory.synthesize import engine as eng
 
     cl = layout.children[name]
-    frame = tables[name][[KEY, *cl.columns]].copy()
+    frame = _prepared(tables[name], cl.concepts, cl.free_text)[[KEY, *cl.columns]].copy()
     for c in cl.columns:
         if _is_time(frame[c]):
             frame[c] = _naive_utc(frame[c])
@@ -616,6 +842,79 @@ def _child_rows_pc(model: RelationalModel, name: str, root: pd.DataFrame, ctx: p
     return out
 
 
+def _destandardise(df: pd.DataFrame, cl: ChildLayout) -> pd.DataFrame:
+    """Undo the within-code standardisation; values stay inside their code's real range (clipped)."""
+    if not cl.code_stats or df.empty:
+        return df
+    code = df["code"].astype(str)
+    for c, st in cl.code_stats.items():
+        mean, sd = code.map({k: v[0] for k, v in st.items()}), code.map({k: v[1] for k, v in st.items()})
+        lo, hi = code.map({k: v[2] for k, v in st.items()}), code.map({k: v[3] for k, v in st.items()})
+        val = (pd.to_numeric(df[c], errors="coerce") * sd + mean).clip(lower=lo, upper=hi)
+        df[c] = val.round(cl.decimals.get(c, 6)).where(mean.notna(), df[c])
+    return df
+
+
+def _child_rows_cart(model: RelationalModel, name: str, root: pd.DataFrame, ctx: pd.DataFrame, stats: dict,
+                     rng: np.random.Generator) -> pd.DataFrame:
+    """``n_<name>`` rows per synthetic patient, drawn by the table's CART model given the patient's context;
+    conditions honour the root's flags (one row per flagged code, no flagged code among the other rows)."""
+    layout = model.layout
+    cl = layout.children[name]
+    synth: CartChild = model.children[name]
+    counts = root[count_column(name)].clip(lower=0).astype(int).to_numpy().copy()
+    ctx = ctx.reset_index(drop=True)
+    cols = [c for c in layout.context if c in synth.cart.columns]
+    flagged: list[tuple[int, str]] = []
+    if cl.code_column and layout.flags and synth.code:
+        held = np.column_stack([root[flag_column(c)].astype(bool).to_numpy() for c in layout.flags])
+        n_flags = held.sum(axis=1)
+        stats[f"{name}_count_raised_to_flags"] = int((n_flags > counts).sum())
+        counts = np.maximum(counts, n_flags)
+        flagged = [(i, str(layout.flags[j])) for i, j in zip(*np.nonzero(held))]
+        free = counts - n_flags
+    else:
+        free = counts
+    parts, owners = [], []
+    if flagged:
+        idx = np.array([i for i, _ in flagged])
+        given = ctx.loc[idx, cols].reset_index(drop=True)
+        given[synth.code] = [c for _, c in flagged]
+        parts.append(synth.sample_given(given))
+        owners.append(idx)
+    idx = np.repeat(np.arange(len(root)), free)
+    if len(idx):
+        got = synth.sample_given(ctx.loc[idx, cols].reset_index(drop=True))
+        if flagged:  # other rows never carry a flagged code: drawn again, then given a non-flagged code
+            flags = set(map(str, layout.flags))
+            for _ in range(5):
+                bad = np.flatnonzero(got[synth.code].astype(str).isin(flags).to_numpy())
+                if not bad.size:
+                    break
+                again = synth.sample_given(ctx.loc[idx[bad], cols].reset_index(drop=True))[got.columns]
+                again.index = got.index[bad]
+                got.loc[again.index, again.columns] = again
+            bad = np.flatnonzero(got[synth.code].astype(str).isin(flags).to_numpy())
+            if bad.size and synth.code_values is not None:
+                values, p = synth.code_values
+                keep = ~pd.Series(values).astype(str).isin(flags).to_numpy()
+                if keep.any():
+                    given = ctx.loc[idx[bad], cols].reset_index(drop=True)
+                    given[synth.code] = rng.choice(values[keep], size=bad.size, p=p[keep] / p[keep].sum())
+                    again = synth.sample_given(given)[got.columns]
+                    again.index = got.index[bad]
+                    got.loc[again.index, again.columns] = again
+            stats[f"{name}_flagged_code_redrawn"] = int(bad.size)
+        parts.append(got)
+        owners.append(idx)
+    if not parts:
+        return pd.DataFrame(columns=[KEY, *cl.columns])
+    out = pd.concat(parts, ignore_index=True)
+    out.insert(0, KEY, root[KEY].to_numpy()[np.concatenate(owners)])
+    out = _destandardise(out, cl)
+    return out[[KEY, *cl.columns]]
+
+
 def _child_rows_par(model: RelationalModel, name: str, root: pd.DataFrame, ctx: pd.DataFrame,
                     stats: dict) -> pd.DataFrame:
     synth = model.children[name]
@@ -689,7 +988,44 @@ def _postfix_times(df: pd.DataFrame, cl: ChildLayout, birth: pd.Series, death: p
     return df
 
 
-def _finish_child(df: pd.DataFrame, cl: ChildLayout, start: int) -> pd.DataFrame:
+def _concepts_out(df: pd.DataFrame, cl: ChildLayout, rng: np.random.Generator, stats: dict) -> pd.DataFrame:
+    """Concept tokens back to real (code, system, display, unit) units; coded values only where their code has
+    them in the real data (drawn from that code's real values when the model paired them otherwise)."""
+    for code, c in cl.concepts.items():
+        if code not in df:
+            continue
+        tok = df[code].astype(object)
+        known = tok.map(lambda t: isinstance(t, str) and t in c["map"])
+        stats[f"{cl.name}_unknown_concept_cleared"] = stats.get(f"{cl.name}_unknown_concept_cleared", 0) + \
+            int((tok.notna() & ~known).sum())
+        for col in [code, *c["columns"]]:
+            df[col] = tok.map(lambda t, col=col: c["map"][t][col] if isinstance(t, str) and t in c["map"] else None)
+    if "value_code" in df and "code" in df:
+        codes = df["code"].astype(object)
+        vc = df["value_code"].astype(object)
+        allowed = cl.value_codes
+        ok = [isinstance(v, str) and isinstance(k, str) and v in allowed.get(k, ()) for k, v in zip(codes, vc)]
+        ok = pd.Series(ok, index=df.index)
+        needs = ~ok & codes.map(lambda k: isinstance(k, str) and k in allowed)
+        was_set = vc.notna() & ~ok
+        redraw = needs & vc.notna()
+        if redraw.any():
+            df.loc[redraw, "value_code"] = [allowed[k][rng.integers(len(allowed[k]))] for k in codes[redraw]]
+        df.loc[was_set & ~redraw, "value_code"] = None
+        stats[f"{cl.name}_value_code_fixed"] = stats.get(f"{cl.name}_value_code_fixed", 0) + int(was_set.sum())
+    if "value_num" in df and "code" in df and "value_num" in cl.code_stats:
+        numeric = set(cl.code_stats["value_num"])
+        drop = df["code"].map(lambda k: k not in numeric) & df["value_num"].notna()
+        df.loc[drop, "value_num"] = np.nan
+        stats[f"{cl.name}_value_num_cleared"] = stats.get(f"{cl.name}_value_num_cleared", 0) + int(drop.sum())
+    for col in cl.free_text:
+        df[col] = None
+    return df
+
+
+def _finish_child(df: pd.DataFrame, cl: ChildLayout, start: int, rng: np.random.Generator | None = None,
+                  stats: dict | None = None) -> pd.DataFrame:
+    df = _concepts_out(df, cl, rng or np.random.default_rng(0), stats if stats is not None else {})
     for col, (src, mapping) in cl.derived.items():
         df[col] = df[src].map(mapping)
     for col, value in cl.constants.items():
@@ -729,8 +1065,15 @@ def sample_batches(model: RelationalModel, patients: int, batch_size: int = 20_0
     all their child rows. Keys are fresh and unique across batches."""
     from synthfactory.synthesize.engine import sample_plain
 
+    from synthfactory.synthesize.engine import reseed
+
     layout = model.layout
     rng = np.random.default_rng(seed)
+    for k, child in enumerate(model.children.values()):
+        if isinstance(child, CartChild):
+            child.reseed(seed * 1000 + k + 1)
+    if model.root is not None and isinstance(model.root, DatesAsDays):
+        reseed(model.root, seed)
     starts = {name: 0 for name in [ROOT, *layout.children]}
     done = 0
     while done < patients:
@@ -760,6 +1103,8 @@ def sample_batches(model: RelationalModel, patients: int, batch_size: int = 20_0
                 df = tables[name][[KEY, *cl.columns]].copy()
             elif model.engine == "par":
                 df = _child_rows_par(model, name, root, ctx, stats)
+            elif isinstance(model.children[name], CartChild):
+                df = _child_rows_cart(model, name, root, ctx, stats, rng)
             else:
                 df = _child_rows_pc(model, name, root, ctx, stats)
             df = _postfix_times(df, cl, birth, death, layout.reference, stats)
@@ -770,7 +1115,7 @@ def sample_batches(model: RelationalModel, patients: int, batch_size: int = 20_0
                     enc_naive = enc[[KEY, ENC_KEY, "start"]].copy()
                     enc_naive["start"] = _naive_utc(enc_naive["start"])
                 df = _link_encounters(df, cl, enc_naive, rng, stats)
-            out[name] = _finish_child(df, cl, starts[name])
+            out[name] = _finish_child(df, cl, starts[name], rng, stats)
             starts[name] += len(out[name])
         out[ROOT] = _finish_root(root, layout, stats)
         starts[ROOT] += len(root)
@@ -866,4 +1211,26 @@ def constraint_violations(tables: dict[str, pd.DataFrame]) -> dict[str, int]:
             tt = _naive_utc(df[t])
             b = df[KEY].map(birth)
             out[f"{name}.{t}_before_birth"] = int((tt.notna() & b.notna() & (tt < b)).sum())
+    return out
+
+
+def unseen_concepts(real: dict[str, pd.DataFrame], synthetic: dict[str, pd.DataFrame]) -> dict[str, dict]:
+    """Per table and code column: synthetic rows whose (code, system, display, unit) combination never occurs in
+    the real table (0 expected: a concept is sampled as one unit)."""
+    out = {}
+    for name, syn in synthetic.items():
+        if name == ROOT or name not in real:
+            continue
+        for code, comp in concept_groups(list(real[name].columns)).items():
+            cols = [code, *comp]
+            if not set(cols) <= set(syn.columns) or syn.empty:
+                continue
+
+            def combos(df: pd.DataFrame) -> pd.Series:
+                return pd.Series(list(zip(*[df[c].astype(object).where(df[c].notna(), None) for c in cols])),
+                                 index=df.index)
+            seen = set(combos(real[name]))
+            s = combos(syn[syn[code].notna() | syn[comp].notna().any(axis=1)])
+            bad = int((~s.isin(seen)).sum()) if len(s) else 0
+            out[f"{name}.{code}"] = {"rows": int(len(s)), "unseen": bad}
     return out
