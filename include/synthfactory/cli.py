@@ -1,6 +1,6 @@
 """The synthfactory command: run the factory for a spec without Airflow, or validate a spec.
 
-``synthfactory audit`` vets a synthetic table made elsewhere: 0 approved · 4 refused · 2 bad input.
+synthfactory audit vets a synthetic table made elsewhere: 0 approved · 4 refused · 2 bad input.
 
 Exit codes: 0 released (or spec valid) · 2 invalid spec or usage · 3 bad input (extract missing,
 empty, too few patients) · 4 a gate refused (dataset quarantined, nothing released) · 5 the publisher

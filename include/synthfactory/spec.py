@@ -887,7 +887,7 @@ class Profile(_Model):
 
     @model_validator(mode="after")
     def _no_budget(self) -> "Profile":
-        if self.privacy is not None and "dp_budget" in self.privacy.model_fields_set:
+        if self.privacy is not None and self.privacy.dp_budget != DPBudgetSpec():  # set (not the empty default)
             raise ValueError("privacy.dp_budget: the privacy budget is the dataset's, whatever the profile; set it "
                              "in the spec's privacy section, not in a profile")
         return self
@@ -1118,7 +1118,7 @@ class DatasetSpec(_Model):
     privacy: PrivacyThresholds = Field(default_factory=PrivacyThresholds)
     profiles: dict[str, Profile] = Field(default_factory=dict, description="Named threshold overrides")
     release: ReleaseSpec = Field(description="Where approved releases go; default: bucket "
-                                             "$SYNTHFACTORY_SANDBOX_BUCKET (else synthfactory-sandbox)")
+                                             "$SYNTHFACTORY_SANDBOX_BUCKET (else synthetic-sandbox)")
     staging: StagingSpec = Field(default_factory=StagingSpec)
     trigger: TriggerSpec = Field(default_factory=TriggerSpec)
     operations: OperationsSpec = Field(default_factory=OperationsSpec)
@@ -1127,10 +1127,10 @@ class DatasetSpec(_Model):
     @classmethod
     def _default_release(cls, data: Any) -> Any:
         """No ``release`` block: the sandbox bucket is ``$SYNTHFACTORY_SANDBOX_BUCKET`` (default
-        ``synthfactory-sandbox``) with every other release default (the minimal spec: name and source)."""
+        ``synthetic-sandbox``) with every other release default (the minimal spec: name and source)."""
         if isinstance(data, dict) and "release" not in data:
             data = {**data, "release": {"bucket": os.environ.get("SYNTHFACTORY_SANDBOX_BUCKET",
-                                                                 "synthfactory-sandbox")}}
+                                                                 "synthetic-sandbox")}}
         return data
 
     @model_validator(mode="after")

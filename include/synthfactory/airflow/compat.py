@@ -45,3 +45,13 @@ __all__ = [
     "BaseOperatorLink", "BaseTrigger", "DownstreamTasksSkipped", "Param", "TriggerEvent", "conf", "dag",
     "get_current_context", "get_hook_lineage_collector", "task",
 ]
+
+
+def metadata_db() -> tuple:
+    """``(DagModel, TaskInstance, create_session)`` from Airflow's metadata-database models, imported on first
+    use (the API server's pending-card route reads the run's approval request with them)."""
+    from airflow.models.dag import DagModel
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    return DagModel, TaskInstance, create_session

@@ -140,12 +140,13 @@ async def airflow_approval_access(request: Request, dataset: str, run_id: str) -
     assigned to other users, 404 when the run has no approval request."""
     from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
-    from airflow.models.dag import DagModel
-    from airflow.models.taskinstance import TaskInstance
-    from airflow.utils.session import create_session
     from sqlalchemy import select
     from sqlalchemy.orm import joinedload
     from starlette.concurrency import run_in_threadpool
+
+    from synthfactory.airflow.compat import metadata_db
+
+    DagModel, TaskInstance, create_session = metadata_db()  # noqa: N806 - Airflow's class names
 
     user = await airflow_user(request)
     dag_id = DAG_PREFIX + dataset
