@@ -441,6 +441,33 @@ def _fingerprint(toks: tuple[str, ...]) -> str:
 # ------------------------------------------------------------------------------------------------
 # scan
 # ------------------------------------------------------------------------------------------------
+
+def _log_unscanned(unscanned: Counter, min_len: int) -> None:
+    if unscanned:
+        log.error("leak scan: %d identifier(s) of kind(s) %s are shorter than %d characters and only digits or "
+                  "common words, so no text search can find them: the scan cannot say the files are clean",
+                  sum(unscanned.values()), ", ".join(sorted(unscanned)), min_len)
+
+
+def _scan_result(hits: list[dict[str, Any]], scanned: int, checked: int, skipped: int, unscanned: Counter,
+                 vocabulary: int) -> dict:
+    """The leak scan's result (see :func:`leak_scan`), logged in one line without identifier values."""
+    complete = not unscanned
+    log.info("leak scan: %d files, %d identifiers checked (%d skipped, %d of them unscannable, %d one-word names "
+             "excused as common words), %d file(s) with hits", scanned, checked, skipped,
+             sum(unscanned.values()), vocabulary, len(hits))
+    return {
+        "clean": False if hits else (True if complete else None),
+        "complete": complete,
+        "files_scanned": scanned,
+        "identifiers": checked,
+        "identifiers_skipped": skipped,
+        "identifiers_unscanned": sum(unscanned.values()),
+        "unscanned_kinds": dict(sorted(unscanned.items())),
+        "identifiers_vocabulary": vocabulary,
+        "hits": hits,
+    }
+
 def _file_tokens(uri: str, store: "Store") -> tuple[list[str], set[int] | None]:
     """The token stream of one file (Parquet values cell by cell, else the raw text, with the positions of
     tokens that are a part of a decimal number); fails closed."""
@@ -509,10 +536,7 @@ def _leak_scan_reference(
     searched on their own; their number is ``identifiers_vocabulary``.
     """
     index = _build_index(identifiers, min_len, vocabulary, common_words)
-    if index.unscanned:
-        log.error("leak scan: %d identifier(s) of kind(s) %s are shorter than %d characters and only digits or "
-                  "common words, so no text search can find them: the scan cannot say the files are clean",
-                  sum(index.unscanned.values()), ", ".join(sorted(index.unscanned)), min_len)
+    _log_unscanned(index.unscanned, min_len)
     hits: list[dict[str, Any]] = []
     scanned = 0
     for uri in file_uris:
@@ -543,22 +567,7 @@ def _leak_scan_reference(
             hits.append(hit)
             log.warning("leak scan: %s contains %d real identifier(s) of kind(s) %s",
                         uri, len(found), ", ".join(kinds))
-    complete = not index.unscanned
-    result = {
-        "clean": False if hits else (True if complete else None),
-        "complete": complete,
-        "files_scanned": scanned,
-        "identifiers": index.checked,
-        "identifiers_skipped": index.skipped,
-        "identifiers_unscanned": sum(index.unscanned.values()),
-        "unscanned_kinds": dict(sorted(index.unscanned.items())),
-        "identifiers_vocabulary": index.vocabulary,
-        "hits": hits,
-    }
-    log.info("leak scan: %d files, %d identifiers checked (%d skipped, %d of them unscannable, %d one-word names "
-             "excused as common words), %d file(s) with hits", scanned, index.checked, index.skipped,
-             sum(index.unscanned.values()), index.vocabulary, len(hits))
-    return result
+    return _scan_result(hits, scanned, index.checked, index.skipped, index.unscanned, index.vocabulary)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1040,10 +1049,7 @@ class LeakMatcher:
 
     def scan(self, file_uris: list[str], store: "Store", *, fingerprints: bool = False, min_len: int = 4) -> dict:
         """Scan ``file_uris``: the result of :func:`leak_scan`."""
-        if self.unscanned:
-            log.error("leak scan: %d identifier(s) of kind(s) %s are shorter than %d characters and only digits "
-                      "or common words, so no text search can find them: the scan cannot say the files are clean",
-                      sum(self.unscanned.values()), ", ".join(sorted(self.unscanned)), min_len)
+        _log_unscanned(self.unscanned, min_len)
         hits: list[dict[str, Any]] = []
         scanned = 0
         for uri in file_uris:
@@ -1060,19 +1066,4 @@ class LeakMatcher:
                 hits.append(hit)
                 log.warning("leak scan: %s contains %d real identifier(s) of kind(s) %s",
                             uri, len(found), ", ".join(kinds))
-        complete = not self.unscanned
-        result = {
-            "clean": False if hits else (True if complete else None),
-            "complete": complete,
-            "files_scanned": scanned,
-            "identifiers": self.checked,
-            "identifiers_skipped": self.skipped,
-            "identifiers_unscanned": sum(self.unscanned.values()),
-            "unscanned_kinds": dict(sorted(self.unscanned.items())),
-            "identifiers_vocabulary": self.vocabulary,
-            "hits": hits,
-        }
-        log.info("leak scan: %d files, %d identifiers checked (%d skipped, %d of them unscannable, %d one-word "
-                 "names excused as common words), %d file(s) with hits", scanned, self.checked, self.skipped,
-                 sum(self.unscanned.values()), self.vocabulary, len(hits))
-        return result
+        return _scan_result(hits, scanned, self.checked, self.skipped, self.unscanned, self.vocabulary)
