@@ -546,14 +546,15 @@ def mia_options(pt: Any) -> dict:
 
 def _shadow_fit_sample(ctx: RunContext, train: Any, metadata: dict) -> Any:
     """The spec's synthesizer as the shadow attack trains it: the run's kind, the fit stage's parameters,
-    transforms and constraints (None in relational mode: the attack is then skipped, and says so)."""
+    transforms and constraints (None in relational mode, or for a table made elsewhere (``audit``) whose
+    synthesizer is unknown: the attack is then skipped, and says so)."""
     from synthfactory.privacy.mia import spec_fit_sample
     from synthfactory.synthesize import stages
     from synthfactory.synthesize.constraints import sdv_constraints
 
     spec = ctx.spec.synthesizer
     kind = ctx.synthesizer_kind
-    if spec.mode == "relational":
+    if spec.mode == "relational" or kind not in kinds.KINDS:
         return None
     params = stages._params(ctx, {})
     constraints = ([] if kind in kinds.DP or kind == kinds.ARGN

@@ -37,8 +37,14 @@ def test_neural_spec_routes_fit_and_sample_to_the_gpu_queue_and_pool(tmp_path, k
     dag, _ = _dag(tmp_path, synthesizer__kind=kind, synthesizer__params={})
     for tid in ("fit", "sample"):
         assert (dag.get_task(tid).queue, dag.get_task(tid).pool) == ("gpu", "gpu")
+    # the membership-inference battery's shadow attack trains the spec's (neural) synthesizer: where fit trains
+    assert (dag.get_task("privacy").queue, dag.get_task("privacy").pool) == ("gpu", "gpu")
     for tid in CPU_STAGES:
-        assert (dag.get_task(tid).queue, dag.get_task(tid).pool) == ("default", "default_pool")
+        if tid != "privacy":
+            assert (dag.get_task(tid).queue, dag.get_task(tid).pool) == ("default", "default_pool")
+    dag, _ = _dag(tmp_path, f"{kind}_noshadow", synthesizer__kind=kind, synthesizer__params={},
+                  privacy__mia={"attacks": ["distance", "domias"]}, profiles={})
+    assert (dag.get_task("privacy").queue, dag.get_task("privacy").pool) == ("default", "default_pool")
 
 
 def test_relational_par_or_neural_children_train_on_gpu(tmp_path):
