@@ -61,6 +61,21 @@ PRIVACY_MEANINGS: dict[str, str] = {
     "anonymeter.linkability": "Anonymeter linkability risk: how often the synthetic data links a real patient's "
                               "quasi-identifiers to the rest of their record, beyond chance.",
     "datacard_leak_scan_clean": "The leak scan of this card found no real identifier in it.",
+    "mia_certified": "Every membership-inference attack's upper 95 % bounds are within the thresholds, with "
+                     "enough targets to tell (false: the intervals are too wide to certify, which alone does not "
+                     "refuse).",
+    "shadow_models": "Shadow models of the spec's synthesizer the shadow attack trained (its cost).",
+    "targets_per_side": "Most exposed training and unseen real records the shadow attack scored, each side.",
+    "shadow_rows": "Rows of each shadow model's training set.",
+    "bootstrap": "Bootstrap draws behind the attack's 95 % intervals.",
+    "bandwidth": "Kernel bandwidth of the DOMIAS density estimates (in the encoded distance space).",
+    "bandwidth_rule": "How that bandwidth was chosen (nn: median holdout-to-train nearest distance; scott: "
+                      "Scott's rule).",
+    "reference_population": "The real population DOMIAS compares the synthetic density with.",
+    "fit_seconds": "Seconds spent training the shadow models.",
+    "shadow_synthetic_rows": "Rows each shadow model sampled.",
+    "shadow_validation_auc": "The shadow attack's AUC on shadow models it was not trained on: how well it works "
+                             "where the truth is known (0.5 = it learnt nothing).",
 }
 
 #: meanings of families of figures, by pattern on the figure's full (dotted) name
@@ -79,6 +94,8 @@ PRIVACY_PATTERNS: list[tuple[str, str]] = [
     (r"(^|\.)(n|n_members|n_nonmembers|members|nonmembers|targets)$",
      "Number of records the attack was run on."),
     (r"(^|\.)(status)$", "Whether the figure was measured or skipped."),
+    (r"(^|\.)(max_)?(?P<fig>[a-z0-9_]+?)_attack$",
+     "The attack with the largest lower 95 % bound of {fig} (the one the gate judges)."),
 ]
 
 _SKIP = {"report_uri", "seconds", "message", "extra_checks", "reference", "gate_rules", "ci_low", "ci_high",
@@ -121,6 +138,9 @@ def _interval(d: Mapping[str, Any], key: str) -> tuple[float, float] | None:
         v = d.get(k)
         if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v):
             return float(v[0]), float(v[1])
+    lo, hi = d.get(f"{key}_ci_low"), d.get(f"{key}_ci_high")  # the battery's maxima
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+        return float(lo), float(hi)
     stem = key[:-4] if key.endswith("_auc") else key
     se = d.get(f"{key}_se", d.get(f"{stem}_se"))
     val = d.get(key)
@@ -181,6 +201,9 @@ def privacy_rows(summary: Mapping[str, Any] | None, checks: Sequence[Mapping[str
                 continue
             if key.endswith("_se") and (f"{key[:-3]}_auc" in d or key[:-3] in d):
                 continue  # folded into its figure's interval
+            if key.endswith(("_ci_low", "_ci_high", "_reference", "_resolved")) and \
+                    key.rsplit("_", 2 if key.endswith(("_ci_low", "_ci_high")) else 1)[0] in d:
+                continue  # folded into its figure's row (interval, reference, "not certified")
             if isinstance(v, Mapping):
                 if "risk" in v or ("ci_low" in v and "ci_high" in v):  # a risk with its interval
                     value = v.get("risk", v.get("value"))
@@ -195,7 +218,9 @@ def privacy_rows(summary: Mapping[str, Any] | None, checks: Sequence[Mapping[str
                 continue
             if isinstance(v, (list, tuple)) or not _is_figure(v):
                 continue
-            add(name, v, _interval(d, key), refs.get(key) if isinstance(refs, Mapping) else None)
+            own_ref = d.get(f"{key}_reference")  # the battery carries each figure's real-data reference beside it
+            add(name, v, _interval(d, key),
+                own_ref if isinstance(own_ref, Mapping) else refs.get(key) if isinstance(refs, Mapping) else None)
 
     walk("", ps, ref)
     return rows
