@@ -310,7 +310,11 @@ def shadow_attack(
     mem, non, r_mem, r_non = _exposed(x_tr, x_ho, layout, n_t, rare_train, rare_hold)
     real = pd.concat([train[cols], holdout[cols]], ignore_index=True)
     target_rows = np.concatenate([mem, len(train) + non])
-    aux = np.setdiff1d(np.arange(len(real)), target_rows)
+    # the shadow sets' other rows come from the training rows (the worst-case attacker knows the training set but
+    # the target): out-shadows then differ from the real model only by the target, for members and non-members
+    # alike. Drawing them from train and holdout would make every shadow see holdout rows the real model never
+    # saw, so holdout targets would look "more out" in the real output than in any shadow (a biased AUC).
+    aux = np.setdiff1d(np.arange(len(train)), mem)
     n_shadow = int(min(shadow_rows, len(train), len(aux)))
     n_syn = max(10, int(round(len(synthetic) * n_shadow / len(train))))
     rng = np.random.default_rng(seed + 15485863)
@@ -482,7 +486,8 @@ def summarise_battery(battery: dict, reference: dict | None = None) -> dict:
                 a[f"{key}_resolved"] = res.get(f"{key}_resolved", True)
             rk = ref_keys.get(name, {}).get(key)
             if rk and isinstance(ref.get(rk), dict):
-                a[f"{key}_reference"] = {s: ref[rk].get(s) for s in ("mean", "sd") if s in ref[rk]}
+                a[f"{key}_reference"] = {s: None if ref[rk].get(s) is None else round(float(ref[rk][s]), 4)
+                                         for s in ("mean", "sd") if s in ref[rk]}
             elif name == "shadow":  # chance, by construction (no fresh-rows analogue)
                 a[f"{key}_reference"] = {"mean": 0.5 if key == "auc" else FPRS[FPR_KEYS.index(key)], "sd": None}
         if name == "shadow":
