@@ -176,7 +176,7 @@ def _anonymeter(train, holdout, syn, n_attacks: int) -> dict:
         return out
 
     tr, ho, sy = filled(train), filled(holdout), filled(syn)
-    n = int(min(n_attacks, len(ho)))
+    n = int(min(n_attacks, len(ho), len(tr)))  # anonymeter samples n targets from ori without replacement
     out: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
