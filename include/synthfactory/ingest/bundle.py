@@ -86,6 +86,26 @@ def _walk_refs(node: Any, mapping: dict[str, str], unresolved: list[int]) -> Non
                 _walk_refs(v, mapping, unresolved)
 
 
+
+def _entry_identity(entry: dict, res: dict, request: Any, mapping: dict[str, str]) -> tuple[Any, Any, Any]:
+    """An entry's ``(resourceType, fullUrl, id)``: a resource without an id takes it from ``request.url``
+    (``Type/id``) or its ``urn:uuid:`` / ``urn:oid:`` fullUrl (written into the resource), and ``mapping`` learns
+    ``fullUrl -> Type/id`` for the reference rewrite."""
+    rtype, full, rid = res.get("resourceType"), entry.get("fullUrl"), res.get("id")
+    if not (type(rid) is str and rid):
+        url = request.get("url") if isinstance(request, dict) else None
+        if type(url) is str and "/" in url and "?" not in url and url.split("/", 1)[0] == rtype:
+            rid = url.split("/", 2)[1]
+        elif type(full) is str and full.startswith("urn:uuid:"):
+            rid = full[9:]
+        elif type(full) is str and full.startswith("urn:oid:"):
+            rid = full[8:]
+        if type(rid) is str and rid:
+            res["id"] = rid
+    if type(full) is str and full and type(rtype) is str and type(rid) is str and rid:
+        mapping[full] = f"{rtype}/{rid}"
+    return rtype, full, rid
+
 def resolve_bundle(bundle: Any) -> tuple[list[tuple[int, Any]], dict[str, int]]:
     """Entries of a Bundle as ``(position, resource)`` (position 1-based), references to entries' fullUrls
     rewritten to ``Type/id``, ids filled in from ``request.url``/``urn:uuid`` where missing. A JSON file
@@ -114,21 +134,7 @@ def resolve_bundle(bundle: Any) -> tuple[list[tuple[int, Any]], dict[str, int]]:
             stats["entries_without_resource"] += 1
             out.append((pos, None))
             continue
-        rtype = res.get("resourceType")
-        full = entry.get("fullUrl")
-        rid = res.get("id")
-        if not (type(rid) is str and rid):
-            url = request.get("url")
-            if type(url) is str and "/" in url and "?" not in url and url.split("/", 1)[0] == rtype:
-                rid = url.split("/", 2)[1]
-            elif type(full) is str and full.startswith("urn:uuid:"):
-                rid = full[9:]
-            elif type(full) is str and full.startswith("urn:oid:"):
-                rid = full[8:]
-            if type(rid) is str and rid:
-                res["id"] = rid
-        if type(full) is str and full and type(rtype) is str and type(rid) is str and rid:
-            mapping[full] = f"{rtype}/{rid}"
+        rtype, full, rid = _entry_identity(entry, res, request, mapping)
         out.append((pos, res))
     if mapping:
         unresolved = [0]
@@ -347,19 +353,7 @@ def _ingest_file(session: IngestSession, store: Store, name: str, uri: str, max_
             totals["entries_without_resource"] += 1
             session.quarantine(fname, pos, "Bundle", "entry without a resource")
             continue
-        rtype, full, rid = res.get("resourceType"), entry.get("fullUrl"), res.get("id")
-        if not (type(rid) is str and rid):
-            url = request.get("url") if isinstance(request, dict) else None
-            if type(url) is str and "/" in url and "?" not in url and url.split("/", 1)[0] == rtype:
-                rid = url.split("/", 2)[1]
-            elif type(full) is str and full.startswith("urn:uuid:"):
-                rid = full[9:]
-            elif type(full) is str and full.startswith("urn:oid:"):
-                rid = full[8:]
-            if type(rid) is str and rid:
-                res["id"] = rid
-        if type(full) is str and full and type(rtype) is str and type(rid) is str and rid:
-            mapping[full] = f"{rtype}/{rid}"
+        rtype, full, rid = _entry_identity(entry, res, request, mapping)
         if rtype == "Patient":
             file_patients.add(rid)
         kept.append((pos, res))

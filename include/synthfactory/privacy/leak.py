@@ -521,19 +521,7 @@ def _leak_scan_reference(
     common_words: bool = True,
 ) -> dict:
     """The original implementation of :func:`leak_scan` (token-tuple dict, index built per call), kept as
-    the reference the compact matcher is tested and benchmarked against.
-
-    Returns ``{"clean", "complete", "files_scanned", "identifiers", "identifiers_skipped",
-    "identifiers_unscanned", "unscanned_kinds", "identifiers_vocabulary", "hits"}`` where ``identifiers`` is
-    the number of distinct (normalised) identifiers checked and each hit is ``{"file", "count" (distinct
-    identifiers found), "occurrences", "kinds"}`` (plus ``"fingerprints"`` when asked). ``clean`` is
-    ``False`` when there are hits, else ``None`` when some identifiers could not be scanned (short numbers
-    or common words under ``min_len`` characters; ``complete`` is then false and ``unscanned_kinds`` counts
-    them by kind), else ``True``. ``identifiers_skipped`` counts everything not searched (unscanned, and
-    values without a letter or digit). Identifier values never appear in the result or the log. A file that
-    cannot be read raises (the scan fails closed). One-word names that are common words, words of the
-    product's own text (``common_words``) or of ``vocabulary`` (from :func:`public_vocabulary`) are not
-    searched on their own; their number is ``identifiers_vocabulary``.
+    the reference the compact matcher is tested and benchmarked against (the same arguments and result).
     """
     index = _build_index(identifiers, min_len, vocabulary, common_words)
     _log_unscanned(index.unscanned, min_len)
