@@ -88,9 +88,15 @@ class SourceSpec(_Model):
                                           "it (counted either way)")
     max_line_bytes: int = Field(default=16 << 20, ge=1024, description="Longer NDJSON lines are quarantined unread")
     text_codes: list[str] = Field(
-        default_factory=list, description="Observation codes (code.coding.code) whose valueString holds coded "
-                                          "values, kept in observation.value_code; every other valueString is free "
-                                          "text and never reaches a table (fast engine)")
+        default_factory=list, description="Codes (code.coding.code) whose strings are coded values: an Observation's "
+                                          "valueString (or text-only valueCodeableConcept) is kept in "
+                                          "observation.value_code, a CodeableConcept's text stands in for its missing "
+                                          "display; every other valueString and .text is free text and never "
+                                          "reaches a table (fast engine)")
+    text_columns: list[str] = Field(
+        default_factory=list, description="Columns of source.views ('view.column') allowed to select free text or "
+                                          "direct identifiers (note, narrative text, valueString, name, address...); "
+                                          "a view with any other such column is refused")
     value_ranges: dict[str, tuple[float, float]] = Field(
         default_factory=dict, description="Plausible [low, high] of an Observation value by UCUM unit, over the "
                                           "defaults (synthfactory.ingest.flatteners.DEFAULT_VALUE_RANGES); a value "
@@ -188,6 +194,18 @@ class SourceSpec(_Model):
         if dupes:
             raise ValueError(f"duplicate view name(s) {dupes}")
         return v
+
+    @model_validator(mode="after")
+    def _free_text(self) -> "SourceSpec":
+        from synthfactory.fhir.views import ViewError, check_free_text
+
+        for i, view in enumerate(self.views):
+            if isinstance(view, dict):
+                try:
+                    check_free_text(view, self.text_columns, where=f"views[{i}]")
+                except ViewError as exc:
+                    raise ValueError(str(exc)) from None
+        return self
 
     @model_validator(mode="after")
     def _needs(self) -> "SourceSpec":

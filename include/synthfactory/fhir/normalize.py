@@ -312,9 +312,10 @@ def preferred_coding(cc: Any) -> dict | None:
     return best if best is not None else codings[0]
 
 
-def concept(cc: Any, field: str) -> tuple[str | None, str | None, str | None]:
-    """(short system, code, display) of the preferred coding of a CodeableConcept (display falls back to
-    the concept's text)."""
+def concept(cc: Any, field: str, text_codes: Any = ()) -> tuple[str | None, str | None, str | None]:
+    """(short system, code, display) of the preferred coding of a CodeableConcept. The concept's ``text`` is
+    free text: it replaces a missing display only when the coding's code is in ``text_codes`` (the spec's
+    allow-list of codes whose strings are coded values), and a concept with only a text gives no value."""
     if not cc:
         return None, None, None
     codings = cc.get("coding")
@@ -331,24 +332,32 @@ def concept(cc: Any, field: str) -> tuple[str | None, str | None, str | None]:
             if best is None:
                 best = codings[0]
     if best is None:
-        return None, None, checked_str(cc.get("text"), field)
+        checked_str(cc.get("text"), field)
+        return None, None, None
     system = best.get("system")
     code = best.get("code")
-    display = best.get("display") or cc.get("text")
+    display = best.get("display")
+    if not display:
+        text = cc.get("text")
+        if type(text) is not str and text is not None:
+            raise BadResource(f"invalid value in {field}")
+        display = text if text is not None and code in text_codes else None
     if (type(code) is not str and code is not None) or (type(display) is not str and display is not None) \
             or (type(system) is not str and system is not None):
         raise BadResource(f"invalid value in {field}")
     return SYSTEM_SHORT.get(system, system), code, display
 
 
-def first_code(cc: Any, field: str) -> str | None:
-    """Code of the first coding of a CodeableConcept, else its text."""
+def first_code(cc: Any, field: str, keep_text: bool = False) -> str | None:
+    """Code of the first coding of a CodeableConcept. Without a coding, its text only when ``keep_text`` (the
+    caller's allow-list says the strings of this concept are coded values); free text never reaches a table."""
     if not cc:
         return None
     codings = cc.get("coding")
     if codings:
         return checked_str(codings[0].get("code"), field)
-    return checked_str(cc.get("text"), field)
+    text = checked_str(cc.get("text"), field)
+    return text if keep_text else None
 
 
 def omb_display(ext: dict) -> str | None:

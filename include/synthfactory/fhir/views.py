@@ -462,6 +462,106 @@ def load_view_file(path: str) -> dict:
     return yaml.safe_load(data)
 
 
+#: elements of a resource that hold free text or direct identifiers: a user view's column may select them only
+#: when the spec allow-lists the column (``source.text_columns``); element name -> what it is
+FREE_TEXT_ELEMENTS = {
+    "note": "free text (Annotation)", "text": "free text (narrative or CodeableConcept.text)",
+    "div": "free text (narrative)", "valueString": "free text (valueString)", "comment": "free text",
+    "patientInstruction": "free text", "description": "free text", "valueMarkdown": "free text",
+    "name": "a direct identifier (name)", "address": "a direct identifier (address)",
+    "telecom": "a direct identifier (telecom)", "identifier": "a direct identifier (identifier)",
+    "photo": "a direct identifier (photo)",
+}
+_STRING_LITERAL = re.compile(r"'(?:[^'\\]|\\.)*'|`(?:[^`\\]|\\.)*`")
+_IDENT = re.compile(r"(?<![A-Za-z0-9_%$])([A-Za-z_][A-Za-z0-9_]*)")
+_OFTYPE_STRING = re.compile(r"\bvalue\s*\.\s*ofType\s*\(\s*(?:FHIR\.)?(string|markdown)\s*\)")
+
+
+#: coded parts of an identifying element: ``address.state`` (the built-in patient table's) is not an address line
+_CODED_PARTS = {"address": {"state", "country", "use", "type", "period", "district"},
+                "name": {"use", "period"}, "telecom": {"system", "use", "rank", "period"},
+                "identifier": {"system", "use", "type", "period", "assigner"}}
+
+
+def _free_text_in(path: str) -> str | None:
+    """What free text or identifier a FHIRPath expression selects (by element name, outside string literals),
+    or None. Conservative: a path naming ``note`` anywhere counts, also inside a ``where``; an identifying
+    element counts unless the next element at its level is a coded part (``address.state``)."""
+    bare = _STRING_LITERAL.sub("''", path)
+    m = _OFTYPE_STRING.search(bare)
+    if m:
+        return f"free text (value[x] of type {m.group(1)})"
+    depth = [0] * (len(bare) + 1)
+    d = 0
+    for i, ch in enumerate(bare):
+        if ch in "([":
+            d += 1
+        elif ch in ")]":
+            d -= 1
+        depth[i + 1] = d
+    tokens = [(m.group(1), m.start(), depth[m.start()]) for m in _IDENT.finditer(bare)
+              if bare[m.end():m.end() + 1] != "("]  # a function (e.g. getResourceKey(), where()) is no element
+    for j, (name, _, lvl) in enumerate(tokens):
+        what = FREE_TEXT_ELEMENTS.get(name)
+        if what is None:
+            continue
+        parts = _CODED_PARTS.get(name)
+        if parts is not None:
+            nxt = next((t for t, _, lv in tokens[j + 1:] if lv == lvl), None)
+            if nxt in parts:
+                continue
+        return what
+    return None
+
+
+def free_text_columns(definition: dict) -> list[tuple[str, str, str]]:
+    """``[(column name, path, what)]``: the columns of a ViewDefinition whose value comes from free text or a
+    direct identifier (:data:`FREE_TEXT_ELEMENTS`, ``value.ofType(string)``), through the column's own path
+    or an enclosing ``forEach``/``forEachOrNull``. Ingest refuses a user view with such a column unless the
+    spec allow-lists it in ``source.text_columns``."""
+    out: list[tuple[str, str, str]] = []
+
+    def walk(sel: Any, outer: list[str]) -> None:
+        if not isinstance(sel, dict):
+            return
+        scope = list(outer)
+        for k in ("forEach", "forEachOrNull"):
+            if isinstance(sel.get(k), str):
+                scope.append(sel[k])
+        rep = sel.get("repeat")
+        if isinstance(rep, list):
+            scope.extend(p for p in rep if isinstance(p, str))
+        for col in sel.get("column") or ():
+            if not isinstance(col, dict) or not isinstance(col.get("path"), str):
+                continue
+            for p in (*scope, col["path"]):
+                what = _free_text_in(p)
+                if what is not None:
+                    out.append((str(col.get("name")), p, what))
+                    break
+        for sub in (*(sel.get("select") or ()), *(sel.get("unionAll") or ())):
+            walk(sub, scope)
+
+    for top in definition.get("select") or ():
+        walk(top, [])
+    return out
+
+
+def check_free_text(definition: dict, allowed: Any = (), where: str = "") -> None:
+    """Raise :class:`ViewError` when a column of ``definition`` selects free text or a direct identifier and
+    ``table.column`` is not in ``allowed`` (the spec's ``source.text_columns``)."""
+    name = definition.get("name")
+    allowed = set(allowed or ())
+    bad = [(c, p, w) for c, p, w in free_text_columns(definition) if f"{name}.{c}" not in allowed]
+    if bad:
+        c, p, w = bad[0]
+        more = f" (and {len(bad) - 1} more column(s))" if len(bad) > 1 else ""
+        raise _err(where or f"views[{name}]",
+                   f"column {c!r} selects {w} through {p!r}{more}: free text and direct identifiers never reach "
+                   f"a table; allow-list the column in source.text_columns ('{name}.{c}') only if its strings are "
+                   f"coded values")
+
+
 # --------------------------------------------------------------------------------------------------
 # Built-in views
 # --------------------------------------------------------------------------------------------------
@@ -472,8 +572,10 @@ def _c(name: str, path: str, type_: str | None = None) -> dict:
     return col
 
 
-_FIRST_CODE = "iif(coding.exists(), coding.first().code, text)"
-_DISPLAY = "iif(preferredCoding().display.exists(), preferredCoding().display, text)"
+# a CodeableConcept's text is free text: never a fallback in a built-in table (the fast path keeps it only for the
+# codes a spec allow-lists in source.text_codes)
+_FIRST_CODE = "coding.first().code"
+_DISPLAY = "preferredCoding().display"
 US_CORE = "http://hl7.org/fhir/us/core/StructureDefinition/"
 _HAS_VALUE = (
     "value.ofType(Quantity).value.exists() or value.ofType(CodeableConcept).select(" + _FIRST_CODE + ").exists()"
@@ -519,11 +621,9 @@ BUILTIN_VIEWS: dict[str, dict] = {
             _c("patient_key", "subject.getReferenceKey(Patient)", "string"),
             _c("status", "status", "code"),
             # R4: class is a Coding; R5: a list of CodeableConcept
-            _c("class_code", "class.first().select(iif(coding.exists(), coding.first().code, "
-                             "iif(code.exists(), code, text)))", "string"),
+            _c("class_code", "class.first().select(iif(coding.exists(), coding.first().code, code))", "string"),
             _c("type_code", "type.first().coding.first().code", "string"),
-            _c("type_display", "type.first().select(iif(coding.first().display.exists(), "
-                               "coding.first().display, text))", "string"),
+            _c("type_display", "type.first().coding.first().display", "string"),
             _c("start", "iif(period.exists(), period, actualPeriod).start", "dateTime"),
             _c("end", "iif(period.exists(), period, actualPeriod).end", "dateTime"),
         ]}],

@@ -646,7 +646,18 @@ static int obj_or_none(parser *P, int i) {
     return i;
 }
 
-/* first_code(cc): code of the first coding, else the text */
+/* A CodeableConcept's text where the Python flatteners would read it: free text, so None here. With an
+ * allow-list (strings_fb) and `may_keep` (Python keeps it for allow-listed codes) the line goes to Python. */
+static int dropped_text(parser *P, int i, cell *out, int may_keep) {
+    if (str_cell(P, i, out) == FB) return FB;
+    if (out->kind != V_NONE) {
+        if (may_keep && P->lim->strings_fb) return FB;
+        *out = NONE_CELL;
+    }
+    return 0;
+}
+
+/* first_code(cc): code of the first coding; a text alone is free text (None) */
 static int first_code(parser *P, int cc, cell *out) {
     int codings;
     cc = obj_or_none(P, cc);
@@ -665,7 +676,7 @@ static int first_code(parser *P, int cc, cell *out) {
             return str_cell(P, get(P, c0, "code"), out);
         }
     }
-    return str_cell(P, get(P, cc, "text"), out);
+    return dropped_text(P, get(P, cc, "text"), out, 1);
 }
 
 /* concept(cc): (short system, code, display) of the preferred coding, display falling back to text */
@@ -701,7 +712,7 @@ static int concept(parser *P, int cc, cell *sys, cell *code, cell *disp) {
             if (best < 0) best = P->nodes[codings].child;
         }
     }
-    if (best < 0) return str_cell(P, get(P, cc, "text"), disp);
+    if (best < 0) return dropped_text(P, get(P, cc, "text"), disp, 0);
     {
         int s = get(P, best, "system");
         if (str_cell(P, s, sys) == FB) return FB;
@@ -714,8 +725,8 @@ static int concept(parser *P, int cc, cell *sys, cell *code, cell *disp) {
         }
         if (str_cell(P, get(P, best, "code"), code) == FB) return FB;
         if (str_cell(P, get(P, best, "display"), disp) == FB) return FB;
-        if (disp->kind == V_NONE || span_empty(disp)) /* `display or cc.get("text")` */
-            if (str_cell(P, get(P, cc, "text"), disp) == FB) return FB;
+        if (disp->kind == V_NONE || span_empty(disp)) /* the text only for an allow-listed code: Python */
+            if (dropped_text(P, get(P, cc, "text"), disp, 1) == FB) return FB;
     }
     return 0;
 }
@@ -1513,7 +1524,7 @@ static int flat_observation(parser *P, int root, rows_t *R) {
                 int k0 = P->nodes[codings].child;
                 if (P->nodes[k0].type != J_OBJ) return FB;
                 if (str_cell(P, get(P, k0, "code"), &category) == FB) return FB;
-            } else if (str_cell(P, get(P, c0, "text"), &category) == FB) {
+            } else if (dropped_text(P, get(P, c0, "text"), &category, 0) == FB) {
                 return FB;
             }
         }
@@ -1595,7 +1606,7 @@ static int flat_encounter(parser *P, int root, rows_t *R) {
                 if (str_cell(P, get(P, k0, "code"), &c[4]) == FB) return FB;
                 if (str_cell(P, get(P, k0, "display"), &c[5]) == FB) return FB;
             }
-            if (c[5].kind == V_NONE && str_cell(P, get(P, t0, "text"), &c[5]) == FB) return FB;
+            if (c[5].kind == V_NONE && dropped_text(P, get(P, t0, "text"), &c[5], 1) == FB) return FB;
         }
     }
     c[6] = c[7] = NONE_CELL;

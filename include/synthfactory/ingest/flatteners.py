@@ -91,15 +91,20 @@ def reference_ok(ref: str) -> bool:
 
 class ValueRules:
     """What an Observation value may put in a table. ``text_codes``: codes (``code.coding.code``) whose
-    ``valueString`` holds a coded value, kept in ``value_code``; every other ``valueString`` is free text and
-    never reaches a table (the Observation's row keeps its code, without a value). ``ranges``: unit ->
+    strings are coded values: an Observation's ``valueString`` (or a ``valueCodeableConcept`` with only a
+    ``text``), kept in ``value_code``, and a CodeableConcept's ``text`` standing in for the missing display of
+    such a code. Every other ``valueString`` and ``.text`` is free text and never reaches a table (the row keeps
+    its code, without the text). ``text_columns``: ``table.column`` names of user ViewDefinitions allowed to
+    select free text or direct identifiers (``note``, narrative ``text``, ``valueString``, ``name``...: see
+    :func:`synthfactory.fhir.views.free_text_columns`); any other such column refuses the view. ``ranges``: unit ->
     (low, high), over :data:`DEFAULT_VALUE_RANGES`; ``default``: the range of any other unit."""
 
-    __slots__ = ("text_codes", "ranges", "default")
+    __slots__ = ("text_codes", "ranges", "default", "text_columns")
 
     def __init__(self, text_codes: Any = (), ranges: dict | None = None,
-                 default: tuple[float, float] = DEFAULT_VALUE_RANGE):
+                 default: tuple[float, float] = DEFAULT_VALUE_RANGE, text_columns: Any = ()):
         self.text_codes = frozenset(str(c) for c in text_codes or ())
+        self.text_columns = frozenset(str(c) for c in text_columns or ())
         merged = dict(DEFAULT_VALUE_RANGES)
         for unit, (lo, hi) in (ranges or {}).items():
             merged[str(unit)] = (float(lo), float(hi))
@@ -204,7 +209,7 @@ def make_flatteners(key: Callable[[str, str], str], rules: ValueRules | None = N
                     ethnicity = omb_display(ext)
             elif url == US_CORE_BIRTHSEX:
                 birth_sex = _s(ext.get("valueCode"), "birthsex")
-        marital = first_code(o.get("maritalStatus"), "maritalStatus")
+        marital = first_code(o.get("maritalStatus"), "maritalStatus")  # its text is free text: never kept
         addr = o.get("address")
         state = _s(addr[0].get("state"), "address.state") if addr else None
         return [(key("Patient", rid), gender, birth, prec, deceased, deceased_date, race, ethnicity,
@@ -224,8 +229,10 @@ def make_flatteners(key: Callable[[str, str], str], rules: ValueRules | None = N
             if codings:
                 type_code = _s(codings[0].get("code"), "type")
                 type_display = _s(codings[0].get("display"), "type")
-            if type_display is None:
-                type_display = _s(t0.get("text"), "type")
+            if type_display is None:  # type[0].text is free text: only for an allow-listed code
+                text = _s(t0.get("text"), "type")
+                if text is not None and type_code in text_codes:
+                    type_display = text
         period = o.get("period") or o.get("actualPeriod")
         start = end = None
         if period:
@@ -239,7 +246,7 @@ def make_flatteners(key: Callable[[str, str], str], rules: ValueRules | None = N
                  _s(o.get("status"), "status"), class_code, type_code, type_display, start, end)]
 
     def condition(o: dict, rid: str) -> list:
-        system, code, display = concept(o.get("code"), "code")
+        system, code, display = concept(o.get("code"), "code", text_codes)
         onset = None
         v = o.get("onsetDateTime")
         if v is not None:
@@ -276,7 +283,7 @@ def make_flatteners(key: Callable[[str, str], str], rules: ValueRules | None = N
             return num, unit, None
         v = x.get("valueCodeableConcept")
         if v is not None:
-            code = first_code(v, "valueCodeableConcept")
+            code = first_code(v, "valueCodeableConcept", bool(text_codes) and _coded(x.get("code")))
             return None if code is None else (None, None, code)
         v = x.get("valueString")
         if v is not None:  # free text: never in a table, unless its code is allow-listed as coded values
@@ -318,10 +325,10 @@ def make_flatteners(key: Callable[[str, str], str], rules: ValueRules | None = N
                 best = codings[0]
                 system = best.get("system")
                 code = best.get("code")
-                display = best.get("display") or cc.get("text")
-                if type(code) is str and type(display) is str and type(system) is str:
+                display = best.get("display")
+                if type(code) is str and type(display) is str and display and type(system) is str:
                     return short.get(system, system), code, display
-        return concept(cc, field)
+        return concept(cc, field, text_codes)
 
     def observation(o: dict, rid: str) -> list:
         # hot path: the reference string is usually already in the cache
@@ -341,6 +348,8 @@ def make_flatteners(key: Callable[[str, str], str], rules: ValueRules | None = N
             category = codings[0].get("code") if codings else c0.get("text")
             if category is not None and type(category) is not str:
                 raise BadResource("invalid value in category")
+            if not codings:  # category[0].text is free text: never in a table
+                category = None
         v = o.get("effectiveDateTime")
         if v is not None:
             effective = _ts(v, "effectiveDateTime")

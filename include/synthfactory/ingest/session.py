@@ -45,7 +45,8 @@ from synthfactory.fhir.fhirpath import Env
 from .flatteners import FAST_TABLES, Flattener, ValueRules, make_flatteners, reference_ok
 from synthfactory.fhir.normalize import BadResource, ExtractError, collect_identifiers, fast_key, has_modifier_extension, timestamp_array
 from .schemas import IDENTIFIERS_SCHEMA, TABLES
-from synthfactory.fhir.views import BUILTIN_BY_RESOURCE, BUILTIN_VIEWS, CompiledView, ViewError, compile_view
+from synthfactory.fhir.views import (BUILTIN_BY_RESOURCE, BUILTIN_VIEWS, CompiledView, ViewError, check_free_text,
+                                     compile_view)
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +345,8 @@ class IngestSession:
             if not isinstance(v, dict) or not isinstance(v.get("name"), str):
                 raise ExtractError(f"views[{i}]: a ViewDefinition needs a name")
             definitions[v["name"]] = v
+            # free text and direct identifiers never reach a table: a user view selecting them is refused
+            check_free_text(v, self.value_rules.text_columns, where=f"views[{v['name']}]")
         compiled: dict[str, CompiledView] = {}
         for name, d in definitions.items():
             builtin = d is BUILTIN_VIEWS.get(name)

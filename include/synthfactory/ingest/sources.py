@@ -128,7 +128,8 @@ class Source:
         from .flatteners import ValueRules
 
         source = ctx.spec.source
-        rules = ValueRules(source.text_codes, dict(source.value_ranges), tuple(source.value_range_default))
+        rules = ValueRules(source.text_codes, dict(source.value_ranges), tuple(source.value_range_default),
+                           text_columns=source.text_columns)
         options = dict(keyer=keyer, store=ctx.store, resources=list(source.resources), value_rules=rules,
                        views=load_views(list(source.views), ctx.base_dir),
                        validate_sample_rate=source.validate_sample_rate,
