@@ -389,3 +389,35 @@ def test_generators_extracts_same_tables_one_by_one(request, tmp_path, keyer, ex
                 else a.read_bytes() == b.read_bytes()), name
     assert reports[True]["rows"] == reports[False]["rows"]
     assert reports[True]["native_lines"]["Observation"] > 0.5 * reports[True]["resources_read"]["Observation"]
+
+
+def test_chunk_blocks_give_the_lines_of_line_blocks():
+    """The compiled prepare splits runs of whole lines itself (chunk_blocks): the same lines, in the same order,
+    oversize markers included, over random streams cut into random chunks."""
+    from synthfactory.ingest.fhir_ndjson import chunk_blocks, line_blocks
+
+    def lines_of(blocks):
+        out = []
+        for b in blocks:
+            out.extend(b.split(b"\n") if type(b) is bytes else b)
+        return out
+
+    r = random.Random(3)
+    for _ in range(300):
+        parts = [r.choice([b"", b"{}", b"x" * r.randint(1, 40), b"\xc3\xa9", b"\r"]) for _ in range(r.randint(0, 30))]
+        data = b"\n".join(parts) + r.choice([b"", b"\n", b"\n\n"])
+        cuts = sorted(r.sample(range(len(data) + 1), min(len(data), r.randint(0, 6))))
+        chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)]) if data[a:b]]
+        limit = r.choice([8, 25, 1000])
+        assert lines_of(chunk_blocks(iter(chunks), limit)) == lines_of(line_blocks(iter(chunks), limit)), (chunks, limit)
+
+
+def test_prepare_splits_a_chunk_like_a_list(keyer):
+    flat = native.flattener("Observation", keyer)
+    r = random.Random(4)
+    lines = [orjson.dumps(observation(r, i, True)) for i in range(50)] + [b"", b"not json"]
+    a, b = flat.prepare(b"\n".join(lines)), flat.prepare(lines)
+    assert len(a) == len(b) == 52 and [a.line(i) for i in range(52)] == lines == [b.line(i) for i in range(52)]
+    assert len(flat.prepare(b"")) == 1 and flat.prepare(b"").line(0) == b""
+    with pytest.raises(IndexError):
+        a.line(52)

@@ -1697,6 +1697,8 @@ typedef struct {
     size_t nrows, caprows;
     uint32_t *idents;
     size_t nidents, capidents;
+    const uint8_t **ptr; /* each line's bytes (into the block's bytes objects, or into the one chunk) */
+    size_t *len;
 } Prepared;
 
 static void Prepared_dealloc(Prepared *Q) {
@@ -1704,8 +1706,29 @@ static void Prepared_dealloc(Prepared *Q) {
     free(Q->lines);
     free(Q->rows);
     free(Q->idents);
+    free(Q->ptr);
+    free(Q->len);
     Py_TYPE(Q)->tp_free((PyObject *)Q);
 }
+
+/* line(i) -> bytes: line i of the block (for the Python loop, which takes the lines the commit leaves) */
+static PyObject *Prepared_line(Prepared *Q, PyObject *arg) {
+    Py_ssize_t i = PyLong_AsSsize_t(arg);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    if (i < 0 || i >= Q->n) {
+        PyErr_SetString(PyExc_IndexError, "line index out of range");
+        return NULL;
+    }
+    if (PyList_Check(Q->block)) return Py_NewRef(PyList_GET_ITEM(Q->block, i));
+    return PyBytes_FromStringAndSize((const char *)Q->ptr[i], (Py_ssize_t)Q->len[i]);
+}
+
+static Py_ssize_t Prepared_len(Prepared *Q) { return Q->n; }
+
+static PyMethodDef Prepared_methods[] = {
+    {"line", (PyCFunction)Prepared_line, METH_O, "Line i of the block, as bytes."},
+    {NULL, NULL, 0, NULL}};
+static PySequenceMethods Prepared_seq = {.sq_length = (lenfunc)Prepared_len};
 
 static PyTypeObject PreparedType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "synthfactory.ingest._flatc.Prepared",
@@ -1713,6 +1736,8 @@ static PyTypeObject PreparedType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "A block parsed and flattened by Flattener.prepare, for Flattener.commit.",
     .tp_dealloc = (destructor)Prepared_dealloc,
+    .tp_methods = Prepared_methods,
+    .tp_as_sequence = &Prepared_seq,
 };
 
 static int grow(void **p, size_t *cap, size_t need, size_t size) {
@@ -1803,14 +1828,15 @@ static int prepare_line(Flat *F, Prepared *Q, linerec *rec, const uint8_t *s, si
     return 0;
 }
 
-/* prepare(block) -> Prepared: parse, flatten and key the block's lines with the GIL released */
+/* prepare(block) -> Prepared: parse, flatten and key the block's lines with the GIL released. block: a list
+ * of lines (bytes), or one bytes object of lines separated by newlines (split here, without the GIL: the
+ * last line is the text after the last newline, so b"a\nb" is two lines and b"" one empty line). */
 static PyObject *Flat_prepare(Flat *F, PyObject *block) {
     Prepared *Q;
     Py_ssize_t i;
-    const uint8_t **ptr;
-    size_t *len;
-    if (!PyList_Check(block)) {
-        PyErr_SetString(PyExc_TypeError, "block must be a list");
+    int chunk = PyBytes_CheckExact(block);
+    if (!chunk && !PyList_Check(block)) {
+        PyErr_SetString(PyExc_TypeError, "block must be a list or bytes");
         return NULL;
     }
     if (F->busy) {
@@ -1820,7 +1846,6 @@ static PyObject *Flat_prepare(Flat *F, PyObject *block) {
     Q = PyObject_New(Prepared, &PreparedType);
     if (!Q) return NULL;
     Q->block = Py_NewRef(block);
-    Q->n = PyList_GET_SIZE(block);
     Q->kind = F->kind;
     Q->ncols = KIND_NCOLS[F->kind];
     Q->oom = 0;
@@ -1828,28 +1853,51 @@ static PyObject *Flat_prepare(Flat *F, PyObject *block) {
     Q->nrows = Q->caprows = 0;
     Q->idents = NULL;
     Q->nidents = Q->capidents = 0;
+    Q->lines = NULL;
+    Q->ptr = NULL;
+    Q->len = NULL;
+    if (chunk) { /* count the lines first: one more than the newlines */
+        const uint8_t *s = (const uint8_t *)PyBytes_AS_STRING(block), *e = s + PyBytes_GET_SIZE(block), *q;
+        Py_ssize_t nl = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (q = s; q < e && (q = (const uint8_t *)memchr(q, '\n', (size_t)(e - q))) != NULL; q++) nl++;
+        Py_END_ALLOW_THREADS
+        Q->n = nl + 1;
+    } else {
+        Q->n = PyList_GET_SIZE(block);
+    }
     Q->lines = (linerec *)calloc((size_t)(Q->n ? Q->n : 1), sizeof(linerec));
-    ptr = (const uint8_t **)calloc((size_t)(Q->n ? Q->n : 1), sizeof(*ptr));
-    len = (size_t *)calloc((size_t)(Q->n ? Q->n : 1), sizeof(*len));
-    if (!Q->lines || !ptr || !len) {
-        free(ptr);
-        free(len);
+    Q->ptr = (const uint8_t **)calloc((size_t)(Q->n ? Q->n : 1), sizeof(*Q->ptr));
+    Q->len = (size_t *)calloc((size_t)(Q->n ? Q->n : 1), sizeof(*Q->len));
+    if (!Q->lines || !Q->ptr || !Q->len) {
         Py_DECREF(Q);
         return PyErr_NoMemory();
     }
-    for (i = 0; i < Q->n; i++) { /* the bytes stay alive: the Prepared holds the list, nobody changes it */
-        PyObject *raw = PyList_GET_ITEM(block, i);
-        if (PyBytes_CheckExact(raw)) {
-            ptr[i] = (const uint8_t *)PyBytes_AS_STRING(raw);
-            len[i] = (size_t)PyBytes_GET_SIZE(raw);
+    if (!chunk) {
+        for (i = 0; i < Q->n; i++) { /* the bytes stay alive: the Prepared holds the list, nobody changes it */
+            PyObject *raw = PyList_GET_ITEM(block, i);
+            if (PyBytes_CheckExact(raw)) {
+                Q->ptr[i] = (const uint8_t *)PyBytes_AS_STRING(raw);
+                Q->len[i] = (size_t)PyBytes_GET_SIZE(raw);
+            }
         }
     }
     F->busy = 1;
     Py_BEGIN_ALLOW_THREADS
+    if (chunk) {
+        const uint8_t *s = (const uint8_t *)PyBytes_AS_STRING(block), *e = s + PyBytes_GET_SIZE(block), *q;
+        for (i = 0; i < Q->n; i++) {
+            q = (const uint8_t *)memchr(s, '\n', (size_t)(e - s));
+            if (!q) q = e;
+            Q->ptr[i] = s;
+            Q->len[i] = (size_t)(q - s);
+            s = q + 1;
+        }
+    }
     for (i = 0; i < Q->n; i++) {
         Q->lines[i].status = FB;
-        if (!ptr[i]) continue;
-        if (prepare_line(F, Q, &Q->lines[i], ptr[i], len[i]) == -1) {
+        if (!Q->ptr[i]) continue;
+        if (prepare_line(F, Q, &Q->lines[i], Q->ptr[i], Q->len[i]) == -1) {
             Q->lines[i].status = FB;
             Q->oom = 1;
             break;
@@ -1857,8 +1905,6 @@ static PyObject *Flat_prepare(Flat *F, PyObject *block) {
     }
     Py_END_ALLOW_THREADS
     F->busy = 0;
-    free(ptr);
-    free(len);
     if (Q->oom) {
         Py_DECREF(Q);
         return PyErr_NoMemory();

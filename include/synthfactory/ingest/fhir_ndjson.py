@@ -127,16 +127,63 @@ def line_blocks(stream: Any, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
             carry = b""
         lines = chunk.split(b"\n")
         carry = lines.pop()
+        if len(chunk) > max_line_bytes:  # only then can a complete line in it be too long
+            for j, ln in enumerate(lines):
+                if ln is not None and len(ln) > max_line_bytes:
+                    lines[j] = _OVERSIZE
         if len(carry) > max_line_bytes:
             lines.append(_OVERSIZE)
             carry = b""
             skipping = True
-        elif len(chunk) > max_line_bytes:  # only then can a complete line in it be too long
-            for j, ln in enumerate(lines):
-                if ln is not None and len(ln) > max_line_bytes:
-                    lines[j] = _OVERSIZE
         if lines:
             yield lines
+    if carry and not skipping:
+        yield [carry if len(carry) <= max_line_bytes else _OVERSIZE]
+
+
+def chunk_blocks(stream: Any, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+                 block: int = READ_BLOCK) -> Iterator[Any]:
+    """:func:`line_blocks` for the compiled flatten: the same lines, in the same order, but a run of complete
+    lines comes as one ``bytes`` object (the lines joined by newlines, without the last one), which the
+    compiled ``prepare`` splits itself off the GIL; the rare blocks that hold a line over ``max_line_bytes``
+    (or the file's unterminated last line) still come as lists, like :func:`line_blocks`."""
+    if hasattr(stream, "read"):
+        read = stream.read
+        chunks: Iterator[bytes] = iter(lambda: read(block), b"")
+    else:
+        chunks = iter(stream)
+    carry = b""
+    skipping = False
+    for chunk in chunks:
+        if skipping:
+            i = chunk.find(b"\n")
+            if i < 0:
+                continue
+            skipping = False
+            chunk = chunk[i + 1:]
+            if not chunk:
+                continue
+        i = chunk.rfind(b"\n")
+        if i < 0:
+            carry = carry + chunk if carry else chunk
+            if len(carry) > max_line_bytes:
+                yield [_OVERSIZE]
+                carry = b""
+                skipping = True
+            continue
+        data = carry + chunk[:i] if carry else chunk[:i]
+        carry = chunk[i + 1:]
+        if len(data) > max_line_bytes:  # only then can a complete line in it be too long
+            lines = data.split(b"\n")
+            if any(len(ln) > max_line_bytes for ln in lines):
+                yield [ln if len(ln) <= max_line_bytes else _OVERSIZE for ln in lines]
+                data = None
+        if data is not None:
+            yield data
+        if len(carry) > max_line_bytes:
+            yield [_OVERSIZE]
+            carry = b""
+            skipping = True
     if carry and not skipping:
         yield [carry if len(carry) <= max_line_bytes else _OVERSIZE]
 
@@ -204,8 +251,11 @@ def ingest_ndjson(session: IngestSession, name: str, uri: str, rtype: str) -> No
     tf = time.perf_counter()
     stream: Any = gzip.GzipFile(fileobj=reader) if name.endswith(".gz") else reader
     chunks = prefetched(stream)
+    # the compiled flatten splits runs of whole lines itself (off the GIL); the Python loop gets lists of lines
+    split = chunk_blocks if session.native.get(rtype) is not None and len(session.producers[rtype]) == 1 \
+        else line_blocks
     try:
-        n_read, n_bad = _ingest_lines(session, fname, rtype, line_blocks(chunks, session.max_line_bytes))
+        n_read, n_bad = _ingest_lines(session, fname, rtype, split(chunks, session.max_line_bytes))
         reader.drain()  # every byte of the file is in the hash, even after a trailing gzip member
     except (gzip.BadGzipFile, EOFError, zlib.error):
         raise ExtractError(f"extract file {name} is not valid gzip or is truncated") from None
@@ -267,7 +317,8 @@ def _ingest_lines(session: IngestSession, fname: str, rtype: str, blocks: Iterab
     for block, prep in pairs:
         if len(ids_chunk) >= IDENTIFIER_CHUNK_ROWS:
             session.identifiers.maybe_spill()
-        pos, nblock = 0, len(block)
+        whole = type(block) is bytes  # a run of lines that the compiled prepare split (see chunk_blocks)
+        pos, nblock = 0, len(prep) if whole else len(block)
         while pos < nblock:
             if commit is None:
                 seg, pos = block, nblock
@@ -286,7 +337,7 @@ def _ingest_lines(session: IngestSession, fname: str, rtype: str, blocks: Iterab
                     continue
                 if why == 0:
                     break
-                seg, pos = block[pos:pos + 1], pos + 1
+                seg, pos = [prep.line(pos)] if whole else block[pos:pos + 1], pos + 1
             for raw in seg:
                 lineno += 1
                 if not raw:
