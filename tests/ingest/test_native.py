@@ -421,3 +421,36 @@ def test_prepare_splits_a_chunk_like_a_list(keyer):
     assert len(flat.prepare(b"")) == 1 and flat.prepare(b"").line(0) == b""
     with pytest.raises(IndexError):
         a.line(52)
+
+
+@pytest.mark.parametrize("chunk_rows", [1_000_000, 7])
+def test_identifier_sink_same_as_the_dict(tmp_path, monkeypatch, chunk_rows):
+    """The identifiers as Arrow buffers (what the compiled commit appends to), deduplicated with Arrow when they
+    spill, against the dict the module-less install keeps: the same values, each with the kind it was first
+    seen as; in first-seen order when nothing spilled. Small chunks force spills and the partitioned close."""
+    from synthfactory.ingest import session as S
+
+    monkeypatch.setattr(S, "IDENTIFIER_CHUNK_ROWS", chunk_rows)
+    r = random.Random(9)
+    adds = [(r.choice(["p1", "p2", "MRN1", "Main St 1", "\u00e9t\u00e9", "x" * 70, f"v{r.randint(0, 60)}"]),
+             r.choice(["id", "identifier", "name", "address"])) for _ in range(400)]
+    got = {}
+    for mode in ("columns", "dict"):
+        if mode == "dict":
+            monkeypatch.setattr(S.native_flatten, "columns", lambda schema: None)
+        ids = S._Identifiers(str(tmp_path / f"{mode}.parquet"))
+        assert (type(ids.chunk) is dict) == (mode == "dict")
+        for i, (v, k) in enumerate(adds):
+            ids.add(v, k)
+            if i % 5 == 0:
+                ids.maybe_spill()
+        ids.close()
+        got[mode] = pq.read_table(tmp_path / f"{mode}.parquet").to_pylist()
+        assert ids.count == len(got[mode])
+    first: dict[str, str] = {}
+    for v, k in adds:
+        first.setdefault(v, k)
+    for mode, rows in got.items():
+        assert {row["value"]: row["kind"] for row in rows} == first and len(rows) == len(first), mode
+    if chunk_rows > len(adds):
+        assert [row["value"] for row in got["columns"]] == list(first) == [row["value"] for row in got["dict"]]

@@ -1666,6 +1666,20 @@ static int add_identifier(PyObject *chunk, PyObject *value, PyObject *kind) {
     return PyDict_SetDefault(chunk, value, kind) ? 0 : -1; /* borrowed */
 }
 
+/* An identifier into a Columns("ss") sink (value, kind) as UTF-8 bytes: no Python object per value (the
+ * session deduplicates the sink's Arrow arrays when it spills, first kind wins). */
+static int add_identifier_cols(Columns *C, const uint8_t *v, size_t n, const char *kind) {
+    Py_ssize_t r = C->nrows;
+    colmark m[MAX_COLS];
+    cols_mark(C, m);
+    if (col_str(&C->cols[0], r, v, n) < 0 || col_str(&C->cols[1], r, kind, strlen(kind)) < 0) {
+        cols_rollback(C, m);
+        return -1;
+    }
+    C->nrows++;
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------------------------- */
 /* Two phases per block. prepare (a helper thread, GIL released): parse, flatten and key every line;  */
 /* nothing of Python is touched. commit (the ingest thread, GIL held): the checks against the        */
@@ -1914,6 +1928,7 @@ static PyObject *Flat_prepare(Flat *F, PyObject *block) {
 
 typedef struct {
     Columns *cols;
+    Columns *idcols; /* the identifiers sink when it is a Columns("ss"), else NULL (chunk is a dict) */
     PyObject *seen, *pkeys, *chunk;
     Py_ssize_t n_cand, vdone, vcap, vfirst;
     unsigned long long threshold, salt;
@@ -1965,10 +1980,17 @@ static int commit_line(Flat *F, Prepared *Q, runctx *X, const linerec *rec, Py_s
         return i < 0 ? -1 : FB; /* duplicate id: Python */
     }
     /* accepted: the side effects, in the Python loop's order */
-    if (add_identifier(X->chunk, rid, F->s_id) < 0) goto fail;
+    if (X->idcols) {
+        if (add_identifier_cols(X->idcols, rec->s + rec->rid_off, rec->rid_len, "id") < 0) goto fail;
+    } else if (add_identifier(X->chunk, rid, F->s_id) < 0) goto fail;
     for (i = 0; i < rec->nident; i++) {
         uint32_t off = Q->idents[2 * (rec->ident0 + i)], len = Q->idents[2 * (rec->ident0 + i) + 1];
-        PyObject *vs = PyUnicode_DecodeUTF8((const char *)rec->s + off, len, "strict");
+        PyObject *vs;
+        if (X->idcols) {
+            if (add_identifier_cols(X->idcols, rec->s + off, len, "identifier") < 0) goto fail;
+            continue;
+        }
+        vs = PyUnicode_DecodeUTF8((const char *)rec->s + off, len, "strict");
         if (!vs) goto fail;
         if (add_identifier(X->chunk, vs, F->s_identifier) < 0) {
             Py_DECREF(vs);
@@ -2017,10 +2039,21 @@ static PyObject *Flat_commit(Flat *F, PyObject *args) {
     Py_ssize_t start, lineno, batch_rows, pos, accepted = 0;
     runctx X;
     int why = 0;
-    if (!PyArg_ParseTuple(args, "O!nnO!O!OO!nnnnKKn", &PreparedType, &Q, &start, &lineno, &ColumnsType, &X.cols,
-                          &PySet_Type, &X.seen, &X.pkeys, &PyDict_Type, &X.chunk, &X.n_cand, &X.vdone, &X.vcap,
+    if (!PyArg_ParseTuple(args, "O!nnO!O!OOnnnnKKn", &PreparedType, &Q, &start, &lineno, &ColumnsType, &X.cols,
+                          &PySet_Type, &X.seen, &X.pkeys, &X.chunk, &X.n_cand, &X.vdone, &X.vcap,
                           &X.vfirst, &X.threshold, &X.salt, &batch_rows))
         return NULL;
+    X.idcols = NULL;
+    if (Py_IS_TYPE(X.chunk, &ColumnsType)) {
+        X.idcols = (Columns *)X.chunk;
+        if (X.idcols->ncols != 2 || X.idcols->cols[0].kind != COL_STR || X.idcols->cols[1].kind != COL_STR) {
+            PyErr_SetString(PyExc_ValueError, "the identifiers sink must be Columns('ss')");
+            return NULL;
+        }
+    } else if (!PyDict_CheckExact(X.chunk)) {
+        PyErr_SetString(PyExc_TypeError, "chunk must be a dict or Columns('ss')");
+        return NULL;
+    }
     if (X.pkeys != Py_None && !PySet_Check(X.pkeys)) {
         PyErr_SetString(PyExc_TypeError, "pkeys must be a set or None");
         return NULL;

@@ -147,10 +147,54 @@ class TableWriter:
         _unlink(self.local_path)
 
 
+def _first_seen(values: Any, kinds: Any) -> tuple[pa.Array, pa.Array]:
+    """(unique values in first-seen order, the kind each was first seen with) of string arrays or chunked
+    arrays: Arrow's hash memo gives the first-seen order, numpy the first position of each value."""
+    import numpy as np
+
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(kinds, pa.ChunkedArray):
+        kinds = kinds.combine_chunks()
+    if not len(values):
+        return values, kinds
+    enc = pc.dictionary_encode(values)
+    _, first = np.unique(enc.indices.to_numpy(zero_copy_only=False), return_index=True)
+    return enc.dictionary, kinds.take(pa.array(first))
+
+
+def _partitions(values: pa.Array, parts: int) -> pa.Array:
+    """A partition in [0, parts) of each (non-null) string, a function of its bytes alone (the same value
+    always lands in the same partition), vectorised: a mix of the byte sum, the length and the end bytes."""
+    import numpy as np
+
+    n = len(values)
+    if not n:
+        return pa.array([], pa.int8())
+    bufs = values.buffers()
+    offs = np.frombuffer(bufs[1], dtype=np.int32, count=n + 1, offset=values.offset * 4).astype(np.int64)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(1, np.uint8)
+    lens = offs[1:] - offs[:-1]
+    if len(data) == 0:
+        data = np.zeros(1, np.uint8)
+    starts = np.minimum(offs[:-1], len(data) - 1)
+    total = np.add.reduceat(data, starts, dtype=np.uint64)
+    total[lens == 0] = 0
+    last = data[np.clip(offs[1:] - 1, 0, len(data) - 1)].astype(np.uint64)
+    h = (total * np.uint64(0x9E3779B1) + lens.astype(np.uint64) * np.uint64(0x85EBCA77)
+         + last * np.uint64(0xC2B2AE3D)) & np.uint64(0xFFFFFFFF)
+    h = (h * np.uint64(0x27D4EB2F)) & np.uint64(0xFFFFFFFF)
+    return pa.array(((h >> np.uint64(16)) & np.uint64(parts - 1)).astype(np.int8))
+
+
 class _Identifiers:
-    """The direct identifiers seen, deduplicated per chunk in memory, spilled to ``PARTS`` files by a hash of
-    the value, and deduplicated across chunks one partition at a time at the end (first kind wins), so
-    memory stays bounded on large extracts (a value always lands in the same partition)."""
+    """The direct identifiers seen, spilled in chunks to ``PARTS`` files by a hash of the value and
+    deduplicated one partition at a time at the end (first kind wins), so memory stays bounded on large
+    extracts (a value always lands in the same partition).
+
+    With the compiled module the chunk is a ``Columns("ss")`` buffer of (value, kind) as Arrow buffers (the
+    compiled commit appends ids and identifier values to it without a Python object each; ``add`` appends
+    too) and it is deduplicated with Arrow when it spills; without it, a dict (deduplicated as it fills)."""
 
     PARTS = 8  # a power of 2
     _SPILL_SCHEMA = pa.schema([pa.field("value", pa.string()), pa.field("kind", pa.string()),
@@ -158,8 +202,17 @@ class _Identifiers:
 
     def __init__(self, local_path: str):
         self.local_path = local_path
-        self.chunk: dict[str, str] = {}
-        self.add = self.chunk.setdefault
+        self.chunk: Any = native_flatten.columns(IDENTIFIERS_SCHEMA)
+        if self.chunk is None:
+            self.chunk = {}
+            self.add = self.chunk.setdefault
+        else:
+            append = self.chunk.append
+
+            def add(value: str, kind: str) -> None:
+                append((value, kind))
+
+            self.add = add
         self._spills: list[pq.ParquetWriter | None] = [None] * self.PARTS
         self._seq = 0
         self.count = 0
@@ -171,14 +224,25 @@ class _Identifiers:
         if len(self.chunk) >= IDENTIFIER_CHUNK_ROWS:
             self._write_chunk()
 
+    def _take(self, unique: bool = True) -> tuple[pa.Array, pa.Array]:
+        """The chunk's (values, kinds), in first-seen order, unique if ``unique`` (a spill leaves that to
+        :meth:`close`); the chunk is empty afterwards."""
+        if type(self.chunk) is dict:
+            values = pa.array(list(self.chunk), pa.string())
+            kinds = pa.array(list(self.chunk.values()), pa.string())
+            self.chunk.clear()
+            return values, kinds
+        values, kinds = native_flatten.arrays(self.chunk, IDENTIFIERS_SCHEMA)
+        return _first_seen(values, kinds) if unique else (values, kinds)
+
     def _write_chunk(self) -> None:
-        if not self.chunk:
+        if not len(self.chunk):
             return
-        n = len(self.chunk)
-        parts = pa.array([hash(v) & (self.PARTS - 1) for v in self.chunk], pa.int8())  # PARTS is a power of 2
+        values, kinds = self._take(unique=False)
+        n = len(values)
+        parts = _partitions(values, self.PARTS)
         batch = pa.RecordBatch.from_arrays(
-            [pa.array(list(self.chunk), pa.string()), pa.array(list(self.chunk.values()), pa.string()),
-             pa.array(range(self._seq, self._seq + n), pa.int64())], schema=self._SPILL_SCHEMA)
+            [values, kinds, pa.array(range(self._seq, self._seq + n), pa.int64())], schema=self._SPILL_SCHEMA)
         self._seq += n
         for p in range(self.PARTS):
             sub = batch.filter(pc.equal(parts, p))
@@ -186,19 +250,19 @@ class _Identifiers:
                 continue
             w = self._spills[p]
             if w is None:
-                w = self._spills[p] = pq.ParquetWriter(self._spill_path(p), self._SPILL_SCHEMA, compression="zstd")
+                # a spill file lives until close: written plain (no compression, no dictionary), it costs little
+                w = self._spills[p] = pq.ParquetWriter(self._spill_path(p), self._SPILL_SCHEMA, compression="none",
+                                                       use_dictionary=False, write_statistics=False)
             w.write_batch(sub)
-        self.chunk.clear()
 
     def close(self) -> None:
         writer = pq.ParquetWriter(self.local_path, IDENTIFIERS_SCHEMA, compression="zstd")
         try:
-            if not any(self._spills):  # everything fitted in one chunk: already unique, in first-seen order
-                if self.chunk:
-                    writer.write_table(pa.table([pa.array(list(self.chunk), pa.string()),
-                                                 pa.array(list(self.chunk.values()), pa.string())],
-                                                schema=IDENTIFIERS_SCHEMA))
-                self.count = len(self.chunk)
+            if not any(self._spills):  # everything fitted in one chunk: unique, in first-seen order
+                if len(self.chunk):
+                    values, kinds = self._take()
+                    writer.write_table(pa.table([values, kinds], schema=IDENTIFIERS_SCHEMA))
+                    self.count = len(values)
             else:
                 self._write_chunk()
                 for p, w in enumerate(self._spills):
@@ -207,15 +271,17 @@ class _Identifiers:
                     w.close()
                     part = pq.read_table(self._spill_path(p))  # in first-seen (_i) order
                     # one row per value, in first-seen order, with the kind it was first seen as
-                    first = part.group_by("value", use_threads=False).aggregate([("kind", "first")])
-                    part = first.rename_columns(["value", "kind"]).cast(IDENTIFIERS_SCHEMA)
-                    writer.write_table(part)
-                    self.count += part.num_rows
-                    del part, first
+                    values, kinds = _first_seen(part.column("value"), part.column("kind"))
+                    writer.write_table(pa.table([values, kinds], schema=IDENTIFIERS_SCHEMA))
+                    self.count += len(values)
+                    del part, values, kinds
                     _unlink(self._spill_path(p))
         finally:
             writer.close()
-            self.chunk.clear()
+            if type(self.chunk) is dict:
+                self.chunk.clear()
+            else:
+                self.chunk.take()
 
     def abort(self) -> None:
         for p, w in enumerate(self._spills):
