@@ -399,14 +399,14 @@ def test_chunk_blocks_give_the_lines_of_line_blocks():
     def lines_of(blocks):
         out = []
         for b in blocks:
-            out.extend(b.split(b"\n") if type(b) is bytes else b)
+            out.extend(b if type(b) is list else bytes(b).split(b"\n"))
         return out
 
     r = random.Random(3)
-    for _ in range(300):
+    for _ in range(1000):
         parts = [r.choice([b"", b"{}", b"x" * r.randint(1, 40), b"\xc3\xa9", b"\r"]) for _ in range(r.randint(0, 30))]
         data = b"\n".join(parts) + r.choice([b"", b"\n", b"\n\n"])
-        cuts = sorted(r.sample(range(len(data) + 1), min(len(data), r.randint(0, 6))))
+        cuts = sorted(r.sample(range(len(data) + 1), min(len(data), r.randint(0, 20))))
         chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)]) if data[a:b]]
         limit = r.choice([8, 25, 1000])
         assert lines_of(chunk_blocks(iter(chunks), limit)) == lines_of(line_blocks(iter(chunks), limit)), (chunks, limit)
@@ -419,6 +419,11 @@ def test_prepare_splits_a_chunk_like_a_list(keyer):
     a, b = flat.prepare(b"\n".join(lines)), flat.prepare(lines)
     assert len(a) == len(b) == 52 and [a.line(i) for i in range(52)] == lines == [b.line(i) for i in range(52)]
     assert len(flat.prepare(b"")) == 1 and flat.prepare(b"").line(0) == b""
+    whole = b"junk\n" + b"\n".join(lines) + b"\ntail"
+    c = flat.prepare(memoryview(whole)[5:len(whole) - 5])  # a view of the chunk: no copy
+    assert len(c) == 52 and [c.line(i) for i in range(52)] == lines
+    with pytest.raises(TypeError):
+        flat.prepare(memoryview(bytearray(b"x")))
     with pytest.raises(IndexError):
         a.line(52)
 

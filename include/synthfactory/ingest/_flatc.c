@@ -1848,9 +1848,25 @@ static int prepare_line(Flat *F, Prepared *Q, linerec *rec, const uint8_t *s, si
 static PyObject *Flat_prepare(Flat *F, PyObject *block) {
     Prepared *Q;
     Py_ssize_t i;
-    int chunk = PyBytes_CheckExact(block);
-    if (!chunk && !PyList_Check(block)) {
-        PyErr_SetString(PyExc_TypeError, "block must be a list or bytes");
+    const uint8_t *cs = NULL; /* a chunk of lines: bytes, or a contiguous memoryview of bytes (no copy) */
+    Py_ssize_t cn = 0;
+    int chunk = 0;
+    if (PyBytes_CheckExact(block)) {
+        chunk = 1;
+        cs = (const uint8_t *)PyBytes_AS_STRING(block);
+        cn = PyBytes_GET_SIZE(block);
+    } else if (PyMemoryView_Check(block)) {
+        Py_buffer *view = PyMemoryView_GET_BUFFER(block);
+        if (!PyBuffer_IsContiguous(view, 'C') || view->itemsize != 1 || view->obj == NULL ||
+            !PyBytes_CheckExact(view->obj)) {
+            PyErr_SetString(PyExc_TypeError, "a memoryview block must be a contiguous view of bytes");
+            return NULL;
+        }
+        chunk = 1;
+        cs = (const uint8_t *)view->buf;
+        cn = view->len;
+    } else if (!PyList_Check(block)) {
+        PyErr_SetString(PyExc_TypeError, "block must be a list, bytes or a memoryview of bytes");
         return NULL;
     }
     if (F->busy) {
@@ -1871,7 +1887,7 @@ static PyObject *Flat_prepare(Flat *F, PyObject *block) {
     Q->ptr = NULL;
     Q->len = NULL;
     if (chunk) { /* count the lines first: one more than the newlines */
-        const uint8_t *s = (const uint8_t *)PyBytes_AS_STRING(block), *e = s + PyBytes_GET_SIZE(block), *q;
+        const uint8_t *s = cs, *e = cs + cn, *q;
         Py_ssize_t nl = 0;
         Py_BEGIN_ALLOW_THREADS
         for (q = s; q < e && (q = (const uint8_t *)memchr(q, '\n', (size_t)(e - q))) != NULL; q++) nl++;
@@ -1899,7 +1915,7 @@ static PyObject *Flat_prepare(Flat *F, PyObject *block) {
     F->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     if (chunk) {
-        const uint8_t *s = (const uint8_t *)PyBytes_AS_STRING(block), *e = s + PyBytes_GET_SIZE(block), *q;
+        const uint8_t *s = cs, *e = cs + cn, *q;
         for (i = 0; i < Q->n; i++) {
             q = (const uint8_t *)memchr(s, '\n', (size_t)(e - s));
             if (!q) q = e;

@@ -70,6 +70,19 @@ class _HashingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def read(self, size: int = -1) -> bytes:
+        """``size`` bytes (fewer at the end) straight from the underlying stream: no intermediate buffer."""
+        if size is None or size < 0:
+            return self.readall()
+        read = getattr(self._raw, "read", None)
+        if read is None:
+            return super().read(size)
+        data = read(size)
+        if data:
+            self._h.update(data)
+            self.nbytes += len(data)
+        return data or b""
+
     def readinto(self, b: Any) -> int:
         readinto = getattr(self._raw, "readinto", None)
         if readinto is not None:
@@ -144,9 +157,10 @@ def line_blocks(stream: Any, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 def chunk_blocks(stream: Any, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
                  block: int = READ_BLOCK) -> Iterator[Any]:
     """:func:`line_blocks` for the compiled flatten: the same lines, in the same order, but a run of complete
-    lines comes as one ``bytes`` object (the lines joined by newlines, without the last one), which the
-    compiled ``prepare`` splits itself off the GIL; the rare blocks that hold a line over ``max_line_bytes``
-    (or the file's unterminated last line) still come as lists, like :func:`line_blocks`."""
+    lines within one chunk comes as a ``memoryview`` of the chunk (the lines separated by newlines, without
+    the last one: no copy), which the compiled ``prepare`` splits itself off the GIL. A line that spans
+    chunks, a line over ``max_line_bytes`` (a marker) and the file's unterminated last line come as lists,
+    like :func:`line_blocks`."""
     if hasattr(stream, "read"):
         read = stream.read
         chunks: Iterator[bytes] = iter(lambda: read(block), b"")
@@ -155,31 +169,37 @@ def chunk_blocks(stream: Any, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     carry = b""
     skipping = False
     for chunk in chunks:
+        start = 0
         if skipping:
             i = chunk.find(b"\n")
             if i < 0:
                 continue
             skipping = False
-            chunk = chunk[i + 1:]
-            if not chunk:
-                continue
-        i = chunk.rfind(b"\n")
-        if i < 0:
-            carry = carry + chunk if carry else chunk
+            start = i + 1
+        last = chunk.rfind(b"\n")
+        if last < start:  # no newline after start: the chunk continues the carried line
+            carry = carry + chunk[start:] if carry else chunk[start:]
             if len(carry) > max_line_bytes:
                 yield [_OVERSIZE]
                 carry = b""
                 skipping = True
             continue
-        data = carry + chunk[:i] if carry else chunk[:i]
-        carry = chunk[i + 1:]
-        if len(data) > max_line_bytes:  # only then can a complete line in it be too long
-            lines = data.split(b"\n")
-            if any(len(ln) > max_line_bytes for ln in lines):
-                yield [ln if len(ln) <= max_line_bytes else _OVERSIZE for ln in lines]
-                data = None
-        if data is not None:
-            yield data
+        if carry:  # the line that spans chunks: its own one-line block
+            j = chunk.find(b"\n", start)
+            line = carry + chunk[start:j]
+            carry = b""
+            yield [line if len(line) <= max_line_bytes else _OVERSIZE]
+            start = j + 1
+        if last >= start:
+            if last - start > max_line_bytes:  # only then can a complete line in it be too long
+                lines = chunk[start:last].split(b"\n")
+                if any(len(ln) > max_line_bytes for ln in lines):
+                    yield [ln if len(ln) <= max_line_bytes else _OVERSIZE for ln in lines]
+                else:
+                    yield memoryview(chunk)[start:last]
+            else:
+                yield memoryview(chunk)[start:last]
+        carry = chunk[last + 1:]
         if len(carry) > max_line_bytes:
             yield [_OVERSIZE]
             carry = b""
@@ -317,7 +337,7 @@ def _ingest_lines(session: IngestSession, fname: str, rtype: str, blocks: Iterab
     for block, prep in pairs:
         if len(ids_chunk) >= IDENTIFIER_CHUNK_ROWS:
             session.identifiers.maybe_spill()
-        whole = type(block) is bytes  # a run of lines that the compiled prepare split (see chunk_blocks)
+        whole = type(block) is not list  # a run of lines that the compiled prepare split (see chunk_blocks)
         pos, nblock = 0, len(prep) if whole else len(block)
         while pos < nblock:
             if commit is None:

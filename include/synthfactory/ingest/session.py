@@ -108,7 +108,9 @@ class TableWriter:
         self.buf: Any = []  # row tuples; or a native.columns buffer, which takes them too
         self.rows = 0
         self.background = background
-        self._writer = pq.ParquetWriter(local_path, schema, compression="zstd")
+        # the pseudonymous keys are unique HMACs: a dictionary would only be built to be dropped
+        self._writer = pq.ParquetWriter(local_path, schema, compression="zstd",
+                                        use_dictionary=[f.name for f in schema if not f.name.endswith("_key")])
 
     def flush(self) -> None:
         n = len(self.buf)
