@@ -388,10 +388,12 @@ static const char *ROOT_KEYS[] = {
     "onsetDateTime", "onsetPeriod", "clinicalStatus"};
 #define N_ROOT_KEYS (sizeof(ROOT_KEYS) / sizeof(ROOT_KEYS[0]))
 
+static size_t ROOT_KEY_LEN[N_ROOT_KEYS]; /* filled once at import (no strlen per key and line) */
+
 static int root_key_kept(const uint8_t *k, uint32_t n) {
     size_t i;
     for (i = 0; i < N_ROOT_KEYS; i++)
-        if (strlen(ROOT_KEYS[i]) == n && memcmp(ROOT_KEYS[i], k, n) == 0) return 1;
+        if (ROOT_KEY_LEN[i] == n && memcmp(ROOT_KEYS[i], k, n) == 0) return 1;
     return 0;
 }
 
@@ -1990,10 +1992,16 @@ static int commit_line(Flat *F, Prepared *Q, runctx *X, const linerec *rec, Py_s
     }
     rid = PyUnicode_DecodeUTF8((const char *)rec->s + rec->rid_off, rec->rid_len, "strict");
     if (!rid) return -1;
-    i = PySet_Contains(X->seen, rid);
-    if (i != 0) {
-        Py_DECREF(rid);
-        return i < 0 ? -1 : FB; /* duplicate id: Python */
+    { /* one set operation: added now (the rest below only fails on memory, which ends the ingest) */
+        Py_ssize_t before = PySet_GET_SIZE(X->seen);
+        if (PySet_Add(X->seen, rid) < 0) {
+            Py_DECREF(rid);
+            return -1;
+        }
+        if (PySet_GET_SIZE(X->seen) == before) {
+            Py_DECREF(rid);
+            return FB; /* duplicate id: Python */
+        }
     }
     /* accepted: the side effects, in the Python loop's order */
     if (X->idcols) {
@@ -2035,7 +2043,6 @@ static int commit_line(Flat *F, Prepared *Q, runctx *X, const linerec *rec, Py_s
         }
         C->nrows++;
     }
-    if (PySet_Add(X->seen, rid) < 0) goto fail;
     Py_DECREF(rid);
     X->n_cand++;
     return 0;
@@ -2220,6 +2227,10 @@ static struct PyModuleDef flatc_module = {PyModuleDef_HEAD_INIT, "_flatc",
                                           NULL};
 
 PyMODINIT_FUNC PyInit__flatc(void) {
+    {
+        size_t k;
+        for (k = 0; k < N_ROOT_KEYS; k++) ROOT_KEY_LEN[k] = strlen(ROOT_KEYS[k]);
+    }
     PyObject *m;
     if (!c_locale) c_locale = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
     if (!c_locale) return PyErr_NoMemory();
