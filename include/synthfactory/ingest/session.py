@@ -166,8 +166,9 @@ def _first_seen(values: Any, kinds: Any) -> tuple[pa.Array, pa.Array]:
 
 
 def _partitions(values: pa.Array, parts: int) -> pa.Array:
-    """A partition in [0, parts) of each (non-null) string, a function of its bytes alone (the same value
-    always lands in the same partition), vectorised: a mix of the byte sum, the length and the end bytes."""
+    """A partition in [0, parts) of each string, a function of its bytes alone (the same value always lands in
+    the same partition), vectorised over the Arrow buffers: a mix of the length and of a few bytes (the last
+    four, the first, the middle one), gathered without converting the whole data buffer."""
     import numpy as np
 
     n = len(values)
@@ -175,18 +176,16 @@ def _partitions(values: pa.Array, parts: int) -> pa.Array:
         return pa.array([], pa.int8())
     bufs = values.buffers()
     offs = np.frombuffer(bufs[1], dtype=np.int32, count=n + 1, offset=values.offset * 4).astype(np.int64)
-    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(1, np.uint8)
-    lens = offs[1:] - offs[:-1]
-    if len(data) == 0:
-        data = np.zeros(1, np.uint8)
-    starts = np.minimum(offs[:-1], len(data) - 1)
-    total = np.add.reduceat(data, starts, dtype=np.uint64)
-    total[lens == 0] = 0
-    last = data[np.clip(offs[1:] - 1, 0, len(data) - 1)].astype(np.uint64)
-    h = (total * np.uint64(0x9E3779B1) + lens.astype(np.uint64) * np.uint64(0x85EBCA77)
-         + last * np.uint64(0xC2B2AE3D)) & np.uint64(0xFFFFFFFF)
-    h = (h * np.uint64(0x27D4EB2F)) & np.uint64(0xFFFFFFFF)
-    return pa.array(((h >> np.uint64(16)) & np.uint64(parts - 1)).astype(np.int8))
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None and bufs[2].size else np.zeros(1, np.uint8)
+    start, end = offs[:-1], offs[1:]
+    lens = end - start
+    top = len(data) - 1
+    h = lens.astype(np.uint64) * np.uint64(0x9E3779B1)
+    for k, pos in enumerate((end - 1, end - 2, end - 3, end - 4, start, start + lens // 2)):
+        byte = data[np.clip(pos, 0, top)].astype(np.uint64)
+        byte[(pos < start) | (pos >= end)] = 0  # shorter than the position: no byte there
+        h = ((h ^ byte) * np.uint64(0x100000001B3 + 2 * k)) & np.uint64(0xFFFFFFFFFFFF)
+    return pa.array(((h >> np.uint64(20)) & np.uint64(parts - 1)).astype(np.int8))
 
 
 class _Identifiers:
