@@ -428,8 +428,8 @@ def test_prepare_splits_a_chunk_like_a_list(keyer):
         a.line(52)
 
 
-@pytest.mark.parametrize("chunk_rows", [1_000_000, 7])
-def test_identifier_sink_same_as_the_dict(tmp_path, monkeypatch, chunk_rows):
+@pytest.mark.parametrize("chunk_rows,threaded", [(1_000_000, False), (7, False), (7, True)])
+def test_identifier_sink_same_as_the_dict(tmp_path, monkeypatch, chunk_rows, threaded):
     """The identifiers as Arrow buffers (what the compiled commit appends to), deduplicated with Arrow when they
     spill, against the dict the module-less install keeps: the same values, each with the kind it was first
     seen as; in first-seen order when nothing spilled. Small chunks force spills and the partitioned close."""
@@ -443,13 +443,16 @@ def test_identifier_sink_same_as_the_dict(tmp_path, monkeypatch, chunk_rows):
     for mode in ("columns", "dict"):
         if mode == "dict":
             monkeypatch.setattr(S.native_flatten, "columns", lambda schema: None)
-        ids = S._Identifiers(str(tmp_path / f"{mode}.parquet"))
+        bg = S._BackgroundWriter() if threaded else None  # spills written on the session's writer thread
+        ids = S._Identifiers(str(tmp_path / f"{mode}.parquet"), bg)
         assert (type(ids.chunk) is dict) == (mode == "dict")
         for i, (v, k) in enumerate(adds):
             ids.add(v, k)
             if i % 5 == 0:
                 ids.maybe_spill()
         ids.close()
+        if bg is not None:
+            bg.shutdown()
         got[mode] = pq.read_table(tmp_path / f"{mode}.parquet").to_pylist()
         assert ids.count == len(got[mode])
     first: dict[str, str] = {}

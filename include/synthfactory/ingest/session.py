@@ -201,8 +201,9 @@ class _Identifiers:
     _SPILL_SCHEMA = pa.schema([pa.field("value", pa.string()), pa.field("kind", pa.string()),
                                pa.field("_i", pa.int64())])
 
-    def __init__(self, local_path: str):
+    def __init__(self, local_path: str, background: _BackgroundWriter | None = None):
         self.local_path = local_path
+        self._background = background  # spills are partitioned and written there, off the ingest thread
         self.chunk: Any = native_flatten.columns(IDENTIFIERS_SCHEMA)
         if self.chunk is None:
             self.chunk = {}
@@ -236,15 +237,22 @@ class _Identifiers:
         values, kinds = native_flatten.arrays(self.chunk, IDENTIFIERS_SCHEMA)
         return _first_seen(values, kinds) if unique else (values, kinds)
 
-    def _write_chunk(self) -> None:
+    def _write_chunk(self, sync: bool = False) -> None:
         if not len(self.chunk):
             return
         values, kinds = self._take(unique=False)
         n = len(values)
-        parts = _partitions(values, self.PARTS)
-        batch = pa.RecordBatch.from_arrays(
-            [values, kinds, pa.array(range(self._seq, self._seq + n), pa.int64())], schema=self._SPILL_SCHEMA)
+        seq = pa.array(range(self._seq, self._seq + n), pa.int64())
         self._seq += n
+        if self._background is not None and not sync:
+            self._background.submit(self._spill, values, kinds, seq)
+        else:
+            self._spill(values, kinds, seq)
+
+    def _spill(self, values: pa.Array, kinds: pa.Array, seq: pa.Array) -> None:
+        """Write one chunk to the partition files (FIFO on the background writer: the files keep seq order)."""
+        parts = _partitions(values, self.PARTS)
+        batch = pa.RecordBatch.from_arrays([values, kinds, seq], schema=self._SPILL_SCHEMA)
         for p in range(self.PARTS):
             sub = batch.filter(pc.equal(parts, p))
             if not sub.num_rows:
@@ -265,7 +273,9 @@ class _Identifiers:
                     writer.write_table(pa.table([values, kinds], schema=IDENTIFIERS_SCHEMA))
                     self.count = len(values)
             else:
-                self._write_chunk()
+                if self._background is not None:
+                    self._background.wait()  # the spills in flight
+                self._write_chunk(sync=True)
                 for p, w in enumerate(self._spills):
                     if w is None:
                         continue
@@ -441,7 +451,7 @@ class IngestSession:
         self.q_uri = join(self.out_uri, QUARANTINE_FILE)
         self.q_local = self._local_for(self.q_uri, QUARANTINE_FILE)
         self.ids_uri = join(self.out_uri, IDENTIFIERS_FILE)
-        self.identifiers = _Identifiers(self._local_for(self.ids_uri, IDENTIFIERS_FILE))
+        self.identifiers = _Identifiers(self._local_for(self.ids_uri, IDENTIFIERS_FILE), self.background)
         self.qfh = open(self.q_local, "wb")
         self._closed = False
         flatteners = make_flatteners(self.key, self.value_rules) if engine == "fast" else {}
