@@ -268,7 +268,7 @@ class _Identifiers:
             w.write_batch(sub)
 
     def close(self) -> None:
-        writer = pq.ParquetWriter(self.local_path, IDENTIFIERS_SCHEMA, compression="zstd")
+        writer = pq.ParquetWriter(self.local_path, IDENTIFIERS_SCHEMA, compression="zstd", use_dictionary=["kind"])
         try:
             if not any(self._spills):  # everything fitted in one chunk: unique, in first-seen order
                 if len(self.chunk):
