@@ -152,10 +152,14 @@ def build_extract(base: Path, n: int, *, gz: bool = False, jobs: int = 2) -> Pat
 # --------------------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------------------
-def write_spec(folder: Path, name: str, extract: Path, staging: Path) -> Path:
+def write_spec(folder: Path, name: str, extract: Path, staging: Path, include: Path | None = None) -> Path:
+    """The demo spec of the code tree being measured (an older tree refuses a newer spec's fields)."""
     import yaml
 
-    data = yaml.safe_load((ROOT / "include/datasets/cohort_demo.yaml").read_text())
+    template = include / "datasets" / "cohort_demo.yaml" if include is not None else None
+    if template is None or not template.is_file():
+        template = ROOT / "include/datasets/cohort_demo.yaml"
+    data = yaml.safe_load(template.read_text())
     data.update(name=name, schedule=None)
     data["source"]["uri"] = str(extract)
     data["staging"]["uri"] = str(staging)
@@ -173,7 +177,7 @@ def run_once(code: str, include: Path, extract: Path, n: int, work: Path, timeou
 
     run_dir = work / f"{code}_n{n}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    spec = write_spec(run_dir, "scale_bench", extract, run_dir / "staging")
+    spec = write_spec(run_dir, "scale_bench", extract, run_dir / "staging", include)
     env = {**os.environ, "PYTHONPATH": str(include)}
     cmd = [venv_bin("synthfactory"), "run", str(spec), "--extract", str(extract), "--out", str(run_dir / "out"),
            "--run-id", f"scale_{code}_{n}"]
