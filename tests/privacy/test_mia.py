@@ -255,3 +255,17 @@ def test_privacy_stage_is_routed_to_the_gpu_queue_only_for_neural_shadow_trainin
     no_shadow = parse_spec({**base, "synthesizer": {"kind": "ctgan"}, "privacy": {"mia": {"attacks": ["domias"]}}})
     assert not stage_gpu_routed(no_shadow, "privacy")
     assert not stage_gpu_routed(parse_spec({**base, "synthesizer": {"kind": "cart"}}), "privacy")
+
+
+def test_kde_and_knn_blocks_bounded_by_reference_size_same_result(monkeypatch):
+    """Dense blocks hold at most MAX_BLOCK_ELEMENTS distances whatever the reference size (memory at 200k
+    patients), and the figures do not depend on the block size."""
+    import synthfactory.privacy.mia as mia_mod
+
+    rng = np.random.default_rng(3)
+    q, p = rng.normal(size=(300, 6)), rng.normal(size=(900, 6))
+    full_kde, full_knn = mia_mod._log_kde(q, p, 0.7), mia_mod._knn(q, p, 3)
+    monkeypatch.setattr(mia_mod, "MAX_BLOCK_ELEMENTS", 900 * 7)
+    assert mia_mod._rows_per_block(2048, 900) == 7
+    np.testing.assert_allclose(mia_mod._log_kde(q, p, 0.7), full_kde, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mia_mod._knn(q, p, 3), full_knn, rtol=1e-12, atol=1e-12)

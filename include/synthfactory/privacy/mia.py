@@ -67,7 +67,7 @@ import numpy as np
 import pandas as pd
 
 from synthfactory.privacy.encoding import Layout, encode_with_layout
-from synthfactory.privacy.neighbors import nearest_encoded, nearest_neighbors
+from synthfactory.privacy.neighbors import MAX_BLOCK_ELEMENTS, nearest_encoded, nearest_neighbors
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +140,18 @@ def roc_figures(member: np.ndarray, nonmember: np.ndarray, *, bootstrap: int = 2
 # ------------------------------------------------------------------------------------------------
 # distances and kernel densities
 # ------------------------------------------------------------------------------------------------
+def _rows_per_block(block: int, reference_rows: int) -> int:
+    """Query rows per dense block: at most ``block``, and a ``rows x reference_rows`` block of at most
+    :data:`~.neighbors.MAX_BLOCK_ELEMENTS` (a fixed row count against 160k reference rows held 2.6 GB per
+    temporary at 200k patients)."""
+    return max(1, min(int(block), MAX_BLOCK_ELEMENTS // max(1, int(reference_rows))))
+
+
 def _knn(query: np.ndarray, reference: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
     """Distances ``(n, k)`` to the ``k`` nearest reference rows, ascending (dense BLAS blocks)."""
     q = np.asarray(query, dtype=np.float64)
     r = np.asarray(reference, dtype=np.float64)
+    block = _rows_per_block(block, len(r))
     mu = r.mean(axis=0)
     q, r = q - mu, r - mu
     rr = np.einsum("ij,ij->i", r, r)
@@ -174,6 +182,7 @@ def _log_kde(query: np.ndarray, points: np.ndarray, h: float, self_index: np.nda
     ``self_index[i]`` out of row ``i``'s estimate (leave-one-out)."""
     q = np.asarray(query, dtype=np.float64)
     p = np.asarray(points, dtype=np.float64)
+    block = _rows_per_block(block, len(p))
     mu = p.mean(axis=0)
     q, p = q - mu, p - mu
     pp = np.einsum("ij,ij->i", p, p)
