@@ -4,13 +4,16 @@ attacker knows only *part* of it.
 The attacker of a target patient knows the patient's sex and birth year and ``known_events`` of their
 clinical events: a random subset of their distinct coded concepts (condition, observation, medication,
 procedure codes: every child table with a ``code`` and an event-time column), each with one of its dates,
-known only approximately (uniform jitter of +- ``jitter_days``). Members are real train patients (the
+known only approximately (uniform jitter of +- ``jitter_days``, default 7: the week). The date precision
+matters: on the clinosim cohorts most events of all patients fall within one year, so codes known to +- 30 days
+barely identify anyone (a release of copied train records scores AUC 0.81 there, 0.96 at +- 7 days; see
+bench/results/relational_privacy.md). Members are real train patients (the
 synthesizer saw their records), non-members real held-out patients. Three figures:
 
 ``partial_distance``
     The partial-knowledge distance of the target's known facts to the closest synthetic record, smaller =
     member. Per known event: 0 when the record holds the same code on the same (approximate) day, rising
-    to 0.5 at ``tau_days`` or more apart, 1 when the record lacks the code; sex mismatch 1, birth-year
+    to 0.5 at ``tau_days`` (default 30) or more apart, 1 when the record lacks the code; sex mismatch 1, birth-year
     difference / 5 (at most 1); averaged over the known facts. A record sharing all the known events on
     their dates is at distance ~0.
 
@@ -200,7 +203,7 @@ def _demographic_cost(know: Knowledge, records: Records) -> np.ndarray:
     return sex + np.nan_to_num(np.minimum(dy, 1.0), nan=1.0)
 
 
-def partial_distances(know: Knowledge, records: Records, tau_days: float = 180.0) -> np.ndarray:
+def partial_distances(know: Knowledge, records: Records, tau_days: float = 30.0) -> np.ndarray:
     """``(targets, records)`` partial-knowledge distances (see the module docstring), in [0, 1]."""
     total = _demographic_cost(know, records)
     for t, gaps in _min_gaps(know, records, exact=False):
@@ -242,8 +245,8 @@ def _domias(d_mem_syn, d_non_syn, d_mem_ref, d_non_ref_loo, h) -> tuple[np.ndarr
 
 
 def record_mia(train: Mapping[str, pd.DataFrame], holdout: Mapping[str, pd.DataFrame],
-               synthetic: Mapping[str, pd.DataFrame], *, known_events: int = 3, jitter_days: int = 30,
-               tau_days: float = 180.0, resplits: int = 10, bootstrap: int = 200, max_rows: int = 2000,
+               synthetic: Mapping[str, pd.DataFrame], *, known_events: int = 3, jitter_days: int = 7,
+               tau_days: float = 30.0, resplits: int = 10, bootstrap: int = 200, max_rows: int = 2000,
                seed: int = 0) -> dict[str, Any]:
     """The record-level attacks (see the module docstring) on ``synthetic``, beside their real-data
     reference. ``train`` / ``holdout`` / ``synthetic``: relational tables (``patient`` and its children)."""

@@ -122,14 +122,14 @@ def record_privacy(train: Mapping[str, pd.DataFrame], holdout: Mapping[str, pd.D
 
 def record_audit(train: Mapping[str, pd.DataFrame], holdout: Mapping[str, pd.DataFrame],
                  synthetic: Mapping[str, pd.DataFrame], *, resplits: int = 10, bootstrap: int = 200,
-                 known_events: int = 3, jitter_days: int = 30, seed: int = 0) -> dict[str, Any]:
+                 known_events: int = 3, jitter_days: int = 7, tau_days: float = 30.0, seed: int = 0) -> dict[str, Any]:
     """Every record-level privacy figure: :func:`record_privacy` (exact match, DCR share) and the
     partial-knowledge membership-inference attacks of :mod:`.record_mia`, each beside its real-data reference."""
     from synthfactory.privacy.record_mia import record_mia
 
     return {"vectors": record_privacy(train, holdout, synthetic, seed=seed, resplits=resplits),
             "mia": record_mia(train, holdout, synthetic, known_events=known_events, jitter_days=jitter_days,
-                              resplits=resplits, bootstrap=bootstrap, seed=seed)}
+                              tau_days=tau_days, resplits=resplits, bootstrap=bootstrap, seed=seed)}
 
 
 def _r4(v: Any) -> Any:
@@ -170,6 +170,7 @@ def summarise_record_audit(audit: Mapping[str, Any]) -> dict[str, Any]:
         attacks[name] = a
     out["mia"] = attacks
     out["known_events"] = mia.get("known_events")
+    out["date_jitter_days"] = mia.get("jitter_days")
     out["members"], out["nonmembers"] = mia.get("members"), mia.get("nonmembers")
     out["resplits"] = mref.get("resplits")
     return out

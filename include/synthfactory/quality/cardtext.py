@@ -87,7 +87,7 @@ PRIVACY_MEANINGS: dict[str, str] = {
     "record.partial_exact_match_rate_nonmembers": "The same share for unseen real patients (what coincidence "
                                                   "alone gives; not gated).",
     "record.mia.partial_distance.auc": "Record-level membership inference: an attacker who knows a patient's sex, "
-                                       "birth year and a few of their events with approximate dates tells training "
+                                       "birth year and a few of their events with approximate dates (± date_jitter_days) tells training "
                                        "patients from unseen ones by the closest synthetic record (ROC AUC: 0.5 = "
                                        "chance, 1 = always right).",
     "record.mia.partial_domias.auc": "Record-level membership inference, density variant (DOMIAS): the same "
@@ -95,6 +95,7 @@ PRIVACY_MEANINGS: dict[str, str] = {
                                      "unseen real records around it (0.5 = chance).",
     "record.known_events": "Events of each target patient the record-level attacker knows (codes with "
                            "approximate dates, besides sex and birth year).",
+    "record.date_jitter_days": "How precisely the record-level attacker knows each event's date (± days).",
     "record.resplits": "Re-splits of the real patients behind each record-level reference (fresh real records "
                        "playing the release).",
 }
