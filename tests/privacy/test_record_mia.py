@@ -112,3 +112,23 @@ def test_the_gate_refuses_a_relational_release_without_record_figures_and_the_ca
     assert rows["record.mia.partial_distance.auc"]["interval"] is not None
     assert all(r["meaning"] != NO_MEANING for n, r in rows.items() if n.startswith("record.")), \
         [n for n, r in rows.items() if r["meaning"] == NO_MEANING]
+
+
+def test_record_rates_tolerate_a_coincidence_but_not_a_pattern():
+    def rec(rate):
+        return {"record": {"exact_match_rate": 0.0, "exact_match_rate_reference": {"mean": 0.0, "sd": 0.0},
+                           "synthetic_records": 800, "dcr_share": 0.5, "dcr_share_reference": {"mean": 0.5, "sd": 0.03},
+                           "partial_exact_match_rate": rate, "partial_exact_match_targets": 800,
+                           "partial_exact_match_rate_reference": {"mean": 0.0, "sd": 0.0},
+                           "mia": {a: {"status": "skipped", "reason": "test"} for a in ("partial_distance",
+                                                                                     "partial_domias")}}}
+
+    def passed(rate):
+        return {c.name: c.passed for c in record_checks(rec(rate), PrivacyThresholds())}
+    assert passed(2 / 800)["record.partial_exact_match_rate"]  # two coincidences in 800: binomial noise
+    assert not passed(8 / 800)["record.partial_exact_match_rate"]
+    assert not any(n.startswith("record.mia.") for n in passed(0.0))  # skipped for a stated reason: no check
+    missing = rec(0.0)
+    del missing["record"]["mia"]["partial_domias"]
+    assert not {c.name: c.passed for c in record_checks(missing, PrivacyThresholds())}[
+        "record.mia.partial_domias.measured"]

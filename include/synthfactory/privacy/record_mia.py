@@ -293,6 +293,7 @@ def record_mia(train: Mapping[str, pd.DataFrame], holdout: Mapping[str, pd.DataF
     out["attacks"] = attacks
     out["partial_exact_match_rate"] = _unique_share(e_rs, mem[has_events[mem]])
     out["partial_exact_match_rate_nonmembers"] = _unique_share(e_rs, non[has_events[non]])
+    out["partial_exact_match_targets"] = int(has_events[mem].sum())
     out["reference"] = _reference(d_rr, e_rr, has_events, n_ho_share=n_ho / max(n_real, 1), resplits=resplits,
                                   rng=rng)
     return out

@@ -152,7 +152,9 @@ def summarise_record_audit(audit: Mapping[str, Any]) -> dict[str, Any]:
     for k in ("exact_match_rate", "dcr_share"):
         out[k] = _r4((vec.get("synthetic") or {}).get(k))
         out[f"{k}_reference"] = _small(vref.get(k))
+    out["synthetic_records"] = (vec.get("records") or {}).get("synthetic")
     out["partial_exact_match_rate"] = _r4(mia.get("partial_exact_match_rate"))
+    out["partial_exact_match_targets"] = mia.get("partial_exact_match_targets")
     out["partial_exact_match_rate_reference"] = _small(mref.get("partial_exact_match_rate"))
     out["partial_exact_match_rate_nonmembers"] = _r4(mia.get("partial_exact_match_rate_nonmembers"))
     attacks: dict[str, dict] = {}

@@ -95,6 +95,9 @@ PRIVACY_MEANINGS: dict[str, str] = {
                                      "unseen real records around it (0.5 = chance).",
     "record.known_events": "Events of each target patient the record-level attacker knows (codes with "
                            "approximate dates, besides sex and birth year).",
+    "record.synthetic_records": "Synthetic patient records the record-level figures were measured on.",
+    "record.partial_exact_match_targets": "Training patients (with at least one event) the partial exact-match "
+                                          "attack targeted.",
     "record.date_jitter_days": "How precisely the record-level attacker knows each event's date (± days).",
     "record.resplits": "Re-splits of the real patients behind each record-level reference (fresh real records "
                        "playing the release).",

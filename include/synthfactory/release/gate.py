@@ -204,6 +204,10 @@ def record_checks(privacy: dict, pt: PrivacyThresholds) -> list[Check]:
     * ``record.exact_match_rate`` / ``record.dcr_share``: the record vectors' exact match and DCR share (caps:
       ``max_exact_match_rate``, ``max_dcr_share``);
     * ``record.partial_exact_match_rate``: members singled out by the facts an attacker knows (no cap);
+
+    the two rates count records, so their slack is never below the binomial noise of the count
+    (``noise_z`` standard errors of a rate of at least one record in ``n``: one or two coincidental matches
+    among hundreds of records, which fresh real records also show across re-splits, do not refuse alone);
     * ``record.mia.<attack>.auc.ci_low`` and ``.tpr_at_fpr_01.ci_low``: each partial-knowledge attack's lower
       95 % bound (significant evidence, as the battery) against the reference + margin, capped at
       ``mia.max_auc`` / ``mia.max_tpr_at_fpr_01`` (a TPR at 1 % FPR only where resolved: >= 100 non-members).
@@ -215,10 +219,17 @@ def record_checks(privacy: dict, pt: PrivacyThresholds) -> list[Check]:
         return [is_true("privacy", "record.measured", False)]
     z = float(pt.noise_z)
     checks = []
+    counts = {"exact_match_rate": rec.get("synthetic_records"),
+              "partial_exact_match_rate": rec.get("partial_exact_match_targets")}
     for fig, cap in (("exact_match_rate", pt.max_exact_match_rate), ("dcr_share", pt.max_dcr_share),
                      ("partial_exact_match_rate", None)):
         ref = rec.get(f"{fig}_reference")
         thr = _upper(ref, z, cap)
+        n = counts.get(fig)
+        if thr is not None and n and ref and ref.get("mean") is not None:
+            p0 = max(float(ref["mean"]), 1.0 / n)
+            floor = round(float(ref["mean"]) + z * (p0 * (1.0 - p0) / n) ** 0.5, 4)
+            thr = max(thr, floor if cap is None else min(floor, float(cap)))
         checks.append(le("privacy", f"record.{fig}", rec.get(fig), 0.0 if thr is None else thr, ref))
     attacks = rec.get("mia") or {}
     for name in RECORD_ATTACKS:
