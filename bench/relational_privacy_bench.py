@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -83,7 +84,8 @@ def one_cohort(cohort: str, seed: int, resplits: int, bootstrap: int, known_even
             "tau_days": tau_days, "patients": len(keys), "train": len(train_keys), "holdout": n_hold,
             "synthetic": int(len(syn["patient"])), "synth_cpu_s": round(synth_cpu, 1),
             "synth_wall_s": round(synth_wall, 1), "releases": releases,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "load_average_1min": round(os.getloadavg()[0], 1)}
 
 
 def _f(v, nd: int = 3) -> str:
@@ -122,13 +124,14 @@ def markdown(results: list[dict], commands: list[str]) -> str:
                 f"{_ref(s.get('partial_exact_match_rate_reference'))} | {_f(s['exact_match_rate'])} "
                 f"({_ref(s.get('exact_match_rate_reference'))}) | {_f(s['dcr_share'])} "
                 f"({_ref(s.get('dcr_share_reference'))}) | {rel['gate']} | {rel['audit_cpu_s']} |")
-    lines += ["", "| cohort | patients (train/holdout/synthetic) | fit+sample CPU s | peak RSS MB | failed checks |",
-              "|---|---|---|---|---|"]
+    lines += ["", "CPU seconds of this process (2 shared cores; the machine's 1-minute load average per row below).", "",
+              "| cohort | patients (train/holdout/synthetic) | fit+sample CPU s | peak RSS MB | load | failed checks |",
+              "|---|---|---|---|---|---|"]
     for r in results:
         failed = "; ".join(f"{n}: " + ", ".join(c["name"] for c in rel["checks"] if not c["passed"])
                            for n, rel in r["releases"].items() if rel["gate"] != "pass") or "none"
         lines.append(f"| {Path(r['cohort']).parent.name} | {r['train']}/{r['holdout']}/{r['synthetic']} | "
-                     f"{r['synth_cpu_s']} | {r['peak_rss_mb']} | {failed} |")
+                     f"{r['synth_cpu_s']} | {r['peak_rss_mb']} | {r.get('load_average_1min', 'n/a')} | {failed} |")
     return "\n".join(lines) + "\n"
 
 
