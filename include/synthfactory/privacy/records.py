@@ -155,7 +155,9 @@ def summarise_record_audit(audit: Mapping[str, Any]) -> dict[str, Any]:
     out["synthetic_records"] = (vec.get("records") or {}).get("synthetic")
     out["partial_exact_match_rate"] = _r4(mia.get("partial_exact_match_rate"))
     out["partial_exact_match_targets"] = mia.get("partial_exact_match_targets")
-    out["partial_exact_match_rate_reference"] = _small(mref.get("partial_exact_match_rate"))
+    # fresh real records scaled to the release's size (see privacy.record_mia); unscaled in the report
+    out["partial_exact_match_rate_reference"] = _small(mref.get("partial_exact_match_rate_at_release_size")
+                                                       or mref.get("partial_exact_match_rate"))
     out["partial_exact_match_rate_nonmembers"] = _r4(mia.get("partial_exact_match_rate_nonmembers"))
     attacks: dict[str, dict] = {}
     for name, res in (mia.get("attacks") or {}).items():

@@ -83,7 +83,8 @@ PRIVACY_MEANINGS: dict[str, str] = {
                         "one's (0.5 = no closer to the training patients; higher = near-copies).",
     "record.partial_exact_match_rate": "Share of training patients singled out by an attacker who knows their sex, "
                                        "birth year and a few of their events (codes with exact dates): exactly one "
-                                       "synthetic record holds them all (0 = none singled out).",
+                                       "synthetic record holds them all (0 = none singled out; reference: fresh real "
+                                       "records, scaled to the release's size).",
     "record.partial_exact_match_rate_nonmembers": "The same share for unseen real patients (what coincidence "
                                                   "alone gives; not gated).",
     "record.mia.partial_distance.auc": "Record-level membership inference: an attacker who knows a patient's sex, "
