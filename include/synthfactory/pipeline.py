@@ -286,12 +286,16 @@ def prepare(ctx: RunContext, ingested: IngestSummary) -> PrepareSummary:
         ctx.store.write_json(columns_uri(ctx), {**info["dictionary"], "reference_date": info["reference_date"]})
         if ctx.spec.synthesizer.mode == "relational":  # the training patients' flattened tables, for the record
             keep = set(train[KEY])
-            m["relational_uris"] = {}
+            m["relational_uris"], m["relational_holdout_uris"] = {}, {}
             for name, df in tables.items():
                 if KEY in df.columns:
                     uri = ctx.uri("model", "relational", f"{name}.parquet")
                     ctx.store.write_df(uri, df[df[KEY].isin(keep)].reset_index(drop=True))
                     m["relational_uris"][name] = uri
+                    # the held-out patients' records: non-members of the record-level privacy audit
+                    uri = ctx.uri("model", "relational_holdout", f"{name}.parquet")
+                    ctx.store.write_df(uri, df[~df[KEY].isin(keep)].reset_index(drop=True))
+                    m["relational_holdout_uris"][name] = uri
     return m
 
 
@@ -504,8 +508,14 @@ def privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, i
             metadata=metadata, reference_resplits=pt.reference_resplits,
             mia_attacks=pt.mia.attacks, mia_options=mia_options(pt),
             fit_sample=_shadow_fit_sample(ctx, train.drop(columns=[KEY]), metadata) if pt.mia.shadow else None)
+        if ctx.spec.synthesizer.mode == "relational":  # a patient's whole record as the unit (gated: record.*)
+            metrics["record"] = _record_privacy(ctx, prepared, sampled, pt)
         report_uri = ctx.uri("reports", "privacy.json")
         audit = _privacy_audit_figures(metrics, pt)
+        if metrics.get("record"):
+            from synthfactory.privacy.records import summarise_record_audit
+
+            audit["record"] = summarise_record_audit(metrics["record"])
         report = {"dataset": ctx.spec.name, "run_id": ctx.run_id, "profile": ctx.profile,
                   "thresholds": pt.model_dump(mode="json"), "gate_rules": audit.pop("gate_rules"), **metrics}
         ctx.store.write_json(report_uri, report)
@@ -535,6 +545,23 @@ def privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, i
             **audit,
         })
     return m
+
+
+def _record_privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, pt: Any) -> dict:
+    """Record-level privacy of the relational tables (:func:`synthfactory.privacy.records.record_audit`): the
+    synthetic records against the real train patients' records, the held-out patients' as non-members. A
+    prepare summary without the held-out records (from before they were kept) gives no record figures: the
+    gate then refuses (``record.measured``)."""
+    from synthfactory.privacy.records import record_audit
+
+    uris, hold_uris = prepared.get("relational_uris") or {}, prepared.get("relational_holdout_uris") or {}
+    syn_uris = sampled.get("tables") or {}
+    names = [n for n in syn_uris if n in uris and n in hold_uris]
+    if "patient" not in names:
+        return {}
+    read = lambda u: {n: ctx.store.read_df(u[n]) for n in names}  # noqa: E731
+    return record_audit(read(uris), read(hold_uris), read(syn_uris), resplits=max(1, min(pt.reference_resplits, 10)),
+                        bootstrap=pt.mia.bootstrap, seed=ctx.spec.synthesizer.seed)
 
 
 def mia_options(pt: Any) -> dict:
