@@ -269,3 +269,27 @@ def test_kde_and_knn_blocks_bounded_by_reference_size_same_result(monkeypatch):
     assert mia_mod._rows_per_block(2048, 900) == 7
     np.testing.assert_allclose(mia_mod._log_kde(q, p, 0.7), full_kde, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(mia_mod._knn(q, p, 3), full_knn, rtol=1e-12, atol=1e-12)
+
+
+def test_exposed_targets_ranked_in_a_bounded_pool_rare_first_radius_exact():
+    """Beyond EXPOSURE_POOL real rows the most exposed targets are ranked within a random pool (rare rows
+    always in it), and each target's nearest-other distance is still measured over every real row."""
+    from synthfactory.privacy.mia import _exposed, _knn
+
+    rng = np.random.default_rng(5)
+    x_tr, x_ho = rng.normal(size=(600, 4)), rng.normal(size=(300, 4))
+    x_tr[17] += 40.0  # an outlier: ranked first by both
+    rare_tr = np.zeros(600, bool)
+    rare_tr[[3, 250]] = True
+    rare_ho = np.zeros(300, bool)
+    full = _exposed(x_tr, x_ho, None, 5, rare_tr, rare_ho)
+    assert full[4] == 900 and set(full[0][:2]) == {3, 250}
+    pooled = _exposed(x_tr, x_ho, None, 5, rare_tr, rare_ho, pool=200)
+    assert pooled[4] == 200
+    assert set(pooled[0][:2]) == {3, 250}  # rare rows are always in the pool and ranked first
+    everyone = np.concatenate([x_tr, x_ho])
+    np.testing.assert_allclose(pooled[2], _knn(x_tr[pooled[0]], everyone, 2)[:, 1], rtol=1e-6)
+    np.testing.assert_allclose(pooled[3], _knn(x_ho[pooled[1]], everyone, 2)[:, 1], rtol=1e-6)
+    pooled_out = _exposed(x_tr, x_ho, None, 5, None, None, pool=200)
+    full_out = _exposed(x_tr, x_ho, None, 5, None, None)
+    assert full_out[0][0] == 17 and (17 not in pooled_out[0] or pooled_out[0][0] == 17)
