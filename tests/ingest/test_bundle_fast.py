@@ -38,12 +38,15 @@ def test_each_file_read_once_compiled_flatten_and_first_n_per_file(tmp_path, key
             *[(f"urn:uuid:obs-{i}-{j}", {k: v for k, v in obs("x", f"urn:uuid:pat-{i}", j).items() if k != "id"})
               for j in range(3)]))
     reads = []
-    real = bundle_mod._read_bundle
+    real, real_chunks = bundle_mod._read_bundle, bundle_mod._chunks
     monkeypatch.setattr(bundle_mod, "_read_bundle", lambda *a: reads.append(a[1]) or real(*a))
+    monkeypatch.setattr(bundle_mod, "_chunks", lambda *a: reads.append(a[1]) or real_chunks(*a))
     r = ingest_bundles(str(src), str(tmp_path / "out"), keyer=keyer, validate_sample_rate=0.0)
     assert sorted(reads) == sorted(f"p{i:02d}.json" for i in range(30))  # each Bundle read (and parsed) once
     assert r["rows"]["patient"] == 30 and r["rows"]["observation"] == 90 and r["quarantined_total"] == 0
-    assert r["validated"] == 120  # every file's first resources of each type: 30 patients + 90 observations
+    # the sample's fixed part: the extract's first 20 of each type, and every file's first of each type: 30
+    # patients; observations: the first 20 (files 0-6) + the first of each of the 23 other files
+    assert r["validated"] == 30 + 20 + 23
     rows = pq.read_table(r["tables"]["observation"]).to_pylist()
     assert {x["patient_key"] for x in rows} == {keyer.key("Patient", f"pat-{i}") for i in range(30)}
     assert {x["observation_key"] for x in rows} == {keyer.key("Observation", f"obs-{i}-{j}")
