@@ -1,11 +1,15 @@
-"""Bundles through the NDJSON hot loop: each file parsed once, entries flattened by the compiled path, the
-validation sample's "first 20" per file, resources naming a Patient of a later file held back (and spilled to
-disk past a limit) so the dangling check still sees every patient."""
+"""Bundles through the NDJSON hot loop: each file streamed through the compiled entry scanner (bounded memory,
+each entry read once), entries flattened by the compiled path, the validation sample's per-file part,
+resources naming a Patient of a later file held back (and spilled to disk past a limit) so the dangling check
+still sees every patient; the streamed reader against the whole-file one and the NDJSON path."""
 
 from __future__ import annotations
 
+import gzip
+
 import orjson
 import pyarrow.parquet as pq
+import pytest
 
 from synthfactory.ingest import bundle as bundle_mod
 from synthfactory.ingest import native
@@ -44,9 +48,8 @@ def test_each_file_read_once_compiled_flatten_and_first_n_per_file(tmp_path, key
     r = ingest_bundles(str(src), str(tmp_path / "out"), keyer=keyer, validate_sample_rate=0.0)
     assert sorted(reads) == sorted(f"p{i:02d}.json" for i in range(30))  # each Bundle read (and parsed) once
     assert r["rows"]["patient"] == 30 and r["rows"]["observation"] == 90 and r["quarantined_total"] == 0
-    # the sample's fixed part: the extract's first 20 of each type, and every file's first of each type: 30
-    # patients; observations: the first 20 (files 0-6) + the first of each of the 23 other files
-    assert r["validated"] == 30 + 20 + 23
+    # the sample's fixed part: the extract's first 20 of each type, and every file's first resource (its Patient)
+    assert r["validated"] == 30 + 20
     rows = pq.read_table(r["tables"]["observation"]).to_pylist()
     assert {x["patient_key"] for x in rows} == {keyer.key("Patient", f"pat-{i}") for i in range(30)}
     assert {x["observation_key"] for x in rows} == {keyer.key("Observation", f"obs-{i}-{j}")
@@ -99,3 +102,131 @@ def test_reference_rewrite_in_the_bytes():
     assert got["note"][0]["text"] == '"reference":"urn:uuid:a"' and counts == [1]
     line = orjson.dumps({"subject": {"reference": 'http://x/Patient/"q"'}})  # an escaped value: decoded, compared
     assert orjson.loads(_rewrite(line, mb, mapping, counts)) == {"subject": {"reference": "Patient/q"}}
+
+
+def _rows(path: str) -> list:
+    return sorted(map(repr, pq.read_table(path).to_pylist()))
+
+
+def _whole(monkeypatch) -> None:
+    """The reader without the compiled scanner: every file parsed whole (the path without a C compiler)."""
+    monkeypatch.setattr(bundle_mod, "_scanner", lambda: None)
+
+
+needs_native = pytest.mark.skipif(not native.available(), reason="the compiled module is not built")
+
+
+@needs_native
+def test_streamed_equals_whole_file_and_ndjson(carebundle_bundles, carebundle_extract, tmp_path, keyer,
+                                               monkeypatch):
+    from synthfactory.ingest.fhir_ndjson import ingest_extract
+
+    src = tmp_path / "b"
+    src.mkdir()
+    for i, p in enumerate(sorted(carebundle_bundles.glob("*.json"))):  # pretty-printed; a third gzipped
+        data = p.read_bytes()
+        if i % 3 == 0:
+            (src / (p.name + ".gz")).write_bytes(gzip.compress(data))
+        else:
+            (src / p.name).write_bytes(data)
+    types = ["Patient", "Encounter", "Condition", "Observation", "MedicationRequest"]
+    kw = dict(keyer=keyer, resources=types, validate_sample_rate=0.05)
+    monkeypatch.setattr(bundle_mod, "READ_CHUNK", 997)  # every entry spans chunks
+    seen = []
+    real_scan = bundle_mod._scanner()
+    monkeypatch.setattr(bundle_mod, "_scanner", lambda: lambda buf, *a: seen.append(len(buf)) or real_scan(buf, *a))
+    s = ingest_bundles(str(src), str(tmp_path / "s"), **kw)
+    biggest = max(len(orjson.dumps(e, option=orjson.OPT_INDENT_2)) for p in carebundle_bundles.glob("*.json")
+                  for e in orjson.loads(p.read_bytes())["entry"])
+    assert max(seen) < 997 + 2 * biggest + 200  # a chunk and an entry, never a whole Bundle
+    assert max(seen) < min(p.stat().st_size for p in carebundle_bundles.glob("*.json"))
+    _whole(monkeypatch)
+    w = ingest_bundles(str(src), str(tmp_path / "w"), **kw)
+    n = ingest_extract(str(carebundle_extract), str(tmp_path / "n"), keyer=keyer, resources=types,
+                       validate_sample_rate=0.0)
+    assert s["rows"] == w["rows"] == n["rows"] and s["quarantined_total"] == w["quarantined_total"] == 0
+    assert s["validated"] == w["validated"] and s["bundle_stats"] == w["bundle_stats"]
+    assert s["file_outcomes"] == w["file_outcomes"] and s["extract_sha256"] == w["extract_sha256"]
+    assert s["native_lines"] == w["native_lines"] and sum(s["native_lines"].values()) > 0
+    for t in n["tables"]:
+        assert _rows(s["tables"][t]) == _rows(w["tables"][t]) == _rows(n["tables"][t]), t
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_every_bundle_file_has_its_sample(tmp_path, keyer, monkeypatch, streamed):
+    """The validation sample looks at every file: 30 one-patient Bundles whose Patient is invalid R4B (an
+    ``active`` that is no boolean; the flattener does not read it) are all quarantined with the validator's reason, rate 0; before, the "first 20"
+    counted over the extract and let 10 of them through."""
+    if not streamed:
+        _whole(monkeypatch)
+    src = tmp_path / "b"
+    src.mkdir()
+    for i in range(30):
+        pat = {"resourceType": "Patient", "id": f"p{i}", "gender": "female", "birthDate": "1970-01-01",
+               "active": "maybe"}
+        (src / f"p{i:02d}.json").write_bytes(bundle((None, pat), *[(None, obs(f"o{i}-{j}", f"Patient/p{i}"))
+                                                                    for j in range(3)]))
+    (src / "z_ok.json").write_bytes(bundle((None, {"resourceType": "Patient", "id": "ok"})))
+    r = ingest_bundles(str(src), str(tmp_path / "out"), keyer=keyer, validate_sample_rate=0.0, on_dangling="keep")
+    assert r["rows"]["patient"] == 1 and r["rows"]["observation"] == 90
+    q = [orjson.loads(x) for x in (tmp_path / "out" / "quarantine.ndjson").read_bytes().splitlines()]
+    assert sorted(x["file"] for x in q) == [f"p{i:02d}.json" for i in range(30)]
+    assert {(x["line"], x["resource_type"]) for x in q} == {(1, "Patient")}
+    assert {x["reason"] for x in q} == {"validation failed at active (bool_parsing)"}
+    assert r["validated"] == 31 + 20  # the Patients, and the extract's first 20 Observations
+    r = ingest_bundles(str(src), str(tmp_path / "out0"), keyer=keyer, validate_sample_rate=0.0,
+                       validate_first=0)  # validate_first=0: no fixed part at all
+    assert r["validated"] == 0 and r["rows"]["patient"] == 31
+
+
+@needs_native
+def test_a_malformed_entry_in_a_large_bundle_is_quarantined_not_fatal(tmp_path, keyer, monkeypatch):
+    monkeypatch.setattr(bundle_mod, "READ_CHUNK", 4096)
+    src = tmp_path / "b"
+    src.mkdir()
+    pat = {"resourceType": "Patient", "gender": "female"}
+    parts = [orjson.dumps({"fullUrl": "urn:uuid:pat", "resource": pat})]
+    for j in range(2000):
+        o = obs(f"o{j}", "urn:uuid:pat", 5.0)
+        parts.append(orjson.dumps({"fullUrl": f"urn:uuid:o{j}", "resource": o}, option=orjson.OPT_INDENT_2))
+    parts[501] = b'{"resource": {"resourceType": "Observation", "id": "bad", "status": tru}}'  # invalid JSON
+    parts[1001] = b'7'  # not an object
+    parts[1501] = orjson.dumps({"fullUrl": "urn:uuid:o1500", "resource": {**obs("o-\u00e9", "urn:uuid:pat")}},
+                               option=orjson.OPT_INDENT_2).replace("\u00e9".encode(), b"\\u00e9")  # an escape
+    parts[1600] = orjson.dumps({"fullUrl": "urn:uuid:o1599", "resource": {**obs("", "urn:uuid:pat")}})
+    parts[1502] = orjson.dumps({"resource": {**obs("o1501", "urn:uuid:later")}})  # names a later entry
+    parts.append(orjson.dumps({"fullUrl": "urn:uuid:later", "resource": {"resourceType": "Patient", "id": "q"}}))
+    (src / "big.json").write_bytes(b'{"resourceType": "Bundle", "type": "collection", "entry": [\n'
+                                   + b",\n".join(parts) + b'\n], "total": 2002}')
+    r = ingest_bundles(str(src), str(tmp_path / "out"), keyer=keyer, validate_sample_rate=0.0)
+    q = [orjson.loads(x) for x in (tmp_path / "out" / "quarantine.ndjson").read_bytes().splitlines()]
+    assert sorted((x["line"], x["reason"]) for x in q) == [
+        (502, "invalid JSON"), (1002, "entry without a resource")]
+    assert r["rows"]["patient"] == 2 and r["rows"]["observation"] == 2000 - 2
+    assert r["file_outcomes"]["big.json"] == {"outcome": "read", "resources": 2002}
+    rows = pq.read_table(r["tables"]["observation"]).to_pylist()
+    by_key = {x["observation_key"]: x["patient_key"] for x in rows}
+    assert by_key[keyer.key("Observation", "o1501")] == keyer.key("Patient", "q")  # the later entry's Patient
+    assert by_key[keyer.key("Observation", "o7")] == keyer.key("Patient", "pat")
+    assert by_key[keyer.key("Observation", "o-\u00e9")] == keyer.key("Patient", "pat")  # the Python path's
+    assert by_key[keyer.key("Observation", "o1599")] == keyer.key("Patient", "pat")  # empty id: from fullUrl
+    assert r["native_lines"]["Observation"] > 1900
+
+
+@needs_native
+def test_a_bundle_broken_after_its_entries_is_reported_with_what_was_read(tmp_path, keyer, monkeypatch):
+    monkeypatch.setattr(bundle_mod, "READ_CHUNK", 512)
+    src = tmp_path / "b"
+    src.mkdir()
+    entries = [{"resource": {"resourceType": "Patient", "id": "p"}}] + [
+        {"resource": obs(f"o{j}", "Patient/p")} for j in range(20)]
+    data = orjson.dumps({"resourceType": "Bundle", "entry": entries})
+    (src / "cut.json").write_bytes(data[:-300])  # truncated inside its entries
+    r = ingest_bundles(str(src), str(tmp_path / "out"), keyer=keyer, validate_sample_rate=0.0)
+    got = r["file_outcomes"]["cut.json"]
+    n = got["resources"]
+    assert got["outcome"] == "quarantined" and 10 < n < 21
+    assert got["reason"] == f"invalid JSON after entry {n} (the entries before it were read)"
+    assert r["rows"]["observation"] == n - 1 and r["bundle_stats"]["bundles"] == 0
+    q = [orjson.loads(x) for x in (tmp_path / "out" / "quarantine.ndjson").read_bytes().splitlines()]
+    assert q == [{"file": "cut.json", "line": 0, "resource_type": "Bundle", "reason": got["reason"]}]

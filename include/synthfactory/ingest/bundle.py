@@ -7,13 +7,22 @@ the ones an NDJSON export of the same data gives. An entry without ``resource.id
 takes its id from ``request.url`` (``PUT Patient/123``) or from its ``urn:uuid:`` fullUrl. A reference to a
 ``urn:uuid:`` that no entry carries is counted as unresolved (keyed by the uuid, as NDJSON would).
 
-Each Bundle is read and parsed once (a file larger than ``max_bundle_bytes``, one that is not valid JSON, and
-an entry without a resource are quarantined; the rest of the extract still loads). Its entries become compact
-JSON lines, references rewritten in the bytes, and go through the NDJSON hot loop, so the compiled flatten
-(:mod:`.native`) takes the plain ones and every check is the NDJSON path's. A file's Patients are read before
-its other resources; a resource naming a Patient of a later file is held back (memory, then a temporary
-file) until every file has been read, so the dangling-reference check sees all patients. The validation
-sample's "first 20" counts per file and type (within the per-type cap).
+Each Bundle file is streamed: the compiled scanner (``_flatc.scan_bundle``) walks the bytes a chunk at a
+time, finds each element of ``entry`` and reads its fullUrl, request, resourceType, id and references
+without building the entry in Python; the resource's compact bytes, references rewritten, go through the
+NDJSON hot loop, so the compiled flatten (:mod:`.native`) takes the plain ones and every check is the NDJSON
+path's. Memory holds a chunk and an entry, whatever the Bundle's size. An entry the scanner finds unusual
+(escapes in a field it reads, a field of another type, invalid JSON) is parsed with orjson and takes the
+Python path; an entry that is not valid JSON is quarantined and the rest of the file still loads. A file
+truncated or broken outside its entries is quarantined as a whole (with the number of entries read before
+the break). Without the compiled module, and for a file the scanner cannot stream (a bare resource,
+``entry`` before ``resourceType``), the file is parsed whole with orjson (up to ``max_bundle_bytes``).
+
+A resource whose references may name a later entry of its file is held until the file ends; a file's
+Patients go to the hot loop before its other resources; a resource naming a Patient of a later file is held
+back (memory, then a temporary file) until every file has been read, so the dangling-reference check sees
+all patients. The validation sample's fixed part: the first 20 of each type in the extract and the first
+resource of every file (:func:`ingest_bundles`).
 """
 
 from __future__ import annotations
@@ -198,15 +207,23 @@ def ingest_bundles(
     validate_max_per_type: int = 0,
     value_rules: Any = None,
     validate_first: int = ALWAYS_VALIDATE_FIRST,
+    validate_first_per_file: int = 1,
 ) -> dict:
     """Flatten a folder of Bundle files into the same tables as :func:`.fhir_ndjson.ingest_extract`.
 
-    Each file is read and parsed once. Its entries, references resolved, become compact JSON lines that go
-    through the NDJSON hot loop (:func:`.fhir_ndjson._ingest_lines`: the compiled flatten for the types it
-    covers, the same checks, quarantine records carrying the entry position). Per file and type, the first
-    ``validate_first`` (20) resources are always validated, within the per-type cap. A resource whose
-    ``subject``/``patient`` names a Patient not read yet (in a later file) is held back, spilled to a
-    temporary file, until every file's Patients are in, so the dangling-reference check sees them all."""
+    Each file is streamed (:func:`_ingest_file`): memory holds a chunk and an entry, not the file. Its entries,
+    references resolved, become compact JSON lines that go through the NDJSON hot loop
+    (:func:`.fhir_ndjson._ingest_lines`: the compiled flatten for the types it covers, the same checks,
+    quarantine records carrying the entry position). A resource whose ``subject``/``patient`` names a Patient
+    not read yet (in a later file) is held back, spilled to a temporary file, until every file's Patients are
+    in, so the dangling-reference check sees them all.
+
+    The validation sample (``validate_sample_rate``, ``validate_max_per_type`` as on NDJSON) always takes,
+    within the per-type cap, the first ``validate_first`` (20) resources of each type in the extract (what
+    "the first 20 per file" is on NDJSON, whose files hold one type each) and the first
+    ``validate_first_per_file`` (1) resources of every file (in the order they are read; a file's resources
+    all held back: on replay), so every Bundle file is looked at whatever its size. ``validate_first=0``
+    turns both off."""
     with gc_paused():
         store = store or Store()
         source_uri, out_uri = str(source_uri), str(out_uri)
@@ -227,11 +244,15 @@ def ingest_bundles(
             log.warning("ingest: %s refused: %s", name, reason)
             session.skip_file(name, reason, outcome="refused")
         held = _HeldBack()
+        held.per_file = min(max(int(validate_first_per_file), 0), max(int(validate_first), 0))
         try:
             for name, uri in files:
                 _ingest_file(session, store, name, uri, max_bundle_bytes, totals, held)
-            for fname, rtype, positions, lines in held.replay():
-                _ingest_group(session, fname, rtype, positions, lines, held.sampled)
+            for fname, rtype, positions, lines in held.replay():  # a file all held: its sample here
+                must = min(held.unsampled.get(fname, 0), len(lines))
+                if must:
+                    held.unsampled[fname] -= must
+                _ingest_group(session, fname, rtype, positions, lines, must)
         except BaseException:
             session.abort()
             raise
@@ -247,26 +268,19 @@ _GROUP_LINES = 4096  # lines per block handed to the hot loop (the compiled flat
 
 
 def _ingest_group(session: IngestSession, fname: str, rtype: str, positions: list[int], lines: list[bytes],
-                  sampled: set | None = None, name: str | None = None) -> None:
+                  must: int = 0) -> None:
     """One file's resources of one type (JSON lines, their entry positions) through the hot loop.
 
     The validation sample's fixed part on Bundles: the first ``validate_first`` (20) resources of each type in
-    the extract (as on NDJSON, where a file is one type) and, in every file, its first resource of each type
-    (``sampled`` holds the (file, type) pairs already given theirs), all within the per-type cap; the rate's
-    hashed sample comes on top."""
-    vf = session.validate_first
-    first = max(vf - session.candidates[rtype], 0)
-    if vf and sampled is not None and (name or fname, rtype) not in sampled:
-        sampled.add((name or fname, rtype))
-        first = max(first, 1)
+    the extract (as on NDJSON, where a file holds one type) and the first ``must`` lines of this block (the
+    file's first resources, :func:`ingest_bundles`' ``validate_first_per_file``), within the per-type cap; the
+    rate's hashed sample comes on top."""
+    first = max(session.validate_first - session.candidates[rtype], must, 0)
     cap = session.validate_cap
     if cap is not None:  # the fixed part stays within the per-type cap
         first = max(min(first, cap - session.validated_by_type[rtype]), 0)
     blocks = [lines[k:k + _GROUP_LINES] for k in range(0, len(lines), _GROUP_LINES)]
-    n_cand = session.candidates[rtype]
     _ingest_lines(session, fname, rtype, blocks, positions=positions, validate_first=first)
-    if session.candidates[rtype] == n_cand and sampled is not None:  # nothing validated: not this file's sample
-        sampled.discard((name or fname, rtype))
 
 
 def _patient_id(res: dict, mapping: dict[str, str], file_patients: set) -> str | None:
@@ -493,6 +507,8 @@ class _StreamedFile:
         self.file_patients: set = set()
         self.groups: dict[str, tuple[list[int], list[bytes]]] = {}
         self.pending = _Spool()
+        self.sample_left = held.per_file  # the file's first resources still to mark for validation
+        self.must: dict[str, int] = {}  # per type: the first lines of its next block that the sample takes
         self.n_entries = 0
         self.deleted = 0
         self.without_resource = 0
@@ -621,6 +637,9 @@ class _StreamedFile:
         g = self.groups.get(rtype)
         if g is None:
             g = self.groups[rtype] = ([], [])
+        if self.sample_left and len(g[1]) == self.must.get(rtype, 0):  # the file's first resources: the sample
+            self.sample_left -= 1
+            self.must[rtype] = self.must.get(rtype, 0) + 1
         g[0].append(pos)
         g[1].append(line)
         if len(g[1]) >= _GROUP_LINES:
@@ -631,7 +650,7 @@ class _StreamedFile:
         g = self.groups.pop(rtype, None)
         if g is None:
             return
-        _ingest_group(self.session, self.fname, rtype, g[0], g[1], self.held.sampled, self.name)
+        _ingest_group(self.session, self.fname, rtype, g[0], g[1], self.must.pop(rtype, 0))
 
     def finish(self) -> None:
         """The held entries with the file's whole mapping, then every block (Patients first)."""
@@ -647,6 +666,8 @@ class _StreamedFile:
             self._route(pos, rtype, line, subj, pat)
         for rtype in sorted(self.groups, key=processing_order):
             self._flush(rtype)
+        if self.sample_left:  # resources held for a later file's Patients: the sample takes them on replay
+            self.held.unsampled[self.fname] = self.sample_left
 
     def close(self) -> None:
         self.pending.close()
@@ -749,6 +770,7 @@ def _ingest_whole(session: IngestSession, name: str, raw: bytes | None, sha: str
     groups: dict[str, tuple[list[int], list[bytes]]] = {}
     dumps = orjson.dumps
     skipped = session.skipped_resources
+    sample_left, must = held.per_file, {}
     kept.reverse()
     while kept:
         pos, res = kept.pop()
@@ -770,13 +792,18 @@ def _ingest_whole(session: IngestSession, name: str, raw: bytes | None, sha: str
         g = groups.get(rtype)
         if g is None:
             g = groups[rtype] = ([], [])
+        if sample_left and len(g[1]) == must.get(rtype, 0):  # the file's first resources
+            sample_left -= 1
+            must[rtype] = must.get(rtype, 0) + 1
         g[0].append(pos)
         g[1].append(line)
     unresolved = counts[0]
     totals["unresolved_references"] += unresolved
     for rtype in sorted(groups, key=processing_order):  # this file's Patients first
         positions, lines = groups[rtype]
-        _ingest_group(session, fname, rtype, positions, lines, held.sampled, name)
+        _ingest_group(session, fname, rtype, positions, lines, must.get(rtype, 0))
+    if sample_left:
+        held.unsampled[fname] = sample_left
 
 
 HELD_BACK_MEMORY = 32 << 20  # bytes of held-back lines kept in memory; more go to a temporary file
@@ -790,7 +817,8 @@ class _HeldBack:
         self.limit = HELD_BACK_MEMORY if limit is None else limit
         self.count = 0
         self.size = 0
-        self.sampled: set = set()  # (file, type) pairs whose first resource the validation sample took
+        self.per_file = 0  # the validation sample's first resources of each file (see ingest_bundles)
+        self.unsampled: dict[str, int] = {}  # file -> its first resources still to validate when replayed
         self.items: list[tuple[str, str, int, bytes]] = []
         self.spill: Any = None
 
