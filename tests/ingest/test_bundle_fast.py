@@ -230,3 +230,21 @@ def test_a_bundle_broken_after_its_entries_is_reported_with_what_was_read(tmp_pa
     assert r["rows"]["observation"] == n - 1 and r["bundle_stats"]["bundles"] == 0
     q = [orjson.loads(x) for x in (tmp_path / "out" / "quarantine.ndjson").read_bytes().splitlines()]
     assert q == [{"file": "cut.json", "line": 0, "resource_type": "Bundle", "reason": got["reason"]}]
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_root_members_the_scanner_leaves_to_orjson(tmp_path, keyer, monkeypatch, streamed):
+    """An escaped key before the entries (the whole file goes to orjson) or after them (checked, skipped), and
+    ``entry`` before ``resourceType``: read like any Bundle."""
+    if not streamed:
+        _whole(monkeypatch)
+    src = tmp_path / "b"
+    src.mkdir()
+    e = b'[{"resource": {"resourceType": "Patient", "id": "%s"}}]'
+    (src / "a.json").write_bytes(b'{"resourceType": "Bundle", "entry": ' + e % b"a" + b', "\\u0074otal": 1}')
+    (src / "b.json").write_bytes(b'{"\\u0074ype": "collection", "resourceType": "Bundle", "entry": ' + e % b"b" + b"}")
+    (src / "c.json").write_bytes(b'{"entry": ' + e % b"c" + b', "resourceType": "Bundle"}')
+    r = ingest_bundles(str(src), str(tmp_path / "out"), keyer=keyer, validate_sample_rate=0.0)
+    assert r["rows"]["patient"] == 3 and r["quarantined_total"] == 0 and r["bundle_stats"]["bundles"] == 3
+    assert {f: o["outcome"] for f, o in r["file_outcomes"].items()} == dict.fromkeys(("a.json", "b.json", "c.json"),
+                                                                                     "read")

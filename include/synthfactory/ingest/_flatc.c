@@ -2121,8 +2121,8 @@ static PyTypeObject FlatType = {
  * the returned ``pos`` and appends the next chunk. A unit (member or entry) not complete in ``buf`` stops
  * the scan at its start (``final``: the buffer holds the end of the file, so it is invalid JSON).
  *
- * state: S_* below, with ST_BUNDLE set once the root's resourceType "Bundle" was read. ST_FALLBACK: the
- * file cannot be streamed (not an object, ``entry`` before ``resourceType``, a resourceType that is not
+ * state: S_* below, with ST_BUNDLE set once the root's resourceType "Bundle" was read and ST_DONE once the
+ * entry array was. ST_FALLBACK (only before any entry): the file cannot be streamed (not an object, ``entry`` before ``resourceType``, a resourceType that is not
  * Bundle, ``entry`` not an array): the caller parses it whole. ST_INVALID: invalid JSON outside entries.
  *
  * entry tuple: (status, start, end, resource, fullUrl, method, url, resourceType, id, id_kind, subject_ref,
@@ -2137,6 +2137,7 @@ static PyTypeObject FlatType = {
  */
 enum { S_START, S_MEMBER_FIRST, S_MEMBER, S_AFTER_MEMBER, S_ENTRY_FIRST, S_ENTRY, S_AFTER_ENTRY, S_END };
 #define ST_BUNDLE 0x100
+#define ST_DONE 0x200 /* the entry array was read */
 #define ST_FALLBACK 1000
 #define ST_INVALID 1001
 
@@ -2515,7 +2516,7 @@ static PyObject *scan_bundle(PyObject *self, PyObject *args) {
         return NULL;
     }
     pos = pos0 < 0 ? 0 : (size_t)pos0;
-    flags = state & ST_BUNDLE;
+    flags = state & (ST_BUNDLE | ST_DONE);
     st = state & 0xFF;
     entries = PyList_New(0);
     if (!entries) goto done;
@@ -2584,9 +2585,17 @@ static PyObject *scan_bundle(PyObject *self, PyObject *args) {
             P.pos = pos;
             P.odd = 0;
             kesc = 0;
-            if (parse_key(&P, &koff, &klen, &kesc) < 0 || P.odd) {
-                st = kesc ? ST_FALLBACK : ST_INVALID;
+            if (parse_key(&P, &koff, &klen, &kesc) < 0) {
+                st = ST_INVALID;
                 goto out;
+            }
+            if (P.odd && !(flags & ST_DONE)) { /* an escaped key before the entries: orjson reads the file */
+                st = ST_FALLBACK;
+                goto out;
+            }
+            if (P.odd) { /* after them: a member this reader does not read, checked and skipped */
+                kesc = 0;
+                klen = 0;
             }
             if (key_is(&P, koff, klen, "entry")) {
                 if (!flags || s[vstart] != '[') {
@@ -2617,7 +2626,7 @@ static PyObject *scan_bundle(PyObject *self, PyObject *args) {
                 }
                 flags = ST_BUNDLE;
             } else if (skip_value(&P, 1) < 0 || P.pos != vend) {
-                st = P.odd ? ST_FALLBACK : ST_INVALID;
+                st = (P.odd && !(flags & ST_DONE)) ? ST_FALLBACK : ST_INVALID;
                 goto out;
             }
             pos = vend;
@@ -2646,6 +2655,7 @@ static PyObject *scan_bundle(PyObject *self, PyObject *args) {
             if (c == ']' && st == S_ENTRY_FIRST) {
                 pos++;
                 st = S_AFTER_MEMBER;
+                flags |= ST_DONE;
                 continue;
             }
             /* read it strictly within the buffer; only when that fails, find its extent (incomplete: wait
@@ -2706,6 +2716,7 @@ static PyObject *scan_bundle(PyObject *self, PyObject *args) {
             if (c == ']') {
                 pos++;
                 st = S_AFTER_MEMBER;
+                flags |= ST_DONE;
                 continue;
             }
             st = ST_INVALID;
