@@ -248,3 +248,36 @@ def test_root_members_the_scanner_leaves_to_orjson(tmp_path, keyer, monkeypatch,
     assert r["rows"]["patient"] == 3 and r["quarantined_total"] == 0 and r["bundle_stats"]["bundles"] == 3
     assert {f: o["outcome"] for f, o in r["file_outcomes"].items()} == dict.fromkeys(("a.json", "b.json", "c.json"),
                                                                                      "read")
+
+
+@needs_native
+def test_scanner_reads_entries_fields_and_reference_spans():
+    scan = bundle_mod._scanner()
+    doc = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:a", "request": {"method": "PUT", "url": "Patient/p1"},
+         "resource": {"resourceType": "Patient", "id": "p1", "link": [{"other": {"reference": "urn:uuid:b"}}]}},
+        {"resource": {"resourceType": "AllergyIntolerance", "patient": {"reference": "Patient/p1"},
+                      "recorder": {"reference": "urn:uuid:x"}}},
+        {"resource": {"resourceType": "Observation", "subject": {"display": "no reference"}}},
+        {"resource": {"resourceType": "Practitioner", "id": "dr"}},
+        {"fullUrl": "urn:uuid:\u00e9", "resource": {"resourceType": "Patient"}},  # non-ASCII: read here
+        {"fullUrl": 5, "resource": {"resourceType": "Patient"}},  # a field of another type: orjson's
+        {"request": {"method": "DELETE", "url": "Patient/old"}}]}
+    data = orjson.dumps(doc, option=orjson.OPT_INDENT_2)
+    pos, state, got = scan(data, 0, 0, True, {"Patient", "Observation", "AllergyIntolerance"})
+    assert pos == len(data) and state & 0xFF == 7 and state & 0x100 and len(got) == 7
+    p, a, o, dr, u, odd, dele = got
+    assert p[4:12] == ("urn:uuid:a", "PUT", "Patient/p1", "Patient", "p1", 1, None, None)
+    assert orjson.loads(p[3]) == doc["entry"][0]["resource"] and b"\n" not in p[3]  # compact bytes
+    assert [p[3][p[12][k]:p[12][k + 1]] for k in range(0, len(p[12]), 2)] == [b"urn:uuid:b"]
+    assert a[7:12] == ("AllergyIntolerance", None, 0, None, "Patient/p1")
+    assert [a[3][a[12][k]:a[12][k + 1]] for k in range(0, len(a[12]), 2)] == [b"Patient/p1", b"urn:uuid:x"]
+    assert o[7] == "Observation" and o[10] is None and o[11] is None
+    assert dr[3] == b"" and dr[7] == "Practitioner" and dr[12] == ()  # a type not wanted: no bytes
+    assert u[0] == 0 and u[4] == "urn:uuid:\u00e9"
+    assert odd[0] == 1 and orjson.loads(data[odd[1]:odd[2]]) == doc["entry"][5]
+    assert dele[5] == "DELETE" and dele[3] is None
+    for cut in range(1, len(data), 97):  # any prefix: whole entries only, the rest once more bytes come
+        pos, state, part = scan(data[:cut], 0, 0, False, None)
+        assert pos <= cut and state < 1000 and len(part) <= 7
+        assert [x[1:3] for x in part] == [x[1:3] for x in got[:len(part)]]

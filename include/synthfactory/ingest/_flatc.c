@@ -2205,6 +2205,7 @@ typedef struct {
 
 typedef struct {
     fspan full, method, url, rtype, rid, subj, pat;
+    fspan *holder; /* subj or pat while its object is walked */
     Py_ssize_t res_start, res_end;
     int has_res, has_req, odd;
     Py_ssize_t *refs;
@@ -2340,13 +2341,12 @@ static int walk_object(parser *P, einfo *E, int depth, member_fn member, int col
     }
 }
 
-static fspan *cur_holder; /* set by the caller of m_holder (single-threaded: the GIL is held) */
-
 static int m_holder(parser *P, einfo *E, uint32_t koff, uint32_t klen, int depth) {
     if (key_is(P, koff, klen, "reference")) {
-        int r = read_field(P, E, cur_holder, depth);
+        fspan *h = E->holder;
+        int r = read_field(P, E, h, depth);
         if (r < 0) return r;
-        if (cur_holder->kind == 1 && push_ref(E, cur_holder->off, cur_holder->off + cur_holder->len) < 0) return -2;
+        if (h->kind == 1 && push_ref(E, h->off, h->off + h->len) < 0) return -2;
         return 0;
     }
     return 1;
@@ -2356,10 +2356,10 @@ static int m_resource(parser *P, einfo *E, uint32_t koff, uint32_t klen, int dep
     if (key_is(P, koff, klen, "resourceType")) return read_field(P, E, &E->rtype, depth);
     if (key_is(P, koff, klen, "id")) return read_field(P, E, &E->rid, depth);
     if (key_is(P, koff, klen, "subject") || key_is(P, koff, klen, "patient")) {
-        fspan *f = klen == 7 ? &E->subj : &E->pat;
+        fspan *f = key_is(P, koff, klen, "subject") ? &E->subj : &E->pat;
         if (f->kind) E->odd = 1;
         f->kind = 2; /* present; 1 once its reference is read */
-        cur_holder = f;
+        E->holder = f;
         {
             fspan tmp = *f;
             int r;
