@@ -138,7 +138,7 @@ def test_streamed_equals_whole_file_and_ndjson(carebundle_bundles, carebundle_ex
     s = ingest_bundles(str(src), str(tmp_path / "s"), **kw)
     biggest = max(len(orjson.dumps(e, option=orjson.OPT_INDENT_2)) for p in carebundle_bundles.glob("*.json")
                   for e in orjson.loads(p.read_bytes())["entry"])
-    assert max(seen) < 997 + 2 * biggest + 200  # a chunk and an entry, never a whole Bundle
+    assert max(seen) < 2 * (997 + biggest) + 200  # a chunk and an entry (the buffer doubles to finish one)
     assert max(seen) < min(p.stat().st_size for p in carebundle_bundles.glob("*.json"))
     _whole(monkeypatch)
     w = ingest_bundles(str(src), str(tmp_path / "w"), **kw)
@@ -230,6 +230,18 @@ def test_a_bundle_broken_after_its_entries_is_reported_with_what_was_read(tmp_pa
     assert r["rows"]["observation"] == n - 1 and r["bundle_stats"]["bundles"] == 0
     q = [orjson.loads(x) for x in (tmp_path / "out" / "quarantine.ndjson").read_bytes().splitlines()]
     assert q == [{"file": "cut.json", "line": 0, "resource_type": "Bundle", "reason": got["reason"]}]
+
+    (src / "cut.json").unlink()  # max_bundle_bytes bounds one entry of a streamed Bundle, a whole bare resource
+    entries[3]["resource"]["note"] = [{"text": "x" * 5000}]
+    (src / "big.json").write_bytes(orjson.dumps({"resourceType": "Bundle", "entry": entries}))
+    (src / "bare.json").write_bytes(orjson.dumps({**entries[4]["resource"], "note": [{"text": "y" * 5000}]}))
+    r = ingest_bundles(str(src), str(tmp_path / "out2"), keyer=keyer, validate_sample_rate=0.0,
+                       max_bundle_bytes=4000)
+    assert r["file_outcomes"]["big.json"] == {
+        "outcome": "quarantined", "resources": 3,
+        "reason": "bundle entry larger than 4000 bytes after entry 3 (the entries before it were read)"}
+    assert r["file_outcomes"]["bare.json"] == {"outcome": "quarantined", "reason": "bundle larger than 4000 bytes"}
+    assert r["rows"]["patient"] == 1 and r["rows"]["observation"] == 2
 
 
 @pytest.mark.parametrize("streamed", [True, False])

@@ -384,6 +384,8 @@ def _ingest_file(session: IngestSession, store: Store, name: str, uri: str, max_
     f = _StreamedFile(session, name, fname, held)
     too_big = False
     wanted = set(session.producers)  # the other types' resources are counted, never copied
+    need = 0  # after a scan that found nothing whole: read until the buffer doubles (a large entry is
+    # scanned a few times, not once per chunk)
     try:
         while True:
             chunk = next(chunks, None)
@@ -391,11 +393,15 @@ def _ingest_file(session: IngestSession, store: Store, name: str, uri: str, max_
                 final = True
             else:
                 buf += chunk
+                if len(buf) < need and len(buf) - pos <= max_bytes:
+                    continue
+            before = pos
             pos, state, entries = scan(buf, pos, state, final, wanted)
             if entries:
                 f.add(buf, entries)
             if state >= _ST_FALLBACK or final:
                 break
+            need = 2 * len(buf) if not entries and pos == before else 0
             if f.n_entries or (state & 0xFF) >= _S_ENTRY_FIRST:  # in the entries: the bytes before pos are done
                 del buf[:pos]
                 pos = 0
@@ -425,7 +431,8 @@ def _ingest_file(session: IngestSession, store: Store, name: str, uri: str, max_
     totals["entries_without_resource"] += f.without_resource
     totals["unresolved_references"] += f.unresolved[0]
     if too_big or state >= _ST_FALLBACK:  # the whole file, or what follows its last good entry
-        reason = f"bundle entry larger than {max_bytes} bytes" if too_big else "invalid JSON"
+        reason = "invalid JSON" if not too_big else f"bundle entry larger than {max_bytes} bytes" \
+            if f.n_entries or state < _ST_FALLBACK else f"bundle larger than {max_bytes} bytes"
         if f.n_entries:
             reason += f" after entry {f.n_entries} (the entries before it were read)"
         session.record_file(name, sha, resources=f.n_entries or None, outcome="quarantined", reason=reason)
