@@ -155,8 +155,8 @@ def test_streamed_equals_whole_file_and_ndjson(carebundle_bundles, carebundle_ex
 @pytest.mark.parametrize("streamed", [True, False])
 def test_every_bundle_file_has_its_sample(tmp_path, keyer, monkeypatch, streamed):
     """The validation sample looks at every file: 30 one-patient Bundles whose Patient is invalid R4B (an
-    ``active`` that is no boolean; the flattener does not read it) are all quarantined with the validator's reason, rate 0; before, the "first 20"
-    counted over the extract and let 10 of them through."""
+    ``active`` that is no boolean; the flattener does not read it) are all quarantined with the validator's
+    reason, rate 0 (an extract-wide "first 20" alone would let 10 of them through)."""
     if not streamed:
         _whole(monkeypatch)
     src = tmp_path / "b"
