@@ -446,11 +446,6 @@ def _ingest_file(session: IngestSession, store: Store, name: str, uri: str, max_
     session.record_file(name, sha, resources=f.n_entries)
 
 
-def _absolute(ref: bytes) -> bool:
-    """A reference that could name an entry's fullUrl (``urn:...`` or an absolute URL)."""
-    return ref[:4] == b"urn:" or b"://" in ref
-
-
 def _splice(line: bytes, spans: list[int] | tuple, mapping_b: dict[bytes, bytes], counts: list[int] | None) -> bytes:
     """``line`` with the reference values at ``spans`` (start, end pairs, relative to the line) that name an
     entry's fullUrl replaced by its ``Type/id``; ``counts[0]`` counts the ``urn:uuid:`` ones left."""
@@ -577,7 +572,7 @@ class _StreamedFile:
                     v = line[a:b]
                     t = get(v)
                     if t is None:
-                        if v[:4] == b"urn:" or b"://" in v:
+                        if v[:4] == b"urn:" or b"://" in v:  # absolute: it could be a later entry's fullUrl
                             break
                         continue
                     if out is None:
