@@ -155,3 +155,31 @@ def test_merge_validates_what_no_shard_did(tmp_path, keyer, carebundle_extract):
     _same(one, sharded)
     assert any(r["reason"].startswith("validation failed") for r in map(json.loads, Path(
         one["quarantine_uri"]).read_text().splitlines()))
+
+
+def test_pipeline_sharded_ingest_equals_one_task_and_is_reused(tmp_path, small_extract):
+    """``operations.ingest_shards``: the pipeline's plan -> shards -> merge (what the DAG maps) gives the summary
+    and outputs of the one-task ingest; a second run reuses it like any ingest."""
+    from synthfactory import pipeline
+    from synthfactory.spec import load_spec
+    from tests.conftest import write_spec
+
+    def ctx(shards: int, run_id: str, **kw):
+        spec = load_spec(write_spec(tmp_path / f"specs{shards}", "shard", small_extract, tmp_path / f"st{shards}",
+                                    operations__ingest_shards=shards))
+        return pipeline.RunContext(spec=spec, run_id=run_id, version="v1", salt="s" * 32, **kw)
+
+    one = pipeline.ingest(ctx(1, "r1"))
+    c = ctx(3, "r1")
+    shards = pipeline.plan_ingest_shards(c)
+    assert 2 <= len(shards) <= 3 and json.loads(json.dumps(shards)) == shards  # XCom-able
+    results = [pipeline.ingest_shard(ctx(3, "r1"), s) for s in shards]
+    merged = pipeline.merge_ingest(ctx(3, "r1"), results)
+    assert merged["shards"] == len(shards)
+    assert not (tmp_path / "st3" / "shard" / "runs" / "r1" / "ingest" / "shards").exists()
+    for k in ("rows", "quarantined_total", "extract_sha256"):
+        assert merged[k] == one[k], k
+    _same(json.loads(Path(one["report_uri"]).read_text()), json.loads(Path(merged["report_uri"]).read_text()))
+    assert Path(merged["identifiers_uri"].replace(".parquet", ".index.parquet")).exists()
+    again = pipeline.ingest(ctx(3, "r2"))  # in one process: plan, shards, merge in turn; reused here
+    assert again["reused_from_run"] == "r1" and again["rows"] == one["rows"]
