@@ -63,7 +63,7 @@ __all__ = ["plan_shards", "ingest_shard", "merge", "DECISIONS_FILE", "PIECE_BYTE
 
 DECISIONS_FILE = "decisions.parquet"
 #: a cut point (the end of a line) about every this many bytes of a file
-PIECE_BYTES = 4 << 20
+PIECE_BYTES = 1 << 20
 _LOG_FLUSH = 100_000
 
 _DECISION_FIELDS = [
