@@ -471,45 +471,46 @@ def merge(plan: dict, shard_results: list[dict], out_uri: str, *, keyer: Keyer, 
     identifiers = _Identifiers(local_for(IDENTIFIERS_FILE))
     committed = False
     try:
+        repeated = _repeated_ids(results, by_index, store)
+        pk_array: pa.Array | None = None  # the accepted patients' keys, once every Patient line is decided
         for res in results:
             shard = by_index[res["index"]]
             segs = shard["segments"]
             log_table = store.read_table(join(res["uri"], DECISIONS_FILE))
             accepted = np.zeros(log_table.num_rows, dtype=bool)
-            c = {name: log_table.column(name).to_pylist() for name in
-                 ("seg", "line", "rid", "reason", "modext", "hsel", "vdone", "vres", "freason", "pks")}
-            for i in range(log_table.num_rows):
-                seg = segs[c["seg"][i]]
-                rtype, lineno = seg["rtype"], c["line"][i]
-                fname = seg["file"].rsplit("/", 1)[-1]
+
+            def decide(i: int, r: dict, seg: dict) -> None:
+                """One line, as :func:`.fhir_ndjson._ingest_lines` decides it (``r``: its decision record)."""
+                nonlocal validated, lazy, q_records
+                rtype, lineno = seg["rtype"], r["line"]
                 resources_read[rtype] += 1
                 pf = per_file[seg["file"]]
                 pf[0] += 1
-                reason = c["reason"][i]
+                reason = r["reason"]
                 if reason is None:
-                    rid = c["rid"][i]
+                    rid = r["rid"]
                     if rid in seen[rtype]:
                         reason = "duplicate id"
-                    elif c["modext"][i]:
+                    elif r["modext"]:
                         reason = "unknown modifierExtension"
                     else:
                         candidates[rtype] += 1
                         vdone = validated_by_type.get(rtype, 0)
                         if candidates[rtype] <= validate_first or (
-                                threshold and (vcap is None or vdone < vcap) and c["hsel"][i]):
+                                threshold and (vcap is None or vdone < vcap) and r["hsel"]):
                             validated += 1
                             validated_by_type[rtype] = vdone + 1
-                            if c["vdone"][i]:
-                                reason = c["vres"][i]
+                            if r["vdone"]:
+                                reason = r["vres"]
                             else:  # the shard did not validate this line: read it again
                                 lazy += 1
                                 raw = _line_at(store, seg, lineno, max_line_bytes)
                                 raw = raw[3:] if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else raw
                                 reason = validation_failure(rtype, orjson.loads(raw))
                         if reason is None:
-                            reason = c["freason"][i]
+                            reason = r["freason"]
                         if reason is None and rtype != "Patient" and patient_keys:
-                            for pk in c["pks"][i] or ():
+                            for pk in r["pks"] or ():
                                 if pk is not None and pk not in patient_keys:
                                     dangling[rtype] = dangling.get(rtype, 0) + 1
                                     if not keep_dangling:
@@ -520,15 +521,61 @@ def merge(plan: dict, shard_results: list[dict], out_uri: str, *, keyer: Keyer, 
                             if rtype == "Patient" and patient_keys is not None:
                                 patient_keys.add(key("Patient", rid))
                             accepted[i] = True
-                            continue
+                            return
                 pf[1] += 1
                 quarantined[rtype] += 1
+                fname = seg["file"].rsplit("/", 1)[-1]
                 qfh.write(orjson.dumps({"file": fname, "line": lineno, "resource_type": rtype, "reason": reason}))
                 qfh.write(b"\n")
                 q_records += 1
                 per = reasons.setdefault(rtype, {})
                 per[reason] = per.get(reason, 0) + 1
-            del c
+
+            def one_by_one(a: int, b: int) -> None:
+                part = log_table.slice(a, b - a).to_pylist()
+                for i, r in enumerate(part, start=a):
+                    decide(i, r, segs[r["seg"]])
+
+            def _bulk(run: pa.Table, seg: dict, at: int, accepted: np.ndarray) -> bool:
+                """A run of simple lines (valid alone, an id no other line has, every patient known): all
+                accepted; the validation sample's counters advance as one by one. False (nothing done) when
+                a line the shard did not validate is in the sample: the caller decides them one by one."""
+                nonlocal validated
+                rtype, n = seg["rtype"], run.num_rows
+                cand = candidates[rtype] + np.arange(1, n + 1)
+                first = cand <= validate_first
+                hsel = run.column("hsel").to_numpy(zero_copy_only=False) if threshold else np.zeros(n, bool)
+                v0 = validated_by_type.get(rtype, 0)
+                if vcap is None:
+                    sel = first | hsel
+                else:
+                    e = first | hsel
+                    sel = first | (hsel & (v0 + np.cumsum(e) - e < vcap))
+                if (sel & ~run.column("vdone").to_numpy(zero_copy_only=False)).any():
+                    return False
+                candidates[rtype] += n
+                resources_read[rtype] += n
+                per_file[seg["file"]][0] += n
+                validated += int(sel.sum())
+                validated_by_type[rtype] = v0 + int(sel.sum())
+                accepted[at:at + n] = True
+                return True
+
+            seg_of = log_table.column("seg").to_numpy(zero_copy_only=False)
+            bounds = np.flatnonzero(np.diff(seg_of)) + 1
+            for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), log_table.num_rows]):
+                seg = segs[int(seg_of[a])]
+                if seg["rtype"] == "Patient":  # every Patient line before any other type: one by one
+                    one_by_one(a, b)
+                    continue
+                if pk_array is None and patient_keys:
+                    pk_array = pa.array(sorted(patient_keys), pa.string())
+                simple = _simple(log_table.slice(a, b - a), repeated.get(seg["rtype"]), pk_array)
+                cuts = (np.flatnonzero(np.diff(simple)) + 1 + a).tolist()
+                for x, y in zip([a, *cuts], [*cuts, b]):  # runs of simple lines in bulk, the others one by one
+                    if not (simple[x - a] and _bulk(log_table.slice(x, y - x), seg, x, accepted)):
+                        one_by_one(x, y)
+
             for t in names:
                 part = store.read_table(join(res["uri"], f"{t}.parquet"))
                 counts = log_table.column(f"n:{t}").to_numpy(zero_copy_only=False) \
@@ -542,7 +589,7 @@ def merge(plan: dict, shard_results: list[dict], out_uri: str, *, keyer: Keyer, 
                     writers[t].write_table(kept.cast(schemas[t]), row_group_size=batch_rows)
                 rows_out[t] += kept.num_rows
                 del part, kept
-            del log_table
+            log_table = accepted = None  # type: ignore[assignment]
             ids = store.read_table(join(res["uri"], IDENTIFIERS_FILE))
             for value, kind in zip(ids.column("value").to_pylist(), ids.column("kind").to_pylist()):
                 identifiers.add(value, kind)
@@ -632,6 +679,54 @@ def merge(plan: dict, shard_results: list[dict], out_uri: str, *, keyer: Keyer, 
     log.info("sharded ingest merged: %d shards, %d resources read, %d quarantined, %d validated, rows %s",
              len(results), total_read, q_records, validated, rows_out)
     return report
+
+
+def _col(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy(zero_copy_only=False)
+
+
+def _repeated_ids(results: list[dict], by_index: dict, store: Store) -> dict[str, pa.Array]:
+    """{type: the ids that more than one line of the type carries, across every shard} (a line with an id no
+    other line has is never a duplicate, whatever else happens)."""
+    import pyarrow.compute as pc
+
+    by_type: dict[str, list] = {}
+    for res in results:
+        segs = by_index[res["index"]]["segments"]
+        t = store.read_table(join(res["uri"], DECISIONS_FILE), columns=["seg", "rid"])
+        seg_of = _col(t, "seg")
+        bounds = (np.flatnonzero(np.diff(seg_of)) + 1).tolist()
+        for a, b in zip([0, *bounds], [*bounds, t.num_rows]):
+            if b > a:
+                by_type.setdefault(segs[int(seg_of[a])]["rtype"], []).extend(t.column("rid").slice(a, b - a).chunks)
+    out = {}
+    for rtype, chunks in by_type.items():
+        counts = pc.value_counts(pa.chunked_array(chunks, pa.string()).drop_null())
+        out[rtype] = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    return out
+
+
+def _simple(run: pa.Table, repeated: pa.Array | None, patient_keys: pa.Array | None) -> np.ndarray:
+    """Lines of one segment that are accepted whatever the other lines are: valid on their own (no
+    quarantine reason, no modifierExtension, flattened, passed validation if validated), an id no other
+    line of the type has, and every patient they reference accepted (``patient_keys``; None: no check)."""
+    import pyarrow.compute as pc
+
+    n = run.num_rows
+    simple = (run.column("reason").is_null().to_numpy(zero_copy_only=False) & ~_col(run, "modext")
+              & run.column("freason").is_null().to_numpy(zero_copy_only=False)
+              & run.column("vres").is_null().to_numpy(zero_copy_only=False))
+    if repeated is not None and len(repeated):
+        simple &= ~pc.is_in(run.column("rid"), value_set=repeated).fill_null(False).to_numpy(zero_copy_only=False)
+    if patient_keys is not None:
+        pks = run.column("pks").combine_chunks()
+        flat = pc.list_flatten(pks)
+        known = pc.is_in(flat, value_set=patient_keys).fill_null(False).to_numpy(zero_copy_only=False) \
+            | flat.is_null().to_numpy(zero_copy_only=False)
+        bad = np.zeros(n, dtype=bool)
+        bad[pc.list_parent_indices(pks).to_numpy(zero_copy_only=False)[~known]] = True
+        simple &= ~bad
+    return simple
 
 
 def _unlink(path: str) -> None:
