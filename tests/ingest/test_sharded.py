@@ -45,11 +45,13 @@ def _plant(folder: Path) -> None:
     good_copy = dict(first, id="planted-dup-of-bad")
     dangling = dict(first, id="planted-dangling", subject={"reference": "Patient/no-such-patient"})
     modext = dict(first, id="planted-modext", modifierExtension=[{"url": "http://x", "valueBoolean": True}])
+    patients = _lines(folder / "Patient.ndjson")
+    mrn = orjson.loads(patients[0])["identifier"][0]["value"]
+    as_id = dict(first, id=mrn)  # an id equal to a patient's identifier: the identifiers keep the first kind seen
     mid = len(obs) // 2
     obs = [obs[0], orjson.dumps(bad_first), *obs[1:mid], b"{not json", orjson.dumps(dangling), *obs[mid:],
-           orjson.dumps(good_copy), orjson.dumps(modext), obs[0], b"", obs[mid]]  # obs[0], obs[mid]: duplicates
-    _write(folder / "Observation.ndjson", obs)
-    patients = _lines(folder / "Patient.ndjson")
+           orjson.dumps(good_copy), orjson.dumps(modext), obs[0], b"", obs[mid], orjson.dumps(as_id)]
+    _write(folder / "Observation.ndjson", obs)  # obs[0], obs[mid]: duplicates
     _write(folder / "Patient.ndjson", [*patients, patients[0]])  # a duplicate Patient
     cond = folder / "Condition.ndjson"  # read through gzip
     cond.with_suffix(".ndjson.gz").write_bytes(gzip.compress(cond.read_bytes()))

@@ -53,6 +53,7 @@ from synthfactory.keys import Keyer
 from synthfactory.storage import Store, is_s3, join
 
 from .fhir_ndjson import _OVERSIZE, READ_BLOCK, discover_ndjson_files, line_blocks, prefetched
+from .schemas import IDENTIFIERS_SCHEMA
 from .session import (ALWAYS_VALIDATE_FIRST, DEFAULT_MAX_LINE_BYTES, DEFAULT_RESOURCES, IDENTIFIER_CHUNK_ROWS,
                       IDENTIFIERS_FILE, QUARANTINE_FILE, REPORT_FILE, IngestSession, _commit, _Identifiers,
                       check_resources, gc_paused, validation_failure)
@@ -468,7 +469,7 @@ def merge(plan: dict, shard_results: list[dict], out_uri: str, *, keyer: Keyer, 
     qfh = open(q_local, "wb")
     writers = {t: pq.ParquetWriter(local_for(f"{t}.parquet"), schemas[t], compression="zstd") for t in names}
     rows_out = dict.fromkeys(names, 0)
-    identifiers = _Identifiers(local_for(IDENTIFIERS_FILE))
+    identifiers = _MergedIdentifiers(local_for(IDENTIFIERS_FILE))
     committed = False
     try:
         repeated = _repeated_ids(results, by_index, store)
@@ -590,12 +591,7 @@ def merge(plan: dict, shard_results: list[dict], out_uri: str, *, keyer: Keyer, 
                 rows_out[t] += kept.num_rows
                 del part, kept
             log_table = accepted = None  # type: ignore[assignment]
-            ids = store.read_table(join(res["uri"], IDENTIFIERS_FILE))
-            for value, kind in zip(ids.column("value").to_pylist(), ids.column("kind").to_pylist()):
-                identifiers.add(value, kind)
-                if len(identifiers.chunk) >= IDENTIFIER_CHUNK_ROWS:
-                    identifiers.maybe_spill()
-            del ids
+            identifiers.add_table(store.read_table(join(res["uri"], IDENTIFIERS_FILE)))
         qfh.close()
         for w in writers.values():
             w.close()
@@ -679,6 +675,43 @@ def merge(plan: dict, shard_results: list[dict], out_uri: str, *, keyer: Keyer, 
     log.info("sharded ingest merged: %d shards, %d resources read, %d quarantined, %d validated, rows %s",
              len(results), total_read, q_records, validated, rows_out)
     return report
+
+
+class _MergedIdentifiers(_Identifiers):
+    """The shards' identifier tables (each already one row per value, with the first kind its shard saw),
+    merged in shard order: one row per value with the kind seen first in the extract, as one process writes.
+    Vectorised (Arrow): each table is split into :attr:`PARTS` partitions by its values' last character (a
+    value always lands in the same partition), spilled, and each partition deduplicated on its own at
+    :meth:`close`, so memory stays bounded by a partition."""
+
+    def add_table(self, table: pa.Table) -> None:
+        import pyarrow.compute as pc
+
+        n = table.num_rows
+        if not n:
+            return
+        values = table.column("value").combine_chunks()
+        last = pc.utf8_slice_codeunits(values, -1).dictionary_encode()
+        where = np.array([hash(c) & (self.PARTS - 1) for c in last.dictionary.to_pylist()], dtype=np.int8)
+        part = where[last.indices.to_numpy(zero_copy_only=False)] if len(where) else np.zeros(n, np.int8)
+        batch = pa.RecordBatch.from_arrays(
+            [values, table.column("kind").combine_chunks().cast(pa.string()),
+             pa.array(np.arange(self._seq, self._seq + n, dtype=np.int64))], schema=self._SPILL_SCHEMA)
+        self._seq += n
+        for p in range(self.PARTS):
+            sub = batch.filter(pa.array(part == p))
+            if not sub.num_rows:
+                continue
+            w = self._spills[p]
+            if w is None:
+                w = self._spills[p] = pq.ParquetWriter(self._spill_path(p), self._SPILL_SCHEMA, compression="zstd")
+            w.write_batch(sub)
+
+    def close(self) -> None:
+        if not any(self._spills):  # nothing added: an empty file
+            pq.ParquetWriter(self.local_path, IDENTIFIERS_SCHEMA, compression="zstd").close()
+            return
+        super().close()
 
 
 def _col(table: pa.Table, name: str) -> np.ndarray:
