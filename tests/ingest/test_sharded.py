@@ -185,3 +185,32 @@ def test_pipeline_sharded_ingest_equals_one_task_and_is_reused(tmp_path, small_e
     assert Path(merged["identifiers_uri"].replace(".parquet", ".index.parquet")).exists()
     again = pipeline.ingest(ctx(3, "r2"))  # in one process: plan, shards, merge in turn; reused here
     assert again["reused_from_run"] == "r1" and again["rows"] == one["rows"]
+
+
+def test_sharded_s3_extract_and_staging_equal_local_one_process(tmp_path, keyer, carebundle_extract):
+    """An s3:// extract (plain files read with ranged GETs, a gzip file streamed) into s3:// staging."""
+    boto3 = pytest.importorskip("boto3")
+    moto = pytest.importorskip("moto")
+    src = tmp_path / "extract"
+    shutil.copytree(carebundle_extract, src)
+    _plant(src)
+    one = _single(src, tmp_path / "one", keyer)
+    with moto.mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="phi")
+        for path in sorted(src.iterdir()):
+            client.put_object(Bucket="phi", Key=f"x/{path.name}", Body=path.read_bytes())
+        store = Store(s3=client)
+        plan = plan_shards("s3://phi/x", store, n=3, resources=RESOURCES, piece_bytes=8 << 10)
+        results = [ingest_shard(s, f"s3://phi/staging/shards/{s['index']}", keyer=keyer, store=store,
+                                resources=RESOURCES) for s in plan["shards"]]
+        sharded = merge(plan, results, "s3://phi/staging", keyer=keyer, store=store, resources=RESOURCES)
+        for k in COUNTS:
+            assert sharded[k] == one[k], k
+        for t, uri in one["tables"].items():
+            a, b = pq.read_table(uri), store.read_table(sharded["tables"][t])
+            cols = [(c, "ascending") for c in a.column_names]
+            assert a.sort_by(cols).equals(b.sort_by(cols)), t
+        assert store.read_bytes(sharded["quarantine_uri"]) == Path(one["quarantine_uri"]).read_bytes()
+        ids = store.read_table(sharded["identifiers_uri"])
+        assert sorted(zip(*ids.to_pydict().values())) == sorted(zip(*pq.read_table(one["identifiers_uri"]).to_pydict().values()))

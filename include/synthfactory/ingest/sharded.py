@@ -201,8 +201,17 @@ class _Limited:
 
 
 def _segment_blocks(store: Store, seg: dict, max_line_bytes: int) -> Iterator[list]:
-    raw, stream = _open_decompressed(store, seg["uri"], seg["file"])
-    chunks = prefetched(_Limited(stream, seg["start"], seg["end"] - seg["start"]))
+    start, end = seg["start"], seg["end"]
+    if is_s3(seg["uri"]) and not seg["file"].endswith(".gz") and end > start:
+        from synthfactory.storage import split_s3
+
+        bucket, key = split_s3(seg["uri"])  # a ranged GET: only the segment's bytes
+        raw = stream = store._client().get_object(Bucket=bucket, Key=key,
+                                                  Range=f"bytes={start}-{end - 1}")["Body"]._raw_stream
+        start = 0
+    else:
+        raw, stream = _open_decompressed(store, seg["uri"], seg["file"])
+    chunks = prefetched(_Limited(stream, start, end - seg["start"]))
     try:
         yield from line_blocks(chunks, max_line_bytes)
     except (gzip.BadGzipFile, EOFError, zlib.error):
@@ -237,8 +246,8 @@ def ingest_shard(shard: dict, out_uri: str, *, keyer: Keyer, store: Store | None
                               max_line_bytes=max_line_bytes, value_rules=value_rules, batch_rows=batch_rows,
                               validate_max_per_type=validate_max_per_type)
         tables = list(session.writers)
-        log_local = os.path.join(session.tmpdir, DECISIONS_FILE) if session.tmpdir else \
-            join(out_uri, DECISIONS_FILE) + ".partial"
+        log_dir = tempfile.mkdtemp(prefix="synthfactory-shard-") if is_s3(out_uri) else None
+        log_local = os.path.join(log_dir, DECISIONS_FILE) if log_dir else join(out_uri, DECISIONS_FILE) + ".partial"
         schema = pa.schema([*_DECISION_FIELDS, *((f"n:{t}", pa.int32()) for t in tables)])
         writer = pq.ParquetWriter(log_local, schema, compression="zstd")
         n_lines = 0
@@ -259,8 +268,12 @@ def ingest_shard(shard: dict, out_uri: str, *, keyer: Keyer, store: Store | None
             if os.path.exists(log_local):
                 os.unlink(log_local)
             session.abort()
+            if log_dir:
+                shutil.rmtree(log_dir, ignore_errors=True)
             raise
         _commit(store, log_local, join(out_uri, DECISIONS_FILE))
+        if log_dir:
+            shutil.rmtree(log_dir, ignore_errors=True)
     return {"index": shard["index"], "uri": out_uri, "lines": n_lines, "identifiers": report["identifiers"],
             "validated": session.validated, "seconds": round(time.perf_counter() - t0, 3)}
 
