@@ -127,6 +127,7 @@ def test_sharded_equals_single_process_on_clinosim(tmp_path, keyer):
     sharded = _sharded(src, tmp_path / "sharded", keyer, 4, 256 << 10)
     _same(one, sharded)
     assert sharded["sharded"]["shards"] == 4 and one["rows"]["patient"] > 250
+    assert sharded["sharded"]["native_lines"] > 0.9 * sum(one["native_lines"].values()) > 0  # the compiled flatten
 
 
 def test_merge_validates_what_no_shard_did(tmp_path, keyer, carebundle_extract):

@@ -52,6 +52,7 @@ from synthfactory.fhir.views import BUILTIN_BY_RESOURCE
 from synthfactory.keys import Keyer
 from synthfactory.storage import Store, is_s3, join
 
+from . import native as native_flatten
 from .fhir_ndjson import _OVERSIZE, READ_BLOCK, discover_ndjson_files, line_blocks, prefetched
 from .schemas import IDENTIFIERS_SCHEMA
 from .session import (ALWAYS_VALIDATE_FIRST, DEFAULT_MAX_LINE_BYTES, DEFAULT_RESOURCES, IDENTIFIER_CHUNK_ROWS,
@@ -223,11 +224,11 @@ def _segment_blocks(store: Store, seg: dict, max_line_bytes: int) -> Iterator[li
 
 def session_for(out_uri: str, *, keyer: Keyer, store: Store, resources: Iterable[str], views: Iterable[dict],
                 validate_sample_rate: float, engine: str, max_line_bytes: int, value_rules: Any,
-                batch_rows: int = 50_000, validate_max_per_type: int = 0) -> IngestSession:
+                batch_rows: int = 50_000, validate_max_per_type: int = 0, native: bool = True) -> IngestSession:
     return IngestSession(out_uri, keyer=keyer, store=store, resources=resources, views=views,
                          validate_sample_rate=validate_sample_rate, batch_rows=batch_rows, engine=engine,
                          max_line_bytes=max_line_bytes, on_dangling="keep", validate_first=ALWAYS_VALIDATE_FIRST,
-                         validate_max_per_type=validate_max_per_type, native=False, value_rules=value_rules)
+                         validate_max_per_type=validate_max_per_type, native=native, value_rules=value_rules)
 
 
 def ingest_shard(shard: dict, out_uri: str, *, keyer: Keyer, store: Store | None = None,
@@ -275,6 +276,7 @@ def ingest_shard(shard: dict, out_uri: str, *, keyer: Keyer, store: Store | None
         if log_dir:
             shutil.rmtree(log_dir, ignore_errors=True)
     return {"index": shard["index"], "uri": out_uri, "lines": n_lines, "identifiers": report["identifiers"],
+            "native_lines": sum(report["native_lines"].values()),
             "validated": session.validated, "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -289,7 +291,12 @@ def _flush_log(cols: dict[str, list], writer: pq.ParquetWriter, schema: pa.Schem
 def _shard_segment(session: IngestSession, si: int, seg: dict, cols: dict[str, list], tables: list[str],
                    writer: pq.ParquetWriter, schema: pa.Schema) -> int:
     """Every line of one segment: the decisions a line allows alone, in ``cols``; rows into the session's
-    writers (provisionally). Mirrors :func:`.fhir_ndjson._ingest_lines` check by check."""
+    writers (provisionally). Mirrors :func:`.fhir_ndjson._ingest_lines` check by check. The plain lines of the
+    types the compiled flatten covers go through it one line per call (no duplicate or dangling check there:
+    an empty id set and no patient set), the others through the Python loop.
+
+    ``pks`` is recorded for a type with several tables only: with one table, the merge reads the patient key
+    of the resource's first row from the shard's part (what ``rows[0][pidx]`` is)."""
     rtype = seg["rtype"]
     fname = seg["file"].rsplit("/", 1)[-1]
     file_salt = zlib.crc32(fname.encode())
@@ -309,12 +316,10 @@ def _shard_segment(session: IngestSession, si: int, seg: dict, cols: dict[str, l
     counts = {t: cols[f"n:{t}"] for t in tables}
     mine = [t for t in tables if any(p.writer.table == t for p in producers)]
     others = [counts[t] for t in tables if t not in mine]
-    local_pot = session.candidates[rtype]
-    local_hval = session.validated_by_type[rtype]
-    lineno = seg["first_line"]
-    n = 0
+    st = {"pot": session.candidates[rtype], "hval": session.validated_by_type[rtype], "n": 0, "native": 0}
+    native = session.native.get(rtype) if single is not None else None
 
-    def record(rid: str | None, reason: str | None, modext: bool = False, hsel: bool = False,
+    def record(lineno: int, rid: str | None, reason: str | None, modext: bool = False, hsel: bool = False,
                vdone: bool = False, vres: str | None = None, freason: str | None = None, pks: list | None = None,
                rows: dict | None = None) -> None:
         c_seg.append(si)
@@ -326,90 +331,134 @@ def _shard_segment(session: IngestSession, si: int, seg: dict, cols: dict[str, l
         c_vdone.append(vdone)
         c_vres.append(vres)
         c_fr.append(freason)
-        c_pks.append(pks)
+        c_pks.append(pks if single is None else None)
         for t in mine:
             counts[t].append(rows.get(t, 0) if rows else 0)
         for c in others:
             c.append(0)
 
-    for block in _segment_blocks(session.store, seg, session.max_line_bytes):
+    def hashed(lineno: int) -> bool:
+        return bool(threshold) and ((lineno * 2654435761 + file_salt) & 0xFFFFFFFF) < threshold
+
+    def python_line(raw: Any, lineno: int) -> None:
+        if not raw:
+            if raw is _OVERSIZE:
+                st["n"] += 1
+                record(lineno, None, f"line longer than {session.max_line_bytes} bytes")
+            return
+        try:
+            o = loads(raw)
+        except decode_error:
+            if not raw.strip():
+                return
+            o = None
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                try:
+                    o = loads(raw[3:])
+                except decode_error:
+                    o = None
+            if o is None:
+                st["n"] += 1
+                record(lineno, None, "invalid JSON")
+                return
+        st["n"] += 1
+        if type(o) is not dict:
+            record(lineno, None, "not a JSON object")
+            return
+        rt = o.get("resourceType")
+        if rt != rtype:
+            record(lineno, None, "missing resourceType" if rt is None else "resourceType mismatch")
+            return
+        rid = o.get("id")
+        if type(rid) is not str or not rid:
+            record(lineno, None, "missing id")
+            return
+        add_ident(rid, "id")
+        if is_patient or "identifier" in o:
+            collect_identifiers(o, is_patient, add_ident)
+        if b'"modifierExtension"' in raw and has_modifier_extension(o):
+            record(lineno, rid, None, modext=True)
+            return
+        st["pot"] += 1
+        hsel = hashed(lineno)
+        vres, vdone = None, False
+        # a superset of what the merge may need validated (it validates any other line itself)
+        if st["pot"] <= validate_first or (hsel and (vcap is None or st["hval"] < vcap)):
+            vres, vdone = validation_failure(rtype, o), True
+            session.validated += 1
+            if hsel:
+                st["hval"] += 1
+        try:
+            if single is not None:
+                out = [(single, single.fn(o, rid))]
+            else:
+                out = [(p, p.fn(o, rid)) for p in producers]
+        except BadResource as bad:
+            record(lineno, rid, None, hsel=hsel, vdone=vdone, vres=vres, freason=bad.reason)
+            return
+        except (AttributeError, TypeError, KeyError, IndexError, ValueError, OverflowError):
+            record(lineno, rid, None, hsel=hsel, vdone=vdone, vres=vres, freason="malformed resource structure")
+            return
+        pks = [rows[0][p.pidx] for p, rows in out if p.pidx is not None and rows]
+        rows_by: dict[str, int] = {}
+        for p, rows in out:
+            rows_by[p.writer.table] = rows_by.get(p.writer.table, 0) + len(rows)
+            buf = p.writer.buf
+            buf.extend(rows)
+            if len(buf) >= batch_rows:
+                p.writer.flush()
+        record(lineno, rid, None, hsel=hsel, vdone=vdone, vres=vres, pks=pks, rows=rows_by)
+
+    blocks: Iterable = _segment_blocks(session.store, seg, session.max_line_bytes)
+    if native is None:
+        pairs: Iterable = ((b, None) for b in blocks)
+    else:
+        pairs = native_flatten.prepared(blocks, native, session.prepare_pool())
+    table = single.writer.table if single is not None else None
+    lineno = seg["first_line"]
+    vcap_c = -1 if vcap is None else vcap
+    for block, prep in pairs:
         if len(ids_chunk) >= IDENTIFIER_CHUNK_ROWS:
             session.identifiers.maybe_spill()
         if len(c_line) >= _LOG_FLUSH:
             _flush_log(cols, writer, schema)
-        for raw in block:
-            lineno += 1
-            if not raw:
-                if raw is _OVERSIZE:
-                    n += 1
-                    record(None, f"line longer than {session.max_line_bytes} bytes")
-                continue
-            try:
-                o = loads(raw)
-            except decode_error:
-                if not raw.strip():
-                    continue
-                o = None
-                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    try:
-                        o = loads(raw[3:])
-                    except decode_error:
-                        o = None
-                if o is None:
-                    n += 1
-                    record(None, "invalid JSON")
-                    continue
-            n += 1
-            if type(o) is not dict:
-                record(None, "not a JSON object")
-                continue
-            rt = o.get("resourceType")
-            if rt != rtype:
-                record(None, "missing resourceType" if rt is None else "resourceType mismatch")
-                continue
-            rid = o.get("id")
-            if type(rid) is not str or not rid:
-                record(None, "missing id")
-                continue
-            add_ident(rid, "id")
-            if is_patient or "identifier" in o:
-                collect_identifiers(o, is_patient, add_ident)
-            if b'"modifierExtension"' in raw and has_modifier_extension(o):
-                record(rid, None, modext=True)
-                continue
-            local_pot += 1
-            hsel = bool(threshold) and ((lineno * 2654435761 + file_salt) & 0xFFFFFFFF) < threshold
-            vres, vdone = None, False
-            # a superset of what the merge may need validated (it validates any other line itself)
-            if local_pot <= validate_first or (hsel and (vcap is None or local_hval < vcap)):
-                vres, vdone = validation_failure(rtype, o), True
-                session.validated += 1
-                if hsel:
-                    local_hval += 1
-            try:
-                if single is not None:
-                    out = [(single, single.fn(o, rid))]
-                else:
-                    out = [(p, p.fn(o, rid)) for p in producers]
-            except BadResource as bad:
-                record(rid, None, hsel=hsel, vdone=vdone, vres=vres, freason=bad.reason)
-                continue
-            except (AttributeError, TypeError, KeyError, IndexError, ValueError, OverflowError):
-                record(rid, None, hsel=hsel, vdone=vdone, vres=vres, freason="malformed resource structure")
-                continue
-            pks = [rows[0][p.pidx] for p, rows in out if p.pidx is not None and rows]
-            rows_by = {}
-            for p, rows in out:
-                rows_by[p.writer.table] = rows_by.get(p.writer.table, 0) + len(rows)
-                buf = p.writer.buf
-                buf.extend(rows)
-                if len(buf) >= batch_rows:
-                    p.writer.flush()
-            record(rid, None, hsel=hsel, vdone=vdone, vres=vres, pks=pks, rows=rows_by)
-    session.candidates[rtype] = local_pot
-    session.validated_by_type[rtype] = local_hval
-    session.resources_read[rtype] += n
-    return n
+        pos, nblock = 0, len(block)
+        while pos < nblock:
+            if prep is None:
+                for raw in block[pos:]:
+                    lineno += 1
+                    python_line(raw, lineno)
+                break
+            buf = single.writer.buf
+            before, ids = len(buf), set()
+            # one line per call (the buffer is "full" after the first line with rows), so that each line's
+            # id and rows are known; ``ids`` starts empty: no duplicate decided here
+            nxt, took, why = native.commit(prep, pos, lineno, buf, ids, None, ids_chunk, st["pot"], st["hval"],
+                                           vcap_c, validate_first, threshold, file_salt, before + 1)
+            if took:
+                rids = [ids.pop()] if took == 1 else [loads(block[pos + k])["id"] for k in range(took)]
+                added = len(buf) - before
+                for k, rid in enumerate(rids):
+                    ln = lineno + k + 1
+                    record(ln, rid, None, hsel=hashed(ln), rows={table: added if k == took - 1 else 0})
+                st["pot"] += took
+                st["n"] += took
+                st["native"] += took
+            lineno += nxt - pos
+            pos = nxt
+            if len(buf) >= batch_rows:
+                single.writer.flush()
+            if why == 1:  # for the Python loop
+                lineno += 1
+                python_line(block[pos], lineno)
+                pos += 1
+            elif why == 0:
+                break
+    session.candidates[rtype] = st["pot"]
+    session.validated_by_type[rtype] = st["hval"]
+    session.resources_read[rtype] += st["n"]
+    session.native_lines[rtype] += st["native"]
+    return st["n"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -453,6 +502,9 @@ def merge(plan: dict, shard_results: list[dict], out_uri: str, *, keyer: Keyer, 
         view_names = sorted(probe.views)
         threshold, vcap, validate_first = probe.threshold, probe.validate_cap, probe.validate_first
         has_patient = "Patient" in probe.producers
+        # types with one table: the patient key of a resource is its first row's (read from the part)
+        one_table = {r: ps[0].writer.table for r, ps in probe.producers.items()
+                     if len(ps) == 1 and ps[0].pidx is not None}
     finally:
         probe.abort()
         store.remove_tree(join(out_uri, "shards", "_probe"))
@@ -492,6 +544,7 @@ def merge(plan: dict, shard_results: list[dict], out_uri: str, *, keyer: Keyer, 
             segs = shard["segments"]
             log_table = store.read_table(join(res["uri"], DECISIONS_FILE))
             accepted = np.zeros(log_table.num_rows, dtype=bool)
+            pk1 = _first_row_patient_keys(log_table, res["uri"], sorted(set(one_table.values())), store)
 
             def decide(i: int, r: dict, seg: dict) -> None:
                 """One line, as :func:`.fhir_ndjson._ingest_lines` decides it (``r``: its decision record)."""
@@ -524,7 +577,7 @@ def merge(plan: dict, shard_results: list[dict], out_uri: str, *, keyer: Keyer, 
                         if reason is None:
                             reason = r["freason"]
                         if reason is None and rtype != "Patient" and patient_keys:
-                            for pk in r["pks"] or ():
+                            for pk in (r["pks"] if r["pks"] is not None else [r["_pk1"]]):
                                 if pk is not None and pk not in patient_keys:
                                     dangling[rtype] = dangling.get(rtype, 0) + 1
                                     if not keep_dangling:
@@ -547,6 +600,8 @@ def merge(plan: dict, shard_results: list[dict], out_uri: str, *, keyer: Keyer, 
 
             def one_by_one(a: int, b: int) -> None:
                 part = log_table.slice(a, b - a).to_pylist()
+                for r, pk in zip(part, pk1.slice(a, b - a).to_pylist()):
+                    r["_pk1"] = pk
                 for i, r in enumerate(part, start=a):
                     decide(i, r, segs[r["seg"]])
 
@@ -584,7 +639,8 @@ def merge(plan: dict, shard_results: list[dict], out_uri: str, *, keyer: Keyer, 
                     continue
                 if pk_array is None and patient_keys:
                     pk_array = pa.array(sorted(patient_keys), pa.string())
-                simple = _simple(log_table.slice(a, b - a), repeated.get(seg["rtype"]), pk_array)
+                simple = _simple(log_table.slice(a, b - a), repeated.get(seg["rtype"]), pk_array,
+                                 pk1.slice(a, b - a) if seg["rtype"] in one_table else None)
                 cuts = (np.flatnonzero(np.diff(simple)) + 1 + a).tolist()
                 for x, y in zip([a, *cuts], [*cuts, b]):  # runs of simple lines in bulk, the others one by one
                     if not (simple[x - a] and _bulk(log_table.slice(x, y - x), seg, x, accepted)):
@@ -681,6 +737,7 @@ def merge(plan: dict, shard_results: list[dict], out_uri: str, *, keyer: Keyer, 
         "seconds": round(seconds, 3),
         "resources_per_second": round(total_read / seconds, 1) if seconds > 0 else 0.0,
         "sharded": {"shards": len(results), "merge_seconds": round(seconds, 3), "revalidated_in_merge": lazy,
+                    "native_lines": sum(r.get("native_lines") or 0 for r in results),
                     "shard_seconds": [r.get("seconds") for r in results]},
         **(extra_report or {}),
     }
@@ -752,7 +809,28 @@ def _repeated_ids(results: list[dict], by_index: dict, store: Store) -> dict[str
     return out
 
 
-def _simple(run: pa.Table, repeated: pa.Array | None, patient_keys: pa.Array | None) -> np.ndarray:
+def _first_row_patient_keys(log_table: pa.Table, uri: str, tables: list[str], store: Store) -> pa.Array:
+    """Per decision record, the patient key of its first row in a one-table type's part (null without rows):
+    what one process checks (``rows[0][pidx]``)."""
+    n = log_table.num_rows
+    where = np.full(n, -1, dtype=np.int64)
+    keys, base = [], 0
+    for t in tables:
+        if f"n:{t}" not in log_table.column_names:
+            continue
+        counts = _col(log_table, f"n:{t}").astype(np.int64)
+        has = counts > 0
+        where[has] = (base + np.cumsum(counts) - counts)[has]
+        col = store.read_table(join(uri, f"{t}.parquet"), columns=["patient_key"]).column("patient_key")
+        keys.extend(col.chunks)
+        base += len(col)
+    if not keys:
+        return pa.nulls(n, pa.string())
+    return pa.chunked_array(keys, pa.string()).combine_chunks().take(pa.array(where, mask=where < 0))
+
+
+def _simple(run: pa.Table, repeated: pa.Array | None, patient_keys: pa.Array | None,
+            pk1: pa.Array | None = None) -> np.ndarray:
     """Lines of one segment that are accepted whatever the other lines are: valid on their own (no
     quarantine reason, no modifierExtension, flattened, passed validation if validated), an id no other
     line of the type has, and every patient they reference accepted (``patient_keys``; None: no check)."""
@@ -764,7 +842,11 @@ def _simple(run: pa.Table, repeated: pa.Array | None, patient_keys: pa.Array | N
               & run.column("vres").is_null().to_numpy(zero_copy_only=False))
     if repeated is not None and len(repeated):
         simple &= ~pc.is_in(run.column("rid"), value_set=repeated).fill_null(False).to_numpy(zero_copy_only=False)
-    if patient_keys is not None:
+    if patient_keys is not None and pk1 is not None:  # a one-table type: its first row's patient key
+        known = pc.is_in(pk1, value_set=patient_keys).fill_null(False).to_numpy(zero_copy_only=False) \
+            | pk1.is_null().to_numpy(zero_copy_only=False)
+        simple &= known
+    elif patient_keys is not None:
         pks = run.column("pks").combine_chunks()
         flat = pc.list_flatten(pks)
         known = pc.is_in(flat, value_set=patient_keys).fill_null(False).to_numpy(zero_copy_only=False) \
