@@ -226,6 +226,7 @@ def merge_ingest(ctx: RunContext, shards: list[dict]) -> IngestSummary:
         if plan.get("index_uri"):
             ctx.store.write_json(plan["index_uri"], {**{k: m[k] for k in INGEST_REUSED_KEYS},
                                                      "run_id": ctx.run_id})
+        ctx.store.remove_tree(shards_uri(ctx))  # last: a retried merge still finds its shards
     return m
 
 

@@ -159,14 +159,13 @@ def shard_for_run(ctx: RunContext, keyer: Keyer, shard: dict) -> dict:
 
 
 def merge_for_run(ctx: RunContext, keyer: Keyer, results: list[dict]) -> dict:
-    """Merge the shards into ``ctx.uri("ingest")`` (the one-process outputs and report), then remove them."""
+    """Merge the shards into ``ctx.uri("ingest")`` (the one-process outputs and report). The caller removes
+    the shards (:func:`shards_uri`) once everything after the merge is done too (a retried merge needs them)."""
     from .sharded import merge
 
     plan = ctx.store.read_json(join(shards_uri(ctx), "plan.json"))
-    report = merge(plan, results, ctx.uri("ingest"), max_line_bytes=ctx.spec.source.max_line_bytes,
-                   extra_report={"source_kind": "fhir_ndjson"}, **ingest_options(ctx, keyer))
-    ctx.store.remove_tree(shards_uri(ctx))
-    return report
+    return merge(plan, results, ctx.uri("ingest"), max_line_bytes=ctx.spec.source.max_line_bytes,
+                 extra_report={"source_kind": "fhir_ndjson"}, **ingest_options(ctx, keyer))
 
 
 # --------------------------------------------------------------------------------------------------
