@@ -215,3 +215,20 @@ def test_sharded_s3_extract_and_staging_equal_local_one_process(tmp_path, keyer,
         assert store.read_bytes(sharded["quarantine_uri"]) == Path(one["quarantine_uri"]).read_bytes()
         ids = store.read_table(sharded["identifiers_uri"])
         assert sorted(zip(*ids.to_pydict().values())) == sorted(zip(*pq.read_table(one["identifiers_uri"]).to_pydict().values()))
+
+
+@pytest.mark.parametrize("engine", ["fast", "views"])
+def test_sharded_with_a_second_table_per_type_equals_single_process(tmp_path, keyer, carebundle_extract, engine):
+    """A user view beside the built-in observation table (two tables of one type: the general path, patient
+    references of both tables checked), on either engine."""
+    src = tmp_path / "extract"
+    shutil.copytree(carebundle_extract, src)
+    _plant(src)
+    view = {"name": "obs_codes", "resource": "Observation", "select": [{"column": [
+        {"name": "obs_codes_key", "path": "getResourceKey()"},
+        {"name": "patient_key", "path": "subject.getReferenceKey(Patient)"},
+        {"name": "code", "path": "code.coding.code.first()"}]}]}
+    kw = dict(views=[view], engine=engine, validate_sample_rate=0.05)
+    one = _single(src, tmp_path / "one", keyer, **kw)
+    assert one["rows"]["obs_codes"] > 0 and one["dangling_references"] == {"Observation": 1}
+    _same(one, _sharded(src, tmp_path / "sharded", keyer, 4, 8 << 10, **kw))
