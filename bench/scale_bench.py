@@ -326,6 +326,29 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def combine(paths: list[Path], args: argparse.Namespace) -> int:
+    """One result from several invocations (e.g. a size that needs the machine to itself run apart): runs
+    ordered by size, exponents per code tree over all of them."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    bases = {p["base_extract"] for p in parts}
+    if len(bases) != 1:
+        raise SystemExit(f"--combine: the results start from different base extracts: {sorted(bases)}")
+    result = {**parts[0], "combined_from": [str(p) for p in paths],
+              "runs": sorted((r for p in parts for r in p["runs"]), key=lambda r: (r["patients"], r["code"]))}
+    codes = list(dict.fromkeys(r["code"] for r in result["runs"]))
+    result["exponents"] = [e for code in codes
+                           for e in exponents([r for r in result["runs"] if r["code"] == code])]
+    md = markdown(result)
+    print(md)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        args.markdown.write_text(md)
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", type=lambda s: int(float(s)), default=[1000, 20000])
@@ -342,7 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--smoke", action="store_true", help="a 60-patient base, 60 and 120 patients")
+    ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                    help="no runs: the runs of earlier result files (same base extract) in one table and plot")
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args)
     if args.smoke:
         args.base_patients, args.sizes = 60, [60, 120]
     codes = [c.split("=", 1) for c in args.code] or [["after", str(ROOT / "include")]]
