@@ -579,7 +579,8 @@ def bundle_rows(patients: int, seed: int, repeat: int, timeout: float) -> tuple[
     ]
     notes = [f"Bundles: carebundle --profile mixed, {patients} patients, seed {seed}, one transaction Bundle per "
              f"patient (pretty-printed, urn:uuid references) and the same resources as NDJSON; both ingested with "
-             f"the pipeline's defaults (1 % validation sample + the first 20 per file, at most 1,000 per type). "
+             f"the pipeline's defaults (1 % validation sample + the first 20 per file on NDJSON; on Bundles the "
+             f"first 20 per type and every file's first resource; at most 1,000 per type). "
              f"Input bytes: every Bundle file ({b_bytes / 1e6:.1f} MB) against the four NDJSON files ingest reads "
              f"({n_bytes / 1e6:.1f} MB)"]
     return rows, notes

@@ -152,10 +152,14 @@ def build_extract(base: Path, n: int, *, gz: bool = False, jobs: int = 2) -> Pat
 # --------------------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------------------
-def write_spec(folder: Path, name: str, extract: Path, staging: Path) -> Path:
+def write_spec(folder: Path, name: str, extract: Path, staging: Path, include: Path | None = None) -> Path:
+    """The demo spec of the code tree being measured (an older tree refuses a newer spec's fields)."""
     import yaml
 
-    data = yaml.safe_load((ROOT / "include/datasets/cohort_demo.yaml").read_text())
+    template = include / "datasets" / "cohort_demo.yaml" if include is not None else None
+    if template is None or not template.is_file():
+        template = ROOT / "include/datasets/cohort_demo.yaml"
+    data = yaml.safe_load(template.read_text())
     data.update(name=name, schedule=None)
     data["source"]["uri"] = str(extract)
     data["staging"]["uri"] = str(staging)
@@ -173,7 +177,7 @@ def run_once(code: str, include: Path, extract: Path, n: int, work: Path, timeou
 
     run_dir = work / f"{code}_n{n}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    spec = write_spec(run_dir, "scale_bench", extract, run_dir / "staging")
+    spec = write_spec(run_dir, "scale_bench", extract, run_dir / "staging", include)
     env = {**os.environ, "PYTHONPATH": str(include)}
     cmd = [venv_bin("synthfactory"), "run", str(spec), "--extract", str(extract), "--out", str(run_dir / "out"),
            "--run-id", f"scale_{code}_{n}"]
@@ -322,6 +326,29 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def combine(paths: list[Path], args: argparse.Namespace) -> int:
+    """One result from several invocations (e.g. a size that needs the machine to itself run apart): runs
+    ordered by size, exponents per code tree over all of them."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    bases = {p["base_extract"] for p in parts}
+    if len(bases) != 1:
+        raise SystemExit(f"--combine: the results start from different base extracts: {sorted(bases)}")
+    result = {**parts[0], "combined_from": [str(p) for p in paths],
+              "runs": sorted((r for p in parts for r in p["runs"]), key=lambda r: (r["patients"], r["code"]))}
+    codes = list(dict.fromkeys(r["code"] for r in result["runs"]))
+    result["exponents"] = [e for code in codes
+                           for e in exponents([r for r in result["runs"] if r["code"] == code])]
+    md = markdown(result)
+    print(md)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        args.markdown.write_text(md)
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", type=lambda s: int(float(s)), default=[1000, 20000])
@@ -338,7 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--smoke", action="store_true", help="a 60-patient base, 60 and 120 patients")
+    ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                    help="no runs: the runs of earlier result files (same base extract) in one table and plot")
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args)
     if args.smoke:
         args.base_patients, args.sizes = 60, [60, 120]
     codes = [c.split("=", 1) for c in args.code] or [["after", str(ROOT / "include")]]

@@ -137,26 +137,96 @@ def ingest(ctx: RunContext) -> IngestSummary:
     code version (``operations.reuse_ingest``; ``ctx.force_ingest`` ingests again)."""
     from synthfactory.keys import resolve_salt
 
+    if ctx.spec.operations.ingest_shards > 1:  # the DAG runs these three as tasks, the shards mapped
+        return merge_ingest(ctx, [ingest_shard(ctx, shard) for shard in plan_ingest_shards(ctx)])
     with _stage("ingest", ctx) as m:
         salt = resolve_salt(ctx.salt, ctx.staging_root)
-        index_uri = None
-        cached = None
-        if ctx.spec.operations.reuse_ingest and ctx.spec.source.kind not in ("fhir_bulk", "fhir_search") \
-                and not ctx.spec.source.query:
-            digest = extract_digest(ctx.source_uri, ctx.store)
-            index_uri = join(ctx.staging_root, ctx.spec.name, "ingest_index",
-                             ingest_cache_key(digest, ctx.spec, salt) + ".json")
-            cached = _reusable_ingest(ctx, index_uri)
+        index_uri, cached = _reuse_lookup(ctx, salt)
         if cached is not None:
-            check_needed_tables(ctx.spec, cached["rows"])
-            m.update({k: cached[k] for k in INGEST_REUSED_KEYS})
-            m["reused_from_run"] = cached["run_id"]
-            log.info("stage=ingest reusing the ingest output of run %s (same extract sha256, spec, salt, code)",
-                     cached["run_id"])
+            _reuse(ctx, cached, m)
         else:
             _ingest_fresh(ctx, salt, m)
             if index_uri:
                 ctx.store.write_json(index_uri, {**{k: m[k] for k in INGEST_REUSED_KEYS}, "run_id": ctx.run_id})
+    return m
+
+
+def _reuse_lookup(ctx: RunContext, salt: bytes) -> tuple[str | None, dict | None]:
+    """(the ingest reuse index entry's URI or None, the reusable previous output or None)."""
+    if ctx.spec.operations.reuse_ingest and ctx.spec.source.kind not in ("fhir_bulk", "fhir_search") \
+            and not ctx.spec.source.query:
+        digest = extract_digest(ctx.source_uri, ctx.store)
+        index_uri = join(ctx.staging_root, ctx.spec.name, "ingest_index",
+                         ingest_cache_key(digest, ctx.spec, salt) + ".json")
+        return index_uri, _reusable_ingest(ctx, index_uri)
+    return None, None
+
+
+def _reuse(ctx: RunContext, cached: dict, m: dict) -> None:
+    check_needed_tables(ctx.spec, cached["rows"])
+    m.update({k: cached[k] for k in INGEST_REUSED_KEYS})
+    m["reused_from_run"] = cached["run_id"]
+    log.info("stage=ingest reusing the ingest output of run %s (same extract sha256, spec, salt, code)",
+             cached["run_id"])
+
+
+def plan_ingest_shards(ctx: RunContext, n: int | None = None) -> list[dict]:
+    """Sharded ingest, step 1 (``operations.ingest_shards`` > 1): cut the extract's files at line ends into at
+    most ``n`` shards of about equal bytes (deterministic; :func:`synthfactory.ingest.sharded.plan_shards`).
+    Returns the shards (file names and byte ranges, no content), the list the DAG maps ``ingest_shard`` over.
+    When a previous run's ingest output is reusable, one placeholder shard that does nothing."""
+    from synthfactory.ingest.sources import plan_for_run, shards_uri
+    from synthfactory.keys import resolve_salt
+
+    with _stage("ingest_plan", ctx) as m:
+        salt = resolve_salt(ctx.salt, ctx.staging_root)  # first: the shard tasks then only read the salt
+        index_uri, cached = _reuse_lookup(ctx, salt)
+        if cached is not None:
+            ctx.store.write_json(join(shards_uri(ctx), "plan.json"), {"reused": cached})
+            m.update({"shards": 0, "reused_from_run": cached["run_id"]})
+            return [{"index": 0, "reused": True}]
+        plan = plan_for_run(ctx, n or ctx.spec.operations.ingest_shards)
+        if index_uri:
+            ctx.store.write_json(join(shards_uri(ctx), "plan.json"), {**plan, "index_uri": index_uri})
+        m.update({"shards": len(plan["shards"]), "files": len(plan["files"]),
+                  "bytes": sum(f["size"] for f in plan["files"])})
+    return plan["shards"]
+
+
+def ingest_shard(ctx: RunContext, shard: dict) -> dict:
+    """Sharded ingest, step 2: flatten one shard into shard-scoped Parquet parts and its decisions (one task per
+    shard in the DAG). Returns a small summary (counts, seconds, the shard's staging URI)."""
+    from synthfactory.ingest.sources import shard_for_run
+    from synthfactory.keys import Keyer, resolve_salt
+
+    if shard.get("reused"):
+        return {"index": shard["index"], "reused": True}
+    with _stage("ingest_shard", ctx) as m:
+        m.update(shard_for_run(ctx, Keyer(resolve_salt(ctx.salt, ctx.staging_root)), shard))
+        m["shard"] = m.pop("index")
+    return {**m, "index": m["shard"]}
+
+
+def merge_ingest(ctx: RunContext, shards: list[dict]) -> IngestSummary:
+    """Sharded ingest, step 3: merge the shards into the outputs and report of a one-process ingest (duplicate
+    ids across shards, references to patients of other shards and the sampled validation decided as one
+    process would), then the identifier index; the summary is :func:`ingest`'s."""
+    from synthfactory.ingest.sources import merge_for_run, shards_uri
+    from synthfactory.keys import Keyer, resolve_salt
+
+    with _stage("ingest", ctx) as m:
+        plan = ctx.store.read_json(join(shards_uri(ctx), "plan.json"))
+        if plan.get("reused"):
+            _reuse(ctx, plan["reused"], m)
+            ctx.store.remove_tree(shards_uri(ctx))
+            return m
+        report = merge_for_run(ctx, Keyer(resolve_salt(ctx.salt, ctx.staging_root)), list(shards))
+        _ingest_outputs(ctx, report, m)
+        m["shards"] = report["sharded"]["shards"]
+        if plan.get("index_uri"):
+            ctx.store.write_json(plan["index_uri"], {**{k: m[k] for k in INGEST_REUSED_KEYS},
+                                                     "run_id": ctx.run_id})
+        ctx.store.remove_tree(shards_uri(ctx))  # last: a retried merge still finds its shards
     return m
 
 
@@ -196,7 +266,11 @@ def _ingest_fresh(ctx: RunContext, salt: bytes, m: dict) -> None:
     from synthfactory.ingest.sources import ingest_for_run  # dispatches on source.kind
     from synthfactory.keys import Keyer
 
-    report = ingest_for_run(ctx, Keyer(salt))
+    _ingest_outputs(ctx, ingest_for_run(ctx, Keyer(salt)), m)
+
+
+def _ingest_outputs(ctx: RunContext, report: dict, m: dict) -> None:
+    """The ingest summary of a fresh ingest's report, and the leak scan's identifier index."""
     check_needed_tables(ctx.spec, report["rows"], report)
     m.update({
         "tables": report["tables"],
@@ -286,12 +360,16 @@ def prepare(ctx: RunContext, ingested: IngestSummary) -> PrepareSummary:
         ctx.store.write_json(columns_uri(ctx), {**info["dictionary"], "reference_date": info["reference_date"]})
         if ctx.spec.synthesizer.mode == "relational":  # the training patients' flattened tables, for the record
             keep = set(train[KEY])
-            m["relational_uris"] = {}
+            m["relational_uris"], m["relational_holdout_uris"] = {}, {}
             for name, df in tables.items():
                 if KEY in df.columns:
                     uri = ctx.uri("model", "relational", f"{name}.parquet")
                     ctx.store.write_df(uri, df[df[KEY].isin(keep)].reset_index(drop=True))
                     m["relational_uris"][name] = uri
+                    # the held-out patients' records: non-members of the record-level privacy audit
+                    uri = ctx.uri("model", "relational_holdout", f"{name}.parquet")
+                    ctx.store.write_df(uri, df[~df[KEY].isin(keep)].reset_index(drop=True))
+                    m["relational_holdout_uris"][name] = uri
     return m
 
 
@@ -504,8 +582,14 @@ def privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, i
             metadata=metadata, reference_resplits=pt.reference_resplits,
             mia_attacks=pt.mia.attacks, mia_options=mia_options(pt),
             fit_sample=_shadow_fit_sample(ctx, train.drop(columns=[KEY]), metadata) if pt.mia.shadow else None)
+        if ctx.spec.synthesizer.mode == "relational":  # a patient's whole record as the unit (gated: record.*)
+            metrics["record"] = _record_privacy(ctx, prepared, sampled, pt)
         report_uri = ctx.uri("reports", "privacy.json")
         audit = _privacy_audit_figures(metrics, pt)
+        if metrics.get("record"):
+            from synthfactory.privacy.records import summarise_record_audit
+
+            audit["record"] = summarise_record_audit(metrics["record"])
         report = {"dataset": ctx.spec.name, "run_id": ctx.run_id, "profile": ctx.profile,
                   "thresholds": pt.model_dump(mode="json"), "gate_rules": audit.pop("gate_rules"), **metrics}
         ctx.store.write_json(report_uri, report)
@@ -535,6 +619,23 @@ def privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, i
             **audit,
         })
     return m
+
+
+def _record_privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, pt: Any) -> dict:
+    """Record-level privacy of the relational tables (:func:`synthfactory.privacy.records.record_audit`): the
+    synthetic records against the real train patients' records, the held-out patients' as non-members. A
+    prepare summary without the held-out records (from before they were kept) gives no record figures: the
+    gate then refuses (``record.measured``)."""
+    from synthfactory.privacy.records import record_audit
+
+    uris, hold_uris = prepared.get("relational_uris") or {}, prepared.get("relational_holdout_uris") or {}
+    syn_uris = sampled.get("tables") or {}
+    names = [n for n in syn_uris if n in uris and n in hold_uris]
+    if "patient" not in names:
+        return {}
+    read = lambda u: {n: ctx.store.read_df(u[n]) for n in names}  # noqa: E731
+    return record_audit(read(uris), read(hold_uris), read(syn_uris), resplits=max(1, min(pt.reference_resplits, 10)),
+                        bootstrap=pt.mia.bootstrap, seed=ctx.spec.synthesizer.seed)
 
 
 def mia_options(pt: Any) -> dict:

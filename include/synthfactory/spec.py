@@ -1093,6 +1093,12 @@ class OperationsSpec(_Model):
         default=True, description="Reuse a previous run's ingest output when the extract's content sha256, the "
                                   "spec hash, the salt and the code version all match (the force_ingest Param "
                                   "overrides)")
+    ingest_shards: int = Field(
+        default=1, ge=1, le=1024,
+        description="Ingest in this many shards (fhir_ndjson only): the DAG plans them, maps one ingest task over "
+                    "each (Airflow dynamic task mapping, spread over the workers) and merges them into the outputs "
+                    "of a one-process ingest (duplicate ids, dangling references and the sampled validation "
+                    "decided as one process would); the CLI runs the shards in turn. 1 = one ingest task")
 
     @field_validator("timeouts", mode="before")
     @classmethod
@@ -1185,6 +1191,14 @@ class DatasetSpec(_Model):
             if missing:
                 raise ValueError(f"synthesizer.dp.bounds: no public bounds for the numeric column(s) {missing}, and "
                                  f"dp.estimate_bounds is false; give [low, high] for each, or let DP estimate them")
+        return self
+
+    @model_validator(mode="after")
+    def _shards_need_ndjson(self) -> "DatasetSpec":
+        if self.operations.ingest_shards > 1 and self.source.kind != "fhir_ndjson":
+            raise ValueError(f"operations.ingest_shards: {self.operations.ingest_shards} shards need source.kind "
+                             f"fhir_ndjson (the extract's files are cut at line ends); {self.source.kind!r} is "
+                             "ingested in one task (set ingest_shards: 1)")
         return self
 
     @model_validator(mode="after")

@@ -41,6 +41,7 @@ class PrepareSummary(_Timed, total=False):
     concepts: Any
     labs: list[str]
     relational_uris: dict[str, str]     # synthesizer.mode: relational
+    relational_holdout_uris: dict[str, str]  # the held-out patients' tables (record-level privacy)
 
 
 class FitSummary(_Timed, total=False):
@@ -113,6 +114,10 @@ class PrivacySummary(_Timed, total=False):
     mia_max_tpr_at_fpr_01: float | None  # largest true-positive rate at 1 % false positives (0.01 = chance)
     mia_max_tpr_at_fpr_10: float | None  # largest true-positive rate at 10 % false positives (0.10 = chance)
     mia_certified: bool                 # every attack's upper 95 % bound within the thresholds
+    # relational mode: a patient's whole record as the unit (privacy/records.py summarise_record_audit): exact
+    # match, DCR share, partial-knowledge exact match, and per record-level attack (partial_distance,
+    # partial_domias) auc / tpr_at_fpr_* with *_ci and *_reference; gated as record.* (release/gate.py)
+    record: dict[str, Any]
     extra_checks: list[dict[str, Any]]
 
 

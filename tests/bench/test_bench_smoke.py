@@ -140,3 +140,26 @@ def test_e2e_bench_smoke(tmp_path):
     # released, or refused by the gate on both sides alike (the timing compares the same stages either way)
     assert run["airflow"]["outcome"] == run["library"]["outcome"] == wall["outcome"]
     assert set(run["library"]["stage_seconds"]) >= {"ingest", "prepare", "fit", "sample", "quality", "privacy", "gate"}
+
+
+def test_scale_bench_combine_joins_invocations_and_refuses_other_bases(tmp_path):
+    import scale_bench
+
+    def run(code, n, wall, rss):
+        return {"code": code, "patients": n, "outcome": "released", "rc": 0, "wall_s": wall,
+                "stage_s": {"gate": wall / 10}, "stage_cpu_s": {"gate": wall / 20}, "peak_rss_gib": rss,
+                "stage_peak_rss_gib": {"gate": rss}, "log": "", "tail": ""}
+
+    base = {"bench": "scale", "machine": {}, "base_extract": "/x", "base_patients": 10, "anchor": {}}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({**base, "runs": [run("after", 10, 10.0, 1.0)]}))
+    b.write_text(json.dumps({**base, "runs": [run("after", 100, 100.0, 2.0)]}))
+    out = tmp_path / "c.json"
+    assert scale_bench.main(["--combine", str(b), str(a), "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert [r["patients"] for r in got["runs"]] == [10, 100]
+    (e,) = got["exponents"]
+    assert e["wall"] == 1.0 and e["peak_rss"] == 0.3 and e["gate"] == 1.0
+    b.write_text(json.dumps({**base, "base_extract": "/y", "runs": []}))
+    with pytest.raises(SystemExit, match="different base extracts"):
+        scale_bench.main(["--combine", str(a), str(b)])

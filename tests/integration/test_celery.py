@@ -1,10 +1,12 @@
 """The distributed engine, proven on this machine: PostgreSQL + Redis on loopback, Airflow 3 with the
-CeleryExecutor (scheduler, dag-processor, api-server for the execution API, a `default`-queue worker and a
+CeleryExecutor (scheduler, dag-processor, api-server for the execution API, two `default`-queue workers and a
 `gpu`-queue worker), a DAG whose spec asks for CTGAN, and the S3 emulator as the sandbox.
 
 It asserts that the run succeeds, that fit and sample ran on the gpu worker (task instance queue, pool and
-hostname in the metadata DB, and the gpu worker's own log) while every other stage ran on the default
-worker, and that the release landed in the sandbox. Everything started here is stopped in teardown.
+hostname in the metadata DB, and the gpu worker's own log) while every other stage ran on a default-queue
+worker, and that the release landed in the sandbox. A second dataset ingests in 4 shards (dynamic task mapping):
+its shard tasks run on both default-queue workers and the merged ingest equals a one-process ingest. Everything
+started here is stopped in teardown.
 
 Needs the `postgresql` and `redis-server` Debian packages (skipped with that reason when absent).
 """
@@ -41,6 +43,10 @@ BUCKET = "synthetic-sandbox"
 DATASET = "celery_ctgan"
 DAG_ID = f"synthfactory_{DATASET}"
 CPU_WORKER, GPU_WORKER = "sf-default-worker", "sf-gpu-worker"
+CPU_WORKER_2 = "sf-default-worker-2"  # a second default-queue worker: the sharded ingest spreads over both
+CPU_WORKERS = (CPU_WORKER, CPU_WORKER_2)
+SHARDED = "celery_sharded"  # a second dataset whose ingest is 4 mapped shard tasks and a merge
+SHARDED_DAG = f"synthfactory_{SHARDED}"
 
 
 def _binary(name: str) -> str | None:
@@ -184,6 +190,7 @@ def celery_stack(tmp_path_factory, small_extract):
                synthesizer__kind="ctgan", synthesizer__params={"epochs": 2, "batch_size": 50},
                # two epochs of CTGAN make poor data: this test is about where tasks run, so the gates are open
                **open_gates())
+    write_spec(specs, SHARDED, small_extract, staging, schedule=None, operations__ingest_shards=4, **open_gates())
     procs: list[_Proc] = []
     pg = _Postgres()
     redis = None
@@ -236,7 +243,7 @@ def celery_stack(tmp_path_factory, small_extract):
         procs.append(api)
         procs.append(_Proc("scheduler", [airflow, "scheduler"], env, logs))
         procs.append(_Proc("dag-processor", [airflow, "dag-processor"], env, logs))
-        for name, queue in ((CPU_WORKER, "default"), (GPU_WORKER, "gpu")):
+        for name, queue in ((CPU_WORKER, "default"), (CPU_WORKER_2, "default"), (GPU_WORKER, "gpu")):
             wenv = {**env, "SYNTHFACTORY_WORKER_NAME": name}
             procs.append(_Proc(name, [airflow, "celery", "worker", "--queues", queue, "--concurrency", "1",
                                       "--celery-hostname", f"{name}@%h", "--skip-serve-logs",
@@ -244,7 +251,8 @@ def celery_stack(tmp_path_factory, small_extract):
         _wait_port(api_port, api, 180)
         out, _ = pools.communicate(timeout=120)
         assert pools.returncode == 0, f"airflow pools set failed:\n{out[-3000:]}"
-        yield {"env": env, "pg": pg, "s3": s3, "procs": {p.name: p for p in procs}, "base": base,
+        yield {"env": env, "pg": pg, "s3": s3, "procs": {p.name: p for p in procs}, "base": base, "specs": specs,
+               "staging": staging,
                "started_in": time.monotonic() - t0, "login": {"username": "ops", "password": password}}
     finally:
         if pools is not None and pools.poll() is None:
@@ -305,11 +313,11 @@ def test_ctgan_trains_on_the_gpu_queue_worker_and_releases(celery_stack):
         if tid in ("fit", "sample", "privacy"):  # privacy: the MIA battery's shadow models are CTGAN fits
             assert (queue, pool, host) == ("gpu", "gpu", GPU_WORKER), (tid, tis[tid])
         else:
-            assert (queue, pool, host) == ("default", "default_pool", CPU_WORKER), (tid, tis[tid])
+            assert (queue, pool) == ("default", "default_pool") and host in CPU_WORKERS, (tid, tis[tid])
 
     # the workers' own logs agree: only the gpu worker received fit and sample
     gpu_log = stack["procs"][GPU_WORKER].tail(10**7)
-    cpu_log = stack["procs"][CPU_WORKER].tail(10**7)
+    cpu_log = stack["procs"][CPU_WORKER].tail(10**7) + stack["procs"][CPU_WORKER_2].tail(10**7)
     for tid in ("fit", "sample"):
         assert f"task_id='{tid}'" in gpu_log and f"task_id='{tid}'" not in cpu_log
     assert "task_id='ingest'" in cpu_log and "task_id='ingest'" not in gpu_log
@@ -347,3 +355,55 @@ def test_ctgan_trains_on_the_gpu_queue_worker_and_releases(celery_stack):
     assert card_url == f"{base}/synthfactory/datasets/{DATASET}/{version}/datacard"
     if any(f["path"] == "reports/datacard.html" for f in manifest["files"]):
         assert "<html" in get(card_url[len(base):]).lower()
+
+
+def test_sharded_ingest_runs_on_two_workers_and_equals_one_process(celery_stack):
+    """``operations.ingest_shards: 4``: the plan task, four mapped ``ingest_shard`` tasks spread over the two
+    default-queue workers, the merge (task ``ingest``); its outputs equal a one-process ingest of the extract."""
+    from synthfactory import pipeline
+    from synthfactory.spec import load_spec
+    from tests.ingest.test_sharded import _same
+
+    stack, pg = celery_stack, celery_stack["pg"]
+    deadline = time.monotonic() + 180
+    while not pg.query("SELECT 1 FROM dag WHERE dag_id = %s AND NOT is_stale", SHARDED_DAG):
+        assert time.monotonic() < deadline, "the dag-processor never parsed the sharded DAG\n" + _diagnostics(stack)
+        _check_alive(stack)
+        time.sleep(2)
+    t0 = time.monotonic()
+    _airflow("dags", "trigger", SHARDED_DAG, env=stack["env"])
+    deadline = time.monotonic() + 240
+    state = None
+    while time.monotonic() < deadline:
+        rows = pg.query("SELECT state FROM task_instance WHERE dag_id = %s AND task_id = 'ingest'", SHARDED_DAG)
+        state = rows[0][0] if rows else None
+        if state in ("success", "failed", "upstream_failed"):
+            break
+        _check_alive(stack)
+        time.sleep(2)
+    print(f"\nsharded ingest (plan, 4 shards, merge) {state} in {time.monotonic() - t0:.0f}s")
+    _airflow("dags", "pause", SHARDED_DAG, env=stack["env"])  # the later stages are not this test's subject
+    assert state == "success", f"merge task state {state!r}\n" + _diagnostics(stack)
+    shards = pg.query("SELECT map_index, hostname, state, queue FROM task_instance WHERE dag_id = %s AND "
+                      "task_id = 'ingest_shard' ORDER BY map_index", SHARDED_DAG)
+    assert [m for m, *_ in shards] == [0, 1, 2, 3] and all(st == "success" for _, _, st, _ in shards), shards
+    assert {host for _, host, _, _ in shards} == set(CPU_WORKERS), shards  # both workers ingested shards
+    (plan_host,) = [h for (h,) in pg.query("SELECT hostname FROM task_instance WHERE dag_id = %s AND "
+                                            "task_id = 'ingest_plan'", SHARDED_DAG)]
+    assert plan_host in CPU_WORKERS
+
+    (report,) = (stack["staging"] / SHARDED / "runs").glob("*/ingest/ingest_report.json")
+    sharded = json.loads(report.read_text())
+    assert sharded["sharded"]["shards"] == 4
+    assert not (report.parent / "shards").exists()  # the shard parts are removed after the merge
+    # one process, same extract, same staging (so the same salt file)
+    one_spec = load_spec(write_spec(stack["base"] / "one-process-specs", "celery_one", Path(_extract_of(stack)),
+                                    stack["staging"]))
+    one = pipeline.ingest(pipeline.RunContext(spec=one_spec, run_id="one", version="v1"))
+    _same(json.loads(Path(one["report_uri"]).read_text()), sharded)
+
+
+def _extract_of(stack) -> str:
+    import yaml
+
+    return yaml.safe_load((stack["specs"] / f"{SHARDED}.yaml").read_text())["source"]["uri"]

@@ -255,3 +255,41 @@ def test_privacy_stage_is_routed_to_the_gpu_queue_only_for_neural_shadow_trainin
     no_shadow = parse_spec({**base, "synthesizer": {"kind": "ctgan"}, "privacy": {"mia": {"attacks": ["domias"]}}})
     assert not stage_gpu_routed(no_shadow, "privacy")
     assert not stage_gpu_routed(parse_spec({**base, "synthesizer": {"kind": "cart"}}), "privacy")
+
+
+def test_kde_and_knn_blocks_bounded_by_reference_size_same_result(monkeypatch):
+    """Dense blocks hold at most MAX_BLOCK_ELEMENTS distances whatever the reference size (memory at 200k
+    patients), and the figures do not depend on the block size."""
+    import synthfactory.privacy.mia as mia_mod
+
+    rng = np.random.default_rng(3)
+    q, p = rng.normal(size=(300, 6)), rng.normal(size=(900, 6))
+    full_kde, full_knn = mia_mod._log_kde(q, p, 0.7), mia_mod._knn(q, p, 3)
+    monkeypatch.setattr(mia_mod, "MAX_BLOCK_ELEMENTS", 900 * 7)
+    assert mia_mod._rows_per_block(2048, 900) == 7
+    np.testing.assert_allclose(mia_mod._log_kde(q, p, 0.7), full_kde, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mia_mod._knn(q, p, 3), full_knn, rtol=1e-12, atol=1e-12)
+
+
+def test_exposed_targets_ranked_in_a_bounded_pool_rare_first_radius_exact():
+    """Beyond EXPOSURE_POOL real rows the most exposed targets are ranked within a random pool (rare rows
+    always in it), and each target's nearest-other distance is still measured over every real row."""
+    from synthfactory.privacy.mia import _exposed, _knn
+
+    rng = np.random.default_rng(5)
+    x_tr, x_ho = rng.normal(size=(600, 4)), rng.normal(size=(300, 4))
+    x_tr[17] += 40.0  # an outlier: ranked first by both
+    rare_tr = np.zeros(600, bool)
+    rare_tr[[3, 250]] = True
+    rare_ho = np.zeros(300, bool)
+    full = _exposed(x_tr, x_ho, None, 5, rare_tr, rare_ho)
+    assert full[4] == 900 and set(full[0][:2]) == {3, 250}
+    pooled = _exposed(x_tr, x_ho, None, 5, rare_tr, rare_ho, pool=200)
+    assert pooled[4] == 200
+    assert set(pooled[0][:2]) == {3, 250}  # rare rows are always in the pool and ranked first
+    everyone = np.concatenate([x_tr, x_ho])
+    np.testing.assert_allclose(pooled[2], _knn(x_tr[pooled[0]], everyone, 2)[:, 1], rtol=1e-6)
+    np.testing.assert_allclose(pooled[3], _knn(x_ho[pooled[1]], everyone, 2)[:, 1], rtol=1e-6)
+    pooled_out = _exposed(x_tr, x_ho, None, 5, None, None, pool=200)
+    full_out = _exposed(x_tr, x_ho, None, 5, None, None)
+    assert full_out[0][0] == 17 and (17 not in pooled_out[0] or pooled_out[0][0] == 17)

@@ -104,7 +104,10 @@ def _ops_doc(spec: DatasetSpec) -> str:
               else "no failure notifications")
     return (f"Operations: runs {start}. fit/sample run on queue `{route.queue}`, pool `{route.pool}`; other stages "
             f"on the default queue. Retries {ops.retries} (exponential backoff); timeouts (min): {timeouts}; "
-            f"{notify}. Ingest reuse {'on' if ops.reuse_ingest else 'off'} (Param `force_ingest`).")
+            f"{notify}. Ingest reuse {'on' if ops.reuse_ingest else 'off'} (Param `force_ingest`)."
+            + (f" Ingest in up to {ops.ingest_shards} shards: `ingest_plan` → `ingest_shard` mapped over the shards "
+               "(any worker) → `ingest` merges them into a one-process ingest's outputs." if ops.ingest_shards > 1
+               else ""))
 
 
 def build_dag(spec_path: str | Path) -> DAG:
@@ -202,7 +205,26 @@ def build_dag(spec_path: str | Path) -> DAG:
             announce_release(spec, ctx, writer, out, release_asset)
             return out
 
-        ingested = ingest()
+        if spec.operations.ingest_shards > 1:  # plan -> one mapped task per shard -> merge (task "ingest")
+            @task(**task_kwargs(spec, "ingest"))
+            @_no_retry_on_user_errors
+            def ingest_plan() -> list:
+                return p.plan_ingest_shards(run_context(sp))
+
+            @task(**task_kwargs(spec, "ingest"))
+            @_no_retry_on_user_errors
+            def ingest_shard(shard: dict) -> dict:
+                return p.ingest_shard(run_context(sp), shard)
+
+            @task(task_id="ingest", **task_kwargs(spec, "ingest"))
+            @_no_retry_on_user_errors
+            def ingest_merge(shards: list) -> dict:
+                return p.merge_ingest(run_context(sp), list(shards))
+
+            first = ingest_plan()
+            ingested = ingest_merge(ingest_shard.expand(shard=first))
+        else:
+            ingested = first = ingest()
         prepared = prepare(ingested)
         sampled = sample(fit(prepared), prepared)
         q = quality(prepared, sampled)
@@ -216,7 +238,7 @@ def build_dag(spec_path: str | Path) -> DAG:
         for arg in (gated, released):
             arg.operator.operator_extra_links = [DataCardLink()]
         if spec.trigger.wait_for_key:
-            _extract_sensor(spec) >> ingested
+            _extract_sensor(spec) >> first
         if spec.source.kind == "fhir_bulk" and spec.source.bulk.deferrable:  # export waits on the triggerer
             from synthfactory.airflow.operators import FhirBulkExportOperator
 

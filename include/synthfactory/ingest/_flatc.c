@@ -2222,9 +2222,639 @@ static PyTypeObject FlatType = {
     .tp_methods = Flat_methods,
 };
 
+/* ============================================================================================== */
+/* Bundles: the entries of a Bundle file, streamed (bundle.ingest_bundles)                         */
+/* ============================================================================================== */
+/*
+ * scan_bundle(buf, pos, state, final, wanted=None) -> (pos, state, entries)
+ *
+ * Walks the root object of a Bundle held (in part) in ``buf`` from ``pos``: the members before and after
+ * ``entry`` are checked and skipped; each element of the ``entry`` array is found (its extent by a
+ * bracket-and-string scan, then read strictly) and returned as a tuple; the caller drops the bytes before
+ * the returned ``pos`` and appends the next chunk. A unit (member or entry) not complete in ``buf`` stops
+ * the scan at its start (``final``: the buffer holds the end of the file, so it is invalid JSON).
+ *
+ * state: S_* below, with ST_BUNDLE set once the root's resourceType "Bundle" was read and ST_DONE once the
+ * entry array was. ST_FALLBACK (only before any entry): the file cannot be streamed (not an object, ``entry`` before ``resourceType``, a resourceType that is not
+ * Bundle, ``entry`` not an array): the caller parses it whole. ST_INVALID: invalid JSON outside entries.
+ *
+ * entry tuple: (status, start, end, resource, fullUrl, method, url, resourceType, id, id_kind, subject_ref,
+ *               patient_ref, refs)
+ *   status 0: read here; 1: anything unusual (not an object, a field of an unexpected type, an escape in a
+ *   string read here, duplicate members, invalid JSON, too deep): the caller parses the entry's bytes with
+ *   orjson and takes its Python path, so every decision stays that path's.
+ *   resource: the resource object's bytes, compact (no whitespace between tokens), or None when the entry
+ *   has no resource member; b"" (and no refs) for a resourceType not in the set ``wanted`` (the caller skips it). id_kind: 0 absent, 1 a string. refs: start, end, start, end... of every
+ *   "reference" string member in the resource (the string's content, without quotes; offsets in the compact
+ *   bytes), in order. The other strings are None unless present as strings without escapes.
+ */
+enum { S_START, S_MEMBER_FIRST, S_MEMBER, S_AFTER_MEMBER, S_ENTRY_FIRST, S_ENTRY, S_AFTER_ENTRY, S_END };
+#define ST_BUNDLE 0x100
+#define ST_DONE 0x200 /* the entry array was read */
+#define ST_FALLBACK 1000
+#define ST_INVALID 1001
+
+static inline size_t string_end(const uint8_t *s, size_t i, size_t n) {
+    /* i at an opening quote: the index after the closing one, or (size_t)-1 when not in the buffer */
+    i++;
+    while (i < n) {
+#if defined(__SSE2__)
+        while (i + 16 <= n) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(s + i));
+            int mask = _mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('"')),
+                                                      _mm_cmpeq_epi8(v, _mm_set1_epi8('\\'))));
+            if (mask) {
+                i += (size_t)__builtin_ctz((unsigned)mask);
+                break;
+            }
+            i += 16;
+        }
+        if (i >= n) break;
+#endif
+        if (s[i] == '"') return i + 1;
+        if (s[i] == '\\') {
+            i += 2;
+            continue;
+        }
+        i++;
+    }
+    return (size_t)-1;
+}
+
+/* the end of the JSON value starting at s[i] (not whitespace), by brackets and strings only (lenient: the
+ * strict read follows); (size_t)-1 when it does not end within n */
+static size_t unit_end(const uint8_t *s, size_t i, size_t n) {
+    uint8_t c = s[i];
+    if (c == '{' || c == '[') {
+        size_t depth = 0;
+        while (i < n) {
+            c = s[i];
+            if (c == '"') {
+                i = string_end(s, i, n);
+                if (i == (size_t)-1) return i;
+                continue;
+            }
+            if (c == '{' || c == '[') depth++;
+            else if (c == '}' || c == ']') {
+                if (--depth == 0) return i + 1;
+            }
+            i++;
+        }
+        return (size_t)-1;
+    }
+    if (c == '"') return string_end(s, i, n);
+    while (i < n) {
+        c = s[i];
+        if (c == ',' || c == ']' || c == '}' || c == ' ' || c == '\n' || c == '\r' || c == '\t') return i;
+        i++;
+    }
+    return (size_t)-1;
+}
+
+typedef struct {
+    Py_ssize_t off, len;
+    int kind; /* 0 absent, 1 string without escapes, 2 anything else */
+} fspan;
+
+typedef struct {
+    fspan full, method, url, rtype, rid, subj, pat;
+    fspan *holder; /* subj or pat while its object is walked */
+    Py_ssize_t res_start, res_end;
+    int has_res, has_req, odd;
+    Py_ssize_t *refs;
+    size_t nrefs, cap;
+} einfo;
+
+static inline int key_is(parser *P, uint32_t koff, uint32_t klen, const char *k) {
+    size_t n = strlen(k);
+    return klen == n && memcmp(P->s + koff, k, n) == 0;
+}
+
+static int push_ref(einfo *E, Py_ssize_t a, Py_ssize_t b) {
+    if (E->nrefs + 2 > E->cap) {
+        size_t cap = E->cap ? E->cap * 2 : 32;
+        Py_ssize_t *r = (Py_ssize_t *)realloc(E->refs, cap * sizeof(Py_ssize_t));
+        if (!r) return -2;
+        E->refs = r;
+        E->cap = cap;
+    }
+    E->refs[E->nrefs++] = a;
+    E->refs[E->nrefs++] = b;
+    return 0;
+}
+
+/* a member value read into f (a string without escapes: kind 1; else kind 2 and the value skipped) */
+static int read_field(parser *P, einfo *E, fspan *f, int depth) {
+    if (f->kind) E->odd = 1; /* a duplicate member */
+    skip_ws(P);
+    if (P->pos < P->n && P->s[P->pos] == '"') {
+        uint32_t off, len;
+        uint8_t esc;
+        if (parse_string(P, &off, &len, &esc) < 0) return -1;
+        f->off = off;
+        f->len = len;
+        f->kind = esc ? 2 : 1;
+        if (esc) E->odd = 1;
+        return 0;
+    }
+    f->kind = 2;
+    E->odd = 1;
+    return skip_value(P, depth);
+}
+
+/* any value inside a resource: strict, collecting "reference" string members */
+static int walk_any(parser *P, einfo *E, int depth) {
+    uint8_t c;
+    if (depth > MAX_DEPTH) return -1;
+    skip_ws(P);
+    if (P->pos >= P->n) return -1;
+    c = P->s[P->pos];
+    if (c != '{' && c != '[') return skip_value(P, depth);
+    {
+        int obj = c == '{';
+        P->pos++;
+        skip_ws(P);
+        if (P->pos < P->n && P->s[P->pos] == (obj ? '}' : ']')) {
+            P->pos++;
+            return 0;
+        }
+        for (;;) {
+            int r;
+            if (obj) {
+                uint32_t koff, klen;
+                uint8_t kesc;
+                if (parse_key(P, &koff, &klen, &kesc) < 0) return -1;
+                skip_ws(P);
+                if (key_is(P, koff, klen, "reference") && P->pos < P->n && P->s[P->pos] == '"') {
+                    uint32_t off, len;
+                    uint8_t esc;
+                    if (parse_string(P, &off, &len, &esc) < 0) return -1;
+                    if (esc) E->odd = 1;
+                    if (push_ref(E, off, (Py_ssize_t)off + len) < 0) return -2;
+                    r = 0;
+                } else {
+                    r = walk_any(P, E, depth + 1);
+                }
+            } else {
+                r = walk_any(P, E, depth + 1);
+            }
+            if (r < 0) return r;
+            skip_ws(P);
+            if (P->pos >= P->n) return -1;
+            if (P->s[P->pos] == ',') {
+                P->pos++;
+                continue;
+            }
+            if (P->s[P->pos] == (obj ? '}' : ']')) {
+                P->pos++;
+                return 0;
+            }
+            return -1;
+        }
+    }
+}
+
+/* an object whose members are read by ``member`` (0 handled, 1 not one of its keys: walk/skip it) */
+typedef int (*member_fn)(parser *P, einfo *E, uint32_t koff, uint32_t klen, int depth);
+
+static int walk_object(parser *P, einfo *E, int depth, member_fn member, int collect) {
+    skip_ws(P);
+    if (P->pos >= P->n || P->s[P->pos] != '{') {
+        E->odd = 1;
+        return collect ? walk_any(P, E, depth) : skip_value(P, depth);
+    }
+    P->pos++;
+    skip_ws(P);
+    if (P->pos < P->n && P->s[P->pos] == '}') {
+        P->pos++;
+        return 0;
+    }
+    for (;;) {
+        uint32_t koff, klen;
+        uint8_t kesc;
+        int r;
+        if (parse_key(P, &koff, &klen, &kesc) < 0) return -1;
+        r = member(P, E, koff, klen, depth + 1);
+        if (r < 0) return r;
+        if (r == 1) {
+            r = collect ? walk_any(P, E, depth + 1) : skip_value(P, depth + 1);
+            if (r < 0) return r;
+        }
+        skip_ws(P);
+        if (P->pos >= P->n) return -1;
+        if (P->s[P->pos] == ',') {
+            P->pos++;
+            continue;
+        }
+        if (P->s[P->pos] == '}') {
+            P->pos++;
+            return 0;
+        }
+        return -1;
+    }
+}
+
+static int m_holder(parser *P, einfo *E, uint32_t koff, uint32_t klen, int depth) {
+    if (key_is(P, koff, klen, "reference")) {
+        fspan *h = E->holder;
+        int r = read_field(P, E, h, depth);
+        if (r < 0) return r;
+        if (h->kind == 1 && push_ref(E, h->off, h->off + h->len) < 0) return -2;
+        return 0;
+    }
+    return 1;
+}
+
+static int m_resource(parser *P, einfo *E, uint32_t koff, uint32_t klen, int depth) {
+    if (key_is(P, koff, klen, "resourceType")) return read_field(P, E, &E->rtype, depth);
+    if (key_is(P, koff, klen, "id")) return read_field(P, E, &E->rid, depth);
+    if (key_is(P, koff, klen, "subject") || key_is(P, koff, klen, "patient")) {
+        fspan *f = key_is(P, koff, klen, "subject") ? &E->subj : &E->pat;
+        if (f->kind) E->odd = 1;
+        f->kind = 2; /* present; 1 once its reference is read */
+        E->holder = f;
+        {
+            fspan tmp = *f;
+            int r;
+            f->kind = 0;
+            r = walk_object(P, E, depth, m_holder, 1);
+            if (f->kind == 0) *f = tmp; /* no reference in it: still "present, no string" */
+            return r;
+        }
+    }
+    return 1;
+}
+
+static int m_request(parser *P, einfo *E, uint32_t koff, uint32_t klen, int depth) {
+    if (key_is(P, koff, klen, "method")) return read_field(P, E, &E->method, depth);
+    if (key_is(P, koff, klen, "url")) return read_field(P, E, &E->url, depth);
+    return 1;
+}
+
+static int m_entry(parser *P, einfo *E, uint32_t koff, uint32_t klen, int depth) {
+    if (key_is(P, koff, klen, "fullUrl")) return read_field(P, E, &E->full, depth);
+    if (key_is(P, koff, klen, "request")) {
+        if (E->has_req) E->odd = 1;
+        E->has_req = 1;
+        return walk_object(P, E, depth, m_request, 0);
+    }
+    if (key_is(P, koff, klen, "resource")) {
+        int r;
+        if (E->has_res) E->odd = 1;
+        E->has_res = 1;
+        skip_ws(P);
+        E->res_start = (Py_ssize_t)P->pos;
+        r = walk_object(P, E, depth, m_resource, 1);
+        E->res_end = (Py_ssize_t)P->pos;
+        return r;
+    }
+    return 1;
+}
+
+static PyObject *span_str(const uint8_t *s, const fspan *f) {
+    if (f->kind != 1) Py_RETURN_NONE;
+    return PyUnicode_DecodeUTF8((const char *)s + f->off, f->len, NULL);
+}
+
+/* the resource's bytes without the whitespace between tokens (strings copied as they are), and its reference
+ * spans moved to match (relative to the compact bytes) */
+static PyObject *compact_resource(const uint8_t *s, einfo *E) {
+    size_t i = (size_t)E->res_start, n = (size_t)E->res_end, o = 0, k = 0;
+    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n - i));
+    uint8_t *d;
+    if (!b) return NULL;
+    d = (uint8_t *)PyBytes_AS_STRING(b);
+    while (i < n) {
+        uint8_t c = s[i];
+        if (c == '"') {
+            size_t e = string_end(s, i, n); /* the walk read it: it ends */
+            if (k < E->nrefs && E->refs[k] == (Py_ssize_t)i + 1) {
+                Py_ssize_t len = E->refs[k + 1] - E->refs[k];
+                E->refs[k] = (Py_ssize_t)o + 1;
+                E->refs[k + 1] = (Py_ssize_t)o + 1 + len;
+                k += 2;
+            }
+            memcpy(d + o, s + i, e - i);
+            o += e - i;
+            i = e;
+            continue;
+        }
+        if (c != ' ' && c != '\n' && c != '\r' && c != '\t') d[o++] = c;
+        i++;
+    }
+    if (k != E->nrefs) { /* not expected: every reference span starts a string */
+        Py_DECREF(b);
+        return NULL;
+    }
+    if (_PyBytes_Resize(&b, (Py_ssize_t)o) < 0) return NULL;
+    return b;
+}
+
+static PyObject *entry_tuple(const uint8_t *s, size_t start, size_t end, einfo *E, int ok, PyObject *wanted) {
+    PyObject *refs, *t, *line, *rtype;
+    size_t k;
+    int status = (!ok || E->odd) ? 1 : 0, keep = 1;
+    if (status) /* the caller reads the entry with orjson */
+        return Py_BuildValue("(inn)", 1, (Py_ssize_t)start, (Py_ssize_t)end);
+    rtype = span_str(s, &E->rtype);
+    if (!rtype) return NULL;
+    if (wanted != Py_None && rtype != Py_None) {
+        keep = PySet_Contains(wanted, rtype);
+        if (keep < 0) {
+            Py_DECREF(rtype);
+            return NULL;
+        }
+    }
+    if (E->has_res && !keep) { /* a type the caller skips: no bytes */
+        line = PyBytes_FromStringAndSize("", 0);
+        if (!line) {
+            Py_DECREF(rtype);
+            return NULL;
+        }
+        E->nrefs = 0;
+    } else if (E->has_res) {
+        line = compact_resource(s, E);
+        if (!line) {
+            Py_DECREF(rtype);
+            if (PyErr_Occurred()) return NULL;
+            return Py_BuildValue("(inn)", 1, (Py_ssize_t)start, (Py_ssize_t)end);
+        }
+    } else {
+        Py_INCREF(Py_None);
+        line = Py_None;
+    }
+    refs = PyTuple_New((Py_ssize_t)E->nrefs);
+    if (!refs) {
+        Py_DECREF(line);
+        Py_DECREF(rtype);
+        return NULL;
+    }
+    for (k = 0; k < E->nrefs; k++) {
+        PyObject *v = PyLong_FromSsize_t(E->refs[k]);
+        if (!v) {
+            Py_DECREF(refs);
+            Py_DECREF(line);
+            Py_DECREF(rtype);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(refs, (Py_ssize_t)k, v);
+    }
+    t = Py_BuildValue("(innNNNNNNiNNN)", 0, (Py_ssize_t)start, (Py_ssize_t)end, line,
+                      span_str(s, &E->full), span_str(s, &E->method), span_str(s, &E->url),
+                      rtype, span_str(s, &E->rid), E->rid.kind, span_str(s, &E->subj),
+                      span_str(s, &E->pat), refs);
+    return t;
+}
+
+static PyObject *scan_bundle(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t pos0;
+    int state, final;
+    parser P;
+    PyObject *entries = NULL, *res = NULL, *wanted = Py_None;
+    const uint8_t *s;
+    size_t n, pos;
+    int flags, st;
+    if (!PyArg_ParseTuple(args, "y*nip|O", &view, &pos0, &state, &final, &wanted)) return NULL;
+    if (wanted != Py_None && !PyAnySet_Check(wanted)) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_TypeError, "wanted must be a set or None");
+        return NULL;
+    }
+    s = (const uint8_t *)view.buf;
+    n = (size_t)view.len;
+    if (n > (size_t)UINT32_MAX) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "buffer too large");
+        return NULL;
+    }
+    pos = pos0 < 0 ? 0 : (size_t)pos0;
+    flags = state & (ST_BUNDLE | ST_DONE);
+    st = state & 0xFF;
+    entries = PyList_New(0);
+    if (!entries) goto done;
+    memset(&P, 0, sizeof(P));
+    P.s = s;
+    if (state >= ST_FALLBACK) goto out;
+    for (;;) {
+        uint8_t c;
+        while (pos < n && (s[pos] == ' ' || s[pos] == '\t' || s[pos] == '\n' || s[pos] == '\r')) pos++;
+        if (st == S_END) {
+            if (pos < n) st = ST_INVALID;
+            goto out;
+        }
+        if (pos >= n) {
+            if (final) st = ST_INVALID;
+            goto out;
+        }
+        c = s[pos];
+        switch (st) {
+        case S_START:
+            if (c != '{') {
+                st = ST_FALLBACK;
+                goto out;
+            }
+            pos++;
+            st = S_MEMBER_FIRST;
+            continue;
+        case S_MEMBER_FIRST:
+        case S_MEMBER: {
+            uint32_t koff, klen;
+            uint8_t kesc;
+            size_t kend, vstart, vend;
+            if (c == '}' && st == S_MEMBER_FIRST) {
+                pos++;
+                st = S_END;
+                continue;
+            }
+            if (c != '"') {
+                st = ST_INVALID;
+                goto out;
+            }
+            kend = string_end(s, pos, n);
+            if (kend == (size_t)-1) {
+                if (final) st = ST_INVALID;
+                goto out;
+            }
+            vstart = kend;
+            while (vstart < n && (s[vstart] == ' ' || s[vstart] == '\t' || s[vstart] == '\n' || s[vstart] == '\r'))
+                vstart++;
+            if (vstart >= n) {
+                if (final) st = ST_INVALID;
+                goto out;
+            }
+            if (s[vstart] != ':') {
+                st = ST_INVALID;
+                goto out;
+            }
+            vstart++;
+            while (vstart < n && (s[vstart] == ' ' || s[vstart] == '\t' || s[vstart] == '\n' || s[vstart] == '\r'))
+                vstart++;
+            if (vstart >= n) {
+                if (final) st = ST_INVALID;
+                goto out;
+            }
+            P.n = vstart;
+            P.pos = pos;
+            P.odd = 0;
+            kesc = 0;
+            if (parse_key(&P, &koff, &klen, &kesc) < 0) {
+                st = ST_INVALID;
+                goto out;
+            }
+            if (P.odd && !(flags & ST_DONE)) { /* an escaped key before the entries: orjson reads the file */
+                st = ST_FALLBACK;
+                goto out;
+            }
+            if (P.odd) { /* after them: a member this reader does not read, checked and skipped */
+                kesc = 0;
+                klen = 0;
+            }
+            if (key_is(&P, koff, klen, "entry")) {
+                if (!flags || s[vstart] != '[') {
+                    st = ST_FALLBACK;
+                    goto out;
+                }
+                pos = vstart + 1;
+                st = S_ENTRY_FIRST;
+                continue;
+            }
+            vend = unit_end(s, vstart, n);
+            if (vend == (size_t)-1) {
+                if (!final) goto out;
+                vend = n; /* a scalar at the end of the file, or truncated: the strict read decides */
+            }
+            P.n = vend;
+            P.pos = vstart;
+            if (key_is(&P, koff, klen, "resourceType")) {
+                uint32_t off, len;
+                uint8_t esc;
+                if (s[vstart] != '"' || parse_string(&P, &off, &len, &esc) < 0 || esc || P.pos != vend) {
+                    st = ST_FALLBACK;
+                    goto out;
+                }
+                if (!(len == 6 && memcmp(s + off, "Bundle", 6) == 0)) {
+                    st = ST_FALLBACK; /* a bare resource */
+                    goto out;
+                }
+                flags = ST_BUNDLE;
+            } else if (skip_value(&P, 1) < 0 || P.pos != vend) {
+                st = (P.odd && !(flags & ST_DONE)) ? ST_FALLBACK : ST_INVALID;
+                goto out;
+            }
+            pos = vend;
+            st = S_AFTER_MEMBER;
+            continue;
+        }
+        case S_AFTER_MEMBER:
+            if (c == ',') {
+                pos++;
+                st = S_MEMBER;
+                continue;
+            }
+            if (c == '}') {
+                pos++;
+                st = S_END;
+                continue;
+            }
+            st = ST_INVALID;
+            goto out;
+        case S_ENTRY_FIRST:
+        case S_ENTRY: {
+            size_t end;
+            einfo E;
+            int r;
+            PyObject *t;
+            if (c == ']' && st == S_ENTRY_FIRST) {
+                pos++;
+                st = S_AFTER_MEMBER;
+                flags |= ST_DONE;
+                continue;
+            }
+            /* read it strictly within the buffer; only when that fails, find its extent (incomplete: wait
+             * for more bytes; complete but not read here: the caller's orjson decides) */
+            if (c != '{') { /* not an object: its extent (a number must not end at the buffer's end) */
+                end = unit_end(s, pos, n);
+                if (end == (size_t)-1) {
+                    if (final) st = ST_INVALID;
+                    goto out;
+                }
+                t = Py_BuildValue("(inn)", 1, (Py_ssize_t)pos, (Py_ssize_t)end);
+                if (!t || PyList_Append(entries, t) < 0) {
+                    Py_XDECREF(t);
+                    goto fail;
+                }
+                Py_DECREF(t);
+                pos = end;
+                st = S_AFTER_ENTRY;
+                continue;
+            }
+            memset(&E, 0, sizeof(E));
+            P.n = n;
+            P.pos = pos;
+            P.odd = 0;
+            r = walk_object(&P, &E, 0, m_entry, 0);
+            if (r == -2) {
+                free(E.refs);
+                PyErr_NoMemory();
+                goto fail;
+            }
+            end = P.pos;
+            if (r < 0) {
+                end = unit_end(s, pos, n);
+                if (end == (size_t)-1) {
+                    free(E.refs);
+                    if (final) st = ST_INVALID;
+                    goto out;
+                }
+            }
+            if (P.odd) E.odd = 1;
+            t = entry_tuple(s, pos, end, &E, r == 0, wanted);
+            free(E.refs);
+            if (!t || PyList_Append(entries, t) < 0) {
+                Py_XDECREF(t);
+                goto fail;
+            }
+            Py_DECREF(t);
+            pos = end;
+            st = S_AFTER_ENTRY;
+            continue;
+        }
+        case S_AFTER_ENTRY:
+            if (c == ',') {
+                pos++;
+                st = S_ENTRY;
+                continue;
+            }
+            if (c == ']') {
+                pos++;
+                st = S_AFTER_MEMBER;
+                flags |= ST_DONE;
+                continue;
+            }
+            st = ST_INVALID;
+            goto out;
+        default:
+            st = ST_INVALID;
+            goto out;
+        }
+    }
+out:
+    res = Py_BuildValue("(niO)", (Py_ssize_t)pos, st >= ST_FALLBACK ? st : (st | flags), entries);
+fail:
+    Py_XDECREF(entries);
+done:
+    PyBuffer_Release(&view);
+    return res;
+}
+
+static PyMethodDef module_methods[] = {
+    {"scan_bundle", (PyCFunction)scan_bundle, METH_VARARGS, "The entries of a Bundle, streamed (see the source)."},
+    {NULL, NULL, 0, NULL}};
+
 static struct PyModuleDef flatc_module = {PyModuleDef_HEAD_INIT, "_flatc",
                                           "Compiled flatten of plain FHIR NDJSON lines (see the source).", -1,
-                                          NULL};
+                                          module_methods};
 
 PyMODINIT_FUNC PyInit__flatc(void) {
     {

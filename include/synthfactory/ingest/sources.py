@@ -35,7 +35,8 @@ from synthfactory.storage import join
 log = logging.getLogger(__name__)
 
 __all__ = ["Source", "SOURCES", "FILE_KINDS", "HTTP_KINDS", "ingest_for_run", "load_views", "auth_from_env",
-           "bulk_export_for", "bulk_state_dir", "fhir_client_for"]
+           "bulk_export_for", "bulk_state_dir", "fhir_client_for", "ingest_options", "plan_for_run", "shard_for_run",
+           "merge_for_run"]
 
 AUTH_ENV = "SYNTHFACTORY_FHIR_AUTH"
 
@@ -115,6 +116,59 @@ def bulk_state_dir(ctx: RunContext) -> str:
     return join(ctx.staging_root, ctx.spec.name, "bulk")
 
 
+def ingest_options(ctx: RunContext, keyer: Keyer) -> dict:
+    """The spec's keyword arguments of an ingest function (see :meth:`Source.run`)."""
+    from .flatteners import ValueRules
+
+    source = ctx.spec.source
+    rules = ValueRules(source.text_codes, dict(source.value_ranges), tuple(source.value_range_default),
+                       text_columns=source.text_columns)
+    return dict(keyer=keyer, store=ctx.store, resources=list(source.resources), value_rules=rules,
+                views=load_views(list(source.views), ctx.base_dir),
+                validate_sample_rate=source.validate_sample_rate,
+                validate_max_per_type=source.validate_max_per_type, engine=source.engine,
+                on_dangling=source.on_dangling)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded ingest of an NDJSON extract (:mod:`.sharded`): plan, one task per shard, merge
+# --------------------------------------------------------------------------------------------------
+def shards_uri(ctx: RunContext) -> str:
+    return ctx.uri("ingest", "shards")
+
+
+def plan_for_run(ctx: RunContext, n: int) -> dict:
+    """The run's shard plan (:func:`.sharded.plan_shards`), also written to ``ingest/shards/plan.json``."""
+    from .sharded import plan_shards
+
+    source = ctx.spec.source
+    if source.kind != "fhir_ndjson":
+        raise ExtractError(f"sharded ingest reads fhir_ndjson extracts, not {source.kind!r}")
+    plan = plan_shards(ctx.source_uri, ctx.store, n=n, resources=list(source.resources),
+                       views=load_views(list(source.views), ctx.base_dir))
+    for shard in plan["shards"]:
+        shard["uri"] = join(shards_uri(ctx), f"{shard['index']:04d}")
+    ctx.store.write_json(join(shards_uri(ctx), "plan.json"), plan)
+    return plan
+
+
+def shard_for_run(ctx: RunContext, keyer: Keyer, shard: dict) -> dict:
+    from .sharded import ingest_shard
+
+    return ingest_shard(shard, shard["uri"], max_line_bytes=ctx.spec.source.max_line_bytes,
+                        **ingest_options(ctx, keyer))
+
+
+def merge_for_run(ctx: RunContext, keyer: Keyer, results: list[dict]) -> dict:
+    """Merge the shards into ``ctx.uri("ingest")`` (the one-process outputs and report). The caller removes
+    the shards (:func:`shards_uri`) once everything after the merge is done too (a retried merge needs them)."""
+    from .sharded import merge
+
+    plan = ctx.store.read_json(join(shards_uri(ctx), "plan.json"))
+    return merge(plan, results, ctx.uri("ingest"), max_line_bytes=ctx.spec.source.max_line_bytes,
+                 extra_report={"source_kind": "fhir_ndjson"}, **ingest_options(ctx, keyer))
+
+
 # --------------------------------------------------------------------------------------------------
 # Sources: one class per kind
 # --------------------------------------------------------------------------------------------------
@@ -125,17 +179,7 @@ class Source:
     kind: ClassVar[str]
 
     def ingest(self, ctx: RunContext, keyer: Keyer) -> dict:
-        from .flatteners import ValueRules
-
-        source = ctx.spec.source
-        rules = ValueRules(source.text_codes, dict(source.value_ranges), tuple(source.value_range_default),
-                           text_columns=source.text_columns)
-        options = dict(keyer=keyer, store=ctx.store, resources=list(source.resources), value_rules=rules,
-                       views=load_views(list(source.views), ctx.base_dir),
-                       validate_sample_rate=source.validate_sample_rate,
-                       validate_max_per_type=source.validate_max_per_type, engine=source.engine,
-                       on_dangling=source.on_dangling)
-        return self.run(ctx, ctx.uri("ingest"), options)
+        return self.run(ctx, ctx.uri("ingest"), ingest_options(ctx, keyer))
 
     def run(self, ctx: RunContext, out_uri: str, options: dict) -> dict:
         """Ingest into ``out_uri``. ``options``: the spec's keyword arguments of an ingest function

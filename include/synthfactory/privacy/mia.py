@@ -67,7 +67,7 @@ import numpy as np
 import pandas as pd
 
 from synthfactory.privacy.encoding import Layout, encode_with_layout
-from synthfactory.privacy.neighbors import nearest_encoded, nearest_neighbors
+from synthfactory.privacy.neighbors import MAX_BLOCK_ELEMENTS, nearest_encoded, nearest_neighbors
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +140,18 @@ def roc_figures(member: np.ndarray, nonmember: np.ndarray, *, bootstrap: int = 2
 # ------------------------------------------------------------------------------------------------
 # distances and kernel densities
 # ------------------------------------------------------------------------------------------------
+def _rows_per_block(block: int, reference_rows: int) -> int:
+    """Query rows per dense block: at most ``block``, and a ``rows x reference_rows`` block of at most
+    :data:`~.neighbors.MAX_BLOCK_ELEMENTS` (a fixed row count against 160k reference rows held 2.6 GB per
+    temporary at 200k patients)."""
+    return max(1, min(int(block), MAX_BLOCK_ELEMENTS // max(1, int(reference_rows))))
+
+
 def _knn(query: np.ndarray, reference: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
     """Distances ``(n, k)`` to the ``k`` nearest reference rows, ascending (dense BLAS blocks)."""
     q = np.asarray(query, dtype=np.float64)
     r = np.asarray(reference, dtype=np.float64)
+    block = _rows_per_block(block, len(r))
     mu = r.mean(axis=0)
     q, r = q - mu, r - mu
     rr = np.einsum("ij,ij->i", r, r)
@@ -174,6 +182,7 @@ def _log_kde(query: np.ndarray, points: np.ndarray, h: float, self_index: np.nda
     ``self_index[i]`` out of row ``i``'s estimate (leave-one-out)."""
     q = np.asarray(query, dtype=np.float64)
     p = np.asarray(points, dtype=np.float64)
+    block = _rows_per_block(block, len(p))
     mu = p.mean(axis=0)
     q, p = q - mu, p - mu
     pp = np.einsum("ij,ij->i", p, p)
@@ -262,24 +271,56 @@ def _shadow_features(x_targets: np.ndarray, x_syn: np.ndarray, radius: np.ndarra
     return np.column_stack([np.log(d[:, 0] + eps), np.log(d.mean(axis=1) + eps), np.log1p(count)])
 
 
+#: real rows among which the most exposed targets are ranked (both the candidates and their neighbours);
+#: beyond it a random pool of this many rows (rare rows first) stands for the cohort: the all-pairs search
+#: over 200k real rows took tens of minutes, the pool's seconds
+EXPOSURE_POOL = 20_000
+
+
+def _pool(n_rows: int, size: int, rare: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """Sorted row indices: every row when ``n_rows <= size``, else ``size`` rows, rare rows first."""
+    if n_rows <= size:
+        return np.arange(n_rows)
+    rare_idx = np.flatnonzero(rare) if rare is not None else np.empty(0, dtype=np.int64)
+    if len(rare_idx) >= size:
+        return np.sort(rng.choice(rare_idx, size=size, replace=False))
+    rest = np.setdiff1d(np.arange(n_rows), rare_idx)
+    return np.sort(np.concatenate([rare_idx, rng.choice(rest, size=size - len(rare_idx), replace=False)]))
+
+
 def _exposed(x_train: np.ndarray, x_hold: np.ndarray, layout: Layout | None, n: int,
-             rare_train: np.ndarray | None, rare_hold: np.ndarray | None) -> tuple[np.ndarray, np.ndarray,
-                                                                                   np.ndarray, np.ndarray]:
+             rare_train: np.ndarray | None, rare_hold: np.ndarray | None, *, pool: int = EXPOSURE_POOL,
+             seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """The ``n`` most exposed train rows and ``n`` most exposed holdout rows (rare first, then by distance to
-    the 5th nearest other real row), and each one's distance to its nearest other real row."""
-    x_real = np.concatenate([x_train, x_hold])
+    the 5th nearest other real row, ranked within a pool of at most ``pool`` real rows), each one's distance
+    to its nearest other real row (over every real row), and the pool's size."""
+    n_tr, n_ho = len(x_train), len(x_hold)
+    rng = np.random.default_rng(seed + 7919)
+    if n_tr + n_ho <= pool:
+        p_tr, p_ho = np.arange(n_tr), np.arange(n_ho)
+    else:
+        k_tr = int(round(pool * n_tr / (n_tr + n_ho)))
+        p_tr = _pool(n_tr, k_tr, None if rare_train is None else np.asarray(rare_train, bool), rng)
+        p_ho = _pool(n_ho, pool - k_tr, None if rare_hold is None else np.asarray(rare_hold, bool), rng)
+    x_real = np.concatenate([x_train[p_tr], x_hold[p_ho]])
     k = int(min(6, len(x_real)))
     d = _nearest(x_real, x_real, layout, k=k)  # the row itself is among them at distance 0
     outlying = d[:, -1]
     nn_other = d[:, 1] if k > 1 else np.zeros(len(x_real))
-    n_tr = len(x_train)
+    m_tr = len(p_tr)
     rare = np.zeros(len(x_real), dtype=bool)
     if rare_train is not None and rare_hold is not None:
-        rare = np.concatenate([np.asarray(rare_train, bool), np.asarray(rare_hold, bool)])
+        rare = np.concatenate([np.asarray(rare_train, bool)[p_tr], np.asarray(rare_hold, bool)[p_ho]])
     score = outlying + np.where(rare, outlying.max() + 1.0, 0.0)
-    m = np.argsort(-score[:n_tr], kind="stable")[:n]
-    h = np.argsort(-score[n_tr:], kind="stable")[:n]
-    return m, h, nn_other[m], nn_other[n_tr + h]
+    m = np.argsort(-score[:m_tr], kind="stable")[:n]
+    h = np.argsort(-score[m_tr:], kind="stable")[:n]
+    r_m, r_h = nn_other[m], nn_other[m_tr + h]
+    m, h = p_tr[m], p_ho[h]
+    if len(x_real) < n_tr + n_ho:  # the nearest other row over the whole cohort, not only the pool
+        everyone = np.concatenate([x_train, x_hold])
+        r_m = _nearest(x_train[m], everyone, layout, k=2)[:, 1]
+        r_h = _nearest(x_hold[h], everyone, layout, k=2)[:, 1]
+    return m, h, r_m, r_h, len(x_real)
 
 
 def shadow_attack(
@@ -307,7 +348,7 @@ def shadow_attack(
         return {"status": "skipped", "reason": f"{shadow_models} shadow models and {n_t} targets per side "
                                               f"(at least 2 models and 5 targets needed)"}
     (x_tr, x_ho), layout = encode_with_layout([train, holdout], cols)
-    mem, non, r_mem, r_non = _exposed(x_tr, x_ho, layout, n_t, rare_train, rare_hold)
+    mem, non, r_mem, r_non, pool = _exposed(x_tr, x_ho, layout, n_t, rare_train, rare_hold, seed=seed)
     real = pd.concat([train[cols], holdout[cols]], ignore_index=True)
     target_rows = np.concatenate([mem, len(train) + non])
     # the shadow sets' other rows come from the training rows (the worst-case attacker knows the training set but
@@ -367,7 +408,7 @@ def shadow_attack(
     scores = fit_clf(np.arange(shadow_models)).decision_function(z_real)
     res = roc_figures(scores[:n_t], scores[n_t:], bootstrap=bootstrap, seed=seed)
     return {"status": "measured", **res, "shadow_models": int(shadow_models), "targets_per_side": int(n_t),
-            "shadow_rows": int(n_shadow), "shadow_synthetic_rows": int(n_syn),
+            "shadow_rows": int(n_shadow), "shadow_synthetic_rows": int(n_syn), "exposure_pool": int(pool),
             "shadow_validation_auc": val, "fit_seconds": round(fit_seconds, 2),
             "seconds": round(time.perf_counter() - t0, 2)}
 

@@ -20,7 +20,7 @@ from synthfactory.privacy.gower import Encoded, GowerIndex, Packing
 #: fewer categorical signature groups than this: the pruned search falls back to BLAS blocks
 _MIN_GROUPS = 4
 #: largest distance block (query rows x reference rows) held in memory at once, in float32 elements
-_MAX_BLOCK_ELEMENTS = 1 << 24  # 64 MiB
+MAX_BLOCK_ELEMENTS = 1 << 24  # 64 MiB in float32, 128 MiB in float64
 
 __all__ = ["nearest_distances", "nearest_encoded", "nearest_neighbors"]
 
@@ -125,7 +125,7 @@ def nearest_neighbors(
 def _exact_distances(q: np.ndarray, r: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """float64 Euclidean distance from each ``q`` row to ``r[idx]`` (identical rows -> exactly 0)."""
     out = np.empty(q.shape[0], dtype=np.float64)
-    step = max(1, _MAX_BLOCK_ELEMENTS // (8 * max(1, q.shape[1])))
+    step = max(1, MAX_BLOCK_ELEMENTS // (8 * max(1, q.shape[1])))
     for s in range(0, q.shape[0], step):
         diff = q[s:s + step].astype(np.float64) - r[idx[s:s + step]].astype(np.float64)
         out[s:s + step] = np.sqrt(np.einsum("ij,ij->i", diff, diff))

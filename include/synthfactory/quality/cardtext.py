@@ -76,6 +76,32 @@ PRIVACY_MEANINGS: dict[str, str] = {
     "shadow_synthetic_rows": "Rows each shadow model sampled.",
     "shadow_validation_auc": "The shadow attack's AUC on shadow models it was not trained on: how well it works "
                              "where the truth is known (0.5 = it learnt nothing).",
+    # relational mode: a patient's whole record is the unit (privacy.records, privacy.record_mia)
+    "record.exact_match_rate": "Share of synthetic patient records (demographics, rows per table, frequent codes, "
+                               "lab medians) identical to a real training patient's record (0 = no record copied).",
+    "record.dcr_share": "Share of synthetic patient records closer to a training patient's record than to an unseen "
+                        "one's (0.5 = no closer to the training patients; higher = near-copies).",
+    "record.partial_exact_match_rate": "Share of training patients singled out by an attacker who knows their sex, "
+                                       "birth year and a few of their events (codes with exact dates): exactly one "
+                                       "synthetic record holds them all (0 = none singled out; reference: fresh real "
+                                       "records, scaled to the release's size).",
+    "record.partial_exact_match_rate_nonmembers": "The same share for unseen real patients (what coincidence "
+                                                  "alone gives; not gated).",
+    "record.mia.partial_distance.auc": "Record-level membership inference: an attacker who knows a patient's sex, "
+                                       "birth year and a few of their events with approximate dates (± date_jitter_days) tells training "
+                                       "patients from unseen ones by the closest synthetic record (ROC AUC: 0.5 = "
+                                       "chance, 1 = always right).",
+    "record.mia.partial_domias.auc": "Record-level membership inference, density variant (DOMIAS): the same "
+                                     "partial knowledge, scored by how much denser the synthetic records are than "
+                                     "unseen real records around it (0.5 = chance).",
+    "record.known_events": "Events of each target patient the record-level attacker knows (codes with "
+                           "approximate dates, besides sex and birth year).",
+    "record.synthetic_records": "Synthetic patient records the record-level figures were measured on.",
+    "record.partial_exact_match_targets": "Training patients (with at least one event) the partial exact-match "
+                                          "attack targeted.",
+    "record.date_jitter_days": "How precisely the record-level attacker knows each event's date (± days).",
+    "record.resplits": "Re-splits of the real patients behind each record-level reference (fresh real records "
+                       "playing the release).",
 }
 
 #: meanings of families of figures, by pattern on the figure's full (dotted) name
@@ -94,6 +120,7 @@ PRIVACY_PATTERNS: list[tuple[str, str]] = [
     (r"(^|\.)(n|n_members|n_nonmembers|members|nonmembers|targets)$",
      "Number of records the attack was run on."),
     (r"(^|\.)(status)$", "Whether the figure was measured or skipped."),
+    (r"(^|\.)(reason)$", "Why the figure was not measured."),
     (r"(^|\.)(max_)?(?P<fig>[a-z0-9_]+?)_attack$",
      "The attack with the largest lower 95 % bound of {fig} (the one the gate judges)."),
 ]

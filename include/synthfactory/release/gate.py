@@ -186,6 +186,66 @@ def privacy_checks(privacy: dict, pt: PrivacyThresholds) -> list[Check]:
                          ref.get("rare_record_mia_auc")))
     checks += anonymeter_checks(privacy, pt)
     checks += mia_checks(privacy, pt)
+    if privacy.get("record") is not None:
+        checks += record_checks(privacy, pt)
+    return checks
+
+
+#: the record-level attacks the relational privacy stage measures (privacy.record_mia.RECORD_ATTACKS)
+RECORD_ATTACKS = ("partial_distance", "partial_domias")
+
+
+def record_checks(privacy: dict, pt: PrivacyThresholds) -> list[Check]:
+    """Relational mode: a patient's whole record is the unit (:mod:`synthfactory.privacy.records`,
+    :mod:`synthfactory.privacy.record_mia`). Each figure of the privacy summary's ``record`` is judged against
+    its real-data reference (fresh real records as the release, over re-splits) as the single-table figures
+    are: above the reference mean + ``noise_z`` sd, or above the single-table cap, refuses.
+
+    * ``record.exact_match_rate`` / ``record.dcr_share``: the record vectors' exact match and DCR share (caps:
+      ``max_exact_match_rate``, ``max_dcr_share``);
+    * ``record.partial_exact_match_rate``: members singled out by the facts an attacker knows (no cap);
+
+    the two rates count records, so their slack is never below the binomial noise of the count
+    (``noise_z`` standard errors of a rate of at least one record in ``n``: one or two coincidental matches
+    among hundreds of records, which fresh real records also show across re-splits, do not refuse alone);
+    * ``record.mia.<attack>.auc.ci_low`` and ``.tpr_at_fpr_01.ci_low``: each partial-knowledge attack's lower
+      95 % bound (significant evidence, as the battery) against the reference + margin, capped at
+      ``mia.max_auc`` / ``mia.max_tpr_at_fpr_01`` (a TPR at 1 % FPR only where resolved: >= 100 non-members).
+
+    An expected attack neither measured nor skipped for a stated reason, or a summary without the record
+    figures, fails (``record.measured``)."""
+    rec = privacy.get("record")
+    if not rec:
+        return [is_true("privacy", "record.measured", False)]
+    z = float(pt.noise_z)
+    checks = []
+    counts = {"exact_match_rate": rec.get("synthetic_records"),
+              "partial_exact_match_rate": rec.get("partial_exact_match_targets")}
+    for fig, cap in (("exact_match_rate", pt.max_exact_match_rate), ("dcr_share", pt.max_dcr_share),
+                     ("partial_exact_match_rate", None)):
+        ref = rec.get(f"{fig}_reference")
+        thr = _upper(ref, z, cap)
+        n = counts.get(fig)
+        if thr is not None and n and ref and ref.get("mean") is not None:
+            p0 = max(float(ref["mean"]), 1.0 / n)
+            floor = round(float(ref["mean"]) + z * (p0 * (1.0 - p0) / n) ** 0.5, 4)
+            thr = max(thr, floor if cap is None else min(floor, float(cap)))
+        checks.append(le("privacy", f"record.{fig}", rec.get(fig), 0.0 if thr is None else thr, ref))
+    attacks = rec.get("mia") or {}
+    for name in RECORD_ATTACKS:
+        a = attacks.get(name)
+        if a is None:
+            checks.append(is_true("privacy", f"record.mia.{name}.measured", False))
+            continue
+        if a.get("status") != "measured":
+            continue  # skipped for a stated reason (too few held-out records)
+        for fig, cap in (("auc", pt.mia.max_auc), ("tpr_at_fpr_01", pt.mia.max_tpr_at_fpr_01)):
+            if fig != "auc" and a.get(f"{fig}_resolved") is False:
+                continue
+            ref = a.get(f"{fig}_reference")
+            low = (a.get(f"{fig}_ci") or [None, None])[0]
+            checks.append(le("privacy", f"record.mia.{name}.{fig}.ci_low", low if low is not None else a.get(fig),
+                             _upper(ref, z, cap), ref))
     return checks
 
 
@@ -295,6 +355,8 @@ def decide(quality: dict, privacy: dict, qt: QualityThresholds, pt: PrivacyThres
     maps the release-relative path of each file to its sha256. Stages may add checks of their own: a
     summary's ``extra_checks`` (list of Check dicts) is evaluated as recorded."""
     checks = [*quality_checks(quality, qt), *privacy_checks(privacy, pt)]
+    if (quality.get("tables") or {}).get("tables") and privacy.get("record") is None:
+        checks.append(is_true("privacy", "record.measured", False))  # relational mode: the record must be audited
     for summary in (quality, privacy):
         checks += [Check(**{k: v for k, v in c.items() if k != "result"}) for c in summary.get("extra_checks", [])]
     failed = [c for c in checks if not c.passed]
