@@ -695,23 +695,24 @@ def leak_scan_part(ctx: RunContext, unit: dict) -> dict:
 
 def merge_leak_scan(ctx: RunContext, parts: list[dict]) -> dict:
     """Mapped leak scan, step 3: the one-process scan's result from the parts
-    (:func:`synthfactory.privacy.leak.merge_scan`); the staging folder is removed last (a retried merge finds it)."""
+    (:func:`synthfactory.privacy.leak.merge_scan`)."""
     from synthfactory.privacy.leak import merge_scan
 
     with _stage("leak_scan_merge", ctx) as m:
         plan = ctx.store.read_json(join(leak_scan_uri(ctx), "plan.json"))
         scan = merge_scan(plan["files"], list(parts), ctx.store)
         m.update({"parts": len(parts), **_leak_figures(scan)})
-        ctx.store.remove_tree(leak_scan_uri(ctx))
     return scan
 
 
 def with_leak_scan(ctx: RunContext, privacy_summary: PrivacySummary, scan: dict) -> PrivacySummary:
     """The privacy summary with the (merged) leak scan's figures, the scan written into the privacy report as
-    the one-process stage writes it."""
+    the one-process stage writes it; then the mapped scan's staging folder is removed (last: a retried merge task
+    still finds its plan and matched-hash files)."""
     report = ctx.store.read_json(privacy_summary["report_uri"])
     report["leak_scan"] = scan
     ctx.store.write_json(privacy_summary["report_uri"], report)
+    ctx.store.remove_tree(leak_scan_uri(ctx))
     return {**privacy_summary, **_leak_figures(scan)}
 
 
@@ -915,7 +916,11 @@ def gate(ctx: RunContext, sampled: SampleSummary, quality_summary: QualitySummar
     """Decide, then render the data card showing the decision, leak-scan it (a dirty or unscannable card
     refuses the run) and add it to the audited files. On refusal, quarantine the run's outputs (the card
     included) in staging with the reasons and raise GateRefused. ``ingested`` (the ingest summary) gives the
-    card its extract sha256 and the leak scan its identifier list."""
+    card its extract sha256 and the leak scan its identifier list.
+
+    The release's other files were leak-scanned before, by the privacy stage or, with
+    ``operations.leak_scan_shards`` > 1, by the mapped scan merged into the privacy summary the gate reads here
+    (``leak_clean``); the card exists only once the decision is made, so its scan stays here, in this task."""
     from synthfactory.privacy.leak import leak_scan, public_vocabulary
     from synthfactory.release.gate import GateRefused, decide
     from synthfactory.release.publish import sha256_bytes
