@@ -125,3 +125,19 @@ def _ident(value, kind):
     from synthfactory.privacy.leak import Identifier
 
     return Identifier(value, kind)
+
+
+@pytest.mark.parametrize("sizes, n, ranges", [
+    ([88441, 88343, 88258, 88397, 88376, 88456, 88413, 88501], 4, [[0, 2], [2, 4], [4, 6], [6, 8]]),
+    ([10, 1, 1, 1, 1, 1, 1, 10], 3, [[0, 1], [1, 7], [7, 8]]),
+    ([5, 5, 5], 50, [[0, 1], [1, 2], [2, 3]]),
+    ([5, 5, 5], 1, [None]),
+    ([7], 8, [None]),
+])
+def test_plan_cuts_a_big_parquet_file_at_the_row_groups_nearest_equal_bytes(monkeypatch, sizes, n, ranges):
+    from synthfactory.privacy import leak
+
+    monkeypatch.setattr(leak, "parquet_row_groups", lambda uri, store: sizes if uri == "big" else None)
+    units = plan_scan(["big", "card.html"], None, n)
+    assert [u["row_groups"] for u in units] == [*ranges, None]
+    assert [u["index"] for u in units] == list(range(len(units))) and units[-1]["file_index"] == 1

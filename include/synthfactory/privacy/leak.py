@@ -1152,11 +1152,14 @@ def plan_scan(file_uris: list[str], store: "Store", n: int) -> list[dict]:
         if k == 1:
             units.append({"index": len(units), "file": uri, "file_index": i, "row_groups": None})
             continue
-        cuts, acc, step = [0], 0, sum(rgs) / k
-        for j, b in enumerate(rgs[:-1]):
-            acc += b
-            if len(cuts) < k and acc >= step * len(cuts):
-                cuts.append(j + 1)
+        cum = [0]
+        for b in rgs:
+            cum.append(cum[-1] + b)
+        cuts = [0]
+        for j in range(1, k):  # each cut at the row-group boundary nearest j/k of the bytes, ranges never empty
+            target = cum[-1] * j / k
+            at = min(range(cuts[-1] + 1, len(rgs) - (k - j) + 1), key=lambda i: abs(cum[i] - target))
+            cuts.append(at)
         cuts.append(len(rgs))
         for a, b in zip(cuts, cuts[1:]):
             units.append({"index": len(units), "file": uri, "file_index": i, "row_groups": [a, b]})
