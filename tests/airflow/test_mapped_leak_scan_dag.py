@@ -33,6 +33,8 @@ def test_mapped_leak_scan_is_metrics_then_plan_then_mapped_parts_then_merge(tmp_
         assert "privacy" in dag.get_task(later).upstream_task_ids
         assert MAPPED.isdisjoint(dag.get_task(later).upstream_task_ids)
     assert "`leak_scan_part` mapped" in dag.doc_md
+    for tid in ("leak_scan_plan", "leak_scan_part", "privacy"):  # the privacy stage's timeout
+        assert dag.get_task(tid).execution_timeout == dag.get_task("privacy_metrics").execution_timeout
     restored = DagSerialization.from_dict(DagSerialization.to_dict(dag))
     assert restored.get_task("leak_scan_part").upstream_task_ids == {"leak_scan_plan"}
     assert restored.get_task("privacy").upstream_task_ids == {"privacy_metrics", "leak_scan_part"}

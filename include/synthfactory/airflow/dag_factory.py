@@ -233,23 +233,26 @@ def build_dag(spec_path: str | Path) -> DAG:
         sampled = sample(fit(prepared), prepared)
         q = quality(prepared, sampled)
         if spec.operations.leak_scan_shards > 1:  # metrics -> plan -> one mapped scan per part -> merge ("privacy")
+            # the scan tasks: the privacy stage's timeout, on the default queue (no GPU routing: they train nothing)
+            leak_kw = {"execution_timeout": timedelta(minutes=spec.operations.timeout_minutes("privacy"))}
+
             @task(task_id="privacy_metrics", **task_kwargs(spec, "privacy"))
             @_no_retry_on_user_errors
             def privacy_metrics(prepared: dict, sampled: dict, ingested: dict, quality_summary: dict) -> dict:
                 return p.privacy(run_context(sp), prepared, sampled, ingested, quality_summary, scan_leaks=False)
 
-            @task(**task_kwargs(spec, "leak_scan"))
+            @task(**leak_kw)
             @_no_retry_on_user_errors
             def leak_scan_plan(prepared: dict, sampled: dict, ingested: dict, quality_summary: dict,
                                metrics: dict) -> list:
                 return p.plan_leak_scan(run_context(sp), prepared, sampled, ingested, quality_summary, metrics)
 
-            @task(**task_kwargs(spec, "leak_scan"))
+            @task(**leak_kw)
             @_no_retry_on_user_errors
             def leak_scan_part(unit: dict) -> dict:
                 return p.leak_scan_part(run_context(sp), unit)
 
-            @task(task_id="privacy", **task_kwargs(spec, "leak_scan"))
+            @task(task_id="privacy", **leak_kw)
             @_no_retry_on_user_errors
             def leak_scan_merge(metrics: dict, parts: list) -> dict:
                 ctx = run_context(sp)
