@@ -141,3 +141,28 @@ def test_plan_cuts_a_big_parquet_file_at_the_row_groups_nearest_equal_bytes(monk
     units = plan_scan(["big", "card.html"], None, n)
     assert [u["row_groups"] for u in units] == [*ranges, None]
     assert [u["index"] for u in units] == list(range(len(units))) and units[-1]["file_index"] == 1
+
+
+def test_mapped_scan_of_s3_staging_equals_the_one_process_scan(tmp_path):
+    """Release files in s3:// staging (moto): the plan reads the footers, the ranges their objects."""
+    boto3 = pytest.importorskip("boto3")
+    moto = pytest.importorskip("moto")
+    from pathlib import Path
+
+    from synthfactory.storage import Store
+
+    local = _release(tmp_path, leaky=True)
+    matcher = LeakMatcher.from_identifiers([_ident(v, k) for v, k in IDS])
+    with moto.mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="staging")
+        files = []
+        for path in local:
+            client.put_object(Bucket="staging", Key=f"run/{Path(path).name}", Body=Path(path).read_bytes())
+            files.append(f"s3://staging/run/{Path(path).name}")
+        store = Store(s3=client)
+        whole = leak_scan(files, matcher, store)
+        units = plan_scan(files, store, 4)
+        parts = [scan_part(matcher, u, store, f"s3://staging/run/leak_scan/{u['index']}.json") for u in units]
+        assert len(units) == len(files) + 3 and merge_scan(files, parts, store) == whole
+        assert whole["clean"] is False and [h["file"] for h in whole["hits"]] == [files[0], files[2]]

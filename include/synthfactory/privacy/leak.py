@@ -411,7 +411,7 @@ def _parquet_tokens(data: bytes) -> list[str]:
 _SCAN_BATCH = 1 << 17
 
 
-def _parquet_range_tokens(data: bytes, start: int, stop: int) -> list[str]:
+def _parquet_range_tokens(source: Any, start: int, stop: int) -> list[str]:
     """The tokens :func:`_parquet_tokens` gives row groups ``start``..``stop - 1`` of a Parquet file (the names and
     metadata only when ``start`` is 0), each row group read in the chunks ``pq.read_table`` reads it in. The order
     differs (row group by row group, not column by column) but every cell list ends with a separator, so the
@@ -425,7 +425,7 @@ def _parquet_range_tokens(data: bytes, start: int, stop: int) -> list[str]:
             tokens.extend(_TOKEN_OR_SEP.findall(_SEP.join(values).lower()))
             tokens.append(_SEP)
 
-    with pq.ParquetFile(io.BytesIO(data)) as pf:
+    with pq.ParquetFile(source) as pf:
         schema = pf.schema_arrow
         if start == 0:
             names: list[str] = []
@@ -1100,12 +1100,13 @@ class LeakMatcher:
         if row_groups is None:
             tokens, decimals = _file_tokens(uri, store)
             return self._match(tokens, decimals), True
-        data = store.read_bytes(uri)
-        try:
-            tokens = _parquet_range_tokens(data, *row_groups)
+        from synthfactory.storage import is_s3
+
+        try:  # a local file is read from disk row group by row group, an S3 object whole
+            tokens = _parquet_range_tokens(io.BytesIO(store.read_bytes(uri)) if is_s3(uri) else uri, *row_groups)
         except Exception as exc:  # as _file_tokens: an unreadable Parquet file is scanned as raw bytes, whole
             log.warning("leak scan: %s not readable as Parquet (%s); scanning raw bytes", uri, type(exc).__name__)
-            return self._match(*_raw_tokens_decimals(data)), False
+            return self._match(*_raw_tokens_decimals(store.read_bytes(uri))), False
         return self._match(tokens), True
 
     def hit(self, uri: str, found: Counter, *, fingerprints: bool = False) -> dict[str, Any]:
