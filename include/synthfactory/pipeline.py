@@ -563,8 +563,13 @@ def _reference_summary(reference: dict) -> dict:
 
 # -- 6. privacy -----------------------------------------------------------------------------------
 def privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, ingested: IngestSummary,
-            quality_summary: QualitySummary) -> PrivacySummary:
-    from synthfactory.privacy.leak import LeakMatcher, leak_scan, public_vocabulary
+            quality_summary: QualitySummary, *, scan_leaks: bool = True) -> PrivacySummary:
+    """The privacy figures and report, then the leak scan of every file the release would publish (the privacy
+    report itself included). With ``operations.leak_scan_shards`` > 1 the scan runs in parts (:func:`plan_leak_scan`,
+    :func:`leak_scan_part`, :func:`merge_leak_scan`: mapped tasks in the DAG, in turn here); ``scan_leaks=False``
+    leaves it to those tasks (the summary then has no ``leak_clean``, which the gate refuses until
+    :func:`with_leak_scan` adds it)."""
+    from synthfactory.privacy.leak import leak_scan
     from synthfactory.privacy.metrics import privacy_metrics
     from synthfactory.synthesize.engine import SYNTHETIC_ID
     from synthfactory.synthesize.modelling import KEY
@@ -595,17 +600,13 @@ def privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, i
         ctx.store.write_json(report_uri, report)
         # Leak scan over every file that would be released, the privacy report itself included: one matcher
         # (ingest's compact identifier index plus the real keys) for every file.
-        from synthfactory.synthesize.stages import extra_release_files
-
-        matcher = LeakMatcher.for_ingest(
-            ingested["identifiers_uri"], ctx.store, extra=[*train[KEY], *holdout[KEY]],
-            vocabulary=public_vocabulary(train, min_count=pt.min_k_anonymity,
-                                         tables=(ingested.get("tables") or {}).values(), store=ctx.store))
-        scan = leak_scan([sampled["synthetic_uri"], *extra_release_files(sampled).values(),
-                          quality_summary["report_uri"], report_uri], matcher, ctx.store)
-        del matcher
-        report["leak_scan"] = scan
-        ctx.store.write_json(report_uri, report)
+        scan = None
+        if scan_leaks and ctx.spec.operations.leak_scan_shards == 1:
+            matcher = _leak_matcher(ctx, train, holdout[KEY], ingested, pt)
+            scan = leak_scan(leak_scan_files(sampled, quality_summary, report_uri), matcher, ctx.store)
+            del matcher
+            report["leak_scan"] = scan
+            ctx.store.write_json(report_uri, report)
         m.update({
             "report_uri": report_uri,
             "exact_match_rate": round(float(metrics["exact_match"]["exact_match_rate"]), 6),
@@ -614,11 +615,105 @@ def privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, i
             "dcr_share": round(float(metrics["dcr"]["dcr_share_adjusted"]), 4),
             "dcr_share_subsample": round(float(metrics["dcr"]["dcr_share"]), 4),
             "dcr_ratio": round(float(metrics["dcr"]["dcr_ratio"]), 4),
-            "leak_clean": bool(scan["clean"]),
-            "leak_hits": sum(h["count"] for h in scan["hits"]),
             **audit,
         })
+        if scan is not None:
+            m.update(_leak_figures(scan))
+    if scan_leaks and ctx.spec.operations.leak_scan_shards > 1:  # the DAG runs these as tasks, the parts mapped
+        units = plan_leak_scan(ctx, prepared, sampled, ingested, quality_summary, m)
+        return with_leak_scan(ctx, m, merge_leak_scan(ctx, [leak_scan_part(ctx, u) for u in units]))
     return m
+
+
+def _leak_figures(scan: dict) -> dict:
+    return {"leak_clean": bool(scan["clean"]), "leak_hits": sum(h["count"] for h in scan["hits"])}
+
+
+def leak_scan_files(sampled: SampleSummary, quality_summary: QualitySummary, privacy_report_uri: str) -> list[str]:
+    """The files the privacy stage leak-scans: every file the release publishes but the data card (the gate
+    renders, scans and audits the card itself)."""
+    from synthfactory.synthesize.stages import extra_release_files
+
+    return [sampled["synthetic_uri"], *extra_release_files(sampled).values(), quality_summary["report_uri"],
+            privacy_report_uri]
+
+
+def _leak_matcher(ctx: RunContext, train: Any, holdout_keys: Any, ingested: dict, pt: Any) -> Any:
+    """The privacy stage's leak matcher: ingest's compact identifier index plus the real keys, one-word names
+    of the real data's public vocabulary excused (:func:`synthfactory.privacy.leak.public_vocabulary`)."""
+    from synthfactory.privacy.leak import LeakMatcher, public_vocabulary
+    from synthfactory.synthesize.modelling import KEY
+
+    return LeakMatcher.for_ingest(
+        ingested["identifiers_uri"], ctx.store, extra=[*train[KEY], *holdout_keys],
+        vocabulary=public_vocabulary(train, min_count=pt.min_k_anonymity,
+                                     tables=(ingested.get("tables") or {}).values(), store=ctx.store))
+
+
+def leak_scan_uri(ctx: RunContext) -> str:
+    """Staging folder of the mapped leak scan's plan and matched-identifier files (removed by the merge)."""
+    return ctx.uri("privacy", "leak_scan")
+
+
+def plan_leak_scan(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, ingested: IngestSummary,
+                   quality_summary: QualitySummary, privacy_summary: PrivacySummary, n: int | None = None) -> list[dict]:
+    """Mapped leak scan, step 1 (``operations.leak_scan_shards`` > 1), once the privacy report is written: the
+    work units (file URIs and, for big Parquet files, row-group ranges; no content) the DAG maps
+    :func:`leak_scan_part` over (:func:`synthfactory.privacy.leak.plan_scan`), and the plan (files and the
+    matcher's inputs) in staging."""
+    from synthfactory.privacy.leak import plan_scan
+
+    with _stage("leak_scan_plan", ctx) as m:
+        files = leak_scan_files(sampled, quality_summary, privacy_summary["report_uri"])
+        ctx.store.write_json(join(leak_scan_uri(ctx), "plan.json"), {
+            "files": files, "identifiers_uri": ingested["identifiers_uri"],
+            "tables": list((ingested.get("tables") or {}).values()),
+            "train_uri": prepared["train_uri"], "holdout_uri": prepared["holdout_uri"]})
+        units = plan_scan(files, ctx.store, n or ctx.spec.operations.leak_scan_shards)
+        m.update({"files": len(files), "units": len(units)})
+    return units
+
+
+def leak_scan_part(ctx: RunContext, unit: dict) -> dict:
+    """Mapped leak scan, step 2: scan one unit with a matcher built as the privacy stage builds it. Returns
+    counts and identifier kinds only (:func:`synthfactory.privacy.leak.scan_part`)."""
+    from synthfactory.privacy.leak import scan_part
+    from synthfactory.synthesize.modelling import KEY
+
+    with _stage("leak_scan_part", ctx) as m:
+        plan = ctx.store.read_json(join(leak_scan_uri(ctx), "plan.json"))
+        _, pt = ctx.spec.thresholds(ctx.profile)
+        train = ctx.store.read_df(plan["train_uri"])
+        holdout_keys = ctx.store.read_table(plan["holdout_uri"], columns=[KEY]).column(KEY).to_pylist()
+        matcher = _leak_matcher(ctx, train, holdout_keys, {"identifiers_uri": plan["identifiers_uri"],
+                                                           "tables": dict(enumerate(plan["tables"]))}, pt)
+        del train
+        part = scan_part(matcher, unit, ctx.store, join(leak_scan_uri(ctx), f"matched-{unit['index']}.json"))
+        m.update({"unit": unit["index"], "hits": part["hit"]["count"] if part["hit"] else 0})
+    return part
+
+
+def merge_leak_scan(ctx: RunContext, parts: list[dict]) -> dict:
+    """Mapped leak scan, step 3: the one-process scan's result from the parts
+    (:func:`synthfactory.privacy.leak.merge_scan`)."""
+    from synthfactory.privacy.leak import merge_scan
+
+    with _stage("leak_scan_merge", ctx) as m:
+        plan = ctx.store.read_json(join(leak_scan_uri(ctx), "plan.json"))
+        scan = merge_scan(plan["files"], list(parts), ctx.store)
+        m.update({"parts": len(parts), **_leak_figures(scan)})
+    return scan
+
+
+def with_leak_scan(ctx: RunContext, privacy_summary: PrivacySummary, scan: dict) -> PrivacySummary:
+    """The privacy summary with the (merged) leak scan's figures, the scan written into the privacy report as
+    the one-process stage writes it; then the mapped scan's staging folder is removed (last: a retried merge task
+    still finds its plan and matched-hash files)."""
+    report = ctx.store.read_json(privacy_summary["report_uri"])
+    report["leak_scan"] = scan
+    ctx.store.write_json(privacy_summary["report_uri"], report)
+    ctx.store.remove_tree(leak_scan_uri(ctx))
+    return {**privacy_summary, **_leak_figures(scan)}
 
 
 def _record_privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, pt: Any) -> dict:
@@ -821,7 +916,11 @@ def gate(ctx: RunContext, sampled: SampleSummary, quality_summary: QualitySummar
     """Decide, then render the data card showing the decision, leak-scan it (a dirty or unscannable card
     refuses the run) and add it to the audited files. On refusal, quarantine the run's outputs (the card
     included) in staging with the reasons and raise GateRefused. ``ingested`` (the ingest summary) gives the
-    card its extract sha256 and the leak scan its identifier list."""
+    card its extract sha256 and the leak scan its identifier list.
+
+    The release's other files were leak-scanned before, by the privacy stage or, with
+    ``operations.leak_scan_shards`` > 1, by the mapped scan merged into the privacy summary the gate reads here
+    (``leak_clean``); the card exists only once the decision is made, so its scan stays here, in this task."""
     from synthfactory.privacy.leak import leak_scan, public_vocabulary
     from synthfactory.release.gate import GateRefused, decide
     from synthfactory.release.publish import sha256_bytes

@@ -1099,6 +1099,14 @@ class OperationsSpec(_Model):
                     "each (Airflow dynamic task mapping, spread over the workers) and merges them into the outputs "
                     "of a one-process ingest (duplicate ids, dangling references and the sampled validation "
                     "decided as one process would); the CLI runs the shards in turn. 1 = one ingest task")
+    leak_scan_shards: int = Field(
+        default=1, ge=1, le=1024,
+        description="Leak-scan the release's files in about this many parts: the DAG plans them after the privacy "
+                    "report is written (each file one part, a big Parquet file cut into row-group ranges), maps one "
+                    "scan task over each (Airflow dynamic task mapping) and merges them in the task 'privacy' into "
+                    "exactly the one-process scan's result, which the gate reads; the data card is still scanned "
+                    "by the gate that renders it. The CLI runs the parts in turn. 1 = the scan inside the privacy "
+                    "task")
 
     @field_validator("timeouts", mode="before")
     @classmethod

@@ -107,6 +107,10 @@ def _ops_doc(spec: DatasetSpec) -> str:
             f"{notify}. Ingest reuse {'on' if ops.reuse_ingest else 'off'} (Param `force_ingest`)."
             + (f" Ingest in up to {ops.ingest_shards} shards: `ingest_plan` → `ingest_shard` mapped over the shards "
                "(any worker) → `ingest` merges them into a one-process ingest's outputs." if ops.ingest_shards > 1
+               else "")
+            + (f" Leak scan in about {ops.leak_scan_shards} parts: `privacy_metrics` → `leak_scan_plan` → "
+               "`leak_scan_part` mapped over the release's files (big Parquet files by row-group ranges) → `privacy` "
+               "merges them into the one-process scan's result, which the gate reads." if ops.leak_scan_shards > 1
                else ""))
 
 
@@ -228,7 +232,37 @@ def build_dag(spec_path: str | Path) -> DAG:
         prepared = prepare(ingested)
         sampled = sample(fit(prepared), prepared)
         q = quality(prepared, sampled)
-        pr = privacy(prepared, sampled, ingested, q)
+        if spec.operations.leak_scan_shards > 1:  # metrics -> plan -> one mapped scan per part -> merge ("privacy")
+            # the scan tasks: the privacy stage's timeout, on the default queue (no GPU routing: they train nothing)
+            leak_kw = {"execution_timeout": timedelta(minutes=spec.operations.timeout_minutes("privacy"))}
+
+            @task(task_id="privacy_metrics", **task_kwargs(spec, "privacy"))
+            @_no_retry_on_user_errors
+            def privacy_metrics(prepared: dict, sampled: dict, ingested: dict, quality_summary: dict) -> dict:
+                return p.privacy(run_context(sp), prepared, sampled, ingested, quality_summary, scan_leaks=False)
+
+            @task(**leak_kw)
+            @_no_retry_on_user_errors
+            def leak_scan_plan(prepared: dict, sampled: dict, ingested: dict, quality_summary: dict,
+                               metrics: dict) -> list:
+                return p.plan_leak_scan(run_context(sp), prepared, sampled, ingested, quality_summary, metrics)
+
+            @task(**leak_kw)
+            @_no_retry_on_user_errors
+            def leak_scan_part(unit: dict) -> dict:
+                return p.leak_scan_part(run_context(sp), unit)
+
+            @task(task_id="privacy", **leak_kw)
+            @_no_retry_on_user_errors
+            def leak_scan_merge(metrics: dict, parts: list) -> dict:
+                ctx = run_context(sp)
+                return p.with_leak_scan(ctx, metrics, p.merge_leak_scan(ctx, list(parts)))
+
+            metrics = privacy_metrics(prepared, sampled, ingested, q)
+            units = leak_scan_plan(prepared, sampled, ingested, q, metrics)
+            pr = leak_scan_merge(metrics, leak_scan_part.expand(unit=units))
+        else:
+            pr = privacy(prepared, sampled, ingested, q)
         gated = gate(sampled, q, pr, ingested)
         released = release(gated, sampled, q, pr, ingested)
         if spec.release.require_approval:  # human-in-the-loop between the gate and the release

@@ -406,6 +406,62 @@ def _parquet_tokens(data: bytes) -> list[str]:
     return tokens
 
 
+#: rows per batch of pyarrow's dataset scanner, which ``pq.read_table`` uses: a row group is read in chunks of at
+#: most this many rows from its start, and the scan reads the distinct values of each chunk
+_SCAN_BATCH = 1 << 17
+
+
+def _parquet_range_tokens(source: Any, start: int, stop: int) -> list[str]:
+    """The tokens :func:`_parquet_tokens` gives row groups ``start``..``stop - 1`` of a Parquet file (the names and
+    metadata only when ``start`` is 0), each row group read in the chunks ``pq.read_table`` reads it in. The order
+    differs (row group by row group, not column by column) but every cell list ends with a separator, so the
+    matched n-grams are the same."""
+    import pyarrow.parquet as pq
+
+    tokens: list[str] = []
+
+    def add(values: list[str]) -> None:
+        if values:
+            tokens.extend(_TOKEN_OR_SEP.findall(_SEP.join(values).lower()))
+            tokens.append(_SEP)
+
+    with pq.ParquetFile(source) as pf:
+        schema = pf.schema_arrow
+        if start == 0:
+            names: list[str] = []
+            for f in schema:
+                names.append(f.name)
+                names.extend(_field_names(f.type))
+            add(names)
+            for k, v in (schema.metadata or {}).items():
+                add([k.decode("utf-8", "replace"), v.decode("utf-8", "replace")])
+        for rg in range(start, stop):
+            for batch in pf.iter_batches(batch_size=_SCAN_BATCH, row_groups=[rg], use_threads=False):
+                for col in batch.columns:
+                    for values in _strings_of(col):
+                        add(values)
+    return tokens
+
+
+def parquet_row_groups(uri: str, store: "Store") -> list[int] | None:
+    """The compressed size of each row group of a Parquet file (its footer only, for a local file), or None
+    when the file is not Parquet or its footer is unreadable (the scan then reads it whole)."""
+    import pyarrow.parquet as pq
+
+    from synthfactory.storage import is_s3
+
+    try:
+        with store.open_read(uri) as fh:
+            head = fh.read(4)
+        if head != _PARQUET_MAGIC:
+            return None
+        with pq.ParquetFile(io.BytesIO(store.read_bytes(uri)) if is_s3(uri) else uri) as pf:
+            md = pf.metadata
+            return [md.row_group(i).total_byte_size for i in range(md.num_row_groups)]
+    except Exception:  # not Parquet after all: one unit, scanned as the whole scan scans it
+        return None
+
+
 def _raw_tokens(data: bytes) -> list[str]:
     return _raw_tokens_decimals(data)[0]
 
@@ -1035,23 +1091,136 @@ class LeakMatcher:
         texts = self._texts(rows) if self._texts else []
         return sorted(_fingerprint(tuple(tokenize(t))) for t in texts)
 
+    def match_file(self, uri: str, store: "Store", row_groups: tuple[int, int] | None = None) -> tuple[Counter, bool]:
+        """Canonical identifier hash -> occurrences in one file, as :meth:`scan` counts them; with ``row_groups``
+        (``(start, stop)``) only those row groups of a Parquet file (its column names and metadata with the range
+        that starts at 0), read in the chunks the whole-file read gives them, so the parts of a file add up to
+        the whole file's counts. The second value is False when that range could not be read as Parquet and the
+        whole file was scanned as raw bytes instead (what :meth:`scan` does with the whole file)."""
+        if row_groups is None:
+            tokens, decimals = _file_tokens(uri, store)
+            return self._match(tokens, decimals), True
+        from synthfactory.storage import is_s3
+
+        try:  # a local file is read from disk row group by row group, an S3 object whole
+            tokens = _parquet_range_tokens(io.BytesIO(store.read_bytes(uri)) if is_s3(uri) else uri, *row_groups)
+        except Exception as exc:  # as _file_tokens: an unreadable Parquet file is scanned as raw bytes, whole
+            log.warning("leak scan: %s not readable as Parquet (%s); scanning raw bytes", uri, type(exc).__name__)
+            return self._match(*_raw_tokens_decimals(store.read_bytes(uri))), False
+        return self._match(tokens), True
+
+    def hit(self, uri: str, found: Counter, *, fingerprints: bool = False) -> dict[str, Any]:
+        """The result's hit of one file (counts and kinds, never values), logged."""
+        kinds = sorted({k for h in found for k in self._kinds(h)})
+        hit: dict[str, Any] = {"file": uri, "count": len(found), "occurrences": int(sum(found.values())),
+                               "kinds": kinds}
+        if fingerprints:
+            hit["fingerprints"] = self._fingerprints(found)
+        log.warning("leak scan: %s contains %d real identifier(s) of kind(s) %s", uri, len(found), ", ".join(kinds))
+        return hit
+
+    def result(self, hits: list[dict[str, Any]], scanned: int) -> dict:
+        """:func:`leak_scan`'s result of ``scanned`` files with these ``hits``."""
+        return _scan_result(hits, scanned, self.checked, self.skipped, self.unscanned, self.vocabulary)
+
     def scan(self, file_uris: list[str], store: "Store", *, fingerprints: bool = False, min_len: int = 4) -> dict:
         """Scan ``file_uris``: the result of :func:`leak_scan`."""
         _log_unscanned(self.unscanned, min_len)
         hits: list[dict[str, Any]] = []
         scanned = 0
         for uri in file_uris:
-            tokens, decimals = _file_tokens(uri, store)
+            found, _ = self.match_file(uri, store)
             scanned += 1
-            found = self._match(tokens, decimals)
-            del tokens, decimals
             if found:
-                kinds = sorted({k for h in found for k in self._kinds(h)})
-                hit: dict[str, Any] = {"file": uri, "count": len(found), "occurrences": int(sum(found.values())),
-                                       "kinds": kinds}
-                if fingerprints:
-                    hit["fingerprints"] = self._fingerprints(found)
-                hits.append(hit)
-                log.warning("leak scan: %s contains %d real identifier(s) of kind(s) %s",
-                            uri, len(found), ", ".join(kinds))
-        return _scan_result(hits, scanned, self.checked, self.skipped, self.unscanned, self.vocabulary)
+                hits.append(self.hit(uri, found, fingerprints=fingerprints))
+        return self.result(hits, scanned)
+
+
+# ------------------------------------------------------------------------------------------------
+# the scan in parts (the DAG maps one task over each): plan, part, merge
+# ------------------------------------------------------------------------------------------------
+def plan_scan(file_uris: list[str], store: "Store", n: int) -> list[dict]:
+    """Cut the scan of ``file_uris`` into about ``n`` work units (JSON-able, no content): ``{"index", "file",
+    "file_index", "row_groups"}``. Every file is at least one unit (``row_groups`` None: read whole); a Parquet file
+    of several row groups whose row-group bytes exceed ``1/n`` of all Parquet bytes is cut into contiguous
+    row-group ranges ``[start, stop)`` of about ``1/n`` each. Deterministic."""
+    sizes = [parquet_row_groups(uri, store) for uri in file_uris]
+    total = sum(sum(s) for s in sizes if s)
+    per = total / max(1, n)
+    units: list[dict] = []
+    for i, (uri, rgs) in enumerate(zip(file_uris, sizes)):
+        k = min(len(rgs), max(1, round(sum(rgs) / per))) if rgs and len(rgs) > 1 and per > 0 else 1
+        if k == 1:
+            units.append({"index": len(units), "file": uri, "file_index": i, "row_groups": None})
+            continue
+        cum = [0]
+        for b in rgs:
+            cum.append(cum[-1] + b)
+        cuts = [0]
+        for j in range(1, k):  # each cut at the row-group boundary nearest j/k of the bytes, ranges never empty
+            target = cum[-1] * j / k
+            at = min(range(cuts[-1] + 1, len(rgs) - (k - j) + 1), key=lambda i: abs(cum[i] - target))
+            cuts.append(at)
+        cuts.append(len(rgs))
+        for a, b in zip(cuts, cuts[1:]):
+            units.append({"index": len(units), "file": uri, "file_index": i, "row_groups": [a, b]})
+    return units
+
+
+def scan_part(matcher: LeakMatcher, unit: dict, store: "Store", matched_uri: str) -> dict:
+    """Scan one unit of :func:`plan_scan`. Returns counts only (the unit, ``hit``: the unit's hit as
+    :func:`leak_scan` reports one, or None; the matcher's identifier counts; ``raw``: the range was not readable
+    as Parquet and the whole file was scanned as raw bytes). A row-group range with hits also writes the salted
+    hashes of the identifiers it matched to ``matched_uri`` (staging, beside the identifier index; never the
+    task's result) so that the merge can count the file's *distinct* identifiers."""
+    rg = tuple(unit["row_groups"]) if unit.get("row_groups") else None
+    found, parquet = matcher.match_file(unit["file"], store, rg)  # type: ignore[arg-type]
+    part = {**unit, "raw": not parquet, "hit": matcher.hit(unit["file"], found) if found else None,
+            "matched_uri": None, "identifiers": matcher.checked, "identifiers_skipped": matcher.skipped,
+            "unscanned_kinds": dict(sorted(matcher.unscanned.items())),
+            "identifiers_vocabulary": matcher.vocabulary}
+    if found and rg is not None and parquet:
+        store.write_json(matched_uri, {"matched": [str(h) for h in sorted(found)],
+                                       "occurrences": int(sum(found.values()))})
+        part["matched_uri"] = matched_uri
+    return part
+
+
+def merge_scan(file_uris: list[str], parts: list[dict], store: "Store", *, min_len: int = 4) -> dict:
+    """The result :func:`leak_scan` gives ``file_uris`` in one process, from the :func:`scan_part` results of
+    every unit of :func:`plan_scan`: a file's hit is its only unit's, or, for a file cut into row-group ranges, the
+    union of the ranges' matched identifiers (distinct count), the sum of their occurrences and the union of
+    their kinds (a range that fell back to the raw bytes scanned the whole file: its hit is the file's). Fails
+    (ValueError) on a missing unit or parts built from different identifier lists."""
+    by_file: dict[int, list[dict]] = defaultdict(list)
+    for p in parts:
+        by_file[int(p["file_index"])].append(p)
+    counts = {(p["identifiers"], p["identifiers_skipped"], tuple(sorted(p["unscanned_kinds"].items())),
+               p["identifiers_vocabulary"]) for p in parts}
+    if len(counts) != 1:
+        raise ValueError(f"leak scan: {len(parts)} parts disagree on the identifier list ({len(counts)} variants)")
+    hits: list[dict[str, Any]] = []
+    for i, uri in enumerate(file_uris):
+        ps = sorted(by_file.get(i, []), key=lambda p: p["index"])
+        if not ps or ps[0]["file"] != uri:
+            raise ValueError(f"leak scan: no scanned part of file {i} ({uri})")
+        ranges = [p["row_groups"] for p in ps]
+        if len(ps) > 1 and (any(r is None for r in ranges) or ranges[0][0] != 0
+                            or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:]))):
+            raise ValueError(f"leak scan: the parts of {uri} do not cover its row groups in order")
+        raw = [p for p in ps if p["raw"]]
+        if raw or len(ps) == 1:
+            hit = (raw or ps)[0]["hit"]
+        else:
+            with_hits = [p for p in ps if p["hit"]]
+            matched: set[int] = set()
+            for p in with_hits:
+                matched.update(int(h) for h in store.read_json(p["matched_uri"])["matched"])
+            hit = {"file": uri, "count": len(matched),
+                   "occurrences": int(sum(p["hit"]["occurrences"] for p in with_hits)),
+                   "kinds": sorted({k for p in with_hits for k in p["hit"]["kinds"]})} if with_hits else None
+        if hit:
+            hits.append(hit)
+    checked, skipped, unscanned, vocabulary = counts.pop()
+    _log_unscanned(Counter(dict(unscanned)), min_len)
+    return _scan_result(hits, len(file_uris), checked, skipped, Counter(dict(unscanned)), vocabulary)
