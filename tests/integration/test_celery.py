@@ -45,7 +45,7 @@ DAG_ID = f"synthfactory_{DATASET}"
 CPU_WORKER, GPU_WORKER = "sf-default-worker", "sf-gpu-worker"
 CPU_WORKER_2 = "sf-default-worker-2"  # a second default-queue worker: the sharded ingest spreads over both
 CPU_WORKERS = (CPU_WORKER, CPU_WORKER_2)
-SHARDED = "celery_sharded"  # a second dataset whose ingest is 4 mapped shard tasks and a merge
+SHARDED = "celery_sharded"  # a second dataset: ingest in 4 mapped shard tasks + merge, the leak scan mapped too
 SHARDED_DAG = f"synthfactory_{SHARDED}"
 
 
@@ -190,7 +190,8 @@ def celery_stack(tmp_path_factory, small_extract):
                synthesizer__kind="ctgan", synthesizer__params={"epochs": 2, "batch_size": 50},
                # two epochs of CTGAN make poor data: this test is about where tasks run, so the gates are open
                **open_gates())
-    write_spec(specs, SHARDED, small_extract, staging, schedule=None, operations__ingest_shards=4, **open_gates())
+    write_spec(specs, SHARDED, small_extract, staging, schedule=None, operations__ingest_shards=4,
+               operations__leak_scan_shards=2, **open_gates())
     procs: list[_Proc] = []
     pg = _Postgres()
     redis = None
@@ -382,8 +383,27 @@ def test_sharded_ingest_runs_on_two_workers_and_equals_one_process(celery_stack)
         _check_alive(stack)
         time.sleep(2)
     print(f"\nsharded ingest (plan, 4 shards, merge) {state} in {time.monotonic() - t0:.0f}s")
-    _airflow("dags", "pause", SHARDED_DAG, env=stack["env"])  # the later stages are not this test's subject
     assert state == "success", f"merge task state {state!r}\n" + _diagnostics(stack)
+    # the mapped leak scan: leak_scan_plan -> leak_scan_part.expand -> merge (task `privacy`)
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:
+        rows = pg.query("SELECT state FROM task_instance WHERE dag_id = %s AND task_id = 'privacy'", SHARDED_DAG)
+        state = rows[0][0] if rows else None
+        if state in ("success", "failed", "upstream_failed"):
+            break
+        _check_alive(stack)
+        time.sleep(2)
+    print(f"mapped leak scan (plan, parts, merge) {state} at {time.monotonic() - t0:.0f}s")
+    _airflow("dags", "pause", SHARDED_DAG, env=stack["env"])  # gate and release are not this test's subject
+    assert state == "success", f"leak-scan merge task state {state!r}\n" + _diagnostics(stack)
+    parts = pg.query("SELECT map_index, hostname, state FROM task_instance WHERE dag_id = %s AND "
+                     "task_id = 'leak_scan_part' ORDER BY map_index", SHARDED_DAG)
+    assert len(parts) >= 2 and [m for m, *_ in parts] == list(range(len(parts))), parts
+    assert all(st == "success" and host in CPU_WORKERS for _, host, st in parts), parts
+    (privacy_report,) = (stack["staging"] / SHARDED / "runs").glob("*/reports/privacy.json")
+    scan = json.loads(privacy_report.read_text())["leak_scan"]  # the merged scan, written as one process does
+    assert scan["clean"] is True and scan["hits"] == [], scan
+    assert not (privacy_report.parents[1] / "privacy" / "leak_scan").exists()  # mapped parts' staging removed
     shards = pg.query("SELECT map_index, hostname, state, queue FROM task_instance WHERE dag_id = %s AND "
                       "task_id = 'ingest_shard' ORDER BY map_index", SHARDED_DAG)
     assert [m for m, *_ in shards] == [0, 1, 2, 3] and all(st == "success" for _, _, st, _ in shards), shards
