@@ -738,8 +738,8 @@ class RelationalThresholds(_Model):
     cooccurrence_top: int = Field(default=10, ge=2, le=100, description="Condition codes (most prevalent) whose "
                                                                         "pairwise co-occurrence is compared")
     cooccurrence_margin: float = Field(
-        default=0.01, ge=0.0, le=1.0, description="Mean |synthetic - real| pairwise co-occurrence rate at most the "
-                                                  "reference's + this")
+        default=0.1, ge=0.0, le=1.0, description="Co-occurrence error (sum |synthetic - real| / sum real of the "
+                                                 "pairwise co-occurrence rates) at most the reference's + this")
 
 
 class QualityThresholds(_Model):

@@ -383,7 +383,9 @@ def encounter_gaps(enc: pd.DataFrame, time: str) -> dict[str, Any]:
     gap = (d.groupby(KEY)["t"].diff().dt.total_seconds() / 86400.0).to_numpy()
     ok = ~np.isnan(gap)
     bucket = _gap_bucket(n)
-    out: dict[str, Any] = {"quantiles": {}, "window": [str(d["t"].min()), str(d["t"].max())]}
+    # the window to whole days (no encounter's own instant is kept)
+    out: dict[str, Any] = {"quantiles": {}, "window": [str(d["t"].min().floor("D")),
+                                                       str(d["t"].max().floor("D") + pd.Timedelta(days=1))]}
     all_q = np.quantile(gap[ok], np.linspace(0, 1, POSITION_QUANTILES)).tolist() if ok.any() else [0.0]
     for b in range(len(GAP_BUCKETS) + 1):
         g = gap[ok & (bucket == b)]

@@ -1,0 +1,84 @@
+"""Event timing of the synthetic record (relational mode, CART children): children of an encounter fall inside
+it, a patient's encounters are spaced as real ones are, the kind of encounter a row belongs to is drawn with
+the row, and only aggregates of the real times are kept in the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from synthfactory.quality import tables as qt
+from synthfactory.synthesize import relational
+from synthfactory.testing.records import relational_tables
+
+
+@pytest.fixture(scope="module")
+def real():
+    return relational_tables(150, seed=11, with_medications=True)
+
+
+@pytest.fixture(scope="module")
+def model(real):
+    return relational.fit(real, root_kind="cart", child_kind="cart", seed=1)
+
+
+@pytest.fixture(scope="module")
+def synthetic(model):
+    return relational.sample(model, 150, batch_size=80, seed=2)
+
+
+def test_children_of_an_encounter_fall_inside_it(real, synthetic):
+    syn, fixes = synthetic
+    for name, time in (("observation", "effective"), ("condition", "onset"), ("medication_request", "authored_on")):
+        assert qt.in_encounter_share(real, name, time) == 1.0  # the generator's rows sit at their visit
+        share = qt.in_encounter_share(syn, name, time)
+        assert share is not None and share >= 0.98, (name, share)
+    assert fixes["observation_placed_in_encounter"] > 0
+
+
+def test_without_the_placement_children_drift_out_of_their_encounter(model, monkeypatch):
+    """The check can fail: rows linked to the nearest encounter but left at their drawn time."""
+    monkeypatch.setattr(relational, "place_in_encounters", lambda df, *a, **k: df)
+    syn, _ = relational.sample(model, 150, batch_size=80, seed=2)
+    assert qt.in_encounter_share(syn, "observation", "effective") < 0.5
+
+
+def test_a_patients_encounters_are_spaced_as_real_ones(real, synthetic):
+    syn, fixes = synthetic
+    r, s = qt.intervals_days(real["encounter"], "start"), qt.intervals_days(syn["encounter"], "start")
+    assert s.size > 100 and (s > 0).mean() > 0.9  # a sequence, not a pile on one day
+    from scipy.stats import ks_2samp
+
+    assert ks_2samp(r, s).statistic < 0.15, (np.quantile(r, [0.25, 0.5, 0.75]), np.quantile(s, [0.25, 0.5, 0.75]))
+    assert fixes["encounter_respaced"] == len(syn["encounter"])
+    enc = syn["encounter"].merge(syn["patient"][["patient_key", "birth_date"]], on="patient_key")
+    assert (enc["start"].dt.tz_convert(None) >= enc["birth_date"].astype("datetime64[ns]")).all()
+    assert (enc["end"] >= enc["start"]).all()
+
+
+def test_the_encounter_class_is_drawn_with_the_row(real, model, synthetic):
+    syn, _ = synthetic
+    assert relational.ENC_CLASS in model.children["procedure"].cart.columns
+    assert model.children["observation"].encounter_classes  # rows given the kinds of encounter a patient has
+    assert model.children["encounter"].load_tables  # encounters given the size of the rest of the record
+    enc_class = syn["encounter"].set_index("encounter_key")["class_code"]
+    real_class = real["encounter"].set_index("encounter_key")["class_code"]
+    share = {n: df["encounter_key"].map(c).value_counts(normalize=True)
+             for n, df, c in (("real", real["observation"], real_class), ("syn", syn["observation"], enc_class))}
+    for cls in ("AMB", "IMP"):
+        assert abs(share["real"].get(cls, 0) - share["syn"].get(cls, 0)) < 0.15, share
+
+
+def test_the_model_keeps_aggregates_of_the_real_times_only(real, model):
+    gaps = model.layout.children["encounter"].timing["gaps"]
+    assert set(gaps) == {"quantiles", "window"}
+    assert all(len(q) == relational.POSITION_QUANTILES for q in gaps["quantiles"].values())
+    obs = model.layout.children["observation"].timing
+    assert set(obs) == {"at_start", "new_time", "u_quantiles", "points", "unlinked_at_start"}
+    assert obs["at_start"] == 1.0
+    import pandas as pd
+
+    window = [pd.Timestamp(w) for w in gaps["window"]]  # whole days, not an encounter's own instant
+    assert all(w == w.normalize() for w in window)
+    starts = real["encounter"]["start"].dt.tz_convert(None)
+    assert window[0] <= starts.min() and starts.max() < window[1]
