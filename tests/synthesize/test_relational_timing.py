@@ -74,7 +74,7 @@ def test_the_model_keeps_aggregates_of_the_real_times_only(real, model):
     assert set(gaps) == {"quantiles", "window"}
     assert all(len(q) == relational.POSITION_QUANTILES for q in gaps["quantiles"].values())
     obs = model.layout.children["observation"].timing
-    assert set(obs) == {"at_start", "new_time", "u_quantiles", "points", "unlinked_at_start"}
+    assert set(obs) == {"at_start", "first_at_start", "new_time", "u_quantiles", "points", "by_class", "unlinked_at_start"}
     assert obs["at_start"] == 1.0
     import pandas as pd
 

@@ -598,7 +598,7 @@ def _table_rows(tables: Mapping[str, Any]) -> list[dict]:
         extra = []
         gated = {c.get("figure") for c in g.get("checks") or []}
         for k in ("column_shapes", "column_pair_trends", "value_ks_median", "value_ks_worst", "interval_ks",
-                  "first_age_ks", "in_encounter", "cooccurrence_mad", "cooccurrence_error", "trajectory"):
+                  "first_age_ks", "in_encounter", "per_encounter_ks", "cooccurrence_mad", "cooccurrence_error", "trajectory"):
             if k in gated:
                 continue
             v, r = (figs.get(name, {}).get(k) or {}).get("mean"), (refs.get(name, {}).get(k) or {}).get("mean")

@@ -22,6 +22,7 @@ Time and cross-table figures (each beside the same figure of real held-out patie
 * **first_age_ks**: KS of the patient's age in years at the first event of the table (time from birth);
 * **in_encounter**: share of the rows that reference an encounter whose time lies inside it (encounter
   start <= time <= end): children of an encounter fall inside it, in the order of the record;
+  **per_encounter_ks** (reported, not gated): KS of the rows per encounter (encounters without any: 0);
 * **cooccurrence_mad** (condition table): mean absolute difference of the pairwise co-occurrence rates
   (share of patients with both codes) of the ``cooccurrence_top`` most prevalent real condition codes, and
   **cooccurrence_error** (gated): the same differences summed over the sum of the real rates (a relative
@@ -175,6 +176,14 @@ def in_encounter_share(tables: Mapping[str, pd.DataFrame], name: str, time: str)
     return float(inside.mean())
 
 
+def rows_per_encounter(tables: Mapping[str, pd.DataFrame], name: str) -> np.ndarray:
+    """Rows of ``name`` referencing each encounter (encounters without any count 0)."""
+    enc, df = tables.get("encounter"), tables[name]
+    if enc is None or ENC_KEY not in df or ENC_KEY not in enc:
+        return np.empty(0)
+    return df[ENC_KEY].dropna().value_counts().reindex(enc[ENC_KEY], fill_value=0).to_numpy()
+
+
 def _ks(a: np.ndarray, b: np.ndarray, min_values: int) -> float | None:
     """KS of ``b`` vs ``a``; None when ``a`` has fewer than ``min_values`` values, 1 when ``b`` has none, and
     None when ``b`` has some but fewer than ``min_values`` (a KS of a handful of values is noise, for real
@@ -199,6 +208,7 @@ def timing_figures(real: Mapping[str, pd.DataFrame], other: Mapping[str, pd.Data
     share = in_encounter_share(other, name, time)
     if share is not None:
         out["in_encounter"] = share
+        out["per_encounter_ks"] = _ks(rows_per_encounter(real, name), rows_per_encounter(other, name), min_values)
     return {k: v for k, v in out.items() if v is not None}
 
 

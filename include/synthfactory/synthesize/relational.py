@@ -322,32 +322,55 @@ def derive_layout(tables: dict[str, pd.DataFrame], *, flags_top: int = 3, age_ba
 POSITION_QUANTILES = 41
 
 
+#: an encounter class gets its own timing statistics with at least this many linked rows (else the pooled ones)
+TIMING_MIN_ROWS = 200
+
+
+def _position_stats(rows: pd.DataFrame) -> dict[str, Any]:
+    """``first_at_start``, ``at_start``, ``new_time``, ``u_quantiles`` of linked rows (columns enc, t, start,
+    end): see :func:`encounter_timing`."""
+    pts = rows.drop_duplicates(["enc", "t"])
+    groups = pts["enc"].nunique()
+    n_rows = int(len(rows))
+    earliest = pts.sort_values("t", kind="stable").drop_duplicates("enc")
+    first_at_start = float((earliest["t"] == earliest["start"]).mean()) if len(earliest) else 0.0
+    new_time = (len(pts) - groups) / (n_rows - groups) if n_rows > groups else 1.0
+    # positions as the rows have them (a panel of many rows at one time weighs as its rows)
+    at = rows["t"] == rows["start"]
+    dur = (rows["end"] - rows["start"]).dt.total_seconds()
+    u = ((rows["t"] - rows["start"]).dt.total_seconds() / dur.where(dur > 0))[~at].dropna()
+    qs = np.quantile(u.to_numpy(dtype=float), np.linspace(0, 1, POSITION_QUANTILES)).tolist() if len(u) else []
+    return {"at_start": round(float(at.mean()), 6), "first_at_start": round(first_at_start, 6),
+            "new_time": round(float(np.clip(new_time, 0.0, 1.0)), 6),
+            "u_quantiles": [round(float(x), 6) for x in qs], "points": int(len(pts))}
+
+
 def encounter_timing(df: pd.DataFrame, enc: pd.DataFrame | None, time: str) -> dict[str, Any]:
     """Where the real rows that reference an encounter sit inside it, as aggregates: the rows of one encounter
     share a few distinct times (a panel of vital signs at one moment), ``new_time`` the chance that a further
-    row opens a new time; each distinct time is the encounter start (``at_start``: share of the rows) or at a
-    position u = (time - start) / (end - start) drawn from ``u_quantiles`` (of the rows; u < 0 or > 1: before or
-    after the encounter, as real rows can be). Empty when no linked row has a time."""
+    row opens a new time; the first time of an encounter is its start as often as real ones' is
+    (``first_at_start``; ``at_start``: the share of the rows at the start), any other time at a position
+    u = (time - start) / (end - start) drawn from ``u_quantiles`` (of the rows not at the start; u < 0 or > 1:
+    before or after the encounter, as real rows can be). The same per encounter class (``by_class``, classes
+    with :data:`TIMING_MIN_ROWS` rows: a check-up's panel is not an inpatient stay's), and the share of the rows
+    without an encounter that sit at one of the patient's encounter starts (``unlinked_at_start``). Empty when
+    no linked row has a time."""
     if enc is None or enc.empty or ENC_KEY not in df or not {"start", ENC_KEY} <= set(enc.columns):
         return {}
-    e = enc[[ENC_KEY, "start"] + (["end"] if "end" in enc else [])].drop_duplicates(ENC_KEY)
+    e = enc[[ENC_KEY, "start"] + [c for c in ("end", "class_code") if c in enc]].drop_duplicates(ENC_KEY)
     rows = df.loc[df[ENC_KEY].notna() & df[time].notna(), [ENC_KEY, time]].merge(e, on=ENC_KEY, how="inner")
     if rows.empty:
         return {}
-    t, start = _naive_utc(rows[time]), _naive_utc(rows["start"])
-    end = _naive_utc(rows["end"]) if "end" in rows else start
-    pts = pd.DataFrame({"enc": rows[ENC_KEY].to_numpy(), "t": t.to_numpy(), "start": start.to_numpy(),
-                        "end": end.to_numpy()}).dropna(subset=["t", "start"]).drop_duplicates(["enc", "t"])
-    groups = pts["enc"].nunique()
-    n_rows = int(len(rows))
-    new_time = (len(pts) - groups) / (n_rows - groups) if n_rows > groups else 1.0
-    # positions as the rows have them (a panel of many rows at one time weighs as its rows)
-    rt = pd.DataFrame({"t": t.to_numpy(), "start": start.to_numpy(), "end": end.to_numpy()}).dropna(
-        subset=["t", "start"])
-    at = rt["t"] == rt["start"]
-    dur = (rt["end"] - rt["start"]).dt.total_seconds()
-    u = ((rt["t"] - rt["start"]).dt.total_seconds() / dur.where(dur > 0))[~at].dropna()
-    qs = np.quantile(u.to_numpy(dtype=float), np.linspace(0, 1, POSITION_QUANTILES)).tolist() if len(u) else []
+    start = _naive_utc(rows["start"])
+    r = pd.DataFrame({"enc": rows[ENC_KEY].to_numpy(), "t": _naive_utc(rows[time]).to_numpy(),
+                      "start": start.to_numpy(),
+                      "end": (_naive_utc(rows["end"]) if "end" in rows else start).to_numpy(),
+                      "cls": rows["class_code"].astype(object).to_numpy() if "class_code" in rows else None})
+    r = r.dropna(subset=["t", "start"])
+    r["end"] = r["end"].where(r["end"].notna(), r["start"])
+    out = _position_stats(r)
+    out["by_class"] = {str(c): _position_stats(g) for c, g in r.dropna(subset=["cls"]).groupby("cls")
+                       if len(g) >= TIMING_MIN_ROWS}
     # rows without an encounter that still sit at one of the patient's encounter starts (a blood type, a
     # smoking status recorded at a visit): their share
     free = df.loc[df[ENC_KEY].isna() & df[time].notna(), [KEY, time]]
@@ -357,9 +380,8 @@ def encounter_timing(df: pd.DataFrame, enc: pd.DataFrame | None, time: str) -> d
         hit = pd.MultiIndex.from_arrays([free[KEY].astype(str), _naive_utc(free[time])]).isin(
             pd.MultiIndex.from_arrays([starts[KEY].astype(str), _naive_utc(starts["start"])]))
         unlinked = float(hit.mean())
-    return {"at_start": round(float(at.mean()), 6), "new_time": round(float(np.clip(new_time, 0.0, 1.0)), 6),
-            "u_quantiles": [round(float(x), 6) for x in qs], "points": int(len(pts)),
-            "unlinked_at_start": round(unlinked, 6)}
+    out["unlinked_at_start"] = round(unlinked, 6)
+    return out
 
 
 #: the patients' encounter counts whose gaps are kept apart (a patient with 2 encounters in the extract has
@@ -585,16 +607,35 @@ def place_in_encounters(df: pd.DataFrame, cl: ChildLayout, enc: pd.DataFrame, rn
     end = pd.to_datetime(pd.Series(keys).map(e["end"])).to_numpy() if "end" in e else start
     end = np.where(pd.isna(end), start, end)
     dur = (end - start).astype("timedelta64[ns]").astype("int64").astype(float)
+    # each row's encounter class: the class's own statistics where the real rows had enough of it
+    cls = pd.Series(keys).map(e["class_code"]).astype(object).to_numpy() if "class_code" in e else \
+        np.full(keys.size, None, dtype=object)
+    by_class = tm.get("by_class") or {}
     # rows of one encounter: the first opens a time, each further one a new time with chance new_time
     order = np.argsort(keys, kind="stable")
-    k_sorted = keys[order]
+    k_sorted, c_sorted = keys[order], cls[order]
+    stats_of = [by_class.get(str(c), tm) if c is not None else tm for c in c_sorted]
+    new_time = np.array([float(x.get("new_time", 1.0)) for x in stats_of])
     first = np.r_[True, k_sorted[1:] != k_sorted[:-1]]
-    opens = first | (rng.random(order.size) < float(tm.get("new_time", 1.0)))
+    opens = first | (rng.random(order.size) < new_time)
     point = np.cumsum(opens) - 1                         # the distinct time each (sorted) row takes
     n_points = int(point[-1]) + 1
-    at_start = rng.random(n_points) < float(tm.get("at_start", 0.0))
-    qs = np.asarray(tm.get("u_quantiles") or [0.0], dtype=float)
-    u = np.interp(rng.random(n_points), np.linspace(0, 1, qs.size), qs) if qs.size > 1 else np.full(n_points, qs[0])
+    # an encounter's first time is its start as often as real ones' earliest time is; the others are not (two
+    # times at the start would be one)
+    first_point = np.zeros(n_points, dtype=bool)
+    first_point[point[first]] = True
+    point_stats = [None] * n_points
+    for j in np.flatnonzero(opens):
+        point_stats[point[j]] = stats_of[j]
+    p_start = np.array([float(x.get("first_at_start", x.get("at_start", 0.0))) for x in point_stats])
+    at_start = first_point & (rng.random(n_points) < p_start)
+    draw = rng.random(n_points)
+    u = np.zeros(n_points)
+    ids = np.array([id(x) for x in point_stats])
+    for key in np.unique(ids):
+        sel = ids == key
+        qs = np.asarray(point_stats[int(np.flatnonzero(sel)[0])].get("u_quantiles") or [0.0], dtype=float)
+        u[sel] = np.interp(draw[sel], np.linspace(0, 1, qs.size), qs) if qs.size > 1 else qs[0]
     u = np.where(at_start, 0.0, u)
     # each row at the position of its distinct time
     pos = np.empty(order.size)
