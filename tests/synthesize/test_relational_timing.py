@@ -82,3 +82,39 @@ def test_the_model_keeps_aggregates_of_the_real_times_only(real, model):
     assert all(w == w.normalize() for w in window)
     starts = real["encounter"]["start"].dt.tz_convert(None)
     assert window[0] <= starts.min() and starts.max() < window[1]
+
+
+def test_the_pipeline_flags_the_trajectory_condition_and_gates_the_timing(tmp_path):
+    """Spec ``quality.trajectory`` through prepare, fit, sample and quality (relational, cart): the condition is a
+    patient flag of the model, and the quality summary's per-table gate carries the timing, co-occurrence and
+    trajectory rows with their rule, each beside its reference."""
+    from synthfactory import pipeline as p
+    from synthfactory.release.gate import quality_checks
+    from synthfactory.spec import load_spec
+    from synthfactory.synthesize.engine import load
+    from synthfactory.testing.records import write_extract
+    from tests.conftest import write_spec
+
+    extract = write_extract(str(tmp_path / "ndjson"), patients=90, seed=4, with_medications=True)
+    spec = load_spec(write_spec(tmp_path / "specs", "rel_timing", extract, tmp_path / "staging",
+                                features__labs=[{"name": "hba1c", "loinc": "4548-4"}], quality__relationships=[],
+                                quality__utility=None, synthesizer__mode="relational",
+                                quality__trajectory={"lab": "hba1c", "group_by_condition": "diabetes",
+                                                     "condition_codes": {"icd10cm": ["E11*"]}, "period_days": 730,
+                                                     "periods": 2, "min_values": 5}))
+    ctx = p.RunContext(spec=spec, run_id="r1", version="v1")
+    prepared = p.prepare(ctx, p.ingest(ctx))
+    fitted = p.fit(ctx, prepared)
+    model = load(fitted["model_uri"], ctx.store)
+    assert "E11.9" in model.layout.flags  # the trajectory's condition drawn as a patient flag
+    ctx.rows = 90
+    sampled = p.sample(ctx, fitted, prepared)
+    summary = p.quality(ctx, prepared, sampled)
+    rows = {(t, c["figure"]): c for t, g in summary["tables"]["tables"].items() for c in g["checks"]}
+    assert {("encounter", "interval_ks"), ("observation", "in_encounter"), ("observation", "trajectory")} <= set(rows)
+    assert all(r["reference"] is not None and r["rule"] for r in rows.values() if r["figure"] != "checks")
+    names = {c.name for c in quality_checks(summary, spec.quality)}
+    assert {"table.encounter.interval_ks", "table.observation.trajectory"} <= names
+    report = ctx.store.read_json(summary["report_uri"])
+    assert report["tables"]["trajectory"]["lab"] == "hba1c"
+    assert "with/0" in report["tables"]["figures"]["tables"]["observation"]["trajectory_real"]
