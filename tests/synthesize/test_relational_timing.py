@@ -43,6 +43,16 @@ def test_without_the_placement_children_drift_out_of_their_encounter(model, monk
     assert qt.in_encounter_share(syn, "observation", "effective") < 0.5
 
 
+def test_an_encounter_lasts_as_long_as_real_ones_of_its_class(real, synthetic):
+    syn, fixes = synthetic
+    hours = {n: (t["encounter"]["end"] - t["encounter"]["start"]).dt.total_seconds().groupby(
+        t["encounter"]["class_code"]).median() / 3600 for n, t in (("real", real), ("syn", syn))}
+    assert hours["real"]["IMP"] > 24 and hours["syn"]["IMP"] > 24  # a stay is days, a visit minutes
+    for cls in ("AMB", "IMP"):
+        assert hours["syn"][cls] == pytest.approx(hours["real"][cls], rel=0.35), hours
+    assert fixes["encounter_duration_redrawn"] > 0
+
+
 def test_a_patients_encounters_are_spaced_as_real_ones(real, synthetic):
     syn, fixes = synthetic
     r, s = qt.intervals_days(real["encounter"], "start"), qt.intervals_days(syn["encounter"], "start")
@@ -71,10 +81,13 @@ def test_the_encounter_class_is_drawn_with_the_row(real, model, synthetic):
 
 def test_the_model_keeps_aggregates_of_the_real_times_only(real, model):
     gaps = model.layout.children["encounter"].timing["gaps"]
-    assert set(gaps) == {"quantiles", "window"}
+    assert set(gaps) == {"quantiles", "window", "durations"}
     assert all(len(q) == relational.POSITION_QUANTILES for q in gaps["quantiles"].values())
+    counts = real["encounter"]["class_code"].value_counts()
+    assert set(gaps["durations"]) == set(counts[counts >= 50].index)  # classes with >= 50 encounters, as quantiles
+    assert all(len(q) == relational.POSITION_QUANTILES for q in gaps["durations"].values())
     obs = model.layout.children["observation"].timing
-    assert set(obs) == {"at_start", "first_at_start", "new_time", "u_quantiles", "points", "by_class", "unlinked_at_start"}
+    assert set(obs) == {"at_start", "first_at_start", "new_time", "u_quantiles", "points", "by_class", "unlinked_at_start", "coverage"}
     assert obs["at_start"] == 1.0
     import pandas as pd
 
