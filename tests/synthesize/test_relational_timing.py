@@ -36,6 +36,15 @@ def test_children_of_an_encounter_fall_inside_it(real, synthetic):
     assert fixes["observation_placed_in_encounter"] > 0
 
 
+def test_no_child_row_after_the_reference_date(model, synthetic):
+    syn, fixes = synthetic
+    ref = model.layout.reference
+    for name, time in (("observation", "effective"), ("condition", "onset"), ("medication_request", "authored_on"),
+                       ("procedure", "performed")):
+        assert (syn[name][time].dropna() <= ref).all(), name
+    assert sum(v for k, v in fixes.items() if k.endswith("_after_placement")) <= 5  # stays seen until the reference
+
+
 def test_without_the_placement_children_drift_out_of_their_encounter(model, monkeypatch):
     """The check can fail: rows linked to the nearest encounter but left at their drawn time."""
     monkeypatch.setattr(relational, "place_in_encounters", lambda df, *a, **k: df)
@@ -61,6 +70,8 @@ def test_a_patients_encounters_are_spaced_as_real_ones(real, synthetic):
 
     assert ks_2samp(r, s).statistic < 0.15, (np.quantile(r, [0.25, 0.5, 0.75]), np.quantile(s, [0.25, 0.5, 0.75]))
     assert fixes["encounter_respaced"] == len(syn["encounter"])
+    start = syn["encounter"]["start"]
+    assert (start == start.max()).sum() <= 2 and (start == start.min()).sum() <= 2  # no pile on the window's edges
     enc = syn["encounter"].merge(syn["patient"][["patient_key", "birth_date"]], on="patient_key")
     assert (enc["start"].dt.tz_convert(None) >= enc["birth_date"].astype("datetime64[ns]")).all()
     assert (enc["end"] >= enc["start"]).all()

@@ -469,10 +469,20 @@ def space_encounters(df: pd.DataFrame, cl: ChildLayout, birth: pd.Series, death:
     hi = np.where(np.isnat(hi) | (hi > np.datetime64(w1, "ns")), np.datetime64(w1, "ns"), hi)
     hi = np.maximum(hi, lo)
     room = (hi - lo) / day
-    squeeze = np.where((span > room) & (span > 0), room / np.maximum(span, 1e-9), 1.0)
+    # a sequence longer than the room is compressed to 80-100 % of it (all of it would put the patient's first
+    # and last encounters on the window's edges)
+    fill = np.repeat(0.8 + 0.2 * rng.random(len(starts)), np.diff(np.r_[starts, len(d)]))
+    squeeze = np.where((span > room) & (span > 0), fill * room / np.maximum(span, 1e-9), 1.0)
     rel, span = rel * squeeze, span * squeeze
     begin = centre - (span / 2 * 86400).astype("int64").astype("timedelta64[s]")
-    begin = np.minimum(np.maximum(begin, lo), hi - (span * 86400).astype("int64").astype("timedelta64[s]"))
+    last_begin = hi - (span * 86400).astype("int64").astype("timedelta64[s]")
+    # a sequence that does not fit where it was drawn goes anywhere it fits (clamping it to an edge would pile
+    # the patients' first or last encounters on the window's first or last instant)
+    out_of_room = (begin < lo) | (begin > last_begin)
+    room_s = np.maximum((last_begin - lo) / np.timedelta64(1, "s"), 0.0)
+    anywhere = lo + (rng.random(len(d)) * room_s).astype("int64").astype("timedelta64[s]")
+    per_patient = np.repeat(anywhere[starts], np.diff(np.r_[starts, len(d)]))  # one draw per patient
+    begin = np.where(out_of_room, per_patient, begin)
     new_t = begin + (rel * 86400).astype("int64").astype("timedelta64[s]")
     shift = new_t - tt
     col = df.columns.get_loc(cl.time)
@@ -1571,7 +1581,18 @@ def sample_batches(model: RelationalModel, patients: int, batch_size: int = 20_0
                         if c in enc_naive:
                             enc_naive[c] = _naive_utc(enc_naive[c])
                 df = _link_encounters(df, cl, enc_naive, rng, stats)
+                if enc_naive is not None and "end" in enc_naive:  # a stay as the extract sees it: until the
+                    # reference date (rows after it are not in an extract)
+                    ref_naive = layout.reference.tz_convert(None) if layout.reference.tzinfo else layout.reference
+                    enc_naive["end"] = enc_naive["end"].where(enc_naive["end"].isna() | (enc_naive["end"] <= ref_naive),
+                                                              max(ref_naive, pd.Timestamp(0)))
+                    enc_naive["end"] = enc_naive[["start", "end"]].max(axis=1).where(enc_naive["end"].notna())
                 df = place_in_encounters(df, cl, enc_naive, rng, stats)
+                if getattr(cl, "timing", None):  # a row placed in a stay that runs past a death or the reference
+                    again: dict[str, int] = {}
+                    df = _postfix_times(df, cl, birth, death, layout.reference, again)
+                    for k, v in again.items():
+                        stats[f"{k}_after_placement"] = stats.get(f"{k}_after_placement", 0) + int(v)
             out[name] = _finish_child(df, cl, starts[name], rng, stats)
             starts[name] += len(out[name])
         out[ROOT] = _finish_root(root, layout, stats)
