@@ -21,9 +21,15 @@ machine. So the record is modelled patient-centred, as a star with the patient a
   ``Condition`` sampling, then relaxed (counted). Condition rows honour the root's flags exactly: one row
   per flagged code, the rest from the other codes.
 * **links and time**: keys are fresh (``syn-…``) and assigned by construction (100 % referential integrity).
-  Children that referenced an encounter are linked to the same patient's synthetic encounter nearest in
-  time (at the real linking rate) and, where the real rows sat at the encounter start, moved there.
-  Encounter ``start <= end`` is an SDV ``Inequality``; ``birth <= event`` and ``event <= death`` cross
+  Event timing (the section "event timing inside encounters"): a patient's encounters get their times as a
+  sequence (the days between them from the real gaps of patients with as many encounters, each stay as long
+  as real ones of its class, after the birth and before the death and the reference date); the encounter
+  model draws rows given the size of the rest of the record. A child row draws the class of its encounter
+  with its other columns (given which kinds of encounter the patient has) and is linked to one of the
+  patient's encounters of that class (shared out over them for a table every visit has, else the nearest in
+  time), then placed inside it as real rows sit (the first time at the start as often as real ones', panels
+  sharing a time, positions per class). Other models (no encounter class): linked to the nearest encounter
+  at the real linking rate, then placed the same way. ``birth <= event`` and ``event <= death`` cross
   tables and are post-fixed (clipped), each fix counted in the report.
 
 ``engine: hma`` runs SDV's HMASynthesizer on the same star (patient + at most 4 child tables; encounter
