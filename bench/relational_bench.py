@@ -12,6 +12,12 @@ patients (or ``--patients``), then
 * unseen (code, system, display, unit) units, real free-text values (every ``valueString`` of the extract)
   found in any output table or in the FHIR output, and the FHIR R4B validation of the output.
 
+* event timing and cross-table figures, each beside real held-out vs real train patients: days between a
+  patient's consecutive events (KS), age at the first event (KS), rows inside their encounter, condition
+  co-occurrence (relative error of the top codes' pairwise rates) and a lab trajectory (``--trajectory``,
+  default hba1c 4548-4 in patients with vs without E11*, per 90 days since the first value);
+  ``--timing-off`` runs the model without its timing parts (the former one) for the comparison.
+
 Engines: ``cart`` (relational default: CART patient model + CART children drawn given the context),
 ``gaussian_copula`` (the former default: GaussianCopula patient and children, pooled matching), ``hma`` (SDV
 HMASynthesizer, at most 5 tables), ``par`` (CART-free: GaussianCopula root + SDV PAR sequences).
@@ -70,13 +76,39 @@ def _free_text(cohort: str) -> set[str]:
     return found
 
 
+def _trajectory(text: str | None):
+    """``lab:loinc[,loinc]:system:code[,code]:period_days:periods`` -> a quality.tables Trajectory (None: off)."""
+    from synthfactory.quality.tables import Trajectory
+    from synthfactory.spec import ConditionConcept
+
+    if not text or text == "none":
+        return None
+    lab, loinc, system, codes, period, periods = text.split(":")
+    return Trajectory(lab=lab, loinc=tuple(loinc.split(",")), period_days=int(period), periods=int(periods),
+                      condition=ConditionConcept(name="trajectory_condition", codes={system: codes.split(",")}))
+
+
+def _timing_off(relational) -> None:
+    """The model without its timing parts (as before them): no encounter class drawn with the rows, no
+    encounters given the record's size, no respacing of encounters, no placement inside encounters."""
+    import pandas as pd
+
+    relational.uses_encounter_class = lambda *a, **k: False
+    relational.load_context = lambda root, tables: pd.DataFrame({relational.KEY: root[relational.KEY].astype(str)})
+
+
 def one_run(cohort: str, engine: str, tables_wanted: list[str], patients: int | None, seed: int,
-            resplits: int, fhir: bool, max_patients: int | None = None, child_min_leaf: int | None = None) -> dict:
+            resplits: int, fhir: bool, max_patients: int | None = None, child_min_leaf: int | None = None,
+            trajectory: str | None = None, timing_off: bool = False) -> dict:
     import numpy as np
     import pandas as pd
 
     from synthfactory.quality import tables as qt
     from synthfactory.synthesize import fhir_out, relational
+
+    tr = _trajectory(trajectory)
+    if timing_off:
+        _timing_off(relational)
 
     d = _ingest(cohort)
     real = {t: pd.read_parquet(d / f"{t}.parquet") for t in tables_wanted if (d / f"{t}.parquet").exists()}
@@ -100,16 +132,21 @@ def one_run(cohort: str, engine: str, tables_wanted: list[str], patients: int | 
         kw.update(engine="hma")
     elif engine == "par":
         kw.update(engine="par", par_epochs=16)
+    if tr is not None and engine != "hma" and not timing_off:
+        kw["flag_concepts"] = [tr.condition]  # as the pipeline does for quality.trajectory
     t0 = time.perf_counter()
     model = relational.fit(train, **kw)
     fit_s = time.perf_counter() - t0
+    if timing_off:
+        for cl in model.layout.children.values():
+            cl.timing = {}
     n = int(patients or len(train_keys))
     t0 = time.perf_counter()
     syn, fixes = relational.sample(model, n, batch_size=2000, seed=seed + 1)
     sample_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ref = qt.relational_reference(real, holdout_fraction=0.2, resplits=resplits, seed=seed)
-    fig = qt.synthetic_figures(train, syn, patients=ref["holdout_patients"], repeats=2, seed=seed)
+    ref = qt.relational_reference(real, holdout_fraction=0.2, resplits=resplits, seed=seed, trajectory=tr)
+    fig = qt.synthetic_figures(train, syn, patients=ref["holdout_patients"], repeats=2, seed=seed, trajectory=tr)
     checks = qt.run_table_checks(train, syn)
     gate = qt.gate_tables(fig, ref, checks)
     score_s = time.perf_counter() - t0
@@ -123,7 +160,8 @@ def one_run(cohort: str, engine: str, tables_wanted: list[str], patients: int | 
         for c in df.columns:
             if df[c].dtype == object:
                 leaked += int(df[c].dropna().astype(str).isin(free).sum())
-    label = engine + (f" (child min_leaf {child_min_leaf})" if child_min_leaf and engine == "cart" else "")
+    label = engine + (f" (child min_leaf {child_min_leaf})" if child_min_leaf and engine == "cart" else "") + \
+        (" (timing off)" if timing_off else "")
     out = {"cohort": cohort, "engine": label, "tables": sorted(real), "patients_real": len(keys),
            "patients_train": len(train_keys), "patients_synthetic": n,
            "rows_real": {k: len(v) for k, v in real.items()}, "rows_synthetic": {k: len(v) for k, v in syn.items()},
@@ -131,7 +169,10 @@ def one_run(cohort: str, engine: str, tables_wanted: list[str], patients: int | 
            "fit_seconds_by_table": model.fit_seconds, "reference": ref, "figures": fig, "checks": checks,
            "gate": gate, "unseen_concepts": relational.unseen_concepts(train, syn),
            "free_text_real_values": len(free), "free_text_leaked": leaked, "record_privacy": rec,
-           "fixes": {k: int(v) for k, v in fixes.items() if v}}
+           "fixes": {k: int(v) for k, v in fixes.items() if v},
+           "trajectory": None if tr is None else {"lab": tr.lab, "loinc": list(tr.loinc), "codes": tr.condition.codes,
+                                                  "period_days": tr.period_days, "periods": tr.periods,
+                                                  "stat": tr.stat}}
     if fhir:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
@@ -161,6 +202,9 @@ def _child(args: argparse.Namespace, cohort: str, engine: str) -> dict:
         cmd += ["--child-min-leaf", str(args.child_min_leaf)]
     if args.fhir:
         cmd.append("--fhir")
+    cmd += ["--trajectory", args.trajectory]
+    if args.timing_off:
+        cmd.append("--timing-off")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -228,6 +272,99 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+TIME_FIGURES = (("interval_ks", "interval KS"), ("first_age_ks", "first-event age KS"),
+                ("in_encounter", "in encounter"), ("per_encounter_ks", "rows per encounter KS"),
+                ("cooccurrence_error", "co-occurrence error"),
+                ("cooccurrence_mad", "co-occurrence MAD"), ("trajectory", "trajectory"))
+
+
+def _mean_sd(d: dict | None, k: str) -> tuple[float | None, float | None]:
+    v = (d or {}).get(k) or {}
+    return v.get("mean"), v.get("sd")
+
+
+def timing_lines(r: dict) -> str:
+    """The timing and cross-table figures of one run, each beside its reference (stdout)."""
+    if "error" in r:
+        return ""
+    out = []
+    for name, fig in r["figures"]["tables"].items():
+        ref = r["reference"]["tables"].get(name, {})
+        parts = []
+        for k, label in TIME_FIGURES:
+            v, _ = _mean_sd(fig, k)
+            rm, rs = _mean_sd(ref, k)
+            if v is not None or rm is not None:
+                parts.append(f"{label} {_f(v)} (ref {_f(rm)} ± {_f(rs)})")
+        if parts:
+            out.append(f"  {name}: " + "; ".join(parts))
+    return "\n".join(out)
+
+
+def timing_markdown(results: list[dict]) -> str:
+    """The timing, co-occurrence and trajectory figures per table beside the reference, and the gate rows."""
+    lines = ["# Relational mode: event timing and cross-table fidelity beside the real-data reference", "",
+             "Each figure: synthetic (patients as many as the real held-out part, scored against the real train "
+             "patients) / real reference mean ± sd (real held-out vs real train patients over re-splits). Gate "
+             "(`quality.tables.gate_tables`, noise_z 0 here as in the bench's other tables): interval and "
+             "first-event-age KS <= reference + 0.05; in-encounter share >= reference - 0.02; co-occurrence "
+             "error <= reference + 0.1; trajectory <= reference + 0.25 (real sd); the pipeline adds 2 reference sd "
+             "(`quality.reference.noise_z`). `timing off`: the same model without its timing parts and without "
+             "the trajectory condition as a patient flag (the former model), in the same run.", "",
+             "| cohort | engine | table | quality (ref) | interval KS (ref) | first-event age KS (ref) | in encounter "
+             "(ref) | rows per encounter KS (ref, not gated) | co-occurrence error (ref) | co-occurrence MAD (ref, "
+             "not gated) | trajectory (ref) | timing gate rows |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            continue
+        for name, fig in r["figures"]["tables"].items():
+            if name == "patient":
+                continue
+            ref = r["reference"]["tables"].get(name, {})
+            q, rq = _mean_sd(fig, "quality")[0], _mean_sd(ref, "quality")[0]
+            cells = [f"{_f(q)} ({_f(rq)})"]
+            for k, _ in TIME_FIGURES:
+                v, _s = _mean_sd(fig, k)
+                rm, rs = _mean_sd(ref, k)
+                cells.append("n/a" if v is None and rm is None else f"{_f(v)} ({_f(rm)} ± {_f(rs)})")
+            rows = [c for c in (r["gate"]["tables"].get(name) or {}).get("checks", [])
+                    if c["figure"] in {k for k, _ in TIME_FIGURES}]
+            gate = ", ".join(f"{c['figure']} {'pass' if c['passed'] else 'FAIL'}" for c in rows) or "n/a"
+            lines.append(f"| {Path(r['cohort']).parent.name} | {r['engine']} | {name} | " + " | ".join(cells)
+                         + f" | {gate} |")
+    traj = [r for r in results if "error" not in r and r.get("trajectory")]
+    if traj:
+        t = traj[0]["trajectory"]
+        lines += ["", f"## Trajectory: {t['lab']} (LOINC {', '.join(t['loinc'])}), {t['stat']} per "
+                      f"{t['period_days']} days since the patient's first value, patients with vs without "
+                      f"{t['codes']}", "",
+                  "Cells with at least 20 real (train) values. synthetic / real train / real held-out (reference).",
+                  "", "| cohort | engine | group/period | synthetic | real train | real held-out |",
+                  "|---|---|---|---|---|---|"]
+        for r in traj:
+            f = r["figures"]["tables"].get("observation", {})
+            ref = r["reference"]["tables"].get("observation", {})
+            for cell, v in (f.get("trajectory_real") or {}).items():
+                lines.append(f"| {Path(r['cohort']).parent.name} | {r['engine']} | {cell} | "
+                             f"{_f(((f.get('trajectory_other') or {}).get(cell) or {}).get('mean'), 2)} | "
+                             f"{_f((v or {}).get('mean'), 2)} | "
+                             f"{_f(((ref.get('trajectory_other') or {}).get(cell) or {}).get('mean'), 2)} |")
+    lines += ["", "## Commands", "",
+              "On the shared 2-core machine (load 6-8 from other jobs; seed 3, 80 % of the patients to train, 3 "
+              "re-splits of the reference):", "", "```",
+              "python bench/relational_bench.py --cohort /work/cohorts/clino_41_1700/fhir_r4 --cohort "
+              "/work/cohorts/clino_23_1700/fhir_r4 --engines cart --resplits 3 --out bench/results/relational_time "
+              "--timing-md",
+              "python bench/relational_bench.py --cohort /work/cohorts/clino_41_1700/fhir_r4 --cohort "
+              "/work/cohorts/clino_23_1700/fhir_r4 --engines cart --resplits 3 --timing-off --append --out "
+              "bench/results/relational_time --timing-md",
+              "python bench/relational_bench.py --cohort /work/cohorts/clino_41_1700/fhir_r4 --cohort "
+              "/work/cohorts/clino_23_1700/fhir_r4 --engines cart --resplits 3 --child-min-leaf 40 --append --out "
+              "bench/results/relational_time --timing-md", "```"]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cohort", action="append", default=[], help="a clinosim fhir_r4 folder (repeatable)")
@@ -240,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--resplits", type=int, default=2)
     p.add_argument("--fhir", action="store_true", help="also write and validate the FHIR output")
+    p.add_argument("--trajectory", default="hba1c:4548-4:icd10cm:E11*:90:4",
+                   help="lab:loinc:system:codes:period_days:periods of the trajectory check, or none")
+    p.add_argument("--timing-off", action="store_true", help="the model without its timing parts (comparison)")
+    p.add_argument("--timing-md", action="store_true", help="write the timing/cross-table report as the .md")
+    p.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json, run nothing")
     p.add_argument("--out", default=str(BENCH / "results" / "relational"))
     p.add_argument("--append", action="store_true", help="add to the existing results instead of replacing them")
     p.add_argument("--one", nargs=2, metavar=("COHORT", "ENGINE"), help=argparse.SUPPRESS)
@@ -247,21 +389,25 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.one:
         res = one_run(args.one[0], args.one[1], args.tables.split(","), args.patients, args.seed, args.resplits,
-                      args.fhir, args.max_patients, args.child_min_leaf)
+                      args.fhir, args.max_patients, args.child_min_leaf, args.trajectory, args.timing_off)
         with open(args.json, "w") as fh:
             json.dump(res, fh, default=str)
         return 0
     out = Path(args.out)
-    results = json.loads(out.with_suffix(".json").read_text())["results"] if args.append and \
-        out.with_suffix(".json").exists() else []
+    results = json.loads(out.with_suffix(".json").read_text())["results"] if (args.append or args.markdown_only) \
+        and out.with_suffix(".json").exists() else []
+    if args.markdown_only:
+        out.with_suffix(".md").write_text(markdown(results) if not args.timing_md else timing_markdown(results))
+        return 0
     for cohort in args.cohort:
         for engine in args.engines.split(","):
             res = _child(args, cohort, engine)
             results.append(res)
             print(json.dumps({k: res.get(k) for k in ("cohort", "engine", "fit_s", "sample_s", "peak_rss_mb",
                                                        "error")}), flush=True)
+            print(timing_lines(res), flush=True)
             out.with_suffix(".json").write_text(json.dumps({"results": results}, indent=1, default=str))
-            out.with_suffix(".md").write_text(markdown(results))
+            out.with_suffix(".md").write_text(markdown(results) if not args.timing_md else timing_markdown(results))
     return 0
 
 

@@ -534,12 +534,22 @@ def _relational_quality(ctx: RunContext, prepared: PrepareSummary, sampled: Samp
     syn = {n: ctx.store.read_df(u) for n, u in (sampled.get("tables") or {}).items() if n in uris}
     real = {n: ctx.store.read_df(uris[n]) for n in syn}
     seed = ctx.spec.synthesizer.seed
-    ref = qtab.relational_reference(real, holdout_fraction=ctx.spec.synthesizer.holdout_fraction, seed=seed)
-    fig = qtab.synthetic_figures(real, syn, patients=ref["holdout_patients"], seed=seed)
-    checks = qtab.run_table_checks(real, syn)
     qt, _ = ctx.spec.thresholds(ctx.profile)
-    gate = qtab.gate_tables(fig, ref, checks, noise_z=qt.reference.noise_z)  # the patient table's noise rule
-    return {"reference": ref, "figures": fig, "checks": checks, "gate": gate}
+    rel = qt.relational
+    # the time and cross-table figures: a spec-named lab's trajectory, the top codes' co-occurrence
+    timing = {"trajectory": qtab.Trajectory.from_spec(qt.trajectory, ctx.spec.features),
+              "cooccurrence_top": rel.cooccurrence_top}
+    ref = qtab.relational_reference(real, holdout_fraction=ctx.spec.synthesizer.holdout_fraction, seed=seed, **timing)
+    fig = qtab.synthetic_figures(real, syn, patients=ref["holdout_patients"], seed=seed, **timing)
+    checks = qtab.run_table_checks(real, syn)
+    gate = qtab.gate_tables(fig, ref, checks, noise_z=qt.reference.noise_z,  # the patient table's noise rule
+                            interval_margin=rel.interval_ks_margin, order_margin=rel.in_encounter_margin,
+                            cooccurrence_margin=rel.cooccurrence_margin,
+                            trajectory_margin=qt.trajectory.margin if qt.trajectory else 0.25)
+    out = {"reference": ref, "figures": fig, "checks": checks, "gate": gate}
+    if qt.trajectory is not None:
+        out["trajectory"] = {k: v for k, v in qt.trajectory.model_dump(mode="json").items()}
+    return out
 
 
 def _effect_summary(effect: dict | None) -> dict | None:

@@ -688,6 +688,78 @@ class ReferenceSpec(_Model):
                                              "are averaged over (scores rise with the row count)")
 
 
+class TrajectorySpec(_Model):
+    """A lab over time in patients with vs without a condition (``quality.trajectory``, relational mode): the
+    lab's median (or mean) value per period since the patient's first value of it, real vs synthetic, beside
+    real held-out vs real train patients (synthfactory.quality.tables). Example: ``{lab: hba1c, loinc:
+    [4548-4], group_by_condition: diabetes, condition_codes: {icd10cm: [E11*]}}``."""
+
+    lab: str = Field(description="The lab's name, e.g. hba1c: a features.labs name (its LOINC codes), or any "
+                                 "name with loinc")
+    loinc: list[str] = Field(default_factory=list, description="LOINC code(s) of the lab; empty = those of the "
+                                                                "features.labs entry named lab")
+    group_by_condition: str = Field(description="The condition splitting the patients: a features.conditions "
+                                                "name, or any name with condition_codes")
+    condition_codes: dict[str, list[str]] | None = Field(
+        default=None, description="Code system -> codes of the condition (E11* a prefix), e.g. {icd10cm: [E11*]}; "
+                                  "null = those of the features.conditions entry named group_by_condition")
+    period_days: int = Field(default=365, ge=1, le=3650, description="Period width (365: per year since the "
+                                                                     "patient's first value of the lab)")
+    periods: int = Field(default=5, ge=1, le=50, description="Periods compared (0 .. periods - 1)")
+    stat: Literal["median", "mean"] = "median"
+    min_values: int = Field(default=20, ge=1, description="A (group, period) cell is compared only with at least "
+                                                          "this many real values (small cells are not reported)")
+    margin: float = Field(default=0.25, ge=0.0, le=5.0,
+                          description="Gate: the distance (mean |synthetic - real| per cell, in real standard "
+                                      "deviations of the lab) at most the reference's + this margin")
+
+    @field_validator("loinc", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("loinc")
+    @classmethod
+    def _loinc(cls, v: list[str]) -> list[str]:
+        for code in v:
+            if not LOINC_RE.match(code):
+                raise ValueError(f"{code!r} is not a LOINC code (digits-checkdigit, e.g. 4548-4)")
+        return list(dict.fromkeys(v))
+
+    def resolve(self, features: "FeatureSpec") -> tuple[LabFeature, ConditionConcept]:
+        """The lab and the condition as features (codes from ``features`` where the trajectory names them)."""
+        lab = next((x for x in features.labs if x.name == self.lab), None)
+        if self.loinc:
+            lab = LabFeature(name=lab.name if lab else "trajectory_lab", loinc=self.loinc)
+        concept = next((c for c in features.conditions if c.name == self.group_by_condition), None)
+        if self.condition_codes:
+            concept = ConditionConcept(name=concept.name if concept else "trajectory_condition",
+                                       codes=self.condition_codes)
+        if lab is None:
+            raise ValueError(f"quality.trajectory.lab: {self.lab!r} is not a features.labs name; give loinc")
+        if concept is None:
+            raise ValueError(f"quality.trajectory.group_by_condition: {self.group_by_condition!r} is not a "
+                             "features.conditions name; give condition_codes")
+        return lab, concept
+
+
+class RelationalThresholds(_Model):
+    """Relational mode: the margins of the time and cross-table checks, each judged against its real-data
+    reference (real held-out vs real train patients, synthfactory.quality.tables)."""
+
+    interval_ks_margin: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="KS of the days between a patient's consecutive events (and of the "
+                                                  "age at the first event) at most the reference's + this")
+    in_encounter_margin: float = Field(
+        default=0.02, ge=0.0, le=1.0, description="Share of encounter-linked rows inside their encounter at least "
+                                                  "the reference's - this")
+    cooccurrence_top: int = Field(default=10, ge=2, le=100, description="Condition codes (most prevalent) whose "
+                                                                        "pairwise co-occurrence is compared")
+    cooccurrence_margin: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="Co-occurrence error (sum |synthetic - real| / sum real of the "
+                                                 "pairwise co-occurrence rates) at most the reference's + this")
+
+
 class QualityThresholds(_Model):
     min_quality_score: float | None = Field(
         default=None, ge=0.0, le=1.0, description="Absolute floor on the SDMetrics quality score (null = only "
@@ -712,6 +784,12 @@ class QualityThresholds(_Model):
     utility: UtilitySpec | None = Field(default=None, description="ML-utility target; null = not measured")
     relationships: list[Relationship] = Field(
         default_factory=list, description="Clinical relationships compared real vs synthetic, each with a tolerance")
+    trajectory: TrajectorySpec | None = Field(
+        default=None, description="Relational mode: a lab over time in patients with vs without a condition, "
+                                  "compared with its real-data reference (null = not measured)")
+    relational: RelationalThresholds = Field(
+        default_factory=RelationalThresholds, description="Relational mode: margins of the time and cross-table "
+                                                          "checks")
     range_tolerance: float = Field(
         default=0.0, ge=0.0, description="Derived suite: min/max widened by this share of the real range")
     quantile_tolerance: float = Field(
@@ -1207,6 +1285,13 @@ class DatasetSpec(_Model):
             raise ValueError(f"operations.ingest_shards: {self.operations.ingest_shards} shards need source.kind "
                              f"fhir_ndjson (the extract's files are cut at line ends); {self.source.kind!r} is "
                              "ingested in one task (set ingest_shards: 1)")
+        return self
+
+    @model_validator(mode="after")
+    def _trajectory_resolves(self) -> "DatasetSpec":
+        """``quality.trajectory`` names a lab and a condition the spec can resolve to codes."""
+        if self.quality.trajectory is not None:
+            self.quality.trajectory.resolve(self.features)
         return self
 
     @model_validator(mode="after")

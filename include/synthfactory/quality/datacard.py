@@ -571,13 +571,20 @@ def render_datacard(
 _TABLES_SECTION = """<section id="tables"><h2>Tables (relational mode)</h2>
 <p>Each table of the synthetic record beside its real-data reference (real held-out vs real train patients).
 Gate: quality at least 0.95 of the reference, children-per-patient KS at most the reference's + 0.05, the
-table's GX checks (keys, references, date order, codes) passed.</p>
+table's GX checks (keys, references, date order, codes) passed; event timing (days between a patient's
+consecutive events, age at the first event, rows inside their encounter), condition co-occurrence and the
+spec-named lab trajectory each within its reference + a margin (the rule is on each row).</p>
 {% for r in rows %}<h3>{{ r.name }}</h3>
-<table><tr><th>figure</th><th>synthetic</th><th>real reference</th><th>threshold</th><th>result</th></tr>
+<table><tr><th>figure</th><th>synthetic</th><th>real reference</th><th>threshold</th><th>result</th><th>rule</th></tr>
 {% for c in r.checks %}<tr><td>{{ c.figure }}</td><td>{{ fmt(c.value, 3) }}</td><td>{{ fmt(c.reference, 3) }}</td>
-<td>{{ c.op }} {{ fmt(c.threshold, 3) }}</td><td>{{ "pass" if c.passed else "FAIL" }}</td></tr>
+<td>{{ c.op }} {{ fmt(c.threshold, 3) }}</td><td>{{ "pass" if c.passed else "FAIL" }}</td><td>{{ c.rule or "" }}</td></tr>
 {% endfor %}{% for k, v in r.extra %}<tr><td>{{ k }}</td><td>{{ fmt(v[0], 3) }}</td><td>{{ fmt(v[1], 3) }}</td>
-<td></td><td></td></tr>{% endfor %}</table>
+<td></td><td></td><td></td></tr>{% endfor %}</table>
+{% if r.trajectory %}<p>Lab trajectory ({{ r.trajectory_stat }} value per period since the patient's first value; cells
+with enough real values): synthetic / real train / real held-out (the reference).</p>
+<table><tr><th>condition group / period</th><th>synthetic</th><th>real</th><th>real held-out</th></tr>
+{% for cell, v in r.trajectory %}<tr><td>{{ cell }}</td><td>{{ fmt(v[0], 3) }}</td><td>{{ fmt(v[1], 3) }}</td>
+<td>{{ fmt(v[2], 3) }}</td></tr>{% endfor %}</table>{% endif %}
 {% endfor %}</section>
 """
 
@@ -589,9 +596,20 @@ def _table_rows(tables: Mapping[str, Any]) -> list[dict]:
     rows = []
     for name, g in gate.items():
         extra = []
-        for k in ("column_shapes", "column_pair_trends", "value_ks_median", "value_ks_worst"):
+        gated = {c.get("figure") for c in g.get("checks") or []}
+        for k in ("column_shapes", "column_pair_trends", "value_ks_median", "value_ks_worst", "interval_ks",
+                  "first_age_ks", "in_encounter", "per_encounter_ks", "cooccurrence_mad", "cooccurrence_error", "trajectory"):
+            if k in gated:
+                continue
             v, r = (figs.get(name, {}).get(k) or {}).get("mean"), (refs.get(name, {}).get(k) or {}).get("mean")
             if v is not None or r is not None:
                 extra.append((k, (v, r)))
-        rows.append({"name": name, "checks": g.get("checks") or [], "extra": extra})
+        f, rf = figs.get(name, {}), refs.get(name, {})
+        real_cells = f.get("trajectory_real") or {}
+        trajectory = [(cell, ((f.get("trajectory_other") or {}).get(cell) or {}).get("mean"), v.get("mean"),
+                       ((rf.get("trajectory_other") or {}).get(cell) or {}).get("mean"))
+                      for cell, v in real_cells.items() if v]
+        rows.append({"name": name, "checks": g.get("checks") or [], "extra": extra,
+                     "trajectory": [(c, (a, b, d)) for c, a, b, d in trajectory],
+                     "trajectory_stat": (tables.get("trajectory") or {}).get("stat", "median")})
     return rows

@@ -33,6 +33,7 @@ class Check:
     passed: bool
     reference: dict | None = None  # what real data itself scores on this figure: {mean, sd, ...}
     certified: bool | None = None  # None: not a certification; False: passed without certifying (see result)
+    rule: str | None = None  # the rule in words, where the name alone does not say it (relational tables)
 
     @property
     def result(self) -> str:
@@ -43,6 +44,10 @@ class Check:
         return "not certified" if self.certified is False else "pass"
 
     def describe(self) -> str:
+        text = self._describe()
+        return f"{text} [rule: {self.rule}]" if self.rule else text
+
+    def _describe(self) -> str:
         if self.op == "==":
             return f"{self.gate} gate failed: {self.name} is {self.value} (required {self.threshold})"
         if self.value is None:
@@ -57,18 +62,20 @@ class Check:
                 f"(by {by:.4g}{ref})")
 
 
-def ge(gate: str, name: str, value: float | None, threshold: float, reference: dict | None = None) -> Check:
+def ge(gate: str, name: str, value: float | None, threshold: float, reference: dict | None = None,
+       rule: str | None = None) -> Check:
     """A check that passes when ``value >= threshold`` (a missing figure fails)."""
-    return Check(gate, name, value, ">=", threshold, value is not None and value >= threshold, reference)
+    return Check(gate, name, value, ">=", threshold, value is not None and value >= threshold, reference, rule=rule)
 
 
-def le(gate: str, name: str, value: float | None, threshold: float, reference: dict | None = None) -> Check:
+def le(gate: str, name: str, value: float | None, threshold: float, reference: dict | None = None,
+       rule: str | None = None) -> Check:
     """A check that passes when ``value <= threshold`` (a missing figure fails)."""
-    return Check(gate, name, value, "<=", threshold, value is not None and value <= threshold, reference)
+    return Check(gate, name, value, "<=", threshold, value is not None and value <= threshold, reference, rule=rule)
 
 
-def is_true(gate: str, name: str, value: bool | None) -> Check:
-    return Check(gate, name, value, "==", True, value is True)
+def is_true(gate: str, name: str, value: bool | None, rule: str | None = None) -> Check:
+    return Check(gate, name, value, "==", True, value is True, rule=rule)
 
 
 RELATIVE_FIGURES = (("quality_score", "quality_fraction", "min_quality_score"),
@@ -127,11 +134,11 @@ def quality_checks(quality: dict, qt: QualityThresholds) -> list[Check]:
             label = f"table.{name}.{row['figure']}"
             ref = None if row.get("reference") is None else {"mean": row["reference"]}
             if row["op"] == ">=":
-                checks.append(ge("quality", label, row.get("value"), row["threshold"], ref))
+                checks.append(ge("quality", label, row.get("value"), row["threshold"], ref, row.get("rule")))
             elif row["op"] == "<=":
-                checks.append(le("quality", label, row.get("value"), row["threshold"], ref))
+                checks.append(le("quality", label, row.get("value"), row["threshold"], ref, row.get("rule")))
             else:
-                checks.append(is_true("quality", label, row.get("value")))
+                checks.append(is_true("quality", label, row.get("value"), row.get("rule")))
     if qt.utility is not None and quality.get("utility_status") != "skipped":
         checks.append(ge("quality", f"utility_ratio.{qt.utility.target}", quality.get("utility_ratio"),
                          qt.min_utility_ratio))

@@ -35,6 +35,12 @@ REPORT = ("reports", "synthesis.json")
 
 
 # -- fit ------------------------------------------------------------------------------------------
+def _trajectory_concepts(ctx: Any) -> list:
+    """The condition of ``quality.trajectory`` (its codes become patient flags: the lab drawn given it)."""
+    tr = ctx.spec.quality.trajectory
+    return [tr.resolve(ctx.spec.features)[1]] if tr is not None else []
+
+
 def _params(ctx: Any, m: dict) -> dict:
     spec = ctx.spec.synthesizer
     kind = ctx.synthesizer_kind
@@ -129,7 +135,7 @@ def fit_model(ctx: Any, prepared: dict, m: dict) -> None:
                                child_kind=rel.child_kind, child_params=rel.child_params, flags_top=rel.flags_top,
                                age_band_years=rel.age_band_years, reference=prepared.get("reference_date"),
                                plan=plan, par_epochs=rel.par_epochs, constraint_specs=spec.constraints,
-                               seed=spec.seed)
+                               seed=spec.seed, flag_concepts=_trajectory_concepts(ctx))
         seconds = time.perf_counter() - t0
         size = engine.save(model, model_uri, ctx.store)
         m.update({"mode": "relational", "engine": rel.engine, "tables": sorted(tables),
