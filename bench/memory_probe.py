@@ -4,6 +4,8 @@ run: its Parquet tables and identifiers.parquet).
 
 * ``prepare_before``: every ingested table read whole into pandas, then the modelling table (the code before);
 * ``prepare_after``: the same tables without other tables' row keys (``pipeline.modelling_frame``), same table;
+* ``prepare_stream``: the tables streamed in Parquet batches with only the columns and observation rows the
+  features read (``modelling.read_modelling_tables``, what prepare does now), same table;
 * ``index_write``: ingest's one-off compact identifier index (``identifiers.index.parquet``);
 * ``leak_before``: the identifier list and the real keys as Python objects, the token-tuple index built per scan,
   ``--scans`` scans of ``--file`` (the gate scans its data card twice; privacy builds once more);
@@ -31,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine_info  # noqa: E402
 
-PARTS = ("prepare_before", "prepare_after", "index_write", "leak_before", "leak_after")
+PARTS = ("prepare_before", "prepare_after", "prepare_stream", "index_write", "leak_before", "leak_after")
 
 
 def _spec_features():
@@ -71,6 +73,12 @@ def child(part: str, ingest: Path, file: str, scans: int) -> dict:
         out["table_sha256"] = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()
     elif part == "prepare_after":
         frames = {n: modelling_frame(pq.read_table(u)) for n, u in tables.items()}
+        table, _ = build_modelling_table(frames, features)
+        out["table_sha256"] = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()
+    elif part == "prepare_stream":
+        from synthfactory.synthesize.modelling import read_modelling_tables
+
+        frames = read_modelling_tables(tables, store, features)
         table, _ = build_modelling_table(frames, features)
         out["table_sha256"] = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()
     elif part == "index_write":
@@ -117,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     checks = {}
     if "prepare_before" in res and "prepare_after" in res:
         checks["modelling_table_equal"] = res["prepare_before"]["table_sha256"] == res["prepare_after"]["table_sha256"]
+    if "prepare_stream" in res:
+        anchor = res.get("prepare_before", res.get("prepare_after"))
+        if anchor:
+            checks["modelling_table_equal_stream"] = anchor["table_sha256"] == res["prepare_stream"]["table_sha256"]
     if "leak_before" in res and "leak_after" in res:
         checks["leak_result_equal"] = res["leak_before"].pop("result") == res["leak_after"].pop("result")
     result = {"bench": "memory_probe", "machine": machine_info(), "ingest_dir": str(args.ingest_dir),
