@@ -6,6 +6,9 @@ run: its Parquet tables and identifiers.parquet).
 * ``prepare_after``: the same tables without other tables' row keys (``pipeline.modelling_frame``), same table;
 * ``prepare_stream``: the tables streamed in Parquet batches with only the columns and observation rows the
   features read (``modelling.read_modelling_tables``, what prepare does now), same table;
+* ``prepare_stage``: the whole prepare stage (``pipeline.prepare``: tables, modelling table, split, metadata, the
+  real-data reference) into a temporary staging folder; with ``PYTHONPATH`` at another tree's ``include``, that
+  tree's stage (the before/after of the stage);
 * ``index_write``: ingest's one-off compact identifier index (``identifiers.index.parquet``);
 * ``leak_before``: the identifier list and the real keys as Python objects, the token-tuple index built per scan,
   ``--scans`` scans of ``--file`` (the gate scans its data card twice; privacy builds once more);
@@ -33,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine_info  # noqa: E402
 
-PARTS = ("prepare_before", "prepare_after", "prepare_stream", "index_write", "leak_before", "leak_after")
+PARTS = ("prepare_before", "prepare_after", "prepare_stream", "prepare_stage", "index_write", "leak_before", "leak_after")
 
 
 def _spec_features():
@@ -81,6 +84,24 @@ def child(part: str, ingest: Path, file: str, scans: int) -> dict:
         frames = read_modelling_tables(tables, store, features)
         table, _ = build_modelling_table(frames, features)
         out["table_sha256"] = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()
+    elif part == "prepare_stage":
+        import tempfile
+
+        import yaml
+
+        from synthfactory.context import RunContext
+        from synthfactory.pipeline import prepare
+        from synthfactory.spec import parse_spec
+        from synthfactory.synthesize.modelling import KEY
+
+        data = yaml.safe_load((ROOT / "include/datasets/cohort_demo.yaml").read_text())
+        data["features"]["min_patients"] = 2
+        with tempfile.TemporaryDirectory(prefix="memory-probe-") as tmp:
+            ctx = RunContext(spec=parse_spec(data), run_id="probe", version="probe", staging_root=tmp)
+            m = prepare(ctx, {"tables": tables})
+            train = store.read_df(m["train_uri"]).sort_values(KEY, kind="stable").reset_index(drop=True)
+            out["table_sha256"] = hashlib.sha256(train.to_csv(index=False).encode()).hexdigest()
+            out["module"] = sys.modules["synthfactory.pipeline"].__file__
     elif part == "index_write":
         from synthfactory.privacy.leak import write_identifier_index
 
