@@ -128,7 +128,13 @@ def read_modelling_tables(uris: dict[str, str], store: "Store", spec: FeatureSpe
         columns = names if wanted is None else [c for c in names if c in wanted]
         dates = [c for c in ref_cols.get(name, []) if c in names]
         maxima: dict[str, list] = {c: [] for c in dates}
-        kept = []
+        schema = pa.schema([src.schema_arrow.field(c) for c in columns])
+        # a batch converts to the same pandas dtypes as the whole column where nulls cannot change the dtype
+        # (strings, timestamps, floats; not ints or bools): such tables are converted batch by batch, so only
+        # the kept rows are ever held, as pandas (not also as Arrow)
+        per_batch = all(pa.types.is_string(f.type) or pa.types.is_timestamp(f.type) or pa.types.is_floating(f.type)
+                        for f in schema)
+        parts: list = []  # pandas frames of the kept rows (per_batch), else Arrow batches
         for batch in src.iter_batches(batch_size=BATCH_ROWS, columns=columns):
             for c in dates:  # the latest date over the whole column, before any row is left out
                 m = pc.max(batch.column(c))
@@ -141,11 +147,16 @@ def read_modelling_tables(uris: dict[str, str], store: "Store", spec: FeatureSpe
                     keep = inc if keep is None else pc.and_(keep, inc)
                 if keep is not None:
                     batch = batch.filter(pc.fill_null(keep, False))
-            kept.append(batch)
-        table = pa.Table.from_batches(kept, schema=pa.schema([src.schema_arrow.field(c) for c in columns]))
-        del kept
-        frames[name] = table.to_pandas()
-        del table
+            if not per_batch:
+                parts.append(batch)
+            elif batch.num_rows:
+                parts.append(batch.to_pandas())
+        if per_batch and parts:
+            frames[name] = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+        else:
+            frames[name] = pa.Table.from_batches([] if per_batch else parts, schema=schema).to_pandas()
+        del parts
+        pa.default_memory_pool().release_unused()  # the pool's freed batches back to the system
         for c, ms in maxima.items():
             if ms:  # the column's max as pandas gives it (Timestamp with its time zone)
                 latest.append(pa.array([max(m.value for m in ms)], type=ms[0].type).to_pandas().max())
