@@ -4,6 +4,11 @@ run: its Parquet tables and identifiers.parquet).
 
 * ``prepare_before``: every ingested table read whole into pandas, then the modelling table (the code before);
 * ``prepare_after``: the same tables without other tables' row keys (``pipeline.modelling_frame``), same table;
+* ``prepare_stream``: the tables streamed in Parquet batches with only the columns and observation rows the
+  features read (``modelling.read_modelling_tables``, what prepare does now), same table;
+* ``prepare_stage``: the whole prepare stage (``pipeline.prepare``: tables, modelling table, split, metadata, the
+  real-data reference) into a temporary staging folder; with ``PYTHONPATH`` at another tree's ``include``, that
+  tree's stage (the before/after of the stage);
 * ``index_write``: ingest's one-off compact identifier index (``identifiers.index.parquet``);
 * ``leak_before``: the identifier list and the real keys as Python objects, the token-tuple index built per scan,
   ``--scans`` scans of ``--file`` (the gate scans its data card twice; privacy builds once more);
@@ -31,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine_info  # noqa: E402
 
-PARTS = ("prepare_before", "prepare_after", "index_write", "leak_before", "leak_after")
+PARTS = ("prepare_before", "prepare_after", "prepare_stream", "prepare_stage", "index_write", "leak_before", "leak_after")
 
 
 def _spec_features():
@@ -73,6 +78,30 @@ def child(part: str, ingest: Path, file: str, scans: int) -> dict:
         frames = {n: modelling_frame(pq.read_table(u)) for n, u in tables.items()}
         table, _ = build_modelling_table(frames, features)
         out["table_sha256"] = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()
+    elif part == "prepare_stream":
+        from synthfactory.synthesize.modelling import read_modelling_tables
+
+        frames = read_modelling_tables(tables, store, features)
+        table, _ = build_modelling_table(frames, features)
+        out["table_sha256"] = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()
+    elif part == "prepare_stage":
+        import tempfile
+
+        import yaml
+
+        from synthfactory.context import RunContext
+        from synthfactory.pipeline import prepare
+        from synthfactory.spec import parse_spec
+        from synthfactory.synthesize.modelling import KEY
+
+        data = yaml.safe_load((ROOT / "include/datasets/cohort_demo.yaml").read_text())
+        data["features"]["min_patients"] = 2
+        with tempfile.TemporaryDirectory(prefix="memory-probe-") as tmp:
+            ctx = RunContext(spec=parse_spec(data), run_id="probe", version="probe", staging_root=tmp)
+            m = prepare(ctx, {"tables": tables})
+            train = store.read_df(m["train_uri"]).sort_values(KEY, kind="stable").reset_index(drop=True)
+            out["table_sha256"] = hashlib.sha256(train.to_csv(index=False).encode()).hexdigest()
+            out["module"] = sys.modules["synthfactory.pipeline"].__file__
     elif part == "index_write":
         from synthfactory.privacy.leak import write_identifier_index
 
@@ -97,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--file", required=True, help="a file to leak-scan (e.g. a data card)")
     ap.add_argument("--scans", type=int, default=3, help="scans per process (privacy 1 + gate 2 before)")
     ap.add_argument("--parts", nargs="+", default=list(PARTS))
+    ap.add_argument("--code", action="append", default=[], metavar="NAME=INCLUDE",
+                    help="also run --code-parts with another tree's include/ first on PYTHONPATH (e.g. "
+                         "before=/path/to/main/include): the stage before/after in one invocation")
+    ap.add_argument("--code-parts", nargs="+", default=["prepare_stage", "leak_after"])
+    ap.add_argument("--md", type=Path, help="also write a markdown table")
     ap.add_argument("--child")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -105,20 +139,42 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import pyarrow.parquet as pq
 
+    import os
+
     res = {}
-    for part in args.parts:
+    runs = [(None, part, None) for part in args.parts]
+    for spec in args.code:
+        name, _, include = spec.partition("=")
+        runs += [(name, part, str(Path(include).resolve())) for part in args.code_parts]
+    for name, part, include in runs:
+        env = dict(os.environ)
+        if include:
+            env["PYTHONPATH"] = include + os.pathsep + env.get("PYTHONPATH", "")
         p = subprocess.run([sys.executable, __file__, "--ingest-dir", str(args.ingest_dir), "--file", args.file,
-                            "--scans", str(args.scans), "--child", part], capture_output=True, text=True)
+                            "--scans", str(args.scans), "--child", part], capture_output=True, text=True, env=env)
         if p.returncode:
             print(p.stderr[-3000:], file=sys.stderr)
             return 1
-        res[part] = json.loads(p.stdout.strip().splitlines()[-1])
-        print(json.dumps({k: v for k, v in res[part].items() if k != "result"}), flush=True)
+        key = f"{name}:{part}" if name else part
+        res[key] = json.loads(p.stdout.strip().splitlines()[-1])
+        res[key]["code"] = include or "this tree"
+        print(json.dumps({"key": key, **{k: v for k, v in res[key].items() if k != "result"}}), flush=True)
     checks = {}
+    for part in ("prepare_stage", "leak_after"):  # the same figures from every code tree
+        got = [r.get("table_sha256", json.dumps(r.get("result"), sort_keys=True, default=str))
+               for k, r in res.items() if k.split(":")[-1] == part]
+        if len(got) > 1:
+            checks[f"{part}_equal_across_code"] = len(set(got)) == 1
     if "prepare_before" in res and "prepare_after" in res:
         checks["modelling_table_equal"] = res["prepare_before"]["table_sha256"] == res["prepare_after"]["table_sha256"]
+    if "prepare_stream" in res:
+        anchor = res.get("prepare_before", res.get("prepare_after"))
+        if anchor:
+            checks["modelling_table_equal_stream"] = anchor["table_sha256"] == res["prepare_stream"]["table_sha256"]
     if "leak_before" in res and "leak_after" in res:
-        checks["leak_result_equal"] = res["leak_before"].pop("result") == res["leak_after"].pop("result")
+        checks["leak_result_equal"] = res["leak_before"]["result"] == res["leak_after"]["result"]
+    for r in res.values():
+        r.pop("result", None)
     result = {"bench": "memory_probe", "machine": machine_info(), "ingest_dir": str(args.ingest_dir),
               "patients": pq.ParquetFile(args.ingest_dir / "patient.parquet").metadata.num_rows,
               "identifiers": pq.ParquetFile(args.ingest_dir / "identifiers.parquet").metadata.num_rows,
@@ -127,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
+    if args.md:
+        lines = [f"# memory_probe: {result['patients']:,} patients, {result['identifiers']:,} identifiers", "",
+                 "Each part in its own fresh process; peak RSS is the process's whole ru_maxrss (interpreter and "
+                 "imports included, ~250-300 MiB); CPU = user + system seconds (robust under load).", "",
+                 "| part | code | peak RSS (MiB) | CPU s | wall s |", "|---|---|---|---|---|"]
+        for key, r in res.items():
+            lines.append(f"| {key} | {r['code']} | {r['peak_rss_mib']:g} | {r['cpu_s']:g} | {r['seconds']:g} |")
+        lines += ["", "Checks: " + ", ".join(f"{k} = {v}" for k, v in checks.items()), "",
+                  f"Machine: {json.dumps(result['machine'])}", ""]
+        args.md.write_text("\n".join(lines))
     return 0 if all(checks.values()) else 1
 
 

@@ -317,8 +317,13 @@ def prepare(ctx: RunContext, ingested: IngestSummary) -> PrepareSummary:
         flat = ctx.spec.source.kind == "table"
         # the modelling table never reads the tables' own row keys (unique 32-hex HMACs: most of a large table's
         # memory as Python strings); only the relational mode (its per-table record) and a flat table keep them
-        tables = {name: modelling_frame(ctx.store.read_table(uri), keep_keys=relational or flat)
-                  for name, uri in ingested["tables"].items()}
+        if relational or flat:
+            tables = {name: modelling_frame(ctx.store.read_table(uri), keep_keys=True)
+                      for name, uri in ingested["tables"].items()}
+        else:  # streamed: only the columns and observation rows the features read (bounded memory, same table)
+            from synthfactory.synthesize.modelling import read_modelling_tables
+
+            tables = read_modelling_tables(ingested["tables"], ctx.store, ctx.spec.features)
         table_plan = None
         if flat:  # one flat table: its own columns (synthesize/flat.py)
             from synthfactory.ingest.table import read_types

@@ -889,6 +889,25 @@ def write_identifier_index(identifiers_uri: str, store: "Store") -> str:
     return uri
 
 
+def _run_starts(a: Any) -> Any:
+    """Positions where a sorted array's runs of equal values begin (np.unique's return_index on sorted input)."""
+    import numpy as np
+
+    if not len(a):
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.concatenate([[True], a[1:] != a[:-1]]))
+
+
+def _in_sorted(a: Any, sorted_unique: Any) -> Any:
+    """``np.isin(a, sorted_unique)`` by binary search (no sorted copy of the large array)."""
+    import numpy as np
+
+    if not len(sorted_unique) or not len(a):
+        return np.zeros(len(a), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_unique, a), len(sorted_unique) - 1)
+    return sorted_unique[pos] == a
+
+
 class LeakMatcher:
     """The leak scan's matcher, built once per task from the compact index and reused for every file (and the
     data card): sorted arrays of salted 64-bit hashes of identifier token strings, their canonical identifier,
@@ -919,20 +938,28 @@ class LeakMatcher:
         word_kind = np.isin(kcode, [i for i, k in enumerate(self.kind_names) if k in _WORD_KINDS])
         excuse = _salted_hash(np.array(sorted(_excuse_words(vocabulary, common_words)), dtype=object), salt)
         valid = is_e & (ntok > 0)
-        excused = valid & (ntok == 1) & word_kind & np.isin(h, excuse)
+        # bounded transients (one identifier list of millions): membership is tested only where it can hold, and
+        # against sorted arrays by binary search (np.isin would sort copies of the whole list)
+        maybe = np.flatnonzero(valid & (ntok == 1) & word_kind)
+        excused = np.zeros(len(h), dtype=bool)
+        excused[maybe] = np.isin(h[maybe], excuse)
         unsc = valid & ~excused & (slen < min_len) & common
         active = valid & ~excused & ~unsc
         # counts exactly as _build_index reports them
         self.unscanned = Counter({self.kind_names[c]: int(n) for c, n in zip(*np.unique(kcode[unsc], return_counts=True))})
-        own = np.unique(h[active])
-        self.checked = int(len(own))
-        self.skipped = int((is_e & (ntok == 0)).sum() + unsc.sum())
-        self.vocabulary = int(len(np.setdiff1d(np.unique(h[excused]), own)))
         # per own hash: its kinds (sorted by hash) and a source row (for fingerprints)
-        order = np.argsort(h[active], kind="stable")
-        self._kh = h[active][order]
+        h_active = h[active]
+        order = np.argsort(h_active, kind="stable")
+        self._kh = h_active[order]
+        del h_active
         self._kc = kcode[active][order]
         self._krow = row[active][order]
+        del order
+        own = self._kh[_run_starts(self._kh)]  # np.unique(h[active]): the sorted hashes, once each
+        self.checked = int(len(own))
+        self.skipped = int((is_e & (ntok == 0)).sum() + unsc.sum())
+        excused_h = np.unique(h[excused])
+        self.vocabulary = int((~_in_sorted(excused_h, own)).sum())
         # variants of active identifiers, first registered wins, never over an identifier's own string
         entry_idx = np.nonzero(is_e)[0]
         e_active = np.zeros(int(is_e.sum()), dtype=bool)
@@ -941,14 +968,17 @@ class LeakMatcher:
         vsrc = src[v]
         vok = e_active[vsrc]
         vh, vfirst, vn, vsrc = h[v][vok], first[v][vok], ntok[v][vok], vsrc[vok]
-        notown = ~np.isin(vh, own)
+        notown = ~_in_sorted(vh, own)
         vh, vfirst, vn, vsrc = vh[notown], vfirst[notown], vn[notown], vsrc[notown]
         ukeys, at = np.unique(vh, return_index=True)  # vh is in registration order: return_index = first
         canon_v = h[entry_idx[vsrc[at]]]
+        del entry_idx, e_active
         keys = np.concatenate([own, ukeys])
         canon = np.concatenate([own, canon_v])
+        del own
         o = np.argsort(keys)
         self._keys, self._canon = keys[o], canon[o]
+        del keys, canon, o
         # first-token hash -> bit mask of n-gram lengths (lengths >= 64 kept aside)
         sf = np.concatenate([first[active], vfirst])
         sn = np.concatenate([ntok[active], vn]).astype(np.int64)
@@ -958,10 +988,14 @@ class LeakMatcher:
             self._long[int(f)].add(int(n))
         sf, sn = sf[~long_], sn[~long_]
         bits = np.left_shift(np.uint64(1), sn.astype(np.uint64))
+        del sn, long_
         o = np.argsort(sf, kind="stable")
         sf, bits = sf[o], bits[o]
-        self._starts, at = np.unique(sf, return_index=True)
+        del o
+        at = _run_starts(sf)  # np.unique(sf, return_index=True) of the sorted sf
+        self._starts = sf[at]
         self._masks = np.bitwise_or.reduceat(bits, at) if len(at) else np.zeros(0, dtype=np.uint64)
+        del sf, bits, at
         if self._long:
             extra = np.array(sorted(self._long), dtype=np.uint64)
             allst = np.union1d(self._starts, extra)
@@ -1023,8 +1057,14 @@ class LeakMatcher:
             # variant rows point at entries: shift past the identifiers' entries... and keep entries first
             more_e = more.filter(pa.array(src < 0))
             more_v = more.filter(pa.array(src >= 0))
-            base_e = index.filter(pa.array(index.column("src").to_numpy() < 0))
-            base_v = index.filter(pa.array(index.column("src").to_numpy() >= 0))
+            isrc = index.column("src").to_numpy()
+            if (isrc[:n_e] < 0).all():  # entries first (as written): zero-copy slices, not copies of the index
+                base_e, base_v = index.slice(0, n_e), index.slice(n_e)
+            else:
+                base_e, base_v = index.filter(pa.array(isrc < 0)), index.filter(pa.array(isrc >= 0))
+            del isrc
+            if base_e.schema.equals(_index_schema()):  # no cast (a cast copies every column)
+                base_e, base_v = base_e.replace_schema_metadata(None), base_v.replace_schema_metadata(None)
             if more_v.num_rows:
                 more_v = more_v.set_column(more_v.schema.get_field_index("src"), "src",
                                            pa.array(more_v.column("src").to_numpy() + n_e, pa.int64()))

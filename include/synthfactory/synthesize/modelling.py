@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from datetime import date, datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,7 @@ from synthfactory.spec import FeatureSpec, condition_column
 
 if TYPE_CHECKING:
     from synthfactory.spec import DatasetSpec
+    from synthfactory.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +42,129 @@ class FeatureError(ModellingError):
     quasi-identifier, sensitive attribute, relationship or utility column). Raised before fit."""
 
 
+#: the columns whose latest date is the reference date (when the spec gives none)
+REFERENCE_COLUMNS = (("encounter", "start"), ("encounter", "end"), ("observation", "effective"),
+                     ("condition", "onset"))
+
+
 def _reference_date(spec: FeatureSpec, tables: dict[str, pd.DataFrame]) -> pd.Timestamp:
     if spec.reference_date:
         return pd.Timestamp(spec.reference_date, tz="UTC")
+    if getattr(tables, "reference_candidates", None) is not None:  # ModellingTables: taken over whole columns
+        candidates = tables.reference_candidates
+        return max(candidates) if candidates else pd.Timestamp(datetime.now(timezone.utc).date(), tz="UTC")
     candidates = []
-    for name, col in (("encounter", "start"), ("encounter", "end"), ("observation", "effective"),
-                      ("condition", "onset")):
+    for name, col in REFERENCE_COLUMNS:
         df = tables.get(name)
         if df is not None and col in df and df[col].notna().any():
             candidates.append(df[col].max())
     if candidates:
         return max(candidates)
     return pd.Timestamp(datetime.now(timezone.utc).date(), tz="UTC")
+
+
+# -- reading the ingested tables in bounded memory ------------------------------------------------------------
+#: the columns of each ingested table that the modelling table (and check_features' hints) read
+MODELLING_COLUMNS: dict[str, tuple[str, ...] | None] = {
+    "patient": None,  # one row per patient: every column
+    "encounter": (KEY, "class_code", "start", "end"),
+    "condition": (KEY, "code_system", "code", "display", "onset"),
+    "observation": (KEY, "code_system", "code", "display", "effective", "value_num", "unit"),
+}
+BATCH_ROWS = 262_144
+
+
+class ModellingTables(dict):
+    """The ingested tables as the modelling table reads them (:func:`read_modelling_tables`): only its tables
+    and columns, observations only with a numeric value (and, unless ``features.auto`` discovers labs, only of
+    the codes the spec's labs and their synonyms name), the reference date's candidates taken over the whole
+    columns. :meth:`full` reads the whole tables again (the refusal message's extract summary only)."""
+
+    def __init__(self, frames: dict[str, pd.DataFrame], reference_candidates: list[pd.Timestamp],
+                 reader: Callable[[], dict[str, pd.DataFrame]]) -> None:
+        super().__init__(frames)
+        self.reference_candidates = reference_candidates
+        self._reader = reader
+
+    def full(self) -> dict[str, pd.DataFrame]:
+        return self._reader()
+
+
+def observation_codes(spec: FeatureSpec) -> set[str] | None:
+    """The observation codes the modelling table can read for ``spec``: its labs' LOINC codes and their
+    concepts' synonyms (check_features' hint); None (every code) when ``auto`` discovers labs."""
+    if spec.auto:
+        return None
+    codes = {code for lab in spec.labs for code in lab.loinc}
+    concepts = {features._LOINC_TO_CONCEPT[c] for c in codes if c in features._LOINC_TO_CONCEPT}
+    return codes | {code for c in concepts for code in features.LAB_CONCEPTS[c]}
+
+
+def read_modelling_tables(uris: dict[str, str], store: "Store", spec: FeatureSpec) -> ModellingTables:
+    """Read the ingested tables for :func:`build_modelling_table` in memory that grows with the patients and the
+    rows the features use, not with the extract's events: Parquet batches streamed with only the columns read,
+    observations filtered per batch (numeric values; the spec's lab codes), the latest dates of the reference
+    columns taken per batch. The modelling table is identical to building it from the whole tables."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from synthfactory.storage import is_s3
+
+    codes = observation_codes(spec)
+    frames: dict[str, pd.DataFrame] = {}
+    latest: list[pd.Timestamp] = []
+    ref_cols: dict[str, list[str]] = {}
+    for name, col in REFERENCE_COLUMNS:
+        ref_cols.setdefault(name, []).append(col)
+    for name, uri in uris.items():
+        if name not in MODELLING_COLUMNS:
+            continue
+        src = pq.ParquetFile(io.BytesIO(store.read_bytes(uri)) if is_s3(uri) else uri)
+        names = src.schema_arrow.names
+        wanted = MODELLING_COLUMNS[name]
+        columns = names if wanted is None else [c for c in names if c in wanted]
+        dates = [c for c in ref_cols.get(name, []) if c in names]
+        maxima: dict[str, list] = {c: [] for c in dates}
+        schema = pa.schema([src.schema_arrow.field(c) for c in columns])
+        # a batch converts to the same pandas dtypes as the whole column where nulls cannot change the dtype
+        # (strings, timestamps, floats; not ints or bools): such tables are converted batch by batch, so only
+        # the kept rows are ever held, as pandas (not also as Arrow)
+        per_batch = all(pa.types.is_string(f.type) or pa.types.is_timestamp(f.type) or pa.types.is_floating(f.type)
+                        for f in schema)
+        parts: list = []  # pandas frames of the kept rows (per_batch), else Arrow batches
+        for batch in src.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+            for c in dates:  # the latest date over the whole column, before any row is left out
+                m = pc.max(batch.column(c))
+                if m.is_valid:
+                    maxima[c].append(m)
+            if name == "observation":
+                keep = pc.is_valid(batch.column("value_num")) if "value_num" in columns else None
+                if codes is not None and "code" in columns:
+                    inc = pc.is_in(batch.column("code"), value_set=pa.array(sorted(codes), pa.string()))
+                    keep = inc if keep is None else pc.and_(keep, inc)
+                if keep is not None:
+                    batch = batch.filter(pc.fill_null(keep, False))
+            if not per_batch:
+                parts.append(batch)
+            elif batch.num_rows:
+                parts.append(batch.to_pandas())
+        if per_batch and parts:
+            frames[name] = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+        else:
+            frames[name] = pa.Table.from_batches([] if per_batch else parts, schema=schema).to_pandas()
+        del parts
+        pa.default_memory_pool().release_unused()  # the pool's freed batches back to the system
+        for c, ms in maxima.items():
+            if ms:  # the column's max as pandas gives it (Timestamp with its time zone)
+                latest.append(pa.array([max(m.value for m in ms)], type=ms[0].type).to_pandas().max())
+
+    def reader() -> dict[str, pd.DataFrame]:
+        return {name: store.read_table(uri).to_pandas() for name, uri in uris.items()}
+
+    return ModellingTables(frames, latest, reader)
 
 
 def resolve_features(tables: dict[str, pd.DataFrame], spec: FeatureSpec) -> FeatureSpec:
@@ -276,7 +388,8 @@ def check_features(spec: "DatasetSpec", table: pd.DataFrame, info: dict, tables:
     for col, wheres in missing_cols.items():
         problems.append(f"{', '.join(wheres)}: {col!r} is not a column of the modelling table")
     if problems:
-        summary = features.extract_summary(tables)
+        # the summary lists every code of the extract: the whole tables (read again only here, on refusal)
+        summary = features.extract_summary(tables.full() if isinstance(tables, ModellingTables) else tables)
         raise FeatureError(
             f"the extract cannot produce what the spec asks for ({len(problems)} problem(s)):\n  - "
             + "\n  - ".join(problems) + "\n" + features.format_summary(summary, table.columns))
