@@ -491,9 +491,10 @@ def test_generators_extracts_same_tables_one_by_one(request, tmp_path, keyer, ex
         assert (pq.read_table(a).equals(pq.read_table(b)) if name.endswith(".parquet")
                 else a.read_bytes() == b.read_bytes()), name
     assert reports[True]["rows"] == reports[False]["rows"]
-    for t in ("Observation", "MedicationRequest", "Procedure"):
-        if reports[True]["resources_read"].get(t):
-            assert reports[True]["native_lines"][t] > 0.5 * reports[True]["resources_read"][t], t
+    assert reports[True]["native_lines"]["Observation"] > 0.5 * reports[True]["resources_read"]["Observation"]
+    for t in ("MedicationRequest", "Procedure"):  # small files: the first 20 of each go to validation (Python)
+        rest = reports[True]["resources_read"].get(t, 0) - 20
+        assert reports[True]["native_lines"].get(t, 0) >= 0.8 * rest, t
 
 
 def test_chunk_blocks_give_the_lines_of_line_blocks():
