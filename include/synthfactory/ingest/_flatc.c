@@ -385,7 +385,10 @@ static const char *ROOT_KEYS[] = {
     "resourceType", "id", "identifier", "subject", "encounter", "context", "category", "effectiveDateTime",
     "effectivePeriod", "effectiveInstant", "valueQuantity", "valueCodeableConcept", "valueString",
     "valueBoolean", "valueInteger", "component", "code", "status", "class", "type", "period", "actualPeriod",
-    "onsetDateTime", "onsetPeriod", "clinicalStatus"};
+    "onsetDateTime", "onsetPeriod", "clinicalStatus",
+    /* MedicationRequest and Procedure (the members their built-in views read, and the shapes left to Python) */
+    "intent", "medicationCodeableConcept", "medicationReference", "medication", "authoredOn", "dosageInstruction",
+    "performedDateTime", "performedPeriod", "performed", "performedString", "performedAge", "performedRange"};
 #define N_ROOT_KEYS (sizeof(ROOT_KEYS) / sizeof(ROOT_KEYS[0]))
 
 static size_t ROOT_KEY_LEN[N_ROOT_KEYS]; /* filled once at import (no strlen per key and line) */
@@ -599,7 +602,7 @@ typedef struct {
 static const cell NONE_CELL = {V_NONE, 0, 0, 0, 0.0, 0};
 
 /* interned constants */
-enum { C_LOINC, C_SNOMED, C_ICD10CM, C_RXNORM, C_TRUE, C_FALSE, N_CONST };
+enum { C_LOINC, C_SNOMED, C_ICD10CM, C_RXNORM, C_TRUE, C_FALSE, C_YEAR, C_MONTH, C_DAY, C_SECOND, N_CONST };
 /* SYSTEM_RANK / SYSTEM_SHORT of normalize.py (rank = short index) */
 static const struct {
     const char *uri;
@@ -1344,9 +1347,10 @@ static rentry *rc_get(rcache *c, const uint8_t *s, size_t n) {
 /* ============================================================================================== */
 /* The flattener object                                                                           */
 /* ============================================================================================== */
-enum { K_OBSERVATION, K_ENCOUNTER, K_CONDITION };
-static const char *KIND_TYPE[3] = {"Observation", "Encounter", "Condition"};
-static const int KIND_NCOLS[3] = {11, 8, 8}; /* the columns of the type's table (schemas.py) */
+enum { K_OBSERVATION, K_ENCOUNTER, K_CONDITION, K_MEDREQ, K_PROCEDURE, N_KINDS };
+static const char *KIND_TYPE[N_KINDS] = {"Observation", "Encounter", "Condition", "MedicationRequest", "Procedure"};
+/* the columns of the type's table (schemas.py; the built-in views of views.py for the last two) */
+static const int KIND_NCOLS[N_KINDS] = {11, 8, 8, 14, 11};
 
 typedef struct {
     PyObject_HEAD
@@ -1383,7 +1387,8 @@ static int key_hex(Flat *F, const char *type, const uint8_t *id, size_t idlen, l
     return 0;
 }
 
-static const char *CONST_TEXT[N_CONST] = {"loinc", "snomed", "icd10cm", "rxnorm", "true", "false"};
+static const char *CONST_TEXT[N_CONST] = {"loinc", "snomed", "icd10cm", "rxnorm", "true", "false",
+                                          "year", "month", "day", "second"};
 
 /* a cell into a column */
 static int put_cell(const uint8_t *base, column *c, Py_ssize_t r, const cell *v) {
@@ -1646,6 +1651,196 @@ static int flat_condition(parser *P, int root, rows_t *R) {
     return 0;
 }
 
+/* ---- MedicationRequest and Procedure: the rows of their built-in ViewDefinitions (views.BUILTIN_VIEWS), which
+ * never read a CodeableConcept's text. Conservative: an empty string, a second choice of a [x] element, a
+ * medicationReference, an R5 shape: the line goes to Python (the view decides). */
+
+/* a string member: None (absent/null), a non-empty plain string, else FB */
+static int sstr(parser *P, int i, cell *out) {
+    if (str_cell(P, i, out) == FB) return FB;
+    if (out->kind == V_SPAN && out->len == 0) return FB;
+    return 0;
+}
+
+/* cc.preferredCoding() -> system.systemAlias(), code, display (no text fallback) */
+static int pref_coding(parser *P, int cc, cell *sys, cell *code, cell *disp) {
+    int codings, best = -1, c;
+    *sys = *code = *disp = NONE_CELL;
+    cc = obj_or_none(P, cc);
+    if (cc == FB) return FB;
+    if (cc == ABSENT || P->nodes[cc].count == 0) return 0;
+    codings = get(P, cc, "coding");
+    if (is_none(P, codings)) return 0;
+    if (P->nodes[codings].type != J_ARR) return FB;
+    if (P->nodes[codings].count == 0) return 0;
+    if (P->nodes[codings].count == 1) {
+        best = P->nodes[codings].child;
+        if (P->nodes[best].type != J_OBJ) return FB;
+    } else {
+        int rank = 99;
+        for (c = P->nodes[codings].child; c >= 0; c = P->nodes[c].next) {
+            int s, r = 99;
+            if (P->nodes[c].type != J_OBJ) return FB;
+            s = get(P, c, "system");
+            if (!is_none(P, s)) {
+                if (P->nodes[s].type != J_STR || P->nodes[s].esc) return FB;
+                r = system_code(P, s);
+                if (r < 0) r = 99;
+            }
+            if (r < rank) {
+                best = c;
+                rank = r;
+            }
+        }
+        if (best < 0) best = P->nodes[codings].child;
+    }
+    {
+        int s = get(P, best, "system");
+        if (sstr(P, s, sys) == FB) return FB;
+        if (sys->kind == V_SPAN) {
+            int sc = system_code(P, s);
+            if (sc >= 0) {
+                sys->kind = V_CONST;
+                sys->cidx = sc;
+            }
+        }
+        if (sstr(P, get(P, best, "code"), code) == FB) return FB;
+        if (sstr(P, get(P, best, "display"), disp) == FB) return FB;
+    }
+    return 0;
+}
+
+/* cc.coding.first().code (the text is never read) */
+static int code_of_first(parser *P, int cc, cell *out) {
+    int codings, c0;
+    *out = NONE_CELL;
+    cc = obj_or_none(P, cc);
+    if (cc == FB) return FB;
+    if (cc == ABSENT) return 0;
+    codings = get(P, cc, "coding");
+    if (is_none(P, codings)) return 0;
+    if (P->nodes[codings].type != J_ARR) return FB;
+    if (P->nodes[codings].count == 0) return 0;
+    c0 = P->nodes[codings].child;
+    if (P->nodes[c0].type != J_OBJ) return FB;
+    return sstr(P, get(P, c0, "code"), out);
+}
+
+/* a checked dateTime's datePrecision() */
+static void precision_of(parser *P, int i, cell *out) {
+    uint32_t n = P->nodes[i].len;
+    out->kind = V_CONST;
+    out->cidx = n == 4 ? C_YEAR : n == 7 ? C_MONTH : n == 10 ? C_DAY : C_SECOND;
+}
+
+/* a timestamp member (not None) with its precision */
+static int ts_prec(parser *P, int i, cell *ts, cell *prec) {
+    if (ts_cell(P, i, ts) == FB) return FB;
+    if (P->nodes[i].len < 4 || (P->nodes[i].len > 4 && P->nodes[i].len < 7)) return FB;
+    if (prec) precision_of(P, i, prec);
+    return 0;
+}
+
+static int flat_medreq(parser *P, int root, rows_t *R) {
+    int x, k;
+    cell *c = R->cells[0];
+    R->ncols = KIND_NCOLS[K_MEDREQ];
+    R->nrows = 1;
+    R->comp[0] = -1;
+    for (k = 0; k < R->ncols; k++) c[k] = NONE_CELL;
+    if (ref_of(P, get(P, root, "subject"), "Patient", &R->pk) == FB) return FB;
+    if (ref_of(P, get(P, root, "encounter"), "Encounter", &R->ek) == FB) return FB;
+    if (sstr(P, get(P, root, "status"), &c[3]) == FB) return FB;
+    if (sstr(P, get(P, root, "intent"), &c[4]) == FB) return FB;
+    x = get(P, root, "category");
+    if (!is_none(P, x)) {
+        if (P->nodes[x].type != J_ARR) return FB;
+        if (P->nodes[x].count) {
+            int c0 = P->nodes[x].child;
+            if (P->nodes[c0].type != J_OBJ) return FB;
+            if (code_of_first(P, c0, &c[5]) == FB) return FB;
+        }
+    }
+    if (!is_none(P, get(P, root, "medication")) || !is_none(P, get(P, root, "medicationReference"))) return FB;
+    x = get(P, root, "medicationCodeableConcept");
+    if (!is_none(P, x)) {
+        if (P->nodes[x].type != J_OBJ || P->nodes[x].count == 0) return FB;
+        if (pref_coding(P, x, &c[6], &c[7], &c[8]) == FB) return FB;
+    }
+    x = get(P, root, "authoredOn");
+    if (!is_none(P, x) && ts_prec(P, x, &c[10], &c[11]) == FB) return FB;
+    x = get(P, root, "dosageInstruction");
+    if (!is_none(P, x)) {
+        int d0, dr, r0, q, v;
+        if (P->nodes[x].type != J_ARR) return FB;
+        if (P->nodes[x].count == 0) return 0;
+        d0 = P->nodes[x].child;
+        if (P->nodes[d0].type != J_OBJ) return FB;
+        dr = get(P, d0, "doseAndRate");
+        if (is_none(P, dr)) return 0;
+        if (P->nodes[dr].type != J_ARR) return FB;
+        if (P->nodes[dr].count == 0) return 0;
+        r0 = P->nodes[dr].child;
+        if (P->nodes[r0].type != J_OBJ) return FB;
+        if (!is_none(P, get(P, r0, "dose"))) return FB;
+        q = get(P, r0, "doseQuantity");
+        if (is_none(P, q)) return 0;
+        if (P->nodes[q].type != J_OBJ) return FB;
+        v = get(P, q, "value");
+        if (!is_none(P, v)) {
+            if (P->nodes[v].type != J_NUM) return FB;
+            if (num_value(P, v, &c[12].d) == FB) return FB;
+            c[12].kind = V_DBL;
+        }
+        {
+            cell sys, code, unit;
+            if (sstr(P, get(P, q, "system"), &sys) == FB || sstr(P, get(P, q, "code"), &code) == FB ||
+                sstr(P, get(P, q, "unit"), &unit) == FB)
+                return FB;
+            if (sys.kind == V_SPAN && sys.len == 25 && memcmp(P->s + sys.off, "http://unitsofmeasure.org", 25) == 0 &&
+                code.kind != V_NONE)
+                c[13] = code;
+            else
+                c[13] = unit;
+        }
+    }
+    return 0;
+}
+
+static int flat_procedure(parser *P, int root, rows_t *R) {
+    int x, pdt, pp, k;
+    cell *c = R->cells[0];
+    R->ncols = KIND_NCOLS[K_PROCEDURE];
+    R->nrows = 1;
+    R->comp[0] = -1;
+    for (k = 0; k < R->ncols; k++) c[k] = NONE_CELL;
+    if (ref_of(P, get(P, root, "subject"), "Patient", &R->pk) == FB) return FB;
+    if (ref_of(P, get(P, root, "encounter"), "Encounter", &R->ek) == FB) return FB;
+    if (sstr(P, get(P, root, "status"), &c[3]) == FB) return FB;
+    if (pref_coding(P, get(P, root, "code"), &c[4], &c[5], &c[6]) == FB) return FB;
+    x = get(P, root, "category"); /* R4: one CodeableConcept (a list is the R5 shape: Python) */
+    if (!is_none(P, x)) {
+        if (P->nodes[x].type != J_OBJ) return FB;
+        if (code_of_first(P, x, &c[7]) == FB) return FB;
+    }
+    if (!is_none(P, get(P, root, "performed")) || !is_none(P, get(P, root, "performedString")) ||
+        !is_none(P, get(P, root, "performedAge")) || !is_none(P, get(P, root, "performedRange")))
+        return FB;
+    pdt = get(P, root, "performedDateTime");
+    pp = get(P, root, "performedPeriod");
+    if (!is_none(P, pdt)) {
+        if (!is_none(P, pp)) return FB;
+        if (ts_prec(P, pdt, &c[8], &c[10]) == FB) return FB;
+    } else if (!is_none(P, pp)) {
+        if (P->nodes[pp].type != J_OBJ) return FB;
+        x = get(P, pp, "start");
+        if (!is_none(P, x) && ts_prec(P, x, &c[8], &c[10]) == FB) return FB;
+        x = get(P, pp, "end");
+        if (!is_none(P, x) && ts_prec(P, x, &c[9], NULL) == FB) return FB;
+    }
+    return 0;
+}
+
 /* identifier values of a non-Patient resource (collect_identifiers): 0 ok, FB */
 static int check_identifiers(parser *P, int root, int *ident) {
     int c;
@@ -1805,6 +2000,14 @@ static int prepare_line(Flat *F, Prepared *Q, linerec *rec, const uint8_t *s, si
     case K_ENCOUNTER:
         R.pk_col = 1, R.ek_col = -1;
         if (flat_encounter(P, root, &R) == FB) return FB;
+        break;
+    case K_MEDREQ:
+        R.pk_col = 1, R.ek_col = 2;
+        if (flat_medreq(P, root, &R) == FB) return FB;
+        break;
+    case K_PROCEDURE:
+        R.pk_col = 1, R.ek_col = 2;
+        if (flat_procedure(P, root, &R) == FB) return FB;
         break;
     default:
         R.pk_col = 1, R.ek_col = 2;
@@ -2174,10 +2377,11 @@ static int Flat_init(Flat *F, PyObject *args, PyObject *kw) {
     compress(F->ost, (const uint8_t *)opad.buf);
     PyBuffer_Release(&ipad);
     PyBuffer_Release(&opad);
-    for (k = 0; k < 3; k++)
+    for (k = 0; k < N_KINDS; k++)
         if (strcmp(kind, KIND_TYPE[k]) == 0) break;
-    if (k == 3) {
-        PyErr_SetString(PyExc_ValueError, "kind must be Observation, Encounter or Condition");
+    if (k == N_KINDS) {
+        PyErr_SetString(PyExc_ValueError,
+                        "kind must be Observation, Encounter, Condition, MedicationRequest or Procedure");
         return -1;
     }
     F->kind = k;

@@ -5,8 +5,8 @@ Per block of lines, ``prepare`` (parse, flatten, key: no Python objects, the GIL
 helper thread one block ahead, and ``commit`` (the checks against the session's state and the side
 effects, in line order) on the ingest thread, so the two cores share the work of one process.
 
-It covers the three high-volume types, Observation, Encounter and Condition, and only the lines it can
-prove plain: strict JSON, the shapes the hand-written flatteners read, canonical dateTimes, ``Type/id``
+It covers Observation, Encounter and Condition (the rows of the hand-written flatteners) and MedicationRequest
+and Procedure (the rows of their built-in ViewDefinitions), and only the lines it can prove plain: strict JSON, the shapes the hand-written flatteners read, canonical dateTimes, ``Type/id``
 references, no escapes in a value it keeps. Every other line (invalid, unusual, a duplicate id, one picked
 for validation, a dangling reference, a modifierExtension) is handed to the Python loop untouched, so the
 rows, quarantine records and report are the Python path's (tests/ingest/test_native.py proves it,
@@ -30,7 +30,7 @@ except ImportError:  # built without a C compiler: the Python path
     _flatc = None
 
 #: resource types the compiled flatten covers (the others always take the Python path)
-TYPES = ("Observation", "Encounter", "Condition")
+TYPES = ("Observation", "Encounter", "Condition", "MedicationRequest", "Procedure")
 _PROBES = (("Patient", "probe-1"), ("Encounter", "e/2"), ("Observation", "x#0"),
            ("Observation", "\u00e9t\u00e9-\u4e2d"), ("Condition", "y" * 200))
 

@@ -352,6 +352,9 @@ def validation_failure(rtype: str, resource: dict) -> str | None:
 
 
 #: the references the hand-written flatteners key, per type: ((field, fallback field), target type)
+#: built-in views whose rows the compiled flatten (:mod:`.native`) reproduces for plain lines
+_NATIVE_VIEWS = ("medication_request", "procedure")
+
 _REF_FIELDS = {"Encounter": ((("subject",), "Patient"),),
                "Condition": ((("subject",), "Patient"), (("encounter", "context"), "Encounter")),
                "Observation": ((("subject",), "Patient"), (("encounter", "context"), "Encounter"))}
@@ -459,6 +462,7 @@ class IngestSession:
         self._closed = False
         flatteners = make_flatteners(self.key, self.value_rules) if engine == "fast" else {}
         self.producers: dict[str, list[Producer]] = {r: [] for r in self.resources}
+        native_views: dict[str, Any] = {}  # resource type -> the flattener of its built-in view, when compiled too
         try:
             for name, view in compiled.items():
                 uri = join(self.out_uri, f"{name}.parquet")
@@ -468,6 +472,8 @@ class IngestSession:
                 fast = flatteners.get(view.resource) if FAST_TABLES.get(view.resource) == name \
                     and view.definition is BUILTIN_VIEWS.get(name) else None
                 fn = fast or self._view_fn(view)
+                if fast is None and view.definition is BUILTIN_VIEWS.get(name) and name in _NATIVE_VIEWS:
+                    native_views[view.resource] = fn
                 pidx = view.schema.get_field_index("patient_key") if view.resource != "Patient" else -1
                 self.producers[view.resource].append(Producer(w, fn, pidx if pidx >= 0 else None))
         except BaseException:
@@ -481,7 +487,7 @@ class IngestSession:
         self._pool: Any = None
         try:
             for rtype, prods in self.producers.items() if native and engine == "fast" else ():
-                if len(prods) == 1 and prods[0].fn is flatteners.get(rtype):
+                if len(prods) == 1 and (prods[0].fn is flatteners.get(rtype) or prods[0].fn is native_views.get(rtype)):
                     nf = native_flatten.flattener(rtype, keyer, self.value_rules)
                     cols = native_flatten.columns(prods[0].writer.schema) if nf is not None else None
                     if cols is not None:  # its rows go straight into Arrow buffers
