@@ -67,6 +67,9 @@ CODE_LIKE = re.compile(r"^(true|false|[0-9][0-9.\-]{0,31}|[A-Z][A-Za-z0-9.\-]{0,
 #: a concept without a code (only CodeableConcept.text) is kept only when at least this many patients share it
 TEXT_CONCEPT_MIN_PATIENTS = 5
 TEXT_TOKEN = "text:"
+#: modelled per child row: does it reference an encounter (learnt with the code and time, so an acute condition
+#: of the encounter year is linked and a chronic one with an onset years before is not)
+LINKED = "__linked"
 
 
 class RelationalError(ConfigError, ValueError):
@@ -206,6 +209,8 @@ def clean_value_codes(s: pd.Series) -> pd.Series:
 def _prepared(df: pd.DataFrame, concepts: dict[str, dict], free: list[str]) -> pd.DataFrame:
     """The real child rows as the models see them: concept tokens in the code columns, free text removed."""
     df = df.copy()
+    if ENC_KEY in df.columns:
+        df[LINKED] = df[ENC_KEY].notna()
     for code, c in concepts.items():
         df[code] = concept_tokens(df, code, c["columns"]).values
     if "value_code" in df:
@@ -255,7 +260,7 @@ def derive_layout(tables: dict[str, pd.DataFrame], *, flags_top: int = 3, age_ba
         companions = {c for comp in groups.values() for c in comp}
         free = [c for c in df.columns if is_free_text_column(c) and c not in companions and c not in groups]
         df = _prepared(df, concepts, free)
-        skip = {own_key, KEY, ENC_KEY} | companions | set(free)
+        skip = {own_key, KEY, ENC_KEY, LINKED} | companions | set(free)
         constants = {c: (df[c].dropna().iloc[0] if df[c].notna().any() else None)
                      for c in df.columns if c not in skip and df[c].nunique(dropna=False) <= 1}
         modelled = [c for c in df.columns if c not in skip and c not in constants
@@ -269,6 +274,8 @@ def derive_layout(tables: dict[str, pd.DataFrame], *, flags_top: int = 3, age_ba
             if dep:
                 derived[col] = dep
         modelled = [c for c in modelled if c not in derived]
+        if ENC_KEY in df.columns and name != ENCOUNTER and 0 < df[LINKED].mean() < 1:
+            modelled.append(LINKED)
         value_codes: dict[str, list[str]] = {}
         if "code" in df and "value_code" in modelled:
             vc = df.dropna(subset=["code", "value_code"])
@@ -292,7 +299,7 @@ def derive_layout(tables: dict[str, pd.DataFrame], *, flags_top: int = 3, age_ba
                 m = df[[ENC_KEY, main]].dropna().merge(enc[[ENC_KEY, "start"]], on=ENC_KEY, how="inner")
                 snap_rate = float((m[main] == m["start"]).mean()) if len(m) else 0.0
         children[name] = ChildLayout(name=name, key=own_key, time=main, later_times=later, columns=modelled,
-                                     derived=derived, constants=constants, all_columns=list(df.columns),
+                                     derived=derived, constants=constants, all_columns=list(raw.columns),
                                      link_rate=link_rate, snap_rate=snap_rate,
                                      code_column="code" if name == "condition" and "code" in df else None,
                                      code_stats=code_stats, decimals=decimals, concepts=concepts,
@@ -408,6 +415,49 @@ def _metadata(df: pd.DataFrame, table: str, categorical: tuple[str, ...] = ()) -
 EPOCH = pd.Timestamp("1970-01-01")
 
 
+#: a code column with at least this many values gets a profile (below); a code's profile uses its own rows
+#: when it has at least PROFILE_MIN_ROWS of them, else the pooled figure of all rows
+PROFILE_MIN_CODES = 8
+PROFILE_MIN_ROWS = 5
+PROFILE_LEVELS = 2
+
+
+def code_profiles(t: pd.DataFrame, code: str, columns: list[str]) -> pd.DataFrame:
+    """Per row, the profile of its code: for each later column, the code's median (numbers), share true (flags)
+    or share of the column's most frequent levels (categories), computed over the real rows of that code.
+
+    Why: CART splits a categorical predictor on thresholds of its integer encoding (arbitrary order), so with
+    100+ condition codes and 50-100 rows per leaf a tree cannot tell acute codes (resolved, onset in the
+    encounter year, linked to an encounter) from chronic ones (active, onset years before): measured on
+    clino_23 the synthetic code x clinical_status similarity was 0.76 vs 0.87 real, onset KS 0.81 vs 0.97.
+    The profile orders the codes by what follows them, so the trees group similar codes; it is a function of
+    the drawn code (:class:`CartSynthesizer` ``derived``), never drawn itself, and a model internal only."""
+    codes = t[code].astype(object).where(t[code].notna(), "__none__").astype(str)
+    if codes.nunique() < PROFILE_MIN_CODES:
+        return pd.DataFrame(index=t.index)
+    size = codes.map(codes.value_counts())
+    own = size >= PROFILE_MIN_ROWS
+    out: dict[str, pd.Series] = {}
+
+    def per_code(name: str, v: pd.Series, stat: str) -> None:
+        pooled = float(v.median() if stat == "median" else v.mean())
+        by = v.groupby(codes).transform(stat).where(own, pooled).astype("float64")
+        if by.nunique() > 1:
+            out[name] = by
+
+    for c in columns:
+        s = t[c]
+        if pd.api.types.is_bool_dtype(s):
+            per_code(f"__profile_{c}", s.astype("float64"), "mean")
+        elif pd.api.types.is_numeric_dtype(s):
+            per_code(f"__profile_{c}", pd.to_numeric(s, errors="coerce").astype("float64"), "median")
+        else:
+            levels = s.astype(object).where(s.notna(), "__none__").astype(str)
+            for lv in list(levels.value_counts().index[:PROFILE_LEVELS]):
+                per_code(f"__profile_{c}={lv}", (levels == lv).astype("float64"), "mean")
+    return pd.DataFrame(out, index=t.index)
+
+
 class CartChild:
     """One child table's model: sequential CART (:mod:`synthfactory.synthesize.cart`) over the patient's
     context first, then the concept code, then the other columns, behind the EHR-aware transforms (a value
@@ -427,6 +477,7 @@ class CartChild:
         self.cart: Any = None
         self.transformer: Any = None
         self.code_values: tuple[np.ndarray, np.ndarray] | None = None  # real codes and their shares
+        self.profile_columns: list[str] = []
         self.fit_info: dict[str, Any] = {}
 
     def _numbers(self, df: pd.DataFrame) -> pd.DataFrame:
@@ -450,8 +501,12 @@ class CartChild:
         cats = [c for c in rest if not pd.api.types.is_numeric_dtype(t[c]) and not pd.api.types.is_bool_dtype(t[c])]
         flags = [c for c in rest if pd.api.types.is_bool_dtype(t[c])]
         nums = [c for c in rest if c not in cats and c not in flags]
-        order = first + cats + flags + nums
-        self.cart = CartSynthesizer(min_leaf=self.min_leaf, seed=self.seed, visit_sequence=order).fit(t[order])
+        profile = code_profiles(t, self.code, cats + flags + nums) if self.code in t else pd.DataFrame(index=t.index)
+        self.profile_columns = list(profile.columns)
+        t = pd.concat([t, profile], axis=1)
+        order = first + self.profile_columns + cats + flags + nums
+        self.cart = CartSynthesizer(min_leaf=self.min_leaf, seed=self.seed, visit_sequence=order,
+                                    derived={c: self.code for c in self.profile_columns}).fit(t[order])
         self.fit_info = dict(self.cart.fit_info)
         if self.code in frame:
             vc = frame[self.code].astype(object).dropna().value_counts(normalize=True)
@@ -465,7 +520,7 @@ class CartChild:
         if given.empty:
             return pd.DataFrame(columns=self.cart.columns)
         raw = self.cart.sample_given(given.reset_index(drop=True))
-        out = self.transformer.inverse_transform(raw)
+        out = self.transformer.inverse_transform(raw.drop(columns=getattr(self, "profile_columns", [])))
         if self.time and self.time in out:
             t = self.reference - pd.to_timedelta(out[self.time].astype(float), unit="D")
             out[self.time] = t
@@ -589,6 +644,9 @@ def fit(tables: dict[str, pd.DataFrame], *, engine: str = "patient_centred", roo
         root_params["numerical_distributions"] = dists
     t0 = time.perf_counter()
     if root_kind == "cart":  # dates as numbers (never a real date copied as a category), EHR-aware transforms
+        # children-per-patient counts are drawn as real leaf values (not smoothed): their lumps are the data
+        # (measured on clino_41: medication requests per patient KS 0.102 smoothed, ref 0.040)
+        root_params.setdefault("no_smooth", [count_column(n) for n in layout.children])
         if any(c.table == ROOT for c in specs):
             raise RelationalError("synthesizer.constraints on the patient table: not available with kind cart in "
                                   "relational mode; use kind gaussian_copula")
@@ -953,7 +1011,10 @@ def _link_encounters(df: pd.DataFrame, cl: ChildLayout, enc: pd.DataFrame, rng: 
     m = pd.merge_asof(d, e.rename(columns={"start": "__enc_start"}), left_on=cl.time, right_on="__enc_start",
                       by=KEY, direction="nearest")
     m = m.dropna(subset=[ENC_KEY])
-    link = rng.random(len(m)) < cl.link_rate
+    if LINKED in df.columns:  # the model's own decision per row
+        link = np.array([v is True or v == 1 for v in df.loc[m["index"].values, LINKED]], dtype=bool)
+    else:
+        link = rng.random(len(m)) < cl.link_rate
     m = m[link]
     df.loc[m["index"].values, ENC_KEY] = m[ENC_KEY].values
     if cl.snap_rate >= 0.5:
