@@ -175,18 +175,26 @@ def test_a_conditions_status_link_and_time_follow_its_code(real, synthetic):
         assert linked.mean() > 0.05
 
 
-def test_which_labs_a_patient_has_is_a_patient_level_decision(real, synthetic):
+def test_which_labs_a_patient_has_is_a_patient_level_decision(real, monkeypatch):
     """A second patient-level model draws each patient's count of the observation codes whose presence varies
-    most between patients, given its context and children counts, so the share of patients with a lab and its
-    rows per patient follow the real ones; drawn row by row, a lab measured in few patients many times (HbA1c
-    in diabetics) spread thinly over many patients."""
-    syn, _ = synthetic
+    most between patients and of the near-universal ones (and of the other codes), given its context and children
+    counts, so the share of patients with a lab and its rows per patient follow the real ones; drawn row by row,
+    a lab measured in few patients many times (HbA1c in diabetics) spread thinly over many patients. (From 300
+    patients by default; this cohort has 85.)"""
+    assert relational.derive_layout(real).children["observation"].count_codes == {}  # 85 < 300 patients
+    monkeypatch.setattr(relational, "COUNT_CODES_MIN_PATIENTS", 50)
     layout = relational.derive_layout(real)
     counted = layout.children["observation"].count_codes
     assert counted and not layout.children["medication_request"].count_codes
     root = relational.root_frame(real, layout)
     frame = relational.code_count_frame(real, layout, root, relational.context_frame(root, layout))
-    assert (frame[list(counted)].sum(axis=1) <= frame[relational.count_column("observation")]).all()
+    other = frame[relational.other_count_column("observation")]
+    assert (other >= 0).all()
+    assert (frame[list(counted)].sum(axis=1) + other == frame[relational.count_column("observation")]).all()
+    model = relational.fit(real, root_kind="cart")
+    assert model.code_counts is not None
+    syn, _ = relational.sample(model, 120, batch_size=60, seed=2)
+    assert syn["observation"]["code"].isin(set(counted.values())).mean() > 0.5
     gaps = []
     for code in counted.values():
         shares = [df["observation"].loc[df["observation"]["code"] == code, "patient_key"].nunique()
