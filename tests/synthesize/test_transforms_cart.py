@@ -134,3 +134,48 @@ def test_seed_reaches_the_draw(kind, tmp_path):
         digests.append(pd.read_parquet(out).drop(columns=[engine.SYNTHETIC_ID]))
     pd.testing.assert_frame_equal(digests[0], digests[1])
     assert not digests[0].equals(digests[2])
+
+
+def _acute_chronic(n: int = 3000, seed: int = 0) -> pd.DataFrame:
+    """60 codes in an arbitrary order; half are acute (resolved, onset recent), half chronic (active, years
+    before): what decides status and time is which group the code is in, as for conditions."""
+    rng = np.random.default_rng(seed)
+    codes = np.array([f"C{i:02d}" for i in rng.permutation(60)])
+    acute = {c: i % 2 == 0 for i, c in enumerate(sorted(codes))}
+    code = rng.choice(codes, size=n)
+    is_acute = np.array([acute[c] for c in code])
+    return pd.DataFrame({"code": code, "status": np.where(is_acute, "resolved", "active"),
+                         "days_before": np.where(is_acute, rng.uniform(0, 365, n), rng.uniform(400, 5000, n))})
+
+
+def test_a_derived_profile_lets_the_trees_group_many_codes():
+    df = _acute_chronic()
+    profile = df.groupby("code")["status"].transform(lambda s: (s == "resolved").mean()).rename("p_resolved")
+    plain = CartSynthesizer(min_leaf=120, seed=1, visit_sequence=["code", "status", "days_before"]).fit(df)
+    with_profile = CartSynthesizer(min_leaf=120, seed=1, visit_sequence=["code", "p_resolved", "status", "days_before"],
+                                   derived={"p_resolved": "code"}).fit(df.assign(p_resolved=profile))
+
+    def wrong(out: pd.DataFrame) -> float:  # status not the one of the code's group
+        truth = df.drop_duplicates("code").set_index("code")["status"]
+        return float((out["status"] != out["code"].map(truth)).mean())
+
+    a, b = plain.sample(3000, seed=2), with_profile.sample(3000, seed=2)
+    assert wrong(a) > 0.15  # thresholds on an arbitrary code order mix the groups at 120 rows per leaf
+    assert wrong(b) < 0.03
+    # the profile is computed from the drawn code, not drawn; a code the model never saw takes the pooled figure
+    assert (b["p_resolved"] == b["code"].map(profile.groupby(df["code"]).first())).all()
+    given = with_profile.sample_given(pd.DataFrame({"code": ["C00", "unseen"]}), seed=3)
+    assert given["p_resolved"].iloc[1] == pytest.approx(float(profile.median()))
+    with pytest.raises(ValueError, match="categorical column"):
+        CartSynthesizer(visit_sequence=["days_before", "code"], derived={"days_before": "code"}).fit(df)
+
+
+def test_no_smooth_keeps_the_lumps_of_a_count():
+    rng = np.random.default_rng(4)
+    n = 2000
+    df = pd.DataFrame({"age": rng.uniform(20, 90, n), "n_meds": rng.choice([0, 2, 4, 6, 8], size=n).astype("int64")})
+    smooth = CartSynthesizer(min_leaf=50, seed=1, visit_sequence=["age", "n_meds"]).fit(df).sample(n, seed=2)
+    exact = CartSynthesizer(min_leaf=50, seed=1, visit_sequence=["age", "n_meds"], no_smooth=["n_meds"]).fit(df) \
+        .sample(n, seed=2)
+    assert (smooth["n_meds"] % 2 == 1).mean() > 0.05  # the kernel fills the odd counts no patient has
+    assert set(exact["n_meds"]) <= {0, 2, 4, 6, 8}

@@ -40,6 +40,9 @@ class _ColumnModel:
     integer: bool = False
     low: float | None = None
     high: float | None = None
+    # a column that is a function of an earlier categorical one (a code's profile): (source position, value per
+    # source category, the last entry for a category the model never saw); computed at draw time, never drawn
+    lookup: tuple[int, np.ndarray] | None = None
 
 
 class CartSynthesizer:
@@ -51,7 +54,8 @@ class CartSynthesizer:
     clinical effects without a consistent privacy gain.)"""
 
     def __init__(self, *, min_leaf: int | str = "auto", max_depth: int | None = None, smooth: bool = True,
-                 smooth_scale: float = 1.0, visit_sequence: list[str] | None = None, seed: int = 0):
+                 smooth_scale: float = 1.0, visit_sequence: list[str] | None = None, seed: int = 0,
+                 derived: dict[str, str] | None = None, no_smooth: list[str] | tuple[str, ...] = ()):
         if min_leaf != "auto" and (not isinstance(min_leaf, int) or min_leaf < 1):
             raise TypeError(f"min_leaf must be a positive integer or 'auto', not {min_leaf!r}")
         self.min_leaf_setting = min_leaf
@@ -61,6 +65,12 @@ class CartSynthesizer:
         self.smooth_scale = float(smooth_scale)
         self.visit_sequence = visit_sequence
         self.seed = int(seed)
+        # column -> the earlier categorical column it is a function of (e.g. a code's profile, computed from the
+        # drawn code rather than drawn): the trees of later columns split on it
+        self.derived = dict(derived or {})
+        # numeric columns drawn as the leaf's real values, never smoothed: counts whose lumps are the data (a
+        # patient's medication requests come in pairs: 4 and 6 frequent, 5 and 7 rare; smoothing fills the gaps)
+        self.no_smooth = set(no_smooth or ())
         self.columns: list[str] = []
         self.models: list[_ColumnModel] = []
         self.fit_info: dict[str, Any] = {}
@@ -126,7 +136,22 @@ class CartSynthesizer:
                 col.categories = list(pd.unique(s.astype(object).map(lambda v: _MISSING if _isna(v) else v)))
             y = self._encode(col, s)
             encoded[:, j] = y
-            if j == 0:
+            src = self.derived.get(name)
+            if src is not None:
+                k = order.index(src)
+                if k >= j or self.models[k].numeric:
+                    raise ValueError(f"cart: derived column {name} needs the categorical column {src} before it")
+                cats = encoded[:, k].astype("int64")
+                n_cat = len(self.models[k].categories)
+                table = np.full(n_cat + 1, float(np.median(y)) if col.numeric else np.nan)
+                for code in range(n_cat):
+                    hit = y[cats == code]
+                    if hit.size:
+                        table[code] = hit[0]
+                if not col.numeric or np.isnan(table).any():
+                    raise ValueError(f"cart: derived column {name} must be numeric and defined for every {src}")
+                col.lookup = (k, table)
+            elif j == 0:
                 col.marginal = y.copy()
             else:
                 cls = DecisionTreeRegressor if col.numeric else DecisionTreeClassifier
@@ -138,7 +163,7 @@ class CartSynthesizer:
                 for leaf in np.unique(leaves):
                     vals = y[leaves == leaf]
                     col.donors[int(leaf)] = vals
-                    if col.numeric and self.smooth and vals.size > 1:
+                    if col.numeric and self.smooth and vals.size > 1 and name not in self.no_smooth:
                         col.bandwidth[int(leaf)] = self.smooth_scale * _silverman(vals)
             self.models.append(col)
         self.fit_info = {"seconds": round(time.perf_counter() - t0, 3), "columns": len(order),
@@ -188,6 +213,10 @@ class CartSynthesizer:
         for j, col in enumerate(self.models):
             if j in fixed:
                 out[:, j] = fixed[j]
+                continue
+            if col.lookup is not None:  # a function of an earlier column (unknown category: the last entry)
+                k, table = col.lookup
+                out[:, j] = table[out[:, k].astype("int64")]
                 continue
             if col.tree is None:
                 out[:, j] = rng.choice(col.marginal, size=n, replace=True)
