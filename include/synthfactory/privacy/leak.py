@@ -381,15 +381,20 @@ def _field_names(t: Any, prefix: str = "") -> Iterator[str]:
 
 
 def _parquet_tokens(data: bytes) -> list[str]:
+    """The token stream of a Parquet file: names, metadata, then every column's string values."""
+    return [t for piece in _parquet_token_pieces(data) for t in piece]
+
+
+def _parquet_token_pieces(data: bytes) -> Iterator[list[str]]:
+    """:func:`_parquet_tokens` in consecutive pieces (one per list of values; the whole stream is never held)."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(io.BytesIO(data))
-    tokens: list[str] = []
+    pending: list[list[str]] = []
 
     def add(values: list[str]) -> None:
         if values:
-            tokens.extend(_TOKEN_OR_SEP.findall(_SEP.join(values).lower()))
-            tokens.append(_SEP)
+            pending.append([*_TOKEN_OR_SEP.findall(_SEP.join(values).lower()), _SEP])
 
     schema = table.schema
     names: list[str] = []
@@ -399,11 +404,13 @@ def _parquet_tokens(data: bytes) -> list[str]:
     add(names)
     for k, v in (schema.metadata or {}).items():
         add([k.decode("utf-8", "replace"), v.decode("utf-8", "replace")])
+    yield from pending
     for col in table.columns:
         for chunk in col.chunks:
             for values in _strings_of(chunk):
+                pending.clear()
                 add(values)
-    return tokens
+                yield from pending
 
 
 #: rows per batch of pyarrow's dataset scanner, which ``pq.read_table`` uses: a row group is read in chunks of at
@@ -473,6 +480,47 @@ def _raw_tokens_decimals(data: bytes) -> tuple[list[str], set[int]]:
             data = gzip.decompress(data)
         except (OSError, EOFError):
             pass  # not really gzip: scan the bytes as they are
+    return _text_tokens_decimals(data)
+
+
+#: bytes of raw text tokenized at once by :func:`_raw_pieces`; tokens matched at once by ``_match_stream``
+RAW_PIECE_BYTES = 8 << 20
+MATCH_WINDOW_TOKENS = 1 << 20
+
+
+def _raw_pieces(data: bytes, piece: int | None = None) -> Iterator[tuple[list[str], set[int]]]:
+    """:func:`_raw_tokens_decimals` in consecutive pieces of about ``piece`` bytes, each cut just after a newline:
+    a token never spans a newline and a decimal number's neighbours are the same characters, so the pieces
+    concatenate (positions shifted) to the whole file's tokens and decimals. Gzip is decompressed as a stream
+    once it is known to decompress (else the bytes are scanned as they are, as the whole-file read does)."""
+    piece = piece or RAW_PIECE_BYTES
+    stream: io.BufferedIOBase | io.BytesIO = io.BytesIO(data)
+    if data[:2] == b"\x1f\x8b":
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as gz:
+                while gz.read(piece):
+                    pass
+            stream = gzip.GzipFile(fileobj=io.BytesIO(data))
+        except (OSError, EOFError):
+            pass  # not really gzip: scan the bytes as they are
+    rest = b""
+    with stream:
+        while True:
+            block = stream.read(piece)
+            buf = rest + block if rest else block
+            if not block:
+                if buf:
+                    yield _text_tokens_decimals(buf)
+                return
+            cut = buf.rfind(b"\n") + 1
+            if cut == 0:  # no newline yet: one long line, read on
+                rest = buf
+                continue
+            rest = buf[cut:]
+            yield _text_tokens_decimals(buf[:cut])
+
+
+def _text_tokens_decimals(data: bytes) -> tuple[list[str], set[int]]:
     text = data.decode("utf-8", "replace").lower()
     tokens: list[str] = []
     decimals: set[int] = set()
@@ -523,6 +571,24 @@ def _scan_result(hits: list[dict[str, Any]], scanned: int, checked: int, skipped
         "identifiers_vocabulary": vocabulary,
         "hits": hits,
     }
+
+def _file_pieces(uri: str, store: "Store") -> Iterator[tuple[list[str], set[int] | None]]:
+    """:func:`_file_tokens` in consecutive pieces (see :func:`_raw_pieces`, :func:`_parquet_token_pieces`)."""
+    data = store.read_bytes(uri)
+    if _is_parquet(data):
+        pieces = _parquet_token_pieces(data)
+        try:
+            first = next(pieces)  # reads the table: where a corrupt file fails
+        except StopIteration:
+            return
+        except Exception as exc:  # corrupt / unreadable parquet: fall back to the raw bytes
+            log.warning("leak scan: %s not readable as Parquet (%s); scanning raw bytes", uri, type(exc).__name__)
+        else:
+            yield first, None
+            yield from ((piece, None) for piece in pieces)
+            return
+    yield from _raw_pieces(data)
+
 
 def _file_tokens(uri: str, store: "Store") -> tuple[list[str], set[int] | None]:
     """The token stream of one file (Parquet values cell by cell, else the raw text, with the positions of
@@ -1079,8 +1145,9 @@ class LeakMatcher:
         return cls(index, salt, texts=texts, **kw)
 
     # -- matching ----------------------------------------------------------------------------------
-    def _match(self, tokens: list[str], decimals: set[int] | None = None) -> Counter:
-        """Canonical identifier hash -> occurrences in ``tokens`` (as :func:`_match`, ``decimals`` included)."""
+    def _match(self, tokens: list[str], decimals: set[int] | None = None, stop: int | None = None) -> Counter:
+        """Canonical identifier hash -> occurrences in ``tokens`` (as :func:`_match`, ``decimals`` included);
+        with ``stop``, only the n-grams that start before it."""
         import numpy as np
 
         found: Counter = Counter()
@@ -1091,6 +1158,8 @@ class LeakMatcher:
         pos = np.searchsorted(self._starts, th)
         pos[pos >= len(self._starts)] = 0
         ok = self._starts[pos] == th
+        if stop is not None:
+            ok[max(0, stop):] = False
         cand = np.nonzero(ok)[0]
         if not len(cand):
             return found
@@ -1118,6 +1187,30 @@ class LeakMatcher:
             found.update(hashes)
         return found
 
+    def _match_stream(self, pieces: Iterable[tuple[list[str], set[int] | None]],
+                      window: int | None = None) -> Counter:
+        """:meth:`_match` over the concatenation of ``pieces`` (tokens, decimal positions), exactly, holding about
+        ``window`` tokens at a time: each window counts the n-grams that start before its last ``L - 1`` tokens
+        (L = the longest identifier in tokens), which carry over to the next window, where they start."""
+        found: Counter = Counter()
+        window = window or MATCH_WINDOW_TOKENS
+        keep = max(self._lengths, default=1) - 1
+        toks: list[str] = []
+        decs: set[int] = set()
+        for piece, dec in pieces:
+            if dec:
+                decs.update(i + len(toks) for i in dec)
+            toks.extend(piece)
+            if len(toks) < window + keep:
+                continue
+            stop = len(toks) - keep
+            found.update(self._match(toks, decs, stop=stop))
+            toks = toks[stop:]
+            decs = {i - stop for i in decs if i >= stop}
+        if toks:
+            found.update(self._match(toks, decs))
+        return found
+
     def _kinds(self, h: int) -> set[str]:
         import numpy as np
 
@@ -1137,16 +1230,15 @@ class LeakMatcher:
         that starts at 0), read in the chunks the whole-file read gives them, so the parts of a file add up to
         the whole file's counts. The second value is False when that range could not be read as Parquet and the
         whole file was scanned as raw bytes instead (what :meth:`scan` does with the whole file)."""
-        if row_groups is None:
-            tokens, decimals = _file_tokens(uri, store)
-            return self._match(tokens, decimals), True
+        if row_groups is None:  # streamed: a file's whole token list is never held (a 318 MB NDJSON held GBs)
+            return self._match_stream(_file_pieces(uri, store)), True
         from synthfactory.storage import is_s3
 
         try:  # a local file is read from disk row group by row group, an S3 object whole
             tokens = _parquet_range_tokens(io.BytesIO(store.read_bytes(uri)) if is_s3(uri) else uri, *row_groups)
         except Exception as exc:  # as _file_tokens: an unreadable Parquet file is scanned as raw bytes, whole
             log.warning("leak scan: %s not readable as Parquet (%s); scanning raw bytes", uri, type(exc).__name__)
-            return self._match(*_raw_tokens_decimals(store.read_bytes(uri))), False
+            return self._match_stream(_raw_pieces(store.read_bytes(uri))), False
         return self._match(tokens), True
 
     def hit(self, uri: str, found: Counter, *, fingerprints: bool = False) -> dict[str, Any]:
