@@ -612,6 +612,43 @@ def test_patient_lines_the_compiled_flatten_hands_back(keyer):
     assert row["state"] == "MA"
 
 
+def test_patient_lines_taken_give_the_python_flatteners_row_and_identifiers(keyer):
+    """Line by line, over generated and (once or twice) mutated Patients: every line the compiled flatten takes is
+    one the Python path would take too (no BadResource, no modifierExtension), with the same row, the same
+    identifiers in the same order with the same kinds (collect_identifiers), and its key added to the patient
+    keys."""
+    from synthfactory.fhir.normalize import collect_identifiers, has_modifier_extension
+    from synthfactory.ingest.flatteners import make_flatteners
+    from synthfactory.ingest.schemas import PATIENT_SCHEMA
+
+    flat, py = native.flattener("Patient", keyer), make_flatteners(keyer.key)["Patient"]
+    r = random.Random(41)
+    taken = 0
+    for i in range(3000):
+        item = patient(r, i, r.random() < 0.5)
+        for _ in range(r.choice([0, 0, 1, 2])):
+            if isinstance(item, dict):
+                item = mutate(r, item)
+        raw = item if isinstance(item, bytes) else orjson.dumps(item)
+        cols, pkeys, chunk = native.columns(PATIENT_SCHEMA), set(), {}
+        if flat.commit(flat.prepare([raw]), 0, 0, cols, set(), pkeys, chunk, 0, 0, -1, 0, 0, 0, 10)[1] == 0:
+            assert len(cols) == 0 and not pkeys and not chunk
+            continue
+        taken += 1
+        o = orjson.loads(raw)
+        assert o.get("resourceType") == "Patient" and not has_modifier_extension(o), raw
+        rows = py(o, o["id"])  # raises BadResource if the Python path would quarantine it
+        ids = {o["id"]: "id"}
+        collect_identifiers(o, True, ids.setdefault)
+        assert list(chunk.items()) == list(ids.items()), raw
+        want = pa.table([pa.array([row[j] for row in rows], f.type) for j, f in enumerate(PATIENT_SCHEMA)],
+                        schema=PATIENT_SCHEMA)
+        got = pa.Table.from_arrays(native.arrays(cols, PATIENT_SCHEMA), schema=PATIENT_SCHEMA)
+        assert got.equals(want), raw
+        assert pkeys == {keyer.key("Patient", o["id"])}
+    assert 800 < taken < 2500
+
+
 def test_keep_dangling_and_full_validation_same_outputs(tmp_path, keyer):
     src = tmp_path / "mix"
     write_extract(src, seed=5, n=600, mutated=0.3)
