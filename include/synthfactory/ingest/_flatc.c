@@ -1,6 +1,8 @@
 /*
- * synthfactory.ingest._flatc: the compiled flatten of the plain NDJSON lines of Observation, Encounter
- * and Condition (the bulk of any extract) for the NDJSON hot loop (fhir_ndjson.ingest_ndjson).
+ * synthfactory.ingest._flatc: the compiled flatten of the plain NDJSON lines of every built-in table
+ * (Observation, Encounter, Condition, Patient: the hand-written flatteners' rows; MedicationRequest,
+ * Procedure: their built-in views' rows) for the NDJSON hot loop (fhir_ndjson.ingest_ndjson). A Patient's
+ * names, address lines and telecoms go only to the identifiers, in collect_identifiers' order.
  *
  * Contract: the rows this module writes for a line are exactly the rows the hand-written Python
  * flatteners (flatteners.make_flatteners) write for it, with the same side effects (identifiers,
