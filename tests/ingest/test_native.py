@@ -39,12 +39,12 @@ def test_the_compiled_module_is_built_and_used(keyer, tmp_path):
     assert native.available(), "synthfactory.ingest._flatc is not built: run `make install`"
     s = IngestSession(str(tmp_path / "out"), keyer=keyer)
     try:
-        assert set(s.native) == {"Observation", "Encounter", "Condition"}  # the default resources
+        assert set(s.native) == {"Patient", "Observation", "Encounter", "Condition"}  # the default resources
     finally:
         s.abort()
     s = IngestSession(str(tmp_path / "o4"), keyer=keyer, resources=["Patient", "MedicationRequest", "Procedure"])
     try:
-        assert set(s.native) == {"MedicationRequest", "Procedure"}
+        assert set(s.native) == {"Patient", "MedicationRequest", "Procedure"}
     finally:
         s.abort()
     assert IngestSession(str(tmp_path / "o2"), keyer=keyer, native=False).native == {}
@@ -107,7 +107,33 @@ def test_columns_buffer_types_nulls_and_rollback():
     expected = pa.array(["2020-01-02T03:04:05+01:00"], pa.string()).cast(TS).to_pylist()[0]
     assert t.column("effective").to_pylist()[0] == expected
     assert t.column("effective").to_pylist()[1] == pa.scalar(86_400_000_000, TS).as_py()
-    assert native.columns(pa.schema([pa.field("b", pa.bool_())])) is None
+    assert native.columns(pa.schema([pa.field("i", pa.int64())])) is None
+
+
+def test_columns_bool_and_date32_with_nulls_and_rollback():
+    """The Patient table's bool and date32 columns: bit-packed values across byte boundaries, nulls, and a
+    rejected row leaving nothing behind."""
+    from synthfactory.ingest.schemas import PATIENT_SCHEMA
+
+    cols = native.columns(PATIENT_SCHEMA)
+    assert cols.kinds == "ssDsbDsssss"
+    rows = []
+    for i in range(21):
+        rows.append((f"k{i}", "female" if i % 2 else None, None if i % 5 == 0 else i * 1000 - 700_000,
+                     "day", None if i % 7 == 3 else bool(i % 3), -i if i % 4 == 0 else None, None, None, None,
+                     None, "MA"))
+        cols.append(rows[-1])
+        if i == 9:
+            with pytest.raises(TypeError):
+                cols.append(("bad", None, None, None, 1, None, None, None, None, None, None))  # an int for a bool
+            with pytest.raises(TypeError):
+                cols.append(("bad", None, "1970-01-01", None, True, None, None, None, None, None, None))
+    assert len(cols) == 21
+    t = pa.Table.from_arrays(native.arrays(cols, PATIENT_SCHEMA), schema=PATIENT_SCHEMA)
+    t.validate(full=True)
+    expect = pa.table({n: pa.array([r[j] for r in rows], f.type) for j, (n, f) in
+                       enumerate(zip(PATIENT_SCHEMA.names, PATIENT_SCHEMA))}, schema=PATIENT_SCHEMA)
+    assert t.equals(expect)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,6 +302,104 @@ def procedure(r: random.Random, i: int, plain: bool) -> dict:
     return x
 
 
+RACE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
+ETHNICITY = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"
+BIRTHSEX = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex"
+GIVEN = ["Ann", "Jo", "", 'Jo "JJ"', "\u00c9lodie", "Li", "Mar\u00eda Jos\u00e9", "\u674e", "O'Neil"]
+FAMILY = ["Smith", "Li", "Ng", "M\u00fcller", "\u738b\u5c0f\u660e", "Abe", "Wu-Hall", "", "Lee", "\u00c5s"]
+
+
+def _omb(r: random.Random, code: str, display: str) -> dict:
+    subs = [{"url": "text", "valueString": display}]
+    k = r.random()
+    if k < 0.6:
+        subs.insert(0, {"url": "ombCategory", "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238",
+                                                               "code": code, "display": display}})
+    elif k < 0.7:
+        subs.insert(0, {"url": "ombCategory", "valueCoding": {"code": code, "display": ""}})
+    elif k < 0.8:
+        subs.append({"url": "ombCategory", "valueCoding": {"code": code}})
+    elif k < 0.85:
+        subs.append({"url": "ombCategory"})
+    elif k < 0.9:
+        subs.append({"url": "detailed", "valueCoding": {"code": "x"}})
+    return {"url": RACE if code[0] == "2" and code != "2135-2" else ETHNICITY, "extension": subs}
+
+
+def patient(r: random.Random, i: int, plain: bool) -> dict:
+    """A Patient with the members the flattener reads and the identifiers collect_identifiers takes (names,
+    address lines, telecoms, identifier values), in the shapes the generators write and around them."""
+    o: dict = {"resourceType": "Patient", "id": f"p{i}",
+               "meta": {"profile": ["http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient"]}}
+    if r.random() < 0.9:
+        o["gender"] = r.choice(["female", "male", "other", "unknown"])
+    if r.random() < 0.9:
+        o["birthDate"] = r.choice(["1970-01-01", "1984-02-29", "2001-12-31", "1955", "1962-07", "0001-01-01",
+                                   "9999-12-31"] + ([] if plain else ["1983-02-29", "1970-1-1", "19700101", ""]))
+    k = r.random()
+    if k < 0.15:
+        o["deceasedDateTime"] = r.choice(DATES[:4] + ["2024-03-05", "2023", "2023-11"] + ([] if plain else DATES[4:]))
+    elif k < 0.3:
+        o["deceasedBoolean"] = r.choice([True, False])
+    elif k < 0.35:
+        o["deceasedBoolean"] = False
+        o["deceasedDateTime"] = "2022-05-06T07:08:09+02:00"
+    exts = []
+    if r.random() < 0.8:
+        exts.append(_omb(r, r.choice(["2106-3", "2054-5", "2028-9", "1002-5"]), r.choice(["White", "Asian", "X"])))
+    if r.random() < 0.7:
+        exts.append(_omb(r, r.choice(["2135-2", "2186-5"]), r.choice(["Hispanic or Latino", "Not Hispanic"])))
+    if r.random() < 0.2:
+        exts.append(_omb(r, "2106-3", "White"))  # a second race extension: the first one with a category wins
+    for _ in range(r.choice([0, 1, 1, 2])):  # birthsex: the last one wins (one without valueCode too)
+        exts.append({"url": BIRTHSEX, **({"valueCode": r.choice(["F", "M", "UNK"])} if r.random() < 0.85 else {})})
+    if r.random() < 0.3:
+        exts.append({"url": "http://hl7.org/fhir/StructureDefinition/patient-birthPlace",
+                     "valueAddress": {"city": "Springfield", "line": ["1 Birth Rd"]}})
+    r.shuffle(exts)
+    if exts:
+        o["extension"] = exts
+    k = r.random()
+    if k < 0.5:
+        o["maritalStatus"] = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus",
+                                          "code": r.choice(["M", "S", "D", "W"]), "display": "Married"}],
+                              "text": "Married"}
+    elif k < 0.65:
+        o["maritalStatus"] = {"text": "it's complicated"}  # free text: never in the table
+    elif k < 0.7:
+        o["maritalStatus"] = {"coding": [], "text": "Never Married"}
+    names = []
+    for _ in range(r.choice([0, 1, 1, 2])):
+        nm: dict = {"use": r.choice(["official", "usual", "maiden"])}
+        if r.random() < 0.85:
+            nm["given"] = r.sample(GIVEN, r.choice([0, 1, 2, 3]))
+        if r.random() < 0.9:
+            nm["family"] = r.choice(FAMILY)
+        if r.random() < 0.2:
+            nm["text"] = r.choice(["Dr Ann Smith", "", "Jo"])
+        if r.random() < 0.1:
+            nm["prefix"] = ["Mrs."]
+        names.append(nm)
+    if names:
+        o["name"] = names
+    if r.random() < 0.9:
+        o["telecom"] = [{"system": "phone", "value": f"555-01{i % 100:02d}"}] + (
+            [{"system": "email", "value": r.choice([f"p{i}@example.org", ""])}] if r.random() < 0.4 else [])
+    if r.random() < 0.9:
+        addrs = [{"line": r.sample([f"{i} Main St", "Apt 2", "", "R\u00fce de l'\u00c9glise 3"], r.choice([0, 1, 2])),
+                  "city": "Boston", "postalCode": "02101", "country": "US",
+                  **({"state": r.choice(["MA", "NY", "", "Qu\u00e9bec"])} if r.random() < 0.9 else {})}]
+        if r.random() < 0.2:
+            addrs.append({"line": ["PO Box 9"], "state": "VT"})
+        o["address"] = addrs
+    if r.random() < 0.8:
+        o["identifier"] = [{"system": "urn:mrn", "value": f"MRN{i}"}] + (
+            [{"system": "http://hl7.org/fhir/sid/us-ssn", "value": f"999-{i:02d}-0000"}] if r.random() < 0.5 else [])
+    if r.random() < 0.05:  # a value that is also a name: first kind seen wins in identifiers.parquet
+        o.setdefault("identifier", []).append({"value": "Smith"})
+    return o
+
+
 def patients() -> list:
     return [{"resourceType": "Patient", "id": f"p{n}", "gender": "female", "birthDate": "1970-01-01"}
             for n in range(30)]
@@ -340,7 +464,7 @@ def mutate(r: random.Random, o: dict) -> dict | bytes:
     return r.choice(choices)
 
 
-MAKERS = {"Observation": observation, "Encounter": encounter, "Condition": condition,
+MAKERS = {"Patient": patient, "Observation": observation, "Encounter": encounter, "Condition": condition,
           "MedicationRequest": medication_request, "Procedure": procedure}
 
 
@@ -348,11 +472,12 @@ def write_extract(folder: Path, seed: int, n: int, mutated: float,
                   types: tuple = ("Observation", "Encounter", "Condition")) -> int:
     r = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "Patient.ndjson").write_bytes(b"\n".join(orjson.dumps(p) for p in patients()) + b"\n")
+    if "Patient" not in types:
+        (folder / "Patient.ndjson").write_bytes(b"\n".join(orjson.dumps(p) for p in patients()) + b"\n")
     total = 0
     for name, make in ((t, MAKERS[t]) for t in types):
         lines = []
-        for i in range(n):
+        for i in range(n if name != "Patient" else max(n // 4, 30)):
             plain = r.random() >= mutated
             o = make(r, i, plain)
             item = o if plain else mutate(r, o)
@@ -427,6 +552,103 @@ def test_medication_request_and_procedure_same_outputs(tmp_path, keyer, seed, mu
         assert rep["quarantined"]["MedicationRequest"] > 0 and rep["quarantined"]["Procedure"] > 0
 
 
+@pytest.mark.parametrize("seed,mutated", [(31, 0.0), (32, 0.5), (33, 0.5)])
+def test_patient_same_table_identifiers_and_patient_keys(tmp_path, keyer, seed, mutated):
+    """Patient through the compiled flatten and through the hand-written flattener, plain and mutated: the same
+    patient table, the same identifiers.parquet (names, family names, address lines, telecoms and identifier
+    values in collect_identifiers' order, first kind wins), the same quarantine, and the same patient keys (the
+    Observations after it are kept or quarantined as dangling alike). An allow-list changes nothing: the
+    marital status text is never kept."""
+    from synthfactory.ingest.flatteners import ValueRules
+
+    src = tmp_path / "pt"
+    write_extract(src, seed=seed, n=1200, mutated=mutated, types=("Patient", "Observation", "Encounter", "Condition"))
+    resources = ["Patient", "Observation", "Encounter", "Condition"]
+    rep, _ = ingest_both(src, tmp_path / "a", keyer, resources=resources, validate_first=3,
+                         validate_sample_rate=0.02, batch_rows=53)
+    assert rep["native_lines"]["Patient"] > (0.5 if not mutated else 0.2) * rep["resources_read"]["Patient"]
+    assert rep["rows"]["patient"] > 120
+    if mutated:
+        assert rep["quarantined"]["Patient"] > 0 and rep["dangling_references"]
+    rep2, _ = ingest_both(src, tmp_path / "b", keyer, resources=resources, validate_first=0,
+                          validate_sample_rate=0.0, value_rules=ValueRules(text_codes=("M", "72166-2")))
+    assert rep2["native_lines"]["Patient"] > 0
+    ids = pq.read_table(tmp_path / "a" / "out-True" / "identifiers.parquet").to_pylist()
+    kinds = {row["kind"] for row in ids}
+    assert {"id", "identifier", "name", "address", "telecom"} <= kinds
+    table = pq.read_table(tmp_path / "a" / "out-True" / "patient.parquet")
+    flat = {str(v) for col in table.columns for v in col.to_pylist() if v is not None}
+    for row in ids:  # names, address lines and telecoms never reach the table
+        if row["kind"] in ("name", "family", "address", "telecom") and len(row["value"]) > 3:
+            assert row["value"] not in flat, row["kind"]
+    assert "it's complicated" not in flat
+
+
+def test_patient_lines_the_compiled_flatten_hands_back(keyer):
+    """The shapes that go to the Python path line by line (prepare/commit directly): an invalid gender or birthDate,
+    an escaped name, a non-list name, a non-string telecom; the plain line next to them is taken, its key added to
+    the patient keys given."""
+    flat = native.flattener("Patient", keyer)
+    from synthfactory.ingest.schemas import PATIENT_SCHEMA
+
+    plain = {"resourceType": "Patient", "id": "p1", "gender": "male", "birthDate": "1980-05",
+             "name": [{"given": ["Ann", "B"], "family": "Li"}, {"given": ["\u00c9", ""], "family": "Wu-Hall", "text": "x"}],
+             "address": [{"line": ["1 Main"], "state": "MA"}], "telecom": [{"value": "555"}]}
+    odd = [dict(plain, gender="f"), dict(plain, birthDate="1980-13"), dict(plain, name=[{"family": "O\"Neil"}]),
+           dict(plain, name={"family": "Li"}), dict(plain, telecom=[{"value": 5}]), dict(plain, deceasedBoolean="no")]
+    for o in odd:
+        prep = flat.prepare([orjson.dumps(o)])
+        cols, pkeys = native.columns(PATIENT_SCHEMA), set()
+        assert flat.commit(prep, 0, 0, cols, set(), pkeys, {}, 0, 0, -1, 0, 0, 0, 10) == (0, 0, 1), o
+        assert len(cols) == 0 and not pkeys
+    prep = flat.prepare([orjson.dumps(plain)])
+    cols, pkeys, chunk = native.columns(PATIENT_SCHEMA), set(), {}
+    assert flat.commit(prep, 0, 0, cols, set(), pkeys, chunk, 0, 0, -1, 0, 0, 0, 10) == (1, 1, 0)
+    assert pkeys == {keyer.key("Patient", "p1")}
+    assert list(chunk.items()) == [("p1", "id"), ("Ann B Li", "name"), ("\u00c9 Wu-Hall", "name"), ("Wu-Hall", "family"),
+                                   ("x", "name"), ("1 Main", "address"), ("555", "telecom")]  # "Li": < 4, no family
+    row = pa.Table.from_arrays(native.arrays(cols, PATIENT_SCHEMA), schema=PATIENT_SCHEMA).to_pylist()[0]
+    assert row["gender"] == "male" and row["birth_date_precision"] == "month" and row["deceased"] is False
+    assert row["state"] == "MA"
+
+
+def test_patient_lines_taken_give_the_python_flatteners_row_and_identifiers(keyer):
+    """Line by line, over generated and (once or twice) mutated Patients: every line the compiled flatten takes is
+    one the Python path would take too (no BadResource, no modifierExtension), with the same row, the same
+    identifiers in the same order with the same kinds (collect_identifiers), and its key added to the patient
+    keys."""
+    from synthfactory.fhir.normalize import collect_identifiers, has_modifier_extension
+    from synthfactory.ingest.flatteners import make_flatteners
+    from synthfactory.ingest.schemas import PATIENT_SCHEMA
+
+    flat, py = native.flattener("Patient", keyer), make_flatteners(keyer.key)["Patient"]
+    r = random.Random(41)
+    taken = 0
+    for i in range(3000):
+        item = patient(r, i, r.random() < 0.5)
+        for _ in range(r.choice([0, 0, 1, 2])):
+            if isinstance(item, dict):
+                item = mutate(r, item)
+        raw = item if isinstance(item, bytes) else orjson.dumps(item)
+        cols, pkeys, chunk = native.columns(PATIENT_SCHEMA), set(), {}
+        if flat.commit(flat.prepare([raw]), 0, 0, cols, set(), pkeys, chunk, 0, 0, -1, 0, 0, 0, 10)[1] == 0:
+            assert len(cols) == 0 and not pkeys and not chunk
+            continue
+        taken += 1
+        o = orjson.loads(raw)
+        assert o.get("resourceType") == "Patient" and not has_modifier_extension(o), raw
+        rows = py(o, o["id"])  # raises BadResource if the Python path would quarantine it
+        ids = {o["id"]: "id"}
+        collect_identifiers(o, True, ids.setdefault)
+        assert list(chunk.items()) == list(ids.items()), raw
+        want = pa.table([pa.array([row[j] for row in rows], f.type) for j, f in enumerate(PATIENT_SCHEMA)],
+                        schema=PATIENT_SCHEMA)
+        got = pa.Table.from_arrays(native.arrays(cols, PATIENT_SCHEMA), schema=PATIENT_SCHEMA)
+        assert got.equals(want), raw
+        assert pkeys == {keyer.key("Patient", o["id"])}
+    assert 800 < taken < 2500
+
+
 def test_keep_dangling_and_full_validation_same_outputs(tmp_path, keyer):
     src = tmp_path / "mix"
     write_extract(src, seed=5, n=600, mutated=0.3)
@@ -492,7 +714,7 @@ def test_generators_extracts_same_tables_one_by_one(request, tmp_path, keyer, ex
                 else a.read_bytes() == b.read_bytes()), name
     assert reports[True]["rows"] == reports[False]["rows"]
     assert reports[True]["native_lines"]["Observation"] > 0.5 * reports[True]["resources_read"]["Observation"]
-    for t in ("MedicationRequest", "Procedure"):  # small files: the first 20 of each go to validation (Python)
+    for t in ("Patient", "MedicationRequest", "Procedure"):  # small files: the first 20 of each are validated (Python)
         rest = reports[True]["resources_read"].get(t, 0) - 20
         assert reports[True]["native_lines"].get(t, 0) >= 0.8 * rest, t
 
@@ -568,3 +790,28 @@ def test_identifier_sink_same_as_the_dict(tmp_path, monkeypatch, chunk_rows, thr
         assert {row["value"]: row["kind"] for row in rows} == first and len(rows) == len(first), mode
     if chunk_rows > len(adds):
         assert [row["value"] for row in got["columns"]] == list(first) == [row["value"] for row in got["dict"]]
+
+
+def test_bundles_patient_same_outputs_with_and_without_the_compiled_flatten(carebundle_bundles, tmp_path, keyer,
+                                                                           monkeypatch):
+    """carebundle's transaction Bundles (a Bundle's entries go through the same hot loop): every table,
+    identifiers.parquet (the Patients' names, address lines and telecoms) and the quarantine are the same with the
+    compiled flatten as without it, and the Patients beyond the validation sample go native (with no per-file sample:
+    each file's first entry, its Patient, is validated by default)."""
+    from synthfactory.ingest.bundle import ingest_bundles
+
+    types = ["Patient", "Encounter", "Condition", "Observation", "MedicationRequest", "Procedure"]
+    reps = {}
+    for flag in (True, False):
+        monkeypatch.setenv("SYNTHFACTORY_INGEST_NATIVE", "1" if flag else "0")
+        reps[flag] = ingest_bundles(str(carebundle_bundles), str(tmp_path / f"out-{flag}"), keyer=keyer,
+                                    resources=types, validate_first=2, validate_sample_rate=0.0, on_dangling="keep",
+                                    validate_first_per_file=0)  # else each file's Patient (its first entry) is validated
+    assert reps[True]["rows"] == reps[False]["rows"] and reps[True]["rows"]["patient"] > 0
+    for name in sorted(reps[True]["tables"]):
+        a, b = pq.read_table(reps[True]["tables"][name]), pq.read_table(reps[False]["tables"][name])
+        assert a.equals(b), name
+    a, b = tmp_path / "out-True", tmp_path / "out-False"
+    assert pq.read_table(a / "identifiers.parquet").equals(pq.read_table(b / "identifiers.parquet"))
+    assert (a / "quarantine.ndjson").read_bytes() == (b / "quarantine.ndjson").read_bytes()
+    assert reps[True]["native_lines"].get("Patient", 0) > 0 and not any(reps[False]["native_lines"].values())

@@ -1,6 +1,8 @@
 /*
- * synthfactory.ingest._flatc: the compiled flatten of the plain NDJSON lines of Observation, Encounter
- * and Condition (the bulk of any extract) for the NDJSON hot loop (fhir_ndjson.ingest_ndjson).
+ * synthfactory.ingest._flatc: the compiled flatten of the plain NDJSON lines of every built-in table
+ * (Observation, Encounter, Condition, Patient: the hand-written flatteners' rows; MedicationRequest,
+ * Procedure: their built-in views' rows) for the NDJSON hot loop (fhir_ndjson.ingest_ndjson). A Patient's
+ * names, address lines and telecoms go only to the identifiers, in collect_identifiers' order.
  *
  * Contract: the rows this module writes for a line are exactly the rows the hand-written Python
  * flatteners (flatteners.make_flatteners) write for it, with the same side effects (identifiers,
@@ -186,6 +188,7 @@ typedef struct {
     size_t nn, cap;
     int odd; /* valid JSON, but a shape this module leaves to Python (surrogate escapes, key escapes) */
     int dup; /* a key read from an object occurs twice in it */
+    int patient; /* the Patient flattener: its members are kept too (PATIENT_KEYS) */
 } parser;
 
 static int new_node(parser *P) {
@@ -393,10 +396,18 @@ static const char *ROOT_KEYS[] = {
 
 static size_t ROOT_KEY_LEN[N_ROOT_KEYS]; /* filled once at import (no strlen per key and line) */
 
-static int root_key_kept(const uint8_t *k, uint32_t n) {
+/* the members the Patient flattener reads (besides resourceType, id, identifier), and the identifiers it collects */
+static const char *PATIENT_KEYS[] = {"gender", "birthDate", "deceasedBoolean", "deceasedDateTime", "extension",
+                                     "maritalStatus", "address", "name", "telecom"};
+#define N_PATIENT_KEYS (sizeof(PATIENT_KEYS) / sizeof(PATIENT_KEYS[0]))
+
+static int root_key_kept(const uint8_t *k, uint32_t n, int patient) {
     size_t i;
     for (i = 0; i < N_ROOT_KEYS; i++)
         if (ROOT_KEY_LEN[i] == n && memcmp(ROOT_KEYS[i], k, n) == 0) return 1;
+    if (patient)
+        for (i = 0; i < N_PATIENT_KEYS; i++)
+            if (strlen(PATIENT_KEYS[i]) == n && memcmp(PATIENT_KEYS[i], k, n) == 0) return 1;
     return 0;
 }
 
@@ -478,7 +489,7 @@ static int parse_container(parser *P, int idx, int depth, int obj) {
         int c;
         if (obj) {
             if (parse_key(P, &koff, &klen, &kesc) < 0) return -1;
-            if (depth == 0 && !root_key_kept(P->s + koff, klen)) { /* a member no flattener reads */
+            if (depth == 0 && !root_key_kept(P->s + koff, klen, P->patient)) { /* a member no flattener reads */
                 if (skip_value(P, depth + 1) < 0) return -1;
                 goto separator;
             }
@@ -590,7 +601,7 @@ static inline int nth(parser *P, int arr, uint32_t k) {
 }
 
 /* A C-level cell value, made a Python object only once the whole line is accepted. */
-enum { V_NONE, V_SPAN, V_CONST, V_DBL, V_INT };
+enum { V_NONE, V_SPAN, V_CONST, V_DBL, V_INT, V_BOOL, V_DATE }; /* V_BOOL, V_DATE (days): in i */
 typedef struct {
     int kind;
     uint32_t off, len; /* V_SPAN: string bytes in the line (validated UTF-8, no escapes) */
@@ -662,8 +673,12 @@ static int dropped_text(parser *P, int i, cell *out, int may_keep) {
     return 0;
 }
 
+static int first_code_k(parser *P, int cc, cell *out, int may_keep);
 /* first_code(cc): code of the first coding; a text alone is free text (None) */
-static int first_code(parser *P, int cc, cell *out) {
+static int first_code(parser *P, int cc, cell *out) { return first_code_k(P, cc, out, 1); }
+
+/* the same; may_keep 0: the caller never keeps the text (Patient.maritalStatus), whatever the allow-list */
+static int first_code_k(parser *P, int cc, cell *out, int may_keep) {
     int codings;
     cc = obj_or_none(P, cc);
     if (cc == FB) return FB;
@@ -681,7 +696,7 @@ static int first_code(parser *P, int cc, cell *out) {
             return str_cell(P, get(P, c0, "code"), out);
         }
     }
-    return dropped_text(P, get(P, cc, "text"), out, 1);
+    return dropped_text(P, get(P, cc, "text"), out, may_keep);
 }
 
 /* concept(cc): (short system, code, display) of the preferred coding, display falling back to text */
@@ -968,7 +983,7 @@ static inline int gb_put(gbuf *b, const void *src, size_t n) {
     return 0;
 }
 
-enum { COL_STR = 's', COL_DBL = 'd', COL_TS = 't' };
+enum { COL_STR = 's', COL_DBL = 'd', COL_TS = 't', COL_BOOL = 'b', COL_DATE = 'D' };
 #define MAX_COLS 16
 
 typedef struct {
@@ -1011,6 +1026,8 @@ static void cols_rollback(Columns *C, const colmark *m) {
         c->valid.len = m[j].valid;
         c->nulls = m[j].nulls;
         if (c->valid.len && (C->nrows & 7)) c->valid.p[C->nrows >> 3] &= (uint8_t)((1u << (C->nrows & 7)) - 1);
+        if (c->kind == COL_BOOL && c->data.len && (C->nrows & 7))
+            c->data.p[C->nrows >> 3] &= (uint8_t)((1u << (C->nrows & 7)) - 1);
     }
 }
 
@@ -1033,12 +1050,26 @@ static int col_put(gbuf *b, const void *src, size_t n) {
     return 0;
 }
 
+/* a bool column's values are a bitmap too: one byte per 8 rows */
+static int bool_begin(column *c, Py_ssize_t r) {
+    if ((r & 7) == 0) {
+        uint8_t z = 0;
+        return col_put(&c->data, &z, 1);
+    }
+    return 0;
+}
+
 static int col_null(column *c, Py_ssize_t r) {
     if (col_begin(c, r) < 0) return -1;
     c->nulls++;
     if (c->kind == COL_STR) {
         int32_t o = (int32_t)c->data.len;
         return col_put(&c->offs, &o, 4);
+    } else if (c->kind == COL_BOOL) {
+        return bool_begin(c, r);
+    } else if (c->kind == COL_DATE) {
+        int32_t z = 0;
+        return col_put(&c->data, &z, 4);
     } else {
         int64_t z = 0;
         return col_put(&c->data, &z, 8);
@@ -1077,6 +1108,32 @@ static int col_i64(column *c, Py_ssize_t r, int64_t v) {
         return -1;
     }
     if (col_begin(c, r) < 0 || col_put(&c->data, &v, 8) < 0) return -1;
+    c->valid.p[r >> 3] |= (uint8_t)(1u << (r & 7));
+    return 0;
+}
+
+static int col_bool(column *c, Py_ssize_t r, int v) {
+    if (c->kind != COL_BOOL) {
+        PyErr_SetString(PyExc_TypeError, "a bool for a non-bool column");
+        return -1;
+    }
+    if (col_begin(c, r) < 0 || bool_begin(c, r) < 0) return -1;
+    c->valid.p[r >> 3] |= (uint8_t)(1u << (r & 7));
+    if (v) c->data.p[r >> 3] |= (uint8_t)(1u << (r & 7));
+    return 0;
+}
+
+static int col_date(column *c, Py_ssize_t r, long long days) {
+    int32_t d = (int32_t)days;
+    if (c->kind != COL_DATE) {
+        PyErr_SetString(PyExc_TypeError, "a date for a non-date column");
+        return -1;
+    }
+    if (days < INT32_MIN || days > INT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "date out of range");
+        return -1;
+    }
+    if (col_begin(c, r) < 0 || col_put(&c->data, &d, 4) < 0) return -1;
     c->valid.p[r >> 3] |= (uint8_t)(1u << (r & 7));
     return 0;
 }
@@ -1121,6 +1178,17 @@ static int cols_append_row(Columns *C, PyObject *row) {
             if (!PyFloat_CheckExact(v) && !PyLong_CheckExact(v))
                 PyErr_SetString(PyExc_TypeError, "a float column holds float, int or None");
             rc = PyErr_Occurred() ? -1 : col_f64(c, r, d);
+        } else if (c->kind == COL_BOOL) {
+            if (!PyBool_Check(v)) {
+                PyErr_SetString(PyExc_TypeError, "a bool column holds bool or None");
+                rc = -1;
+            } else {
+                rc = col_bool(c, r, v == Py_True);
+            }
+        } else if (c->kind == COL_DATE) { /* days since 1970-01-01 */
+            long long days = PyLong_CheckExact(v) ? PyLong_AsLongLong(v) : 0;
+            if (!PyLong_CheckExact(v)) PyErr_SetString(PyExc_TypeError, "a date column holds int (days) or None");
+            rc = PyErr_Occurred() ? -1 : col_date(c, r, days);
         } else { /* timestamp: microseconds, or a dateTime string as fhir_datetime_deferred returns it */
             long long us = 0;
             if (PyLong_CheckExact(v)) {
@@ -1213,8 +1281,10 @@ static int Columns_init(Columns *C, PyObject *args, PyObject *kw) {
         return -1;
     }
     for (j = 0; j < n; j++)
-        if (kinds[j] != COL_STR && kinds[j] != COL_DBL && kinds[j] != COL_TS) {
-            PyErr_SetString(PyExc_ValueError, "column kinds are s (string), d (float64) and t (timestamp)");
+        if (kinds[j] != COL_STR && kinds[j] != COL_DBL && kinds[j] != COL_TS && kinds[j] != COL_BOOL &&
+            kinds[j] != COL_DATE) {
+            PyErr_SetString(PyExc_ValueError,
+                            "column kinds are s (string), d (float64), t (timestamp), b (bool) and D (date32)");
             return -1;
         }
     for (j = 0; j < C->ncols; j++) {
@@ -1347,10 +1417,11 @@ static rentry *rc_get(rcache *c, const uint8_t *s, size_t n) {
 /* ============================================================================================== */
 /* The flattener object                                                                           */
 /* ============================================================================================== */
-enum { K_OBSERVATION, K_ENCOUNTER, K_CONDITION, K_MEDREQ, K_PROCEDURE, N_KINDS };
-static const char *KIND_TYPE[N_KINDS] = {"Observation", "Encounter", "Condition", "MedicationRequest", "Procedure"};
-/* the columns of the type's table (schemas.py; the built-in views of views.py for the last two) */
-static const int KIND_NCOLS[N_KINDS] = {11, 8, 8, 14, 11};
+enum { K_OBSERVATION, K_ENCOUNTER, K_CONDITION, K_MEDREQ, K_PROCEDURE, K_PATIENT, N_KINDS };
+static const char *KIND_TYPE[N_KINDS] = {"Observation", "Encounter", "Condition", "MedicationRequest", "Procedure",
+                                         "Patient"};
+/* the columns of the type's table (schemas.py; the built-in views of views.py for MedicationRequest, Procedure) */
+static const int KIND_NCOLS[N_KINDS] = {11, 8, 8, 14, 11, 11};
 
 typedef struct {
     PyObject_HEAD
@@ -1361,6 +1432,7 @@ typedef struct {
     rcache pcache, ecache;         /* prepare phase only: reference -> key */
     rcache known;                  /* commit phase only: patient key -> in the patient-key set */
     PyObject *s_id, *s_identifier; /* identifier kinds */
+    PyObject *s_kind[5];           /* identifier kinds by IK_* (Patient) */
     int busy;                      /* a prepare is running (set and read with the GIL) */
 } Flat;
 
@@ -1409,6 +1481,10 @@ static int put_cell(const uint8_t *base, column *c, Py_ssize_t r, const cell *v)
         return col_f64(c, r, v->d);
     case V_INT:
         return col_i64(c, r, v->i);
+    case V_BOOL:
+        return col_bool(c, r, (int)v->i);
+    case V_DATE:
+        return col_date(c, r, v->i);
     default:
         return col_null(c, r);
     }
@@ -1841,7 +1917,162 @@ static int flat_procedure(parser *P, int root, rows_t *R) {
     return 0;
 }
 
-/* identifier values of a non-Patient resource (collect_identifiers): 0 ok, FB */
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Patient (flatteners.make_flatteners: patient; identifiers as normalize.collect_identifiers)     */
+/* ---------------------------------------------------------------------------------------------- */
+static const char *US_CORE_RACE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race";
+static const char *US_CORE_ETHNICITY = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity";
+static const char *US_CORE_BIRTHSEX = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex";
+
+static inline int span_is(parser *P, int i, const char *t) {
+    size_t l = strlen(t);
+    return P->nodes[i].len == l && memcmp(P->s + P->nodes[i].off, t, l) == 0;
+}
+
+/* days since 1970-01-01 of a proleptic Gregorian date (checked by the caller) */
+static long long civil_days(int y, int mo, int d) {
+    long long yy = y - (mo <= 2), era = yy / 400, yoe = yy - era * 400;
+    long long doy = (153 * (mo + (mo > 2 ? -3 : 9)) + 2) / 5 + d - 1, doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+/* YYYY, YYYY-MM or YYYY-MM-DD (ASCII digits, a valid calendar date, year >= 1): its days and the number of
+ * parts (1..3); -1 otherwise */
+static int date_part(const uint8_t *s, uint32_t n, long long *days) {
+    int y, mo = 1, d = 1, dim, parts = 1;
+    if (n != 4 && n != 7 && n != 10) return -1;
+    y = dig(s, 0) * 1000 + dig(s, 1) * 100 + dig(s, 2) * 10 + dig(s, 3);
+    if (y < 1) return -1;
+    if (n >= 7) {
+        if (s[4] != '-') return -1;
+        mo = dig(s, 5) * 10 + dig(s, 6);
+        parts = 2;
+    }
+    if (n == 10) {
+        if (s[7] != '-') return -1;
+        d = dig(s, 8) * 10 + dig(s, 9);
+        parts = 3;
+    }
+    if (mo < 1 || mo > 12 || d < 1) return -1;
+    dim = DIM[mo];
+    if (mo == 2 && ((y % 4 == 0 && y % 100 != 0) || y % 400 == 0)) dim = 29;
+    if (d > dim) return -1;
+    *days = civil_days(y, mo, d);
+    return parts;
+}
+
+/* omb_display(ext): display (or code) of the first ombCategory sub-extension */
+static int omb_cell(parser *P, int ext, cell *out) {
+    int subs = get(P, ext, "extension"), c;
+    *out = NONE_CELL;
+    if (is_none(P, subs)) return 0;
+    if (P->nodes[subs].type != J_ARR) return FB;
+    for (c = P->nodes[subs].child; c >= 0; c = P->nodes[c].next) {
+        int u, vc;
+        if (P->nodes[c].type != J_OBJ) return FB;
+        u = get(P, c, "url");
+        if (is_none(P, u)) continue;
+        if (P->nodes[u].type != J_STR || P->nodes[u].esc) return FB;
+        if (!span_is(P, u, "ombCategory")) continue;
+        vc = obj_or_none(P, get(P, c, "valueCoding"));
+        if (vc == FB) return FB;
+        if (vc == ABSENT) return 0;
+        if (str_cell(P, get(P, vc, "display"), out) == FB) return FB;
+        if (out->kind == V_NONE || span_empty(out))
+            if (str_cell(P, get(P, vc, "code"), out) == FB) return FB;
+        return 0;
+    }
+    return 0;
+}
+
+static int flat_patient(parser *P, int root, rows_t *R) {
+    int x, c;
+    cell *k = R->cells[0];
+    R->ncols = KIND_NCOLS[K_PATIENT];
+    R->nrows = 1;
+    R->comp[0] = -1;
+    R->pk.some = R->ek.some = 0;
+    for (c = 0; c < R->ncols; c++) k[c] = NONE_CELL;
+    if (str_cell(P, get(P, root, "gender"), &k[1]) == FB) return FB;
+    if (k[1].kind == V_SPAN) {
+        const uint8_t *g = P->s + k[1].off;
+        uint32_t n = k[1].len;
+        if (!((n == 4 && memcmp(g, "male", 4) == 0) || (n == 6 && memcmp(g, "female", 6) == 0) ||
+              (n == 5 && memcmp(g, "other", 5) == 0) || (n == 7 && memcmp(g, "unknown", 7) == 0)))
+            return FB; /* invalid: Python quarantines it */
+    }
+    x = get(P, root, "birthDate");
+    if (!is_none(P, x)) {
+        int parts;
+        if (P->nodes[x].type != J_STR || P->nodes[x].esc) return FB;
+        parts = date_part(P->s + P->nodes[x].off, P->nodes[x].len, &k[2].i);
+        if (parts < 0) return FB;
+        k[2].kind = V_DATE;
+        k[3].kind = V_CONST;
+        k[3].cidx = parts == 1 ? C_YEAR : parts == 2 ? C_MONTH : C_DAY;
+    }
+    k[4].kind = V_BOOL;
+    k[4].i = 0;
+    x = get(P, root, "deceasedBoolean");
+    if (!is_none(P, x)) {
+        if (P->nodes[x].type != J_TRUE && P->nodes[x].type != J_FALSE) return FB;
+        k[4].i = P->nodes[x].type == J_TRUE;
+    }
+    x = get(P, root, "deceasedDateTime");
+    if (!is_none(P, x)) {
+        const uint8_t *s;
+        uint32_t n;
+        long long us;
+        if (P->nodes[x].type != J_STR || P->nodes[x].esc) return FB;
+        s = P->s + P->nodes[x].off;
+        n = P->nodes[x].len;
+        /* the common shapes only (a date, or a canonical dateTime); the others: Python */
+        if (n == 20 || n == 25) {
+            if (!canonical_dt(s, n) || dt_micros(s, n, &us) < 0 || date_part(s, 10, &k[5].i) != 3) return FB;
+        } else if (date_part(s, n, &k[5].i) < 0) {
+            return FB;
+        }
+        k[5].kind = V_DATE;
+        k[4].i = 1;
+    }
+    x = get(P, root, "extension");
+    if (!is_none(P, x)) {
+        if (P->nodes[x].type != J_ARR) return FB;
+        for (c = P->nodes[x].child; c >= 0; c = P->nodes[c].next) {
+            int u;
+            if (P->nodes[c].type != J_OBJ) return FB;
+            u = get(P, c, "url");
+            if (is_none(P, u)) continue;
+            if (P->nodes[u].type != J_STR || P->nodes[u].esc) return FB;
+            if (span_is(P, u, US_CORE_RACE)) {
+                if (k[6].kind == V_NONE && omb_cell(P, c, &k[6]) == FB) return FB;
+            } else if (span_is(P, u, US_CORE_ETHNICITY)) {
+                if (k[7].kind == V_NONE && omb_cell(P, c, &k[7]) == FB) return FB;
+            } else if (span_is(P, u, US_CORE_BIRTHSEX)) {
+                if (str_cell(P, get(P, c, "valueCode"), &k[8]) == FB) return FB; /* the last one wins */
+            }
+        }
+    }
+    if (first_code_k(P, get(P, root, "maritalStatus"), &k[9], 0) == FB) return FB; /* its text: never */
+    x = get(P, root, "address");
+    if (!is_none(P, x)) {
+        if (P->nodes[x].type != J_ARR) return FB;
+        if (P->nodes[x].count) {
+            int a0 = P->nodes[x].child;
+            if (P->nodes[a0].type != J_OBJ) return FB;
+            if (str_cell(P, get(P, a0, "state"), &k[10]) == FB) return FB;
+        }
+    }
+    return 0;
+}
+
+/* identifier kinds (IK_*), and a flag: the value is in the Prepared's arena, not in the line */
+enum { IK_IDENTIFIER, IK_NAME, IK_FAMILY, IK_ADDRESS, IK_TELECOM, N_IK };
+static const char *IK_TEXT[N_IK] = {"identifier", "name", "family", "address", "telecom"};
+#define IK_ARENA 0x100
+
+/* identifier values of a resource (collect_identifiers): 0 ok, FB */
 static int check_identifiers(parser *P, int root, int *ident) {
     int c;
     *ident = get(P, root, "identifier");
@@ -1906,8 +2137,9 @@ typedef struct {
     linerec *lines;
     rowrec *rows;
     size_t nrows, caprows;
-    uint32_t *idents;
+    uint32_t *idents; /* (offset, length, IK_* | IK_ARENA) per identifier value */
     size_t nidents, capidents;
+    gbuf arena; /* identifier values built here (a Patient's joined name) */
     const uint8_t **ptr; /* each line's bytes (into the block's bytes objects, or into the one chunk) */
     size_t *len;
 } Prepared;
@@ -1917,6 +2149,7 @@ static void Prepared_dealloc(Prepared *Q) {
     free(Q->lines);
     free(Q->rows);
     free(Q->idents);
+    free(Q->arena.p);
     free(Q->ptr);
     free(Q->len);
     Py_TYPE(Q)->tp_free((PyObject *)Q);
@@ -1960,6 +2193,135 @@ static int grow(void **p, size_t *cap, size_t need, size_t size) {
         if (!q) return -1;
         *p = q;
         *cap = c;
+    }
+    return 0;
+}
+
+/* one identifier value for the line being prepared: -1 out of memory */
+static int push_ident(Prepared *Q, linerec *rec, uint32_t off, uint32_t len, uint32_t meta) {
+    if (grow((void **)&Q->idents, &Q->capidents, 3 * (Q->nidents + 1), sizeof(uint32_t)) < 0) return -1;
+    Q->idents[3 * Q->nidents] = off;
+    Q->idents[3 * Q->nidents + 1] = len;
+    Q->idents[3 * Q->nidents + 2] = meta;
+    Q->nidents++;
+    rec->nident++;
+    return 0;
+}
+
+/* code points of validated UTF-8 */
+static size_t cp_len(const uint8_t *s, uint32_t n) {
+    size_t k, c = 0;
+    for (k = 0; k < n; k++) c += (s[k] & 0xC0) != 0x80;
+    return c;
+}
+
+/* a plain string member or None; FB for anything else */
+static int plain_or_none(parser *P, int i) {
+    if (is_none(P, i)) return ABSENT;
+    if (P->nodes[i].type != J_STR || P->nodes[i].esc) return FB;
+    return i;
+}
+
+/* a Patient's names, address lines and telecoms, in collect_identifiers' order and under its rules (any
+ * shape it would stop at or skip: FB). 0, FB, -1 out of memory */
+static int patient_idents(parser *P, Prepared *Q, linerec *rec, int root) {
+    int x, c, e;
+    x = get(P, root, "name");
+    if (!is_none(P, x)) {
+        if (P->nodes[x].type != J_ARR) return FB;
+        for (c = P->nodes[x].child; c >= 0; c = P->nodes[c].next) {
+            int given, family, text, ngiven = 0, nparts = 0, first = -1;
+            size_t cps = 0, bytes = 0;
+            if (P->nodes[c].type != J_OBJ) return FB;
+            given = get(P, c, "given");
+            if (!is_none(P, given)) {
+                if (P->nodes[given].type != J_ARR) return FB;
+                for (e = P->nodes[given].child; e >= 0; e = P->nodes[e].next) {
+                    if (P->nodes[e].type != J_STR || P->nodes[e].esc) return FB;
+                    if (P->nodes[e].len == 0) continue;
+                    ngiven++;
+                }
+            } else {
+                given = ABSENT;
+            }
+            family = plain_or_none(P, get(P, c, "family"));
+            if (family == FB) return FB;
+            if (family >= 0 && P->nodes[family].len == 0) family = ABSENT;
+            text = plain_or_none(P, get(P, c, "text"));
+            if (text == FB) return FB;
+            /* full = " ".join(given + [family]) */
+            if (given >= 0)
+                for (e = P->nodes[given].child; e >= 0; e = P->nodes[e].next)
+                    if (P->nodes[e].len) {
+                        if (first < 0) first = e;
+                        cps += cp_len(P->s + P->nodes[e].off, P->nodes[e].len);
+                        bytes += P->nodes[e].len;
+                        nparts++;
+                    }
+            if (family >= 0) {
+                if (first < 0) first = family;
+                cps += cp_len(P->s + P->nodes[family].off, P->nodes[family].len);
+                bytes += P->nodes[family].len;
+                nparts++;
+            }
+            if (nparts) {
+                cps += (size_t)(nparts - 1);
+                bytes += (size_t)(nparts - 1);
+            }
+            if (nparts && (ngiven || cps >= 4)) {
+                if (nparts == 1) {
+                    if (push_ident(Q, rec, P->nodes[first].off, P->nodes[first].len, IK_NAME) < 0) return -1;
+                } else {
+                    size_t at = Q->arena.len;
+                    int sep = 0;
+                    if (bytes > (size_t)UINT32_MAX || gb_reserve(&Q->arena, bytes) < 0) return -1;
+                    if (given >= 0)
+                        for (e = P->nodes[given].child; e >= 0; e = P->nodes[e].next)
+                            if (P->nodes[e].len) {
+                                if (sep) Q->arena.p[Q->arena.len++] = ' ';
+                                memcpy(Q->arena.p + Q->arena.len, P->s + P->nodes[e].off, P->nodes[e].len);
+                                Q->arena.len += P->nodes[e].len;
+                                sep = 1;
+                            }
+                    if (family >= 0) {
+                        if (sep) Q->arena.p[Q->arena.len++] = ' ';
+                        memcpy(Q->arena.p + Q->arena.len, P->s + P->nodes[family].off, P->nodes[family].len);
+                        Q->arena.len += P->nodes[family].len;
+                    }
+                    if (push_ident(Q, rec, (uint32_t)at, (uint32_t)bytes, IK_NAME | IK_ARENA) < 0) return -1;
+                }
+            }
+            if (family >= 0 && cp_len(P->s + P->nodes[family].off, P->nodes[family].len) >= 4)
+                if (push_ident(Q, rec, P->nodes[family].off, P->nodes[family].len, IK_FAMILY) < 0) return -1;
+            if (text >= 0 && P->nodes[text].len)
+                if (push_ident(Q, rec, P->nodes[text].off, P->nodes[text].len, IK_NAME) < 0) return -1;
+        }
+    }
+    x = get(P, root, "address");
+    if (!is_none(P, x)) { /* an array of objects (flat_patient checked it) */
+        for (c = P->nodes[x].child; c >= 0; c = P->nodes[c].next) {
+            int lines;
+            if (P->nodes[c].type != J_OBJ) return FB;
+            lines = get(P, c, "line");
+            if (is_none(P, lines)) continue;
+            if (P->nodes[lines].type != J_ARR) return FB;
+            for (e = P->nodes[lines].child; e >= 0; e = P->nodes[e].next) {
+                if (P->nodes[e].type != J_STR || P->nodes[e].esc) return FB;
+                if (P->nodes[e].len && push_ident(Q, rec, P->nodes[e].off, P->nodes[e].len, IK_ADDRESS) < 0) return -1;
+            }
+        }
+    }
+    x = get(P, root, "telecom");
+    if (!is_none(P, x)) {
+        if (P->nodes[x].type != J_ARR) return FB;
+        for (c = P->nodes[x].child; c >= 0; c = P->nodes[c].next) {
+            int v;
+            if (P->nodes[c].type != J_OBJ) return FB;
+            v = plain_or_none(P, get(P, c, "value"));
+            if (v == FB) return FB;
+            if (v >= 0 && P->nodes[v].len && push_ident(Q, rec, P->nodes[v].off, P->nodes[v].len, IK_TELECOM) < 0)
+                return -1;
+        }
     }
     return 0;
 }
@@ -2009,6 +2371,10 @@ static int prepare_line(Flat *F, Prepared *Q, linerec *rec, const uint8_t *s, si
         R.pk_col = 1, R.ek_col = 2;
         if (flat_procedure(P, root, &R) == FB) return FB;
         break;
+    case K_PATIENT:
+        R.pk_col = -1, R.ek_col = -1;
+        if (flat_patient(P, root, &R) == FB) return FB;
+        break;
     default:
         R.pk_col = 1, R.ek_col = 2;
         if (flat_condition(P, root, &R) == FB) return FB;
@@ -2020,7 +2386,8 @@ static int prepare_line(Flat *F, Prepared *Q, linerec *rec, const uint8_t *s, si
     rec->rid_len = P->nodes[x].len;
     rec->pk_col = R.pk_col;
     rec->ek_col = R.ek_col;
-    if ((rec->has_pk = ref_key(F, &R.pk, "Patient", &F->pcache, rec->pk)) < 0) return -1;
+    rec->has_pk = 0;
+    if (R.pk_col >= 0 && (rec->has_pk = ref_key(F, &R.pk, "Patient", &F->pcache, rec->pk)) < 0) return -1;
     rec->has_ek = 0;
     if (R.ek_col >= 0 && (rec->has_ek = ref_key(F, &R.ek, "Encounter", &F->ecache, rec->ek)) < 0) return -1;
     rec->ident0 = (int32_t)Q->nidents;
@@ -2029,12 +2396,13 @@ static int prepare_line(Flat *F, Prepared *Q, linerec *rec, const uint8_t *s, si
         for (c = P->nodes[ident].child; c >= 0; c = P->nodes[c].next) {
             int v = get(P, c, "value");
             if (is_none(P, v) || P->nodes[v].len == 0) continue;
-            if (grow((void **)&Q->idents, &Q->capidents, 2 * (Q->nidents + 1), sizeof(uint32_t)) < 0) return -1;
-            Q->idents[2 * Q->nidents] = P->nodes[v].off;
-            Q->idents[2 * Q->nidents + 1] = P->nodes[v].len;
-            Q->nidents++;
-            rec->nident++;
+            if (push_ident(Q, rec, P->nodes[v].off, P->nodes[v].len, IK_IDENTIFIER) < 0) return -1;
         }
+    if (F->kind == K_PATIENT) {
+        int r = patient_idents(P, Q, rec, root);
+        if (r != 0) return r;
+        if (P->dup) return FB;
+    }
     if (grow((void **)&Q->rows, &Q->caprows, Q->nrows + (size_t)R.nrows, sizeof(rowrec)) < 0) return -1;
     rec->row0 = (int32_t)Q->nrows;
     rec->nrows = R.nrows;
@@ -2088,6 +2456,8 @@ static PyObject *Flat_prepare(Flat *F, PyObject *block) {
     Q->nrows = Q->caprows = 0;
     Q->idents = NULL;
     Q->nidents = Q->capidents = 0;
+    Q->arena.p = NULL;
+    Q->arena.len = Q->arena.cap = 0;
     Q->lines = NULL;
     Q->ptr = NULL;
     Q->len = NULL;
@@ -2188,7 +2558,7 @@ static int commit_line(Flat *F, Prepared *Q, runctx *X, const linerec *rec, Py_s
         if (cand <= X->vfirst || (X->threshold && (X->vcap < 0 || X->vdone < X->vcap) && h < X->threshold))
             return FB; /* picked for validation: the Python path validates it */
     }
-    if (X->pkeys != Py_None && rec->nrows && rec->has_pk) {
+    if (F->kind != K_PATIENT && X->pkeys != Py_None && rec->nrows && rec->has_pk) {
         i = known_patient(F, X, rec->pk);
         if (i < 0) return -1;
         if (i == 0) return FB; /* dangling: Python counts and decides */
@@ -2211,15 +2581,17 @@ static int commit_line(Flat *F, Prepared *Q, runctx *X, const linerec *rec, Py_s
         if (add_identifier_cols(X->idcols, rec->s + rec->rid_off, rec->rid_len, "id") < 0) goto fail;
     } else if (add_identifier(X->chunk, rid, F->s_id) < 0) goto fail;
     for (i = 0; i < rec->nident; i++) {
-        uint32_t off = Q->idents[2 * (rec->ident0 + i)], len = Q->idents[2 * (rec->ident0 + i) + 1];
+        uint32_t off = Q->idents[3 * (rec->ident0 + i)], len = Q->idents[3 * (rec->ident0 + i) + 1];
+        uint32_t meta = Q->idents[3 * (rec->ident0 + i) + 2], ik = meta & 0xFF;
+        const uint8_t *src = (meta & IK_ARENA) ? Q->arena.p : rec->s;
         PyObject *vs;
         if (X->idcols) {
-            if (add_identifier_cols(X->idcols, rec->s + off, len, "identifier") < 0) goto fail;
+            if (add_identifier_cols(X->idcols, src + off, len, IK_TEXT[ik]) < 0) goto fail;
             continue;
         }
-        vs = PyUnicode_DecodeUTF8((const char *)rec->s + off, len, "strict");
+        vs = PyUnicode_DecodeUTF8((const char *)src + off, len, "strict");
         if (!vs) goto fail;
-        if (add_identifier(X->chunk, vs, F->s_identifier) < 0) {
+        if (add_identifier(X->chunk, vs, F->s_kind[ik]) < 0) {
             Py_DECREF(vs);
             goto fail;
         }
@@ -2231,7 +2603,8 @@ static int commit_line(Flat *F, Prepared *Q, runctx *X, const linerec *rec, Py_s
         Py_ssize_t r = C->nrows;
         cols_mark(C, m);
         if (col_str(&C->cols[0], r, w->key, 32) < 0 ||
-            (rec->has_pk ? col_str(&C->cols[rec->pk_col], r, rec->pk, 32) : col_null(&C->cols[rec->pk_col], r)) < 0 ||
+            (rec->pk_col >= 0 &&
+             (rec->has_pk ? col_str(&C->cols[rec->pk_col], r, rec->pk, 32) : col_null(&C->cols[rec->pk_col], r)) < 0) ||
             (rec->ek_col >= 0 &&
              (rec->has_ek ? col_str(&C->cols[rec->ek_col], r, rec->ek, 32) : col_null(&C->cols[rec->ek_col], r)) < 0)) {
             cols_rollback(C, m);
@@ -2245,6 +2618,15 @@ static int commit_line(Flat *F, Prepared *Q, runctx *X, const linerec *rec, Py_s
             }
         }
         C->nrows++;
+    }
+    if (F->kind == K_PATIENT && X->pkeys != Py_None && rec->nrows) { /* session.patient_keys.add(key) */
+        PyObject *k = PyUnicode_FromStringAndSize(Q->rows[rec->row0].key, 32);
+        if (!k) goto fail;
+        if (PySet_Add(X->pkeys, k) < 0) {
+            Py_DECREF(k);
+            goto fail;
+        }
+        Py_DECREF(k);
     }
     Py_DECREF(rid);
     X->n_cand++;
@@ -2381,10 +2763,11 @@ static int Flat_init(Flat *F, PyObject *args, PyObject *kw) {
         if (strcmp(kind, KIND_TYPE[k]) == 0) break;
     if (k == N_KINDS) {
         PyErr_SetString(PyExc_ValueError,
-                        "kind must be Observation, Encounter, Condition, MedicationRequest or Procedure");
+                        "kind must be Observation, Encounter, Condition, MedicationRequest, Procedure or Patient");
         return -1;
     }
     F->kind = k;
+    F->P.patient = k == K_PATIENT;
     rc_clear(&F->pcache);
     rc_clear(&F->ecache);
     rc_clear(&F->known);
@@ -2393,10 +2776,17 @@ static int Flat_init(Flat *F, PyObject *args, PyObject *kw) {
     F->s_id = PyUnicode_InternFromString("id");
     F->s_identifier = PyUnicode_InternFromString("identifier");
     if (!F->s_id || !F->s_identifier) return -1;
+    for (k = 0; k < N_IK; k++) {
+        Py_CLEAR(F->s_kind[k]);
+        F->s_kind[k] = PyUnicode_InternFromString(IK_TEXT[k]);
+        if (!F->s_kind[k]) return -1;
+    }
     return 0;
 }
 
 static void Flat_dealloc(Flat *F) {
+    int k;
+    for (k = 0; k < N_IK; k++) Py_CLEAR(F->s_kind[k]);
     Py_CLEAR(F->s_id);
     Py_CLEAR(F->s_identifier);
     free(F->P.nodes);

@@ -343,7 +343,8 @@ def _ingest_lines(session: IngestSession, fname: str, rtype: str, blocks: Iterab
             if commit is None:
                 seg, pos = block, nblock
             else:  # the compiled flatten takes the plain lines; the loop below gets the others, one by one
-                nxt, took, why = commit(prep, pos, lineno, buf, seen_ids, pkeys, ids_chunk, n_cand, vdone,
+                nxt, took, why = commit(prep, pos, lineno, buf, seen_ids, patient_keys if is_patient else pkeys,
+                                        ids_chunk, n_cand, vdone,
                                         -1 if vcap is None else vcap, validate_first, threshold, file_salt,
                                         batch_rows)
                 lineno += nxt - pos

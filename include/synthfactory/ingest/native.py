@@ -6,7 +6,9 @@ helper thread one block ahead, and ``commit`` (the checks against the session's 
 effects, in line order) on the ingest thread, so the two cores share the work of one process.
 
 It covers Observation, Encounter and Condition (the rows of the hand-written flatteners) and MedicationRequest
-and Procedure (the rows of their built-in ViewDefinitions), and only the lines it can prove plain: strict JSON, the shapes the hand-written flatteners read, canonical dateTimes, ``Type/id``
+and Procedure (the rows of their built-in ViewDefinitions) and Patient (the hand-written flattener's row; its
+identifiers, names, address lines and telecoms in ``collect_identifiers``' order, and its key added to the
+session's patient keys), and only the lines it can prove plain: strict JSON, the shapes the hand-written flatteners read, canonical dateTimes, ``Type/id``
 references, no escapes in a value it keeps. Every other line (invalid, unusual, a duplicate id, one picked
 for validation, a dangling reference, a modifierExtension) is handed to the Python loop untouched, so the
 rows, quarantine records and report are the Python path's (tests/ingest/test_native.py proves it,
@@ -30,7 +32,7 @@ except ImportError:  # built without a C compiler: the Python path
     _flatc = None
 
 #: resource types the compiled flatten covers (the others always take the Python path)
-TYPES = ("Observation", "Encounter", "Condition", "MedicationRequest", "Procedure")
+TYPES = ("Observation", "Encounter", "Condition", "MedicationRequest", "Procedure", "Patient")
 _PROBES = (("Patient", "probe-1"), ("Encounter", "e/2"), ("Observation", "x#0"),
            ("Observation", "\u00e9t\u00e9-\u4e2d"), ("Condition", "y" * 200))
 
@@ -43,7 +45,7 @@ def available() -> bool:
 
 def columns(schema: Any) -> Any | None:
     """A row buffer for a table of ``schema`` that keeps its rows as Arrow buffers (string, float64 and
-    timestamp[us] columns), or None when the module is missing or a column has another type. Python rows
+    timestamp[us], bool and date32 columns), or None when the module is missing or a column has another type. Python rows
     go in with ``append``/``extend`` like into a list; :func:`arrays` turns it into Arrow arrays."""
     import pyarrow as pa
 
@@ -57,6 +59,10 @@ def columns(schema: Any) -> Any | None:
             kinds.append("d")
         elif pa.types.is_timestamp(f.type) and f.type.unit == "us":
             kinds.append("t")
+        elif pa.types.is_boolean(f.type):
+            kinds.append("b")
+        elif pa.types.is_date32(f.type):
+            kinds.append("D")
         else:
             return None
     return _flatc.Columns("".join(kinds))
