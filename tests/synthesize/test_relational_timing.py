@@ -92,7 +92,7 @@ def test_the_encounter_class_is_drawn_with_the_row(real, model, synthetic):
 
 def test_the_model_keeps_aggregates_of_the_real_times_only(real, model):
     gaps = model.layout.children["encounter"].timing["gaps"]
-    assert set(gaps) == {"quantiles", "window", "durations"}
+    assert set(gaps) == {"quantiles", "window", "durations", "spans"}
     assert all(len(q) == relational.POSITION_QUANTILES for q in gaps["quantiles"].values())
     counts = real["encounter"]["class_code"].value_counts()
     assert set(gaps["durations"]) == set(counts[counts >= 50].index)  # classes with >= 50 encounters, as quantiles

@@ -1,0 +1,105 @@
+"""The merged relational model (per-code lab counts + event timing): a row is drawn with an encounter class the
+patient has (its values those of that kind of encounter), and a patient's encounters span as long as real
+patients' with as many encounters do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from synthfactory.synthesize import relational
+from synthfactory.testing.records import relational_tables
+
+
+@pytest.fixture(scope="module")
+def real():
+    return relational_tables(150, seed=11, with_medications=True)
+
+
+@pytest.fixture(scope="module")
+def model(real):
+    return relational.fit(real, root_kind="cart", child_kind="cart", seed=1)
+
+
+@pytest.fixture(scope="module")
+def synthetic(model):
+    return relational.sample(model, 150, batch_size=80, seed=2)
+
+
+def test_absent_class_marks_rows_whose_patient_has_no_encounter_of_that_class():
+    enc = pd.DataFrame({"patient_key": ["a", "a", "b"], "class_code": ["AMB", "IMP", "AMB"]})
+    cls = pd.Series(["IMP", "IMP", relational.NO_ENCOUNTER, None, "EMER"])
+    keys = np.array(["a", "b", "b", "b", "a"])
+    assert relational.absent_class(cls, keys, enc).tolist() == [False, True, False, False, True]
+
+
+def _spans(enc: pd.DataFrame) -> pd.Series:
+    g = enc.groupby("patient_key")["start"]
+    return (g.max() - g.min()).dt.total_seconds() / 86400.0
+
+
+def _total(fixes: dict, suffix: str) -> int:
+    return sum(v for k, v in fixes.items() if k.endswith(suffix))
+
+
+def test_rows_are_drawn_with_a_class_their_patient_has(synthetic):
+    _, fixes = synthetic
+    drawn = _total(fixes, "_absent_class_drawn")
+    assert drawn > 0  # the check can fail: rows are drawn with classes their patient lacks
+    assert _total(fixes, "_absent_class_kept") <= max(2, 0.1 * drawn), fixes
+    assert _total(fixes, "_encounter_class_relaxed") <= max(2, 0.1 * drawn), fixes
+
+
+def test_without_the_redraw_rows_land_in_encounters_of_another_class(model, monkeypatch):
+    monkeypatch.setattr(relational, "redraw_absent_classes", lambda synth, out, *a, **k: out)
+    _, fixes = relational.sample(model, 150, batch_size=80, seed=2)
+    assert _total(fixes, "_encounter_class_relaxed") > 0
+
+
+def test_a_patients_encounters_span_as_long_as_real_ones(real, model, synthetic):
+    syn, _ = synthetic
+    spans = model.layout.children["encounter"].timing["gaps"]["spans"]
+    assert all(len(q) == relational.POSITION_QUANTILES for q in spans.values())
+    r, s = _spans(real["encounter"]), _spans(syn["encounter"])
+    assert s.max() <= r.max() + 1.0, (s.max(), r.max())  # never longer than the real longest record
+    from scipy.stats import ks_2samp
+
+    assert ks_2samp(r.to_numpy(), s.to_numpy()).statistic < 0.15
+
+
+def test_code_n_bucket():
+    assert relational.code_n_bucket([1, 2, 3, 4, 7, 8, 0]).tolist() == [0, 1, 1, 2, 2, 3, 0]
+
+
+def test_a_value_is_drawn_given_how_often_the_patient_has_its_code():
+    """CartChild with CODE_N after the code: a patient measured once draws the values of once-measured patients,
+    a monitored one (8+ values) those of monitored patients."""
+    rng = np.random.default_rng(0)
+    n = 1200
+    code_n = rng.choice([0.0, 3.0], size=n)
+    frame = pd.DataFrame({"ctx_sex": rng.choice(["f", "m"], size=n), "code": ["2345-7"] * (n // 2) + ["x"] * (n // 2),
+                          relational.CODE_N: code_n,
+                          "value_num": np.where(code_n == 0, 97.0, 180.0) + rng.normal(0, 5, size=n)})
+    child = relational.CartChild(["ctx_sex"], "code", None, [], pd.Timestamp("2025-01-01"), seed=1, min_leaf=30)
+    child.fit(frame)
+    assert child.code_n and list(child.cart.columns[:3]) == ["ctx_sex", "code", relational.CODE_N]
+    given = pd.DataFrame({"ctx_sex": ["f"] * 200, "code": ["2345-7"] * 200, relational.CODE_N: [0.0] * 100 + [3.0] * 100})
+    out = child.sample_given(given)
+    assert (out[relational.CODE_N].to_numpy() == given[relational.CODE_N].to_numpy()).all()
+    assert out["value_num"][:100].median() < 110 < out["value_num"][100:].median()
+
+
+def test_the_counted_codes_carry_the_patients_count_of_them():
+    real = relational_tables(320, seed=11, with_medications=True)
+    layout = relational.derive_layout(real)
+    root = relational.root_frame(real, layout)
+    frame = relational.child_frame(real, layout, "observation", relational.context_frame(root, layout), code_n=True)
+    prepared = relational._prepared(real["observation"], layout.children["observation"].concepts, [])
+    per = prepared.groupby([prepared["patient_key"], prepared["code"]])["code"].transform("size")
+    assert frame[relational.CODE_N].tolist() == relational.code_n_bucket(per.to_numpy()).tolist()
+    model = relational.fit(real, root_kind="cart", child_kind="cart", seed=1)
+    obs = model.children["observation"]
+    assert model.layout.children["observation"].count_codes and obs.code_n
+    syn, _ = relational.sample(model, 120, batch_size=80, seed=2)
+    assert relational.CODE_N not in syn["observation"].columns  # a model internal, never released
