@@ -168,6 +168,9 @@ class ChildLayout:
     # where linked rows sit inside their encounter (aggregates, see :func:`encounter_timing`); empty: snapping only
     timing: dict[str, Any] = field(default_factory=dict)
     count_codes: dict[str, str] = field(default_factory=dict)  # root column n_<table>__<code> -> code token
+    # col -> "<code>|<count bucket>" -> mean, sd: a counted code's values standardised within the patients with as
+    # many rows of it (:func:`stratum_stats`); the code's own stats where a stratum is too small
+    strata_stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -291,6 +294,114 @@ def _decimals(s: pd.Series) -> int:
     return 6
 
 
+#: a (code, count bucket) stratum gets its own value map with at least this many real values from at least
+#: :data:`STRATUM_MIN_PATIENTS` patients (an aggregate of many patients, never one patient's values)
+STRATUM_MIN_VALUES = 50
+STRATUM_MIN_PATIENTS = 20
+#: quantiles kept per stratum (probabilities evenly spaced from 0 to 1)
+STRATUM_QUANTILES = 41
+
+
+def stratum_stats(df: pd.DataFrame, codes: set[str], columns: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Per value column: the quantiles (:data:`STRATUM_QUANTILES`) of each counted code's values among the
+    patients with as many rows of that code (:func:`code_n_bucket`), keyed ``"<code>|<bucket>"``. The value
+    model draws standardised values from leaves that hold many codes and counts (``min_leaf`` rows: about 630
+    in a 100k-row observation table), so a stratum smaller than a leaf (the ~340 glucose values of patients
+    measured once) took the location and shape of the code as a whole. Its values are mapped to normal scores
+    through its own quantiles and back (:func:`standardise`), so a pooled leaf still gives each stratum its
+    own distribution. Measured on clinosim seed 67: patients measured once, real glucose median 98 (IQR
+    94-103), drawn at 105.5 (IQR 92-137) before; the patients' last glucose quartiles 93/110/143 vs 95/99/107."""
+    if not codes or "code" not in df or not columns:
+        return {}
+    d = df[df["code"].notna()]
+    d = d[d["code"].astype(str).isin(codes)]
+    if d.empty:
+        return {}
+    code = d["code"].astype(str)
+    bucket = code_n_bucket(code.groupby([d[KEY].astype(str), code]).transform("size").to_numpy()).astype(int)
+    key = code + "|" + pd.Series(bucket, index=d.index).astype(str)
+    probs = np.linspace(0.0, 1.0, STRATUM_QUANTILES)
+    out: dict[str, dict[str, list[float]]] = {}
+    for c in columns:
+        if c not in d:
+            continue
+        v = pd.to_numeric(d[c], errors="coerce")
+        ok = v.notna()
+        frame = pd.DataFrame({"k": key[ok], "v": v[ok], "p": d.loc[ok, KEY].astype(str)})
+        kept: dict[str, list[float]] = {}
+        for k, g in frame.groupby("k"):
+            if len(g) >= STRATUM_MIN_VALUES and g["p"].nunique() >= STRATUM_MIN_PATIENTS and g["v"].nunique() > 1:
+                kept[str(k)] = [float(x) for x in np.quantile(g["v"].to_numpy(dtype=float), probs)]
+        if kept:
+            out[c] = kept
+    return out
+
+
+def _strata_keys(cl: "ChildLayout", col: str, df: pd.DataFrame) -> pd.Series | None:
+    ss = cl.strata_stats.get(col) if getattr(cl, "strata_stats", None) else None
+    if not ss or CODE_N not in df.columns or "code" not in df.columns:
+        return None
+    n = pd.to_numeric(df[CODE_N], errors="coerce").round()
+    key = df["code"].astype(str) + "|" + n.astype("Int64").astype(str)
+    return key.where(key.isin(list(ss)))
+
+
+def _quantile_grid(q: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Strictly increasing values (ties spread by a negligible step) and their probabilities."""
+    x = np.asarray(q, dtype=float)
+    x = x + np.arange(x.size) * (max(abs(x[-1] - x[0]), 1.0) * 1e-9)
+    return x, np.linspace(0.0, 1.0, x.size)
+
+
+#: normal scores are kept inside +-this many sd (probabilities 1e-4 .. 1 - 1e-4 at the ends of a stratum)
+STRATUM_Z = 3.719
+
+
+def standardise(cl: "ChildLayout", col: str, df: pd.DataFrame) -> pd.Series:
+    """``df[col]`` standardised row by row: a row of a (code, count bucket) stratum with quantiles
+    (:func:`stratum_stats`; the row carries :data:`CODE_N`) to its normal score within the stratum, any other
+    row with a code stat to (value - code mean) / code sd; rows without either unchanged."""
+    from scipy.stats import norm
+
+    st = cl.code_stats[col]
+    code = df["code"].astype(str)
+    mean, sd = code.map({k: v[0] for k, v in st.items()}), code.map({k: v[1] for k, v in st.items()})
+    vals = pd.to_numeric(df[col], errors="coerce")
+    out = ((vals - mean) / sd).where(mean.notna(), df[col])
+    keys = _strata_keys(cl, col, df)
+    if keys is not None:
+        arr, k_arr, v_all = out.to_numpy(dtype=object).copy(), keys.to_numpy(dtype=object), vals.to_numpy(dtype=float)
+        for k in pd.unique(keys.dropna()):
+            rows = k_arr == k
+            x, p = _quantile_grid(cl.strata_stats[col][k])
+            v = v_all[rows]
+            z = norm.ppf(np.clip(np.interp(v, x, p), norm.cdf(-STRATUM_Z), norm.cdf(STRATUM_Z)))
+            arr[rows] = np.where(np.isnan(v), np.nan, z)
+        out = pd.Series(arr, index=df.index, name=col).astype(float)
+    return out
+
+
+def destandardise(cl: "ChildLayout", col: str, df: pd.DataFrame) -> pd.Series:
+    """The inverse of :func:`standardise` (no clipping here)."""
+    from scipy.stats import norm
+
+    st = cl.code_stats[col]
+    code = df["code"].astype(str)
+    mean, sd = code.map({k: v[0] for k, v in st.items()}), code.map({k: v[1] for k, v in st.items()})
+    z = pd.to_numeric(df[col], errors="coerce")
+    out = (z * sd + mean).where(mean.notna(), df[col])
+    keys = _strata_keys(cl, col, df)
+    if keys is not None:
+        arr, k_arr, z_all = out.to_numpy(dtype=object).copy(), keys.to_numpy(dtype=object), z.to_numpy(dtype=float)
+        for k in pd.unique(keys.dropna()):
+            rows = k_arr == k
+            x, p = _quantile_grid(cl.strata_stats[col][k])
+            zz = z_all[rows]
+            arr[rows] = np.where(np.isnan(zz), np.nan, np.interp(norm.cdf(zz), p, x))
+        out = pd.Series(arr, index=df.index, name=col).astype(float)
+    return out
+
+
 def derive_layout(tables: dict[str, pd.DataFrame], *, flags_top: int = 3, age_band_years: int = 20,
                   reference: str | None = None, exclude: tuple[str, ...] = (),
                   extra_flags: tuple[str, ...] = ()) -> Layout:
@@ -368,6 +479,7 @@ def derive_layout(tables: dict[str, pd.DataFrame], *, flags_top: int = 3, age_ba
                                                              if share[c] >= COUNT_CODES_UNIVERSAL]
             chosen = list(dict.fromkeys(chosen))
             count_codes = {code_count_column(name, c): str(c) for c in chosen}
+        strata_stats = stratum_stats(df, set(count_codes.values()), list(code_stats)) if count_codes else {}
         link_rate = snap_rate = 0.0
         if ENC_KEY in df.columns and name != ENCOUNTER:
             link_rate = float(df[ENC_KEY].notna().mean())
@@ -384,7 +496,7 @@ def derive_layout(tables: dict[str, pd.DataFrame], *, flags_top: int = 3, age_ba
                                      code_column="code" if name == "condition" and "code" in df else None,
                                      code_stats=code_stats, decimals=decimals, concepts=concepts,
                                      free_text=free, value_codes=value_codes, timing=timing,
-                                     count_codes=count_codes)
+                                     count_codes=count_codes, strata_stats=strata_stats)
         del raw
     flags: list[str] = []
     cond = tables.get("condition")
@@ -928,10 +1040,8 @@ def child_frame(tables: dict[str, pd.DataFrame], layout: Layout, name: str, ctx:
             out[c] = _naive_utc(out[c])
         elif not pd.api.types.is_numeric_dtype(out[c]) and not pd.api.types.is_bool_dtype(out[c]):
             out[c] = out[c].astype(object).where(out[c].notna(), None)
-    for c, stats in cl.code_stats.items():  # values standardised within their code (per-code location/scale)
-        mean = out["code"].astype(str).map({k: v[0] for k, v in stats.items()})
-        sd = out["code"].astype(str).map({k: v[1] for k, v in stats.items()})
-        out[c] = ((out[c] - mean) / sd).where(mean.notna(), out[c])
+    for c in cl.code_stats:  # values standardised within their code (and count stratum, see stratum_stats)
+        out[c] = standardise(cl, c, out)
     out = out.merge(ctx, on=KEY, how="inner")
     return out.drop(columns=[KEY])
 
@@ -1516,10 +1626,10 @@ def _destandardise(df: pd.DataFrame, cl: ChildLayout) -> pd.DataFrame:
         return df
     code = df["code"].astype(str)
     for c, st in cl.code_stats.items():
-        mean, sd = code.map({k: v[0] for k, v in st.items()}), code.map({k: v[1] for k, v in st.items()})
+        has = code.map({k: v[0] for k, v in st.items()}).notna()
         lo, hi = code.map({k: v[2] for k, v in st.items()}), code.map({k: v[3] for k, v in st.items()})
-        val = (pd.to_numeric(df[c], errors="coerce") * sd + mean).clip(lower=lo, upper=hi)
-        df[c] = val.round(cl.decimals.get(c, 6)).where(mean.notna(), df[c])
+        val = pd.to_numeric(destandardise(cl, c, df), errors="coerce").clip(lower=lo, upper=hi)
+        df[c] = val.round(cl.decimals.get(c, 6)).where(has, df[c])
     return df
 
 
