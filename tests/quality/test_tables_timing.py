@@ -215,3 +215,13 @@ def test_trajectory_spec_resolves_features_and_refuses_unknown_names():
     demo["quality"]["relational"] = {"interval_ks_margin": 0.03}
     spec = parse_spec(demo)
     assert spec.quality.trajectory.period_days == 180 and spec.quality.relational.interval_ks_margin == 0.03
+
+
+def test_a_figure_whose_reference_came_from_one_resplit_is_reported_not_gated():
+    fig = {"tables": {"procedure": {"interval_ks": {"mean": 0.30}, "first_age_ks": {"mean": 0.30}}}}
+    one = {"mean": 0.16, "sd": 0.0, "n": 1}
+    two = {"mean": 0.16, "sd": 0.01, "n": 2}
+    ref = {"tables": {"procedure": {"interval_ks": one, "first_age_ks": two}}}
+    gate = qt.gate_tables(fig, ref, None, noise_z=2.0)["tables"]["procedure"]
+    assert [r["figure"] for r in gate["checks"]] == ["first_age_ks"]  # judged: two re-splits, and it fails
+    assert not gate["passed"] and gate["unjudged"] == ["interval_ks"]
