@@ -500,6 +500,11 @@ def quality(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary) -
                                             metadata=metadata, rows=reference["rows_holdout"],
                                             eligible=reference["eligible_columns"],
                                             repeats=qt.reference.matched_repeats, seed=ctx.spec.synthesizer.seed)
+        # the suite on synthetic subsets of the held-out size: a range or quantile expectation fails more often
+        # on more rows (a value beyond the train max: 1 - n/(n+m) for m new rows), so the synthetic share is
+        # compared with the real one at the same row count, as the SDMetrics figures are
+        result["matched"]["expectation_success_ratio"] = _matched_expectations(
+            suite, synthetic, rows=len(holdout), repeats=qt.reference.matched_repeats, seed=ctx.spec.synthesizer.seed)
         if sampled.get("tables"):  # relational mode: every table beside its real-data reference, gated per table
             result["tables"] = _relational_quality(ctx, prepared, sampled)
         report_uri = ctx.uri("reports", "quality.json")
@@ -520,7 +525,8 @@ def quality(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary) -
                                     for r in result["relationships"]},
                   "reference": _reference_summary(reference),
                   "matched": {k: _r((result["matched"].get(k) or {}).get("mean"))
-                              for k in ("quality_score", "column_shapes", "column_pair_trends", "min_column_score")},
+                              for k in ("quality_score", "column_shapes", "column_pair_trends", "min_column_score",
+                                        "expectation_success_ratio")},
                   "matched_rows": result["matched"]["rows"],
                   "utility_status": util.get("status"), "utility_metric": util.get("metric"),
                   "utility_tstr": _r(util.get("tstr")), "utility_trtr": _r(util.get("trtr")),
@@ -544,7 +550,8 @@ def _relational_quality(ctx: RunContext, prepared: PrepareSummary, sampled: Samp
     # the time and cross-table figures: a spec-named lab's trajectory, the top codes' co-occurrence
     timing = {"trajectory": qtab.Trajectory.from_spec(qt.trajectory, ctx.spec.features),
               "cooccurrence_top": rel.cooccurrence_top}
-    ref = qtab.relational_reference(real, holdout_fraction=ctx.spec.synthesizer.holdout_fraction, seed=seed, **timing)
+    ref = qtab.relational_reference(real, holdout_fraction=ctx.spec.synthesizer.holdout_fraction, seed=seed,
+                                    resplits=qt.reference.resplits, **timing)
     fig = qtab.synthetic_figures(real, syn, patients=ref["holdout_patients"], seed=seed, **timing)
     checks = qtab.run_table_checks(real, syn)
     gate = qtab.gate_tables(fig, ref, checks, noise_z=qt.reference.noise_z,  # the patient table's noise rule
@@ -555,6 +562,25 @@ def _relational_quality(ctx: RunContext, prepared: PrepareSummary, sampled: Samp
     if qt.trajectory is not None:
         out["trajectory"] = {k: v for k, v in qt.trajectory.model_dump(mode="json").items()}
     return out
+
+
+def _matched_expectations(suite: dict, synthetic: Any, *, rows: int, repeats: int, seed: int) -> dict | None:
+    """The suite's success share on ``repeats`` seeded subsets of ``rows`` synthetic rows (summarised); None
+    when the synthetic table is not larger than ``rows`` (the whole table's share is then the matched one)."""
+    import numpy as np
+
+    from synthfactory.quality.expectations import run_suite
+    from synthfactory.quality.reference import summarise
+
+    if rows < 1 or len(synthetic) <= rows:
+        return None
+    rng = np.random.default_rng(seed + 104729)
+    shares = []
+    for _ in range(max(1, int(repeats))):
+        idx = np.sort(rng.choice(len(synthetic), size=rows, replace=False))
+        shares.append(float(run_suite(suite, synthetic.iloc[idx].reset_index(drop=True))["success_ratio"]))
+    out = summarise(shares)
+    return {**out, "rows": int(rows), "repeats": len(shares)} if out else None
 
 
 def _effect_summary(effect: dict | None) -> dict | None:

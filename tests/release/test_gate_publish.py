@@ -149,3 +149,17 @@ def test_publisher_refuses_unapproved_and_tampered(tmp_path):
     with pytest.raises(PublishRefused, match="does not match"):  # never audited at all
         publish(files, decision=signed({"approved": True, "audited_files": {}}, "p", "p", ""), **kw)
     assert w.order == []  # nothing was uploaded
+
+
+def test_expectations_are_judged_at_the_held_out_row_count():
+    """The whole synthetic table's share is reported; the gate judges the share on held-out-sized subsets."""
+    ref = {"expectation_success_ratio": {"mean": 0.96, "sd": 0.01, "n": 1}}
+    q = {**GOOD_Q, "expectation_success_ratio": 0.89, "reference": ref,
+         "matched": {"expectation_success_ratio": 0.95}}
+    d = decide(q, GOOD_P, QualityThresholds(), PrivacyThresholds(), {})
+    check = next(c for c in d["checks"] if c["name"] == "expectation_success_ratio")
+    assert check["value"] == 0.95 and check["passed"]
+    d = decide({**q, "matched": {"expectation_success_ratio": None}}, GOOD_P, QualityThresholds(),
+               PrivacyThresholds(), {})
+    check = next(c for c in d["checks"] if c["name"] == "expectation_success_ratio")
+    assert check["value"] == 0.89 and not check["passed"]  # no matched share: the whole table's
