@@ -175,3 +175,40 @@ def test_without_the_strata_the_once_measured_take_the_codes_location(monitored,
     real_once, _ = _glucose_by_count(monitored["observation"])
     print("without strata", once, real_once)
     assert once - real_once >= 8  # the check above can fail: without the strata the once-measured drift up
+
+
+def _hba1c_by_diabetes(t: dict) -> tuple[float, float]:
+    cond, obs = t["condition"], t["observation"]
+    diab = set(cond.loc[cond["code"].astype(str).str.startswith("E11"), "patient_key"])
+    tested = set(obs.loc[obs["code"].astype(str) == "4548-4", "patient_key"])
+    others = set(t["patient"]["patient_key"]) - diab
+    return len(diab & tested) / max(len(diab), 1), len(others & tested) / max(len(others), 1)
+
+
+def test_the_specs_condition_concepts_are_patient_flags_and_the_labs_follow_them():
+    """features.conditions become patient flags (not only the most prevalent codes): the patient model decides
+    who has type 2 diabetes and the HbA1c rows are drawn given it. Here HbA1c is measured in diabetics only and
+    only the single most prevalent code (I10) is a top flag."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from synthfactory.spec import load_spec
+    from synthfactory.synthesize.stages import _flag_concepts
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "bench/specs/clinosim_relational.yaml")
+    concepts = _flag_concepts(SimpleNamespace(spec=spec))
+    assert [c.name for c in concepts] == ["t2_diabetes", "hypertension"]
+    real = relational_tables(320, seed=11, with_medications=True)
+    cond, obs = real["condition"], real["observation"]
+    diab = set(cond.loc[cond["code"].astype(str).str.startswith("E11"), "patient_key"])
+    real = {**real, "observation": obs[(obs["code"].astype(str) != "4548-4") | obs["patient_key"].isin(diab)]
+            .reset_index(drop=True)}
+    assert _hba1c_by_diabetes(real) == (1.0, 0.0)
+    with_flags = relational.fit(real, root_kind="cart", child_kind="cart", seed=1, flag_concepts=concepts, flags_top=1)
+    assert with_flags.layout.flags == ["I10", "E11.9"]
+    syn, _ = relational.sample(with_flags, 320, batch_size=160, seed=2)
+    tested, others = _hba1c_by_diabetes(syn)
+    assert tested >= 0.9 and others <= 0.02, (tested, others)
+    without = relational.fit(real, root_kind="cart", child_kind="cart", seed=1, flags_top=1)
+    syn, _ = relational.sample(without, 320, batch_size=160, seed=2)
+    assert _hba1c_by_diabetes(syn)[0] < 0.5  # without the flag the HbA1c rows miss the diabetics
