@@ -225,3 +225,15 @@ def test_a_figure_whose_reference_came_from_one_resplit_is_reported_not_gated():
     gate = qt.gate_tables(fig, ref, None, noise_z=2.0)["tables"]["procedure"]
     assert [r["figure"] for r in gate["checks"]] == ["first_age_ks"]  # judged: two re-splits, and it fails
     assert not gate["passed"] and gate["unjudged"] == ["interval_ks"]
+
+
+def test_a_figure_too_thin_to_measure_on_both_sides_is_not_gated():
+    """No synthetic value (too few intervals at the held-out size) where real held-out patients too had too few in
+    some re-splits: reported, not gated; where every real re-split measured it, the missing figure fails."""
+    fig = {"tables": {"procedure": {"interval_ks": {"mean": None}}}}
+    thin = {"tables": {"procedure": {"interval_ks": {"mean": 0.2, "sd": 0.05, "n": 3}}}, "resplits": 8}
+    gate = qt.gate_tables(fig, thin, None, noise_z=2.0)["tables"]["procedure"]
+    assert gate["passed"] and gate["unjudged"] == ["interval_ks"] and gate["checks"] == []
+    full = {"tables": {"procedure": {"interval_ks": {"mean": 0.2, "sd": 0.05, "n": 8}}}, "resplits": 8}
+    gate = qt.gate_tables(fig, full, None, noise_z=2.0)["tables"]["procedure"]
+    assert not gate["passed"] and gate["checks"][0]["figure"] == "interval_ks"
