@@ -107,7 +107,7 @@ def check_run(run: Path, extract: Path) -> dict[str, Any]:
         for extra in ("interval_ks", "first_age_ks"):
             c = checks.get(f"table.{t}.{extra}")
             if c:
-                row[extra] = [round(c["value"], 4), round(c["reference"]["mean"], 4)]
+                row[extra] = [None if c["value"] is None else round(c["value"], 4), round(c["reference"]["mean"], 4)]
         out["tables"][t] = row
     real = {t: pd.read_parquet(stage / "ingest" / f"{t}.parquet") for t in ("patient", *TABLES)
             if (stage / "ingest" / f"{t}.parquet").exists()}
@@ -140,8 +140,17 @@ def check_run(run: Path, extract: Path) -> dict[str, Any]:
     return out
 
 
+def _failed_names(r: dict) -> list[str]:
+    """The failed checks' names, with value and threshold (``gate failed: NAME VALUE > max THR (by ...)``)."""
+    out = []
+    for text in r.get("failed") or []:
+        body = text.split("failed: ", 1)[-1].split(" (by", 1)[0].split(" [rule", 1)[0]
+        out.append(body)
+    return out
+
+
 def markdown(results: list[dict]) -> str:
-    lines = ["| run (real patients) | gate | peak RSS | quality / reference (patient, encounter, condition, observation, medication, procedure) | "
+    lines = ["| run: cohort, synthesizer seed (real patients) | gate | peak RSS | quality / reference (patient, encounter, condition, observation, medication, procedure) | "
              "children KS / reference (worst margin) | unseen concepts | real free text in output | FHIR refs unresolved "
              "| R4B validated |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -150,8 +159,8 @@ def markdown(results: list[dict]) -> str:
         ks = [(n, t[n]["children_ks"], t[n]["children_ks_ref"]) for n in TABLES if "children_ks" in t[n]]
         worst = max(ks, key=lambda x: x[1] - x[2])
         rss = f"{r['peak_rss_mb']:,} MB" if r.get("peak_rss_mb") else "n/a"
-        lines.append(f"| {Path(r['extract']).parent.name} ({r['rows_real'].get('patient', 0):,}) | "
-                     f"{'released' if r['approved'] else 'refused'} | {rss} | {ratios} | "
+        lines.append(f"| {Path(r['run']).name} ({r['rows_real'].get('patient', 0):,}) | "
+                     f"{'released' if r['approved'] else 'refused: ' + ', '.join(_failed_names(r))} | {rss} | {ratios} | "
                      f"{worst[1]:.3f} / {worst[2]:.3f} ({worst[0]}) | {r['unseen_concepts']} of {r['concept_rows']:,} | "
                      f"{r['free_text_leaked_parquet'] + r['fhir']['free_text_leaked']} (of {r['free_text_real_values']:,} "
                      f"real values) | {r['fhir']['unresolved']} of {r['fhir']['references']:,} | {r['fhir']['validated_r4b']} |")

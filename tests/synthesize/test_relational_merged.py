@@ -212,3 +212,24 @@ def test_the_specs_condition_concepts_are_patient_flags_and_the_labs_follow_them
     without = relational.fit(real, root_kind="cart", child_kind="cart", seed=1, flags_top=1)
     syn, _ = relational.sample(without, 320, batch_size=160, seed=2)
     assert _hba1c_by_diabetes(syn)[0] < 0.5  # without the flag the HbA1c rows miss the diabetics
+
+
+def test_the_specs_labs_are_counted_with_the_patient(monkeypatch):
+    """A spec lab outside the most informative codes becomes a counted code (its count per patient drawn with the
+    patient, given the flags); a code no patient has is not. On this small generator the row model alone keeps
+    HbA1c with the diabetics too; the effect on clinosim (larger leaves) is in bench/results/relational_cli.md."""
+    real = relational_tables(320, seed=11, with_medications=True)
+    cond, obs = real["condition"], real["observation"]
+    diab = set(cond.loc[cond["code"].astype(str).str.startswith("E11"), "patient_key"])
+    real = {**real, "observation": obs[(obs["code"].astype(str) != "4548-4") | obs["patient_key"].isin(diab)]
+            .reset_index(drop=True)}
+    monkeypatch.setattr(relational, "COUNT_CODES_TOP", 1)  # HbA1c is not among the top codes
+    monkeypatch.setattr(relational, "COUNT_CODES_UNIVERSAL", 1.01)
+    plain = relational.derive_layout(real)
+    assert "4548-4" not in plain.children["observation"].count_codes.values()
+    model = relational.fit(real, root_kind="cart", child_kind="cart", seed=1, count_codes=("4548-4", "no-such-code"))
+    counted = set(model.layout.children["observation"].count_codes.values())
+    assert "4548-4" in counted and "no-such-code" not in counted
+    syn, _ = relational.sample(model, 320, batch_size=160, seed=2)
+    tested, others = _hba1c_by_diabetes(syn)
+    assert tested >= 0.9 and others <= 0.05, (tested, others)

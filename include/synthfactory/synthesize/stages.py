@@ -145,7 +145,8 @@ def fit_model(ctx: Any, prepared: dict, m: dict) -> None:
                                child_kind=rel.child_kind, child_params=rel.child_params, flags_top=rel.flags_top,
                                age_band_years=rel.age_band_years, reference=prepared.get("reference_date"),
                                plan=plan, par_epochs=rel.par_epochs, constraint_specs=spec.constraints,
-                               seed=spec.seed, flag_concepts=_flag_concepts(ctx))
+                               seed=spec.seed, flag_concepts=_flag_concepts(ctx),
+                               count_codes=tuple(code for lab in ctx.spec.features.labs for code in lab.loinc))
         seconds = time.perf_counter() - t0
         size = engine.save(model, model_uri, ctx.store)
         m.update({"mode": "relational", "engine": rel.engine, "tables": sorted(tables),
