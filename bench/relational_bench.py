@@ -57,23 +57,9 @@ def _ingest(cohort: str) -> Path:
 
 
 def _free_text(cohort: str) -> set[str]:
-    import orjson
+    from relational_cli_check import free_text  # bench/ is the script's folder
 
-    found: set[str] = set()
-    for name in RESOURCES[1:]:
-        path = Path(cohort) / f"{name}.ndjson"
-        if not path.exists():
-            continue
-        with open(path, "rb") as fh:
-            for line in fh:
-                if b'"valueString"' in line or b'"note"' in line:
-                    r = orjson.loads(line)
-                    if isinstance(r.get("valueString"), str):
-                        found.add(r["valueString"])
-                    for n in r.get("note") or []:
-                        if isinstance(n, dict) and isinstance(n.get("text"), str):
-                            found.add(n["text"])
-    return found
+    return free_text(Path(cohort))
 
 
 def _trajectory(text: str | None):

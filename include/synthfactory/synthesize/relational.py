@@ -357,49 +357,49 @@ def _quantile_grid(q: list[float]) -> tuple[np.ndarray, np.ndarray]:
 STRATUM_Z = 3.719
 
 
+def _code_mean_sd(cl: "ChildLayout", col: str, df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    st = cl.code_stats[col]
+    code = df["code"].astype(str)
+    return code.map({k: v[0] for k, v in st.items()}), code.map({k: v[1] for k, v in st.items()})
+
+
+def _per_stratum(cl: "ChildLayout", col: str, df: pd.DataFrame, out: pd.Series, values: np.ndarray,
+                 fn: Any) -> pd.Series:
+    """``out`` with the rows of each (code, count bucket) stratum replaced by ``fn(values, quantiles, probs)``."""
+    keys = _strata_keys(cl, col, df)
+    if keys is None:
+        return out
+    arr, k_arr = out.to_numpy(dtype=object).copy(), keys.to_numpy(dtype=object)
+    for k in pd.unique(keys.dropna()):
+        rows = k_arr == k
+        x, p = _quantile_grid(cl.strata_stats[col][k])
+        v = values[rows]
+        arr[rows] = np.where(np.isnan(v), np.nan, fn(v, x, p))
+    return pd.Series(arr, index=df.index, name=col).astype(float)
+
+
 def standardise(cl: "ChildLayout", col: str, df: pd.DataFrame) -> pd.Series:
     """``df[col]`` standardised row by row: a row of a (code, count bucket) stratum with quantiles
     (:func:`stratum_stats`; the row carries :data:`CODE_N`) to its normal score within the stratum, any other
     row with a code stat to (value - code mean) / code sd; rows without either unchanged."""
     from scipy.stats import norm
 
-    st = cl.code_stats[col]
-    code = df["code"].astype(str)
-    mean, sd = code.map({k: v[0] for k, v in st.items()}), code.map({k: v[1] for k, v in st.items()})
+    mean, sd = _code_mean_sd(cl, col, df)
     vals = pd.to_numeric(df[col], errors="coerce")
     out = ((vals - mean) / sd).where(mean.notna(), df[col])
-    keys = _strata_keys(cl, col, df)
-    if keys is not None:
-        arr, k_arr, v_all = out.to_numpy(dtype=object).copy(), keys.to_numpy(dtype=object), vals.to_numpy(dtype=float)
-        for k in pd.unique(keys.dropna()):
-            rows = k_arr == k
-            x, p = _quantile_grid(cl.strata_stats[col][k])
-            v = v_all[rows]
-            z = norm.ppf(np.clip(np.interp(v, x, p), norm.cdf(-STRATUM_Z), norm.cdf(STRATUM_Z)))
-            arr[rows] = np.where(np.isnan(v), np.nan, z)
-        out = pd.Series(arr, index=df.index, name=col).astype(float)
-    return out
+    lo, hi = norm.cdf(-STRATUM_Z), norm.cdf(STRATUM_Z)
+    return _per_stratum(cl, col, df, out, vals.to_numpy(dtype=float),
+                        lambda v, x, p: norm.ppf(np.clip(np.interp(v, x, p), lo, hi)))
 
 
 def destandardise(cl: "ChildLayout", col: str, df: pd.DataFrame) -> pd.Series:
     """The inverse of :func:`standardise` (no clipping here)."""
     from scipy.stats import norm
 
-    st = cl.code_stats[col]
-    code = df["code"].astype(str)
-    mean, sd = code.map({k: v[0] for k, v in st.items()}), code.map({k: v[1] for k, v in st.items()})
+    mean, sd = _code_mean_sd(cl, col, df)
     z = pd.to_numeric(df[col], errors="coerce")
     out = (z * sd + mean).where(mean.notna(), df[col])
-    keys = _strata_keys(cl, col, df)
-    if keys is not None:
-        arr, k_arr, z_all = out.to_numpy(dtype=object).copy(), keys.to_numpy(dtype=object), z.to_numpy(dtype=float)
-        for k in pd.unique(keys.dropna()):
-            rows = k_arr == k
-            x, p = _quantile_grid(cl.strata_stats[col][k])
-            zz = z_all[rows]
-            arr[rows] = np.where(np.isnan(zz), np.nan, np.interp(norm.cdf(zz), p, x))
-        out = pd.Series(arr, index=df.index, name=col).astype(float)
-    return out
+    return _per_stratum(cl, col, df, out, z.to_numpy(dtype=float), lambda v, x, p: np.interp(norm.cdf(v), p, x))
 
 
 def derive_layout(tables: dict[str, pd.DataFrame], *, flags_top: int = 3, age_band_years: int = 20,
