@@ -604,8 +604,11 @@ class Relationship(_Model):
     name: str = Field(description="Short lower_snake_case name, shown in the gate decision and the data card")
     measure: str = Field(description="Column whose statistic is compared, e.g. hba1c")
     by: str = Field(description="Grouping column, e.g. cond_e11_9, gender, age (numeric: give bins)")
-    stat: Literal["mean", "median", "rate"] = Field(
-        default="mean", description="mean/median of the measure, or rate = share of rows where it is true/non-zero")
+    stat: Literal["mean", "median", "rate", "measured"] = Field(
+        default="mean", description="mean/median of the measure, rate = share of rows where it is true/non-zero, "
+                                    "or measured = share of rows where it has a value at all (HbA1c measured in "
+                                    "diabetics: a mean among the measured cannot see a lab given to the wrong "
+                                    "patients)")
     bins: list[float] | None = Field(
         default=None, description="Cut points for a numeric 'by' column, left-closed bands [a, b): "
                                   "e.g. [0, 55, 200] for age <55 / 55+")

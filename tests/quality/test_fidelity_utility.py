@@ -176,3 +176,31 @@ def test_shifted_distribution_drops_the_column_score(real, good):
     assert cols["systolic_bp"] < 0.4 < min(v for k, v in cols.items() if k != "systolic_bp")
     assert {"column_1", "column_2", "metric", "score", "real_correlation", "synthetic_correlation"} <= set(
         shifted["pairs"][0])
+
+
+def test_measured_rate_sees_a_lab_given_to_the_wrong_patients(real, good):
+    """HbA1c measured in diabetics only. A synthetic table that gives half the diabetics' values to other patients
+    keeps the mean HbA1c among the measured diabetics (the mean check passes) but not who is measured."""
+    def only_diabetics(df: pd.DataFrame) -> pd.DataFrame:
+        return df.assign(hba1c=df["hba1c"].where(df["cond_e11_9"]))
+
+    r, g = only_diabetics(real), only_diabetics(good)
+    rng = np.random.default_rng(0)
+    diab = np.flatnonzero(g["cond_e11_9"].to_numpy() & g["hba1c"].notna().to_numpy())
+    others = np.flatnonzero(~g["cond_e11_9"].to_numpy())
+    moved = rng.choice(diab, size=len(diab) // 2, replace=False)
+    bad = g.copy()
+    col = bad.columns.get_loc("hba1c")
+    bad.iloc[rng.choice(others, size=len(moved), replace=False), col] = bad.iloc[moved, col].to_numpy()
+    bad.iloc[moved, col] = np.nan
+    mean = {"name": "hba1c_by_diabetes", "measure": "hba1c", "by": "cond_e11_9", "tolerance": 0.5}
+    measured = {**mean, "name": "hba1c_measured_by_diabetes", "stat": "measured", "tolerance": 0.1}
+    res = by_name(compare_relationships(r, g, [mean, measured]))
+    assert res["hba1c_by_diabetes"]["passed"] and res["hba1c_measured_by_diabetes"]["passed"]
+    groups = {x["group"]: x for x in res["hba1c_measured_by_diabetes"]["groups"]}
+    assert groups["True"]["real"] > 0.7 and groups["False"]["real"] == 0.0
+    res = by_name(compare_relationships(r, bad, [mean, measured]))
+    assert res["hba1c_by_diabetes"]["passed"]  # the mean among the measured cannot see it
+    broken = res["hba1c_measured_by_diabetes"]
+    assert not broken["passed"] and broken["max_error"] > 0.3
+    Relationship.model_validate(measured)

@@ -116,6 +116,8 @@ def _missing(v: Any) -> bool:
 
 def _measure_values(df: pd.DataFrame, measure: str, stat: str) -> pd.Series:
     s = df[measure]
+    if stat == "measured":  # 1 where the measure has a value, 0 where it is missing
+        return s.map(lambda x: 0.0 if _missing(x) else 1.0).astype("float64")
     if stat == "rate":
         if pd.api.types.is_bool_dtype(s.dtype):
             return s.astype("float64")
@@ -136,7 +138,7 @@ def _group_stats(df: pd.DataFrame, rel: Any) -> pd.DataFrame:
     frame = pd.DataFrame({"g": groups, "v": values}).dropna()
     agg = "median" if stat == "median" else "mean"
     out = frame.groupby("g", sort=True)["v"].agg([agg, "count", "var"]).rename(columns={agg: "stat"})
-    if stat == "rate":
+    if stat in ("rate", "measured"):
         out["var"] = out["stat"] * (1.0 - out["stat"])
     # standard error of the group statistic (median: asymptotic 1.2533 x that of the mean)
     out["se"] = np.sqrt(out["var"].fillna(0.0) / out["count"].clip(lower=1)) * (1.2533 if stat == "median" else 1.0)
