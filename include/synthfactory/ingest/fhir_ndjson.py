@@ -523,6 +523,19 @@ def discover_ndjson_files(source_uri: str, store: Store, resources: Iterable[str
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
+def wanted_types(resources: Iterable[str], views: Iterable[Any]) -> tuple[list[str], list]:
+    """The resource types to read (the requested ones, then the views' own) and the views as a list; an empty
+    request or a type no table covers is an :class:`ExtractError`."""
+    resources = list(dict.fromkeys(resources))
+    if not resources:
+        raise ExtractError("unsupported resource type(s): (none requested)")
+    views = list(views or ())
+    check_resources(resources, views)
+    wanted = list(dict.fromkeys([*resources, *(v.get("resource") for v in views if isinstance(v, dict)
+                                               and isinstance(v.get("resource"), str))]))
+    return wanted, views
+
+
 def ingest_extract(
     source_uri: str,
     out_uri: str,
@@ -552,12 +565,7 @@ def ingest_extract(
         store = store or Store()
         source_uri, out_uri = str(source_uri), str(out_uri)
         resources = list(dict.fromkeys(resources))
-        if not resources:
-            raise ExtractError("unsupported resource type(s): (none requested)")
-        views = list(views or ())
-        check_resources(resources, views)
-        wanted = list(dict.fromkeys([*resources, *(v.get("resource") for v in views if isinstance(v, dict)
-                                                   and isinstance(v.get("resource"), str))]))
+        wanted, views = wanted_types(resources, views)
         found, skipped, refused = discover_ndjson_files(source_uri, store, wanted)
         if not found:
             raise ExtractError(

@@ -53,11 +53,11 @@ from synthfactory.keys import Keyer
 from synthfactory.storage import Store, is_s3, join
 
 from . import native as native_flatten
-from .fhir_ndjson import _OVERSIZE, READ_BLOCK, discover_ndjson_files, line_blocks, prefetched
+from .fhir_ndjson import _OVERSIZE, READ_BLOCK, discover_ndjson_files, line_blocks, prefetched, wanted_types
 from .schemas import IDENTIFIERS_SCHEMA
 from .session import (ALWAYS_VALIDATE_FIRST, DEFAULT_MAX_LINE_BYTES, DEFAULT_RESOURCES, IDENTIFIER_CHUNK_ROWS,
                       IDENTIFIERS_FILE, QUARANTINE_FILE, REPORT_FILE, IngestSession, _commit, _Identifiers,
-                      check_resources, gc_paused, validation_failure)
+                      gc_paused, validation_failure)
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +72,6 @@ _DECISION_FIELDS = [
     ("seg", pa.int32()), ("line", pa.int64()), ("rid", pa.string()), ("reason", pa.string()),
     ("modext", pa.bool_()), ("hsel", pa.bool_()), ("vdone", pa.bool_()), ("vres", pa.string()),
     ("freason", pa.string()), ("pks", pa.list_(pa.string()))]
-
-
-def _wanted(resources: Iterable[str], views: Iterable[Any]) -> tuple[list[str], list]:
-    resources = list(dict.fromkeys(resources))
-    if not resources:
-        raise ExtractError("unsupported resource type(s): (none requested)")
-    views = list(views or ())
-    check_resources(resources, views)
-    wanted = list(dict.fromkeys([*resources, *(v.get("resource") for v in views if isinstance(v, dict)
-                                               and isinstance(v.get("resource"), str))]))
-    return wanted, views
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,7 +132,7 @@ def plan_shards(source_uri: str, store: Store, *, n: int, resources: Iterable[st
     shards, none empty, in processing order. File names, offsets and hashes only: no content."""
     if n < 1:
         raise ValueError("n must be >= 1")
-    wanted, _ = _wanted(resources, views)
+    wanted, _ = wanted_types(resources, views)
     found, skipped, refused = discover_ndjson_files(str(source_uri), store, wanted)
     if not found:
         raise ExtractError(
