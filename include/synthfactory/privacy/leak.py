@@ -385,6 +385,18 @@ def _parquet_tokens(data: bytes) -> list[str]:
     return [t for piece in _parquet_token_pieces(data) for t in piece]
 
 
+def _schema_texts(schema: Any) -> Iterator[list[str]]:
+    """The texts a Parquet file's schema carries, as cell lists: the column and nested field names, then each
+    metadata key and value."""
+    names: list[str] = []
+    for f in schema:
+        names.append(f.name)
+        names.extend(_field_names(f.type))
+    yield names
+    for k, v in (schema.metadata or {}).items():
+        yield [k.decode("utf-8", "replace"), v.decode("utf-8", "replace")]
+
+
 def _parquet_token_pieces(data: bytes) -> Iterator[list[str]]:
     """:func:`_parquet_tokens` in consecutive pieces (one per list of values; the whole stream is never held)."""
     import pyarrow.parquet as pq
@@ -396,14 +408,8 @@ def _parquet_token_pieces(data: bytes) -> Iterator[list[str]]:
         if values:
             pending.append([*_TOKEN_OR_SEP.findall(_SEP.join(values).lower()), _SEP])
 
-    schema = table.schema
-    names: list[str] = []
-    for f in schema:
-        names.append(f.name)
-        names.extend(_field_names(f.type))
-    add(names)
-    for k, v in (schema.metadata or {}).items():
-        add([k.decode("utf-8", "replace"), v.decode("utf-8", "replace")])
+    for values in _schema_texts(table.schema):
+        add(values)
     yield from pending
     for col in table.columns:
         for chunk in col.chunks:
@@ -435,13 +441,8 @@ def _parquet_range_tokens(source: Any, start: int, stop: int) -> list[str]:
     with pq.ParquetFile(source) as pf:
         schema = pf.schema_arrow
         if start == 0:
-            names: list[str] = []
-            for f in schema:
-                names.append(f.name)
-                names.extend(_field_names(f.type))
-            add(names)
-            for k, v in (schema.metadata or {}).items():
-                add([k.decode("utf-8", "replace"), v.decode("utf-8", "replace")])
+            for values in _schema_texts(schema):
+                add(values)
         for rg in range(start, stop):
             for batch in pf.iter_batches(batch_size=_SCAN_BATCH, row_groups=[rg], use_threads=False):
                 for col in batch.columns:
