@@ -438,7 +438,7 @@ def quality(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary) -
     import tempfile
 
     from synthfactory.quality.expectations import derive_suite, run_suite
-    from synthfactory.quality.reference import matched_figures, worst_column
+    from synthfactory.quality.reference import matched_expectations, matched_figures, worst_column
     from synthfactory.quality.report import evaluate_quality
     from synthfactory.synthesize.engine import SYNTHETIC_ID
     from synthfactory.synthesize.modelling import KEY
@@ -503,7 +503,7 @@ def quality(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary) -
         # the suite on synthetic subsets of the held-out size: a range or quantile expectation fails more often
         # on more rows (a value beyond the train max: 1 - n/(n+m) for m new rows), so the synthetic share is
         # compared with the real one at the same row count, as the SDMetrics figures are
-        result["matched"]["expectation_success_ratio"] = _matched_expectations(
+        result["matched"]["expectation_success_ratio"] = matched_expectations(
             suite, synthetic, rows=len(holdout), repeats=qt.reference.matched_repeats, seed=ctx.spec.synthesizer.seed)
         if sampled.get("tables"):  # relational mode: every table beside its real-data reference, gated per table
             result["tables"] = _relational_quality(ctx, prepared, sampled)
@@ -562,25 +562,6 @@ def _relational_quality(ctx: RunContext, prepared: PrepareSummary, sampled: Samp
     if qt.trajectory is not None:
         out["trajectory"] = {k: v for k, v in qt.trajectory.model_dump(mode="json").items()}
     return out
-
-
-def _matched_expectations(suite: dict, synthetic: Any, *, rows: int, repeats: int, seed: int) -> dict | None:
-    """The suite's success share on ``repeats`` seeded subsets of ``rows`` synthetic rows (summarised); None
-    when the synthetic table is not larger than ``rows`` (the whole table's share is then the matched one)."""
-    import numpy as np
-
-    from synthfactory.quality.expectations import run_suite
-    from synthfactory.quality.reference import summarise
-
-    if rows < 1 or len(synthetic) <= rows:
-        return None
-    rng = np.random.default_rng(seed + 104729)
-    shares = []
-    for _ in range(max(1, int(repeats))):
-        idx = np.sort(rng.choice(len(synthetic), size=rows, replace=False))
-        shares.append(float(run_suite(suite, synthetic.iloc[idx].reset_index(drop=True))["success_ratio"]))
-    out = summarise(shares)
-    return {**out, "rows": int(rows), "repeats": len(shares)} if out else None
 
 
 def _effect_summary(effect: dict | None) -> dict | None:

@@ -83,3 +83,23 @@ def test_checks_carry_the_reference_beside_the_figure():
     q = checks["quality_score"]
     assert q.reference["mean"] > 0 and q.threshold < q.reference["mean"]
     assert "real data itself" in q.describe() or q.passed
+
+
+def test_matched_expectations_score_subsets_of_the_held_out_size():
+    """A range expectation fails more often on more rows: subsets of the held-out size pass it more often than
+    the whole table (the share the gate compares with real held-out rows)."""
+    import numpy as np
+    import pandas as pd
+
+    from synthfactory.quality.expectations import run_suite
+    from synthfactory.quality.reference import matched_expectations
+
+    rng = np.random.default_rng(0)
+    suite = {"name": "s", "expectations": [
+        {"type": "expect_column_values_to_be_between", "kwargs": {"column": f"x{i}", "min_value": -2.5, "max_value": 2.5}}
+        for i in range(20)]}
+    df = pd.DataFrame({f"x{i}": rng.normal(size=800) for i in range(20)})
+    whole = run_suite(suite, df)["success_ratio"]
+    m = matched_expectations(suite, df, rows=100, repeats=4, seed=1)
+    assert m["rows"] == 100 and m["repeats"] == 4 and m["mean"] > whole + 0.2
+    assert matched_expectations(suite, df, rows=800, repeats=4, seed=1) is None

@@ -156,6 +156,24 @@ def matched_figures(
     return to_jsonable(out)
 
 
+def matched_expectations(suite: Mapping[str, Any], synthetic: pd.DataFrame, *, rows: int, repeats: int,
+                         seed: int) -> dict | None:
+    """The suite's success share on ``repeats`` seeded subsets of ``rows`` synthetic rows (summarised), as
+    :func:`matched_figures` does for the SDMetrics figures: a range or quantile expectation fails more often on
+    more rows. None when the synthetic table is not larger than ``rows`` (its whole share is the matched one)."""
+    from synthfactory.quality.expectations import run_suite
+
+    if rows < 1 or len(synthetic) <= rows:
+        return None
+    rng = np.random.default_rng(seed + 104729)
+    shares = []
+    for _ in range(max(1, int(repeats))):
+        idx = np.sort(rng.choice(len(synthetic), size=rows, replace=False))
+        shares.append(float(run_suite(suite, synthetic.iloc[idx].reset_index(drop=True))["success_ratio"]))
+    out = summarise(shares)
+    return {**out, "rows": int(rows), "repeats": len(shares)} if out else None
+
+
 def _fmt(summary: Mapping[str, Any] | None) -> str:
     if not summary:
         return "n/a"
