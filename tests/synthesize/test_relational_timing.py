@@ -5,6 +5,7 @@ the row, and only aggregates of the real times are kept in the model."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from synthfactory.quality import tables as qt
@@ -52,10 +53,13 @@ def test_without_the_placement_children_drift_out_of_their_encounter(model, monk
     assert qt.in_encounter_share(syn, "observation", "effective") < 0.5
 
 
-def test_an_encounter_lasts_as_long_as_real_ones_of_its_class(real, synthetic):
+def test_an_encounter_lasts_as_long_as_real_ones_of_its_class(real, model, synthetic):
     syn, fixes = synthetic
-    hours = {n: (t["encounter"]["end"] - t["encounter"]["start"]).dt.total_seconds().groupby(
-        t["encounter"]["class_code"]).median() / 3600 for n, t in (("real", real), ("syn", syn))}
+    # pooled over three draws: the median of one draw's ~50 stays swings from 49 to 85 hours by seed
+    pooled = pd.concat([syn["encounter"]] + [relational.sample(model, 150, batch_size=80, seed=s)[0]["encounter"]
+                                             for s in (3, 4)], ignore_index=True)
+    hours = {n: (e["end"] - e["start"]).dt.total_seconds().groupby(e["class_code"]).median() / 3600
+             for n, e in (("real", real["encounter"]), ("syn", pooled))}
     assert hours["real"]["IMP"] > 24 and hours["syn"]["IMP"] > 24  # a stay is days, a visit minutes
     for cls in ("AMB", "IMP"):
         assert hours["syn"][cls] == pytest.approx(hours["real"][cls], rel=0.35), hours

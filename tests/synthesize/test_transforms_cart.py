@@ -179,3 +179,55 @@ def test_no_smooth_keeps_the_lumps_of_a_count():
         .sample(n, seed=2)
     assert (smooth["n_meds"] % 2 == 1).mean() > 0.05  # the kernel fills the odd counts no patient has
     assert set(exact["n_meds"]) <= {0, 2, 4, 6, 8}
+
+
+def _heavy_tailed_counts(n: int = 3000, seed: int = 5) -> pd.DataFrame:
+    """A zero-inflated count whose long tail belongs to a few patients: 75 % have none; of the others most have
+    1-2 and a tenth 5-40 (2.5 % of all: fewer than a leaf holds)."""
+    rng = np.random.default_rng(seed)
+    age = rng.uniform(20, 90, n)
+    has = rng.random(n) < 0.25
+    heavy = has & (rng.random(n) < 0.1)
+    count = np.where(heavy, rng.integers(5, 41, n), rng.integers(1, 3, n))
+    return pd.DataFrame({"age": age, "n_procedure": np.where(has, count, 0).astype("int64")})
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_gated_count_is_fitted_on_the_patients_who_have_one(seed):
+    df = _heavy_tailed_counts(seed=4 + seed)
+    real = df["n_procedure"]
+    params = {"min_leaf": 200, "no_smooth": ["n_procedure"]}
+    gated, _ = engine.fit(df, "cart", {**params, "gate_missing": True}, engine.metadata_dict(df), transforms="ehr", seed=seed)
+    plain, _ = engine.fit(df, "cart", dict(params), engine.metadata_dict(df), transforms="ehr", seed=seed)
+    inner = gated.inner
+    # the flag is drawn first and the count only where it is positive (its tree never saw a hot-deck fill-in)
+    assert inner.gates == {"n_procedure": ("n_procedure" + ZERO, True)}
+    order = [m.name for m in inner.models]
+    assert order.index("n_procedure" + ZERO) < order.index("n_procedure")
+    value = inner.models[order.index("n_procedure")]
+    assert value.gate is not None
+    # its leaves hold the positive patients' counts and nothing else (no hot-deck fill-in of a zero patient)
+    donors = np.sort(np.concatenate(list(value.donors.values())))
+    assert np.array_equal(donors, np.sort(real[real > 0].to_numpy().astype("float64")))
+    plain_value = next(m for m in plain.inner.models if m.name == "n_procedure")
+    seen = plain_value.marginal if plain_value.marginal is not None else np.concatenate(list(plain_value.donors.values()))
+    assert seen.size == len(df)  # ungated: every row, the zero patients' fill-ins included
+    g, p = gated.sample(len(df))["n_procedure"], plain.sample(len(df))["n_procedure"]
+
+    def tail(s: pd.Series) -> float:  # share of patients with 5 or more
+        return float((s >= 5).mean())
+
+    assert set(g) <= set(real)  # real leaf values, never smoothed
+    assert (g > 0).mean() == pytest.approx((real > 0).mean(), abs=0.03)
+    assert tail(g) == pytest.approx(tail(real), rel=0.25)
+    assert g.mean() == pytest.approx(real.mean(), rel=0.15)
+    assert (p > 0).mean() == pytest.approx((real > 0).mean(), abs=0.03)
+
+
+def test_gates_need_the_flag_and_leave_the_other_columns_alone():
+    df = _heavy_tailed_counts()
+    # a gate naming a flag the table does not have: the value is fitted on every row, as without gates
+    synth = CartSynthesizer(min_leaf=60, seed=1, gates={"n_procedure": ("missing_flag", True)}).fit(df)
+    assert all(m.gate is None for m in synth.models)
+    out = synth.sample(500, seed=2)
+    assert list(out.columns) == list(df.columns) and out["n_procedure"].between(0, 40).all()

@@ -43,6 +43,10 @@ class _ColumnModel:
     # a column that is a function of an earlier categorical one (a code's profile): (source position, value per
     # source category, the last entry for a category the model never saw); computed at draw time, never drawn
     lookup: tuple[int, np.ndarray] | None = None
+    # a value that exists only where an earlier flag says so (a count's positive part, a measured lab): (flag
+    # position, the flag's code meaning "absent"); its tree is fitted on the present rows only, and absent rows
+    # carry ``low - 1`` (a value no present row has) for the trees of later columns
+    gate: tuple[int, int] | None = None
 
 
 class CartSynthesizer:
@@ -55,7 +59,8 @@ class CartSynthesizer:
 
     def __init__(self, *, min_leaf: int | str = "auto", max_depth: int | None = None, smooth: bool = True,
                  smooth_scale: float = 1.0, visit_sequence: list[str] | None = None, seed: int = 0,
-                 derived: dict[str, str] | None = None, no_smooth: list[str] | tuple[str, ...] = ()):
+                 derived: dict[str, str] | None = None, no_smooth: list[str] | tuple[str, ...] = (),
+                 gates: dict[str, tuple[str, Any]] | None = None):
         if min_leaf != "auto" and (not isinstance(min_leaf, int) or min_leaf < 1):
             raise TypeError(f"min_leaf must be a positive integer or 'auto', not {min_leaf!r}")
         self.min_leaf_setting = min_leaf
@@ -71,6 +76,12 @@ class CartSynthesizer:
         # numeric columns drawn as the leaf's real values, never smoothed: counts whose lumps are the data (a
         # patient's medication requests come in pairs: 4 and 6 frequent, 5 and 7 rare; smoothing fills the gaps)
         self.no_smooth = set(no_smooth or ())
+        # value column -> (its flag column, the flag value meaning "no value"): the EHR-aware transforms' split of
+        # a zero-inflated count (``n__zero``, True = zero) or a sparse lab (``x__measured``, False = not measured).
+        # Without a gate the value's tree learns from the filled-in values of the absent rows too (hot-deck copies
+        # of near neighbours' values: a count's long tail comes out too rarely, measured on clinosim procedures
+        # per patient 0.43 vs 0.64 real); with it the flag is drawn first and the value only where present.
+        self.gates = dict(gates or {})
         self.columns: list[str] = []
         self.models: list[_ColumnModel] = []
         self.fit_info: dict[str, Any] = {}
@@ -88,6 +99,14 @@ class CartSynthesizer:
                         dtype="float64")
 
     def _order(self, df: pd.DataFrame) -> list[str]:
+        order = self._base_order(df)
+        for value, (flag, _) in self.gates.items():  # a gated value's flag is drawn before it
+            if value in order and flag in order and order.index(flag) > order.index(value):
+                order.remove(flag)
+                order.insert(order.index(value), flag)
+        return order
+
+    def _base_order(self, df: pd.DataFrame) -> list[str]:
         if self.visit_sequence:
             rest = [c for c in df.columns if c not in self.visit_sequence]
             return [c for c in self.visit_sequence if c in df.columns] + rest
@@ -136,6 +155,21 @@ class CartSynthesizer:
                 col.categories = list(pd.unique(s.astype(object).map(lambda v: _MISSING if _isna(v) else v)))
             y = self._encode(col, s)
             encoded[:, j] = y
+            present = None
+            if name in self.gates and col.numeric and self.gates[name][0] in order[:j]:
+                flag, absent = self.gates[name]
+                k = order.index(flag)
+                cats = self.models[k].categories
+                if not self.models[k].numeric and absent in cats:
+                    code = cats.index(absent)
+                    present = encoded[:, k] != code
+                    if present.sum() >= 1:
+                        col.gate = (k, code)
+                        y = y[present]
+                        col.low, col.high = float(y.min()), float(y.max())
+                        encoded[~present, j] = col.low - 1.0
+                    else:
+                        present = None
             src = self.derived.get(name)
             if src is not None:
                 k = order.index(src)
@@ -156,7 +190,7 @@ class CartSynthesizer:
             else:
                 cls = DecisionTreeRegressor if col.numeric else DecisionTreeClassifier
                 tree = cls(min_samples_leaf=self.min_leaf, max_depth=self.max_depth, random_state=self.seed)
-                x = encoded[:, :j]
+                x = encoded[:, :j] if col.gate is None else encoded[present, :j]
                 tree.fit(x, y)
                 leaves = tree.apply(x)
                 col.tree = tree
@@ -218,12 +252,18 @@ class CartSynthesizer:
                 k, table = col.lookup
                 out[:, j] = table[out[:, k].astype("int64")]
                 continue
+            todo = None
+            if col.gate is not None:  # drawn where the flag says present; absent rows carry low - 1
+                todo = np.flatnonzero(out[:, col.gate[0]] != col.gate[1])
+                out[:, j] = col.low - 1.0
             if col.tree is None:
                 out[:, j] = rng.choice(col.marginal, size=n, replace=True)
-            else:
-                leaves = col.tree.apply(out[:, :j])
+            elif todo is None or todo.size:
+                leaves = col.tree.apply(out[:, :j] if todo is None else out[todo, :j])
                 for leaf in np.unique(leaves):
                     rows = np.flatnonzero(leaves == leaf)
+                    if todo is not None:
+                        rows = todo[rows]
                     vals = col.donors[int(leaf)]
                     draw = vals[rng.integers(0, vals.size, size=rows.size)]
                     bw = col.bandwidth.get(int(leaf), 0.0)
@@ -231,13 +271,20 @@ class CartSynthesizer:
                         draw = draw + rng.normal(0.0, bw, size=rows.size)
                     out[rows, j] = draw
             if col.numeric:
+                keep = None
+                if todo is not None:
+                    keep = np.ones(n, dtype=bool)
+                    keep[todo] = False
                 out[:, j] = np.clip(out[:, j], col.low, col.high)
                 if col.integer:
                     out[:, j] = np.round(out[:, j])
+                if keep is not None:
+                    out[keep, j] = col.low - 1.0
         frame = {}
         for j, col in enumerate(self.models):
             if col.numeric:
-                frame[col.name] = out[:, j].astype("int64") if col.integer else out[:, j]
+                v = out[:, j] if col.gate is None else np.maximum(out[:, j], col.low)  # absent: any value in range
+                frame[col.name] = v.astype("int64") if col.integer else v
             else:
                 cats = np.array([None if c is _MISSING else c for c in col.categories], dtype=object)
                 frame[col.name] = cats[out[:, j].astype("int64")]

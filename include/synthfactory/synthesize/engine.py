@@ -146,6 +146,8 @@ def fit(train: pd.DataFrame | dict[str, pd.DataFrame], kind: str, params: dict[s
     entry = kinds.get(kind)
     if entry is not None and entry.family == "cart":
         params = {"seed": seed, **(params or {})}
+        if params.pop("gate_missing", False) and transformer is not None:  # values fitted where present
+            params.setdefault("gates", transformer.gates())
     synth = make_synthesizer(kind, metadata, params)
     if constraints:
         synth.add_constraints(constraints)

@@ -243,6 +243,17 @@ class EhrTransformer:
                 out[name] = vals
         return out[[c for c in df.columns if not c.endswith((MEASURED, ZERO))]]
 
+    def gates(self) -> dict[str, tuple[str, bool]]:
+        """{value column: (its flag column, the flag value meaning "no value")} of the split columns: a model that
+        draws the flag first can fit the value on the rows that have one (the CART synthesizer's ``gates``)."""
+        out: dict[str, tuple[str, bool]] = {}
+        for name, plan in self.plans.items():
+            if plan.kind == "zero_inflated":
+                out[name] = (name + ZERO, True)
+            elif plan.kind == "sparse":
+                out[name] = (name + MEASURED, False)
+        return out
+
     # -- metadata and state ----------------------------------------------------------------------
     def sdtypes(self, columns: dict[str, dict]) -> dict[str, dict]:
         """SDV column metadata for the transformed table from the real table's (``columns``)."""
