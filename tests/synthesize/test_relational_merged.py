@@ -235,3 +235,14 @@ def test_the_specs_labs_are_counted_with_the_patient(monkeypatch):
     syn, _ = relational.sample(model, 320, batch_size=160, seed=2)
     tested, others = _hba1c_by_diabetes(syn)
     assert tested >= 0.9 and others <= 0.05, (tested, others)
+
+
+def test_the_size_of_the_record_is_an_ordered_number_for_the_encounter_trees(model):
+    root = pd.DataFrame({"patient_key": list("abcde"), "n_observation": [0, 1, 3, 255, 256]})
+    ctx = relational.load_context(root, ["observation", "procedure"])
+    assert ctx["ctx_load_observation"].tolist() == [0, 1, 2, 8, 8]
+    assert ctx["ctx_load_procedure"].tolist() == [0] * 5  # a table the root has no count of: 0
+    assert pd.api.types.is_integer_dtype(ctx["ctx_load_observation"])
+    # the encounter model splits on "at least this many rows", not on an arbitrary order of bucket names
+    loads = [m for m in model.children["encounter"].cart.models if m.name.startswith("ctx_load_")]
+    assert loads and all(m.numeric for m in loads)

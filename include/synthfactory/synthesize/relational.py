@@ -788,13 +788,16 @@ def rows_per_encounter(df: pd.DataFrame) -> float:
 
 def load_context(root: pd.DataFrame, tables: list[str]) -> pd.DataFrame:
     """Per patient: the size of each of ``tables`` in the record, ``ctx_load_<table>`` = floor(log2(rows + 1))
-    (from the patient model's ``n_<table>``), the encounter model's context."""
+    (from the patient model's ``n_<table>``), the encounter model's context. Integers, so the trees split on
+    "at least this large" (as string categories they split on an arbitrary order of the buckets: on clinosim
+    cohort 23, synthetic patients with >= 255 observations had an inpatient stay in 35-43 %, with integers
+    49-53 %, real 98 %; observation interval KS 0.071-0.072 -> 0.065-0.069)."""
     out = pd.DataFrame({KEY: root[KEY].astype(str).to_numpy()})
     for t in tables:
         col = count_column(t)
         n = pd.to_numeric(root[col], errors="coerce").fillna(0).clip(lower=0).to_numpy() if col in root else \
             np.zeros(len(root))
-        out[f"ctx_load_{t}"] = np.floor(np.log2(n + 1)).astype("int64").astype(str)
+        out[f"ctx_load_{t}"] = np.floor(np.log2(n + 1)).astype("int64")
     return out
 
 
@@ -1701,6 +1704,9 @@ def _child_rows_cart(model: RelationalModel, name: str, root: pd.DataFrame, ctx:
     cols = [c for c in (getattr(synth, "context", None) or layout.context) if c in synth.cart.columns]
     if getattr(synth, "load_tables", None):  # the size of the rest of the patient's record
         ctx = ctx.merge(load_context(root, synth.load_tables), on=KEY, how="left")
+        for m in synth.cart.models:  # a model fitted when the buckets were string categories
+            if m.name.startswith("ctx_load_") and not m.numeric and m.name in ctx:
+                ctx[m.name] = ctx[m.name].astype(str)
     if getattr(synth, "encounter_classes", None):  # the kinds of encounter each synthetic patient has
         ectx = encounter_context(encounters, root[KEY], synth.encounter_classes) if encounters is not None else \
             pd.DataFrame({KEY: root[KEY].to_numpy()})
