@@ -246,3 +246,42 @@ def test_the_size_of_the_record_is_an_ordered_number_for_the_encounter_trees(mod
     # the encounter model splits on "at least this many rows", not on an arbitrary order of bucket names
     loads = [m for m in model.children["encounter"].cart.models if m.name.startswith("ctx_load_")]
     assert loads and all(m.numeric for m in loads)
+
+
+def _inpatient_with_the_heavy_records(patients: int = 400, seed: int = 3) -> dict[str, pd.DataFrame]:
+    """The fixture's record, with an inpatient stay for exactly the patients of the most observations (the top
+    15 %: their first encounter) and no other: as in real extracts, where a stay brings hundreds of rows."""
+    real = relational_tables(patients, seed=seed)
+    n_obs = real["observation"].groupby("patient_key").size().reindex(real["patient"]["patient_key"], fill_value=0)
+    heavy = set(n_obs[n_obs >= n_obs.quantile(0.85)].index)
+    enc = real["encounter"].sort_values(["patient_key", "start"]).copy()
+    first = ~enc.duplicated("patient_key")
+    enc["class_code"] = np.where(enc["patient_key"].isin(heavy) & first, "IMP",
+                                 np.where(enc["class_code"] == "IMP", "AMB", enc["class_code"]))
+    real["encounter"] = enc.reset_index(drop=True)
+    return real
+
+
+def _heavy_and_light_inpatient_shares(t: dict[str, pd.DataFrame], cut: float) -> tuple[float, float]:
+    keys = t["patient"]["patient_key"]
+    n_obs = t["observation"].groupby("patient_key").size().reindex(keys, fill_value=0)
+    imp = t["encounter"][t["encounter"]["class_code"] == "IMP"].groupby("patient_key").size().reindex(keys, fill_value=0)
+    return float((imp[n_obs >= cut] > 0).mean()), float((imp[n_obs < cut] > 0).mean())
+
+
+def test_a_patients_encounter_classes_are_counted_with_the_patient(monkeypatch):
+    real = _inpatient_with_the_heavy_records()
+    monkeypatch.setattr(relational, "COUNT_CODES_MIN_PATIENTS", 100)
+    model = relational.fit(real, root_kind="cart", child_kind="cart", seed=1)
+    cl = model.layout.children["encounter"]
+    assert cl.counted_by == "class_code" and cl.total_from_root
+    assert set(cl.count_codes.values()) == {"IMP", "EMER"}  # AMB (nearly every patient) takes the rest
+    assert model.children["encounter"].code == "class_code"
+    syn, _ = relational.sample(model, 400, batch_size=150, seed=2)
+    cut = float(real["observation"].groupby("patient_key").size().quantile(0.85))
+    heavy, light = _heavy_and_light_inpatient_shares(syn, cut)
+    assert _heavy_and_light_inpatient_shares(real, cut)[1] == 0.0
+    assert heavy >= 0.7 and light <= 0.1, (heavy, light)
+    # the patient's encounters keep their number: the classes split the total the patient model drew
+    per = syn["encounter"].groupby("patient_key").size()
+    assert per.mean() == pytest.approx(real["encounter"].groupby("patient_key").size().mean(), rel=0.15)

@@ -102,8 +102,13 @@ def test_the_model_keeps_aggregates_of_the_real_times_only(real, model):
     assert set(gaps["durations"]) == set(counts[counts >= 50].index)  # classes with >= 50 encounters, as quantiles
     assert all(len(q) == relational.POSITION_QUANTILES for q in gaps["durations"].values())
     obs = model.layout.children["observation"].timing
-    assert set(obs) == {"at_start", "first_at_start", "new_time", "u_quantiles", "points", "by_class", "unlinked_at_start", "coverage"}
+    assert set(obs) == {"at_start", "first_at_start", "new_time", "u_quantiles", "points", "by_class", "unlinked_at_start",
+                        "coverage", "near_share", "near_quantiles"}
     assert obs["at_start"] == 1.0
+    # the gaps between distinct times kept as a share and quantiles of seconds, never as times
+    assert 0.0 <= obs["near_share"] <= 1.0
+    assert len(obs["near_quantiles"]) in (0, relational.NEAR_QUANTILES)
+    assert all(0.0 <= g <= relational.NEAR_SECONDS for g in obs["near_quantiles"])
     import pandas as pd
 
     window = [pd.Timestamp(w) for w in gaps["window"]]  # whole days, not an encounter's own instant
@@ -146,3 +151,51 @@ def test_the_pipeline_flags_the_trajectory_condition_and_gates_the_timing(tmp_pa
     report = ctx.store.read_json(summary["report_uri"])
     assert report["tables"]["trajectory"]["lab"] == "hba1c"
     assert "with/0" in report["tables"]["figures"]["tables"]["observation"]["trajectory_real"]
+
+
+def _bursts(n_enc: int = 150, seed: int = 4):
+    """Inpatient stays of 100 h whose observations come in rounds: a round at a random moment, its results
+    stamped 0-3 times more, 5-40 seconds apart (as real stays' results are)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    start = pd.Timestamp("2025-01-01")
+    enc = pd.DataFrame({"encounter_key": [f"e{i}" for i in range(n_enc)], "patient_key": [f"p{i}" for i in range(n_enc)],
+                        "class_code": "IMP", "start": [start + pd.Timedelta(days=3 * i) for i in range(n_enc)]})
+    enc["end"] = enc["start"] + pd.Timedelta(hours=100)
+    rows = []
+    for e in enc.itertuples():
+        for _ in range(6):
+            t = e.start + pd.Timedelta(seconds=float(rng.uniform(0, 100 * 3600)))
+            for k in range(int(rng.integers(1, 5))):
+                t = t + pd.Timedelta(seconds=float(rng.uniform(5, 40))) if k else t
+                rows.append((e.patient_key, e.encounter_key, t))
+    return enc, pd.DataFrame(rows, columns=["patient_key", "encounter_key", "effective"])
+
+
+def _near_share(df, enc) -> float:
+    t = df.drop_duplicates(["encounter_key", "effective"]).sort_values(["encounter_key", "effective"])
+    gap = t.groupby("encounter_key")["effective"].diff().dt.total_seconds().dropna()
+    return float((gap <= relational.NEAR_SECONDS).mean())
+
+
+def test_a_stays_results_come_seconds_apart_as_real_ones_do():
+    enc, obs = _bursts()
+    timing = relational.encounter_timing(obs, enc, "effective")
+    real_share = _near_share(obs, enc)
+    assert timing["near_share"] == pytest.approx(real_share, abs=1e-6) and real_share > 0.4
+    q = timing["near_quantiles"]
+    assert len(q) == relational.NEAR_QUANTILES and 5.0 <= q[len(q) // 2] <= 40.0 and q[-1] <= relational.NEAR_SECONDS
+    cl = relational.ChildLayout(name="observation", key="observation_key", time="effective", later_times=[],
+                                columns=[], derived={}, constants={}, all_columns=[], timing=timing)
+    placed = relational.place_in_encounters(obs.copy(), cl, enc, np.random.default_rng(1), {})
+    # drawn given the aggregates only: as many rounds' results seconds apart as real stays have, inside the stay
+    assert _near_share(placed, enc) == pytest.approx(real_share, abs=0.06)
+    inside = placed.merge(enc[["encounter_key", "start", "end"]], on="encounter_key")
+    assert ((inside["effective"] >= inside["start"]) & (inside["effective"] <= inside["end"] + np.timedelta64(200, "s"))).all()
+    # without the near gaps each time is at its own position: hours apart
+    flat = relational.place_in_encounters(obs.copy(), relational.ChildLayout(
+        name="observation", key="observation_key", time="effective", later_times=[], columns=[], derived={},
+        constants={}, all_columns=[], timing={**timing, "near_share": 0.0, "by_class": {
+            c: {**st, "near_share": 0.0} for c, st in timing["by_class"].items()}}), enc, np.random.default_rng(1), {})
+    assert _near_share(flat, enc) < 0.1
