@@ -20,6 +20,11 @@ equal (checked).
 
     .venv/bin/python bench/memory_probe.py --ingest-dir RUN/ingest --file RUN/reports/datacard.html \\
         --out bench/results/memory_probe_20k.json
+
+``--replicate N`` probes the leak parts on the ingest's identifier list and patient keys replicated N times with
+fresh values (ids and MRNs XOR-ed per replica, as ``bench/scale_bench.py`` replicates extracts; names kept): a
+200k-patient identifier list from a 20k run without building and ingesting the 200k extract. Built once into
+``--replicate-dir`` (default ``bench/.cache/memory_probe/<N>x``), with its compact index.
 """
 
 from __future__ import annotations
@@ -120,6 +125,43 @@ def child(part: str, ingest: Path, file: str, scans: int) -> dict:
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), **out}
 
 
+def replicate(ingest: Path, n: int, dest: Path) -> Path:
+    """``ingest``'s identifiers.parquet and patient keys, ``n`` times with fresh ids, MRNs and keys (see --replicate)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from synthfactory.privacy.leak import write_identifier_index
+    from synthfactory.storage import Store
+
+    marker = dest / ".complete"
+    if marker.exists():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    src = pq.read_table(ingest / "identifiers.parquet", columns=["value", "kind"])
+    values, kinds = src.column("value").to_pylist(), src.column("kind").to_pylist()
+    pkeys = pq.read_table(ingest / "patient.parquet", columns=["patient_key"]).column("patient_key").to_pylist()
+    out_v, out_k, out_p = [], [], []
+    for r in range(n):
+        x = (r * 0x9E3779B1) & 0xFFFFFFFF
+        for v, k in zip(values, kinds):
+            if k == "id" and len(v) == 36 and v[8] == "-":
+                v = "%08x" % (int(v[:8], 16) ^ x) + v[8:]
+            elif k == "identifier" and len(v) == 8:
+                try:
+                    v = "%08X" % (int(v, 16) ^ x)
+                except ValueError:
+                    pass
+            out_v.append(v)
+            out_k.append(k)
+        out_p += [f"{p}-{r:04d}" for p in pkeys]
+    pq.write_table(pa.table({"value": pa.array(out_v, pa.string()), "kind": pa.array(out_k, pa.string())}),
+                   dest / "identifiers.parquet", row_group_size=1_000_000)
+    pq.write_table(pa.table({"patient_key": pa.array(out_p, pa.string())}), dest / "patient.parquet")
+    write_identifier_index(str(dest / "identifiers.parquet"), Store())
+    marker.write_text(str(n))
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ingest-dir", type=Path, required=True)
@@ -131,12 +173,26 @@ def main(argv: list[str] | None = None) -> int:
                          "before=/path/to/main/include): the stage before/after in one invocation")
     ap.add_argument("--code-parts", nargs="+", default=["prepare_stage", "leak_after"])
     ap.add_argument("--md", type=Path, help="also write a markdown table")
+    ap.add_argument("--replicate", type=int, default=0, metavar="N",
+                    help="probe the ingest's identifiers and patient keys replicated N times (leak parts only)")
+    ap.add_argument("--replicate-dir", type=Path)
     ap.add_argument("--child")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    rdir = args.replicate_dir or ROOT / "bench" / ".cache" / "memory_probe" / f"{args.replicate}x"
+    if args.child == "replicate":
+        replicate(args.ingest_dir, args.replicate, rdir)
+        return 0
     if args.child:
         print(json.dumps(child(args.child, args.ingest_dir, args.file, args.scans)))
         return 0
+    if args.replicate > 1:
+        # built in its own process: a child's ru_maxrss starts from its parent's high-water mark (fork), so the
+        # parent must never hold the replicated list
+        subprocess.run([sys.executable, __file__, "--ingest-dir", str(args.ingest_dir), "--file", args.file,
+                        "--replicate", str(args.replicate), "--replicate-dir", str(rdir), "--child", "replicate"],
+                       check=True)
+        args.ingest_dir = rdir
     import pyarrow.parquet as pq
 
     import os

@@ -896,6 +896,27 @@ def compact_identifiers(values: Any, kinds: Any, salt: str, *, row0: int = 0, de
     return pa.concat_tables(parts_e + parts_v)
 
 
+def _index_arrays(parts: list) -> dict[str, Any]:
+    """The compact index's columns as numpy arrays, the tables of ``parts`` one after another: converted column by
+    column, so the caller can drop the Arrow tables before the matcher builds its own arrays (a column read in
+    several row groups is copied by ``to_numpy`` anyway; holding the table besides doubled the index in memory).
+    ``kcode`` / ``kind_names``: the kinds dictionary-encoded in order of first appearance."""
+    import numpy as np
+    import pyarrow as pa
+
+    parts = [p for p in parts if p.num_rows] or parts[:1]
+    out: dict[str, Any] = {}
+    for name in ("h", "first", "ntok", "slen", "common", "row", "src"):
+        cols = [p.column(name).to_numpy() for p in parts]
+        out[name] = cols[0] if len(cols) == 1 else np.concatenate(cols)
+        del cols
+    kind = pa.chunked_array([c for p in parts for c in p.column("kind").cast(pa.string()).chunks],
+                            type=pa.string()).combine_chunks().dictionary_encode()
+    out["kcode"] = kind.indices.to_numpy(zero_copy_only=False)
+    out["kind_names"] = kind.dictionary.to_pylist()
+    return out
+
+
 def _read_index(uri: str, store: "Store") -> Any:
     import pyarrow.parquet as pq
 
@@ -991,16 +1012,11 @@ class LeakMatcher:
         self.salt = salt
         self.min_len = min_len
         self._texts = texts  # callable(rows) -> values, for fingerprints
-        h = index.column("h").to_numpy()
-        first = index.column("first").to_numpy()
-        ntok = index.column("ntok").to_numpy()
-        kind = index.column("kind").combine_chunks().dictionary_encode()
-        kcode = kind.indices.to_numpy(zero_copy_only=False)
-        self.kind_names = kind.dictionary.to_pylist()
-        slen = index.column("slen").to_numpy()
-        common = index.column("common").to_numpy(zero_copy_only=False)
-        row = index.column("row").to_numpy()
-        src = index.column("src").to_numpy()
+        a = index if isinstance(index, dict) else _index_arrays([index])  # a Table, or its arrays (for_ingest)
+        h, first, ntok, slen, common, row, src = (a[k] for k in ("h", "first", "ntok", "slen", "common", "row", "src"))
+        kcode = a["kcode"]
+        self.kind_names = a["kind_names"]
+        del a
         is_e = src < 0
         word_kind = np.isin(kcode, [i for i, k in enumerate(self.kind_names) if k in _WORD_KINDS])
         excuse = _salted_hash(np.array(sorted(_excuse_words(vocabulary, common_words)), dtype=object), salt)
@@ -1014,6 +1030,7 @@ class LeakMatcher:
         active = valid & ~excused & ~unsc
         # counts exactly as _build_index reports them
         self.unscanned = Counter({self.kind_names[c]: int(n) for c, n in zip(*np.unique(kcode[unsc], return_counts=True))})
+        del maybe, slen, common, word_kind, valid  # each input array is dropped once the last step that reads it is done
         # per own hash: its kinds (sorted by hash) and a source row (for fingerprints)
         h_active = h[active]
         order = np.argsort(h_active, kind="stable")
@@ -1021,25 +1038,28 @@ class LeakMatcher:
         del h_active
         self._kc = kcode[active][order]
         self._krow = row[active][order]
-        del order
+        del order, kcode, row
         own = self._kh[_run_starts(self._kh)]  # np.unique(h[active]): the sorted hashes, once each
         self.checked = int(len(own))
         self.skipped = int((is_e & (ntok == 0)).sum() + unsc.sum())
         excused_h = np.unique(h[excused])
         self.vocabulary = int((~_in_sorted(excused_h, own)).sum())
+        del excused, excused_h, unsc
         # variants of active identifiers, first registered wins, never over an identifier's own string
         entry_idx = np.nonzero(is_e)[0]
         e_active = np.zeros(int(is_e.sum()), dtype=bool)
         e_active[:] = active[entry_idx]
         v = ~is_e
         vsrc = src[v]
+        del src
         vok = e_active[vsrc]
         vh, vfirst, vn, vsrc = h[v][vok], first[v][vok], ntok[v][vok], vsrc[vok]
+        del v, vok
         notown = ~_in_sorted(vh, own)
         vh, vfirst, vn, vsrc = vh[notown], vfirst[notown], vn[notown], vsrc[notown]
         ukeys, at = np.unique(vh, return_index=True)  # vh is in registration order: return_index = first
         canon_v = h[entry_idx[vsrc[at]]]
-        del entry_idx, e_active
+        del entry_idx, e_active, h, vh, vsrc, at, notown, is_e
         keys = np.concatenate([own, ukeys])
         canon = np.concatenate([own, canon_v])
         del own
@@ -1048,7 +1068,9 @@ class LeakMatcher:
         del keys, canon, o
         # first-token hash -> bit mask of n-gram lengths (lengths >= 64 kept aside)
         sf = np.concatenate([first[active], vfirst])
+        del first, vfirst
         sn = np.concatenate([ntok[active], vn]).astype(np.int64)
+        del ntok, vn, active
         long_ = sn >= 64
         self._long: dict[int, set[int]] = defaultdict(set)
         for f, n in zip(sf[long_], sn[long_]):
@@ -1115,16 +1137,16 @@ class LeakMatcher:
             write_identifier_index(identifiers_uri, store)
             index = _read_index(idx_uri, store)
         salt = index.schema.metadata[b"salt"].decode()
-        n_src = int(index.column("row").to_numpy().max()) + 1 if index.num_rows else 0
+        n_src = int(pa.compute.max(index.column("row")).as_py()) + 1 if index.num_rows else 0
         extra = [str(v) for v in extra if v is not None]
         if extra:
             more = compact_identifiers(pa.array(extra, pa.string()), None, salt, row0=n_src)
             src = more.column("src").to_numpy()
-            n_e = int((index.column("src").to_numpy() < 0).sum())
+            isrc = index.column("src").to_numpy()
+            n_e = int((isrc < 0).sum())
             # variant rows point at entries: shift past the identifiers' entries... and keep entries first
             more_e = more.filter(pa.array(src < 0))
             more_v = more.filter(pa.array(src >= 0))
-            isrc = index.column("src").to_numpy()
             if (isrc[:n_e] < 0).all():  # entries first (as written): zero-copy slices, not copies of the index
                 base_e, base_v = index.slice(0, n_e), index.slice(n_e)
             else:
@@ -1135,7 +1157,12 @@ class LeakMatcher:
             if more_v.num_rows:
                 more_v = more_v.set_column(more_v.schema.get_field_index("src"), "src",
                                            pa.array(more_v.column("src").to_numpy() + n_e, pa.int64()))
-            index = pa.concat_tables([base_e.cast(_index_schema()), more_e, base_v.cast(_index_schema()), more_v])
+            parts = [base_e, more_e, base_v, more_v]
+            del more, more_e, more_v, base_e, base_v, src
+        else:
+            parts = [index]
+        arrays = _index_arrays(parts)  # numpy, column by column; then the Arrow index is dropped before the build
+        del parts, index
 
         def texts(rows: list[int]) -> list[str]:
             import pyarrow.parquet as pq
@@ -1143,7 +1170,7 @@ class LeakMatcher:
             values = pq.read_table(io.BytesIO(store.read_bytes(identifiers_uri)), columns=["value"]).column("value")
             return [values[r].as_py() if r < n_src else extra[r - n_src] for r in rows]
 
-        return cls(index, salt, texts=texts, **kw)
+        return cls(arrays, salt, texts=texts, **kw)
 
     # -- matching ----------------------------------------------------------------------------------
     def _match(self, tokens: list[str], decimals: set[int] | None = None, stop: int | None = None) -> Counter:
