@@ -252,10 +252,10 @@ class CartSynthesizer:
                 k, table = col.lookup
                 out[:, j] = table[out[:, k].astype("int64")]
                 continue
-            todo = None
+            todo = absent = None
             if col.gate is not None:  # drawn where the flag says present; absent rows carry low - 1
-                todo = np.flatnonzero(out[:, col.gate[0]] != col.gate[1])
-                out[:, j] = col.low - 1.0
+                absent = out[:, col.gate[0]] == col.gate[1]
+                todo = np.flatnonzero(~absent)
             if col.tree is None:
                 out[:, j] = rng.choice(col.marginal, size=n, replace=True)
             elif todo is None or todo.size:
@@ -271,15 +271,11 @@ class CartSynthesizer:
                         draw = draw + rng.normal(0.0, bw, size=rows.size)
                     out[rows, j] = draw
             if col.numeric:
-                keep = None
-                if todo is not None:
-                    keep = np.ones(n, dtype=bool)
-                    keep[todo] = False
                 out[:, j] = np.clip(out[:, j], col.low, col.high)
                 if col.integer:
                     out[:, j] = np.round(out[:, j])
-                if keep is not None:
-                    out[keep, j] = col.low - 1.0
+                if absent is not None:
+                    out[absent, j] = col.low - 1.0
         frame = {}
         for j, col in enumerate(self.models):
             if col.numeric:
