@@ -859,10 +859,12 @@ def compact_identifiers(values: Any, kinds: Any, salt: str, *, row0: int = 0, de
     import pyarrow as pa
 
     values = pa.array(values, pa.string()) if not isinstance(values, (pa.Array, pa.ChunkedArray)) else values
+    # chunks combined as large_string (64-bit offsets): 2M patients' 75M identifiers are ~2.8 GB of text, past the
+    # 2 GiB that a string array's 32-bit offsets address (ArrowInvalid "offset overflow" in a 2M-patient run)
     if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
+        values = values.cast(pa.large_string()).combine_chunks()
     if kinds is not None and isinstance(kinds, pa.ChunkedArray):
-        kinds = kinds.combine_chunks()
+        kinds = kinds.cast(pa.large_string()).combine_chunks()
     keep = values.is_valid()
     if not pa.compute.all(keep).as_py():
         values, kinds = values.filter(keep), (kinds.filter(keep) if kinds is not None else None)
@@ -961,7 +963,7 @@ def write_identifier_index(identifiers_uri: str, store: "Store") -> str:
         cols = ["value", "kind"] if "kind" in names else ["value"]
         table = pf.read(columns=cols)
     values = table.column("value")
-    if not pa.types.is_string(values.type):
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
         values = pa.array([None if v is None else (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
                            for v in values.to_pylist()], pa.string())
     kinds = table.column("kind").cast(pa.string()) if "kind" in cols else None
