@@ -859,35 +859,45 @@ def compact_identifiers(values: Any, kinds: Any, salt: str, *, row0: int = 0, de
     import pyarrow as pa
 
     values = pa.array(values, pa.string()) if not isinstance(values, (pa.Array, pa.ChunkedArray)) else values
-    # chunks combined as large_string (64-bit offsets): 2M patients' 75M identifiers are ~2.8 GB of text, past the
-    # 2 GiB that a string array's 32-bit offsets address (ArrowInvalid "offset overflow" in a 2M-patient run)
-    if isinstance(values, pa.ChunkedArray):
-        values = values.cast(pa.large_string()).combine_chunks()
-    if kinds is not None and isinstance(kinds, pa.ChunkedArray):
-        kinds = kinds.cast(pa.large_string()).combine_chunks()
+    # never one array of the whole column: 2M patients' 75M identifiers are ~2.8 GB of text, past the 2 GiB that a
+    # string array's 32-bit offsets address ("offset overflow" in a 2M-patient run); each batch is combined alone
+    if isinstance(values, pa.Array):
+        values = pa.chunked_array([values])
+    if kinds is not None and isinstance(kinds, pa.Array):
+        kinds = pa.chunked_array([kinds])
     keep = values.is_valid()
     if not pa.compute.all(keep).as_py():
         values, kinds = values.filter(keep), (kinds.filter(keep) if kinds is not None else None)
     rows = np.arange(row0, row0 + len(values), dtype=np.int64)
+    kept = None  # positions of the entries kept by dedup, in order (None: every one)
     if dedup and len(values):
         parts = []
         for start in range(0, len(values), _BATCH):  # batch by batch: never all values as Python strings
-            k = _salted_hash(values.slice(start, _BATCH).to_numpy(zero_copy_only=False).astype(object), salt)
+            k = _salted_hash(values.slice(start, _BATCH).to_numpy().astype(object), salt)
             if kinds is not None:
-                k = k ^ (_salted_hash(kinds.slice(start, _BATCH).fill_null("\x00").to_numpy(
-                    zero_copy_only=False).astype(object), salt) * np.uint64(0x9E3779B97F4A7C15))
+                k = k ^ (_salted_hash(kinds.slice(start, _BATCH).fill_null("\x00").to_numpy().astype(object), salt)
+                         * np.uint64(0x9E3779B97F4A7C15))
             parts.append(k)
         key = np.concatenate(parts)
         _, first_at = np.unique(key, return_index=True)
         first_at.sort()
         if len(first_at) < len(values):
-            values = values.take(pa.array(first_at))
-            kinds = kinds.take(pa.array(first_at)) if kinds is not None else None
+            kept = first_at
             rows = rows[first_at]
+
+    def batch(arr: Any, start: int) -> Any:
+        """Entries start .. start + _BATCH (of the kept ones) as one array, taken from their own range only."""
+        if arr is None:
+            return None
+        if kept is None:
+            return arr.slice(start, _BATCH).combine_chunks()
+        idx = kept[start:start + _BATCH]
+        lo = int(idx[0])
+        return arr.slice(lo, int(idx[-1]) + 1 - lo).combine_chunks().take(pa.array(idx - lo))
+
     parts_e, parts_v = [], []
-    for start in range(0, len(values), _BATCH):
-        e, v = _compact_batch(values.slice(start, _BATCH),
-                              kinds.slice(start, _BATCH) if kinds is not None else None, salt, 0, start)
+    for start in range(0, len(rows), _BATCH):
+        e, v = _compact_batch(batch(values, start), batch(kinds, start), salt, 0, start)
         e["row"] = rows[start:start + len(e["h"])]
         parts_e.append(_to_table(e))
         if v is not None:
@@ -963,7 +973,7 @@ def write_identifier_index(identifiers_uri: str, store: "Store") -> str:
         cols = ["value", "kind"] if "kind" in names else ["value"]
         table = pf.read(columns=cols)
     values = table.column("value")
-    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+    if not pa.types.is_string(values.type):
         values = pa.array([None if v is None else (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
                            for v in values.to_pylist()], pa.string())
     kinds = table.column("kind").cast(pa.string()) if "kind" in cols else None
