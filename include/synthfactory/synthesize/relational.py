@@ -364,6 +364,14 @@ def _quantile_grid(q: list[float]) -> tuple[np.ndarray, np.ndarray]:
     return x, np.linspace(0.0, 1.0, x.size)
 
 
+def from_quantiles(q: Any, u: np.ndarray) -> np.ndarray:
+    """Values at probabilities ``u`` (in [0, 1]) of a distribution kept as evenly spaced quantiles ``q`` (the
+    aggregates the model keeps of real times, gaps and durations): linear between quantiles; one quantile, or
+    none (0), is a constant."""
+    q = np.asarray(q if q is not None and len(q) else [0.0], dtype=float)
+    return np.interp(u, np.linspace(0, 1, q.size), q) if q.size > 1 else np.full(np.shape(u), q[0])
+
+
 #: normal scores are kept inside +-this many sd (probabilities 1e-4 .. 1 - 1e-4 at the ends of a stratum)
 STRATUM_Z = 3.719
 
@@ -698,13 +706,13 @@ def space_encounters(df: pd.DataFrame, cl: ChildLayout, birth: pd.Series, death:
     first = np.r_[True, k[1:] != k[:-1]]
     grp = np.cumsum(first) - 1
     n = np.bincount(grp)[grp]
-    qs = {int(b): np.asarray(v, dtype=float) for b, v in g["quantiles"].items()}
+    qs = {int(b): v for b, v in g["quantiles"].items()}
     bucket = _gap_bucket(n)
     u = rng.random(len(d))
     gap = np.zeros(len(d))
     for b, q in qs.items():
         sel = (bucket == b) & ~first
-        gap[sel] = np.interp(u[sel], np.linspace(0, 1, q.size), q)
+        gap[sel] = from_quantiles(q, u[sel])
     csum = np.cumsum(gap)  # rel: days after the patient's first encounter
     starts = np.flatnonzero(first)
     rel = csum - np.repeat(csum[starts], np.diff(np.r_[starts, len(d)]))
@@ -714,8 +722,7 @@ def space_encounters(df: pd.DataFrame, cl: ChildLayout, birth: pd.Series, death:
         us = np.repeat(rng.random(len(starts)), np.diff(np.r_[starts, len(d)]))
         for b, q in g["spans"].items():
             sel = bucket == int(b)
-            q = np.asarray(q, dtype=float)
-            target[sel] = np.interp(us[sel], np.linspace(0, 1, q.size), q)
+            target[sel] = from_quantiles(q, us[sel])
         scale = np.where(span > 0, target / np.maximum(span, 1e-9), 1.0)
         rel, span = rel * scale, span * scale
     tt = d["t"].to_numpy().astype("datetime64[ns]")
@@ -760,8 +767,7 @@ def space_encounters(df: pd.DataFrame, cl: ChildLayout, birth: pd.Series, death:
         for c, q in durations.items():
             sel = (cls == c) & ~pd.isna(end) & ~pd.isna(start)
             if sel.any():
-                q = np.asarray(q, dtype=float)
-                secs = np.interp(rng.random(int(sel.sum())), np.linspace(0, 1, q.size), q)
+                secs = from_quantiles(q, rng.random(int(sel.sum())))
                 end[sel] = start[sel] + (secs * 1e9).astype("int64").astype("timedelta64[ns]")
                 redrawn += int(sel.sum())
         df["end"] = end
@@ -982,8 +988,7 @@ def place_in_encounters(df: pd.DataFrame, cl: ChildLayout, enc: pd.DataFrame, rn
     ids = np.array([id(x) for x in point_stats])
     for key in np.unique(ids):
         sel = ids == key
-        qs = np.asarray(point_stats[int(np.flatnonzero(sel)[0])].get("u_quantiles") or [0.0], dtype=float)
-        u[sel] = np.interp(draw[sel], np.linspace(0, 1, qs.size), qs) if qs.size > 1 else qs[0]
+        u[sel] = from_quantiles(point_stats[int(np.flatnonzero(sel)[0])].get("u_quantiles"), draw[sel])
     u = np.where(at_start, 0.0, u)
     # each distinct time at its position; a further time of an encounter is "near" the one before it (seconds
     # later: one draw's results, one round of vital signs) as often as real ones are, else at its own position
@@ -997,8 +1002,7 @@ def place_in_encounters(df: pd.DataFrame, cl: ChildLayout, enc: pd.DataFrame, rn
         draw = rng.random(n_points)
         for key in np.unique(ids[near]):
             sel = near & (ids == key)
-            nq = np.asarray(point_stats[int(np.flatnonzero(sel)[0])].get("near_quantiles") or [0.0], dtype=float)
-            gap_s[sel] = np.interp(draw[sel], np.linspace(0, 1, nq.size), nq) if nq.size > 1 else nq[0]
+            gap_s[sel] = from_quantiles(point_stats[int(np.flatnonzero(sel)[0])].get("near_quantiles"), draw[sel])
         run = np.cumsum(~near) - 1                       # the head (a time at its own position) each point follows
         heads = np.flatnonzero(~near)
         steps = np.cumsum(gap_s * 1e9)                   # ns
