@@ -815,3 +815,49 @@ def test_bundles_patient_same_outputs_with_and_without_the_compiled_flatten(care
     assert pq.read_table(a / "identifiers.parquet").equals(pq.read_table(b / "identifiers.parquet"))
     assert (a / "quarantine.ndjson").read_bytes() == (b / "quarantine.ndjson").read_bytes()
     assert reps[True]["native_lines"].get("Patient", 0) > 0 and not any(reps[False]["native_lines"].values())
+
+
+def test_id_set_adds_finds_and_counts_like_a_set():
+    """The compiled IdSet (128-bit hashes of the UTF-8 id) against a set of str: the same members after 200k
+    adds with repeats (growth from an empty table on the way), no id taken for another, and `in` of anything but
+    a str is False, as for a set of str."""
+    r = random.Random(5)
+    s, ref = native.id_set(), set()
+    assert type(s).__name__ == "IdSet"
+    alphabet = "abcXYZ019-.\u00e9\u4e2d"
+    ids = ["", "a", "A", "a" * 16, "a" * 17, "\u00e9t\u00e9"] + [
+        "".join(r.choice(alphabet) for _ in range(r.randint(1, 40))) for _ in range(200_000)]
+    for i in ids:
+        assert (i in s) == (i in ref)
+        s.add(i)
+        ref.add(i)
+    assert len(s) == len(ref) > 150_000
+    assert all(i in s for i in ref)
+    others = {"".join(r.choice(alphabet) for _ in range(r.randint(1, 40))) for _ in range(100_000)} - ref
+    assert not any(o in s for o in others)
+    assert 5 not in s and None not in s and b"a" not in s
+    with pytest.raises(TypeError):
+        s.add(b"a")
+    assert s.__sizeof__() < 16 / 0.35 * len(s) + 100  # 16 bytes a slot, load 0.35-0.7 (a set of str: ~120 an id)
+
+
+@pytest.mark.parametrize("seed", [41, 42])
+def test_duplicate_ids_same_outputs_with_the_id_set_and_a_set(tmp_path, keyer, monkeypatch, seed):
+    """Duplicate ids (the mutated extract's o1/e1/c1/\u00e9 ids and whole repeated files) are quarantined alike
+    whether the ids seen are an IdSet (compiled and Python path: ingest_both) or a plain set (a build without the
+    module)."""
+    src = tmp_path / "dups"
+    write_extract(src, seed=seed, n=900, mutated=0.5)
+    obs = (src / "Observation.ndjson").read_bytes()
+    (src / "Observation-again.ndjson").write_bytes(obs[: len(obs) // 3].rsplit(b"\n", 1)[0] + b"\n")
+    rep, _ = ingest_both(src, tmp_path / "idset", keyer, validate_first=5, validate_sample_rate=0.05, batch_rows=97)
+    # of the 300 repeated lines (the others fail a check before the id check, as their first copies did)
+    assert rep["quarantine_reasons"]["Observation"]["duplicate id"] >= 150
+    monkeypatch.setattr(native, "id_set", set)
+    rep_set, _ = ingest_both(src, tmp_path / "set", keyer, validate_first=5, validate_sample_rate=0.05,
+                             batch_rows=97)
+    assert {k: v for k, v in rep.items() if k not in VOLATILE} == {
+        k: v for k, v in rep_set.items() if k not in VOLATILE}
+    for name in OUTPUTS + ("quarantine.ndjson",):
+        assert (tmp_path / "idset" / "out-True" / name).read_bytes() == (
+            tmp_path / "set" / "out-True" / name).read_bytes(), name

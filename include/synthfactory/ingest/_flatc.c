@@ -2517,10 +2517,193 @@ static PyObject *Flat_prepare(Flat *F, PyObject *block) {
     return (PyObject *)Q;
 }
 
+/* ============================================================================================== */
+/* IdSet: the resource ids seen, per type, as 128-bit hashes                                     */
+/* ============================================================================================== */
+/* A Python set of 75M id strings holds ~120 bytes per id (9 GB at 2M patients); this holds 16 bytes per
+ * slot at a load of at most 0.7 (about 24-32 bytes per id). Ids are told apart by MurmurHash3 x64 128 of
+ * their UTF-8 bytes: two different ids are taken for one with a probability of about n^2 / 2^129 (1e-23 at
+ * 75M ids). Used the way the ingest used a set: `id in s`, `s.add(id)`, `len(s)`. */
+static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+static inline uint64_t fmix64(uint64_t k) {
+    k ^= k >> 33;
+    k *= 0xff51afd7ed558ccdULL;
+    k ^= k >> 33;
+    k *= 0xc4ceb9fe1a85ec53ULL;
+    k ^= k >> 33;
+    return k;
+}
+
+static void murmur3_128(const uint8_t *data, size_t len, uint64_t seed, uint64_t out[2]) {
+    const uint64_t c1 = 0x87c37b91114253d5ULL, c2 = 0x4cf5ad432745937fULL;
+    size_t nblocks = len / 16, i;
+    uint64_t h1 = seed, h2 = seed, k1 = 0, k2 = 0;
+    const uint8_t *tail = data + nblocks * 16;
+    for (i = 0; i < nblocks; i++) {
+        memcpy(&k1, data + i * 16, 8);
+        memcpy(&k2, data + i * 16 + 8, 8);
+        k1 *= c1; k1 = rotl64(k1, 31); k1 *= c2; h1 ^= k1;
+        h1 = rotl64(h1, 27); h1 += h2; h1 = h1 * 5 + 0x52dce729;
+        k2 *= c2; k2 = rotl64(k2, 33); k2 *= c1; h2 ^= k2;
+        h2 = rotl64(h2, 31); h2 += h1; h2 = h2 * 5 + 0x38495ab5;
+    }
+    k1 = k2 = 0;
+    switch (len & 15) {
+    case 15: k2 ^= (uint64_t)tail[14] << 48; /* fallthrough */
+    case 14: k2 ^= (uint64_t)tail[13] << 40; /* fallthrough */
+    case 13: k2 ^= (uint64_t)tail[12] << 32; /* fallthrough */
+    case 12: k2 ^= (uint64_t)tail[11] << 24; /* fallthrough */
+    case 11: k2 ^= (uint64_t)tail[10] << 16; /* fallthrough */
+    case 10: k2 ^= (uint64_t)tail[9] << 8; /* fallthrough */
+    case 9:
+        k2 ^= (uint64_t)tail[8];
+        k2 *= c2; k2 = rotl64(k2, 33); k2 *= c1; h2 ^= k2;
+        /* fallthrough */
+    case 8: k1 ^= (uint64_t)tail[7] << 56; /* fallthrough */
+    case 7: k1 ^= (uint64_t)tail[6] << 48; /* fallthrough */
+    case 6: k1 ^= (uint64_t)tail[5] << 40; /* fallthrough */
+    case 5: k1 ^= (uint64_t)tail[4] << 32; /* fallthrough */
+    case 4: k1 ^= (uint64_t)tail[3] << 24; /* fallthrough */
+    case 3: k1 ^= (uint64_t)tail[2] << 16; /* fallthrough */
+    case 2: k1 ^= (uint64_t)tail[1] << 8; /* fallthrough */
+    case 1:
+        k1 ^= (uint64_t)tail[0];
+        k1 *= c1; k1 = rotl64(k1, 31); k1 *= c2; h1 ^= k1;
+        /* fallthrough */
+    default:
+        break;
+    }
+    h1 ^= (uint64_t)len;
+    h2 ^= (uint64_t)len;
+    h1 += h2;
+    h2 += h1;
+    h1 = fmix64(h1);
+    h2 = fmix64(h2);
+    h1 += h2;
+    h2 += h1;
+    out[0] = h1;
+    out[1] = h2;
+}
+
+typedef struct {
+    PyObject_HEAD
+    uint64_t *slots; /* 2 per slot; (0, 0) is an empty slot */
+    Py_ssize_t cap, n;
+} IdSet;
+
+static PyTypeObject IdSetType;
+
+#define IDSET_SEED 0x5f3759df9e3779b9ULL
+
+static void idset_hash(const uint8_t *p, size_t len, uint64_t h[2]) {
+    murmur3_128(p, len, IDSET_SEED, h);
+    if (!(h[0] | h[1])) h[1] = 1; /* (0, 0) marks an empty slot */
+}
+
+static int idset_grow(IdSet *S) {
+    Py_ssize_t ncap = S->cap ? S->cap * 2 : 1024, i, mask = ncap - 1;
+    uint64_t *ns = calloc((size_t)ncap * 2, sizeof(uint64_t));
+    if (!ns) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i < S->cap; i++) {
+        uint64_t a = S->slots[2 * i], b = S->slots[2 * i + 1];
+        Py_ssize_t j;
+        if (!(a | b)) continue;
+        j = (Py_ssize_t)(a & (uint64_t)mask);
+        while (ns[2 * j] | ns[2 * j + 1]) j = (j + 1) & mask;
+        ns[2 * j] = a;
+        ns[2 * j + 1] = b;
+    }
+    free(S->slots);
+    S->slots = ns;
+    S->cap = ncap;
+    return 0;
+}
+
+/* 1: present, 0: absent; with `add`, an absent id is added (and 0 returned); -1: out of memory */
+static int idset_probe(IdSet *S, const uint8_t *p, size_t len, int add) {
+    uint64_t h[2];
+    Py_ssize_t j, mask;
+    idset_hash(p, len, h);
+    if (add && (S->n + 1) * 10 > S->cap * 7 && idset_grow(S) < 0) return -1;
+    if (!S->cap) return 0;
+    mask = S->cap - 1;
+    j = (Py_ssize_t)(h[0] & (uint64_t)mask);
+    for (;;) {
+        uint64_t a = S->slots[2 * j], b = S->slots[2 * j + 1];
+        if (!(a | b)) break;
+        if (a == h[0] && b == h[1]) return 1;
+        j = (j + 1) & mask;
+    }
+    if (add) {
+        S->slots[2 * j] = h[0];
+        S->slots[2 * j + 1] = h[1];
+        S->n++;
+    }
+    return 0;
+}
+
+static int idset_str(PyObject *o, const char **p, Py_ssize_t *len) {
+    if (!PyUnicode_Check(o)) {
+        PyErr_SetString(PyExc_TypeError, "IdSet holds str ids");
+        return -1;
+    }
+    *p = PyUnicode_AsUTF8AndSize(o, len);
+    return *p ? 0 : -1;
+}
+
+static PyObject *IdSet_add(IdSet *S, PyObject *o) {
+    const char *p;
+    Py_ssize_t len;
+    if (idset_str(o, &p, &len) < 0 || idset_probe(S, (const uint8_t *)p, (size_t)len, 1) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static int IdSet_contains(IdSet *S, PyObject *o) {
+    const char *p;
+    Py_ssize_t len;
+    if (!PyUnicode_Check(o)) return 0; /* like a set of str: anything else is not in it */
+    if (idset_str(o, &p, &len) < 0) return -1;
+    return idset_probe(S, (const uint8_t *)p, (size_t)len, 0);
+}
+
+static Py_ssize_t IdSet_len(IdSet *S) { return S->n; }
+
+static PyObject *IdSet_sizeof(IdSet *S, PyObject *unused) {
+    return PyLong_FromSsize_t((Py_ssize_t)sizeof(IdSet) + S->cap * 2 * (Py_ssize_t)sizeof(uint64_t));
+}
+
+static void IdSet_dealloc(IdSet *S) {
+    free(S->slots);
+    Py_TYPE(S)->tp_free((PyObject *)S);
+}
+
+static PyMethodDef IdSet_methods[] = {
+    {"add", (PyCFunction)IdSet_add, METH_O, "Add an id (a str)."},
+    {"__sizeof__", (PyCFunction)IdSet_sizeof, METH_NOARGS, "Bytes held."},
+    {NULL, NULL, 0, NULL}};
+
+static PySequenceMethods IdSet_seq = {.sq_length = (lenfunc)IdSet_len, .sq_contains = (objobjproc)IdSet_contains};
+
+static PyTypeObject IdSetType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "synthfactory.ingest._flatc.IdSet",
+    .tp_basicsize = sizeof(IdSet),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "IdSet(): the ids seen, as 128-bit hashes (add, in, len).",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)IdSet_dealloc,
+    .tp_methods = IdSet_methods,
+    .tp_as_sequence = &IdSet_seq,
+};
+
 typedef struct {
     Columns *cols;
     Columns *idcols; /* the identifiers sink when it is a Columns("ss"), else NULL (chunk is a dict) */
     PyObject *seen, *pkeys, *chunk;
+    IdSet *idset; /* seen when it is an IdSet, else NULL (seen is a set) */
     Py_ssize_t n_cand, vdone, vcap, vfirst;
     unsigned long long threshold, salt;
 } runctx;
@@ -2563,10 +2746,19 @@ static int commit_line(Flat *F, Prepared *Q, runctx *X, const linerec *rec, Py_s
         if (i < 0) return -1;
         if (i == 0) return FB; /* dangling: Python counts and decides */
     }
-    rid = PyUnicode_DecodeUTF8((const char *)rec->s + rec->rid_off, rec->rid_len, "strict");
-    if (!rid) return -1;
-    { /* one set operation: added now (the rest below only fails on memory, which ends the ingest) */
+    if (X->idset) { /* one probe: added now (the rest below only fails on memory, which ends the ingest) */
+        int r = idset_probe(X->idset, rec->s + rec->rid_off, rec->rid_len, 1);
+        if (r < 0) return -1;
+        if (r == 1) return FB; /* duplicate id: Python */
+        rid = NULL; /* the id as a str only where the identifiers sink is a dict */
+        if (!X->idcols) {
+            rid = PyUnicode_DecodeUTF8((const char *)rec->s + rec->rid_off, rec->rid_len, "strict");
+            if (!rid) return -1;
+        }
+    } else {
         Py_ssize_t before = PySet_GET_SIZE(X->seen);
+        rid = PyUnicode_DecodeUTF8((const char *)rec->s + rec->rid_off, rec->rid_len, "strict");
+        if (!rid) return -1;
         if (PySet_Add(X->seen, rid) < 0) {
             Py_DECREF(rid);
             return -1;
@@ -2628,11 +2820,11 @@ static int commit_line(Flat *F, Prepared *Q, runctx *X, const linerec *rec, Py_s
         }
         Py_DECREF(k);
     }
-    Py_DECREF(rid);
+    Py_XDECREF(rid);
     X->n_cand++;
     return 0;
 fail:
-    Py_DECREF(rid);
+    Py_XDECREF(rid);
     return -1;
 }
 
@@ -2647,11 +2839,16 @@ static PyObject *Flat_commit(Flat *F, PyObject *args) {
     Py_ssize_t start, lineno, batch_rows, pos, accepted = 0;
     runctx X;
     int why = 0;
-    if (!PyArg_ParseTuple(args, "O!nnO!O!OOnnnnKKn", &PreparedType, &Q, &start, &lineno, &ColumnsType, &X.cols,
-                          &PySet_Type, &X.seen, &X.pkeys, &X.chunk, &X.n_cand, &X.vdone, &X.vcap,
+    if (!PyArg_ParseTuple(args, "O!nnO!OOOnnnnKKn", &PreparedType, &Q, &start, &lineno, &ColumnsType, &X.cols,
+                          &X.seen, &X.pkeys, &X.chunk, &X.n_cand, &X.vdone, &X.vcap,
                           &X.vfirst, &X.threshold, &X.salt, &batch_rows))
         return NULL;
     X.idcols = NULL;
+    X.idset = Py_IS_TYPE(X.seen, &IdSetType) ? (IdSet *)X.seen : NULL;
+    if (!X.idset && !PySet_CheckExact(X.seen)) {
+        PyErr_SetString(PyExc_TypeError, "seen must be an IdSet or a set");
+        return NULL;
+    }
     if (Py_IS_TYPE(X.chunk, &ColumnsType)) {
         X.idcols = (Columns *)X.chunk;
         if (X.idcols->ncols != 2 || X.idcols->cols[0].kind != COL_STR || X.idcols->cols[1].kind != COL_STR) {
@@ -3461,7 +3658,8 @@ PyMODINIT_FUNC PyInit__flatc(void) {
 #ifdef HAVE_SHA_NI
     if (cpu_has_sha() && !getenv("SYNTHFACTORY_NO_SHA_NI")) compress = sha_compress_ni;
 #endif
-    if (PyType_Ready(&FlatType) < 0 || PyType_Ready(&ColumnsType) < 0 || PyType_Ready(&PreparedType) < 0)
+    if (PyType_Ready(&FlatType) < 0 || PyType_Ready(&ColumnsType) < 0 || PyType_Ready(&PreparedType) < 0 ||
+        PyType_Ready(&IdSetType) < 0)
         return NULL;
     m = PyModule_Create(&flatc_module);
     if (!m) return NULL;
@@ -3474,6 +3672,12 @@ PyMODINIT_FUNC PyInit__flatc(void) {
     Py_INCREF(&ColumnsType);
     if (PyModule_AddObject(m, "Columns", (PyObject *)&ColumnsType) < 0) {
         Py_DECREF(&ColumnsType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&IdSetType);
+    if (PyModule_AddObject(m, "IdSet", (PyObject *)&IdSetType) < 0) {
+        Py_DECREF(&IdSetType);
         Py_DECREF(m);
         return NULL;
     }

@@ -498,7 +498,7 @@ class IngestSession:
             raise
 
         # -- counters --------------------------------------------------------------------------------
-        self.seen: dict[str, set[str]] = {r: set() for r in self.resources}
+        self.seen: dict[str, Any] = {r: native_flatten.id_set() for r in self.resources}  # add / in / len
         self.patient_keys: set[str] | None = set() if "Patient" in self.producers else None
         self.resources_read = dict.fromkeys(self.resources, 0)
         self.quarantined = dict.fromkeys(self.resources, 0)
