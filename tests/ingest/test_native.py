@@ -836,6 +836,9 @@ def test_id_set_adds_finds_and_counts_like_a_set():
     others = {"".join(r.choice(alphabet) for _ in range(r.randint(1, 40))) for _ in range(100_000)} - ref
     assert not any(o in s for o in others)
     assert 5 not in s and None not in s and b"a" not in s
+    assert "\ud800" not in s and "a\udc00" not in s  # lone surrogates (json.loads makes them; orjson refuses)
+    s.add("\ud800")
+    assert "\ud800" in s and "a\udc00" not in s and "\udc00" not in s
     with pytest.raises(TypeError):
         s.add(b"a")
     assert s.__sizeof__() < 16 / 0.35 * len(s) + 100  # 16 bytes a slot, load 0.35-0.7 (a set of str: ~120 an id)

@@ -2646,28 +2646,36 @@ static int idset_probe(IdSet *S, const uint8_t *p, size_t len, int add) {
     return 0;
 }
 
-static int idset_str(PyObject *o, const char **p, Py_ssize_t *len) {
+/* probe with the UTF-8 bytes of a str; a str with a lone surrogate (which strict UTF-8 cannot encode, and
+ * the compiled path never sees) is probed with its "surrogatepass" bytes: still one byte string per str */
+static int idset_probe_str(IdSet *S, PyObject *o, int add) {
+    Py_ssize_t len;
+    const char *p;
+    PyObject *b;
+    int r;
     if (!PyUnicode_Check(o)) {
         PyErr_SetString(PyExc_TypeError, "IdSet holds str ids");
         return -1;
     }
-    *p = PyUnicode_AsUTF8AndSize(o, len);
-    return *p ? 0 : -1;
+    p = PyUnicode_AsUTF8AndSize(o, &len);
+    if (p) return idset_probe(S, (const uint8_t *)p, (size_t)len, add);
+    if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) return -1;
+    PyErr_Clear();
+    b = PyUnicode_AsEncodedString(o, "utf-8", "surrogatepass");
+    if (!b) return -1;
+    r = idset_probe(S, (const uint8_t *)PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b), add);
+    Py_DECREF(b);
+    return r;
 }
 
 static PyObject *IdSet_add(IdSet *S, PyObject *o) {
-    const char *p;
-    Py_ssize_t len;
-    if (idset_str(o, &p, &len) < 0 || idset_probe(S, (const uint8_t *)p, (size_t)len, 1) < 0) return NULL;
+    if (idset_probe_str(S, o, 1) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
 static int IdSet_contains(IdSet *S, PyObject *o) {
-    const char *p;
-    Py_ssize_t len;
     if (!PyUnicode_Check(o)) return 0; /* like a set of str: anything else is not in it */
-    if (idset_str(o, &p, &len) < 0) return -1;
-    return idset_probe(S, (const uint8_t *)p, (size_t)len, 0);
+    return idset_probe_str(S, o, 0);
 }
 
 static Py_ssize_t IdSet_len(IdSet *S) { return S->n; }
