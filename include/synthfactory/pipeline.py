@@ -607,7 +607,7 @@ def privacy(ctx: RunContext, prepared: PrepareSummary, sampled: SampleSummary, i
             quasi_identifiers=pt.quasi_identifiers, sensitive_attributes=pt.sensitive_attributes,
             k_anonymity=pt.min_k_anonymity, anonymeter_attacks=pt.anonymeter_attacks,
             metadata=metadata, reference_resplits=pt.reference_resplits,
-            mia_attacks=pt.mia.attacks, mia_options=mia_options(pt),
+            mia_attacks=pt.mia.attacks, mia_options=mia_options(pt), dcr_max_query_rows=pt.dcr_max_query_rows,
             fit_sample=_shadow_fit_sample(ctx, train.drop(columns=[KEY]), metadata) if pt.mia.shadow else None)
         if ctx.spec.synthesizer.mode == "relational":  # a patient's whole record as the unit (gated: record.*)
             metrics["record"] = _record_privacy(ctx, prepared, sampled, pt)

@@ -899,6 +899,13 @@ class PrivacyThresholds(_Model):
         default=20, ge=0, le=500,
         description="Re-splits of the real rows for the privacy reference (fresh real rows scored like the "
                     "synthetic table); 0 = no reference: only the absolute caps are checked")
+    dcr_max_query_rows: int = Field(
+        default=50_000, ge=100, le=100_000_000,
+        description="Synthetic (and holdout) rows whose distance to the closest record the DCR figures and "
+                    "SDMetrics' baseline measure: a seeded subsample when there are more (each nearest is still "
+                    "searched in every real row; the report gives the rows used and the shares' standard "
+                    "errors). The search costs queries x real rows: every row of a 2M-patient table would "
+                    "take hours")
     noise_z: float = Field(
         default=2.5, ge=0.0, le=5.0,
         description="Reference standard deviations of slack (dcr_share both ways, exact_match_rate, mia_auc), "

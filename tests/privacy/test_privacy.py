@@ -461,3 +461,43 @@ def test_leak_scan_family_name_that_is_a_common_category_is_excused(tmp_path, st
     assert leak_scan([uri], [idents[4]], store, vocabulary=vocab)["clean"] is False
     store.write_df(uri, pd.DataFrame({"note": ["seen: Tom White"]}))
     assert leak_scan([uri], [idents[3]], store, vocabulary=vocab)["clean"] is False
+
+
+def test_dcr_query_cap_is_a_stated_subsample_of_exact_distances(cols):
+    """``max_query_rows``: at or above the table's rows nothing changes (same figures as uncapped); below, the
+    synthetic and holdout queries are a seeded subsample whose nearest rows are still searched in all of train
+    and holdout: the report says so, the shares stay within a few standard errors of the whole table's, and a
+    copier is still caught."""
+    real = make_table(6000, seed=21)
+    train, holdout = split(real, 0.2)
+    syn = make_table(4800, seed=99)
+    full = dcr(train, holdout, syn, cols, seed=5)
+    assert full["query_subsampled"] is False and full["query_rows"] == {"synthetic": 4800, "holdout": 1200}
+    same = dcr(train, holdout, syn, cols, seed=5, max_query_rows=4800)
+    assert {k: v for k, v in same.items()} == full
+    capped = dcr(train, holdout, syn, cols, seed=5, max_query_rows=1000)
+    assert capped["query_subsampled"] is True
+    assert capped["query_rows"] == {"synthetic": 1000, "holdout": 1000}
+    assert (capped["synthetic_rows"], capped["train_rows"], capped["holdout_rows"]) == (4800, 4800, 1200)
+    for k in ("dcr_share", "dcr_share_adjusted"):
+        se = capped[f"{k}_se"]
+        assert 0.005 < se < 0.05
+        assert abs(capped[k] - full[k]) <= 4 * se, k
+    assert capped["dcr_share_se"] > full["dcr_share_se"]
+    assert abs(capped["dcr_ratio"] - full["dcr_ratio"]) < 0.15
+    assert dcr(train, holdout, syn, cols, seed=5, max_query_rows=1000) == capped  # seeded
+    copier = dcr(train, holdout, copy_synth(train, 4800), cols, seed=5, max_query_rows=500)
+    assert copier["dcr_share_adjusted"] >= 0.95 and copier["synth_to_train_median"] == 0.0
+
+
+def test_privacy_metrics_passes_the_query_cap_to_dcr_and_the_sdmetrics_baseline(halves):
+    train, holdout = halves
+    syn = make_table(400, seed=12)
+    out = privacy_metrics(train, holdout, syn, exclude=("patient_key",), seed=0, dcr_max_query_rows=150)
+    assert out["dcr"]["query_rows"] == {"synthetic": 150, "holdout": 150}
+    b = out["sdmetrics_dcr_baseline_protection"]
+    assert (b["synthetic_rows"], b["query_rows"]) == (400, 150) and 0.0 <= b["score"] <= 1.0
+    whole = privacy_metrics(train, holdout, syn, exclude=("patient_key",), seed=0)
+    assert whole["dcr"]["query_subsampled"] is False
+    assert whole["sdmetrics_dcr_baseline_protection"]["query_rows"] == 400
+    assert abs(b["score"] - whole["sdmetrics_dcr_baseline_protection"]["score"]) < 0.15

@@ -87,6 +87,7 @@ def dcr(
     seed: int = 0,
     chunk: int = 1024,
     pruned: bool = True,
+    max_query_rows: int | None = None,
 ) -> dict:
     """Distance to closest record (Euclidean, in the ``encode`` space fitted on train).
 
@@ -108,13 +109,37 @@ def dcr(
       closer to full train than to holdout, ties weighted ``p0``) is compared with its expectation
       under no memorisation, ``train_closer_expected_full = p0 = n_train / (n_train + n_holdout)``,
       and mapped by odds to a 0.5-ideal, 1.0-memorised scale. It needs no extra neighbour search.
+    * ``max_query_rows``: on a large cohort, at most this many synthetic rows (and holdout rows, for the
+      holdout-to-train figures) are measured, a seeded subsample; each one's nearest is still searched in the
+      whole train and holdout, so each distance is exact and only the shares and medians are estimates
+      (``query_rows``, ``query_subsampled``; ``dcr_share_se`` / ``dcr_share_adjusted_se``: binomial standard
+      errors). The search costs queries x reference rows: all rows at 2M patients would take hours.
     """
     columns = list(columns)
     for name, f in (("train", train), ("holdout", holdout), ("synthetic", synthetic)):
         if len(f) == 0:
             raise ValueError(f"dcr: {name} has no rows")
     (x_train, x_hold, x_syn), layout = encode_with_layout([train, holdout, synthetic], columns)
-    return _dcr_encoded(x_train, x_hold, x_syn, seed=seed, chunk=chunk, layout=layout if pruned else None)
+    return _dcr_encoded(x_train, x_hold, x_syn, seed=seed, chunk=chunk, layout=layout if pruned else None,
+                        max_query_rows=max_query_rows)
+
+
+def _adjusted_se(s: float, p0: float, n: int) -> float:
+    """Standard error of the size-adjusted share a = s(1-p0) / (s(1-p0) + (1-s)p0) at a binomial share s of n
+    queries (delta method: da/ds = p0(1-p0) / (s(1-p0) + (1-s)p0)^2)."""
+    den = s * (1.0 - p0) + (1.0 - s) * p0
+    if n <= 0 or den <= 0.0:
+        return 0.0
+    return float(p0 * (1.0 - p0) / den ** 2 * np.sqrt(s * (1.0 - s) / n))
+
+
+def _query_subsample(x: np.ndarray, max_rows: int | None, seed: int, stream: int) -> np.ndarray:
+    """``x``, or a seeded subsample of ``max_rows`` of its rows (in order) when it has more. Its own random
+    stream, so that the figures of a table under the cap are exactly those of the uncapped code."""
+    if max_rows is None or len(x) <= max_rows:
+        return x
+    rng = np.random.default_rng([int(seed), 7919, int(stream)])
+    return x[np.sort(rng.choice(len(x), size=int(max_rows), replace=False))]
 
 
 def _search(query: np.ndarray, reference: np.ndarray, layout: Layout | None, k: int, chunk: int) -> np.ndarray:
@@ -125,9 +150,12 @@ def _search(query: np.ndarray, reference: np.ndarray, layout: Layout | None, k: 
 
 
 def _dcr_encoded(x_train: np.ndarray, x_hold: np.ndarray, x_syn: np.ndarray, *, seed: int = 0,
-                 chunk: int = 1024, layout: Layout | None = None) -> dict:
+                 chunk: int = 1024, layout: Layout | None = None, max_query_rows: int | None = None) -> dict:
     rng = np.random.default_rng(seed)
     n_tr, n_ho = len(x_train), len(x_hold)
+    n_syn_all = len(x_syn)
+    x_syn = _query_subsample(x_syn, max_query_rows, seed, 1)  # the queries; the references stay whole
+    x_hold_q = _query_subsample(x_hold, max_query_rows, seed, 2)
     n_syn = len(x_syn)
     if n_tr >= n_ho:
         ref_rows = np.sort(rng.choice(n_tr, size=n_ho, replace=False))
@@ -153,7 +181,7 @@ def _dcr_encoded(x_train: np.ndarray, x_hold: np.ndarray, x_syn: np.ndarray, *, 
     closer = (diff < 0) & ~ties
     share = (float(closer.sum()) + 0.5 * float(ties.sum())) / n_syn
 
-    nn_hold_train = _search(x_hold, x_train, layout, min(2, n_tr), chunk)
+    nn_hold_train = _search(x_hold_q, x_train, layout, min(2, n_tr), chunk)
     d_hold_train = nn_hold_train[:, 0]
 
     # Size-adjusted share over the full train: with train and holdout drawn from one population, the
@@ -195,7 +223,11 @@ def _dcr_encoded(x_train: np.ndarray, x_hold: np.ndarray, x_syn: np.ndarray, *, 
         "train_rows": int(n_tr),
         "holdout_rows": int(n_ho),
         "reference_rows": int(min(n_tr, n_ho)),
-        "synthetic_rows": int(n_syn),
+        "synthetic_rows": int(n_syn_all),
+        "query_rows": {"synthetic": int(n_syn), "holdout": int(len(x_hold_q))},
+        "query_subsampled": bool(n_syn < n_syn_all or len(x_hold_q) < n_ho),
+        "dcr_share_se": float(np.sqrt(share * (1.0 - share) / n_syn)),
+        "dcr_share_adjusted_se": float(_adjusted_se(s_full, p0, n_syn)),
         "seed": int(seed),
         # nearest-neighbour distance ratio d1/d2 to train (0 = sits on one real record; 1 = as close to
         # its second-nearest as to its nearest; also 1 where d2 == 0, a match shared by duplicates)
@@ -466,6 +498,7 @@ def dcr_baseline_protection(
     *,
     seed: int | None = 0,
     random_data: pd.DataFrame | None = None,
+    max_query_rows: int | None = None,
 ) -> dict:
     """SDMetrics' ``DCRBaselineProtection`` (sdmetrics 0.32), same score, on an exact fast search.
 
@@ -480,11 +513,18 @@ def dcr_baseline_protection(
     (float32 rounding aside: |difference| < 1e-6) in a small fraction of the time.
 
     Returns SDMetrics' breakdown (``score``, ``median_DCR_to_real_data``) plus sizes and search stats.
+    ``max_query_rows``: at most this many synthetic rows (a seeded subsample, and a random table of as many
+    rows) are measured against the whole real table (like SDMetrics' ``num_rows_subsample``, which also
+    subsamples the real table); ``query_rows`` says how many.
     """
     from synthfactory.privacy.gower import GowerIndex, encode_gower
 
     if len(real) == 0 or len(synthetic) == 0:
         raise ValueError("dcr_baseline_protection: empty table")
+    n_synthetic = len(synthetic)
+    if max_query_rows is not None and n_synthetic > max_query_rows:
+        rng = np.random.default_rng([0 if seed is None else int(seed), 7919, 3])
+        synthetic = synthetic.iloc[np.sort(rng.choice(n_synthetic, size=int(max_query_rows), replace=False))]
     if random_data is None:
         random_data = sdmetrics_random_baseline(real, len(synthetic), seed)
     cols = _sdm_columns(real, synthetic, metadata)
@@ -502,7 +542,8 @@ def dcr_baseline_protection(
         "score": score,
         "median_DCR_to_real_data": {"synthetic_data": syn_median, "random_data_baseline": rand_median},
         "real_rows": int(len(real)),
-        "synthetic_rows": int(len(synthetic)),
+        "synthetic_rows": int(n_synthetic),
+        "query_rows": int(len(synthetic)),
         "columns": int(n_cols),
         "distance": "gower (sdmetrics calculate_dcr)",
         "signature_groups": index.groups,
@@ -536,6 +577,7 @@ def privacy_metrics(
     mia_attacks: Sequence[str] = (),
     mia_options: dict | None = None,
     fit_sample: Any = None,
+    dcr_max_query_rows: int | None = None,
 ) -> dict:
     """The privacy audit of a synthetic table, all against the real ``train`` split with the real
     ``holdout`` as control, over the columns common to all three frames minus ``exclude`` (e.g. the
@@ -543,7 +585,8 @@ def privacy_metrics(
 
     * ``exact_match``: synthetic rows identical to a real (train or holdout) row;
     * ``dcr``: distance to closest record (size-adjusted share closer to train than to holdout, median
-      ratio) and nearest-neighbour distance ratios (see :func:`dcr`);
+      ratio) and nearest-neighbour distance ratios (see :func:`dcr`; at most ``dcr_max_query_rows`` rows
+      measured, a stated subsample, here and in the SDMetrics baseline);
     * ``mia``: distance-based membership-inference AUC (see :func:`membership_inference`);
     * ``quasi_identifiers``: k-anonymity and rare combinations of ``quasi_identifiers``
       (see :func:`quasi_identifier_risk`; skipped when none are named);
@@ -589,7 +632,7 @@ def privacy_metrics(
     lap("exact_match")
     (x_train, x_hold, x_syn), layout = encode_with_layout([train, holdout, synthetic], cols)
     lap("encode")
-    out["dcr"] = _dcr_encoded(x_train, x_hold, x_syn, seed=seed, layout=layout)
+    out["dcr"] = _dcr_encoded(x_train, x_hold, x_syn, seed=seed, layout=layout, max_query_rows=dcr_max_query_rows)
     lap("dcr")
     out["mia"] = membership_inference(x_train, x_hold, x_syn, seed=seed, max_targets=mia_max_targets, layout=layout)
     lap("mia")
@@ -635,7 +678,8 @@ def privacy_metrics(
     lap("anonymeter")
     if sdmetrics_baseline:
         out["sdmetrics_dcr_baseline_protection"] = dcr_baseline_protection(
-            train[cols], synthetic[cols], _subset_metadata(metadata, cols), seed=seed)
+            train[cols], synthetic[cols], _subset_metadata(metadata, cols), seed=seed,
+            max_query_rows=dcr_max_query_rows)
         lap("sdmetrics_dcr_baseline_protection")
     out["seconds"] = seconds
     return out
