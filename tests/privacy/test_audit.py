@@ -381,3 +381,41 @@ def test_pruned_euclidean_search_equals_blas():
     holdout = cohort_table(200, seed=33, key=None)
     cols = [c for c in holdout.columns]
     assert dcr(train, holdout, syn, cols) == dcr(train, holdout, syn, cols, pruned=False)
+
+
+def test_singling_out_with_no_query_is_no_evidence_of_risk_not_a_failure_to_measure():
+    """A large table on coarse columns (every row repeated many times, as at 2M patients on age and gender):
+    no predicate singles out one synthetic record, so the attack has nothing to try. That is reported as 0
+    attacks with the interval [0, 1]: the gate's rule for too few attacks (only significant evidence of risk
+    refuses) passes it, and a gate that requires certification refuses it as not certified."""
+    from synthfactory.pipeline import _privacy_audit_figures
+
+    rng = np.random.default_rng(4)
+    grid = pd.MultiIndex.from_product([["18-44", "45-64", "65+"], ["f", "m", "x"], ["a", "b", "c"]],
+                                      names=["age_band", "gender", "site"]).to_frame(index=False)
+    frame = pd.concat([grid] * 40, ignore_index=True)  # every combination, 40 times each
+    # predicates on 2 of the 3 columns: each matches the 3 values of the third (never exactly one record)
+    so = singling_out_risk(frame, frame.sample(frac=1.0, random_state=1), frame, ["age_band", "gender", "site"],
+                           n_attacks=100, n_cols=2, seed=0, max_attempts=5000)
+    assert so["n_attacks"] == 0 and so["no_query"] is True and so["attempts"] > 0
+    assert (so["risk"], so["ci"]) == (0.0, [0.0, 1.0]) and "nothing to try" in so["note"]
+    pt = PrivacyThresholds(quasi_identifiers=["age_band"], anonymeter_attacks=100)
+    figures = _privacy_audit_figures({"mia": {"auc": 0.5, "auc_ci": [0.45, 0.55]},
+                                      "dcr": {"nndr_synth_median": 0.9, "nndr_holdout_median": 0.9},
+                                      "reference": {"skipped": "not here"},
+                                      "anonymeter": {"risks": {"singling_out": so}}}, pt)
+    s = figures["anonymeter_risks"]["singling_out"]
+    assert (s["n"], s["ci_low"], s["ci_high"]) == (0, 0.0, 1.0)
+    rule = anonymeter_rule(s, pt)
+    assert rule == {"powered": False, "certified": False, "bound": "ci_low"}
+    from synthfactory.release.gate import anonymeter_checks
+
+    [check] = [c for c in anonymeter_checks(figures, pt) if c.name.startswith("anonymeter.singling_out")]
+    assert check.passed and check.name == "anonymeter.singling_out.ci_low"
+    strict = PrivacyThresholds(quasi_identifiers=["age_band"], anonymeter_attacks=100,
+                               require_anonymeter_certification=True)
+    assert not all(c.passed for c in anonymeter_checks(figures, strict))
+    # a table that does yield queries is measured as before
+    varied = pd.DataFrame({"age": rng.integers(18, 90, 600), "bmi": rng.normal(27, 5, 600).round(1)})
+    so2 = singling_out_risk(varied, varied.iloc[:300], varied.iloc[300:], ["age", "bmi"], n_attacks=50, seed=0)
+    assert so2["n_attacks"] > 0 and "no_query" not in so2

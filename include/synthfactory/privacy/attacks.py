@@ -439,6 +439,18 @@ def singling_out_risk(
     if n < n_attacks:
         log.info("singling out: %d of %d requested queries single out a synthetic record (%d attempts%s)",
                  n, n_attacks, attempts, ", no new query in the last 3 batches" if stalled >= 3 else "")
+    if n == 0 and attempts > 0:
+        # Searched, and no predicate singles out one synthetic record (a large table on coarse columns: at 1.6M
+        # rows on age, gender and two more, none in 60,000 tries): the attacker has nothing to bet with. Zero
+        # successes in zero attacks is no evidence of risk and no proof of safety: the interval is [0, 1] (so a
+        # gate that needs certification still refuses; one that refuses on evidence of risk does not).
+        return {"risk": 0.0, "ci": [0.0, 1.0], "error": 0.5, "n_attacks": 0, "n_success": 0, "n_control": 0,
+                "n_baseline": 0, "no_query": True,
+                "note": f"no predicate on {n_cols} columns singles out one synthetic record in {attempts} "
+                        "attempts: the attack has nothing to try (no evidence of risk; not certified)",
+                "confidence_level": confidence, "columns": columns, "n_cols": n_cols,
+                "n_requested": int(n_attacks), "attempts": int(attempts), "population_rows": int(n_small),
+                "size_repeats": int(repeats)}
     return _risk_record(n, succ / repeats, base_succ / repeats, ctl / repeats, confidence,
                         columns=columns, n_cols=n_cols, n_requested=int(n_attacks), attempts=int(attempts),
                         population_rows=int(n_small), size_repeats=int(repeats))
