@@ -523,8 +523,7 @@ def dcr_baseline_protection(
         raise ValueError("dcr_baseline_protection: empty table")
     n_synthetic = len(synthetic)
     if max_query_rows is not None and n_synthetic > max_query_rows:
-        rng = np.random.default_rng([0 if seed is None else int(seed), 7919, 3])
-        synthetic = synthetic.iloc[np.sort(rng.choice(n_synthetic, size=int(max_query_rows), replace=False))]
+        synthetic = synthetic.iloc[_query_subsample(np.arange(n_synthetic), max_query_rows, seed or 0, 3)]
     if random_data is None:
         random_data = sdmetrics_random_baseline(real, len(synthetic), seed)
     cols = _sdm_columns(real, synthetic, metadata)
