@@ -12,8 +12,9 @@ setup(
         Extension(
             "synthfactory.ingest._flatc",
             ["include/synthfactory/ingest/_flatc.c"],
-            extra_compile_args=["-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter",
+            extra_compile_args=["-std=c11", "-pthread", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
+            extra_link_args=["-pthread"],
             optional=True,
         )
     ]

@@ -864,3 +864,82 @@ def test_duplicate_ids_same_outputs_with_the_id_set_and_a_set(tmp_path, keyer, m
     for name in OUTPUTS + ("quarantine.ndjson",):
         assert (tmp_path / "idset" / "out-True" / name).read_bytes() == (
             tmp_path / "set" / "out-True" / name).read_bytes(), name
+
+
+def _committed(flat, prep) -> tuple[list, int, list, list]:
+    """What the commit takes from a prepared block, line by line as the hot loop does (the lines it hands back
+    skipped): the lines handed back, how many it took, the table rows and the identifiers."""
+    from synthfactory.ingest.schemas import IDENTIFIERS_SCHEMA
+
+    cols, idents = native.columns(OBSERVATION_SCHEMA), native.columns(IDENTIFIERS_SCHEMA)
+    seen, pos, took, handed = native.id_set(), 0, 0, []
+    while pos < len(prep):
+        nxt, n, why = flat.commit(prep, pos, pos, cols, seen, None, idents, 0, 0, -1, 0, 0, 0, 1 << 30)
+        took += n
+        if why == 0:
+            break
+        handed.append(nxt)
+        pos = nxt + 1
+    return (handed, took, [a.to_pylist() for a in native.arrays(cols, OBSERVATION_SCHEMA)],
+            [a.to_pylist() for a in native.arrays(idents, IDENTIFIERS_SCHEMA)])
+
+
+def test_start_prepares_like_prepare_on_a_thread_of_its_own(keyer):
+    """``Flattener.start`` runs the prepare on a thread that never takes the GIL: the same lines, rows and keys
+    as ``prepare``, for a chunk, a view of one and a list of lines; commit and len() join the thread themselves;
+    one prepare at a time per flattener; a block dropped while it is being prepared is waited for, not freed
+    under the thread."""
+    flat, other = native.flattener("Observation", keyer), native.flattener("Observation", keyer)
+    r = random.Random(21)
+    lines = [orjson.dumps(observation(r, i, True)) for i in range(3000)] + [b"not json", b""]
+    whole = b"\n".join(lines)
+    for block in (whole, memoryview(b"x\n" + whole + b"\ny")[2:len(whole) + 2], lines):
+        want = _committed(other, other.prepare(block))
+        assert want[1] > 1500 and len(want[2][0]) >= want[1]  # the plain lines were taken by the commit
+        started = flat.start(block)
+        assert started.wait() is started and started.done
+        assert _committed(other, started) == want  # prepared by one flattener, committed by another
+        assert _committed(other, flat.start(block)) == want  # commit joins the thread itself
+        s = flat.start(block)
+        assert len(s) == len(lines) and s.line(3000) == b"not json"  # so does len()
+        s = flat.start(block)
+        with pytest.raises(RuntimeError):
+            flat.start(block)  # its previous block is still being prepared (or not yet joined)
+        with pytest.raises(RuntimeError):
+            flat.prepare(block)
+        s.wait()
+        assert flat.prepare(block) is not None  # joined: the flattener is free again
+    for _ in range(50):  # dropped without a wait: the dealloc joins the thread
+        flat.start(whole)
+    assert _committed(other, flat.start(whole)) == _committed(other, other.prepare(whole))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_prepared_yields_every_block_in_order_with_several_flatteners(keyer, m):
+    """``native.prepared`` with m flatteners (block i prepared by flattener i % m, up to m blocks ahead of the
+    commit): every block, in order, each with its own lines, whatever the number of blocks."""
+    r = random.Random(5)
+    flats = [native.flattener("Observation", keyer) for _ in range(m)]
+    for nblocks in (0, 1, 2, 3, 7):
+        blocks = [b"\n".join(orjson.dumps(observation(r, 100 * k + i, True)) for i in range(1 + k % 4))
+                  for k in range(nblocks)]
+        got = list(native.prepared(iter(blocks), flats))
+        assert [b for b, _ in got] == blocks
+        for block, prep in got:
+            assert [prep.line(i) for i in range(len(prep))] == block.split(b"\n")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_ingest_same_outputs_whatever_the_number_of_prepare_threads(tmp_path, keyer, monkeypatch, threads):
+    """Small read blocks (4 KiB: hundreds of blocks per file) through 1, 2 or 3 prepare threads: the same tables,
+    quarantine and report as the Python path, on a mutated extract with the validation sample on."""
+    from synthfactory.ingest import fhir_ndjson, session as S
+
+    monkeypatch.setattr(S, "PREPARE_THREADS", threads)
+    monkeypatch.setattr(S.os, "cpu_count", lambda: 4)
+    real = fhir_ndjson.prefetched
+    monkeypatch.setattr(fhir_ndjson, "prefetched", lambda stream: real(stream, block=4096))
+    src = tmp_path / "mutated"
+    write_extract(src, seed=31, n=1500, mutated=0.3)
+    rep, _ = ingest_both(src, tmp_path, keyer, validate_first=5, validate_sample_rate=0.05, batch_rows=97)
+    assert sum(rep["native_lines"].values()) > 500 and rep["quarantined_total"] > 50

@@ -20,6 +20,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -2142,9 +2143,19 @@ typedef struct {
     gbuf arena; /* identifier values built here (a Patient's joined name) */
     const uint8_t **ptr; /* each line's bytes (into the block's bytes objects, or into the one chunk) */
     size_t *len;
+    const uint8_t *cs; /* the chunk (Flattener.start with bytes or a memoryview): split by the worker */
+    Py_ssize_t cn;
+    PyObject *owner;   /* the Flattener whose prepare runs on the worker thread (start), else NULL */
+    pthread_t th;
+    int running;       /* a worker thread is preparing this block: join it before reading anything */
+    int finished;      /* set by the worker thread as it ends (read with __atomic_load) */
 } Prepared;
 
+static int prepared_join(Prepared *Q);
+static PyObject *Prepared_wait(Prepared *Q, PyObject *noarg);
+
 static void Prepared_dealloc(Prepared *Q) {
+    prepared_join(Q); /* a block dropped while it is being prepared: wait for the worker, which uses it */
     Py_XDECREF(Q->block);
     free(Q->lines);
     free(Q->rows);
@@ -2159,6 +2170,7 @@ static void Prepared_dealloc(Prepared *Q) {
 static PyObject *Prepared_line(Prepared *Q, PyObject *arg) {
     Py_ssize_t i = PyLong_AsSsize_t(arg);
     if (i == -1 && PyErr_Occurred()) return NULL;
+    if (prepared_join(Q) == -1) return PyErr_NoMemory();
     if (i < 0 || i >= Q->n) {
         PyErr_SetString(PyExc_IndexError, "line index out of range");
         return NULL;
@@ -2167,10 +2179,25 @@ static PyObject *Prepared_line(Prepared *Q, PyObject *arg) {
     return PyBytes_FromStringAndSize((const char *)Q->ptr[i], (Py_ssize_t)Q->len[i]);
 }
 
-static Py_ssize_t Prepared_len(Prepared *Q) { return Q->n; }
+static PyObject *Prepared_get_done(Prepared *Q, void *closure) {
+    return PyBool_FromLong(!Q->running || __atomic_load_n(&Q->finished, __ATOMIC_ACQUIRE));
+}
+
+static PyGetSetDef Prepared_getset[] = {
+    {"done", (getter)Prepared_get_done, NULL, "True once the block is prepared (wait() will not block).", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+static Py_ssize_t Prepared_len(Prepared *Q) {
+    if (prepared_join(Q) == -1) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return Q->n;
+}
 
 static PyMethodDef Prepared_methods[] = {
     {"line", (PyCFunction)Prepared_line, METH_O, "Line i of the block, as bytes."},
+    {"wait", (PyCFunction)Prepared_wait, METH_NOARGS, "Join the thread of Flattener.start; returns self."},
     {NULL, NULL, 0, NULL}};
 static PySequenceMethods Prepared_seq = {.sq_length = (lenfunc)Prepared_len};
 
@@ -2181,6 +2208,7 @@ static PyTypeObject PreparedType = {
     .tp_doc = "A block parsed and flattened by Flattener.prepare, for Flattener.commit.",
     .tp_dealloc = (destructor)Prepared_dealloc,
     .tp_methods = Prepared_methods,
+    .tp_getset = Prepared_getset,
     .tp_as_sequence = &Prepared_seq,
 };
 
@@ -2418,14 +2446,50 @@ static int prepare_line(Flat *F, Prepared *Q, linerec *rec, const uint8_t *s, si
 /* prepare(block) -> Prepared: parse, flatten and key the block's lines with the GIL released. block: a list
  * of lines (bytes), or one bytes object of lines separated by newlines (split here, without the GIL: the
  * last line is the text after the last newline, so b"a\nb" is two lines and b"" one empty line). */
-static PyObject *Flat_prepare(Flat *F, PyObject *block) {
+/* The work of a prepare, with no Python: split the chunk into lines (when the block is one), then parse,
+ * flatten and key every line. Runs with the GIL released (prepare) or on a worker thread (start). */
+static void prepare_run(Flat *F, Prepared *Q) {
+    Py_ssize_t i;
+    if (Q->cs) { /* count the lines first: one more than the newlines */
+        const uint8_t *s = Q->cs, *e = Q->cs + Q->cn, *q;
+        Py_ssize_t nl = 0;
+        for (q = s; q < e && (q = (const uint8_t *)memchr(q, '\n', (size_t)(e - q))) != NULL; q++) nl++;
+        Q->n = nl + 1;
+        Q->lines = (linerec *)calloc((size_t)Q->n, sizeof(linerec));
+        Q->ptr = (const uint8_t **)calloc((size_t)Q->n, sizeof(*Q->ptr));
+        Q->len = (size_t *)calloc((size_t)Q->n, sizeof(*Q->len));
+        if (!Q->lines || !Q->ptr || !Q->len) {
+            Q->oom = 1;
+            Q->n = 0; /* nothing to read back */
+            return;
+        }
+        for (i = 0; i < Q->n; i++) {
+            q = (const uint8_t *)memchr(s, '\n', (size_t)(e - s));
+            if (!q) q = e;
+            Q->ptr[i] = s;
+            Q->len[i] = (size_t)(q - s);
+            s = q + 1;
+        }
+    }
+    for (i = 0; i < Q->n; i++) {
+        Q->lines[i].status = FB;
+        if (!Q->ptr[i]) continue;
+        if (prepare_line(F, Q, &Q->lines[i], Q->ptr[i], Q->len[i]) == -1) {
+            Q->lines[i].status = FB;
+            Q->oom = 1;
+            break;
+        }
+    }
+}
+
+/* A Prepared for ``block`` (GIL held): a list of bytes lines has its line table filled here; a chunk
+ * (bytes, or a contiguous memoryview of bytes: no copy) is split by prepare_run. */
+static Prepared *prepared_new(Flat *F, PyObject *block) {
     Prepared *Q;
     Py_ssize_t i;
-    const uint8_t *cs = NULL; /* a chunk of lines: bytes, or a contiguous memoryview of bytes (no copy) */
+    const uint8_t *cs = NULL;
     Py_ssize_t cn = 0;
-    int chunk = 0;
     if (PyBytes_CheckExact(block)) {
-        chunk = 1;
         cs = (const uint8_t *)PyBytes_AS_STRING(block);
         cn = PyBytes_GET_SIZE(block);
     } else if (PyMemoryView_Check(block)) {
@@ -2435,7 +2499,6 @@ static PyObject *Flat_prepare(Flat *F, PyObject *block) {
             PyErr_SetString(PyExc_TypeError, "a memoryview block must be a contiguous view of bytes");
             return NULL;
         }
-        chunk = 1;
         cs = (const uint8_t *)view->buf;
         cn = view->len;
     } else if (!PyList_Check(block)) {
@@ -2461,24 +2524,22 @@ static PyObject *Flat_prepare(Flat *F, PyObject *block) {
     Q->lines = NULL;
     Q->ptr = NULL;
     Q->len = NULL;
-    if (chunk) { /* count the lines first: one more than the newlines */
-        const uint8_t *s = cs, *e = cs + cn, *q;
-        Py_ssize_t nl = 0;
-        Py_BEGIN_ALLOW_THREADS
-        for (q = s; q < e && (q = (const uint8_t *)memchr(q, '\n', (size_t)(e - q))) != NULL; q++) nl++;
-        Py_END_ALLOW_THREADS
-        Q->n = nl + 1;
-    } else {
+    Q->cs = cs;
+    Q->cn = cn;
+    Q->owner = NULL;
+    Q->running = 0;
+    Q->finished = 0;
+    Q->n = 0;
+    if (!cs) {
         Q->n = PyList_GET_SIZE(block);
-    }
-    Q->lines = (linerec *)calloc((size_t)(Q->n ? Q->n : 1), sizeof(linerec));
-    Q->ptr = (const uint8_t **)calloc((size_t)(Q->n ? Q->n : 1), sizeof(*Q->ptr));
-    Q->len = (size_t *)calloc((size_t)(Q->n ? Q->n : 1), sizeof(*Q->len));
-    if (!Q->lines || !Q->ptr || !Q->len) {
-        Py_DECREF(Q);
-        return PyErr_NoMemory();
-    }
-    if (!chunk) {
+        Q->lines = (linerec *)calloc((size_t)(Q->n ? Q->n : 1), sizeof(linerec));
+        Q->ptr = (const uint8_t **)calloc((size_t)(Q->n ? Q->n : 1), sizeof(*Q->ptr));
+        Q->len = (size_t *)calloc((size_t)(Q->n ? Q->n : 1), sizeof(*Q->len));
+        if (!Q->lines || !Q->ptr || !Q->len) {
+            Py_DECREF(Q);
+            PyErr_NoMemory();
+            return NULL;
+        }
         for (i = 0; i < Q->n; i++) { /* the bytes stay alive: the Prepared holds the list, nobody changes it */
             PyObject *raw = PyList_GET_ITEM(block, i);
             if (PyBytes_CheckExact(raw)) {
@@ -2487,27 +2548,16 @@ static PyObject *Flat_prepare(Flat *F, PyObject *block) {
             }
         }
     }
+    return Q;
+}
+
+/* prepare(block) -> Prepared: the block parsed, flattened and keyed on the calling thread, GIL released. */
+static PyObject *Flat_prepare(Flat *F, PyObject *block) {
+    Prepared *Q = prepared_new(F, block);
+    if (!Q) return NULL;
     F->busy = 1;
     Py_BEGIN_ALLOW_THREADS
-    if (chunk) {
-        const uint8_t *s = cs, *e = cs + cn, *q;
-        for (i = 0; i < Q->n; i++) {
-            q = (const uint8_t *)memchr(s, '\n', (size_t)(e - s));
-            if (!q) q = e;
-            Q->ptr[i] = s;
-            Q->len[i] = (size_t)(q - s);
-            s = q + 1;
-        }
-    }
-    for (i = 0; i < Q->n; i++) {
-        Q->lines[i].status = FB;
-        if (!Q->ptr[i]) continue;
-        if (prepare_line(F, Q, &Q->lines[i], Q->ptr[i], Q->len[i]) == -1) {
-            Q->lines[i].status = FB;
-            Q->oom = 1;
-            break;
-        }
-    }
+    prepare_run(F, Q);
     Py_END_ALLOW_THREADS
     F->busy = 0;
     if (Q->oom) {
@@ -2515,6 +2565,54 @@ static PyObject *Flat_prepare(Flat *F, PyObject *block) {
         return PyErr_NoMemory();
     }
     return (PyObject *)Q;
+}
+
+static void *prepare_thread(void *arg) {
+    Prepared *Q = (Prepared *)arg;
+    prepare_run((Flat *)Q->owner, Q);
+    __atomic_store_n(&Q->finished, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+/* Wait for a started prepare (GIL held on entry and exit, released while waiting). 0, or -1 when the
+ * prepare ran out of memory. */
+static int prepared_join(Prepared *Q) {
+    if (Q->running) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(Q->th, NULL);
+        Py_END_ALLOW_THREADS
+        Q->running = 0;
+        ((Flat *)Q->owner)->busy = 0;
+        Py_CLEAR(Q->owner);
+    }
+    return Q->oom ? -1 : 0;
+}
+
+/* start(block) -> Prepared: the same work as prepare, on a thread of its own that never takes the GIL,
+ * so it runs beside the caller's Python and commits whatever they hold; wait() (or commit) joins it.
+ * A thread handed from Python (a pool running prepare) would need the GIL to start and to finish each
+ * block, and so wait for the ingest thread's commit: the two phases ran one after the other. */
+static PyObject *Flat_start(Flat *F, PyObject *block) {
+    Prepared *Q = prepared_new(F, block);
+    if (!Q) return NULL;
+    F->busy = 1;
+    Q->owner = Py_NewRef((PyObject *)F);
+    if (pthread_create(&Q->th, NULL, prepare_thread, Q) != 0) { /* no thread: prepare it here */
+        Py_CLEAR(Q->owner);
+        Py_BEGIN_ALLOW_THREADS
+        prepare_run(F, Q);
+        Py_END_ALLOW_THREADS
+        F->busy = 0;
+    } else {
+        Q->running = 1;
+    }
+    return (PyObject *)Q;
+}
+
+/* wait() -> self, once the worker thread of start has prepared the block (MemoryError if it could not) */
+static PyObject *Prepared_wait(Prepared *Q, PyObject *noarg) {
+    if (prepared_join(Q) == -1) return PyErr_NoMemory();
+    return Py_NewRef((PyObject *)Q);
 }
 
 /* ============================================================================================== */
@@ -2851,6 +2949,7 @@ static PyObject *Flat_commit(Flat *F, PyObject *args) {
                           &X.seen, &X.pkeys, &X.chunk, &X.n_cand, &X.vdone, &X.vcap,
                           &X.vfirst, &X.threshold, &X.salt, &batch_rows))
         return NULL;
+    if (prepared_join(Q) == -1) return PyErr_NoMemory(); /* a block from start: its thread first */
     X.idcols = NULL;
     X.idset = Py_IS_TYPE(X.seen, &IdSetType) ? (IdSet *)X.seen : NULL;
     if (!X.idset && !PySet_CheckExact(X.seen)) {
@@ -3006,6 +3105,7 @@ static void Flat_dealloc(Flat *F) {
 
 static PyMethodDef Flat_methods[] = {
     {"prepare", (PyCFunction)Flat_prepare, METH_O, "Parse, flatten and key a block without the GIL."},
+    {"start", (PyCFunction)Flat_start, METH_O, "prepare on a thread of its own (never takes the GIL); Prepared.wait()."},
     {"commit", (PyCFunction)Flat_commit, METH_VARARGS, "Take a prepared block's plain lines (see the source)."},
     {"key", (PyCFunction)Flat_key, METH_VARARGS, "The HMAC key of (type, id)."},
     {NULL, NULL, 0, NULL}};

@@ -332,7 +332,7 @@ def _ingest_lines(session: IngestSession, fname: str, rtype: str, blocks: Iterab
     elif type(blocks) is list and len(blocks) == 1:  # one block (a Bundle's entries): nothing to overlap
         pairs = [(blocks[0], native.prepare(blocks[0]))]
     else:
-        pairs = native_flatten.prepared(blocks, native, session.prepare_pool())
+        pairs = native_flatten.prepared(blocks, session.preparers(rtype), session.prepare_pool)
     n_native = 0
     for block, prep in pairs:
         if len(ids_chunk) >= IDENTIFIER_CHUNK_ROWS:

@@ -1,8 +1,8 @@
 """The compiled flatten of plain NDJSON lines (``_flatc``, C), used by the NDJSON hot loop
 (:func:`.fhir_ndjson.ingest_ndjson`).
 
-Per block of lines, ``prepare`` (parse, flatten, key: no Python objects, the GIL released) runs on a
-helper thread one block ahead, and ``commit`` (the checks against the session's state and the side
+Per block of lines, ``prepare`` (parse, flatten, key: no Python objects, no GIL) runs on threads of
+the module's own, up to two blocks ahead (``Flattener.start``, :func:`prepared`), and ``commit`` (the checks against the session's state and the side
 effects, in line order) on the ingest thread, so the two cores share the work of one process.
 
 It covers Observation, Encounter and Condition (the rows of the hand-written flatteners) and MedicationRequest
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from typing import Any, Iterable, Iterator
 
 log = logging.getLogger(__name__)
@@ -92,18 +93,41 @@ def arrays(cols: Any, schema: Any) -> list:
     return out
 
 
-def prepared(blocks: Iterable[list], flat: Any, pool: Any) -> Iterator[tuple[list, Any]]:
-    """``(block, flat.prepare(block))`` for each block, the next block's prepare running on ``pool`` (one
-    helper thread; the prepare releases the GIL) while the caller commits the current one. At most two
-    blocks are prepared ahead of the caller; the pool's single worker runs them in order."""
-    pending: tuple[list, Any] | None = None
-    for block in blocks:
-        fut = pool.submit(flat.prepare, block)
+def prepared(blocks: Iterable[list], flats: Any, pool: Any = None) -> Iterator[tuple[list, Any]]:
+    """``(block, prepared block)`` for each block, in order, the next blocks' prepares running while the
+    caller commits the current one.
+
+    ``flats`` is a flattener or a list of flatteners of one type. With ``Flattener.start`` (a thread of the
+    module's own, which never takes the GIL) block i is prepared by ``flats[i % len(flats)]``, and up to
+    ``len(flats)`` blocks are prepared ahead of the one being committed. A module built from an older
+    ``_flatc.c`` prepares on ``pool`` (or the pool a callable ``pool`` returns; one helper thread: the prepare releases the GIL, but the pool's
+    thread needs it to pick up and hand back each block, so it waits for the caller's commit; measured, the
+    two phases then ran almost one after the other)."""
+    flats = list(flats) if isinstance(flats, (list, tuple)) else [flats]
+    if not hasattr(flats[0], "start"):
+        pool = pool() if callable(pool) else pool  # a factory: the pool is started only where needed
+        pending: tuple[list, Any] | None = None
+        for block in blocks:
+            fut = pool.submit(flats[0].prepare, block)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (block, fut)
         if pending is not None:
             yield pending[0], pending[1].result()
-        pending = (block, fut)
-    if pending is not None:
-        yield pending[0], pending[1].result()
+        return
+    m = len(flats)
+    inflight: deque[tuple[list, Any]] = deque()
+    for i, block in enumerate(blocks):
+        if len(inflight) < m:
+            inflight.append((block, flats[i % m].start(block)))
+            continue
+        done = inflight.popleft()
+        done[1].wait()  # frees its flattener (one prepare at a time each) for block i
+        inflight.append((block, flats[i % m].start(block)))
+        yield done
+    while inflight:
+        block, prep = inflight.popleft()
+        yield block, prep.wait()
 
 
 def flattener(rtype: str, keyer: Any, rules: Any = None) -> Any | None:

@@ -485,6 +485,8 @@ class IngestSession:
         self.native: dict[str, Any] = {}
         self.native_lines: Counter = Counter()
         self._pool: Any = None
+        self._preparers: dict[str, list] = {}
+        self._keyer = keyer
         try:
             for rtype, prods in self.producers.items() if native and engine == "fast" else ():
                 if len(prods) == 1 and (prods[0].fn is flatteners.get(rtype) or prods[0].fn is native_views.get(rtype)):
@@ -515,8 +517,24 @@ class IngestSession:
     def _local_for(self, uri: str, name: str) -> str:
         return os.path.join(self.tmpdir, name) if self.tmpdir else uri + ".partial"
 
+    def preparers(self, rtype: str) -> list:
+        """The compiled flatteners whose prepares run side by side for ``rtype`` (the commit is always the
+        first's): one per core, at most :data:`PREPARE_THREADS`, made on first use. A prepared block holds
+        its own rows, so any flattener of the type may prepare it for another's commit."""
+        flats = self._preparers.get(rtype)
+        if flats is None:
+            flats = [self.native[rtype]]
+            if hasattr(flats[0], "start"):
+                for _ in range(min(PREPARE_THREADS, os.cpu_count() or 1) - 1):
+                    extra = native_flatten.flattener(rtype, self._keyer, self.value_rules)
+                    if extra is not None:
+                        flats.append(extra)
+            self._preparers[rtype] = flats
+        return flats
+
     def prepare_pool(self) -> Any:
-        """The helper thread of the compiled flatten's prepare phase (started on first use)."""
+        """The helper thread of the compiled flatten's prepare phase for a module built from an older
+        ``_flatc.c`` (without ``Flattener.start``; started on first use)."""
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -874,6 +892,10 @@ def check_resources(resources: Iterable[str], views: Iterable[Any] = ()) -> None
         raise ExtractError(
             f"unsupported resource type(s): {', '.join(map(str, unknown))}; "
             f"supported: {', '.join(SUPPORTED_RESOURCES)} (others need a view in source.views)")
+
+
+#: the compiled flatten's prepare threads per file (each needs a core: the ingest thread commits beside them)
+PREPARE_THREADS = 2
 
 
 class gc_paused:

@@ -402,7 +402,7 @@ def _shard_segment(session: IngestSession, si: int, seg: dict, cols: dict[str, l
     if native is None:
         pairs: Iterable = ((b, None) for b in blocks)
     else:
-        pairs = native_flatten.prepared(blocks, native, session.prepare_pool())
+        pairs = native_flatten.prepared(blocks, session.preparers(rtype), session.prepare_pool)
     table = single.writer.table if single is not None else None
     lineno = seg["first_line"]
     vcap_c = -1 if vcap is None else vcap
