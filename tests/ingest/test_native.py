@@ -943,3 +943,26 @@ def test_ingest_same_outputs_whatever_the_number_of_prepare_threads(tmp_path, ke
     write_extract(src, seed=31, n=1500, mutated=0.3)
     rep, _ = ingest_both(src, tmp_path, keyer, validate_first=5, validate_sample_rate=0.05, batch_rows=97)
     assert sum(rep["native_lines"].values()) > 500 and rep["quarantined_total"] > 50
+
+
+def test_first_seen_mask_marks_each_values_first_string():
+    """The identifiers' deduplication (session._first_seen): the compiled one-pass mask against Arrow's hash memo
+    (dictionary order is first-seen order) on repeats, empty and non-ASCII strings and sliced arrays; None for a
+    null value (the Arrow path takes it)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from synthfactory.ingest import session as S
+
+    r = random.Random(3)
+    values = pa.array([r.choice(["", "a", "\u00e9t\u00e9", "x" * 300, f"v{r.randint(0, 400)}"]) for _ in range(5000)])
+    kinds = pa.array([r.choice(["id", "identifier", "name"]) for _ in range(5000)])
+    for v, k in ((values, kinds), (values.slice(17, 3000), kinds.slice(17, 3000)), (values.slice(0, 0), kinds.slice(0, 0))):
+        mask = native.first_seen_mask(v)
+        enc = pc.dictionary_encode(v)
+        _, first = np.unique(enc.indices.to_numpy(zero_copy_only=False), return_index=True)
+        assert mask.tolist() == [i in set(first.tolist()) for i in range(len(v))]
+        got = S._first_seen(v, k)
+        assert got[0].equals(enc.dictionary) and got[1].equals(k.take(pa.array(first, pa.int64())))
+    assert native.first_seen_mask(pa.array(["a", None, "a"])) is None
+    assert S._first_seen(pa.array(["a", None, "a"]), pa.array(["id", "id", "name"]))[0].to_pylist() == ["a"]

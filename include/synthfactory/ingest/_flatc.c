@@ -3747,8 +3747,70 @@ done:
     return res;
 }
 
+/* first_seen(offsets, data, n) -> bytearray: 1 where a string of an Arrow string array (n values; ``offsets``
+ * its n + 1 int32 offsets into ``data``) is the first of its value, 0 where the value came before. The values are
+ * told apart by their 128-bit hashes, as in IdSet (a table of its own, sized once; no GIL). */
+static PyObject *first_seen(PyObject *self, PyObject *args) {
+    Py_buffer ob, db;
+    Py_ssize_t n, i, cap = 1024, mask;
+    PyObject *out = NULL;
+    uint64_t *slots;
+    uint8_t *m;
+    const int32_t *off;
+    if (!PyArg_ParseTuple(args, "y*y*n", &ob, &db, &n)) return NULL;
+    if (n < 0 || ob.len < (Py_ssize_t)sizeof(int32_t) * (n + 1)) {
+        PyErr_SetString(PyExc_ValueError, "offsets too short for n values");
+        goto done;
+    }
+    off = (const int32_t *)ob.buf;
+    for (i = 0; i < n; i++) /* offsets must stay inside data: checked before the loop without the GIL */
+        if (off[i] < 0 || off[i + 1] < off[i] || off[i + 1] > db.len) {
+            PyErr_SetString(PyExc_ValueError, "offsets outside the data");
+            goto done;
+        }
+    while (cap * 7 < n * 10) cap *= 2;
+    mask = cap - 1;
+    out = PyByteArray_FromStringAndSize(NULL, n);
+    if (!out) goto done;
+    m = (uint8_t *)PyByteArray_AS_STRING(out);
+    slots = calloc((size_t)cap * 2, sizeof(uint64_t));
+    if (!slots) {
+        Py_CLEAR(out);
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < n; i++) {
+        uint64_t h[2];
+        Py_ssize_t j;
+        idset_hash((const uint8_t *)db.buf + off[i], (size_t)(off[i + 1] - off[i]), h);
+        j = (Py_ssize_t)(h[0] & (uint64_t)mask);
+        m[i] = 1;
+        for (;;) {
+            uint64_t a = slots[2 * j], b = slots[2 * j + 1];
+            if (!(a | b)) {
+                slots[2 * j] = h[0];
+                slots[2 * j + 1] = h[1];
+                break;
+            }
+            if (a == h[0] && b == h[1]) {
+                m[i] = 0;
+                break;
+            }
+            j = (j + 1) & mask;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(slots);
+done:
+    PyBuffer_Release(&ob);
+    PyBuffer_Release(&db);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"scan_bundle", (PyCFunction)scan_bundle, METH_VARARGS, "The entries of a Bundle, streamed (see the source)."},
+    {"first_seen", (PyCFunction)first_seen, METH_VARARGS, "1 where a string is the first of its value (see the source)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef flatc_module = {PyModuleDef_HEAD_INIT, "_flatc",

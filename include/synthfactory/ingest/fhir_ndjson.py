@@ -53,7 +53,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ingest_extract", "ingest_ndjson", "discover_ndjson", "discover_ndjson_files", "line_blocks", "prefetched", "processing_order"]
 
-READ_BLOCK = 1 << 20
+#: bytes read at a time: a block of lines for the compiled flatten (4 MiB: ~4,500 Observations; 1 MiB blocks cost
+#: ~10 % more wall time at 500k resources in per-block hand-offs between the reader, prepare and commit)
+READ_BLOCK = 4 << 20
 
 
 # --------------------------------------------------------------------------------------------------

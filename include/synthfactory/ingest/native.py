@@ -53,6 +53,21 @@ def id_set() -> Any:
     return set()
 
 
+def first_seen_mask(values: Any) -> Any | None:
+    """A numpy bool mask over an Arrow string array: True at the first string of each value (told apart by 128-bit
+    hashes, as :func:`id_set`), computed without the GIL; None where the module is missing or a value is null."""
+    import numpy as np
+
+    if _flatc is None or not hasattr(_flatc, "first_seen") or values.null_count:
+        return None
+    n = len(values)
+    if not n:
+        return np.zeros(0, dtype=bool)
+    _, offsets, data = values.buffers()
+    offsets = offsets.slice(values.offset * 4, (n + 1) * 4)
+    return np.frombuffer(_flatc.first_seen(offsets, data if data is not None else b"", n), dtype=bool)
+
+
 def columns(schema: Any) -> Any | None:
     """A row buffer for a table of ``schema`` that keeps its rows as Arrow buffers (string, float64 and
     timestamp[us], bool and date32 columns), or None when the module is missing or a column has another type. Python rows

