@@ -25,6 +25,7 @@ import gc
 import hashlib
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 import shutil
 import tempfile
 import time
@@ -33,6 +34,7 @@ from collections import Counter
 from typing import Any, Callable, Iterable
 
 import orjson
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -73,8 +75,6 @@ class _BackgroundWriter:
     while the caller's thread keeps parsing. FIFO; at most ``depth`` batches in flight."""
 
     def __init__(self, depth: int = 2):
-        from concurrent.futures import ThreadPoolExecutor
-
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthfactory-ingest-writer")
         self._pending: list = []
         self.depth = depth
@@ -152,7 +152,6 @@ class TableWriter:
 def _first_seen(values: Any, kinds: Any) -> tuple[pa.Array, pa.Array]:
     """(unique values in first-seen order, the kind each was first seen with) of string arrays or chunked
     arrays: Arrow's hash memo gives the first-seen order, numpy the first position of each value."""
-    import numpy as np
 
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
@@ -173,7 +172,6 @@ def _partitions(values: pa.Array, parts: int) -> pa.Array:
     """A partition in [0, parts) of each string, a function of its bytes alone (the same value always lands in
     the same partition), vectorised over the Arrow buffers: a mix of the length and of a few bytes (the last
     four, the first, the middle one), gathered without converting the whole data buffer."""
-    import numpy as np
 
     n = len(values)
     if not n:
@@ -201,7 +199,7 @@ class _Identifiers:
     compiled commit appends ids and identifier values to it without a Python object each; ``add`` appends
     too) and it is deduplicated with Arrow when it spills; without it, a dict (deduplicated as it fills)."""
 
-    PARTS = 8  # a power of 2
+    PARTS = 16  # a power of 2
     _SPILL_SCHEMA = pa.schema([pa.field("value", pa.string()), pa.field("kind", pa.string()),
                                pa.field("_i", pa.int64())])
 
@@ -249,7 +247,7 @@ class _Identifiers:
             return
         values, kinds = self._take(unique=False)
         n = len(values)
-        seq = pa.array(range(self._seq, self._seq + n), pa.int64())
+        seq = pa.array(np.arange(self._seq, self._seq + n, dtype=np.int64))
         self._seq += n
         if self._background is not None and not sync:
             self._background.submit(self._spill, values, kinds, seq)
@@ -283,17 +281,27 @@ class _Identifiers:
                 if self._background is not None:
                     self._background.wait()  # the spills in flight
                 self._write_chunk(sync=True)
-                for p, w in enumerate(self._spills):
-                    if w is None:
-                        continue
-                    w.close()
+                parts = [p for p, w in enumerate(self._spills) if w is not None]
+                for p in parts:
+                    self._spills[p].close()
+
+                def load(p: int) -> tuple[pa.Array, pa.Array]:
                     part = pq.read_table(self._spill_path(p))  # in first-seen (_i) order
-                    # one row per value, in first-seen order, with the kind it was first seen as
-                    values, kinds = _first_seen(part.column("value"), part.column("kind"))
-                    writer.write_table(pa.table([values, kinds], schema=IDENTIFIERS_SCHEMA))
-                    self.count += len(values)
-                    del part, values, kinds
                     _unlink(self._spill_path(p))
+                    # one row per value, in first-seen order, with the kind it was first seen as
+                    return _first_seen(part.column("value"), part.column("kind"))
+
+                # the next partition is read and deduplicated (Arrow and the compiled pass release the GIL) while
+                # this one is compressed and written: two partitions in memory at a time, as many as one was
+                # when there were half as many partitions
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthfactory-identifiers") as pool:
+                    nxt = pool.submit(load, parts[0]) if parts else None
+                    for k in range(len(parts)):
+                        values, kinds = nxt.result()
+                        nxt = pool.submit(load, parts[k + 1]) if k + 1 < len(parts) else None
+                        writer.write_table(pa.table([values, kinds], schema=IDENTIFIERS_SCHEMA))
+                        self.count += len(values)
+                        del values, kinds
         finally:
             writer.close()
             if type(self.chunk) is dict:
@@ -540,8 +548,6 @@ class IngestSession:
         """The helper thread of the compiled flatten's prepare phase for a module built from an older
         ``_flatc.c`` (without ``Flattener.start``; started on first use)."""
         if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthfactory-ingest-flatten")
         return self._pool
 
