@@ -664,7 +664,8 @@ def main(argv: list[str] | None = None) -> int:
                 got[eng] = best
                 print(f"[{size}] {eng}: {best['resources']} resources, wall runs {best['wall_runs']}, "
                       f"cpu runs {best['cpu_runs']}, peak RSS {best['peak_rss_mib']:.0f} MiB", file=sys.stderr)
-        for eng in ([] if args.interleave else engines):
+        # fhiry (a few hundred resources/s) runs once, on its subset, outside the rounds
+        for eng in ([e for e in engines if e == "fhiry"] if args.interleave else engines):
             if eng == "fhiry" and n > args.fhiry_max:
                 sub = extract_for(args.fhiry_max, args.seed) if not args.extract else None
                 if sub is None:

@@ -936,7 +936,7 @@ def test_ingest_same_outputs_whatever_the_number_of_prepare_threads(tmp_path, ke
     from synthfactory.ingest import fhir_ndjson, session as S
 
     monkeypatch.setattr(S, "PREPARE_THREADS", threads)
-    monkeypatch.setattr(S.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(S.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     real = fhir_ndjson.prefetched
     monkeypatch.setattr(fhir_ndjson, "prefetched", lambda stream: real(stream, block=4096))
     src = tmp_path / "mutated"
@@ -966,3 +966,72 @@ def test_first_seen_mask_marks_each_values_first_string():
         assert got[0].equals(enc.dictionary) and got[1].equals(k.take(pa.array(first, pa.int64())))
     assert native.first_seen_mask(pa.array(["a", None, "a"])) is None
     assert S._first_seen(pa.array(["a", None, "a"]), pa.array(["id", "id", "name"]))[0].to_pylist() == ["a"]
+
+
+def test_a_started_block_keeps_what_it_reads(keyer):
+    """While a block is being prepared on its own thread the caller may change its list (the Prepared holds the
+    lines as they were) and cannot release a memoryview it was given (its buffer is exported until the Prepared
+    goes); two threads may wait for the same block."""
+    import threading
+
+    flat, other = native.flattener("Observation", keyer), native.flattener("Observation", keyer)
+    r = random.Random(8)
+    lines = [orjson.dumps(observation(r, i, True)) for i in range(2000)]
+    want = _committed(other, other.prepare(list(lines)))
+    block = list(lines)
+    prep = flat.start(block)
+    block[:] = [b"{}"] * 10  # the caller reuses its list
+    assert _committed(other, prep) == want and [prep.line(i) for i in range(len(prep))] == lines
+    whole = bytes(b"\n".join(lines))
+    view = memoryview(whole)
+    prep = flat.start(view)
+    with pytest.raises(BufferError):
+        view.release()
+    got = []
+    waiters = [threading.Thread(target=lambda: got.append(prep.wait() is prep)) for _ in range(4)]
+    for t in waiters:
+        t.start()
+    for t in waiters:
+        t.join()
+    assert got == [True] * 4 and _committed(other, prep) == want
+    del prep
+    view.release()  # the Prepared is gone: so is its export
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_block_started_before_a_fork_is_an_error_in_the_child_not_a_hang(keyer):
+    flat = native.flattener("Observation", keyer)
+    r = random.Random(9)
+    whole = b"\n".join(orjson.dumps(observation(r, i, True)) for i in range(20000))
+    prep = flat.start(whole)
+    pid = os.fork()
+    if pid == 0:  # the child: the worker thread is not here; joining it would wait forever
+        code = 3
+        try:
+            prep.wait()
+        except RuntimeError:
+            code = 0 if flat.prepare(b"") is not None else 4  # and the flattener is free again
+        except BaseException:  # noqa: BLE001
+            code = 5
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert prep.wait() is prep and len(prep) == 20000
+
+
+def test_first_seen_is_exact_and_checks_its_offsets():
+    """Strings of equal hash are compared byte for byte (the mask is exact); offsets outside the data, or too
+    few of them, are a ValueError, not a read out of bounds."""
+    from synthfactory.ingest import _flatc
+
+    import numpy as np
+
+    values = pa.array(["a", "b", "a", "", "", "ab", "b"])
+    _, offsets, data = values.buffers()
+    assert bytes(_flatc.first_seen(offsets, data, 7)) == bytes([1, 1, 0, 1, 0, 1, 0])
+    bad = np.array([0, 1, 99], dtype=np.int32).tobytes()
+    with pytest.raises(ValueError):
+        _flatc.first_seen(bad, b"ab", 2)
+    with pytest.raises(ValueError):
+        _flatc.first_seen(np.array([0, 1], dtype=np.int32).tobytes(), b"ab", 2)
+    assert native.first_seen_mask(pa.array(["a", "a"], pa.large_string())) is None  # not int32 offsets

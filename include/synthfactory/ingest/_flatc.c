@@ -21,6 +21,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <unistd.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -2143,19 +2146,30 @@ typedef struct {
     gbuf arena; /* identifier values built here (a Patient's joined name) */
     const uint8_t **ptr; /* each line's bytes (into the block's bytes objects, or into the one chunk) */
     size_t *len;
-    const uint8_t *cs; /* the chunk (Flattener.start with bytes or a memoryview): split by the worker */
+    const uint8_t *cs; /* the chunk (a bytes or memoryview block): split into lines by prepare_run */
     Py_ssize_t cn;
+    int chunk;         /* the block is one chunk of lines (else a list of lines, held as a tuple) */
+    Py_buffer view;    /* a memoryview block's buffer, exported for the Prepared's life (view.obj set) */
     PyObject *owner;   /* the Flattener whose prepare runs on the worker thread (start), else NULL */
     pthread_t th;
-    int running;       /* a worker thread is preparing this block: join it before reading anything */
+    long pid;          /* the process that started the worker (a forked child has no such thread) */
+    int running;       /* 1: a worker thread is preparing this block, 2: a thread is joining it; 0: done */
     int finished;      /* set by the worker thread as it ends (read with __atomic_load) */
+    int forked;        /* started in the process this one was forked from: never prepared here */
 } Prepared;
 
 static int prepared_join(Prepared *Q);
 static PyObject *Prepared_wait(Prepared *Q, PyObject *noarg);
 
 static void Prepared_dealloc(Prepared *Q) {
-    prepared_join(Q); /* a block dropped while it is being prepared: wait for the worker, which uses it */
+    {   /* a block dropped while it is being prepared: wait for the worker, which uses it (any error it
+         * reports is dropped with the block; an exception being raised stays as it was) */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        prepared_join(Q);
+        PyErr_Restore(et, ev, tb);
+    }
+    if (Q->view.obj) PyBuffer_Release(&Q->view);
     Py_XDECREF(Q->block);
     free(Q->lines);
     free(Q->rows);
@@ -2170,12 +2184,12 @@ static void Prepared_dealloc(Prepared *Q) {
 static PyObject *Prepared_line(Prepared *Q, PyObject *arg) {
     Py_ssize_t i = PyLong_AsSsize_t(arg);
     if (i == -1 && PyErr_Occurred()) return NULL;
-    if (prepared_join(Q) == -1) return PyErr_NoMemory();
+    if (prepared_join(Q) == -1) return NULL;
     if (i < 0 || i >= Q->n) {
         PyErr_SetString(PyExc_IndexError, "line index out of range");
         return NULL;
     }
-    if (PyList_Check(Q->block)) return Py_NewRef(PyList_GET_ITEM(Q->block, i));
+    if (PyTuple_Check(Q->block)) return Py_NewRef(PyTuple_GET_ITEM(Q->block, i));
     return PyBytes_FromStringAndSize((const char *)Q->ptr[i], (Py_ssize_t)Q->len[i]);
 }
 
@@ -2188,10 +2202,7 @@ static PyGetSetDef Prepared_getset[] = {
     {NULL, NULL, NULL, NULL, NULL}};
 
 static Py_ssize_t Prepared_len(Prepared *Q) {
-    if (prepared_join(Q) == -1) {
-        PyErr_NoMemory();
-        return -1;
-    }
+    if (prepared_join(Q) == -1) return -1;
     return Q->n;
 }
 
@@ -2450,7 +2461,7 @@ static int prepare_line(Flat *F, Prepared *Q, linerec *rec, const uint8_t *s, si
  * flatten and key every line. Runs with the GIL released (prepare) or on a worker thread (start). */
 static void prepare_run(Flat *F, Prepared *Q) {
     Py_ssize_t i;
-    if (Q->cs) { /* count the lines first: one more than the newlines */
+    if (Q->chunk) { /* count the lines first: one more than the newlines */
         const uint8_t *s = Q->cs, *e = Q->cs + Q->cn, *q;
         Py_ssize_t nl = 0;
         for (q = s; q < e && (q = (const uint8_t *)memchr(q, '\n', (size_t)(e - q))) != NULL; q++) nl++;
@@ -2499,8 +2510,6 @@ static Prepared *prepared_new(Flat *F, PyObject *block) {
             PyErr_SetString(PyExc_TypeError, "a memoryview block must be a contiguous view of bytes");
             return NULL;
         }
-        cs = (const uint8_t *)view->buf;
-        cn = view->len;
     } else if (!PyList_Check(block)) {
         PyErr_SetString(PyExc_TypeError, "block must be a list, bytes or a memoryview of bytes");
         return NULL;
@@ -2511,27 +2520,50 @@ static Prepared *prepared_new(Flat *F, PyObject *block) {
     }
     Q = PyObject_New(Prepared, &PreparedType);
     if (!Q) return NULL;
-    Q->block = Py_NewRef(block);
-    Q->kind = F->kind;
-    Q->ncols = KIND_NCOLS[F->kind];
-    Q->oom = 0;
-    Q->rows = NULL;
-    Q->nrows = Q->caprows = 0;
-    Q->idents = NULL;
-    Q->nidents = Q->capidents = 0;
-    Q->arena.p = NULL;
-    Q->arena.len = Q->arena.cap = 0;
+    /* everything the dealloc reads, first */
+    Q->block = NULL;
+    Q->view.obj = NULL;
+    Q->owner = NULL;
+    Q->running = 0;
     Q->lines = NULL;
     Q->ptr = NULL;
     Q->len = NULL;
+    Q->rows = NULL;
+    Q->idents = NULL;
+    Q->arena.p = NULL;
+    Q->arena.len = Q->arena.cap = 0;
+    Q->nrows = Q->caprows = 0;
+    Q->nidents = Q->capidents = 0;
+    Q->oom = 0;
+    Q->finished = 0;
+    Q->forked = 0;
+    Q->n = 0;
+    Q->chunk = !PyList_Check(block);
+    /* what the prepare reads stays as it is until the Prepared goes: a list's lines are held as a tuple (the
+     * caller may change its list), a memoryview's buffer is exported (it cannot be released under us) */
+    if (PyList_Check(block)) {
+        Q->block = PyList_AsTuple(block);
+        if (!Q->block) {
+            Py_DECREF(Q);
+            return NULL;
+        }
+    } else {
+        Q->block = Py_NewRef(block);
+        if (PyMemoryView_Check(block)) {
+            if (PyObject_GetBuffer(block, &Q->view, PyBUF_SIMPLE) < 0) {
+                Py_DECREF(Q);
+                return NULL;
+            }
+            cs = (const uint8_t *)Q->view.buf;
+            cn = Q->view.len;
+        }
+    }
+    Q->kind = F->kind;
+    Q->ncols = KIND_NCOLS[F->kind];
     Q->cs = cs;
     Q->cn = cn;
-    Q->owner = NULL;
-    Q->running = 0;
-    Q->finished = 0;
-    Q->n = 0;
-    if (!cs) {
-        Q->n = PyList_GET_SIZE(block);
+    if (!Q->chunk) {
+        Q->n = PyTuple_GET_SIZE(Q->block);
         Q->lines = (linerec *)calloc((size_t)(Q->n ? Q->n : 1), sizeof(linerec));
         Q->ptr = (const uint8_t **)calloc((size_t)(Q->n ? Q->n : 1), sizeof(*Q->ptr));
         Q->len = (size_t *)calloc((size_t)(Q->n ? Q->n : 1), sizeof(*Q->len));
@@ -2540,8 +2572,8 @@ static Prepared *prepared_new(Flat *F, PyObject *block) {
             PyErr_NoMemory();
             return NULL;
         }
-        for (i = 0; i < Q->n; i++) { /* the bytes stay alive: the Prepared holds the list, nobody changes it */
-            PyObject *raw = PyList_GET_ITEM(block, i);
+        for (i = 0; i < Q->n; i++) { /* the bytes stay alive: the Prepared holds them in its tuple */
+            PyObject *raw = PyTuple_GET_ITEM(Q->block, i);
             if (PyBytes_CheckExact(raw)) {
                 Q->ptr[i] = (const uint8_t *)PyBytes_AS_STRING(raw);
                 Q->len[i] = (size_t)PyBytes_GET_SIZE(raw);
@@ -2574,18 +2606,41 @@ static void *prepare_thread(void *arg) {
     return NULL;
 }
 
-/* Wait for a started prepare (GIL held on entry and exit, released while waiting). 0, or -1 when the
- * prepare ran out of memory. */
+/* Wait for a started prepare (GIL held on entry and exit, released while waiting). 0, or -1 with an exception
+ * set: MemoryError when the prepare ran out of memory, RuntimeError for a Prepared started by the process this
+ * one was forked from (its worker thread is not here). Only one thread joins; another that asks meanwhile waits
+ * for it to finish (``running`` is read and written with the GIL held). */
 static int prepared_join(Prepared *Q) {
-    if (Q->running) {
-        Py_BEGIN_ALLOW_THREADS
-        pthread_join(Q->th, NULL);
-        Py_END_ALLOW_THREADS
-        Q->running = 0;
-        ((Flat *)Q->owner)->busy = 0;
-        Py_CLEAR(Q->owner);
+    if (Q->running == 1) {
+        if (Q->pid != (long)getpid()) {
+            Q->running = 0;
+            ((Flat *)Q->owner)->busy = 0;
+            Py_CLEAR(Q->owner);
+            Q->forked = 1;
+        } else {
+            Q->running = 2;
+            Py_BEGIN_ALLOW_THREADS
+            pthread_join(Q->th, NULL);
+            Py_END_ALLOW_THREADS
+            Q->running = 0;
+            ((Flat *)Q->owner)->busy = 0;
+            Py_CLEAR(Q->owner);
+        }
     }
-    return Q->oom ? -1 : 0;
+    while (Q->running == 2) { /* another thread is joining it */
+        Py_BEGIN_ALLOW_THREADS
+        sched_yield();
+        Py_END_ALLOW_THREADS
+    }
+    if (Q->forked) {
+        PyErr_SetString(PyExc_RuntimeError, "this block was being prepared when the process forked");
+        return -1;
+    }
+    if (Q->oom) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
 }
 
 /* start(block) -> Prepared: the same work as prepare, on a thread of its own that never takes the GIL,
@@ -2595,23 +2650,35 @@ static int prepared_join(Prepared *Q) {
 static PyObject *Flat_start(Flat *F, PyObject *block) {
     Prepared *Q = prepared_new(F, block);
     if (!Q) return NULL;
+    pthread_attr_t attr;
+    sigset_t all, old;
+    int with_attr, made;
     F->busy = 1;
     Q->owner = Py_NewRef((PyObject *)F);
-    if (pthread_create(&Q->th, NULL, prepare_thread, Q) != 0) { /* no thread: prepare it here */
+    Q->pid = (long)getpid();
+    /* a stack of its own size (the parse recurses up to MAX_DEPTH; musl's default is 128 KiB), and every signal
+     * blocked in the worker, so that they reach the Python threads */
+    with_attr = pthread_attr_init(&attr) == 0 && pthread_attr_setstacksize(&attr, 4u << 20) == 0;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    made = pthread_create(&Q->th, with_attr ? &attr : NULL, prepare_thread, Q) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (with_attr) pthread_attr_destroy(&attr);
+    if (made) {
+        Q->running = 1;
+    } else { /* no thread: prepare it here */
         Py_CLEAR(Q->owner);
         Py_BEGIN_ALLOW_THREADS
         prepare_run(F, Q);
         Py_END_ALLOW_THREADS
         F->busy = 0;
-    } else {
-        Q->running = 1;
     }
     return (PyObject *)Q;
 }
 
 /* wait() -> self, once the worker thread of start has prepared the block (MemoryError if it could not) */
 static PyObject *Prepared_wait(Prepared *Q, PyObject *noarg) {
-    if (prepared_join(Q) == -1) return PyErr_NoMemory();
+    if (prepared_join(Q) == -1) return NULL;
     return Py_NewRef((PyObject *)Q);
 }
 
@@ -2949,7 +3016,7 @@ static PyObject *Flat_commit(Flat *F, PyObject *args) {
                           &X.seen, &X.pkeys, &X.chunk, &X.n_cand, &X.vdone, &X.vcap,
                           &X.vfirst, &X.threshold, &X.salt, &batch_rows))
         return NULL;
-    if (prepared_join(Q) == -1) return PyErr_NoMemory(); /* a block from start: its thread first */
+    if (prepared_join(Q) == -1) return NULL; /* a block from start: its thread first */
     X.idcols = NULL;
     X.idset = Py_IS_TYPE(X.seen, &IdSetType) ? (IdSet *)X.seen : NULL;
     if (!X.idset && !PySet_CheckExact(X.seen)) {
@@ -3010,6 +3077,10 @@ static int Flat_init(Flat *F, PyObject *args, PyObject *kw) {
     int k, strings_fb = 0;
     PyObject *ranges = NULL;
     double lo = -HUGE_VAL, hi = HUGE_VAL;
+    if (F->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "a prepare is running on this Flattener");
+        return -1;
+    }
     if (!PyArg_ParseTupleAndKeywords(args, kw, "sy*y*|pOdd", kwlist, &kind, &ipad, &opad, &strings_fb, &ranges,
                                      &lo, &hi))
         return -1;
@@ -3748,26 +3819,22 @@ done:
 }
 
 /* first_seen(offsets, data, n) -> bytearray: 1 where a string of an Arrow string array (n values; ``offsets``
- * its n + 1 int32 offsets into ``data``) is the first of its value, 0 where the value came before. The values are
- * told apart by their 128-bit hashes, as in IdSet (a table of its own, sized once; no GIL). */
+ * its n + 1 int32 offsets into ``data``) is the first of its value, 0 where the value came before. One hash
+ * pass without the GIL: a table of (64-bit hash, index of the value's first string); strings whose hashes
+ * match are compared byte for byte, so the mask is exact. ValueError for offsets outside the data. */
 static PyObject *first_seen(PyObject *self, PyObject *args) {
     Py_buffer ob, db;
     Py_ssize_t n, i, cap = 1024, mask;
     PyObject *out = NULL;
-    uint64_t *slots;
+    uint64_t *slots; /* per slot: the hash, then 1 + the index of the first string with it (0: empty) */
     uint8_t *m;
-    const int32_t *off;
+    const uint8_t *offp, *data;
+    int bad = 0;
     if (!PyArg_ParseTuple(args, "y*y*n", &ob, &db, &n)) return NULL;
-    if (n < 0 || ob.len < (Py_ssize_t)sizeof(int32_t) * (n + 1)) {
+    if (n < 0 || ob.len / 4 < 1 || n > ob.len / 4 - 1) {
         PyErr_SetString(PyExc_ValueError, "offsets too short for n values");
         goto done;
     }
-    off = (const int32_t *)ob.buf;
-    for (i = 0; i < n; i++) /* offsets must stay inside data: checked before the loop without the GIL */
-        if (off[i] < 0 || off[i + 1] < off[i] || off[i + 1] > db.len) {
-            PyErr_SetString(PyExc_ValueError, "offsets outside the data");
-            goto done;
-        }
     while (cap * 7 < n * 10) cap *= 2;
     mask = cap - 1;
     out = PyByteArray_FromStringAndSize(NULL, n);
@@ -3779,29 +3846,47 @@ static PyObject *first_seen(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
+    offp = (const uint8_t *)ob.buf;
+    data = (const uint8_t *)db.buf;
     Py_BEGIN_ALLOW_THREADS
     for (i = 0; i < n; i++) {
         uint64_t h[2];
+        int32_t a, b;
         Py_ssize_t j;
-        idset_hash((const uint8_t *)db.buf + off[i], (size_t)(off[i + 1] - off[i]), h);
+        memcpy(&a, offp + 4 * i, 4); /* the offsets may sit at any address: copied, not cast */
+        memcpy(&b, offp + 4 * (i + 1), 4);
+        if (a < 0 || b < a || b > db.len) {
+            bad = 1;
+            break;
+        }
+        idset_hash(data + a, (size_t)(b - a), h);
         j = (Py_ssize_t)(h[0] & (uint64_t)mask);
         m[i] = 1;
         for (;;) {
-            uint64_t a = slots[2 * j], b = slots[2 * j + 1];
-            if (!(a | b)) {
+            uint64_t k = slots[2 * j + 1];
+            if (!k) {
                 slots[2 * j] = h[0];
-                slots[2 * j + 1] = h[1];
+                slots[2 * j + 1] = (uint64_t)i + 1;
                 break;
             }
-            if (a == h[0] && b == h[1]) {
-                m[i] = 0;
-                break;
+            if (slots[2 * j] == h[0]) { /* the same hash: the same value only if the same bytes */
+                int32_t fa, fb;
+                memcpy(&fa, offp + 4 * (k - 1), 4);
+                memcpy(&fb, offp + 4 * k, 4);
+                if (fb - fa == b - a && (b == a || memcmp(data + fa, data + a, (size_t)(b - a)) == 0)) {
+                    m[i] = 0;
+                    break;
+                }
             }
             j = (j + 1) & mask;
         }
     }
     Py_END_ALLOW_THREADS
     free(slots);
+    if (bad) {
+        Py_CLEAR(out);
+        PyErr_SetString(PyExc_ValueError, "offsets outside the data");
+    }
 done:
     PyBuffer_Release(&ob);
     PyBuffer_Release(&db);

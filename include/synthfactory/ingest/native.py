@@ -54,11 +54,13 @@ def id_set() -> Any:
 
 
 def first_seen_mask(values: Any) -> Any | None:
-    """A numpy bool mask over an Arrow string array: True at the first string of each value (told apart by 128-bit
-    hashes, as :func:`id_set`), computed without the GIL; None where the module is missing or a value is null."""
+    """A numpy bool mask over an Arrow ``string`` array: True at the first string of each value (hashed, equal
+    hashes compared byte for byte: exact), computed without the GIL; None where the module is missing, the array
+    is of another type (``large_string``...) or holds a null."""
     import numpy as np
+    import pyarrow as pa
 
-    if _flatc is None or not hasattr(_flatc, "first_seen") or values.null_count:
+    if _flatc is None or not hasattr(_flatc, "first_seen") or not pa.types.is_string(values.type) or values.null_count:
         return None
     n = len(values)
     if not n:

@@ -537,7 +537,8 @@ class IngestSession:
         if flats is None:
             flats = [self.native[rtype]]
             if hasattr(flats[0], "start"):
-                for _ in range(min(PREPARE_THREADS, os.cpu_count() or 1) - 1):
+                cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+                for _ in range(min(PREPARE_THREADS, cores) - 1):
                     extra = native_flatten.flattener(rtype, self._keyer, self.value_rules)
                     if extra is not None:
                         flats.append(extra)
