@@ -988,13 +988,13 @@ def test_a_started_block_keeps_what_it_reads(keyer):
     with pytest.raises(BufferError):
         view.release()
     got = []
-    waiters = [threading.Thread(target=lambda: got.append(prep.wait() is prep)) for _ in range(4)]
+    waiters = [threading.Thread(target=lambda p=prep: got.append(p.wait() is p)) for _ in range(4)]
     for t in waiters:
         t.start()
     for t in waiters:
         t.join()
     assert got == [True] * 4 and _committed(other, prep) == want
-    del prep
+    del prep, waiters
     view.release()  # the Prepared is gone: so is its export
 
 
