@@ -2,8 +2,9 @@
 (:func:`.fhir_ndjson.ingest_ndjson`).
 
 Per block of lines, ``prepare`` (parse, flatten, key: no Python objects, no GIL) runs on threads of
-the module's own, up to two blocks ahead (``Flattener.start``, :func:`prepared`), and ``commit`` (the checks against the session's state and the side
-effects, in line order) on the ingest thread, so the two cores share the work of one process.
+the module's own, up to two blocks ahead (``Flattener.start``, :func:`prepared`), and ``commit`` (the
+checks against the session's state and the side effects, in line order) on the ingest thread, so the two
+cores share the work of one process.
 
 It covers Observation, Encounter and Condition (the rows of the hand-written flatteners) and MedicationRequest
 and Procedure (the rows of their built-in ViewDefinitions) and Patient (the hand-written flattener's row; its
@@ -117,9 +118,9 @@ def prepared(blocks: Iterable[list], flats: Any, pool: Any = None) -> Iterator[t
     ``flats`` is a flattener or a list of flatteners of one type. With ``Flattener.start`` (a thread of the
     module's own, which never takes the GIL) block i is prepared by ``flats[i % len(flats)]``, and up to
     ``len(flats)`` blocks are prepared ahead of the one being committed. A module built from an older
-    ``_flatc.c`` prepares on ``pool`` (or the pool a callable ``pool`` returns; one helper thread: the prepare releases the GIL, but the pool's
-    thread needs it to pick up and hand back each block, so it waits for the caller's commit; measured, the
-    two phases then ran almost one after the other)."""
+    ``_flatc.c`` prepares on ``pool`` (or the pool a callable ``pool`` returns): one helper thread. The
+    prepare releases the GIL, but the pool's thread needs it to pick up and hand back each block, so it waits
+    for the caller's commit; measured, the two phases then ran almost one after the other."""
     flats = list(flats) if isinstance(flats, (list, tuple)) else [flats]
     if not hasattr(flats[0], "start"):
         pool = pool() if callable(pool) else pool  # a factory: the pool is started only where needed

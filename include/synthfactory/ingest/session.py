@@ -25,16 +25,16 @@ import gc
 import hashlib
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 import shutil
 import tempfile
 import time
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
-import orjson
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -151,8 +151,8 @@ class TableWriter:
 
 def _first_seen(values: Any, kinds: Any) -> tuple[pa.Array, pa.Array]:
     """(unique values in first-seen order, the kind each was first seen with) of string arrays or chunked
-    arrays: Arrow's hash memo gives the first-seen order, numpy the first position of each value."""
-
+    arrays: the compiled one-pass mask of each value's first string (:func:`.native.first_seen_mask`); without
+    it, Arrow's hash memo gives the first-seen order and numpy the first position of each value."""
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if isinstance(kinds, pa.ChunkedArray):
@@ -172,7 +172,6 @@ def _partitions(values: pa.Array, parts: int) -> pa.Array:
     """A partition in [0, parts) of each string, a function of its bytes alone (the same value always lands in
     the same partition), vectorised over the Arrow buffers: a mix of the length and of a few bytes (the last
     four, the first, the middle one), gathered without converting the whole data buffer."""
-
     n = len(values)
     if not n:
         return pa.array([], pa.int8())
