@@ -72,9 +72,10 @@ REPORT_FILE = "ingest_report.json"
 # --------------------------------------------------------------------------------------------------
 class _BackgroundWriter:
     """One helper thread that encodes and compresses Parquet row groups (pyarrow releases the GIL there)
-    while the caller's thread keeps parsing. FIFO; at most ``depth`` batches in flight."""
+    while the caller's thread keeps parsing. FIFO; at most ``depth`` batches in flight (4: with 2 the ingest
+    thread waited ~0.3 s on it at 2M resources; 4 took 3 % off the wall time there, for ~30 MiB more peak)."""
 
-    def __init__(self, depth: int = 2):
+    def __init__(self, depth: int = 4):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthfactory-ingest-writer")
         self._pending: list = []
         self.depth = depth
