@@ -28,9 +28,43 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <sys/mman.h>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+
+/* ============================================================================================== */
+/* Large zeroed tables                                                                            */
+/* ============================================================================================== */
+/* The hash tables probed at random (the duplicate-id set, first_seen's table, the reference caches)
+ * reach tens of MB. calloc maps them to the shared zero page, so a probe's first read of a page and its
+ * first write cost two page faults, the second one a TLB shootdown across the process's threads. From
+ * 2 MiB up they are mapped with MAP_POPULATE instead: the kernel fills every page at once, written, in one
+ * call (a table is touched nearly whole as it fills). Transparent huge pages were tried and dropped:
+ * on a VM whose memory the host backs lazily, a fresh 2 MiB page cost more than the faults it saved. */
+#define BIG_MIN ((size_t)2 << 20)
+
+static void *big_calloc(size_t size) {
+#if defined(MAP_ANONYMOUS) && defined(MAP_POPULATE)
+    if (size >= BIG_MIN) {
+        void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+        return p == MAP_FAILED ? NULL : p;
+    }
+#endif
+    return calloc(1, size ? size : 1);
+}
+
+/* frees a big_calloc table of `size` bytes */
+static void big_free(void *p, size_t size) {
+    if (!p) return;
+#if defined(MAP_ANONYMOUS) && defined(MAP_POPULATE)
+    if (size >= BIG_MIN) {
+        munmap(p, size);
+        return;
+    }
+#endif
+    free(p);
+}
 
 /* ============================================================================================== */
 /* SHA-256 / HMAC                                                                                  */
@@ -405,13 +439,18 @@ static const char *PATIENT_KEYS[] = {"gender", "birthDate", "deceasedBoolean", "
                                      "maritalStatus", "address", "name", "telecom"};
 #define N_PATIENT_KEYS (sizeof(PATIENT_KEYS) / sizeof(PATIENT_KEYS[0]))
 
+static size_t PATIENT_KEY_LEN[N_PATIENT_KEYS];
+
+/* the length and the first byte first: a memcmp call only for a likely match (a line has ~10-20 members) */
 static int root_key_kept(const uint8_t *k, uint32_t n, int patient) {
     size_t i;
+    if (n == 0) return 0;
     for (i = 0; i < N_ROOT_KEYS; i++)
-        if (ROOT_KEY_LEN[i] == n && memcmp(ROOT_KEYS[i], k, n) == 0) return 1;
+        if (ROOT_KEY_LEN[i] == n && (uint8_t)ROOT_KEYS[i][0] == k[0] && memcmp(ROOT_KEYS[i], k, n) == 0) return 1;
     if (patient)
         for (i = 0; i < N_PATIENT_KEYS; i++)
-            if (strlen(PATIENT_KEYS[i]) == n && memcmp(PATIENT_KEYS[i], k, n) == 0) return 1;
+            if (PATIENT_KEY_LEN[i] == n && (uint8_t)PATIENT_KEYS[i][0] == k[0] && memcmp(PATIENT_KEYS[i], k, n) == 0)
+                return 1;
     return 0;
 }
 
@@ -1364,10 +1403,26 @@ typedef struct {
 
 #define RCACHE_MAX (1u << 17)
 
-static uint64_t fnv(const uint8_t *s, size_t n) {
-    uint64_t h = 1469598103934665603ULL;
-    size_t i;
-    for (i = 0; i < n; i++) h = (h ^ s[i]) * 1099511628211ULL;
+/* the reference caches' hash (never 0: 0 marks an empty slot). Eight bytes a step, then a 64-bit finaliser
+ * (murmur3's fmix64 constants); it only spreads the slots: an entry matches only if its string is the same
+ * (FNV-1a, a byte a step, took ~2 % of an ingest's CPU on ~45-byte references). */
+static uint64_t refhash(const uint8_t *s, size_t n) {
+    uint64_t h = 0x9e3779b97f4a7c15ULL ^ (uint64_t)n, w;
+    while (n >= 8) {
+        memcpy(&w, s, 8);
+        h = (h ^ w) * 0xff51afd7ed558ccdULL;
+        h ^= h >> 32;
+        s += 8;
+        n -= 8;
+    }
+    if (n) {
+        w = 0;
+        memcpy(&w, s, n);
+        h = (h ^ w) * 0xc4ceb9fe1a85ec53ULL;
+    }
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
     return h ? h : 1;
 }
 
@@ -1377,14 +1432,13 @@ static void rc_clear(rcache *c) {
     c->arena.len = 0;
 }
 
-/* the entry of a reference (new entries have key[0] == 0); NULL on out of memory */
-static rentry *rc_get(rcache *c, const uint8_t *s, size_t n) {
-    uint64_t h = fnv(s, n);
+/* the entry of a reference (new entries have key[0] == 0); NULL on out of memory. h is refhash(s, n). */
+static rentry *rc_get_h(rcache *c, const uint8_t *s, size_t n, uint64_t h) {
     size_t i;
     if (c->n >= RCACHE_MAX) rc_clear(c);
     if (!c->e || (c->n + 1) * 2 > c->cap) { /* grow (rehash) */
         size_t cap = c->cap ? c->cap * 2 : 1024, k;
-        rentry *e = (rentry *)calloc(cap, sizeof(rentry));
+        rentry *e = (rentry *)big_calloc(cap * sizeof(rentry));
         if (!e) return NULL;
         for (k = 0; k < c->cap; k++)
             if (c->e[k].h) {
@@ -1392,7 +1446,7 @@ static rentry *rc_get(rcache *c, const uint8_t *s, size_t n) {
                 while (e[j].h) j = (j + 1) & (cap - 1);
                 e[j] = c->e[k];
             }
-        free(c->e);
+        big_free(c->e, c->cap * sizeof(rentry));
         c->e = e;
         c->cap = cap;
     }
@@ -1403,7 +1457,7 @@ static rentry *rc_get(rcache *c, const uint8_t *s, size_t n) {
     }
     if (n > UINT32_MAX || c->arena.len + n > UINT32_MAX) {
         rc_clear(c);
-        return rc_get(c, s, n);
+        return rc_get_h(c, s, n, h);
     }
     c->e[i].h = h;
     c->e[i].off = (uint32_t)c->arena.len;
@@ -1417,6 +1471,8 @@ static rentry *rc_get(rcache *c, const uint8_t *s, size_t n) {
     c->n++;
     return &c->e[i];
 }
+
+static rentry *rc_get(rcache *c, const uint8_t *s, size_t n) { return rc_get_h(c, s, n, refhash(s, n)); }
 
 /* ============================================================================================== */
 /* The flattener object                                                                           */
@@ -2126,7 +2182,11 @@ typedef struct {
     int32_t row0, nrows;    /* rows[row0 ...] */
     int pk_col, ek_col, has_pk, has_ek;
     char pk[32], ek[32];
+    uint64_t idh[2]; /* the id's idset_hash, and the patient key's refhash: hashed here, off the commit's thread */
+    uint64_t pkh;
 } linerec;
+
+static void idset_hash(const uint8_t *p, size_t len, uint64_t h[2]);
 
 typedef struct {
     char key[32];
@@ -2156,10 +2216,79 @@ typedef struct {
     int running;       /* 1: a worker thread is preparing this block, 2: a thread is joining it; 0: done */
     int finished;      /* set by the worker thread as it ends (read with __atomic_load) */
     int forked;        /* started in the process this one was forked from: never prepared here */
+    size_t sc_bytes[3]; /* the sizes of lines, ptr and len (from scratch_calloc) */
 } Prepared;
 
 static int prepared_join(Prepared *Q);
 static PyObject *Prepared_wait(Prepared *Q, PyObject *noarg);
+
+/* Per-block arrays, recycled: a dropped Prepared's line table and rows go back to a small stash, and the
+ * next block's prepare takes them, so their pages stay mapped (fresh 2-4 MB arrays per 4 MiB block cost
+ * page faults and realloc copies: ~2 % of an ingest's CPU). The stash is taken with trylock only, so a
+ * thread never waits on it (nor does a forked child whose parent held it: it then allocates afresh);
+ * scratch_release() empties it (the session calls it when an ingest ends). */
+enum { SC_LINES, SC_PTR, SC_LEN, SC_ROWS, SC_IDENTS, N_SC };
+#define SC_SLOTS 4
+static struct {
+    void *p;
+    size_t bytes;
+} scratch[N_SC][SC_SLOTS];
+static int n_scratch[N_SC];
+static pthread_mutex_t scratch_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* a stashed array of kind k (its size in bytes in *bytes), or NULL with *bytes 0 */
+static void *scratch_take(int k, size_t *bytes) {
+    void *p = NULL;
+    *bytes = 0;
+    if (pthread_mutex_trylock(&scratch_mu) != 0) return NULL;
+    if (n_scratch[k] > 0) {
+        n_scratch[k]--;
+        p = scratch[k][n_scratch[k]].p;
+        *bytes = scratch[k][n_scratch[k]].bytes;
+    }
+    pthread_mutex_unlock(&scratch_mu);
+    return p;
+}
+
+/* hand an array back (freed when the stash is full or busy) */
+static void scratch_give(int k, void *p, size_t bytes) {
+    if (!p) return;
+    if (bytes && pthread_mutex_trylock(&scratch_mu) == 0) {
+        if (n_scratch[k] < SC_SLOTS) {
+            scratch[k][n_scratch[k]].p = p;
+            scratch[k][n_scratch[k]].bytes = bytes;
+            n_scratch[k]++;
+            p = NULL;
+        }
+        pthread_mutex_unlock(&scratch_mu);
+    }
+    free(p);
+}
+
+/* n zeroed elements of `size` bytes, from the stash where one is large enough; its size in *bytes */
+static void *scratch_calloc(int k, size_t n, size_t size, size_t *bytes) {
+    size_t need = (n ? n : 1) * size;
+    void *p = scratch_take(k, bytes);
+    if (p && *bytes >= need) {
+        memset(p, 0, need);
+        return p;
+    }
+    free(p);
+    p = calloc(n ? n : 1, size);
+    *bytes = p ? need : 0;
+    return p;
+}
+
+static void scratch_release(void) {
+    int k;
+    pthread_mutex_lock(&scratch_mu);
+    for (k = 0; k < N_SC; k++)
+        while (n_scratch[k] > 0) {
+            n_scratch[k]--;
+            free(scratch[k][n_scratch[k]].p);
+        }
+    pthread_mutex_unlock(&scratch_mu);
+}
 
 static void Prepared_dealloc(Prepared *Q) {
     {   /* a block dropped while it is being prepared: wait for the worker, which uses it (any error it
@@ -2171,12 +2300,12 @@ static void Prepared_dealloc(Prepared *Q) {
     }
     if (Q->view.obj) PyBuffer_Release(&Q->view);
     Py_XDECREF(Q->block);
-    free(Q->lines);
-    free(Q->rows);
-    free(Q->idents);
+    scratch_give(SC_LINES, Q->lines, Q->sc_bytes[SC_LINES]);
+    scratch_give(SC_PTR, (void *)Q->ptr, Q->sc_bytes[SC_PTR]);
+    scratch_give(SC_LEN, Q->len, Q->sc_bytes[SC_LEN]);
+    scratch_give(SC_ROWS, Q->rows, Q->caprows * sizeof(rowrec));
+    scratch_give(SC_IDENTS, Q->idents, Q->capidents * sizeof(uint32_t));
     free(Q->arena.p);
-    free(Q->ptr);
-    free(Q->len);
     Py_TYPE(Q)->tp_free((PyObject *)Q);
 }
 
@@ -2423,10 +2552,12 @@ static int prepare_line(Flat *F, Prepared *Q, linerec *rec, const uint8_t *s, si
     rec->s = s;
     rec->rid_off = P->nodes[x].off;
     rec->rid_len = P->nodes[x].len;
+    idset_hash(s + rec->rid_off, rec->rid_len, rec->idh);
     rec->pk_col = R.pk_col;
     rec->ek_col = R.ek_col;
     rec->has_pk = 0;
     if (R.pk_col >= 0 && (rec->has_pk = ref_key(F, &R.pk, "Patient", &F->pcache, rec->pk)) < 0) return -1;
+    if (rec->has_pk) rec->pkh = refhash((const uint8_t *)rec->pk, 32);
     rec->has_ek = 0;
     if (R.ek_col >= 0 && (rec->has_ek = ref_key(F, &R.ek, "Encounter", &F->ecache, rec->ek)) < 0) return -1;
     rec->ident0 = (int32_t)Q->nidents;
@@ -2461,14 +2592,24 @@ static int prepare_line(Flat *F, Prepared *Q, linerec *rec, const uint8_t *s, si
  * flatten and key every line. Runs with the GIL released (prepare) or on a worker thread (start). */
 static void prepare_run(Flat *F, Prepared *Q) {
     Py_ssize_t i;
+    if (!Q->rows) { /* the rows and identifier spans start in arrays an earlier block left */
+        size_t b;
+        Q->rows = (rowrec *)scratch_take(SC_ROWS, &b);
+        Q->caprows = b / sizeof(rowrec);
+    }
+    if (!Q->idents) {
+        size_t b;
+        Q->idents = (uint32_t *)scratch_take(SC_IDENTS, &b);
+        Q->capidents = b / sizeof(uint32_t);
+    }
     if (Q->chunk) { /* count the lines first: one more than the newlines */
         const uint8_t *s = Q->cs, *e = Q->cs + Q->cn, *q;
         Py_ssize_t nl = 0;
         for (q = s; q < e && (q = (const uint8_t *)memchr(q, '\n', (size_t)(e - q))) != NULL; q++) nl++;
         Q->n = nl + 1;
-        Q->lines = (linerec *)calloc((size_t)Q->n, sizeof(linerec));
-        Q->ptr = (const uint8_t **)calloc((size_t)Q->n, sizeof(*Q->ptr));
-        Q->len = (size_t *)calloc((size_t)Q->n, sizeof(*Q->len));
+        Q->lines = (linerec *)scratch_calloc(SC_LINES, (size_t)Q->n, sizeof(linerec), &Q->sc_bytes[SC_LINES]);
+        Q->ptr = (const uint8_t **)scratch_calloc(SC_PTR, (size_t)Q->n, sizeof(*Q->ptr), &Q->sc_bytes[SC_PTR]);
+        Q->len = (size_t *)scratch_calloc(SC_LEN, (size_t)Q->n, sizeof(*Q->len), &Q->sc_bytes[SC_LEN]);
         if (!Q->lines || !Q->ptr || !Q->len) {
             Q->oom = 1;
             Q->n = 0; /* nothing to read back */
@@ -2528,6 +2669,7 @@ static Prepared *prepared_new(Flat *F, PyObject *block) {
     Q->lines = NULL;
     Q->ptr = NULL;
     Q->len = NULL;
+    Q->sc_bytes[0] = Q->sc_bytes[1] = Q->sc_bytes[2] = 0;
     Q->rows = NULL;
     Q->idents = NULL;
     Q->arena.p = NULL;
@@ -2564,9 +2706,9 @@ static Prepared *prepared_new(Flat *F, PyObject *block) {
     Q->cn = cn;
     if (!Q->chunk) {
         Q->n = PyTuple_GET_SIZE(Q->block);
-        Q->lines = (linerec *)calloc((size_t)(Q->n ? Q->n : 1), sizeof(linerec));
-        Q->ptr = (const uint8_t **)calloc((size_t)(Q->n ? Q->n : 1), sizeof(*Q->ptr));
-        Q->len = (size_t *)calloc((size_t)(Q->n ? Q->n : 1), sizeof(*Q->len));
+        Q->lines = (linerec *)scratch_calloc(SC_LINES, (size_t)Q->n, sizeof(linerec), &Q->sc_bytes[SC_LINES]);
+        Q->ptr = (const uint8_t **)scratch_calloc(SC_PTR, (size_t)Q->n, sizeof(*Q->ptr), &Q->sc_bytes[SC_PTR]);
+        Q->len = (size_t *)scratch_calloc(SC_LEN, (size_t)Q->n, sizeof(*Q->len), &Q->sc_bytes[SC_LEN]);
         if (!Q->lines || !Q->ptr || !Q->len) {
             Py_DECREF(Q);
             PyErr_NoMemory();
@@ -2768,7 +2910,7 @@ static void idset_hash(const uint8_t *p, size_t len, uint64_t h[2]) {
 
 static int idset_grow(IdSet *S) {
     Py_ssize_t ncap = S->cap ? S->cap * 2 : 1024, i, mask = ncap - 1;
-    uint64_t *ns = calloc((size_t)ncap * 2, sizeof(uint64_t));
+    uint64_t *ns = (uint64_t *)big_calloc((size_t)ncap * 2 * sizeof(uint64_t));
     if (!ns) {
         PyErr_NoMemory();
         return -1;
@@ -2782,17 +2924,15 @@ static int idset_grow(IdSet *S) {
         ns[2 * j] = a;
         ns[2 * j + 1] = b;
     }
-    free(S->slots);
+    big_free(S->slots, (size_t)S->cap * 2 * sizeof(uint64_t));
     S->slots = ns;
     S->cap = ncap;
     return 0;
 }
 
-/* 1: present, 0: absent; with `add`, an absent id is added (and 0 returned); -1: out of memory */
-static int idset_probe(IdSet *S, const uint8_t *p, size_t len, int add) {
-    uint64_t h[2];
+/* idset_probe with the id's idset_hash */
+static int idset_probe_h(IdSet *S, const uint64_t h[2], int add) {
     Py_ssize_t j, mask;
-    idset_hash(p, len, h);
     if (add && (S->n + 1) * 10 > S->cap * 7 && idset_grow(S) < 0) return -1;
     if (!S->cap) return 0;
     mask = S->cap - 1;
@@ -2809,6 +2949,18 @@ static int idset_probe(IdSet *S, const uint8_t *p, size_t len, int add) {
         S->n++;
     }
     return 0;
+}
+
+/* 1: present, 0: absent; with `add`, an absent id is added (and 0 returned); -1: out of memory */
+static int idset_probe(IdSet *S, const uint8_t *p, size_t len, int add) {
+    uint64_t h[2];
+    idset_hash(p, len, h);
+    return idset_probe_h(S, h, add);
+}
+
+/* a hint: the slot where the probe of hash h starts, fetched into the cache ahead of the probe */
+static inline void idset_prefetch(const IdSet *S, const uint64_t h[2]) {
+    if (S->cap) __builtin_prefetch(&S->slots[2 * (h[0] & (uint64_t)(S->cap - 1))], 1, 1);
 }
 
 /* probe with the UTF-8 bytes of a str; a str with a lone surrogate (which strict UTF-8 cannot encode, and
@@ -2850,7 +3002,7 @@ static PyObject *IdSet_sizeof(IdSet *S, PyObject *unused) {
 }
 
 static void IdSet_dealloc(IdSet *S) {
-    free(S->slots);
+    big_free(S->slots, (size_t)S->cap * 2 * sizeof(uint64_t));
     Py_TYPE(S)->tp_free((PyObject *)S);
 }
 
@@ -2882,9 +3034,9 @@ typedef struct {
 } runctx;
 
 /* is a patient key in the set of known patient keys (decided once per key and set size) */
-static int known_patient(Flat *F, runctx *X, const char *pk) {
+static int known_patient(Flat *F, runctx *X, const char *pk, uint64_t pkh) {
     Py_ssize_t size = PySet_GET_SIZE(X->pkeys);
-    rentry *e = rc_get(&F->known, (const uint8_t *)pk, 32);
+    rentry *e = rc_get_h(&F->known, (const uint8_t *)pk, 32, pkh);
     if (!e) {
         PyErr_NoMemory();
         return -1;
@@ -2902,25 +3054,51 @@ static int known_patient(Flat *F, runctx *X, const char *pk) {
     return e->known;
 }
 
-/* one prepared line (GIL held): FB (untouched), 0 accepted, -1 Python error */
-static int commit_line(Flat *F, Prepared *Q, runctx *X, const linerec *rec, Py_ssize_t lineno) {
+#define VAL (-4) /* picked for validation: the caller validates the line, then commits it (or quarantines it) */
+
+/* is the line's id in the set of ids seen (nothing added): 1, 0, -1 Python error */
+static int seen_id(runctx *X, const linerec *rec) {
+    PyObject *rid;
+    int r;
+    if (X->idset) return idset_probe_h(X->idset, rec->idh, 0);
+    rid = PyUnicode_DecodeUTF8((const char *)rec->s + rec->rid_off, rec->rid_len, "strict");
+    if (!rid) return -1;
+    r = PySet_Contains(X->seen, rid);
+    Py_DECREF(rid);
+    return r;
+}
+
+/* one prepared line (GIL held): FB (untouched), VAL (untouched: picked for the validation sample, and
+ * neither a dangling reference nor a duplicate id, so the Python loop would validate it next), 0 accepted,
+ * -1 Python error. `validated`: the caller has validated this line (it came back as VAL) and it passed. */
+static int commit_line(Flat *F, Prepared *Q, runctx *X, const linerec *rec, Py_ssize_t lineno, int validated) {
     Columns *C = X->cols;
     PyObject *rid;
     int i, j;
     if (rec->status != 0) return FB;
-    {
+    if (!validated) {
         Py_ssize_t cand = X->n_cand + 1;
         unsigned long long h = ((unsigned long long)lineno * 2654435761ULL + X->salt) & 0xFFFFFFFFULL;
-        if (cand <= X->vfirst || (X->threshold && (X->vcap < 0 || X->vdone < X->vcap) && h < X->threshold))
-            return FB; /* picked for validation: the Python path validates it */
+        if (cand <= X->vfirst || (X->threshold && (X->vcap < 0 || X->vdone < X->vcap) && h < X->threshold)) {
+            /* the Python loop checks the id (and, having validated, the patient reference) before it
+             * would take it: those lines stay its own */
+            if (F->kind != K_PATIENT && X->pkeys != Py_None && rec->nrows && rec->has_pk) {
+                i = known_patient(F, X, rec->pk, rec->pkh);
+                if (i < 0) return -1;
+                if (i == 0) return FB;
+            }
+            i = seen_id(X, rec);
+            if (i < 0) return -1;
+            return i ? FB : VAL;
+        }
     }
     if (F->kind != K_PATIENT && X->pkeys != Py_None && rec->nrows && rec->has_pk) {
-        i = known_patient(F, X, rec->pk);
+        i = known_patient(F, X, rec->pk, rec->pkh);
         if (i < 0) return -1;
         if (i == 0) return FB; /* dangling: Python counts and decides */
     }
     if (X->idset) { /* one probe: added now (the rest below only fails on memory, which ends the ingest) */
-        int r = idset_probe(X->idset, rec->s + rec->rid_off, rec->rid_len, 1);
+        int r = idset_probe_h(X->idset, rec->idh, 1);
         if (r < 0) return -1;
         if (r == 1) return FB; /* duplicate id: Python */
         rid = NULL; /* the id as a str only where the identifiers sink is a dict */
@@ -3002,19 +3180,23 @@ fail:
 }
 
 /* commit(prepared, start, lineno, cols, seen, pkeys, chunk, n_cand, vdone, vcap, vfirst, threshold, salt,
- *        batch_rows) -> (pos, accepted, why)
+ *        batch_rows[, validated]) -> (pos, accepted, why)
  * Takes the prepared block's lines from `start` while they are plain, writing their rows to `cols` (a
  * Columns); `lineno` is the number of the line before block[start]. why: 0 the block is done, 1
- * block[pos] is for the Python path, 2 the buffer is full (flush, then call again from pos). Accepted
- * lines count as read and as validation candidates. */
+ * block[pos] is for the Python path, 2 the buffer is full (flush, then call again from pos), 3 block[pos]
+ * is picked for the validation sample: the caller validates it and quarantines it, or calls again from pos
+ * with `validated` true (and vdone counting it), and the line is taken like any other. Accepted lines count
+ * as read and as validation candidates. */
+#define COMMIT_PREFETCH 8
+
 static PyObject *Flat_commit(Flat *F, PyObject *args) {
     Prepared *Q;
     Py_ssize_t start, lineno, batch_rows, pos, accepted = 0;
     runctx X;
-    int why = 0;
-    if (!PyArg_ParseTuple(args, "O!nnO!OOOnnnnKKn", &PreparedType, &Q, &start, &lineno, &ColumnsType, &X.cols,
+    int why = 0, validated = 0;
+    if (!PyArg_ParseTuple(args, "O!nnO!OOOnnnnKKn|p", &PreparedType, &Q, &start, &lineno, &ColumnsType, &X.cols,
                           &X.seen, &X.pkeys, &X.chunk, &X.n_cand, &X.vdone, &X.vcap,
-                          &X.vfirst, &X.threshold, &X.salt, &batch_rows))
+                          &X.vfirst, &X.threshold, &X.salt, &batch_rows, &validated))
         return NULL;
     if (prepared_join(Q) == -1) return NULL; /* a block from start: its thread first */
     X.idcols = NULL;
@@ -3044,14 +3226,21 @@ static PyObject *Flat_commit(Flat *F, PyObject *args) {
     if (start < 0) start = 0;
     for (pos = start; pos < Q->n; pos++) {
         int r;
+        /* the duplicate-id set is probed at random: its slot for a line a few ahead is fetched now */
+        if (X.idset && pos + COMMIT_PREFETCH < Q->n && Q->lines[pos + COMMIT_PREFETCH].status == 0)
+            idset_prefetch(X.idset, Q->lines[pos + COMMIT_PREFETCH].idh);
         if (X.cols->nrows >= batch_rows) {
             why = 2;
             break;
         }
-        r = commit_line(F, Q, &X, &Q->lines[pos], lineno + (pos - start) + 1);
+        r = commit_line(F, Q, &X, &Q->lines[pos], lineno + (pos - start) + 1, validated && pos == start);
         if (r == -1) return NULL;
         if (r == FB) {
             why = 1;
+            break;
+        }
+        if (r == VAL) {
+            why = 3;
             break;
         }
         accepted++;
@@ -3165,11 +3354,11 @@ static void Flat_dealloc(Flat *F) {
     Py_CLEAR(F->s_id);
     Py_CLEAR(F->s_identifier);
     free(F->P.nodes);
-    free(F->pcache.e);
+    big_free(F->pcache.e, F->pcache.cap * sizeof(rentry));
     free(F->pcache.arena.p);
-    free(F->ecache.e);
+    big_free(F->ecache.e, F->ecache.cap * sizeof(rentry));
     free(F->ecache.arena.p);
-    free(F->known.e);
+    big_free(F->known.e, F->known.cap * sizeof(rentry));
     free(F->known.arena.p);
     Py_TYPE(F)->tp_free((PyObject *)F);
 }
@@ -3840,7 +4029,7 @@ static PyObject *first_seen(PyObject *self, PyObject *args) {
     out = PyByteArray_FromStringAndSize(NULL, n);
     if (!out) goto done;
     m = (uint8_t *)PyByteArray_AS_STRING(out);
-    slots = calloc((size_t)cap * 2, sizeof(uint64_t));
+    slots = (uint64_t *)big_calloc((size_t)cap * 2 * sizeof(uint64_t));
     if (!slots) {
         Py_CLEAR(out);
         PyErr_NoMemory();
@@ -3882,7 +4071,7 @@ static PyObject *first_seen(PyObject *self, PyObject *args) {
         }
     }
     Py_END_ALLOW_THREADS
-    free(slots);
+    big_free(slots, (size_t)cap * 2 * sizeof(uint64_t));
     if (bad) {
         Py_CLEAR(out);
         PyErr_SetString(PyExc_ValueError, "offsets outside the data");
@@ -3893,7 +4082,14 @@ done:
     return out;
 }
 
+static PyObject *release_scratch(PyObject *mod, PyObject *noarg) {
+    scratch_release();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"release_scratch", (PyCFunction)release_scratch, METH_NOARGS,
+     "Free the per-block arrays kept for the next prepare (an ingest calls it as it ends)."},
     {"scan_bundle", (PyCFunction)scan_bundle, METH_VARARGS, "The entries of a Bundle, streamed (see the source)."},
     {"first_seen", (PyCFunction)first_seen, METH_VARARGS, "1 where a string is the first of its value (see the source)."},
     {NULL, NULL, 0, NULL}};
@@ -3906,6 +4102,7 @@ PyMODINIT_FUNC PyInit__flatc(void) {
     {
         size_t k;
         for (k = 0; k < N_ROOT_KEYS; k++) ROOT_KEY_LEN[k] = strlen(ROOT_KEYS[k]);
+        for (k = 0; k < N_PATIENT_KEYS; k++) PATIENT_KEY_LEN[k] = strlen(PATIENT_KEYS[k]);
     }
     PyObject *m;
     if (!c_locale) c_locale = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);

@@ -336,6 +336,7 @@ def _ingest_lines(session: IngestSession, fname: str, rtype: str, blocks: Iterab
     else:
         pairs = native_flatten.prepared(blocks, session.preparers(rtype), session.prepare_pool)
     n_native = 0
+    vpos = -1  # the position in the current block of a sampled line that passed validation (see why == 3)
     for block, prep in pairs:
         if len(ids_chunk) >= IDENTIFIER_CHUNK_ROWS:
             session.identifiers.maybe_spill()
@@ -345,14 +346,15 @@ def _ingest_lines(session: IngestSession, fname: str, rtype: str, blocks: Iterab
             if commit is None:
                 seg, pos = block, nblock
             else:  # the compiled flatten takes the plain lines; the loop below gets the others, one by one
-                nxt, took, why = commit(prep, pos, lineno, buf, seen_ids, patient_keys if is_patient else pkeys,
-                                        ids_chunk, n_cand, vdone,
-                                        -1 if vcap is None else vcap, validate_first, threshold, file_salt,
-                                        batch_rows)
+                args = (prep, pos, lineno, buf, seen_ids, patient_keys if is_patient else pkeys, ids_chunk, n_cand,
+                        vdone, -1 if vcap is None else vcap, validate_first, threshold, file_salt, batch_rows)
+                nxt, took, why = commit(*args, True) if vpos == pos else commit(*args)
                 lineno += nxt - pos
                 n_read += took
                 n_cand += took
                 n_native += took
+                if nxt > pos:
+                    vpos = -1
                 pos = nxt
                 if why == 2:  # buffer full
                     writer.flush()
@@ -360,6 +362,28 @@ def _ingest_lines(session: IngestSession, fname: str, rtype: str, blocks: Iterab
                     continue
                 if why == 0:
                     break
+                if why == 3:
+                    # picked for the validation sample, and neither a duplicate id nor a dangling reference:
+                    # validated here; when it passes the compiled commit takes it (called again with
+                    # validated=True), else it is quarantined as the loop below would
+                    raw = prep.line(pos) if whole else block[pos]
+                    o = loads(raw)
+                    validated += 1
+                    vdone += 1
+                    reason = validation_failure(rtype, o)
+                    if reason is None:
+                        vpos = pos
+                        continue
+                    lineno += 1
+                    pos += 1
+                    n_read += 1
+                    n_cand += 1
+                    n_bad += 1
+                    add_ident(o["id"], "id")
+                    if is_patient or "identifier" in o:
+                        collect_identifiers(o, is_patient, add_ident)
+                    quarantine(fname, lineno, rtype, reason)
+                    continue
                 seg, pos = [prep.line(pos)] if whole else block[pos:pos + 1], pos + 1
             for raw in seg:
                 lineno += 1

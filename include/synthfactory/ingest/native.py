@@ -45,6 +45,13 @@ def available() -> bool:
         "0", "false", "no", "off")
 
 
+def release_scratch() -> None:
+    """Free the per-block arrays the compiled prepare keeps for its next block (a few MB; called as an
+    ingest ends)."""
+    if _flatc is not None and hasattr(_flatc, "release_scratch"):
+        _flatc.release_scratch()
+
+
 def id_set() -> Any:
     """An empty set of resource ids: the compiled ``IdSet`` (128-bit hashes, ~24-32 bytes per id against ~120
     for a set of str: 75M ids at 2M patients) where the module is installed, else a ``set``. Both take

@@ -109,9 +109,11 @@ class TableWriter:
         self.buf: Any = []  # row tuples; or a native.columns buffer, which takes them too
         self.rows = 0
         self.background = background
-        # the pseudonymous keys are unique HMACs: a dictionary would only be built to be dropped
-        self._writer = pq.ParquetWriter(local_path, schema, compression="zstd",
-                                        use_dictionary=[f.name for f in schema if not f.name.endswith("_key")])
+        # the pseudonymous keys are unique HMACs: a dictionary would only be built to be dropped, and their
+        # min/max statistics prune nothing (a key range says nothing about which keys a row group holds)
+        coded = [f.name for f in schema if not f.name.endswith("_key")]
+        self._writer = pq.ParquetWriter(local_path, schema, compression="zstd", use_dictionary=coded,
+                                        write_statistics=coded)
 
     def flush(self) -> None:
         n = len(self.buf)
@@ -557,6 +559,7 @@ class IngestSession:
         if pool is not None:
             self._pool = None
             pool.shutdown(wait=True, cancel_futures=True)
+        native_flatten.release_scratch()
 
     def _view_fn(self, view: CompiledView) -> Flattener:
         rows = view.rows

@@ -437,7 +437,7 @@ def _shard_segment(session: IngestSession, si: int, seg: dict, cols: dict[str, l
             pos = nxt
             if len(buf) >= batch_rows:
                 single.writer.flush()
-            if why == 1:  # for the Python loop
+            if why in (1, 3):  # for the Python loop (3: picked for the validation sample, which it does here)
                 lineno += 1
                 python_line(block[pos], lineno)
                 pos += 1
