@@ -692,7 +692,7 @@ def test_a_sampled_line_is_validated_then_taken_by_the_compiled_commit(tmp_path,
 
 def test_key_columns_are_written_without_dictionary_or_statistics(tmp_path, keyer):
     """The pseudonymous keys are unique HMACs: no dictionary and no min/max (they prune nothing); the coded
-    columns keep both."""
+    columns keep both, times and numbers their min/max."""
     src = tmp_path / "plain"
     write_extract(src, seed=2, n=300, mutated=0.0)
     ingest_extract(str(src), str(tmp_path / "out"), keyer=keyer)
@@ -703,6 +703,8 @@ def test_key_columns_are_written_without_dictionary_or_statistics(tmp_path, keye
     assert keys and all(cols[c].statistics is None for c in keys)
     assert cols["code"].statistics is not None and cols["code"].statistics.has_min_max
     assert "RLE_DICTIONARY" in str(cols["code"].encodings) and "RLE_DICTIONARY" not in str(cols[keys[0]].encodings)
+    assert "RLE_DICTIONARY" not in str(cols["effective"].encodings)  # times and numbers: mostly distinct
+    assert cols["effective"].statistics is not None and cols["effective"].statistics.has_min_max
 
 
 @pytest.mark.skipif(not native.available(), reason="the compiled module is not built")
