@@ -227,6 +227,9 @@ typedef struct {
     int odd; /* valid JSON, but a shape this module leaves to Python (surrogate escapes, key escapes) */
     int dup; /* a key read from an object occurs twice in it */
     int patient; /* the Patient flattener: its members are kept too (PATIENT_KEYS) */
+    int root;    /* the line's root object (its members are indexed), -1 before it is parsed */
+    int32_t rslot[64];  /* by RK_ index: the root's (last) member of that name, -1 none */
+    uint8_t rdup[64];   /* by RK_ index: the root has the member twice */
 } parser;
 
 static int new_node(parser *P) {
@@ -421,36 +424,38 @@ static int parse_literal(parser *P) {
     return -1;
 }
 
-/* the members of a resource that the flatteners read (any type): the others are checked, not kept */
-static const char *ROOT_KEYS[] = {
-    "resourceType", "id", "identifier", "subject", "encounter", "context", "category", "effectiveDateTime",
-    "effectivePeriod", "effectiveInstant", "valueQuantity", "valueCodeableConcept", "valueString",
-    "valueBoolean", "valueInteger", "component", "code", "status", "class", "type", "period", "actualPeriod",
-    "onsetDateTime", "onsetPeriod", "clinicalStatus",
-    /* MedicationRequest and Procedure (the members their built-in views read, and the shapes left to Python) */
-    "intent", "medicationCodeableConcept", "medicationReference", "medication", "authoredOn", "dosageInstruction",
-    "performedDateTime", "performedPeriod", "performed", "performedString", "performedAge", "performedRange"};
-#define N_ROOT_KEYS (sizeof(ROOT_KEYS) / sizeof(ROOT_KEYS[0]))
+/* the members of a resource that the flatteners read (any type): the others are checked, not kept; then the
+ * members the Patient flattener reads (besides resourceType, id, identifier), and the identifiers it collects
+ * (kept for Patient only). One list: RK_x is the index of member "x". */
+#define ROOT_KEY_LIST(X)                                                                                       \
+    X(resourceType) X(id) X(identifier) X(subject) X(encounter) X(context) X(category) X(effectiveDateTime)    \
+    X(effectivePeriod) X(effectiveInstant) X(valueQuantity) X(valueCodeableConcept) X(valueString)             \
+    X(valueBoolean) X(valueInteger) X(component) X(code) X(status) X(class) X(type) X(period) X(actualPeriod)  \
+    X(onsetDateTime) X(onsetPeriod) X(clinicalStatus)                                                          \
+    /* MedicationRequest and Procedure (the members their built-in views read, and the shapes left to Python) */ \
+    X(intent) X(medicationCodeableConcept) X(medicationReference) X(medication) X(authoredOn)                  \
+    X(dosageInstruction) X(performedDateTime) X(performedPeriod) X(performed) X(performedString)               \
+    X(performedAge) X(performedRange)
+#define PATIENT_KEY_LIST(X)                                                                                    \
+    X(gender) X(birthDate) X(deceasedBoolean) X(deceasedDateTime) X(extension) X(maritalStatus) X(address)     \
+    X(name) X(telecom)
+#define RK_ENUM(k) RK_##k,
+#define RK_NAME(k) #k,
+enum { ROOT_KEY_LIST(RK_ENUM) N_ROOT_KEYS_, PATIENT_KEY_LIST(RK_ENUM) N_ALL_KEYS_ };
+static const char *ROOT_KEYS[] = {ROOT_KEY_LIST(RK_NAME) "", PATIENT_KEY_LIST(RK_NAME)};
+#define N_ROOT_KEYS ((size_t)N_ROOT_KEYS_)
+#define N_ALL_KEYS ((size_t)N_ALL_KEYS_)
 
-static size_t ROOT_KEY_LEN[N_ROOT_KEYS]; /* filled once at import (no strlen per key and line) */
+static size_t ROOT_KEY_LEN[N_ALL_KEYS]; /* filled once at import (no strlen per key and line) */
 
-/* the members the Patient flattener reads (besides resourceType, id, identifier), and the identifiers it collects */
-static const char *PATIENT_KEYS[] = {"gender", "birthDate", "deceasedBoolean", "deceasedDateTime", "extension",
-                                     "maritalStatus", "address", "name", "telecom"};
-#define N_PATIENT_KEYS (sizeof(PATIENT_KEYS) / sizeof(PATIENT_KEYS[0]))
-
-static size_t PATIENT_KEY_LEN[N_PATIENT_KEYS];
-
-/* the length and the first byte first: a memcmp call only for a likely match (a line has ~10-20 members) */
+/* 1 + the member's RK_ index when the flatteners read it (the Patient members only for `patient`), else 0.
+ * The length and the first byte first: a memcmp call only for a likely match (a line has ~10-20 members) */
 static int root_key_kept(const uint8_t *k, uint32_t n, int patient) {
-    size_t i;
+    size_t i, end = patient ? N_ALL_KEYS : N_ROOT_KEYS;
     if (n == 0) return 0;
-    for (i = 0; i < N_ROOT_KEYS; i++)
-        if (ROOT_KEY_LEN[i] == n && (uint8_t)ROOT_KEYS[i][0] == k[0] && memcmp(ROOT_KEYS[i], k, n) == 0) return 1;
-    if (patient)
-        for (i = 0; i < N_PATIENT_KEYS; i++)
-            if (PATIENT_KEY_LEN[i] == n && (uint8_t)PATIENT_KEYS[i][0] == k[0] && memcmp(PATIENT_KEYS[i], k, n) == 0)
-                return 1;
+    for (i = 0; i < end; i++)
+        if (ROOT_KEY_LEN[i] == n && (uint8_t)ROOT_KEYS[i][0] == k[0] && memcmp(ROOT_KEYS[i], k, n) == 0)
+            return (int)i + 1;
     return 0;
 }
 
@@ -519,6 +524,11 @@ static int skip_value(parser *P, int depth) {
 static int parse_container(parser *P, int idx, int depth, int obj) {
     int prev = -1;
     uint32_t count = 0;
+    if (depth == 0 && obj) { /* the root: its members the flatteners read are indexed as they are parsed */
+        P->root = idx;
+        memset(P->rslot, 0xff, sizeof(P->rslot));
+        memset(P->rdup, 0, sizeof(P->rdup));
+    }
     P->pos++; /* [ or { */
     skip_ws(P);
     if (P->pos < P->n && P->s[P->pos] == (obj ? '}' : ']')) {
@@ -529,16 +539,20 @@ static int parse_container(parser *P, int idx, int depth, int obj) {
     for (;;) {
         uint32_t koff = 0, klen = 0;
         uint8_t kesc = 0;
-        int c;
+        int c, kid = 0;
         if (obj) {
             if (parse_key(P, &koff, &klen, &kesc) < 0) return -1;
-            if (depth == 0 && !root_key_kept(P->s + koff, klen, P->patient)) { /* a member no flattener reads */
+            if (depth == 0 && !(kid = root_key_kept(P->s + koff, klen, P->patient))) { /* no flattener reads it */
                 if (skip_value(P, depth + 1) < 0) return -1;
                 goto separator;
             }
         }
         c = parse_value(P, depth + 1);
         if (c < 0) return -1;
+        if (kid) {
+            if (P->rslot[kid - 1] >= 0) P->rdup[kid - 1] = 1;
+            P->rslot[kid - 1] = c;
+        }
         if (obj) {
             P->nodes[c].koff = koff;
             P->nodes[c].klen = klen;
@@ -633,6 +647,13 @@ static inline int get(parser *P, int obj, const char *key) {
         }
     }
     return hit;
+}
+
+/* get(P, obj, ROOT_KEYS[k]) in one step where obj is the line's root (its members were indexed as parsed) */
+static inline int rget(parser *P, int obj, int k) {
+    if (obj != P->root) return get(P, obj, ROOT_KEYS[k]);
+    if (P->rdup[k]) P->dup = 1;
+    return P->rslot[k] >= 0 ? P->rslot[k] : ABSENT;
 }
 
 static inline int is_none(parser *P, int i) { return i == ABSENT || P->nodes[i].type == J_NULL; }
@@ -1651,11 +1672,11 @@ static int flat_observation(parser *P, int root, rows_t *R) {
     cell category = NONE_CELL, effective = NONE_CELL, num, unit, vcode, sys, code, disp;
     R->ncols = KIND_NCOLS[K_OBSERVATION];
     R->nrows = 0;
-    if (ref_of(P, get(P, root, "subject"), "Patient", &R->pk) == FB) return FB;
+    if (ref_of(P, rget(P, root, RK_subject), "Patient", &R->pk) == FB) return FB;
     x = first_object(P, root, "encounter", "context");
     if (x == FB) return FB;
     if (ref_of(P, x, "Encounter", &R->ek) == FB) return FB;
-    cats = get(P, root, "category");
+    cats = rget(P, root, RK_category);
     if (!is_none(P, cats)) {
         if (P->nodes[cats].type != J_ARR) return FB;
         if (P->nodes[cats].count) {
@@ -1672,18 +1693,18 @@ static int flat_observation(parser *P, int root, rows_t *R) {
             }
         }
     }
-    x = get(P, root, "effectiveDateTime");
+    x = rget(P, root, RK_effectiveDateTime);
     if (!is_none(P, x)) {
         if (ts_cell(P, x, &effective) == FB) return FB;
     } else {
-        x = get(P, root, "effectivePeriod");
+        x = rget(P, root, RK_effectivePeriod);
         if (!is_none(P, x)) return FB; /* periods and instants: Python */
-        x = get(P, root, "effectiveInstant");
+        x = rget(P, root, RK_effectiveInstant);
         if (!is_none(P, x)) return FB;
     }
     own = obs_value(P, root, &num, &unit, &vcode);
     if (own == FB) return FB;
-    comps = get(P, root, "component");
+    comps = rget(P, root, RK_component);
     if (!is_none(P, comps) && (P->nodes[comps].type != J_ARR)) return FB;
     if (!is_none(P, comps) && P->nodes[comps].count) {
         long i = 0;
@@ -1707,7 +1728,7 @@ static int flat_observation(parser *P, int root, rows_t *R) {
         }
         if (own == 0) return 0;
     }
-    if (concept(P, get(P, root, "code"), &sys, &code, &disp) == FB) return FB;
+    if (concept(P, rget(P, root, RK_code), &sys, &code, &disp) == FB) return FB;
     R->comp[R->nrows] = -1;
     R->cells[R->nrows][3] = category;
     R->cells[R->nrows][4] = sys;
@@ -1728,14 +1749,14 @@ static int flat_encounter(parser *P, int root, rows_t *R) {
     R->nrows = 1;
     R->comp[0] = -1;
     R->ek.some = 0;
-    if (ref_of(P, get(P, root, "subject"), "Patient", &R->pk) == FB) return FB;
-    if (str_cell(P, get(P, root, "status"), &c[2]) == FB) return FB;
-    cls = obj_or_none(P, get(P, root, "class")); /* a list is the R5 shape: Python */
+    if (ref_of(P, rget(P, root, RK_subject), "Patient", &R->pk) == FB) return FB;
+    if (str_cell(P, rget(P, root, RK_status), &c[2]) == FB) return FB;
+    cls = obj_or_none(P, rget(P, root, RK_class)); /* a list is the R5 shape: Python */
     if (cls == FB) return FB;
     c[3] = NONE_CELL;
     if (cls >= 0 && P->nodes[cls].count && str_cell(P, get(P, cls, "code"), &c[3]) == FB) return FB;
     c[4] = c[5] = NONE_CELL;
-    types = get(P, root, "type");
+    types = rget(P, root, RK_type);
     if (!is_none(P, types)) {
         if (P->nodes[types].type != J_ARR) return FB;
         if (P->nodes[types].count) {
@@ -1770,20 +1791,20 @@ static int flat_condition(parser *P, int root, rows_t *R) {
     R->ncols = KIND_NCOLS[K_CONDITION];
     R->nrows = 1;
     R->comp[0] = -1;
-    if (concept(P, get(P, root, "code"), &c[3], &c[4], &c[5]) == FB) return FB;
+    if (concept(P, rget(P, root, RK_code), &c[3], &c[4], &c[5]) == FB) return FB;
     c[7] = NONE_CELL;
-    x = get(P, root, "onsetDateTime");
+    x = rget(P, root, RK_onsetDateTime);
     if (!is_none(P, x)) {
         if (ts_cell(P, x, &c[7]) == FB) return FB;
     } else {
-        x = get(P, root, "onsetPeriod");
+        x = rget(P, root, RK_onsetPeriod);
         if (!is_none(P, x)) return FB;
     }
     x = first_object(P, root, "encounter", "context");
     if (x == FB) return FB;
-    if (ref_of(P, get(P, root, "subject"), "Patient", &R->pk) == FB) return FB;
+    if (ref_of(P, rget(P, root, RK_subject), "Patient", &R->pk) == FB) return FB;
     if (ref_of(P, x, "Encounter", &R->ek) == FB) return FB;
-    if (first_code(P, get(P, root, "clinicalStatus"), &c[6]) == FB) return FB;
+    if (first_code(P, rget(P, root, RK_clinicalStatus), &c[6]) == FB) return FB;
     return 0;
 }
 
@@ -1884,11 +1905,11 @@ static int flat_medreq(parser *P, int root, rows_t *R) {
     R->nrows = 1;
     R->comp[0] = -1;
     for (k = 0; k < R->ncols; k++) c[k] = NONE_CELL;
-    if (ref_of(P, get(P, root, "subject"), "Patient", &R->pk) == FB) return FB;
-    if (ref_of(P, get(P, root, "encounter"), "Encounter", &R->ek) == FB) return FB;
-    if (sstr(P, get(P, root, "status"), &c[3]) == FB) return FB;
-    if (sstr(P, get(P, root, "intent"), &c[4]) == FB) return FB;
-    x = get(P, root, "category");
+    if (ref_of(P, rget(P, root, RK_subject), "Patient", &R->pk) == FB) return FB;
+    if (ref_of(P, rget(P, root, RK_encounter), "Encounter", &R->ek) == FB) return FB;
+    if (sstr(P, rget(P, root, RK_status), &c[3]) == FB) return FB;
+    if (sstr(P, rget(P, root, RK_intent), &c[4]) == FB) return FB;
+    x = rget(P, root, RK_category);
     if (!is_none(P, x)) {
         if (P->nodes[x].type != J_ARR) return FB;
         if (P->nodes[x].count) {
@@ -1897,15 +1918,15 @@ static int flat_medreq(parser *P, int root, rows_t *R) {
             if (code_of_first(P, c0, &c[5]) == FB) return FB;
         }
     }
-    if (!is_none(P, get(P, root, "medication")) || !is_none(P, get(P, root, "medicationReference"))) return FB;
-    x = get(P, root, "medicationCodeableConcept");
+    if (!is_none(P, rget(P, root, RK_medication)) || !is_none(P, rget(P, root, RK_medicationReference))) return FB;
+    x = rget(P, root, RK_medicationCodeableConcept);
     if (!is_none(P, x)) {
         if (P->nodes[x].type != J_OBJ || P->nodes[x].count == 0) return FB;
         if (pref_coding(P, x, &c[6], &c[7], &c[8]) == FB) return FB;
     }
-    x = get(P, root, "authoredOn");
+    x = rget(P, root, RK_authoredOn);
     if (!is_none(P, x) && ts_prec(P, x, &c[10], &c[11]) == FB) return FB;
-    x = get(P, root, "dosageInstruction");
+    x = rget(P, root, RK_dosageInstruction);
     if (!is_none(P, x)) {
         int d0, dr, r0, q, v;
         if (P->nodes[x].type != J_ARR) return FB;
@@ -1950,20 +1971,20 @@ static int flat_procedure(parser *P, int root, rows_t *R) {
     R->nrows = 1;
     R->comp[0] = -1;
     for (k = 0; k < R->ncols; k++) c[k] = NONE_CELL;
-    if (ref_of(P, get(P, root, "subject"), "Patient", &R->pk) == FB) return FB;
-    if (ref_of(P, get(P, root, "encounter"), "Encounter", &R->ek) == FB) return FB;
-    if (sstr(P, get(P, root, "status"), &c[3]) == FB) return FB;
-    if (pref_coding(P, get(P, root, "code"), &c[4], &c[5], &c[6]) == FB) return FB;
-    x = get(P, root, "category"); /* R4: one CodeableConcept (a list is the R5 shape: Python) */
+    if (ref_of(P, rget(P, root, RK_subject), "Patient", &R->pk) == FB) return FB;
+    if (ref_of(P, rget(P, root, RK_encounter), "Encounter", &R->ek) == FB) return FB;
+    if (sstr(P, rget(P, root, RK_status), &c[3]) == FB) return FB;
+    if (pref_coding(P, rget(P, root, RK_code), &c[4], &c[5], &c[6]) == FB) return FB;
+    x = rget(P, root, RK_category); /* R4: one CodeableConcept (a list is the R5 shape: Python) */
     if (!is_none(P, x)) {
         if (P->nodes[x].type != J_OBJ) return FB;
         if (code_of_first(P, x, &c[7]) == FB) return FB;
     }
-    if (!is_none(P, get(P, root, "performed")) || !is_none(P, get(P, root, "performedString")) ||
-        !is_none(P, get(P, root, "performedAge")) || !is_none(P, get(P, root, "performedRange")))
+    if (!is_none(P, rget(P, root, RK_performed)) || !is_none(P, rget(P, root, RK_performedString)) ||
+        !is_none(P, rget(P, root, RK_performedAge)) || !is_none(P, rget(P, root, RK_performedRange)))
         return FB;
-    pdt = get(P, root, "performedDateTime");
-    pp = get(P, root, "performedPeriod");
+    pdt = rget(P, root, RK_performedDateTime);
+    pp = rget(P, root, RK_performedPeriod);
     if (!is_none(P, pdt)) {
         if (!is_none(P, pp)) return FB;
         if (ts_prec(P, pdt, &c[8], &c[10]) == FB) return FB;
@@ -2054,7 +2075,7 @@ static int flat_patient(parser *P, int root, rows_t *R) {
     R->comp[0] = -1;
     R->pk.some = R->ek.some = 0;
     for (c = 0; c < R->ncols; c++) k[c] = NONE_CELL;
-    if (str_cell(P, get(P, root, "gender"), &k[1]) == FB) return FB;
+    if (str_cell(P, rget(P, root, RK_gender), &k[1]) == FB) return FB;
     if (k[1].kind == V_SPAN) {
         const uint8_t *g = P->s + k[1].off;
         uint32_t n = k[1].len;
@@ -2062,7 +2083,7 @@ static int flat_patient(parser *P, int root, rows_t *R) {
               (n == 5 && memcmp(g, "other", 5) == 0) || (n == 7 && memcmp(g, "unknown", 7) == 0)))
             return FB; /* invalid: Python quarantines it */
     }
-    x = get(P, root, "birthDate");
+    x = rget(P, root, RK_birthDate);
     if (!is_none(P, x)) {
         int parts;
         if (P->nodes[x].type != J_STR || P->nodes[x].esc) return FB;
@@ -2074,12 +2095,12 @@ static int flat_patient(parser *P, int root, rows_t *R) {
     }
     k[4].kind = V_BOOL;
     k[4].i = 0;
-    x = get(P, root, "deceasedBoolean");
+    x = rget(P, root, RK_deceasedBoolean);
     if (!is_none(P, x)) {
         if (P->nodes[x].type != J_TRUE && P->nodes[x].type != J_FALSE) return FB;
         k[4].i = P->nodes[x].type == J_TRUE;
     }
-    x = get(P, root, "deceasedDateTime");
+    x = rget(P, root, RK_deceasedDateTime);
     if (!is_none(P, x)) {
         const uint8_t *s;
         uint32_t n;
@@ -2096,7 +2117,7 @@ static int flat_patient(parser *P, int root, rows_t *R) {
         k[5].kind = V_DATE;
         k[4].i = 1;
     }
-    x = get(P, root, "extension");
+    x = rget(P, root, RK_extension);
     if (!is_none(P, x)) {
         if (P->nodes[x].type != J_ARR) return FB;
         for (c = P->nodes[x].child; c >= 0; c = P->nodes[c].next) {
@@ -2114,8 +2135,8 @@ static int flat_patient(parser *P, int root, rows_t *R) {
             }
         }
     }
-    if (first_code_k(P, get(P, root, "maritalStatus"), &k[9], 0) == FB) return FB; /* its text: never */
-    x = get(P, root, "address");
+    if (first_code_k(P, rget(P, root, RK_maritalStatus), &k[9], 0) == FB) return FB; /* its text: never */
+    x = rget(P, root, RK_address);
     if (!is_none(P, x)) {
         if (P->nodes[x].type != J_ARR) return FB;
         if (P->nodes[x].count) {
@@ -2135,7 +2156,7 @@ static const char *IK_TEXT[N_IK] = {"identifier", "name", "family", "address", "
 /* identifier values of a resource (collect_identifiers): 0 ok, FB */
 static int check_identifiers(parser *P, int root, int *ident) {
     int c;
-    *ident = get(P, root, "identifier");
+    *ident = rget(P, root, RK_identifier);
     if (is_none(P, *ident)) {
         *ident = ABSENT;
         return 0;
@@ -2394,7 +2415,7 @@ static int plain_or_none(parser *P, int i) {
  * shape it would stop at or skip: FB). 0, FB, -1 out of memory */
 static int patient_idents(parser *P, Prepared *Q, linerec *rec, int root) {
     int x, c, e;
-    x = get(P, root, "name");
+    x = rget(P, root, RK_name);
     if (!is_none(P, x)) {
         if (P->nodes[x].type != J_ARR) return FB;
         for (c = P->nodes[x].child; c >= 0; c = P->nodes[c].next) {
@@ -2465,7 +2486,7 @@ static int patient_idents(parser *P, Prepared *Q, linerec *rec, int root) {
                 if (push_ident(Q, rec, P->nodes[text].off, P->nodes[text].len, IK_NAME) < 0) return -1;
         }
     }
-    x = get(P, root, "address");
+    x = rget(P, root, RK_address);
     if (!is_none(P, x)) { /* an array of objects (flat_patient checked it) */
         for (c = P->nodes[x].child; c >= 0; c = P->nodes[c].next) {
             int lines;
@@ -2479,7 +2500,7 @@ static int patient_idents(parser *P, Prepared *Q, linerec *rec, int root) {
             }
         }
     }
-    x = get(P, root, "telecom");
+    x = rget(P, root, RK_telecom);
     if (!is_none(P, x)) {
         if (P->nodes[x].type != J_ARR) return FB;
         for (c = P->nodes[x].child; c >= 0; c = P->nodes[c].next) {
@@ -2510,16 +2531,17 @@ static int prepare_line(Flat *F, Prepared *Q, linerec *rec, const uint8_t *s, si
     P->nn = 0;
     P->odd = 0;
     P->dup = 0;
+    P->root = -1;
     root = parse_value(P, 0);
     if (root == -2) return -1;
     if (root < 0 || P->odd) return FB;
     skip_ws(P);
     if (P->pos != P->n || P->nodes[root].type != J_OBJ) return FB;
-    x = get(P, root, "resourceType");
+    x = rget(P, root, RK_resourceType);
     if (x < 0 || P->nodes[x].type != J_STR || P->nodes[x].esc || P->nodes[x].len != tl ||
         memcmp(P->s + P->nodes[x].off, rtype, tl) != 0)
         return FB;
-    x = get(P, root, "id");
+    x = rget(P, root, RK_id);
     if (x < 0 || P->nodes[x].type != J_STR || P->nodes[x].esc || P->nodes[x].len == 0) return FB;
     if (check_identifiers(P, root, &ident) == FB) return FB;
     switch (F->kind) {
@@ -4101,8 +4123,7 @@ static struct PyModuleDef flatc_module = {PyModuleDef_HEAD_INIT, "_flatc",
 PyMODINIT_FUNC PyInit__flatc(void) {
     {
         size_t k;
-        for (k = 0; k < N_ROOT_KEYS; k++) ROOT_KEY_LEN[k] = strlen(ROOT_KEYS[k]);
-        for (k = 0; k < N_PATIENT_KEYS; k++) PATIENT_KEY_LEN[k] = strlen(PATIENT_KEYS[k]);
+        for (k = 0; k < N_ALL_KEYS; k++) ROOT_KEY_LEN[k] = strlen(ROOT_KEYS[k]);
     }
     PyObject *m;
     if (!c_locale) c_locale = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
