@@ -446,16 +446,31 @@ static const char *ROOT_KEYS[] = {ROOT_KEY_LIST(RK_NAME) "", PATIENT_KEY_LIST(RK
 #define N_ROOT_KEYS ((size_t)N_ROOT_KEYS_)
 #define N_ALL_KEYS ((size_t)N_ALL_KEYS_)
 
-static size_t ROOT_KEY_LEN[N_ALL_KEYS]; /* filled once at import (no strlen per key and line) */
+/* the keys by length (filled once at import by key_index_init): at most 8 of any length up to 31 */
+#define KEY_MAXLEN 32
+static uint8_t KEYS_BY_LEN[KEY_MAXLEN][8], N_KEYS_BY_LEN[KEY_MAXLEN];
+
+static int key_index_init(void) {
+    size_t i;
+    memset(N_KEYS_BY_LEN, 0, sizeof N_KEYS_BY_LEN);
+    for (i = 0; i < N_ALL_KEYS; i++) {
+        size_t n = strlen(ROOT_KEYS[i]);
+        if (i == N_ROOT_KEYS) continue; /* the "" between the two lists */
+        if (n >= KEY_MAXLEN || N_KEYS_BY_LEN[n] >= 8) return -1;
+        KEYS_BY_LEN[n][N_KEYS_BY_LEN[n]++] = (uint8_t)i;
+    }
+    return 0;
+}
 
 /* 1 + the member's RK_ index when the flatteners read it (the Patient members only for `patient`), else 0.
- * The length and the first byte first: a memcmp call only for a likely match (a line has ~10-20 members) */
+ * Only the keys of the same length are compared, the first byte before memcmp (a line has ~10-20 members) */
 static int root_key_kept(const uint8_t *k, uint32_t n, int patient) {
-    size_t i, end = patient ? N_ALL_KEYS : N_ROOT_KEYS;
-    if (n == 0) return 0;
-    for (i = 0; i < end; i++)
-        if (ROOT_KEY_LEN[i] == n && (uint8_t)ROOT_KEYS[i][0] == k[0] && memcmp(ROOT_KEYS[i], k, n) == 0)
-            return (int)i + 1;
+    size_t j, end = patient ? N_ALL_KEYS : N_ROOT_KEYS;
+    if (n == 0 || n >= KEY_MAXLEN) return 0;
+    for (j = 0; j < N_KEYS_BY_LEN[n]; j++) {
+        size_t i = KEYS_BY_LEN[n][j];
+        if (i < end && (uint8_t)ROOT_KEYS[i][0] == k[0] && memcmp(ROOT_KEYS[i], k, n) == 0) return (int)i + 1;
+    }
     return 0;
 }
 
@@ -4121,9 +4136,9 @@ static struct PyModuleDef flatc_module = {PyModuleDef_HEAD_INIT, "_flatc",
                                           module_methods};
 
 PyMODINIT_FUNC PyInit__flatc(void) {
-    {
-        size_t k;
-        for (k = 0; k < N_ALL_KEYS; k++) ROOT_KEY_LEN[k] = strlen(ROOT_KEYS[k]);
+    if (key_index_init() < 0) {
+        PyErr_SetString(PyExc_SystemError, "_flatc: a member name too long, or too many of one length");
+        return NULL;
     }
     PyObject *m;
     if (!c_locale) c_locale = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
