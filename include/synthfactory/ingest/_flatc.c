@@ -7,9 +7,10 @@
  * Contract: the rows this module writes for a line are exactly the rows the hand-written Python
  * flatteners (flatteners.make_flatteners) write for it, with the same side effects (identifiers,
  * seen ids, counters). It only ever *accepts* a line it can prove plain; anything else (invalid JSON,
- * escapes in a value it reads, a shape or value it does not cover, a duplicate id, a line picked for
- * validation, a dangling reference, a modifierExtension) is handed back to the Python loop untouched, so
- * every quarantine decision and every reason stays the Python code's. The JSON grammar is checked in
+ * escapes in a value it reads, a shape or value it does not cover, a duplicate id, a dangling reference, a
+ * modifierExtension) is handed back to the Python loop untouched, so every quarantine decision and every
+ * reason stays the Python code's. A plain line picked for the validation sample is handed back to be
+ * validated (R4B, in Python), and taken here only once it passed. The JSON grammar is checked in
  * full (RFC 8259, UTF-8, orjson's limits) before anything is read: a line orjson would reject is never
  * accepted here.
  *
