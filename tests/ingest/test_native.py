@@ -988,13 +988,83 @@ def test_start_prepares_like_prepare_on_a_thread_of_its_own(keyer):
     assert _committed(other, flat.start(whole)) == _committed(other, other.prepare(whole))
 
 
+def test_a_prepare_pool_prepares_like_prepare_in_the_order_blocks_were_started(keyer):
+    """``PreparePool``: its workers (one per flattener, never the GIL) prepare started blocks as ``prepare`` does
+    (a chunk, a view of one, a list of lines), the oldest first, many queued at once; its flatteners are its own
+    while it lives; a block dropped while queued leaves the queue (no wait, the next blocks still come); close()
+    prepares what is queued, then start is refused."""
+    from synthfactory.ingest import _flatc
+
+    flats = [native.flattener("Observation", keyer) for _ in range(2)]
+    other = native.flattener("Observation", keyer)
+    r = random.Random(22)
+    lines = [orjson.dumps(observation(r, i, True)) for i in range(1500)] + [b"not json", b""]
+    whole = b"\n".join(lines)
+    want = _committed(other, other.prepare(whole))
+    assert want[1] > 700
+    pool = native.prepare_pool(flats)
+    assert pool.workers == 2
+    with pytest.raises(RuntimeError):
+        flats[0].prepare(whole)  # the pool's
+    with pytest.raises(RuntimeError):
+        native.prepare_pool(flats)  # already a pool's
+    blocks = [whole, memoryview(b"x\n" + whole + b"\ny")[2:len(whole) + 2], list(lines)] * 4
+    started = [pool.start(b) for b in blocks]  # twelve queued at once on two workers
+    assert all(_committed(other, p) == want for p in started)
+    assert all(p.done for p in started)
+    for _ in range(20):  # dropped while queued or being prepared: taken out of the queue, or waited for
+        pool.start(whole)
+    kept = [pool.start(whole) for _ in range(6)]
+    del kept[1:4]
+    assert [_committed(other, p) for p in kept] == [want] * 3
+    queued = [pool.start(whole) for _ in range(8)]
+    pool.close()  # the queued blocks are prepared first
+    assert all(p.done for p in queued) and _committed(other, queued[-1]) == want
+    with pytest.raises(RuntimeError):
+        pool.start(whole)
+    del pool, started, kept, queued
+    assert flats[0].prepare(whole) is not None  # the pool is gone: its flatteners are free again
+    with pytest.raises(ValueError):
+        _flatc.PreparePool([flats[0], native.flattener("Condition", keyer)])  # one resource type
+    with pytest.raises(ValueError):
+        _flatc.PreparePool([flats[0], flats[0]])
+    with pytest.raises(ValueError):
+        _flatc.PreparePool([])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_pool_block_started_before_a_fork_is_an_error_in_the_child_and_the_pool_works_there(keyer):
+    pool = native.prepare_pool([native.flattener("Observation", keyer)])
+    r = random.Random(10)
+    whole = b"\n".join(orjson.dumps(observation(r, i, True)) for i in range(20000))
+    prep = pool.start(whole)
+    pid = os.fork()
+    if pid == 0:  # the child: the pool's worker is not here; waiting for it would hang
+        code = 3
+        try:
+            prep.wait()
+        except RuntimeError:
+            fresh = pool.start(whole)  # the pool starts a worker of the child's own
+            code = 0 if len(fresh.wait()) == 20000 else 4
+        except BaseException:  # noqa: BLE001
+            code = 5
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert prep.wait() is prep and len(prep) == 20000
+
+
 @pytest.mark.parametrize("m", [1, 2, 3])
-def test_prepared_yields_every_block_in_order_with_several_flatteners(keyer, m):
+@pytest.mark.parametrize("pooled", [False, True])
+def test_prepared_yields_every_block_in_order_with_several_flatteners(keyer, m, pooled):
     """``native.prepared`` with m flatteners (block i prepared by flattener i % m, up to m blocks ahead of the
-    commit): every block, in order, each with its own lines, whatever the number of blocks."""
+    commit), or a pool of m workers (up to ``AHEAD_PER_WORKER * m`` blocks queued): every block, in order, each
+    with its own lines, whatever the number of blocks."""
     r = random.Random(5)
     flats = [native.flattener("Observation", keyer) for _ in range(m)]
-    for nblocks in (0, 1, 2, 3, 7):
+    if pooled:
+        flats = native.prepare_pool(flats)
+    for nblocks in (0, 1, 2, 3, 7, 20):
         blocks = [b"\n".join(orjson.dumps(observation(r, 100 * k + i, True)) for i in range(1 + k % 4))
                   for k in range(nblocks)]
         got = list(native.prepared(iter(blocks), flats))

@@ -1,10 +1,11 @@
 """The compiled flatten of plain NDJSON lines (``_flatc``, C), used by the NDJSON hot loop
 (:func:`.fhir_ndjson.ingest_ndjson`).
 
-Per block of lines, ``prepare`` (parse, flatten, key: no Python objects, no GIL) runs on threads of
-the module's own, up to two blocks ahead (``Flattener.start``, :func:`prepared`), and ``commit`` (the
-checks against the session's state and the side effects, in line order) on the ingest thread, so the two
-cores share the work of one process.
+Per block of lines, ``prepare`` (parse, flatten, key: no Python objects, no GIL) runs on the worker threads
+of a ``PreparePool`` (the module's own, one per core, each with a flattener of its own), which take the started
+blocks oldest first, up to :data:`AHEAD_PER_WORKER` per worker ahead of the commit (:func:`prepared`), and
+``commit`` (the checks against the session's state and the side effects, in line order) on the ingest thread,
+so the two cores share the work of one process.
 
 It covers Observation, Encounter and Condition (the rows of the hand-written flatteners) and MedicationRequest
 and Procedure (the rows of their built-in ViewDefinitions) and Patient (the hand-written flattener's row; its
@@ -118,16 +119,43 @@ def arrays(cols: Any, schema: Any) -> list:
     return out
 
 
+#: blocks queued for a :func:`prepare_pool`'s workers beyond the one being committed, per worker (2: with one
+#: per worker, as with ``Flattener.start``, a core went idle whenever the queued blocks were done before the
+#: commit of the one before them)
+AHEAD_PER_WORKER = 2
+
+
+def prepare_pool(flats: list) -> Any | None:
+    """A ``PreparePool`` over ``flats`` (one worker thread per flattener, taking the started blocks oldest first;
+    the flatteners are the pool's for its life), or None for a module built from an older ``_flatc.c``."""
+    if _flatc is None or not hasattr(_flatc, "PreparePool"):
+        return None
+    return _flatc.PreparePool(flats)
+
+
 def prepared(blocks: Iterable[list], flats: Any, pool: Any = None) -> Iterator[tuple[list, Any]]:
     """``(block, prepared block)`` for each block, in order, the next blocks' prepares running while the
     caller commits the current one.
 
-    ``flats`` is a flattener or a list of flatteners of one type. With ``Flattener.start`` (a thread of the
+    ``flats`` is a :func:`prepare_pool`: up to :data:`AHEAD_PER_WORKER` blocks per worker are queued beyond
+    the one being committed. Or a flattener or a list of flatteners of one type. With ``Flattener.start`` (a thread of the
     module's own, which never takes the GIL) block i is prepared by ``flats[i % len(flats)]``, and up to
     ``len(flats)`` blocks are prepared ahead of the one being committed. A module built from an older
     ``_flatc.c`` prepares on ``pool`` (or the pool a callable ``pool`` returns): one helper thread. The
     prepare releases the GIL, but the pool's thread needs it to pick up and hand back each block, so it waits
     for the caller's commit; measured, the two phases then ran almost one after the other."""
+    if hasattr(flats, "workers"):  # a PreparePool
+        ahead = max(1, AHEAD_PER_WORKER * flats.workers)
+        queued: deque[tuple[list, Any]] = deque()
+        for block in blocks:
+            queued.append((block, flats.start(block)))
+            if len(queued) > ahead:
+                done = queued.popleft()
+                yield done[0], done[1].wait()
+        while queued:
+            block, prep = queued.popleft()
+            yield block, prep.wait()
+        return
     flats = list(flats) if isinstance(flats, (list, tuple)) else [flats]
     if not hasattr(flats[0], "start"):
         pool = pool() if callable(pool) else pool  # a factory: the pool is started only where needed

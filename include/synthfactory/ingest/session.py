@@ -502,7 +502,7 @@ class IngestSession:
         self.native: dict[str, Any] = {}
         self.native_lines: Counter = Counter()
         self._pool: Any = None
-        self._preparers: dict[str, list] = {}
+        self._preparers: dict[str, Any] = {}
         self._keyer = keyer
         try:
             for rtype, prods in self.producers.items() if native and engine == "fast" else ():
@@ -534,19 +534,31 @@ class IngestSession:
     def _local_for(self, uri: str, name: str) -> str:
         return os.path.join(self.tmpdir, name) if self.tmpdir else uri + ".partial"
 
-    def preparers(self, rtype: str) -> list:
-        """The compiled flatteners whose prepares run side by side for ``rtype`` (the commit is always the
-        first's): one per core, at most :data:`PREPARE_THREADS`, made on first use. A prepared block holds
-        its own rows, so any flattener of the type may prepare it for another's commit."""
+    def preparers(self, rtype: str) -> Any:
+        """What prepares ``rtype``'s blocks side by side (for :func:`.native.prepared`), made on first use: a
+        pool of one worker per core, at most :data:`PREPARE_THREADS`, each with a flattener of its own (the
+        commit is ``native[rtype]``'s: a prepared block holds its own rows, so any flattener of the type may
+        prepare it for another's commit). For a module built from an older ``_flatc.c``: a list of flatteners,
+        the commit's first."""
         flats = self._preparers.get(rtype)
         if flats is None:
+            # files are read one at a time, a type's files one after the other: the pools of the types read
+            # before end here, with their flatteners' reference caches (~10-30 MB each at 2M resources)
+            for other in [t for t in self._preparers if t != rtype]:
+                done = self._preparers.pop(other)
+                if hasattr(done, "close"):
+                    done.close()
             flats = [self.native[rtype]]
             if hasattr(flats[0], "start"):
                 cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-                for _ in range(min(PREPARE_THREADS, cores) - 1):
-                    extra = native_flatten.flattener(rtype, self._keyer, self.value_rules)
-                    if extra is not None:
-                        flats.append(extra)
+                workers = [native_flatten.flattener(rtype, self._keyer, self.value_rules)
+                           for _ in range(min(PREPARE_THREADS, cores))]
+                workers = [w for w in workers if w is not None]
+                pool = native_flatten.prepare_pool(workers) if workers else None
+                if pool is not None:
+                    flats = pool
+                else:
+                    flats += workers[1:]
             self._preparers[rtype] = flats
         return flats
 
@@ -562,6 +574,9 @@ class IngestSession:
         if pool is not None:
             self._pool = None
             pool.shutdown(wait=True, cancel_futures=True)
+        for flats in getattr(self, "_preparers", {}).values():
+            if hasattr(flats, "close"):  # a PreparePool: its workers end
+                flats.close()
         native_flatten.release_scratch()
 
     def _view_fn(self, view: CompiledView) -> Flattener:
