@@ -830,11 +830,13 @@ def test_prepare_splits_a_chunk_like_a_list(keyer):
         a.line(52)
 
 
-@pytest.mark.parametrize("chunk_rows,threaded", [(1_000_000, False), (7, False), (7, True)])
-def test_identifier_sink_same_as_the_dict(tmp_path, monkeypatch, chunk_rows, threaded):
+@pytest.mark.parametrize("chunk_rows,threaded,spill_last", [(1_000_000, False, False), (7, False, False),
+                                                              (7, True, False), (7, True, True)])
+def test_identifier_sink_same_as_the_dict(tmp_path, monkeypatch, chunk_rows, threaded, spill_last):
     """The identifiers as Arrow buffers (what the compiled commit appends to), deduplicated with Arrow when they
     spill, against the dict the module-less install keeps: the same values, each with the kind it was first
-    seen as; in first-seen order when nothing spilled. Small chunks force spills and the partitioned close."""
+    seen as; in first-seen order when nothing spilled. Small chunks force spills and the partitioned close,
+    which joins the rows still in memory to their partitions' spills (or finds none left: ``spill_last``)."""
     from synthfactory.ingest import session as S
 
     monkeypatch.setattr(S, "IDENTIFIER_CHUNK_ROWS", chunk_rows)
@@ -852,6 +854,9 @@ def test_identifier_sink_same_as_the_dict(tmp_path, monkeypatch, chunk_rows, thr
             ids.add(v, k)
             if i % 5 == 0:
                 ids.maybe_spill()
+        if spill_last:
+            ids._write_chunk()
+            assert not len(ids.chunk)
         ids.close()
         if bg is not None:
             bg.shutdown()

@@ -246,17 +246,34 @@ class _Identifiers:
         values, kinds = native_flatten.arrays(self.chunk, IDENTIFIERS_SCHEMA)
         return _first_seen(values, kinds) if unique else (values, kinds)
 
-    def _write_chunk(self, sync: bool = False) -> None:
+    def _write_chunk(self) -> None:
         if not len(self.chunk):
             return
         values, kinds = self._take(unique=False)
         n = len(values)
         seq = pa.array(np.arange(self._seq, self._seq + n, dtype=np.int64))
         self._seq += n
-        if self._background is not None and not sync:
+        if self._background is not None:
             self._background.submit(self._spill, values, kinds, seq)
         else:
             self._spill(values, kinds, seq)
+
+    def _rest_by_partition(self) -> dict[int, tuple[pa.Array, pa.Array]]:
+        """The chunk's (values, kinds) by partition, each in the chunk's order (the chunk is empty afterwards): at
+        the end the last chunk joins its partitions' spills in memory instead of going through the spill files."""
+        if not len(self.chunk):
+            return {}
+        values, kinds = self._take(unique=False)
+        parts = _partitions(values, self.PARTS).to_numpy()
+        order = np.argsort(parts, kind="stable")
+        values, kinds = values.take(pa.array(order)), kinds.take(pa.array(order))
+        counts = np.bincount(parts, minlength=self.PARTS)
+        out, at = {}, 0
+        for p in range(self.PARTS):
+            if counts[p]:
+                out[p] = (values.slice(at, counts[p]), kinds.slice(at, counts[p]))
+                at += int(counts[p])
+        return out
 
     def _spill(self, values: pa.Array, kinds: pa.Array, seq: pa.Array) -> None:
         """Write one chunk to the partition files (FIFO on the background writer: the files keep seq order)."""
@@ -284,17 +301,25 @@ class _Identifiers:
             else:
                 if self._background is not None:
                     self._background.wait()  # the spills in flight
-                self._write_chunk(sync=True)
-                parts = [p for p, w in enumerate(self._spills) if w is not None]
-                for p in parts:
+                rest = self._rest_by_partition()  # the last chunk stays in memory: it comes after every spill
+                spilled = [p for p, w in enumerate(self._spills) if w is not None]
+                for p in spilled:
                     self._spills[p].close()
+                parts = sorted(set(spilled) | set(rest))
 
                 def load(p: int) -> tuple[pa.Array, pa.Array]:
                     # in first-seen order: the rows were written in _i order, which only orders the writes
-                    part = pq.read_table(self._spill_path(p), columns=["value", "kind"])
-                    _unlink(self._spill_path(p))
+                    values, kinds = [], []
+                    if self._spills[p] is not None:
+                        part = pq.read_table(self._spill_path(p), columns=["value", "kind"])
+                        _unlink(self._spill_path(p))
+                        values += part.column("value").chunks
+                        kinds += part.column("kind").chunks
+                    if p in rest:
+                        values.append(rest[p][0])
+                        kinds.append(rest[p][1])
                     # one row per value, in first-seen order, with the kind it was first seen as
-                    return _first_seen(part.column("value"), part.column("kind"))
+                    return _first_seen(pa.chunked_array(values, pa.string()), pa.chunked_array(kinds, pa.string()))
 
                 # the next partition is read and deduplicated (Arrow and the compiled pass release the GIL) while
                 # this one is compressed and written: two partitions in memory at a time, as many as one was
