@@ -1037,6 +1037,94 @@ def test_a_prepare_pool_prepares_like_prepare_in_the_order_blocks_were_started(k
         _flatc.PreparePool([])
 
 
+def _commit_all(flat, prep, pkeys, schema=OBSERVATION_SCHEMA):
+    """Commit a whole prepared block (the lines handed back skipped): (took, handed back, rows, identifiers)."""
+    from synthfactory.ingest.schemas import IDENTIFIERS_SCHEMA
+
+    cols, idents = native.columns(schema), native.columns(IDENTIFIERS_SCHEMA)
+    seen, pos, took, handed = native.id_set(), 0, 0, []
+    while pos < len(prep):
+        nxt, n, why = flat.commit(prep, pos, pos, cols, seen, pkeys, idents, 0, 0, -1, 0, 0, 0, 1 << 30)
+        took += n
+        if why == 0:
+            break
+        handed.append(nxt)
+        pos = nxt + 1
+    return took, handed, [a.to_pylist() for a in native.arrays(cols, schema)], \
+        [a.to_pylist() for a in native.arrays(idents, IDENTIFIERS_SCHEMA)]
+
+
+def test_patient_keys_in_an_idset_take_and_hand_back_the_same_lines_as_in_a_set(keyer):
+    """The session's patient keys are an IdSet, which the commit probes without the GIL: a line whose patient is
+    not among them (dangling) is handed back, as with a set of the same keys; a Patient's key is added to either."""
+    from synthfactory.ingest.schemas import PATIENT_SCHEMA
+
+    flat, pflat = native.flattener("Observation", keyer), native.flattener("Patient", keyer)
+    r = random.Random(23)
+    whole = b"\n".join(orjson.dumps(observation(r, i, True)) for i in range(3000))
+    known = [keyer.key("Patient", f"p{n}") for n in range(0, 30, 2)]  # half of the patients the lines name
+    as_set, as_idset = set(known), native.id_set()
+    for k in known:
+        as_idset.add(k)
+    want = _commit_all(flat, flat.prepare(whole), as_set)
+    got = _commit_all(flat, flat.prepare(whole), as_idset)
+    assert got == want and 500 < want[0] < 2000 and len(want[1]) > 1000  # taken and dangling lines alike
+    patients = b"\n".join(orjson.dumps(patient(r, i, True)) for i in range(200))
+    a, b = set(), native.id_set()
+    assert _commit_all(pflat, pflat.prepare(patients), a, PATIENT_SCHEMA) == \
+        _commit_all(pflat, pflat.prepare(patients), b, PATIENT_SCHEMA)
+    assert len(a) == len(b) > 150 and all(k in b for k in a) and "x" * 32 not in b
+
+
+def test_the_commit_releases_the_gil_with_the_compiled_sets(keyer):
+    """With an IdSet of ids, an IdSet of patient keys (or none) and Columns for the identifiers the commit's loop
+    touches no Python object and runs without the GIL: a Python thread counts on beside it (with a set it
+    cannot). An error inside that loop is raised once the GIL is back."""
+    import threading
+
+    flat = native.flattener("Observation", keyer)
+    r = random.Random(24)
+    lines = [orjson.dumps(observation(r, i, True)) for i in range(60000)]
+    pkeys = native.id_set()
+    for n in range(30):
+        pkeys.add(keyer.key("Patient", f"p{n}"))
+    handed = set(_commit_all(flat, flat.prepare(b"\n".join(lines)), pkeys)[1])
+    prep = flat.prepare(b"\n".join(ln for i, ln in enumerate(lines) if i not in handed))  # one call takes them all
+    assert len(prep) > 20000 and _commit_all(flat, prep, pkeys)[:2] == (len(prep), [])
+    counted, stop = [0], threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            counted[0] += 1
+
+    def during_commit(keys) -> int:
+        from synthfactory.ingest.schemas import IDENTIFIERS_SCHEMA
+
+        cols, idents, seen = native.columns(OBSERVATION_SCHEMA), native.columns(IDENTIFIERS_SCHEMA), native.id_set()
+        before = counted[0]
+        assert flat.commit(prep, 0, 0, cols, seen, keys, idents, 0, 0, -1, 0, 0, 0, 1 << 30)[1] == len(prep)
+        return counted[0] - before
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.05)  # the GIL changes hands only when a thread lets it go, or every 50 ms
+    t = threading.Thread(target=spin, daemon=True)
+    t.start()
+    try:
+        free = max(during_commit(pkeys) for _ in range(3))
+        held = min(during_commit({keyer.key("Patient", f"p{n}") for n in range(30)}) for _ in range(5))
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(interval)
+    assert free > 10 * held + 10000, (free, held)
+    bad = native.columns(pa.schema([pa.field(f.name, pa.float64() if i == 0 else f.type)
+                                    for i, f in enumerate(OBSERVATION_SCHEMA)]))  # a key into a float column
+    from synthfactory.ingest.schemas import IDENTIFIERS_SCHEMA
+    with pytest.raises(TypeError, match="non-string column"):
+        flat.commit(prep, 0, 0, bad, native.id_set(), pkeys, native.columns(IDENTIFIERS_SCHEMA),
+                    0, 0, -1, 0, 0, 0, 1 << 30)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_pool_block_started_before_a_fork_is_an_error_in_the_child_and_the_pool_works_there(keyer):
     pool = native.prepare_pool([native.flattener("Observation", keyer)])

@@ -1055,6 +1055,40 @@ static int gb_reserve(gbuf *b, size_t extra) {
     return 0;
 }
 
+/* Errors raised where the GIL may be released (the commit's loop, see Flat_commit): with the GIL they are set
+ * at once; without it the first is kept (a static exception type and message) and set once the GIL is back. */
+static _Thread_local int nogil_depth;
+static _Thread_local PyObject *nogil_exc;
+static _Thread_local const char *nogil_msg;
+
+static void err_set(PyObject *exc, const char *msg) {
+    if (!nogil_depth) {
+        PyErr_SetString(exc, msg);
+    } else if (!nogil_exc) {
+        nogil_exc = exc;
+        nogil_msg = msg;
+    }
+}
+
+static void err_nomem(void) {
+    if (!nogil_depth)
+        PyErr_NoMemory();
+    else if (!nogil_exc) {
+        nogil_exc = PyExc_MemoryError;
+        nogil_msg = NULL;
+    }
+}
+
+/* the error kept while the GIL was released, set now (GIL held) */
+static void err_restore(void) {
+    PyObject *exc = nogil_exc;
+    nogil_exc = NULL;
+    if (!exc || exc == PyExc_MemoryError)
+        PyErr_NoMemory();
+    else
+        PyErr_SetString(exc, nogil_msg);
+}
+
 static inline int gb_put(gbuf *b, const void *src, size_t n) {
     if (n == 0) return 0;
     if (gb_reserve(b, n) < 0) return -1;
@@ -1115,7 +1149,7 @@ static int col_begin(column *c, Py_ssize_t r) {
     if ((r & 7) == 0) {
         uint8_t z = 0;
         if (gb_put(&c->valid, &z, 1) < 0) {
-            PyErr_NoMemory();
+            err_nomem();
             return -1;
         }
     }
@@ -1124,7 +1158,7 @@ static int col_begin(column *c, Py_ssize_t r) {
 
 static int col_put(gbuf *b, const void *src, size_t n) {
     if (gb_put(b, src, n) < 0) {
-        PyErr_NoMemory();
+        err_nomem();
         return -1;
     }
     return 0;
@@ -1159,11 +1193,11 @@ static int col_null(column *c, Py_ssize_t r) {
 static int col_str(column *c, Py_ssize_t r, const void *s, size_t n) {
     int32_t o;
     if (c->kind != COL_STR) {
-        PyErr_SetString(PyExc_TypeError, "a string for a non-string column");
+        err_set(PyExc_TypeError, "a string for a non-string column");
         return -1;
     }
     if (c->data.len + n > (size_t)INT32_MAX) {
-        PyErr_SetString(PyExc_OverflowError, "string column over 2 GiB in one batch");
+        err_set(PyExc_OverflowError, "string column over 2 GiB in one batch");
         return -1;
     }
     if (col_begin(c, r) < 0 || col_put(&c->data, s, n) < 0) return -1;
@@ -1174,7 +1208,7 @@ static int col_str(column *c, Py_ssize_t r, const void *s, size_t n) {
 
 static int col_f64(column *c, Py_ssize_t r, double v) {
     if (c->kind != COL_DBL) {
-        PyErr_SetString(PyExc_TypeError, "a number for a non-float column");
+        err_set(PyExc_TypeError, "a number for a non-float column");
         return -1;
     }
     if (col_begin(c, r) < 0 || col_put(&c->data, &v, 8) < 0) return -1;
@@ -1184,7 +1218,7 @@ static int col_f64(column *c, Py_ssize_t r, double v) {
 
 static int col_i64(column *c, Py_ssize_t r, int64_t v) {
     if (c->kind != COL_TS) {
-        PyErr_SetString(PyExc_TypeError, "a timestamp for a non-timestamp column");
+        err_set(PyExc_TypeError, "a timestamp for a non-timestamp column");
         return -1;
     }
     if (col_begin(c, r) < 0 || col_put(&c->data, &v, 8) < 0) return -1;
@@ -1194,7 +1228,7 @@ static int col_i64(column *c, Py_ssize_t r, int64_t v) {
 
 static int col_bool(column *c, Py_ssize_t r, int v) {
     if (c->kind != COL_BOOL) {
-        PyErr_SetString(PyExc_TypeError, "a bool for a non-bool column");
+        err_set(PyExc_TypeError, "a bool for a non-bool column");
         return -1;
     }
     if (col_begin(c, r) < 0 || bool_begin(c, r) < 0) return -1;
@@ -1206,11 +1240,11 @@ static int col_bool(column *c, Py_ssize_t r, int v) {
 static int col_date(column *c, Py_ssize_t r, long long days) {
     int32_t d = (int32_t)days;
     if (c->kind != COL_DATE) {
-        PyErr_SetString(PyExc_TypeError, "a date for a non-date column");
+        err_set(PyExc_TypeError, "a date for a non-date column");
         return -1;
     }
     if (days < INT32_MIN || days > INT32_MAX) {
-        PyErr_SetString(PyExc_OverflowError, "date out of range");
+        err_set(PyExc_OverflowError, "date out of range");
         return -1;
     }
     if (col_begin(c, r) < 0 || col_put(&c->data, &d, 4) < 0) return -1;
@@ -1566,7 +1600,7 @@ static int put_cell(const uint8_t *base, column *c, Py_ssize_t r, const cell *v)
         if (c->kind == COL_TS) {
             long long us;
             if (dt_micros(base + v->off, v->len, &us) < 0) {
-                PyErr_SetString(PyExc_SystemError, "_flatc: a checked dateTime did not parse");
+                err_set(PyExc_SystemError, "_flatc: a checked dateTime did not parse");
                 return -1;
             }
             return col_i64(c, r, us);
@@ -2221,6 +2255,7 @@ typedef struct {
     char pk[32], ek[32];
     uint64_t idh[2]; /* the id's idset_hash, and the patient key's refhash: hashed here, off the commit's thread */
     uint64_t pkh;
+    uint64_t pkid[2]; /* the idset_hash of the patient key (of the row's own key for a Patient): for an IdSet of keys */
 } linerec;
 
 static void idset_hash(const uint8_t *p, size_t len, uint64_t h[2]);
@@ -2638,7 +2673,10 @@ static int prepare_line(Flat *F, Prepared *Q, linerec *rec, const uint8_t *s, si
     rec->ek_col = R.ek_col;
     rec->has_pk = 0;
     if (R.pk_col >= 0 && (rec->has_pk = ref_key(F, &R.pk, "Patient", &F->pcache, rec->pk)) < 0) return -1;
-    if (rec->has_pk) rec->pkh = refhash((const uint8_t *)rec->pk, 32);
+    if (rec->has_pk) {
+        rec->pkh = refhash((const uint8_t *)rec->pk, 32);
+        idset_hash((const uint8_t *)rec->pk, 32, rec->pkid);
+    }
     rec->has_ek = 0;
     if (R.ek_col >= 0 && (rec->has_ek = ref_key(F, &R.ek, "Encounter", &F->ecache, rec->ek)) < 0) return -1;
     rec->ident0 = (int32_t)Q->nidents;
@@ -2662,6 +2700,7 @@ static int prepare_line(Flat *F, Prepared *Q, linerec *rec, const uint8_t *s, si
         if (key_hex(F, rtype, P->s + rec->rid_off, rec->rid_len, R.comp[i], w->key) < 0) return -1;
         memcpy(w->cells, R.cells[i], sizeof(cell) * (size_t)R.ncols);
     }
+    if (F->kind == K_PATIENT && R.nrows) idset_hash((const uint8_t *)Q->rows[rec->row0].key, 32, rec->pkid);
     rec->status = 0;
     return 0;
 }
@@ -3233,7 +3272,7 @@ static int idset_grow(IdSet *S) {
     Py_ssize_t ncap = S->cap ? S->cap * 2 : 1024, i, mask = ncap - 1;
     uint64_t *ns = (uint64_t *)big_calloc((size_t)ncap * 2 * sizeof(uint64_t));
     if (!ns) {
-        PyErr_NoMemory();
+        err_nomem();
         return -1;
     }
     for (i = 0; i < S->cap; i++) {
@@ -3350,14 +3389,19 @@ typedef struct {
     Columns *idcols; /* the identifiers sink when it is a Columns("ss"), else NULL (chunk is a dict) */
     PyObject *seen, *pkeys, *chunk;
     IdSet *idset; /* seen when it is an IdSet, else NULL (seen is a set) */
+    IdSet *pkset; /* pkeys when it is an IdSet (of patient keys), else NULL (a set, or None) */
     Py_ssize_t n_cand, vdone, vcap, vfirst;
     unsigned long long threshold, salt;
 } runctx;
 
 /* is a patient key in the set of known patient keys (decided once per key and set size) */
-static int known_patient(Flat *F, runctx *X, const char *pk, uint64_t pkh) {
-    Py_ssize_t size = PySet_GET_SIZE(X->pkeys);
-    rentry *e = rc_get_h(&F->known, (const uint8_t *)pk, 32, pkh);
+static int known_patient(Flat *F, runctx *X, const linerec *rec) {
+    const char *pk = rec->pk;
+    Py_ssize_t size;
+    rentry *e;
+    if (X->pkset) return idset_probe_h(X->pkset, rec->pkid, 0);
+    size = PySet_GET_SIZE(X->pkeys);
+    e = rc_get_h(&F->known, (const uint8_t *)pk, 32, rec->pkh);
     if (!e) {
         PyErr_NoMemory();
         return -1;
@@ -3404,7 +3448,7 @@ static int commit_line(Flat *F, Prepared *Q, runctx *X, const linerec *rec, Py_s
             /* the Python loop checks the id (and, having validated, the patient reference) before it
              * would take it: those lines stay its own */
             if (F->kind != K_PATIENT && X->pkeys != Py_None && rec->nrows && rec->has_pk) {
-                i = known_patient(F, X, rec->pk, rec->pkh);
+                i = known_patient(F, X, rec);
                 if (i < 0) return -1;
                 if (i == 0) return FB;
             }
@@ -3414,7 +3458,7 @@ static int commit_line(Flat *F, Prepared *Q, runctx *X, const linerec *rec, Py_s
         }
     }
     if (F->kind != K_PATIENT && X->pkeys != Py_None && rec->nrows && rec->has_pk) {
-        i = known_patient(F, X, rec->pk, rec->pkh);
+        i = known_patient(F, X, rec);
         if (i < 0) return -1;
         if (i == 0) return FB; /* dangling: Python counts and decides */
     }
@@ -3483,7 +3527,9 @@ static int commit_line(Flat *F, Prepared *Q, runctx *X, const linerec *rec, Py_s
         }
         C->nrows++;
     }
-    if (F->kind == K_PATIENT && X->pkeys != Py_None && rec->nrows) { /* session.patient_keys.add(key) */
+    if (F->kind == K_PATIENT && X->pkset && rec->nrows) { /* session.patient_keys.add(key), an IdSet */
+        if (idset_probe_h(X->pkset, rec->pkid, 1) < 0) goto fail;
+    } else if (F->kind == K_PATIENT && X->pkeys != Py_None && rec->nrows) { /* session.patient_keys.add(key) */
         PyObject *k = PyUnicode_FromStringAndSize(Q->rows[rec->row0].key, 32);
         if (!k) goto fail;
         if (PySet_Add(X->pkeys, k) < 0) {
@@ -3510,11 +3556,44 @@ fail:
  * as read and as validation candidates. */
 #define COMMIT_PREFETCH 8
 
+/* the lines of Q from start, until one is not taken (*why 1 handed back, 3 to validate) or the batch is full (2):
+ * -1 on an error (set, or kept for err_restore where the GIL is released) */
+static int commit_loop(Flat *F, Prepared *Q, runctx *X, Py_ssize_t start, Py_ssize_t lineno, Py_ssize_t batch_rows,
+                       int validated, Py_ssize_t *at, Py_ssize_t *accepted, int *why) {
+    Py_ssize_t pos;
+    for (pos = start; pos < Q->n; pos++) {
+        int r;
+        /* the duplicate-id set is probed at random: its slot for a line a few ahead is fetched now */
+        if (X->idset && pos + COMMIT_PREFETCH < Q->n && Q->lines[pos + COMMIT_PREFETCH].status == 0)
+            idset_prefetch(X->idset, Q->lines[pos + COMMIT_PREFETCH].idh);
+        if (X->cols->nrows >= batch_rows) {
+            *why = 2;
+            break;
+        }
+        r = commit_line(F, Q, X, &Q->lines[pos], lineno + (pos - start) + 1, validated && pos == start);
+        if (r == -1) {
+            *at = pos;
+            return -1;
+        }
+        if (r == FB) {
+            *why = 1;
+            break;
+        }
+        if (r == VAL) {
+            *why = 3;
+            break;
+        }
+        (*accepted)++;
+    }
+    *at = pos;
+    return 0;
+}
+
 static PyObject *Flat_commit(Flat *F, PyObject *args) {
     Prepared *Q;
-    Py_ssize_t start, lineno, batch_rows, pos, accepted = 0;
+    Py_ssize_t start, lineno, batch_rows, pos = 0, accepted = 0;
     runctx X;
-    int why = 0, validated = 0;
+    int why = 0, validated = 0, nogil, failed;
     if (!PyArg_ParseTuple(args, "O!nnO!OOOnnnnKKn|p", &PreparedType, &Q, &start, &lineno, &ColumnsType, &X.cols,
                           &X.seen, &X.pkeys, &X.chunk, &X.n_cand, &X.vdone, &X.vcap,
                           &X.vfirst, &X.threshold, &X.salt, &batch_rows, &validated))
@@ -3536,8 +3615,9 @@ static PyObject *Flat_commit(Flat *F, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "chunk must be a dict or Columns('ss')");
         return NULL;
     }
-    if (X.pkeys != Py_None && !PySet_Check(X.pkeys)) {
-        PyErr_SetString(PyExc_TypeError, "pkeys must be a set or None");
+    X.pkset = Py_IS_TYPE(X.pkeys, &IdSetType) ? (IdSet *)X.pkeys : NULL;
+    if (X.pkeys != Py_None && !X.pkset && !PySet_Check(X.pkeys)) {
+        PyErr_SetString(PyExc_TypeError, "pkeys must be an IdSet, a set or None");
         return NULL;
     }
     if (Q->kind != F->kind || X.cols->ncols != Q->ncols) {
@@ -3545,26 +3625,22 @@ static PyObject *Flat_commit(Flat *F, PyObject *args) {
         return NULL;
     }
     if (start < 0) start = 0;
-    for (pos = start; pos < Q->n; pos++) {
-        int r;
-        /* the duplicate-id set is probed at random: its slot for a line a few ahead is fetched now */
-        if (X.idset && pos + COMMIT_PREFETCH < Q->n && Q->lines[pos + COMMIT_PREFETCH].status == 0)
-            idset_prefetch(X.idset, Q->lines[pos + COMMIT_PREFETCH].idh);
-        if (X.cols->nrows >= batch_rows) {
-            why = 2;
-            break;
+    /* With the C sets and sinks (an IdSet of ids, an IdSet of patient keys or none, Columns for the identifiers)
+     * the loop touches no Python object: it runs with the GIL released, so the ingest's other Python threads (the
+     * validation sample's, the reader's) run beside it. The objects are the ingest thread's own. */
+    nogil = X.idset && X.idcols && (X.pkset || X.pkeys == Py_None);
+    if (nogil) {
+        Py_BEGIN_ALLOW_THREADS
+        nogil_depth++;
+        failed = commit_loop(F, Q, &X, start, lineno, batch_rows, validated, &pos, &accepted, &why);
+        nogil_depth--;
+        Py_END_ALLOW_THREADS
+        if (failed) {
+            err_restore();
+            return NULL;
         }
-        r = commit_line(F, Q, &X, &Q->lines[pos], lineno + (pos - start) + 1, validated && pos == start);
-        if (r == -1) return NULL;
-        if (r == FB) {
-            why = 1;
-            break;
-        }
-        if (r == VAL) {
-            why = 3;
-            break;
-        }
-        accepted++;
+    } else if (commit_loop(F, Q, &X, start, lineno, batch_rows, validated, &pos, &accepted, &why) < 0) {
+        return NULL;
     }
     if (pos >= Q->n && why == 0 && X.cols->nrows >= batch_rows) why = 2;
     return Py_BuildValue("nni", pos, accepted, why);

@@ -543,7 +543,9 @@ class IngestSession:
 
         # -- counters --------------------------------------------------------------------------------
         self.seen: dict[str, Any] = {r: native_flatten.id_set() for r in self.resources}  # add / in / len
-        self.patient_keys: set[str] | None = set() if "Patient" in self.producers else None
+        # the accepted Patients' keys (add / in / len), an IdSet where the module is installed: the compiled commit
+        # then probes it without the GIL
+        self.patient_keys: Any = native_flatten.id_set() if "Patient" in self.producers else None
         self.resources_read = dict.fromkeys(self.resources, 0)
         self.quarantined = dict.fromkeys(self.resources, 0)
         self.reasons: dict[str, dict[str, int]] = {}
