@@ -945,21 +945,21 @@ def test_duplicate_ids_same_outputs_with_the_id_set_and_a_set(tmp_path, keyer, m
             tmp_path / "set" / "out-True" / name).read_bytes(), name
 
 
-def _committed(flat, prep) -> tuple[list, int, list, list]:
+def _committed(flat, prep, pkeys=None, schema=OBSERVATION_SCHEMA) -> tuple[list, int, list, list]:
     """What the commit takes from a prepared block, line by line as the hot loop does (the lines it hands back
     skipped): the lines handed back, how many it took, the table rows and the identifiers."""
     from synthfactory.ingest.schemas import IDENTIFIERS_SCHEMA
 
-    cols, idents = native.columns(OBSERVATION_SCHEMA), native.columns(IDENTIFIERS_SCHEMA)
+    cols, idents = native.columns(schema), native.columns(IDENTIFIERS_SCHEMA)
     seen, pos, took, handed = native.id_set(), 0, 0, []
     while pos < len(prep):
-        nxt, n, why = flat.commit(prep, pos, pos, cols, seen, None, idents, 0, 0, -1, 0, 0, 0, 1 << 30)
+        nxt, n, why = flat.commit(prep, pos, pos, cols, seen, pkeys, idents, 0, 0, -1, 0, 0, 0, 1 << 30)
         took += n
         if why == 0:
             break
         handed.append(nxt)
         pos = nxt + 1
-    return (handed, took, [a.to_pylist() for a in native.arrays(cols, OBSERVATION_SCHEMA)],
+    return (handed, took, [a.to_pylist() for a in native.arrays(cols, schema)],
             [a.to_pylist() for a in native.arrays(idents, IDENTIFIERS_SCHEMA)])
 
 
@@ -1037,23 +1037,6 @@ def test_a_prepare_pool_prepares_like_prepare_in_the_order_blocks_were_started(k
         _flatc.PreparePool([])
 
 
-def _commit_all(flat, prep, pkeys, schema=OBSERVATION_SCHEMA):
-    """Commit a whole prepared block (the lines handed back skipped): (took, handed back, rows, identifiers)."""
-    from synthfactory.ingest.schemas import IDENTIFIERS_SCHEMA
-
-    cols, idents = native.columns(schema), native.columns(IDENTIFIERS_SCHEMA)
-    seen, pos, took, handed = native.id_set(), 0, 0, []
-    while pos < len(prep):
-        nxt, n, why = flat.commit(prep, pos, pos, cols, seen, pkeys, idents, 0, 0, -1, 0, 0, 0, 1 << 30)
-        took += n
-        if why == 0:
-            break
-        handed.append(nxt)
-        pos = nxt + 1
-    return took, handed, [a.to_pylist() for a in native.arrays(cols, schema)], \
-        [a.to_pylist() for a in native.arrays(idents, IDENTIFIERS_SCHEMA)]
-
-
 def test_patient_keys_in_an_idset_take_and_hand_back_the_same_lines_as_in_a_set(keyer):
     """The session's patient keys are an IdSet, which the commit probes without the GIL: a line whose patient is
     not among them (dangling) is handed back, as with a set of the same keys; a Patient's key is added to either."""
@@ -1066,13 +1049,13 @@ def test_patient_keys_in_an_idset_take_and_hand_back_the_same_lines_as_in_a_set(
     as_set, as_idset = set(known), native.id_set()
     for k in known:
         as_idset.add(k)
-    want = _commit_all(flat, flat.prepare(whole), as_set)
-    got = _commit_all(flat, flat.prepare(whole), as_idset)
-    assert got == want and 500 < want[0] < 2000 and len(want[1]) > 1000  # taken and dangling lines alike
+    want = _committed(flat, flat.prepare(whole), as_set)
+    got = _committed(flat, flat.prepare(whole), as_idset)
+    assert got == want and 500 < want[1] < 2000 and len(want[0]) > 1000  # taken and dangling lines alike
     patients = b"\n".join(orjson.dumps(patient(r, i, True)) for i in range(200))
     a, b = set(), native.id_set()
-    assert _commit_all(pflat, pflat.prepare(patients), a, PATIENT_SCHEMA) == \
-        _commit_all(pflat, pflat.prepare(patients), b, PATIENT_SCHEMA)
+    assert _committed(pflat, pflat.prepare(patients), a, PATIENT_SCHEMA) == \
+        _committed(pflat, pflat.prepare(patients), b, PATIENT_SCHEMA)
     assert len(a) == len(b) > 150 and all(k in b for k in a) and "x" * 32 not in b
 
 
@@ -1088,9 +1071,9 @@ def test_the_commit_releases_the_gil_with_the_compiled_sets(keyer):
     pkeys = native.id_set()
     for n in range(30):
         pkeys.add(keyer.key("Patient", f"p{n}"))
-    handed = set(_commit_all(flat, flat.prepare(b"\n".join(lines)), pkeys)[1])
+    handed = set(_committed(flat, flat.prepare(b"\n".join(lines)), pkeys)[0])
     prep = flat.prepare(b"\n".join(ln for i, ln in enumerate(lines) if i not in handed))  # one call takes them all
-    assert len(prep) > 20000 and _commit_all(flat, prep, pkeys)[:2] == (len(prep), [])
+    assert len(prep) > 20000 and _committed(flat, prep, pkeys)[:2] == ([], len(prep))
     counted, stop = [0], threading.Event()
 
     def spin() -> None:
@@ -1123,28 +1106,6 @@ def test_the_commit_releases_the_gil_with_the_compiled_sets(keyer):
     with pytest.raises(TypeError, match="non-string column"):
         flat.commit(prep, 0, 0, bad, native.id_set(), pkeys, native.columns(IDENTIFIERS_SCHEMA),
                     0, 0, -1, 0, 0, 0, 1 << 30)
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_pool_block_started_before_a_fork_is_an_error_in_the_child_and_the_pool_works_there(keyer):
-    pool = native.prepare_pool([native.flattener("Observation", keyer)])
-    r = random.Random(10)
-    whole = b"\n".join(orjson.dumps(observation(r, i, True)) for i in range(20000))
-    prep = pool.start(whole)
-    pid = os.fork()
-    if pid == 0:  # the child: the pool's worker is not here; waiting for it would hang
-        code = 3
-        try:
-            prep.wait()
-        except RuntimeError:
-            fresh = pool.start(whole)  # the pool starts a worker of the child's own
-            code = 0 if len(fresh.wait()) == 20000 else 4
-        except BaseException:  # noqa: BLE001
-            code = 5
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert prep.wait() is prep and len(prep) == 20000
 
 
 @pytest.mark.parametrize("m", [1, 2, 3])
@@ -1236,18 +1197,25 @@ def test_a_started_block_keeps_what_it_reads(keyer):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_block_started_before_a_fork_is_an_error_in_the_child_not_a_hang(keyer):
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_block_started_before_a_fork_is_an_error_in_the_child_not_a_hang(keyer, pooled):
+    """In a forked child the thread preparing a started block is not there: waiting for the block is a RuntimeError.
+    The flattener is free again; a pool starts workers of the child's own."""
     flat = native.flattener("Observation", keyer)
+    starter = native.prepare_pool([flat]) if pooled else flat
     r = random.Random(9)
     whole = b"\n".join(orjson.dumps(observation(r, i, True)) for i in range(20000))
-    prep = flat.start(whole)
+    prep = starter.start(whole)
     pid = os.fork()
     if pid == 0:  # the child: the worker thread is not here; joining it would wait forever
         code = 3
         try:
             prep.wait()
         except RuntimeError:
-            code = 0 if flat.prepare(b"") is not None else 4  # and the flattener is free again
+            if pooled:
+                code = 0 if len(starter.start(whole).wait()) == 20000 else 4
+            else:
+                code = 0 if flat.prepare(b"") is not None else 4
         except BaseException:  # noqa: BLE001
             code = 5
         os._exit(code)
