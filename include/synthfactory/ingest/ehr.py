@@ -542,8 +542,8 @@ def _map_file(session: IngestSession, store: Store, name: str, uri: str, file_fo
                         session.quarantine(fname, line, rtype, "dangling reference to Patient")
                         continue
             seen[sid] = h
-            if rtype == "Patient" and session.patient_keys is not None:
-                session.patient_keys.add(tup[0])
+            if rtype == "Patient" and session.patient_keys is not None and tup[0] is not None:
+                session.patient_keys.add(tup[0])  # an IdSet holds str keys only (a None key is never looked up)
             writer.buf.append(tup)
             if len(writer.buf) >= writer.batch_rows:
                 writer.flush()
