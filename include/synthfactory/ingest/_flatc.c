@@ -1561,7 +1561,7 @@ typedef struct {
     limits lim;              /* what Observation values are kept (read-only after init) */
     parser P;                      /* prepare phase only (helper thread, no GIL) */
     rcache pcache, ecache;         /* prepare phase only: reference -> key */
-    rcache known;                  /* commit phase only: patient key -> in the patient-key set */
+    rcache known;                  /* commit phase only: patient key -> in the patient-key set (a set of str) */
     PyObject *s_id, *s_identifier; /* identifier kinds */
     PyObject *s_kind[5];           /* identifier kinds by IK_* (Patient) */
     int busy;                      /* a prepare is running (set and read with the GIL) */
@@ -2253,8 +2253,7 @@ typedef struct {
     int32_t row0, nrows;    /* rows[row0 ...] */
     int pk_col, ek_col, has_pk, has_ek;
     char pk[32], ek[32];
-    uint64_t idh[2]; /* the id's idset_hash, and the patient key's refhash: hashed here, off the commit's thread */
-    uint64_t pkh;
+    uint64_t idh[2];  /* the id's idset_hash: hashed here, off the commit's thread */
     uint64_t pkid[2]; /* the idset_hash of the patient key (of the row's own key for a Patient): for an IdSet of keys */
 } linerec;
 
@@ -2673,10 +2672,7 @@ static int prepare_line(Flat *F, Prepared *Q, linerec *rec, const uint8_t *s, si
     rec->ek_col = R.ek_col;
     rec->has_pk = 0;
     if (R.pk_col >= 0 && (rec->has_pk = ref_key(F, &R.pk, "Patient", &F->pcache, rec->pk)) < 0) return -1;
-    if (rec->has_pk) {
-        rec->pkh = refhash((const uint8_t *)rec->pk, 32);
-        idset_hash((const uint8_t *)rec->pk, 32, rec->pkid);
-    }
+    if (rec->has_pk) idset_hash((const uint8_t *)rec->pk, 32, rec->pkid);
     rec->has_ek = 0;
     if (R.ek_col >= 0 && (rec->has_ek = ref_key(F, &R.ek, "Encounter", &F->ecache, rec->ek)) < 0) return -1;
     rec->ident0 = (int32_t)Q->nidents;
@@ -3401,7 +3397,7 @@ static int known_patient(Flat *F, runctx *X, const linerec *rec) {
     rentry *e;
     if (X->pkset) return idset_probe_h(X->pkset, rec->pkid, 0);
     size = PySet_GET_SIZE(X->pkeys);
-    e = rc_get_h(&F->known, (const uint8_t *)pk, 32, rec->pkh);
+    e = rc_get(&F->known, (const uint8_t *)pk, 32);
     if (!e) {
         PyErr_NoMemory();
         return -1;
